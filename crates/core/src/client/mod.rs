@@ -1,0 +1,1 @@
+//! The typed etcd-v3 client meshctl and locksmith use (implementation on the `cli` branch).

@@ -1,6 +1,10 @@
 //! mesh-core: everything a meshd node is made of.
+pub mod api;
 pub mod client;
 pub mod kv;
+pub mod raft;
+pub mod server;
+pub mod storage;
 
 /// Generated wire types: the etcd v3 API (`etcdserverpb`, `mvccpb`) and meshd's own
 /// records (`meshpb`).

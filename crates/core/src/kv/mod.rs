@@ -19,6 +19,7 @@ pub enum KvError {
 }
 
 pub struct KvStore;
+pub fn check_txn(_req: &pb::TxnRequest, _max_ops: usize) -> Result<(), KvError> { todo!() }
 pub struct ApplyBatch<'a>(std::marker::PhantomData<&'a ()>);
 
 impl KvStore {
@@ -42,6 +43,7 @@ impl<'a> ApplyBatch<'a> {
     pub fn delete_range(&mut self, _req: &pb::DeleteRangeRequest) -> Result<pb::DeleteRangeResponse, KvError> { todo!() }
     pub fn txn(&mut self, _req: &pb::TxnRequest) -> Result<pb::TxnResponse, KvError> { todo!() }
     pub fn compact(&mut self, _rev: i64) -> Result<(), KvError> { todo!() }
+    pub fn member(&self, _id: u64) -> Result<Option<MemberRecord>, KvError> { todo!() }
     pub fn put_member(&mut self, _m: &MemberRecord) -> Result<(), KvError> { todo!() }
     pub fn remove_member(&mut self, _id: u64) -> Result<(), KvError> { todo!() }
     pub fn restore(&mut self, _snap: &StoreSnapshot) -> Result<(), KvError> { todo!() }

@@ -1,0 +1,167 @@
+//! `etcdserverpb.KV`: Range, Put, DeleteRange, Txn, Compact.
+
+use tonic::{Request, Response, Status};
+
+use super::{kv_status, propose_status, require_key, ApiContext};
+use crate::proto::etcdserverpb::{
+    self as pb, kv_server::Kv, request_op::Request as Op, CompactionRequest, CompactionResponse,
+    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    TxnRequest, TxnResponse,
+};
+use crate::proto::meshpb::internal_request::Request as Internal;
+use crate::raft::{Applied, AppliedKind};
+
+pub struct KvApi {
+    ctx: ApiContext,
+}
+
+impl KvApi {
+    pub fn new(ctx: ApiContext) -> KvApi {
+        KvApi { ctx }
+    }
+
+    async fn propose(&self, req: Internal) -> Result<Applied, Status> {
+        self.ctx.node.propose(req).await.map_err(propose_status)
+    }
+}
+
+fn check_put(p: &PutRequest) -> Result<(), Status> {
+    require_key(&p.key)?;
+    if p.ignore_value && !p.value.is_empty() {
+        return Err(Status::invalid_argument("etcdserver: value is provided"));
+    }
+    if p.ignore_lease && p.lease != 0 {
+        return Err(Status::invalid_argument("etcdserver: lease is provided"));
+    }
+    Ok(())
+}
+
+/// Checks every operation of a txn (recursively) the way etcd does before proposing.
+fn check_ops(ops: &[pb::RequestOp]) -> Result<(), Status> {
+    for op in ops {
+        match &op.request {
+            Some(Op::RequestRange(r)) => require_key(&r.key)?,
+            Some(Op::RequestPut(p)) => check_put(p)?,
+            Some(Op::RequestDeleteRange(d)) => require_key(&d.key)?,
+            Some(Op::RequestTxn(t)) => check_txn_shape(t)?,
+            None => return Err(Status::invalid_argument("etcdserver: request op is empty")),
+        }
+    }
+    Ok(())
+}
+
+fn check_txn_shape(t: &TxnRequest) -> Result<(), Status> {
+    for c in &t.compare {
+        require_key(&c.key)?;
+        if c.target_union.is_none() {
+            return Err(Status::invalid_argument(
+                "etcdserver: compare has no target value",
+            ));
+        }
+    }
+    check_ops(&t.success)?;
+    check_ops(&t.failure)
+}
+
+/// True when neither branch (nor any nested txn) writes.
+fn is_read_only(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).all(|op| match &op.request {
+        Some(Op::RequestRange(_)) => true,
+        Some(Op::RequestTxn(n)) => is_read_only(n),
+        _ => false,
+    })
+}
+
+/// A read-only txn may be served locally without a quorum round only when every range
+/// in it asked for a serializable read.
+fn all_serializable(t: &TxnRequest) -> bool {
+    t.success.iter().chain(&t.failure).all(|op| match &op.request {
+        Some(Op::RequestRange(r)) => r.serializable,
+        Some(Op::RequestTxn(n)) => all_serializable(n),
+        _ => true,
+    })
+}
+
+#[tonic::async_trait]
+impl Kv for KvApi {
+    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let r = req.into_inner();
+        self.ctx.check_size(&r)?;
+        require_key(&r.key)?;
+        if !r.serializable {
+            self.ctx.linearize().await?;
+        }
+        let mut resp = self.ctx.kv.range(&r).map_err(kv_status)?;
+        self.ctx.stamp(&mut resp.header, self.ctx.kv.current_revision());
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let r = req.into_inner();
+        self.ctx.check_size(&r)?;
+        check_put(&r)?;
+        let applied = self.propose(Internal::Put(r)).await?;
+        match applied.kind {
+            AppliedKind::Put(mut resp) => {
+                self.ctx.stamp(&mut resp.header, applied.revision);
+                Ok(Response::new(resp))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        req: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let r = req.into_inner();
+        self.ctx.check_size(&r)?;
+        require_key(&r.key)?;
+        let applied = self.propose(Internal::DeleteRange(r)).await?;
+        match applied.kind {
+            AppliedKind::DeleteRange(mut resp) => {
+                self.ctx.stamp(&mut resp.header, applied.revision);
+                Ok(Response::new(resp))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let r = req.into_inner();
+        self.ctx.check_size(&r)?;
+        check_txn_shape(&r)?;
+        crate::kv::check_txn(&r, self.ctx.limits.max_txn_ops).map_err(kv_status)?;
+        if is_read_only(&r) {
+            if !all_serializable(&r) {
+                self.ctx.linearize().await?;
+            }
+            let mut resp = self.ctx.kv.txn_read(&r).map_err(kv_status)?;
+            self.ctx.stamp(&mut resp.header, self.ctx.kv.current_revision());
+            return Ok(Response::new(resp));
+        }
+        let applied = self.propose(Internal::Txn(r)).await?;
+        match applied.kind {
+            AppliedKind::Txn(mut resp) => {
+                self.ctx.stamp(&mut resp.header, applied.revision);
+                Ok(Response::new(resp))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn compact(
+        &self,
+        req: Request<CompactionRequest>,
+    ) -> Result<Response<CompactionResponse>, Status> {
+        let r = req.into_inner();
+        let applied = self.propose(Internal::Compaction(r)).await?;
+        Ok(Response::new(CompactionResponse {
+            header: self.ctx.header(applied.revision),
+        }))
+    }
+}
+
+fn unexpected(kind: AppliedKind) -> Status {
+    Status::internal(format!("unexpected apply result {kind:?}"))
+}

@@ -1,0 +1,119 @@
+//! The client API: gRPC services wire-compatible with etcd v3.
+//!
+//! Turns requests into proposals (writes) or local reads (after a ReadIndex unless the
+//! caller asked for a serializable read), validates sizes and shapes with etcd's limits
+//! and error texts, and stamps every response header. Calls [`crate::raft`] and
+//! [`crate::kv`]; one file per service.
+
+mod cluster;
+mod kv;
+mod maintenance;
+mod watch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Code, Status};
+
+pub use cluster::ClusterApi;
+pub use kv::KvApi;
+pub use maintenance::MaintenanceApi;
+pub use watch::WatchApi;
+
+use crate::kv::{KvError, KvStore};
+use crate::proto::etcdserverpb::ResponseHeader;
+use crate::raft::{NodeHandle, ProposeError};
+
+/// etcd's default limit on one request (`--max-request-bytes`).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+/// etcd's default limit on operations in one txn (`--max-txn-ops`).
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+/// gRPC messages may exceed the request limit by this much before the transport
+/// itself refuses them (as etcd allows), so the API can answer with etcd's own error.
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+/// The etcd API version meshd speaks, reported by Status.
+pub const ETCD_API_VERSION: &str = "3.5.0";
+
+/// Limits applied to client requests.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    /// How often a watcher that asked for progress notifications gets one when idle.
+    pub progress_notify_interval: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_txn_ops: DEFAULT_MAX_TXN_OPS,
+            progress_notify_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What every service needs. Cheap to clone.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub node: NodeHandle,
+    pub kv: Arc<KvStore>,
+    pub limits: Limits,
+    pub db_path: std::path::PathBuf,
+}
+
+impl ApiContext {
+    /// A response header at `revision`.
+    pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
+        let s = &self.node.status;
+        Some(ResponseHeader {
+            cluster_id: s.cluster_id,
+            member_id: s.member_id,
+            revision,
+            raft_term: s.term(),
+        })
+    }
+
+    /// Fills in a header the state machine left empty or partial.
+    pub fn stamp(&self, header: &mut Option<ResponseHeader>, revision: i64) {
+        let rev = header.as_ref().map_or(0, |h| h.revision).max(revision);
+        *header = self.header(rev);
+    }
+
+    /// Waits until a read served locally afterwards is linearizable.
+    pub async fn linearize(&self) -> Result<(), Status> {
+        self.node.read_index().await.map_err(propose_status)
+    }
+
+    pub fn check_size(&self, msg: &impl prost::Message) -> Result<(), Status> {
+        if msg.encoded_len() > self.limits.max_request_bytes {
+            return Err(Status::invalid_argument("etcdserver: request is too large"));
+        }
+        Ok(())
+    }
+}
+
+/// The gRPC status etcd returns for a state-machine refusal.
+pub fn kv_status(e: KvError) -> Status {
+    let code = match &e {
+        KvError::Compacted { .. } | KvError::FutureRevision => Code::OutOfRange,
+        KvError::Storage(_) => Code::Internal,
+        _ => Code::InvalidArgument,
+    };
+    Status::new(code, e.to_string())
+}
+
+/// The gRPC status etcd returns when a request could not go through Raft.
+pub fn propose_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::Kv(k) => kv_status(k),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+pub(crate) fn require_key(key: &[u8]) -> Result<(), Status> {
+    if key.is_empty() {
+        return Err(Status::invalid_argument("etcdserver: key is not provided"));
+    }
+    Ok(())
+}

@@ -1,0 +1,600 @@
+//! The driver thread: owns the `RawNode`, turns client calls into proposals and reads,
+//! and runs the Ready loop.
+//!
+//! The thread is the only writer of the database: it appends the log, applies entries
+//! and installs snapshots, so the state machine, its applied index and the conf state
+//! always describe the same point when raft-rs asks for a snapshot.
+
+use std::collections::HashMap;
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use prost011::Message as _;
+use raft::prelude::{ConfChange, ConfChangeV2, Entry, EntryType, ReadState, Snapshot};
+use raft::{RawNode, ReadOnlyOption, SnapshotStatus, StateRole};
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+use super::transport::Transport;
+use super::{Applied, AppliedKind, DriverMsg, NodeStatus, ProposeError};
+use crate::kv::{ApplyBatch, KvError, KvStore};
+use crate::proto::meshpb::{internal_request::Request, InternalRequest, MemberRecord, StoreSnapshot};
+use crate::storage::{RaftLog, StorageError};
+
+/// Raft timing and log-retention settings.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    pub member_id: u64,
+    /// Wall-clock length of one logical tick.
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Compact the log once this many applied entries are held.
+    pub snapshot_count: u64,
+    /// Entries kept behind the applied index after compaction, so a slightly slow
+    /// follower catches up from the log rather than by snapshot.
+    pub catch_up_entries: u64,
+    pub max_size_per_msg: u64,
+    pub max_inflight_msgs: usize,
+}
+
+/// Why the driver stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The disk failed; the member must not continue.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The state machine reported a storage failure while applying.
+    #[error("applying committed entries failed: {0}")]
+    Apply(KvError),
+    /// raft-rs refused the configuration or a step.
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// A snapshot from the leader did not decode.
+    #[error("snapshot from the leader is undecodable: {0}")]
+    BadSnapshot(String),
+}
+
+type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
+
+/// Starts the driver on its own thread.
+pub fn spawn_driver(
+    cfg: DriverConfig,
+    log: RaftLog,
+    kv: Arc<KvStore>,
+    db: Arc<redb::Database>,
+    transport: Arc<dyn Transport>,
+    rx: std_mpsc::Receiver<DriverMsg>,
+    status: Arc<NodeStatus>,
+) -> Result<std::thread::JoinHandle<Result<(), DriverError>>, DriverError> {
+    let raft_cfg = raft::Config {
+        id: cfg.member_id,
+        election_tick: cfg.election_ticks,
+        heartbeat_tick: cfg.heartbeat_ticks,
+        applied: kv.applied_index(),
+        max_size_per_msg: cfg.max_size_per_msg,
+        max_inflight_msgs: cfg.max_inflight_msgs,
+        // A partitioned member must not disrupt the majority (pre-vote), and a leader
+        // that lost its quorum must step down (check-quorum).
+        pre_vote: true,
+        check_quorum: true,
+        read_only_option: ReadOnlyOption::Safe,
+        ..Default::default()
+    };
+    raft_cfg.validate()?;
+    let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
+    let mut raw = RawNode::new(&raft_cfg, log.clone(), &logger)?;
+    let conf = log.conf_state();
+    if conf.voters == [cfg.member_id] && conf.learners.is_empty() {
+        // Alone: no one to wait for.
+        raw.campaign()?;
+    }
+    let mut d = Driver {
+        raw,
+        log,
+        kv,
+        db,
+        transport,
+        status,
+        cfg,
+        next_id: 1,
+        pending: HashMap::new(),
+        by_index: HashMap::new(),
+        parked: Vec::new(),
+        reads_new: Vec::new(),
+        reads_inflight: HashMap::new(),
+        reads_ready: Vec::new(),
+        read_seq: 0,
+        ticks: 0,
+        last_leader: 0,
+    };
+    d.refresh_peers();
+    std::thread::Builder::new()
+        .name("raft-driver".into())
+        .spawn(move || {
+            let r = d.run(rx);
+            d.status.stopped.store(true, std::sync::atomic::Ordering::Release);
+            if let Err(e) = &r {
+                error!("raft driver stopped: {e}");
+            }
+            r
+        })
+        .map_err(|e| DriverError::Storage(StorageError::Io {
+            path: "raft-driver thread".into(),
+            source: e,
+        }))
+}
+
+struct Driver {
+    raw: RawNode<RaftLog>,
+    log: RaftLog,
+    kv: Arc<KvStore>,
+    db: Arc<redb::Database>,
+    transport: Arc<dyn Transport>,
+    status: Arc<NodeStatus>,
+    cfg: DriverConfig,
+    /// Sequence for this member's proposals (unique per process; with the proposer ID in
+    /// every entry, a reply never goes to the wrong caller).
+    next_id: u64,
+    pending: HashMap<u64, Reply<Applied>>,
+    /// Log index of proposals made while leader, to detect a tail overwritten by a new
+    /// leader (the proposal then definitely did not apply).
+    by_index: HashMap<u64, u64>,
+    /// Proposals waiting for a leader to be known.
+    parked: Vec<(u64, Vec<u8>)>,
+    /// Reads not yet sent as a ReadIndex request; all of them share the next one.
+    reads_new: Vec<Reply<()>>,
+    /// ReadIndex requests in flight, by context, with the tick they were (re)issued.
+    reads_inflight: HashMap<u64, (Vec<Reply<()>>, u64)>,
+    /// Reads whose index is known, waiting for the apply to reach it.
+    reads_ready: Vec<(u64, Vec<Reply<()>>)>,
+    read_seq: u64,
+    ticks: u64,
+    last_leader: u64,
+}
+
+impl Driver {
+    fn run(&mut self, rx: std_mpsc::Receiver<DriverMsg>) -> Result<(), DriverError> {
+        let mut next_tick = Instant::now() + self.cfg.tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(m) => {
+                    if !self.handle(m)? {
+                        return Ok(());
+                    }
+                    // Drain what else is queued: proposals arriving together are
+                    // batched into one Ready, one fsync.
+                    for _ in 0..4096 {
+                        match rx.try_recv() {
+                            Ok(m) => {
+                                if !self.handle(m)? {
+                                    return Ok(());
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.raw.tick();
+                self.ticks += 1;
+                next_tick += self.cfg.tick;
+                if next_tick < now {
+                    next_tick = now + self.cfg.tick;
+                }
+                self.on_tick();
+            }
+            self.propose_parked();
+            self.issue_reads();
+            self.on_ready()?;
+            self.publish_status();
+        }
+    }
+
+    /// Returns false when asked to stop.
+    fn handle(&mut self, m: DriverMsg) -> Result<bool, DriverError> {
+        match m {
+            DriverMsg::Propose { request, reply } => {
+                let id = self.next_id;
+                self.next_id += 1;
+                let data = prost::Message::encode_to_vec(&InternalRequest {
+                    proposer: self.cfg.member_id,
+                    id,
+                    request: Some(request),
+                });
+                self.pending.insert(id, reply);
+                self.parked.push((id, data));
+            }
+            DriverMsg::ReadIndex { reply } => self.reads_new.push(reply),
+            DriverMsg::Raft(msg) => {
+                if let Err(e) = self.raw.step(msg) {
+                    warn!("dropping raft message: {e}");
+                }
+            }
+            DriverMsg::Unreachable(id) => self.raw.report_unreachable(id),
+            DriverMsg::SnapshotStatus(id, ok) => {
+                let s = if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                };
+                self.raw.report_snapshot(id, s);
+            }
+            DriverMsg::Shutdown => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn leader_known(&self) -> bool {
+        self.raw.raft.leader_id != raft::INVALID_ID
+    }
+
+    fn propose_parked(&mut self) {
+        if self.parked.is_empty() || !self.leader_known() {
+            return;
+        }
+        for (id, data) in std::mem::take(&mut self.parked) {
+            match self.raw.propose(vec![], data) {
+                Ok(()) => {
+                    if self.raw.raft.state == StateRole::Leader {
+                        self.by_index.insert(self.raw.raft.raft_log.last_index(), id);
+                    }
+                }
+                Err(e) => {
+                    let err = match e {
+                        raft::Error::ProposalDropped => ProposeError::NoLeader,
+                        other => {
+                            warn!("proposal refused: {other}");
+                            ProposeError::NoLeader
+                        }
+                    };
+                    if let Some(tx) = self.pending.remove(&id) {
+                        let _ = tx.send(Err(err));
+                    }
+                }
+            }
+        }
+    }
+
+    fn issue_reads(&mut self) {
+        if self.reads_new.is_empty() || !self.leader_known() {
+            return;
+        }
+        self.read_seq += 1;
+        let ctx = self.read_seq;
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        let waiters = std::mem::take(&mut self.reads_new);
+        self.reads_inflight.insert(ctx, (waiters, self.ticks));
+    }
+
+    fn on_tick(&mut self) {
+        // Callers that gave up (timed out or went away) leave nothing behind.
+        self.pending.retain(|_, tx| !tx.is_closed());
+        let pending = &self.pending;
+        self.parked.retain(|(id, _)| pending.contains_key(id));
+        self.by_index.retain(|_, id| pending.contains_key(id));
+        self.reads_new.retain(|tx| !tx.is_closed());
+        self.reads_inflight.retain(|_, (w, _)| {
+            w.retain(|tx| !tx.is_closed());
+            !w.is_empty()
+        });
+        // raft-rs drops a ReadIndex silently when there is no leader or the leader has
+        // not yet committed in its term; ask again after an election timeout.
+        if self.leader_known() {
+            let retry_after = self.cfg.election_ticks as u64;
+            let now = self.ticks;
+            let mut again = Vec::new();
+            for (ctx, (_, issued)) in self.reads_inflight.iter_mut() {
+                if now.saturating_sub(*issued) >= retry_after {
+                    *issued = now;
+                    again.push(*ctx);
+                }
+            }
+            for ctx in again {
+                self.raw.read_index(ctx.to_be_bytes().to_vec());
+            }
+        }
+    }
+
+    /// One pass of the Ready loop.
+    fn on_ready(&mut self) -> Result<(), DriverError> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+
+        // 1. Messages a leader may send before its own entries are durable (appends to
+        //    followers run in parallel with the local fsync; Raft thesis 10.2.1). For a
+        //    follower or candidate this list is empty: its messages come in step 5.
+        if !rd.messages().is_empty() {
+            self.transport.send(rd.take_messages());
+        }
+
+        // 2. A snapshot from the leader replaces the state machine and the log, in one
+        //    durable commit.
+        if !rd.snapshot().is_empty() {
+            self.install_snapshot(rd.snapshot())?;
+        }
+
+        // 3. Reads whose ReadIndex is now known.
+        for rs in rd.take_read_states() {
+            self.on_read_state(rs);
+        }
+
+        // 4. Apply committed entries (raft-rs only hands out entries that are both
+        //    committed by a quorum and persisted here).
+        self.apply(rd.take_committed_entries())?;
+
+        // 5. Append new entries and the hard state: one redb commit, fdatasync'ed when
+        //    raft-rs says it must be (new entries, term or vote). Only a commit-index
+        //    change may skip the sync: losing it is harmless.
+        if !rd.entries().is_empty() || rd.hs().is_some() {
+            let mut txn = self.db.begin_write().map_err(crate::storage::db_err)?;
+            if !rd.must_sync() {
+                txn.set_durability(redb::Durability::None)
+                    .map_err(|e| crate::storage::db_err(redb::Error::from(e)))?;
+            }
+            self.log.append(&txn, rd.entries())?;
+            if let Some(hs) = rd.hs() {
+                self.log.set_hard_state(&txn, hs)?;
+            }
+            txn.commit().map_err(crate::storage::db_err)?;
+        }
+
+        // 6. Messages that may leave only once the above is durable: votes and append
+        //    responses from followers and candidates.
+        if !rd.persisted_messages().is_empty() {
+            self.transport.send(rd.take_persisted_messages());
+        }
+
+        // 7. Advance; what became possible now that the Ready is persisted (a leader's
+        //    own commit index moving, more entries to apply) comes as a light Ready.
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.log.set_commit(commit);
+        }
+        self.transport.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+
+        self.maybe_compact()?;
+        self.answer_reads();
+        Ok(())
+    }
+
+    fn on_read_state(&mut self, rs: ReadState) {
+        let Ok(ctx) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) else {
+            return;
+        };
+        if let Some((waiters, _)) = self.reads_inflight.remove(&u64::from_be_bytes(ctx)) {
+            self.reads_ready.push((rs.index, waiters));
+        }
+    }
+
+    fn answer_reads(&mut self) {
+        if self.reads_ready.is_empty() {
+            return;
+        }
+        let applied = self.kv.applied_index();
+        self.reads_ready.retain_mut(|(index, waiters)| {
+            if *index > applied {
+                return true;
+            }
+            for tx in waiters.drain(..) {
+                let _ = tx.send(Ok(()));
+            }
+            false
+        });
+    }
+
+    fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), DriverError> {
+        let meta = snap.metadata.clone().unwrap_or_default();
+        let data: StoreSnapshot = prost::Message::decode(snap.data.as_slice())
+            .map_err(|e| DriverError::BadSnapshot(e.to_string()))?;
+        info!(index = meta.index, term = meta.term, "installing snapshot from the leader");
+        let kv = self.kv.clone();
+        let mut batch = kv.begin().map_err(DriverError::Apply)?;
+        batch.restore(&data).map_err(DriverError::Apply)?;
+        batch.set_applied_index(meta.index);
+        self.log.apply_snapshot(batch.write_txn(), &meta)?;
+        batch.commit(true).map_err(DriverError::Apply)?;
+        self.refresh_peers();
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), DriverError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let kv = self.kv.clone();
+        let mut batch = kv.begin().map_err(DriverError::Apply)?;
+        let mut replies: Vec<(u64, Result<Applied, ProposeError>)> = Vec::new();
+        let mut peers_changed = false;
+        for e in entries {
+            let mut ours = None;
+            match e.get_entry_type() {
+                EntryType::EntryNormal if e.data.is_empty() => {
+                    // A new leader's empty entry: nothing to apply.
+                }
+                EntryType::EntryNormal => {
+                    match <InternalRequest as prost::Message>::decode(e.data.as_slice()) {
+                        Ok(req) => {
+                            let result = apply_request(&mut batch, req.request)?;
+                            if req.proposer == self.cfg.member_id {
+                                ours = Some(req.id);
+                                replies.push((req.id, result.map_err(ProposeError::Kv)));
+                            }
+                        }
+                        // Every member fails the same way on the same bytes, so skipping
+                        // keeps replicas identical.
+                        Err(err) => error!(index = e.index, "skipping undecodable entry: {err}"),
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::decode(e.data.as_slice())
+                        .map_err(|x| DriverError::BadSnapshot(format!("conf change: {x}")))?;
+                    let cs = self.raw.apply_conf_change(&cc)?;
+                    self.log.set_conf_state(batch.write_txn(), &cs)?;
+                    apply_membership(&mut batch, cc.change_type, cc.node_id, &cc.context)?;
+                    peers_changed = true;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::decode(e.data.as_slice())
+                        .map_err(|x| DriverError::BadSnapshot(format!("conf change: {x}")))?;
+                    let cs = self.raw.apply_conf_change(&cc)?;
+                    self.log.set_conf_state(batch.write_txn(), &cs)?;
+                    for c in &cc.changes {
+                        apply_membership(&mut batch, c.change_type, c.node_id, &cc.context)?;
+                    }
+                    peers_changed = true;
+                }
+            }
+            if let Some(id) = self.by_index.remove(&e.index) {
+                if ours != Some(id) {
+                    // Our proposal's slot holds another entry: a new leader replaced it.
+                    replies.push((id, Err(ProposeError::LeaderChanged)));
+                }
+            }
+            batch.set_applied_index(e.index);
+        }
+        // Not fsync'ed: the log is the durable record, and state + applied index change
+        // atomically, so a crash only means re-applying from the log.
+        batch.commit(false).map_err(DriverError::Apply)?;
+        for (id, result) in replies {
+            if let Some(tx) = self.pending.remove(&id) {
+                let _ = tx.send(result);
+            }
+        }
+        if peers_changed {
+            self.refresh_peers();
+        }
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), DriverError> {
+        let applied = self.kv.applied_index();
+        let first = self.log.first_index();
+        if applied < first || applied - first + 1 <= self.cfg.snapshot_count {
+            return Ok(());
+        }
+        let to = applied.saturating_sub(self.cfg.catch_up_entries);
+        if to < first {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write().map_err(crate::storage::db_err)?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| crate::storage::db_err(redb::Error::from(e)))?;
+        self.log.compact(&txn, to)?;
+        txn.commit().map_err(crate::storage::db_err)?;
+        info!(compacted_to = to, applied, "raft log compacted");
+        Ok(())
+    }
+
+    fn refresh_peers(&mut self) {
+        match self.kv.members() {
+            Ok(members) => self.transport.set_peers(
+                members
+                    .into_iter()
+                    .filter_map(|m| m.peer_urls.first().map(|u| (m.id, strip_scheme(u))))
+                    .collect(),
+            ),
+            Err(e) => error!("cannot read the member table: {e}"),
+        }
+    }
+
+    fn publish_status(&mut self) {
+        use std::sync::atomic::Ordering::Release;
+        let r = &self.raw.raft;
+        let s = &self.status;
+        if r.leader_id != self.last_leader {
+            if r.leader_id != raft::INVALID_ID {
+                info!(leader = format_args!("{:x}", r.leader_id), term = r.term, "leader elected");
+            } else {
+                info!(term = r.term, "no leader");
+            }
+            self.last_leader = r.leader_id;
+            s.leader_changes.fetch_add(1, Release);
+        }
+        s.leader.store(r.leader_id, Release);
+        s.term.store(r.term, Release);
+        s.commit.store(r.raft_log.committed, Release);
+        s.applied.store(self.kv.applied_index(), Release);
+        s.is_learner.store(
+            r.prs().conf().learners().contains(&self.cfg.member_id),
+            Release,
+        );
+    }
+}
+
+/// Peer URLs may carry a scheme (as etcd's do); the transport wants `host:port`.
+fn strip_scheme(url: &str) -> String {
+    url.split_once("://").map_or(url, |(_, rest)| rest).trim_end_matches('/').to_string()
+}
+
+/// Applies one replicated request. `Err` only for storage failures (fatal); refusals
+/// by the state machine are the inner `Err`, a result like any other.
+fn apply_request(
+    batch: &mut ApplyBatch<'_>,
+    request: Option<Request>,
+) -> Result<Result<Applied, KvError>, DriverError> {
+    let result = match request {
+        Some(Request::Put(r)) => batch.put(&r).map(AppliedKind::Put),
+        Some(Request::DeleteRange(r)) => batch.delete_range(&r).map(AppliedKind::DeleteRange),
+        Some(Request::Txn(r)) => batch.txn(&r).map(AppliedKind::Txn),
+        Some(Request::Compaction(r)) => batch.compact(r.revision).map(|()| AppliedKind::Compaction),
+        Some(Request::MemberAttributes(a)) => update_attributes(batch, a).map(|()| AppliedKind::MemberAttributes),
+        None => Ok(AppliedKind::Nothing),
+    };
+    match result {
+        Err(KvError::Storage(s)) => Err(DriverError::Apply(KvError::Storage(s))),
+        Ok(kind) => Ok(Ok(Applied {
+            revision: batch.revision(),
+            kind,
+        })),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+fn update_attributes(
+    batch: &mut ApplyBatch<'_>,
+    a: crate::proto::meshpb::MemberAttributes,
+) -> Result<(), KvError> {
+    let Some(mut m) = batch.member(a.id)? else {
+        // Attributes of a member that was removed meanwhile.
+        return Ok(());
+    };
+    m.name = a.name;
+    m.client_urls = a.client_urls;
+    batch.put_member(&m)
+}
+
+fn apply_membership(
+    batch: &mut ApplyBatch<'_>,
+    change_type: i32,
+    node_id: u64,
+    context: &[u8],
+) -> Result<(), DriverError> {
+    use raft::prelude::ConfChangeType;
+    let r = match ConfChangeType::from_i32(change_type) {
+        Some(ConfChangeType::AddNode) | Some(ConfChangeType::AddLearnerNode) => {
+            let learner = change_type == ConfChangeType::AddLearnerNode as i32;
+            let mut m = match <MemberRecord as prost::Message>::decode(context) {
+                Ok(m) if m.id == node_id => m,
+                _ => batch.member(node_id).map_err(DriverError::Apply)?.unwrap_or(MemberRecord {
+                    id: node_id,
+                    ..Default::default()
+                }),
+            };
+            m.is_learner = learner;
+            batch.put_member(&m)
+        }
+        Some(ConfChangeType::RemoveNode) => batch.remove_member(node_id),
+        None => Ok(()),
+    };
+    r.map_err(DriverError::Apply)
+}

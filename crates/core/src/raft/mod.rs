@@ -1,0 +1,193 @@
+//! The Raft layer: a driver thread around raft-rs's `RawNode` and the handle the API
+//! uses to reach it.
+//!
+//! Owns the Ready loop (persist, send, apply), proposal batching and routing of results
+//! back to callers, ReadIndex for linearizable reads, snapshots and log compaction. It
+//! calls [`crate::storage`] for the log and [`crate::kv`] to apply; peers are reached
+//! through a [`transport::Transport`].
+
+mod driver;
+pub mod transport;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::time::Duration;
+
+use raft::prelude::Message;
+use tokio::sync::oneshot;
+
+pub use driver::{spawn_driver, DriverConfig, DriverError};
+
+use crate::kv::KvError;
+use crate::proto::etcdserverpb as pb;
+use crate::proto::meshpb::internal_request::Request;
+use crate::storage::RaftLog;
+
+/// What the driver thread is told.
+pub enum DriverMsg {
+    /// Replicate a request; the reply comes when this member applies it.
+    Propose {
+        request: Request,
+        reply: oneshot::Sender<Result<Applied, ProposeError>>,
+    },
+    /// Confirm leadership and wait until the local state has caught up with the
+    /// leader's commit index at that moment.
+    ReadIndex {
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
+    /// A message from a peer.
+    Raft(Message),
+    /// A peer could not be reached.
+    Unreachable(u64),
+    /// A snapshot sent to a peer was delivered (true) or lost (false).
+    SnapshotStatus(u64, bool),
+    /// Stop after the current Ready.
+    Shutdown,
+}
+
+/// The result of applying one replicated request on this member.
+#[derive(Debug)]
+pub struct Applied {
+    /// Store revision right after this request applied.
+    pub revision: i64,
+    pub kind: AppliedKind,
+}
+
+#[derive(Debug)]
+pub enum AppliedKind {
+    Put(pb::PutResponse),
+    DeleteRange(pb::DeleteRangeResponse),
+    Txn(pb::TxnResponse),
+    Compaction,
+    MemberAttributes,
+    Nothing,
+}
+
+/// Why a proposal or read did not complete. All but `Kv` are retryable: the request may
+/// be sent again (for `Timeout*`, a write may or may not have been applied).
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// No leader is known (an election is in progress or quorum is lost).
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    /// The request did not complete in time.
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    /// The request did not complete in time and the leader changed meanwhile.
+    #[error("etcdserver: request timed out, possibly due to previous leader failure")]
+    TimeoutLeaderFail,
+    /// The entry was overwritten by a new leader: it was not applied.
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
+    /// The member is shutting down.
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    /// The state machine refused the request (deterministically, on every member).
+    #[error(transparent)]
+    Kv(#[from] KvError),
+}
+
+/// Raft facts the API reports in headers and Status, published by the driver.
+#[derive(Default)]
+pub struct NodeStatus {
+    pub member_id: u64,
+    pub cluster_id: u64,
+    leader: AtomicU64,
+    term: AtomicU64,
+    commit: AtomicU64,
+    applied: AtomicU64,
+    leader_changes: AtomicU64,
+    is_learner: AtomicBool,
+    stopped: AtomicBool,
+}
+
+impl NodeStatus {
+    pub fn new(member_id: u64, cluster_id: u64) -> NodeStatus {
+        NodeStatus {
+            member_id,
+            cluster_id,
+            ..Default::default()
+        }
+    }
+    pub fn leader(&self) -> u64 {
+        self.leader.load(Ordering::Acquire)
+    }
+    pub fn term(&self) -> u64 {
+        self.term.load(Ordering::Acquire)
+    }
+    pub fn commit_index(&self) -> u64 {
+        self.commit.load(Ordering::Acquire)
+    }
+    pub fn applied_index(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+    pub fn leader_changes(&self) -> u64 {
+        self.leader_changes.load(Ordering::Acquire)
+    }
+    pub fn is_learner(&self) -> bool {
+        self.is_learner.load(Ordering::Acquire)
+    }
+    /// False once the driver thread has exited (shutdown or a fatal storage error).
+    pub fn is_running(&self) -> bool {
+        !self.stopped.load(Ordering::Acquire)
+    }
+}
+
+/// How the API reaches the driver. Cheap to clone.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: std_mpsc::Sender<DriverMsg>,
+    pub status: Arc<NodeStatus>,
+    pub log: RaftLog,
+    request_timeout: Duration,
+}
+
+impl NodeHandle {
+    pub fn new(
+        tx: std_mpsc::Sender<DriverMsg>,
+        status: Arc<NodeStatus>,
+        log: RaftLog,
+        request_timeout: Duration,
+    ) -> NodeHandle {
+        NodeHandle {
+            tx,
+            status,
+            log,
+            request_timeout,
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, ProposeError>>) -> DriverMsg,
+    ) -> Result<T, ProposeError> {
+        let before = self.status.leader_changes();
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).map_err(|_| ProposeError::Stopped)?;
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(ProposeError::Stopped),
+            Err(_) if self.status.leader_changes() != before => {
+                Err(ProposeError::TimeoutLeaderFail)
+            }
+            Err(_) if self.status.leader() == 0 => Err(ProposeError::NoLeader),
+            Err(_) => Err(ProposeError::Timeout),
+        }
+    }
+
+    /// Replicates `request` and returns what applying it produced on this member.
+    pub async fn propose(&self, request: Request) -> Result<Applied, ProposeError> {
+        self.call(|reply| DriverMsg::Propose { request, reply }).await
+    }
+
+    /// Returns once this member's state reflects every write acknowledged before the
+    /// call (ReadIndex): a read served after it is linearizable.
+    pub async fn read_index(&self) -> Result<(), ProposeError> {
+        self.call(|reply| DriverMsg::ReadIndex { reply }).await
+    }
+
+    /// Asks the driver to stop.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(DriverMsg::Shutdown);
+    }
+}

@@ -1,0 +1,90 @@
+//! The on-disk engine: one redb database per data dir.
+//!
+//! Owns opening the data dir (identity, corruption and ownership checks) and the Raft
+//! log tables ([`RaftLog`]). The MVCC keyspace lives in the same database (tables owned
+//! by [`crate::kv`]) so that an installed snapshot and the log reset commit atomically.
+//! Every Ready's entries and hard state are made durable with one redb commit
+//! (fdatasync) before anything that depends on them leaves the node.
+
+mod identity;
+mod raft_log;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use identity::{stable_id as identity_stable_id, Identity};
+pub use raft_log::RaftLog;
+
+/// File name of the database inside the data dir.
+pub const DB_FILE: &str = "meshd.redb";
+
+/// Errors of the storage layer. All of them are fatal for the node: a member that
+/// cannot trust its disk must stop rather than vote or answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The data dir could not be created or read.
+    #[error("data dir {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database file failed its integrity checks or could not be decoded.
+    #[error("data dir {path} is corrupt: {detail} (restore it from a snapshot or remove the member and re-add it)")]
+    Corrupt { path: PathBuf, detail: String },
+    /// Another process holds the database.
+    #[error("data dir {path} is in use by another meshd process")]
+    InUse { path: PathBuf },
+    /// The data dir was created for another member or cluster.
+    #[error("data dir {path} belongs to {found}, but this node is configured as {expected}")]
+    WrongOwner {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    /// A read or write of the database failed.
+    #[error("storage: {0}")]
+    Db(#[from] redb::Error),
+    /// A stored record did not decode.
+    #[error("storage: undecodable {what}: {detail}")]
+    Decode { what: &'static str, detail: String },
+}
+
+impl StorageError {
+    pub(crate) fn decode(what: &'static str, e: impl std::fmt::Display) -> Self {
+        StorageError::Decode {
+            what,
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// Converts any redb error type into ours.
+pub(crate) fn db_err<E: Into<redb::Error>>(e: E) -> StorageError {
+    StorageError::Db(e.into())
+}
+
+/// Opens (creating if needed) the database of a data dir.
+pub fn open_database(dir: &Path) -> Result<Arc<redb::Database>, StorageError> {
+    std::fs::create_dir_all(dir).map_err(|source| StorageError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let path = dir.join(DB_FILE);
+    let result = if path.exists() {
+        redb::Database::open(&path)
+    } else {
+        redb::Database::create(&path)
+    };
+    match result {
+        Ok(db) => Ok(Arc::new(db)),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StorageError::InUse { path }),
+        Err(redb::DatabaseError::Storage(redb::StorageError::Io(source))) => {
+            Err(StorageError::Io { path, source })
+        }
+        Err(e) => Err(StorageError::Corrupt {
+            path,
+            detail: e.to_string(),
+        }),
+    }
+}

@@ -1,1 +1,303 @@
+//! Harness for cluster-level tests: real members on loopback with their own data dirs,
+//! in-process ([`InProcessCluster`]) or as spawned `meshd` processes
+//! ([`ProcessCluster`]), reached through the independent `etcd-client` crate.
+//! Scenarios wait on observable state with a deadline, never on fixed sleeps.
 
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_core::server::{Server, ServerConfig};
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr")
+}
+
+/// Retries `f` until it returns `Some` or `deadline` passes (then panics with `what`).
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An etcd-client connected to one endpoint, with a short per-request timeout.
+pub async fn etcd_client(addr: SocketAddr) -> etcd_client::Client {
+    let opts = etcd_client::ConnectOptions::new()
+        .with_timeout(Duration::from_secs(5))
+        .with_connect_timeout(Duration::from_secs(2));
+    etcd_client::Client::connect([format!("http://{addr}")], Some(opts))
+        .await
+        .expect("etcd-client connects (lazily)")
+}
+
+/// Status of one member, or None when it does not answer.
+pub async fn status(addr: SocketAddr) -> Option<etcd_client::StatusResponse> {
+    let mut c = etcd_client(addr).await;
+    tokio::time::timeout(Duration::from_secs(2), c.status())
+        .await
+        .ok()?
+        .ok()
+}
+
+/// Waits until every address answers and all agree on one leader; returns its ID.
+pub async fn wait_for_leader(addrs: &[SocketAddr]) -> u64 {
+    eventually("a leader all members agree on", Duration::from_secs(30), || async {
+        let mut leader = None;
+        for a in addrs {
+            let s = status(*a).await?;
+            if s.leader() == 0 || leader.is_some_and(|l| l != s.leader()) {
+                return None;
+            }
+            leader = Some(s.leader());
+        }
+        leader
+    })
+    .await
+}
+
+/// Puts with retries across a leader change (only retrying errors that say the write
+/// was not applied or may be re-applied harmlessly, since values are idempotent here).
+pub async fn put_retrying(addrs: &[SocketAddr], key: &str, value: &str) -> i64 {
+    eventually(&format!("put {key}"), Duration::from_secs(30), || async {
+        for a in addrs {
+            let mut c = etcd_client(*a).await;
+            if let Ok(r) = c.put(key, value, None).await {
+                return Some(r.header().expect("header").revision());
+            }
+        }
+        None
+    })
+    .await
+}
+
+/// Settings for test clusters: short ticks, small log.
+#[derive(Clone, Debug)]
+pub struct ClusterOpts {
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub snapshot_count: u64,
+    pub catch_up_entries: u64,
+}
+
+impl Default for ClusterOpts {
+    fn default() -> Self {
+        ClusterOpts {
+            tick: Duration::from_millis(25),
+            election_ticks: 12,
+            snapshot_count: 10_000,
+            catch_up_entries: 5_000,
+        }
+    }
+}
+
+/// Members running inside the test process.
+pub struct InProcessCluster {
+    pub dir: tempfile::TempDir,
+    pub configs: Vec<ServerConfig>,
+    pub servers: Vec<Option<Server>>,
+}
+
+impl InProcessCluster {
+    pub async fn start(n: usize, opts: ClusterOpts) -> InProcessCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+        let mesh: Vec<SocketAddr> = (0..n).map(|_| free_addr()).collect();
+        let initial: Vec<(String, String)> = names
+            .iter()
+            .zip(&mesh)
+            .map(|(n, a)| (n.clone(), a.to_string()))
+            .collect();
+        let configs: Vec<ServerConfig> = (0..n)
+            .map(|i| {
+                let mut c = ServerConfig::new(&names[i]);
+                c.data_dir = dir.path().join(&names[i]);
+                c.listen_client = free_addr();
+                c.listen_mesh = mesh[i];
+                c.initial_cluster = Some(initial.clone());
+                c.tick = opts.tick;
+                c.election_ticks = opts.election_ticks;
+                c.heartbeat_ticks = 2;
+                c.snapshot_count = opts.snapshot_count;
+                c.catch_up_entries = opts.catch_up_entries;
+                c.request_timeout = Duration::from_secs(5);
+                c
+            })
+            .collect();
+        let mut servers = Vec::new();
+        for c in &configs {
+            servers.push(Some(Server::start(c.clone()).await.expect("member starts")));
+        }
+        InProcessCluster {
+            dir,
+            configs,
+            servers,
+        }
+    }
+
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.configs[i].listen_client
+    }
+
+    /// Client addresses of the members that are running.
+    pub fn live_addrs(&self) -> Vec<SocketAddr> {
+        (0..self.configs.len())
+            .filter(|i| self.servers[*i].is_some())
+            .map(|i| self.addr(i))
+            .collect()
+    }
+
+    /// Index of the member with this Raft ID.
+    pub fn index_of(&self, member_id: u64) -> usize {
+        self.servers
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.node().status.member_id == member_id))
+            .expect("member is running")
+    }
+
+    pub async fn stop(&mut self, i: usize) {
+        if let Some(s) = self.servers[i].take() {
+            s.shutdown().await.expect("clean shutdown");
+        }
+    }
+
+    pub async fn restart(&mut self, i: usize) {
+        assert!(self.servers[i].is_none(), "member {i} is running");
+        self.servers[i] = Some(Server::start(self.configs[i].clone()).await.expect("member restarts"));
+    }
+}
+
+/// Where cargo put the workspace binaries (built by the test command before the tests).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace` — the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// One spawned `meshd`.
+pub struct Process {
+    pub name: String,
+    pub client: SocketAddr,
+    pub args: Vec<String>,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Process {
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(binary("meshd"))
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn meshd");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        c.wait().ok()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Members as separate `meshd` processes.
+pub struct ProcessCluster {
+    pub dir: tempfile::TempDir,
+    pub procs: Vec<Process>,
+}
+
+impl ProcessCluster {
+    pub fn start(n: usize, opts: ClusterOpts) -> ProcessCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mesh: Vec<SocketAddr> = (0..n).map(|_| free_addr()).collect();
+        let initial = (0..n)
+            .map(|i| format!("p{i}={}", mesh[i]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut procs = Vec::new();
+        for (i, m) in mesh.iter().enumerate() {
+            let client = free_addr();
+            let name = format!("p{i}");
+            let args = vec![
+                format!("--name={name}"),
+                format!("--data-dir={}", dir.path().join(&name).display()),
+                format!("--listen-client={client}"),
+                format!("--listen-mesh={m}"),
+                format!("--initial-cluster={initial}"),
+                format!("--tick={}ms", opts.tick.as_millis()),
+                format!("--election-ticks={}", opts.election_ticks),
+                "--heartbeat-ticks=2".to_string(),
+                format!("--snapshot-count={}", opts.snapshot_count),
+                format!("--catch-up-entries={}", opts.catch_up_entries),
+            ];
+            let mut p = Process {
+                log: dir.path().join(format!("{name}.log")),
+                name,
+                client,
+                args,
+                child: None,
+            };
+            p.spawn();
+            procs.push(p);
+        }
+        ProcessCluster { dir, procs }
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.procs.iter().map(|p| p.client).collect()
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.procs[i].child.is_none(), "process {i} is running");
+        self.procs[i].spawn();
+    }
+
+    /// The log of member `i`, for failure messages.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.procs[i].log).unwrap_or_default()
+    }
+}

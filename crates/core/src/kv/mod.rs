@@ -25,6 +25,8 @@ mod exec;
 mod history;
 mod range;
 mod tables;
+#[cfg(test)]
+mod tests;
 
 pub use check::{check_txn, is_read_only, validate_delete_range, validate_put, validate_range};
 

@@ -1,53 +1,397 @@
-//! The replicated state machine: MVCC revisions over redb tables.
-//! (Interface contract; the implementation lands on the `kv` branch.)
+//! The replicated state machine: etcd v3 MVCC revisions over redb tables.
+//!
+//! `KvStore` serves concurrent reads from redb read transactions; the Raft driver
+//! applies committed entries through one `ApplyBatch` (a redb write transaction) at a
+//! time and commits it together with the applied index.
+//!
+//! Layout:
+//! - `tables`: table definitions, record encoding, meta counters
+//! - `range`: key intervals, live and historical scans, shaping Range results
+//! - `exec`: executing Put / DeleteRange / Range / Txn over an overlay of the request's own writes
+//! - `history`: applying changes, compaction, watch replay, hash, snapshot export/import
+//! - `check`: etcd's request validation (`check_txn`, `validate_*`)
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+
+use prost::Message;
+use redb::{Durability, ReadableDatabase, ReadableTable};
 
 use crate::proto::etcdserverpb as pb;
 use crate::proto::meshpb::{MemberRecord, StoreSnapshot};
 use crate::proto::mvccpb;
 
+mod check;
+mod exec;
+mod history;
+mod range;
+mod tables;
+#[cfg(test)]
+mod tests;
+
+pub use check::{check_txn, is_read_only, validate_delete_range, validate_put, validate_range};
+
+use exec::Exec;
+use history::{HistoryTable, LatestTable, WriteTables};
+use range::Interval;
+use tables::{Meta, HISTORY, LATEST, MEMBERS, META, REVLOG};
+
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
+    /// The requested revision is older than the compact revision (retryable with a newer one).
     #[error("etcdserver: mvcc: required revision has been compacted")]
     Compacted { compact_revision: i64 },
+    /// The requested revision has not happened yet.
     #[error("etcdserver: mvcc: required revision is a future revision")]
     FutureRevision,
+    /// ignore_value / ignore_lease on a missing key, or an empty op in a txn.
     #[error("etcdserver: key not found")]
     KeyNotFound,
+    /// The disk engine failed or holds something undecodable.
     #[error("storage: {0}")]
     Storage(String),
+    /// A request without a key.
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    /// A Put with ignore_value that also carries a value.
+    #[error("etcdserver: value is provided")]
+    ValueProvided,
+    /// A Put with ignore_lease that also carries a lease.
+    #[error("etcdserver: lease is provided")]
+    LeaseProvided,
+    /// A Range with an unknown sort order or target.
+    #[error("etcdserver: invalid sort option")]
+    InvalidSortOption,
+    /// A Txn branch (or compare list) longer than the configured maximum.
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps,
+    /// A key put twice, or put and deleted, within one Txn branch.
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    /// `txn_read` was given a Txn that may write.
+    #[error("kv: txn_read given a txn that writes")]
+    WriteInReadOnlyTxn,
 }
 
-pub struct KvStore;
-pub fn check_txn(_req: &pb::TxnRequest, _max_ops: usize) -> Result<(), KvError> { todo!() }
-pub struct ApplyBatch<'a>(std::marker::PhantomData<&'a ()>);
+/// Every redb error becomes `Storage`: the caller cannot act on the difference.
+macro_rules! storage_error_from {
+    ($($t:ty),* $(,)?) => {$(
+        impl From<$t> for KvError {
+            fn from(e: $t) -> Self {
+                KvError::Storage(e.to_string())
+            }
+        }
+    )*};
+}
+storage_error_from!(
+    redb::Error,
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::SetDurabilityError,
+    prost::DecodeError,
+);
+
+pub struct KvStore {
+    db: Arc<redb::Database>,
+    /// Last committed values; readers that need consistency read `kv_meta` instead.
+    applied_index: AtomicU64,
+    current_revision: AtomicI64,
+    compact_revision: AtomicI64,
+    /// Announces the current revision after each commit.
+    revision_tx: tokio::sync::watch::Sender<i64>,
+}
+
+/// One open write transaction of the Raft driver. Dropping it aborts.
+pub struct ApplyBatch<'a> {
+    store: &'a KvStore,
+    txn: redb::WriteTransaction,
+    /// The counters as this batch has changed them, written to `kv_meta` on commit.
+    meta: Meta,
+}
 
 impl KvStore {
-    pub fn open(_db: Arc<redb::Database>) -> Result<KvStore, KvError> { todo!() }
-    pub fn applied_index(&self) -> u64 { todo!() }
-    pub fn current_revision(&self) -> i64 { todo!() }
-    pub fn compact_revision(&self) -> i64 { todo!() }
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<i64> { todo!() }
-    pub fn begin(&self) -> Result<ApplyBatch<'_>, KvError> { todo!() }
-    pub fn range(&self, _req: &pb::RangeRequest) -> Result<pb::RangeResponse, KvError> { todo!() }
-    pub fn txn_read(&self, _req: &pb::TxnRequest) -> Result<pb::TxnResponse, KvError> { todo!() }
-    pub fn events(&self, _start: i64, _end: i64, _key: &[u8], _range_end: &[u8], _prev_kv: bool, _limit: usize) -> Result<Vec<mvccpb::Event>, KvError> { todo!() }
-    pub fn members(&self) -> Result<Vec<MemberRecord>, KvError> { todo!() }
-    pub fn snapshot(&self) -> Result<(u64, StoreSnapshot), KvError> { todo!() }
-    pub fn hash_kv(&self, _rev: i64) -> Result<(u32, i64, i64), KvError> { todo!() }
+    pub fn open(db: Arc<redb::Database>) -> Result<KvStore, KvError> {
+        let txn = db.begin_write()?;
+        let meta = {
+            txn.open_table(LATEST)?;
+            txn.open_table(HISTORY)?;
+            txn.open_table(REVLOG)?;
+            txn.open_table(MEMBERS)?;
+            Meta::load(&txn.open_table(META)?)?
+        };
+        txn.commit()?;
+        let (revision_tx, _) = tokio::sync::watch::channel(meta.current_revision);
+        Ok(KvStore {
+            db,
+            applied_index: AtomicU64::new(meta.applied_index),
+            current_revision: AtomicI64::new(meta.current_revision),
+            compact_revision: AtomicI64::new(meta.compact_revision),
+            revision_tx,
+        })
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index.load(Ordering::Acquire)
+    }
+
+    pub fn current_revision(&self) -> i64 {
+        self.current_revision.load(Ordering::Acquire)
+    }
+
+    pub fn compact_revision(&self) -> i64 {
+        self.compact_revision.load(Ordering::Acquire)
+    }
+
+    /// A receiver that sees the current revision after every commit.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.revision_tx.subscribe()
+    }
+
+    pub fn begin(&self) -> Result<ApplyBatch<'_>, KvError> {
+        let txn = self.db.begin_write()?;
+        let meta = Meta::load(&txn.open_table(META)?)?;
+        Ok(ApplyBatch {
+            store: self,
+            txn,
+            meta,
+        })
+    }
+
+    /// Run a read-only request against one consistent read transaction.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&mut Exec<'_, ReadLatest, ReadHistory>) -> Result<T, KvError>,
+    ) -> Result<T, KvError> {
+        let txn = self.db.begin_read()?;
+        let meta = Meta::load(&txn.open_table(META)?)?;
+        let latest = txn.open_table(LATEST)?;
+        let history = txn.open_table(HISTORY)?;
+        let mut exec = Exec::new(
+            &latest,
+            &history,
+            meta.current_revision,
+            meta.compact_revision,
+            false,
+        );
+        f(&mut exec)
+    }
+
+    pub fn range(&self, req: &pb::RangeRequest) -> Result<pb::RangeResponse, KvError> {
+        self.read(|exec| exec.range(req))
+    }
+
+    /// Evaluate a Txn that cannot write against the current state.
+    pub fn txn_read(&self, req: &pb::TxnRequest) -> Result<pb::TxnResponse, KvError> {
+        if !is_read_only(req) {
+            return Err(KvError::WriteInReadOnlyTxn);
+        }
+        self.read(|exec| exec.txn_top(req))
+    }
+
+    /// Events with `start ≤ main revision ≤ end` on keys in the watch range, in
+    /// revision order, at most `limit` (0 = all) but never splitting a revision.
+    pub fn events(
+        &self,
+        start: i64,
+        end: i64,
+        key: &[u8],
+        range_end: &[u8],
+        prev_kv: bool,
+        limit: usize,
+    ) -> Result<Vec<mvccpb::Event>, KvError> {
+        let txn = self.db.begin_read()?;
+        let meta = Meta::load(&txn.open_table(META)?)?;
+        if start < meta.compact_revision {
+            return Err(KvError::Compacted {
+                compact_revision: meta.compact_revision,
+            });
+        }
+        history::events(
+            &txn.open_table(REVLOG)?,
+            &txn.open_table(HISTORY)?,
+            (start, end),
+            &Interval::new(key, range_end),
+            prev_kv,
+            limit,
+        )
+    }
+
+    pub fn members(&self) -> Result<Vec<MemberRecord>, KvError> {
+        let txn = self.db.begin_read()?;
+        read_members(&txn.open_table(MEMBERS)?)
+    }
+
+    /// The applied index and the whole replicated state, from one read transaction.
+    pub fn snapshot(&self) -> Result<(u64, StoreSnapshot), KvError> {
+        let txn = self.db.begin_read()?;
+        let meta = Meta::load(&txn.open_table(META)?)?;
+        let snap = StoreSnapshot {
+            revision: meta.current_revision,
+            compact_revision: meta.compact_revision,
+            history: history::export(&txn.open_table(HISTORY)?)?,
+            members: read_members(&txn.open_table(MEMBERS)?)?,
+        };
+        Ok((meta.applied_index, snap))
+    }
+
+    /// `(hash, compact_revision, hash_revision)` over the history up to `rev` (0 = current).
+    pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), KvError> {
+        let txn = self.db.begin_read()?;
+        let meta = Meta::load(&txn.open_table(META)?)?;
+        let rev = if rev <= 0 { meta.current_revision } else { rev };
+        if rev > meta.current_revision {
+            return Err(KvError::FutureRevision);
+        }
+        if rev < meta.compact_revision {
+            return Err(KvError::Compacted {
+                compact_revision: meta.compact_revision,
+            });
+        }
+        let hash = history::hash(&txn.open_table(HISTORY)?, rev)?;
+        Ok((hash, meta.compact_revision, rev))
+    }
+}
+
+type ReadLatest = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
+type ReadHistory = redb::ReadOnlyTable<range::HistoryKey<'static>, &'static [u8]>;
+
+fn read_members<T: ReadableTable<u64, &'static [u8]>>(
+    table: &T,
+) -> Result<Vec<MemberRecord>, KvError> {
+    let mut out = Vec::new();
+    for entry in table.range::<u64>(..)? {
+        out.push(MemberRecord::decode(entry?.1.value())?);
+    }
+    Ok(out)
 }
 
 impl<'a> ApplyBatch<'a> {
-    pub fn write_txn(&self) -> &redb::WriteTransaction { todo!() }
-    pub fn put(&mut self, _req: &pb::PutRequest) -> Result<pb::PutResponse, KvError> { todo!() }
-    pub fn delete_range(&mut self, _req: &pb::DeleteRangeRequest) -> Result<pb::DeleteRangeResponse, KvError> { todo!() }
-    pub fn txn(&mut self, _req: &pb::TxnRequest) -> Result<pb::TxnResponse, KvError> { todo!() }
-    pub fn compact(&mut self, _rev: i64) -> Result<(), KvError> { todo!() }
-    pub fn member(&self, _id: u64) -> Result<Option<MemberRecord>, KvError> { todo!() }
-    pub fn put_member(&mut self, _m: &MemberRecord) -> Result<(), KvError> { todo!() }
-    pub fn remove_member(&mut self, _id: u64) -> Result<(), KvError> { todo!() }
-    pub fn restore(&mut self, _snap: &StoreSnapshot) -> Result<(), KvError> { todo!() }
-    pub fn set_applied_index(&mut self, _index: u64) { todo!() }
-    pub fn revision(&self) -> i64 { todo!() }
-    pub fn commit(self, _durable: bool) -> Result<(), KvError> { todo!() }
+    /// The write transaction, so the Raft storage can commit its tables with ours.
+    pub fn write_txn(&self) -> &redb::WriteTransaction {
+        &self.txn
+    }
+
+    /// Execute one write request; store its changes only if all of it succeeded.
+    fn apply<T>(
+        &mut self,
+        run: impl FnOnce(&mut Exec<'_, LatestTable<'_>, HistoryTable<'_>>) -> Result<T, KvError>,
+    ) -> Result<T, KvError> {
+        let mut tables = WriteTables::open(&self.txn)?;
+        let (response, changes) = {
+            let mut exec = Exec::new(
+                &tables.latest,
+                &tables.history,
+                self.meta.current_revision,
+                self.meta.compact_revision,
+                true,
+            );
+            let response = run(&mut exec)?;
+            (response, exec.into_changes())
+        };
+        if !changes.is_empty() {
+            let main = self.meta.current_revision + 1;
+            tables.apply(main, &changes)?;
+            self.meta.current_revision = main;
+        }
+        Ok(response)
+    }
+
+    pub fn put(&mut self, req: &pb::PutRequest) -> Result<pb::PutResponse, KvError> {
+        self.apply(|exec| exec.put(req))
+    }
+
+    pub fn delete_range(
+        &mut self,
+        req: &pb::DeleteRangeRequest,
+    ) -> Result<pb::DeleteRangeResponse, KvError> {
+        self.apply(|exec| exec.delete_range(req))
+    }
+
+    pub fn txn(&mut self, req: &pb::TxnRequest) -> Result<pb::TxnResponse, KvError> {
+        self.apply(|exec| exec.txn_top(req))
+    }
+
+    /// Drop history older than `rev`; does not create a revision.
+    pub fn compact(&mut self, rev: i64) -> Result<(), KvError> {
+        if rev > self.meta.current_revision {
+            return Err(KvError::FutureRevision);
+        }
+        if rev <= self.meta.compact_revision {
+            return Err(KvError::Compacted {
+                compact_revision: self.meta.compact_revision,
+            });
+        }
+        WriteTables::open(&self.txn)?.compact(rev)?;
+        self.meta.compact_revision = rev;
+        Ok(())
+    }
+
+    /// A member record as of this batch (including its own changes).
+    pub fn member(&self, id: u64) -> Result<Option<MemberRecord>, KvError> {
+        let table = self.txn.open_table(MEMBERS)?;
+        let found = table.get(id)?;
+        Ok(match found {
+            Some(v) => Some(MemberRecord::decode(v.value())?),
+            None => None,
+        })
+    }
+
+    pub fn put_member(&mut self, m: &MemberRecord) -> Result<(), KvError> {
+        self.txn
+            .open_table(MEMBERS)?
+            .insert(m.id, m.encode_to_vec().as_slice())?;
+        Ok(())
+    }
+
+    pub fn remove_member(&mut self, id: u64) -> Result<(), KvError> {
+        self.txn.open_table(MEMBERS)?.remove(id)?;
+        Ok(())
+    }
+
+    /// Replace every kv table's contents with the snapshot's.
+    pub fn restore(&mut self, snap: &StoreSnapshot) -> Result<(), KvError> {
+        WriteTables::open(&self.txn)?.restore(snap)?;
+        let mut members = self.txn.open_table(MEMBERS)?;
+        members.retain(|_, _| false)?;
+        for m in &snap.members {
+            members.insert(m.id, m.encode_to_vec().as_slice())?;
+        }
+        self.meta.current_revision = snap.revision.max(tables::INITIAL_REVISION);
+        self.meta.compact_revision = snap.compact_revision;
+        Ok(())
+    }
+
+    pub fn set_applied_index(&mut self, index: u64) {
+        self.meta.applied_index = index;
+    }
+
+    /// The revision after what this batch has applied so far.
+    pub fn revision(&self) -> i64 {
+        self.meta.current_revision
+    }
+
+    /// Commit (fsync'd only if `durable`: the Raft log is the durable record, and a
+    /// later durable commit makes this one durable too), then publish the new state.
+    pub fn commit(mut self, durable: bool) -> Result<(), KvError> {
+        self.meta.store(&mut self.txn.open_table(META)?)?;
+        self.txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })?;
+        self.txn.commit()?;
+        let store = self.store;
+        store
+            .applied_index
+            .store(self.meta.applied_index, Ordering::Release);
+        store
+            .compact_revision
+            .store(self.meta.compact_revision, Ordering::Release);
+        store
+            .current_revision
+            .store(self.meta.current_revision, Ordering::Release);
+        store.revision_tx.send_replace(self.meta.current_revision);
+        Ok(())
+    }
 }

@@ -1,0 +1,313 @@
+//! Executing one request (Put, DeleteRange, Range, Txn) against a view of the tables
+//! plus an in-memory overlay of the request's own writes. Nothing touches the tables
+//! here: the caller flushes the collected changes only if the whole request succeeded,
+//! which is what makes a failed request change nothing.
+use std::collections::BTreeMap;
+
+use redb::ReadableTable;
+
+use super::range::{header, scan_history, scan_latest, shape_range, HistoryKey, Interval};
+use super::KvError;
+use crate::proto::etcdserverpb as pb;
+use crate::proto::mvccpb::KeyValue;
+use pb::compare::{CompareResult, CompareTarget, TargetUnion};
+use pb::request_op::Request;
+use pb::response_op::Response;
+
+/// One key change made by a request, in sub-revision order.
+#[derive(Clone, Debug)]
+pub(crate) struct Change {
+    pub tombstone: bool,
+    /// For a tombstone: just the key and the delete's revision.
+    pub kv: KeyValue,
+}
+
+pub(crate) struct Exec<'t, L, H> {
+    latest: &'t L,
+    history: &'t H,
+    /// Revision of the tables before this request.
+    base_revision: i64,
+    compact_revision: i64,
+    /// False for `txn_read`: any write is refused.
+    writable: bool,
+    /// Keys this request has written: Some(new kv) or None (deleted).
+    overlay: BTreeMap<Vec<u8>, Option<KeyValue>>,
+    changes: Vec<Change>,
+}
+
+impl<'t, L, H> Exec<'t, L, H>
+where
+    L: ReadableTable<&'static [u8], &'static [u8]>,
+    H: ReadableTable<HistoryKey<'static>, &'static [u8]>,
+{
+    pub(crate) fn new(
+        latest: &'t L,
+        history: &'t H,
+        base_revision: i64,
+        compact_revision: i64,
+        writable: bool,
+    ) -> Self {
+        Exec {
+            latest,
+            history,
+            base_revision,
+            compact_revision,
+            writable,
+            overlay: BTreeMap::new(),
+            changes: Vec::new(),
+        }
+    }
+
+    pub(crate) fn into_changes(self) -> Vec<Change> {
+        self.changes
+    }
+
+    /// The revision as seen by this request so far: one more than the base once
+    /// anything has been written (all writes of a request share one main revision).
+    pub(crate) fn revision(&self) -> i64 {
+        self.base_revision + i64::from(!self.changes.is_empty())
+    }
+
+    fn write_revision(&self) -> i64 {
+        self.base_revision + 1
+    }
+
+    /// Run a top-level Txn. etcd decides every (nested) txn branch against the state
+    /// before the txn, then executes the chosen path.
+    pub(crate) fn txn_top(&mut self, txn: &pb::TxnRequest) -> Result<pb::TxnResponse, KvError> {
+        let mut path = Vec::new();
+        self.compare_path(txn, &mut path)?;
+        let mut resp = self.txn(txn, &mut path.into_iter())?;
+        resp.header = Some(header(self.revision()));
+        Ok(resp)
+    }
+
+    fn op(
+        &mut self,
+        req: &Request,
+        path: &mut std::vec::IntoIter<bool>,
+    ) -> Result<Response, KvError> {
+        Ok(match req {
+            Request::RequestRange(r) => Response::ResponseRange(self.range(r)?),
+            Request::RequestPut(r) => Response::ResponsePut(self.put(r)?),
+            Request::RequestDeleteRange(r) => Response::ResponseDeleteRange(self.delete_range(r)?),
+            Request::RequestTxn(r) => Response::ResponseTxn(self.txn(r, path)?),
+        })
+    }
+
+    /// The current state of one key, including this request's writes.
+    fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, KvError> {
+        if let Some(state) = self.overlay.get(key) {
+            return Ok(state.clone());
+        }
+        match self.latest.get(key)? {
+            Some(v) => Ok(Some(super::tables::decode_kv(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The current keys in `interval`, including this request's writes, in key order.
+    fn current(&self, interval: &Interval) -> Result<Vec<KeyValue>, KvError> {
+        let stored = scan_latest(self.latest, interval)?;
+        if self.overlay.is_empty() {
+            return Ok(stored);
+        }
+        let mut merged: BTreeMap<Vec<u8>, KeyValue> =
+            stored.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+        for (key, state) in self.overlay.iter().filter(|(k, _)| interval.contains(k)) {
+            match state {
+                Some(kv) => merged.insert(key.clone(), kv.clone()),
+                None => merged.remove(key),
+            };
+        }
+        Ok(merged.into_values().collect())
+    }
+
+    /// The keys in `interval` as of `rev` (≤ 0: current).
+    fn read_at(&self, interval: &Interval, rev: i64) -> Result<(Vec<KeyValue>, i64), KvError> {
+        let current = self.revision();
+        if rev <= 0 || rev == current {
+            return Ok((self.current(interval)?, current));
+        }
+        if rev > current {
+            return Err(KvError::FutureRevision);
+        }
+        if rev < self.compact_revision {
+            return Err(KvError::Compacted {
+                compact_revision: self.compact_revision,
+            });
+        }
+        // rev < current ≤ base + 1: this request's writes are not visible there.
+        Ok((scan_history(self.history, interval, rev)?, current))
+    }
+
+    pub(crate) fn range(&self, req: &pb::RangeRequest) -> Result<pb::RangeResponse, KvError> {
+        let (kvs, _) = self.read_at(&Interval::new(&req.key, &req.range_end), req.revision)?;
+        Ok(shape_range(kvs, req, self.revision()))
+    }
+
+    fn ensure_writable(&self) -> Result<(), KvError> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(KvError::WriteInReadOnlyTxn)
+        }
+    }
+
+    fn record(&mut self, tombstone: bool, kv: KeyValue) {
+        let state = (!tombstone).then(|| kv.clone());
+        self.overlay.insert(kv.key.clone(), state);
+        self.changes.push(Change { tombstone, kv });
+    }
+
+    pub(crate) fn put(&mut self, req: &pb::PutRequest) -> Result<pb::PutResponse, KvError> {
+        self.ensure_writable()?;
+        let prev = self.get(&req.key)?;
+        if prev.is_none() && (req.ignore_value || req.ignore_lease) {
+            return Err(KvError::KeyNotFound);
+        }
+        let rev = self.write_revision();
+        let kv = KeyValue {
+            key: req.key.clone(),
+            create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+            mod_revision: rev,
+            version: prev.as_ref().map_or(0, |p| p.version) + 1,
+            value: match (&prev, req.ignore_value) {
+                (Some(p), true) => p.value.clone(),
+                _ => req.value.clone(),
+            },
+            lease: match (&prev, req.ignore_lease) {
+                (Some(p), true) => p.lease,
+                _ => req.lease,
+            },
+        };
+        self.record(false, kv);
+        Ok(pb::PutResponse {
+            header: Some(header(rev)),
+            prev_kv: prev.filter(|_| req.prev_kv),
+        })
+    }
+
+    pub(crate) fn delete_range(
+        &mut self,
+        req: &pb::DeleteRangeRequest,
+    ) -> Result<pb::DeleteRangeResponse, KvError> {
+        self.ensure_writable()?;
+        let victims = self.current(&Interval::new(&req.key, &req.range_end))?;
+        let rev = self.write_revision();
+        for kv in &victims {
+            let tombstone = KeyValue {
+                key: kv.key.clone(),
+                mod_revision: rev,
+                ..Default::default()
+            };
+            self.record(true, tombstone);
+        }
+        Ok(pb::DeleteRangeResponse {
+            header: Some(header(self.revision())),
+            deleted: victims.len() as i64,
+            prev_kvs: if req.prev_kv { victims } else { Vec::new() },
+        })
+    }
+
+    /// Evaluate the compares of `txn` and of every nested txn on the chosen branches,
+    /// in execution (pre-)order, against the current state.
+    fn compare_path(&self, txn: &pb::TxnRequest, path: &mut Vec<bool>) -> Result<(), KvError> {
+        let mut succeeded = true;
+        for c in &txn.compare {
+            if !self.compare_holds(c)? {
+                succeeded = false;
+                break;
+            }
+        }
+        path.push(succeeded);
+        for op in branch(txn, succeeded) {
+            if let Some(Request::RequestTxn(nested)) = &op.request {
+                self.compare_path(nested, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn compare_holds(&self, c: &pb::Compare) -> Result<bool, KvError> {
+        let Ok(target) = CompareTarget::try_from(c.target) else {
+            return Ok(false);
+        };
+        let kvs = self.current(&Interval::new(&c.key, &c.range_end))?;
+        if kvs.is_empty() {
+            // A missing key has no value to compare (etcd: always false); its
+            // version, revisions and lease compare as 0.
+            return Ok(
+                target != CompareTarget::Value && compare_kv(c, target, &KeyValue::default())
+            );
+        }
+        Ok(kvs.iter().all(|kv| compare_kv(c, target, kv)))
+    }
+
+    fn txn(
+        &mut self,
+        req: &pb::TxnRequest,
+        path: &mut std::vec::IntoIter<bool>,
+    ) -> Result<pb::TxnResponse, KvError> {
+        // The path holds one decision per txn on the executed path, so it cannot run
+        // out; failing the compare would still be deterministic if it did.
+        let succeeded = path.next().unwrap_or(false);
+        let mut responses = Vec::new();
+        for op in branch(req, succeeded) {
+            let Some(request) = &op.request else {
+                // etcd rejects empty ops at the API; skipping keeps apply total.
+                continue;
+            };
+            let response = self.op(request, path)?;
+            responses.push(pb::ResponseOp {
+                response: Some(response),
+            });
+        }
+        Ok(pb::TxnResponse {
+            header: Some(header(self.revision())),
+            succeeded,
+            responses,
+        })
+    }
+}
+
+fn branch(txn: &pb::TxnRequest, succeeded: bool) -> &[pb::RequestOp] {
+    if succeeded {
+        &txn.success
+    } else {
+        &txn.failure
+    }
+}
+
+fn compare_kv(c: &pb::Compare, target: CompareTarget, kv: &KeyValue) -> bool {
+    // An operand of another kind than the target compares as 0 / empty, as etcd's
+    // protobuf getters do.
+    let int = |actual: i64| {
+        let operand = match (target, &c.target_union) {
+            (CompareTarget::Version, Some(TargetUnion::Version(v)))
+            | (CompareTarget::Create, Some(TargetUnion::CreateRevision(v)))
+            | (CompareTarget::Mod, Some(TargetUnion::ModRevision(v)))
+            | (CompareTarget::Lease, Some(TargetUnion::Lease(v))) => *v,
+            _ => 0,
+        };
+        actual.cmp(&operand)
+    };
+    let ord = match target {
+        CompareTarget::Version => int(kv.version),
+        CompareTarget::Create => int(kv.create_revision),
+        CompareTarget::Mod => int(kv.mod_revision),
+        CompareTarget::Lease => int(kv.lease),
+        CompareTarget::Value => match &c.target_union {
+            Some(TargetUnion::Value(v)) => kv.value.as_slice().cmp(v.as_slice()),
+            _ => kv.value.as_slice().cmp(&[]),
+        },
+    };
+    match CompareResult::try_from(c.result) {
+        Ok(CompareResult::Equal) => ord.is_eq(),
+        Ok(CompareResult::NotEqual) => ord.is_ne(),
+        Ok(CompareResult::Greater) => ord.is_gt(),
+        Ok(CompareResult::Less) => ord.is_lt(),
+        // etcd treats an unknown result as true.
+        Err(_) => true,
+    }
+}

@@ -1,0 +1,275 @@
+//! Work on the MVCC history as a whole: applying a request's changes, compaction,
+//! watch replay (`events`), the consistency hash, and snapshot export/import.
+use std::collections::BTreeSet;
+
+use redb::{ReadableTable, Table};
+
+use super::exec::Change;
+use super::range::{HistoryKey, Interval};
+use super::tables::{decode_record, encode_record, is_tombstone, Record};
+use super::KvError;
+use crate::proto::meshpb::{HistoryRecord, StoreSnapshot};
+use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
+
+pub(crate) type LatestTable<'txn> = Table<'txn, &'static [u8], &'static [u8]>;
+pub(crate) type HistoryTable<'txn> = Table<'txn, HistoryKey<'static>, &'static [u8]>;
+pub(crate) type RevlogTable<'txn> = Table<'txn, (i64, i64), &'static [u8]>;
+
+/// The three keyspace tables of one write transaction.
+pub(crate) struct WriteTables<'txn> {
+    pub latest: LatestTable<'txn>,
+    pub history: HistoryTable<'txn>,
+    pub revlog: RevlogTable<'txn>,
+}
+
+impl<'txn> WriteTables<'txn> {
+    pub(crate) fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, KvError> {
+        Ok(WriteTables {
+            latest: txn.open_table(super::tables::LATEST)?,
+            history: txn.open_table(super::tables::HISTORY)?,
+            revlog: txn.open_table(super::tables::REVLOG)?,
+        })
+    }
+
+    /// Write one history record and its revlog entry, and update the live key.
+    fn put_record(
+        &mut self,
+        main: i64,
+        sub: i64,
+        tombstone: bool,
+        kv: &KeyValue,
+    ) -> Result<(), KvError> {
+        let key = kv.key.as_slice();
+        self.history
+            .insert((key, main, sub), encode_record(tombstone, kv).as_slice())?;
+        self.revlog.insert((main, sub), key)?;
+        if tombstone {
+            self.latest.remove(key)?;
+        } else {
+            self.latest
+                .insert(key, super::tables::encode_kv(kv).as_slice())?;
+        }
+        Ok(())
+    }
+
+    /// Store the changes of one request at main revision `main`, subs 0, 1, 2, …
+    pub(crate) fn apply(&mut self, main: i64, changes: &[Change]) -> Result<(), KvError> {
+        for (sub, change) in changes.iter().enumerate() {
+            self.put_record(main, sub as i64, change.tombstone, &change.kv)?;
+        }
+        Ok(())
+    }
+
+    /// Keep each key's latest version ≤ `rev` (unless it is a tombstone) and remove
+    /// every older one; drop revlog entries below `rev`.
+    pub(crate) fn compact(&mut self, rev: i64) -> Result<(), KvError> {
+        // Keys with no revlog entry ≤ rev were last changed before the previous
+        // compaction, which already reduced them to one kept version.
+        let mut keys = BTreeSet::new();
+        for entry in self.revlog.range::<(i64, i64)>(..=(rev, i64::MAX))? {
+            keys.insert(entry?.1.value().to_vec());
+        }
+        for key in keys {
+            let k = key.as_slice();
+            let mut versions = Vec::new();
+            for entry in self
+                .history
+                .range::<HistoryKey<'_>>((k, i64::MIN, i64::MIN)..=(k, rev, i64::MAX))?
+            {
+                let (hk, value) = entry?;
+                let (_, main, sub) = hk.value();
+                versions.push((main, sub, is_tombstone(value.value())));
+            }
+            let keep = match versions.last() {
+                Some(&(main, sub, false)) => Some((main, sub)),
+                _ => None,
+            };
+            for (main, sub, _) in versions {
+                if Some((main, sub)) != keep {
+                    self.history.remove((k, main, sub))?;
+                }
+            }
+        }
+        self.revlog
+            .retain_in::<(i64, i64), _>(..(rev, i64::MIN), |_, _| false)?;
+        Ok(())
+    }
+
+    /// Replace the keyspace with a snapshot's history.
+    pub(crate) fn restore(&mut self, snap: &StoreSnapshot) -> Result<(), KvError> {
+        self.latest.retain(|_, _| false)?;
+        self.history.retain(|_, _| false)?;
+        self.revlog.retain(|_, _| false)?;
+        for record in &snap.history {
+            let kv = record.kv.clone().unwrap_or_default();
+            let key = kv.key.as_slice();
+            self.history.insert(
+                (key, record.main, record.sub),
+                encode_record(record.tombstone, &kv).as_slice(),
+            )?;
+            // The source dropped revlog entries below its compact revision.
+            if record.main >= snap.compact_revision {
+                self.revlog.insert((record.main, record.sub), key)?;
+            }
+        }
+        // A key is live if its newest record is a put.
+        let mut newest: Option<(&[u8], &HistoryRecord)> = None;
+        let mut records: Vec<&HistoryRecord> = snap.history.iter().collect();
+        records.sort_by(|a, b| {
+            let ka =
+                a.kv.as_ref()
+                    .map(|kv| kv.key.as_slice())
+                    .unwrap_or_default();
+            let kb =
+                b.kv.as_ref()
+                    .map(|kv| kv.key.as_slice())
+                    .unwrap_or_default();
+            (ka, a.main, a.sub).cmp(&(kb, b.main, b.sub))
+        });
+        for record in records {
+            let key = record
+                .kv
+                .as_ref()
+                .map(|kv| kv.key.as_slice())
+                .unwrap_or_default();
+            if let Some((prev_key, prev)) = newest {
+                if prev_key != key {
+                    self.restore_live(prev)?;
+                }
+            }
+            newest = Some((key, record));
+        }
+        if let Some((_, last)) = newest {
+            self.restore_live(last)?;
+        }
+        Ok(())
+    }
+
+    fn restore_live(&mut self, record: &HistoryRecord) -> Result<(), KvError> {
+        if let (false, Some(kv)) = (record.tombstone, &record.kv) {
+            self.latest
+                .insert(kv.key.as_slice(), super::tables::encode_kv(kv).as_slice())?;
+        }
+        Ok(())
+    }
+}
+
+/// Watch replay: see [`super::KvStore::events`].
+pub(crate) fn events<R, H>(
+    revlog: &R,
+    history: &H,
+    (start, end): (i64, i64),
+    interval: &Interval,
+    prev_kv: bool,
+    limit: usize,
+) -> Result<Vec<Event>, KvError>
+where
+    R: ReadableTable<(i64, i64), &'static [u8]>,
+    H: ReadableTable<HistoryKey<'static>, &'static [u8]>,
+{
+    let mut out = Vec::new();
+    if end < start {
+        return Ok(out);
+    }
+    let mut last_main = None;
+    for entry in revlog.range::<(i64, i64)>((start, i64::MIN)..=(end, i64::MAX))? {
+        let (rk, key) = entry?;
+        let (main, sub) = rk.value();
+        let key = key.value();
+        // Whole revisions only: stop at the first revision past the limit.
+        if limit > 0 && out.len() >= limit && last_main != Some(main) {
+            break;
+        }
+        if !interval.contains(key) {
+            continue;
+        }
+        let Some(raw) = history.get((key, main, sub))? else {
+            continue;
+        };
+        let record = decode_record(raw.value())?;
+        let prev_kv = if prev_kv {
+            previous_version(history, key, main, sub)?
+        } else {
+            None
+        };
+        out.push(Event {
+            r#type: if record.tombstone {
+                EventType::Delete
+            } else {
+                EventType::Put
+            } as i32,
+            kv: Some(record.kv),
+            prev_kv,
+        });
+        last_main = Some(main);
+    }
+    Ok(out)
+}
+
+/// The version of `key` just before (main, sub), if it exists and is not a tombstone.
+fn previous_version<H>(
+    history: &H,
+    key: &[u8],
+    main: i64,
+    sub: i64,
+) -> Result<Option<KeyValue>, KvError>
+where
+    H: ReadableTable<HistoryKey<'static>, &'static [u8]>,
+{
+    let before = history
+        .range::<HistoryKey<'_>>((key, i64::MIN, i64::MIN)..(key, main, sub))?
+        .next_back()
+        .transpose()?;
+    match before {
+        Some((_, raw)) => {
+            let Record { tombstone, kv } = decode_record(raw.value())?;
+            Ok((!tombstone).then_some(kv))
+        }
+        None => Ok(None),
+    }
+}
+
+/// crc32 over every history record with main ≤ `rev`, in key order.
+pub(crate) fn hash<H>(history: &H, rev: i64) -> Result<u32, KvError>
+where
+    H: ReadableTable<HistoryKey<'static>, &'static [u8]>,
+{
+    let mut hasher = crc32fast::Hasher::new();
+    for entry in history.range::<HistoryKey<'_>>(..)? {
+        let (hk, raw) = entry?;
+        let (key, main, sub) = hk.value();
+        if main > rev {
+            continue;
+        }
+        let record = decode_record(raw.value())?;
+        // Lengths make the concatenation unambiguous.
+        hasher.update(&(key.len() as u64).to_le_bytes());
+        hasher.update(key);
+        hasher.update(&main.to_le_bytes());
+        hasher.update(&sub.to_le_bytes());
+        hasher.update(&[u8::from(record.tombstone)]);
+        hasher.update(&(record.kv.value.len() as u64).to_le_bytes());
+        hasher.update(&record.kv.value);
+    }
+    Ok(hasher.finalize())
+}
+
+/// Every history record, for a snapshot.
+pub(crate) fn export<H>(history: &H) -> Result<Vec<HistoryRecord>, KvError>
+where
+    H: ReadableTable<HistoryKey<'static>, &'static [u8]>,
+{
+    let mut out = Vec::new();
+    for entry in history.range::<HistoryKey<'_>>(..)? {
+        let (hk, raw) = entry?;
+        let (_, main, sub) = hk.value();
+        let Record { tombstone, kv } = decode_record(raw.value())?;
+        out.push(HistoryRecord {
+            main,
+            sub,
+            tombstone,
+            kv: Some(kv),
+        });
+    }
+    Ok(out)
+}

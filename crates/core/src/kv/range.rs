@@ -1,0 +1,202 @@
+//! Key intervals with etcd's `range_end` conventions, scans of the live and the
+//! historical keyspace, and shaping a Range result (filters, sort, limit, keys/count only).
+use std::cmp::Ordering;
+use std::ops::Bound;
+
+use redb::ReadableTable;
+
+use super::tables::{decode_kv, decode_record};
+use super::KvError;
+use crate::proto::etcdserverpb as pb;
+use crate::proto::mvccpb::KeyValue;
+use pb::range_request::{SortOrder, SortTarget};
+
+/// The keys selected by a `(key, range_end)` pair.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Interval {
+    /// `range_end` at or before `key`: selects nothing.
+    Empty,
+    /// Empty `range_end`: exactly `key`.
+    Single(Vec<u8>),
+    /// `range_end == "\0"`: every key ≥ the start.
+    From(Vec<u8>),
+    /// Half-open `[key, range_end)`.
+    Between(Vec<u8>, Vec<u8>),
+}
+
+impl Interval {
+    pub(crate) fn new(key: &[u8], range_end: &[u8]) -> Interval {
+        match range_end {
+            [] => Interval::Single(key.to_vec()),
+            // `key == "\0"` too means "all keys", which includes the (invalid) empty key.
+            [0] if key == [0] => Interval::From(Vec::new()),
+            [0] => Interval::From(key.to_vec()),
+            end if end <= key => Interval::Empty,
+            end => Interval::Between(key.to_vec(), end.to_vec()),
+        }
+    }
+
+    pub(crate) fn contains(&self, k: &[u8]) -> bool {
+        match self {
+            Interval::Empty => false,
+            Interval::Single(key) => k == key.as_slice(),
+            Interval::From(start) => k >= start.as_slice(),
+            Interval::Between(start, end) => k >= start.as_slice() && k < end.as_slice(),
+        }
+    }
+
+    /// Bounds on the key, or None if nothing can match.
+    pub(crate) fn bounds(&self) -> Option<(Bound<&[u8]>, Bound<&[u8]>)> {
+        match self {
+            Interval::Empty => None,
+            Interval::Single(key) => Some((Bound::Included(key), Bound::Included(key))),
+            Interval::From(start) => Some((Bound::Included(start), Bound::Unbounded)),
+            Interval::Between(start, end) => Some((Bound::Included(start), Bound::Excluded(end))),
+        }
+    }
+
+    /// Bounds on `(key, main, sub)` history keys covering every version of every key.
+    pub(crate) fn history_bounds(&self) -> Option<(Bound<HistoryKey<'_>>, Bound<HistoryKey<'_>>)> {
+        let (lo, hi) = self.bounds()?;
+        let first = |k| (k, i64::MIN, i64::MIN);
+        let last = |k| (k, i64::MAX, i64::MAX);
+        let lo = match lo {
+            Bound::Included(k) | Bound::Excluded(k) => Bound::Included(first(k)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let hi = match hi {
+            Bound::Included(k) => Bound::Included(last(k)),
+            Bound::Excluded(k) => Bound::Excluded(first(k)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        Some((lo, hi))
+    }
+}
+
+pub(crate) type HistoryKey<'k> = (&'k [u8], i64, i64);
+
+/// The live keys in `interval`, in key order.
+pub(crate) fn scan_latest<T>(latest: &T, interval: &Interval) -> Result<Vec<KeyValue>, KvError>
+where
+    T: ReadableTable<&'static [u8], &'static [u8]>,
+{
+    let Some(bounds) = interval.bounds() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for entry in latest.range::<&[u8]>(bounds)? {
+        let (_, value) = entry?;
+        out.push(decode_kv(value.value())?);
+    }
+    Ok(out)
+}
+
+/// Each key's latest version at or before `rev`, skipping keys whose latest such
+/// version is a tombstone, in key order.
+pub(crate) fn scan_history<T>(
+    history: &T,
+    interval: &Interval,
+    rev: i64,
+) -> Result<Vec<KeyValue>, KvError>
+where
+    T: ReadableTable<HistoryKey<'static>, &'static [u8]>,
+{
+    let Some(bounds) = interval.history_bounds() else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    // The newest qualifying raw record of the key being scanned.
+    let mut pending: Option<(Vec<u8>, Vec<u8>)> = None;
+    let mut finish = |pending: Option<(Vec<u8>, Vec<u8>)>| -> Result<(), KvError> {
+        if let Some((_, raw)) = pending {
+            let record = decode_record(&raw)?;
+            if !record.tombstone {
+                out.push(record.kv);
+            }
+        }
+        Ok(())
+    };
+    for entry in history.range::<HistoryKey<'_>>(bounds)? {
+        let (key, value) = entry?;
+        let (k, main, _) = key.value();
+        if main > rev {
+            continue;
+        }
+        match &mut pending {
+            Some((pk, raw)) if pk.as_slice() == k => *raw = value.value().to_vec(),
+            _ => finish(pending.replace((k.to_vec(), value.value().to_vec())))?,
+        }
+    }
+    finish(pending)?;
+    Ok(out)
+}
+
+/// Apply a RangeRequest's filters, sort, limit and output options to the key-ordered
+/// matches `kvs` read at revision `rev`.
+///
+/// As in etcd, `count` is the number of keys in the interval before the
+/// min/max revision filters and the limit.
+pub(crate) fn shape_range(
+    mut kvs: Vec<KeyValue>,
+    req: &pb::RangeRequest,
+    rev: i64,
+) -> pb::RangeResponse {
+    let count = kvs.len() as i64;
+    let within = |v: i64, min: i64, max: i64| (min == 0 || v >= min) && (max == 0 || v <= max);
+    kvs.retain(|kv| {
+        within(kv.mod_revision, req.min_mod_revision, req.max_mod_revision)
+            && within(
+                kv.create_revision,
+                req.min_create_revision,
+                req.max_create_revision,
+            )
+    });
+    sort(&mut kvs, req);
+    if req.count_only {
+        kvs.clear();
+    }
+    let more = req.limit > 0 && kvs.len() as i64 > req.limit;
+    if more {
+        kvs.truncate(req.limit as usize);
+    }
+    if req.keys_only {
+        kvs.iter_mut().for_each(|kv| kv.value.clear());
+    }
+    pb::RangeResponse {
+        header: Some(header(rev)),
+        kvs,
+        more,
+        count,
+    }
+}
+
+/// Sort ALL matches (before the limit), following etcd: a NONE order with a
+/// non-KEY target means ascending; ascending by key is the scan order already.
+fn sort(kvs: &mut [KeyValue], req: &pb::RangeRequest) {
+    let target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
+    let order = match SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None) {
+        SortOrder::None if target != SortTarget::Key => SortOrder::Ascend,
+        order => order,
+    };
+    let by = |a: &KeyValue, b: &KeyValue| -> Ordering {
+        match target {
+            SortTarget::Key => a.key.cmp(&b.key),
+            SortTarget::Version => a.version.cmp(&b.version),
+            SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+            SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+            SortTarget::Value => a.value.cmp(&b.value),
+        }
+    };
+    match order {
+        SortOrder::None => {}
+        SortOrder::Ascend => kvs.sort_by(by),
+        SortOrder::Descend => kvs.sort_by(|a, b| by(b, a)),
+    }
+}
+
+pub(crate) fn header(revision: i64) -> pb::ResponseHeader {
+    pb::ResponseHeader {
+        revision,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,98 @@
+//! The on-disk layout of the keyspace: redb table definitions, the encoding of
+//! history records, and the meta counters (revisions, applied index) stored beside them.
+use prost::Message;
+use redb::{ReadableTable, TableDefinition};
+
+use super::KvError;
+use crate::proto::mvccpb::KeyValue;
+
+/// Live keys only: key → encoded `KeyValue`, so current reads never scan history.
+pub(crate) const LATEST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv_latest");
+/// Every kept version: (key, main, sub) → tombstone flag byte + encoded `KeyValue`.
+/// Key-major order serves reads at old revisions and per-key compaction.
+pub(crate) const HISTORY: TableDefinition<(&[u8], i64, i64), &[u8]> =
+    TableDefinition::new("kv_history");
+/// Revision order: (main, sub) → key, for watch replay and finding what to compact.
+/// Entries below the compact revision are dropped.
+pub(crate) const REVLOG: TableDefinition<(i64, i64), &[u8]> = TableDefinition::new("kv_revlog");
+/// Counters that change atomically with the data: see the `META_*` keys.
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("kv_meta");
+/// The replicated member table: id → encoded `meshpb::MemberRecord`.
+pub(crate) const MEMBERS: TableDefinition<u64, &[u8]> = TableDefinition::new("kv_members");
+
+const META_CURRENT_REVISION: &str = "current_revision";
+const META_COMPACT_REVISION: &str = "compact_revision";
+const META_APPLIED_INDEX: &str = "applied_index";
+
+/// etcd's first revision: an empty store is at revision 1.
+pub(crate) const INITIAL_REVISION: i64 = 1;
+
+/// The counters kept in `kv_meta`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub current_revision: i64,
+    pub compact_revision: i64,
+    pub applied_index: u64,
+}
+
+impl Meta {
+    pub(crate) fn load<T: ReadableTable<&'static str, u64>>(table: &T) -> Result<Meta, KvError> {
+        let get = |name: &str| -> Result<Option<u64>, KvError> {
+            Ok(table.get(name)?.map(|guard| guard.value()))
+        };
+        // Revisions are never negative, so storing them as u64 loses nothing.
+        Ok(Meta {
+            current_revision: get(META_CURRENT_REVISION)?.map_or(INITIAL_REVISION, |r| r as i64),
+            compact_revision: get(META_COMPACT_REVISION)?.map_or(0, |r| r as i64),
+            applied_index: get(META_APPLIED_INDEX)?.unwrap_or(0),
+        })
+    }
+
+    pub(crate) fn store(&self, table: &mut redb::Table<&'static str, u64>) -> Result<(), KvError> {
+        table.insert(META_CURRENT_REVISION, self.current_revision.max(0) as u64)?;
+        table.insert(META_COMPACT_REVISION, self.compact_revision.max(0) as u64)?;
+        table.insert(META_APPLIED_INDEX, self.applied_index)?;
+        Ok(())
+    }
+}
+
+/// One decoded `kv_history` value.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Record {
+    pub tombstone: bool,
+    pub kv: KeyValue,
+}
+
+const FLAG_PUT: u8 = 0;
+const FLAG_TOMBSTONE: u8 = 1;
+
+pub(crate) fn encode_record(tombstone: bool, kv: &KeyValue) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(1 + kv.encoded_len());
+    buf.push(if tombstone { FLAG_TOMBSTONE } else { FLAG_PUT });
+    kv.encode(&mut buf)
+        .expect("a Vec grows to fit, so encoding cannot run out of space");
+    buf
+}
+
+pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, KvError> {
+    let (flag, rest) = bytes
+        .split_first()
+        .ok_or_else(|| KvError::Storage("empty kv_history record".into()))?;
+    Ok(Record {
+        tombstone: *flag == FLAG_TOMBSTONE,
+        kv: KeyValue::decode(rest)?,
+    })
+}
+
+/// Whether a raw `kv_history` value is a tombstone, without decoding the KeyValue.
+pub(crate) fn is_tombstone(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&FLAG_TOMBSTONE)
+}
+
+pub(crate) fn decode_kv(bytes: &[u8]) -> Result<KeyValue, KvError> {
+    Ok(KeyValue::decode(bytes)?)
+}
+
+pub(crate) fn encode_kv(kv: &KeyValue) -> Vec<u8> {
+    kv.encode_to_vec()
+}

@@ -1,0 +1,809 @@
+//! Unit tests of the state machine against a real redb file.
+use std::sync::Arc;
+
+use super::*;
+use crate::proto::meshpb::MemberRecord;
+use crate::proto::mvccpb::{event::EventType, KeyValue};
+use pb::compare::{CompareResult as R, CompareTarget as T, TargetUnion as U};
+use pb::range_request::{SortOrder, SortTarget};
+use pb::request_op::Request;
+use pb::response_op::Response;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    kv: KvStore,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let db = Arc::new(redb::Database::create(&path).unwrap());
+    Fixture {
+        kv: KvStore::open(db).unwrap(),
+        path,
+        _dir: dir,
+    }
+}
+
+fn put_req(k: &str, v: &str) -> pb::PutRequest {
+    pb::PutRequest {
+        key: k.into(),
+        value: v.into(),
+        ..Default::default()
+    }
+}
+
+fn del_req(k: &str, end: &str) -> pb::DeleteRangeRequest {
+    pb::DeleteRangeRequest {
+        key: k.into(),
+        range_end: end.into(),
+        prev_kv: true,
+    }
+}
+
+fn range_req(k: &str, end: &str) -> pb::RangeRequest {
+    pb::RangeRequest {
+        key: k.into(),
+        range_end: end.into(),
+        ..Default::default()
+    }
+}
+
+/// Apply one request in its own committed batch.
+fn apply<T>(
+    kv: &KvStore,
+    f: impl FnOnce(&mut ApplyBatch<'_>) -> Result<T, KvError>,
+) -> Result<T, KvError> {
+    let mut batch = kv.begin()?;
+    let out = f(&mut batch);
+    batch.commit(false)?;
+    out
+}
+
+fn put(kv: &KvStore, k: &str, v: &str) -> pb::PutResponse {
+    apply(kv, |b| b.put(&put_req(k, v))).unwrap()
+}
+
+fn del(kv: &KvStore, k: &str, end: &str) -> pb::DeleteRangeResponse {
+    apply(kv, |b| b.delete_range(&del_req(k, end))).unwrap()
+}
+
+fn keys(resp: &pb::RangeResponse) -> Vec<String> {
+    resp.kvs
+        .iter()
+        .map(|kv| String::from_utf8(kv.key.clone()).unwrap())
+        .collect()
+}
+
+fn get(kv: &KvStore, k: &str) -> Option<KeyValue> {
+    kv.range(&range_req(k, "")).unwrap().kvs.pop()
+}
+
+fn op(r: Request) -> pb::RequestOp {
+    pb::RequestOp { request: Some(r) }
+}
+
+fn compare(key: &str, end: &str, target: T, result: R, operand: U) -> pb::Compare {
+    pb::Compare {
+        result: result as i32,
+        target: target as i32,
+        key: key.into(),
+        range_end: end.into(),
+        target_union: Some(operand),
+    }
+}
+
+#[test]
+fn revisions_and_versions() {
+    let f = fixture();
+    assert_eq!(f.kv.current_revision(), 1);
+    assert_eq!(put(&f.kv, "a", "1").header.unwrap().revision, 2);
+    let a = get(&f.kv, "a").unwrap();
+    assert_eq!((a.create_revision, a.mod_revision, a.version), (2, 2, 1));
+
+    let resp = apply(&f.kv, |b| {
+        b.put(&pb::PutRequest {
+            prev_kv: true,
+            lease: 7,
+            ..put_req("a", "2")
+        })
+    })
+    .unwrap();
+    assert_eq!(resp.prev_kv.unwrap().value, b"1");
+    let a = get(&f.kv, "a").unwrap();
+    assert_eq!(
+        (a.create_revision, a.mod_revision, a.version, a.lease),
+        (2, 3, 2, 7)
+    );
+
+    let resp = del(&f.kv, "a", "");
+    assert_eq!(resp.deleted, 1);
+    assert_eq!(resp.prev_kvs[0].value, b"2");
+    assert_eq!(f.kv.current_revision(), 4);
+    assert!(get(&f.kv, "a").is_none());
+
+    // Deleting nothing does not create a revision.
+    assert_eq!(del(&f.kv, "a", "").deleted, 0);
+    assert_eq!(f.kv.current_revision(), 4);
+
+    put(&f.kv, "a", "3");
+    let a = get(&f.kv, "a").unwrap();
+    assert_eq!((a.create_revision, a.mod_revision, a.version), (5, 5, 1));
+    assert_eq!(f.kv.current_revision(), 5);
+}
+
+#[test]
+fn ignore_value_and_lease() {
+    let f = fixture();
+    let missing = apply(&f.kv, |b| {
+        b.put(&pb::PutRequest {
+            ignore_value: true,
+            ..put_req("a", "")
+        })
+    });
+    assert!(matches!(missing, Err(KvError::KeyNotFound)));
+    assert_eq!(f.kv.current_revision(), 1);
+
+    apply(&f.kv, |b| {
+        b.put(&pb::PutRequest {
+            lease: 9,
+            ..put_req("a", "v")
+        })
+    })
+    .unwrap();
+    apply(&f.kv, |b| {
+        b.put(&pb::PutRequest {
+            ignore_value: true,
+            ignore_lease: true,
+            ..put_req("a", "")
+        })
+    })
+    .unwrap();
+    let a = get(&f.kv, "a").unwrap();
+    assert_eq!((a.value.as_slice(), a.lease, a.version), (&b"v"[..], 9, 2));
+}
+
+fn seed(kv: &KvStore) {
+    // Values chosen so that every sort target orders the keys differently.
+    for (k, v) in [
+        ("b", "3"),
+        ("a", "2"),
+        ("abc", "1"),
+        ("ab", "5"),
+        ("c", "4"),
+    ] {
+        put(kv, k, v);
+    }
+    put(kv, "a", "2"); // a: version 2, mod 7
+}
+
+#[test]
+fn range_conventions() {
+    let f = fixture();
+    seed(&f.kv);
+    let r = |k: &str, end: &str| keys(&f.kv.range(&range_req(k, end)).unwrap());
+    assert_eq!(r("ab", ""), ["ab"]);
+    assert!(r("zz", "").is_empty());
+    assert_eq!(r("a", "b"), ["a", "ab", "abc"]);
+    assert_eq!(r("ab", "\0"), ["ab", "abc", "b", "c"]);
+    assert_eq!(r("\0", "\0"), ["a", "ab", "abc", "b", "c"]);
+    assert!(r("b", "a").is_empty());
+
+    let resp =
+        f.kv.range(&pb::RangeRequest {
+            limit: 2,
+            ..range_req("a", "\0")
+        })
+        .unwrap();
+    assert_eq!(
+        (keys(&resp), resp.more, resp.count),
+        (vec!["a".into(), "ab".into()], true, 5)
+    );
+    assert_eq!(resp.header.unwrap().revision, 7);
+
+    let resp =
+        f.kv.range(&pb::RangeRequest {
+            limit: 5,
+            ..range_req("a", "\0")
+        })
+        .unwrap();
+    assert!(!resp.more);
+
+    let resp =
+        f.kv.range(&pb::RangeRequest {
+            keys_only: true,
+            ..range_req("a", "b")
+        })
+        .unwrap();
+    assert!(resp
+        .kvs
+        .iter()
+        .all(|kv| kv.value.is_empty() && kv.mod_revision > 0));
+
+    let resp =
+        f.kv.range(&pb::RangeRequest {
+            count_only: true,
+            ..range_req("a", "b")
+        })
+        .unwrap();
+    assert!(resp.kvs.is_empty());
+    assert_eq!((resp.count, resp.more), (3, false));
+}
+
+#[test]
+fn range_sorting() {
+    let f = fixture();
+    seed(&f.kv);
+    let sorted = |order: SortOrder, target: SortTarget, limit: i64| {
+        keys(
+            &f.kv
+                .range(&pb::RangeRequest {
+                    sort_order: order as i32,
+                    sort_target: target as i32,
+                    limit,
+                    ..range_req("\0", "\0")
+                })
+                .unwrap(),
+        )
+    };
+    use SortOrder::*;
+    use SortTarget::*;
+    // mod: b=2 abc=4 ab=5 c=6 a=7; create: b=2 a=3 abc=4 ab=5 c=6; version: a=2, rest 1.
+    let cases: [(SortTarget, [&str; 5]); 5] = [
+        (Key, ["a", "ab", "abc", "b", "c"]),
+        (Version, ["ab", "abc", "b", "c", "a"]),
+        (Create, ["b", "a", "abc", "ab", "c"]),
+        (Mod, ["b", "abc", "ab", "c", "a"]),
+        (Value, ["abc", "a", "b", "c", "ab"]),
+    ];
+    for (target, asc) in cases {
+        assert_eq!(sorted(Ascend, target, 0), asc, "{target:?} ascending");
+        if target != Version {
+            let desc: Vec<&str> = asc.iter().rev().copied().collect();
+            assert_eq!(sorted(Descend, target, 0), desc, "{target:?} descending");
+        }
+        // Sorting happens over all matches before the limit.
+        assert_eq!(sorted(Ascend, target, 2), asc[..2], "{target:?} limited");
+    }
+    assert_eq!(sorted(Descend, Version, 1), ["a"]);
+    // NONE order: by key for KEY, ascending for any other target.
+    assert_eq!(sorted(None, Key, 0), ["a", "ab", "abc", "b", "c"]);
+    assert_eq!(sorted(None, Mod, 0), ["b", "abc", "ab", "c", "a"]);
+}
+
+#[test]
+fn range_revision_filters() {
+    let f = fixture();
+    seed(&f.kv);
+    let filtered = |req: pb::RangeRequest| keys(&f.kv.range(&req).unwrap());
+    let all = range_req("\0", "\0");
+    assert_eq!(
+        filtered(pb::RangeRequest {
+            min_mod_revision: 5,
+            max_mod_revision: 6,
+            ..all.clone()
+        }),
+        ["ab", "c"]
+    );
+    assert_eq!(
+        filtered(pb::RangeRequest {
+            min_create_revision: 4,
+            ..all.clone()
+        }),
+        ["ab", "abc", "c"]
+    );
+    let resp =
+        f.kv.range(&pb::RangeRequest {
+            max_create_revision: 3,
+            ..all
+        })
+        .unwrap();
+    // etcd counts the keys in the range, before the revision filters.
+    assert_eq!((keys(&resp), resp.count), (vec!["a".into(), "b".into()], 5));
+}
+
+#[test]
+fn reads_at_old_revisions() {
+    let f = fixture();
+    put(&f.kv, "a", "1"); // 2
+    put(&f.kv, "b", "1"); // 3
+    put(&f.kv, "a", "2"); // 4
+    del(&f.kv, "b", ""); // 5
+    let at = |rev: i64| {
+        f.kv.range(&pb::RangeRequest {
+            revision: rev,
+            ..range_req("\0", "\0")
+        })
+    };
+    assert!(at(1).unwrap().kvs.is_empty());
+    let r3 = at(3).unwrap();
+    assert_eq!(keys(&r3), ["a", "b"]);
+    assert_eq!(r3.kvs[0].value, b"1");
+    let r4 = at(4).unwrap();
+    assert_eq!(
+        (r4.kvs[0].value.as_slice(), r4.kvs[0].version),
+        (&b"2"[..], 2)
+    );
+    assert_eq!(keys(&at(5).unwrap()), ["a"]);
+    assert!(matches!(at(6), Err(KvError::FutureRevision)));
+}
+
+#[test]
+fn compaction() {
+    let f = fixture();
+    put(&f.kv, "a", "1"); // 2
+    put(&f.kv, "b", "1"); // 3
+    put(&f.kv, "a", "2"); // 4
+    del(&f.kv, "b", ""); // 5
+    put(&f.kv, "a", "3"); // 6
+    assert!(matches!(
+        apply(&f.kv, |b| b.compact(7)),
+        Err(KvError::FutureRevision)
+    ));
+    let before = f.kv.range(&range_req("\0", "\0")).unwrap();
+
+    apply(&f.kv, |b| b.compact(5)).unwrap();
+    assert_eq!((f.kv.compact_revision(), f.kv.current_revision()), (5, 6));
+    assert!(matches!(
+        apply(&f.kv, |b| b.compact(5)),
+        Err(KvError::Compacted {
+            compact_revision: 5
+        })
+    ));
+    let at = |rev: i64| {
+        f.kv.range(&pb::RangeRequest {
+            revision: rev,
+            ..range_req("\0", "\0")
+        })
+    };
+    assert!(matches!(
+        at(4),
+        Err(KvError::Compacted {
+            compact_revision: 5
+        })
+    ));
+    let r5 = at(5).unwrap();
+    assert_eq!(
+        (keys(&r5), r5.kvs[0].value.clone()),
+        (vec!["a".into()], b"2".to_vec())
+    );
+    assert_eq!(at(6).unwrap().kvs, before.kvs);
+    assert_eq!(f.kv.range(&range_req("\0", "\0")).unwrap().kvs, before.kvs);
+
+    // Only a@4 (latest ≤ 5) and a@6 remain; b's tombstone went with its history.
+    let (_, snap) = f.kv.snapshot().unwrap();
+    let kept: Vec<_> = snap.history.iter().map(|r| r.main).collect();
+    assert_eq!(kept, [4, 6]);
+
+    assert!(matches!(
+        f.kv.events(4, 6, b"a", b"", false, 0),
+        Err(KvError::Compacted {
+            compact_revision: 5
+        })
+    ));
+    let events = f.kv.events(5, 6, b"\0", b"\0", true, 0).unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].prev_kv.as_ref().unwrap().value, b"2");
+    assert!(matches!(f.kv.hash_kv(4), Err(KvError::Compacted { .. })));
+}
+
+fn txn_succeeds(kv: &KvStore, compares: Vec<pb::Compare>) -> bool {
+    kv.txn_read(&pb::TxnRequest {
+        compare: compares,
+        ..Default::default()
+    })
+    .unwrap()
+    .succeeded
+}
+
+#[test]
+fn txn_compares() {
+    let f = fixture();
+    put(&f.kv, "k", "m"); // 2
+    apply(&f.kv, |b| {
+        b.put(&pb::PutRequest {
+            lease: 5,
+            ..put_req("k", "m")
+        })
+    })
+    .unwrap(); // 3: k version 2, create 2, mod 3, lease 5, value "m"
+    let cases: [(T, U, U, U); 5] = [
+        (T::Version, U::Version(2), U::Version(1), U::Version(3)),
+        (
+            T::Create,
+            U::CreateRevision(2),
+            U::CreateRevision(1),
+            U::CreateRevision(3),
+        ),
+        (
+            T::Mod,
+            U::ModRevision(3),
+            U::ModRevision(2),
+            U::ModRevision(4),
+        ),
+        (T::Lease, U::Lease(5), U::Lease(4), U::Lease(6)),
+        (
+            T::Value,
+            U::Value(b"m".to_vec()),
+            U::Value(b"a".to_vec()),
+            U::Value(b"z".to_vec()),
+        ),
+    ];
+    for (target, equal, smaller, bigger) in cases {
+        let check = |result: R, operand: &U| {
+            txn_succeeds(
+                &f.kv,
+                vec![compare("k", "", target, result, operand.clone())],
+            )
+        };
+        assert!(check(R::Equal, &equal), "{target:?}");
+        assert!(!check(R::Equal, &smaller), "{target:?}");
+        assert!(check(R::NotEqual, &smaller), "{target:?}");
+        assert!(!check(R::NotEqual, &equal), "{target:?}");
+        assert!(check(R::Greater, &smaller), "{target:?}");
+        assert!(!check(R::Greater, &equal), "{target:?}");
+        assert!(check(R::Less, &bigger), "{target:?}");
+        assert!(!check(R::Less, &equal), "{target:?}");
+    }
+    // A missing key compares as 0, except that a value compare always fails.
+    let missing = |target, result, operand| {
+        txn_succeeds(&f.kv, vec![compare("nope", "", target, result, operand)])
+    };
+    assert!(missing(T::Version, R::Equal, U::Version(0)));
+    assert!(missing(T::Create, R::Equal, U::CreateRevision(0)));
+    assert!(missing(T::Mod, R::Less, U::ModRevision(1)));
+    assert!(missing(T::Lease, R::Equal, U::Lease(0)));
+    assert!(!missing(T::Value, R::Equal, U::Value(Vec::new())));
+    assert!(!missing(T::Value, R::NotEqual, U::Value(b"x".to_vec())));
+
+    // A range compare must hold for every key in the range.
+    put(&f.kv, "k2", "m"); // 4
+    assert!(txn_succeeds(
+        &f.kv,
+        vec![compare(
+            "k",
+            "l",
+            T::Value,
+            R::Equal,
+            U::Value(b"m".to_vec())
+        )]
+    ));
+    assert!(!txn_succeeds(
+        &f.kv,
+        vec![compare("k", "l", T::Mod, R::Equal, U::ModRevision(4))]
+    ));
+    assert!(txn_succeeds(
+        &f.kv,
+        vec![compare("k", "l", T::Mod, R::Greater, U::ModRevision(2))]
+    ));
+    // All compares must hold.
+    assert!(!txn_succeeds(
+        &f.kv,
+        vec![
+            compare("k", "", T::Version, R::Equal, U::Version(2)),
+            compare("k2", "", T::Version, R::Equal, U::Version(2)),
+        ]
+    ));
+}
+
+#[test]
+fn txn_writes_share_a_revision_and_see_earlier_ops() {
+    let f = fixture();
+    put(&f.kv, "x", "0"); // 2
+    let req = pb::TxnRequest {
+        compare: vec![compare(
+            "x",
+            "",
+            T::Value,
+            R::Equal,
+            U::Value(b"0".to_vec()),
+        )],
+        success: vec![
+            op(Request::RequestPut(put_req("a", "1"))),
+            op(Request::RequestRange(range_req("a", ""))),
+            op(Request::RequestDeleteRange(del_req("x", ""))),
+            op(Request::RequestTxn(pb::TxnRequest {
+                compare: vec![compare("x", "", T::Version, R::Equal, U::Version(1))],
+                success: vec![op(Request::RequestPut(put_req("n", "then")))],
+                failure: vec![op(Request::RequestPut(put_req("n", "else")))],
+            })),
+            op(Request::RequestRange(range_req("\0", "\0"))),
+        ],
+        failure: vec![],
+    };
+    check_txn(&req, 128).unwrap();
+    let resp = apply(&f.kv, |b| b.txn(&req)).unwrap();
+    assert!(resp.succeeded);
+    assert_eq!(resp.header.unwrap().revision, 3);
+    assert_eq!(f.kv.current_revision(), 3);
+    let responses: [Option<Response>; 5] = resp
+        .responses
+        .into_iter()
+        .map(|r| r.response)
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap();
+    let [_, Some(Response::ResponseRange(seen_a)), Some(Response::ResponseDeleteRange(d)), Some(Response::ResponseTxn(nested)), Some(Response::ResponseRange(all))] =
+        responses
+    else {
+        panic!("unexpected response kinds");
+    };
+    assert_eq!(seen_a.kvs[0].value, b"1");
+    assert_eq!(d.deleted, 1);
+    // Nested compares are decided against the state before the txn, as in etcd.
+    assert!(nested.succeeded);
+    assert_eq!(keys(&all), ["a", "n"]);
+    assert_eq!(all.kvs[1].value, b"then");
+    let a = get(&f.kv, "a").unwrap();
+    let n = get(&f.kv, "n").unwrap();
+    assert_eq!((a.mod_revision, n.mod_revision), (3, 3));
+    let events = f.kv.events(3, 3, b"\0", b"\0", false, 0).unwrap();
+    let subs: Vec<_> = events
+        .iter()
+        .map(|e| (e.r#type, e.kv.as_ref().unwrap().key.clone()))
+        .collect();
+    assert_eq!(
+        subs,
+        [
+            (EventType::Put as i32, b"a".to_vec()),
+            (EventType::Delete as i32, b"x".to_vec()),
+            (EventType::Put as i32, b"n".to_vec()),
+        ]
+    );
+
+    // A txn that only reads does not create a revision.
+    let read = pb::TxnRequest {
+        success: vec![op(Request::RequestRange(range_req("a", "")))],
+        ..Default::default()
+    };
+    let resp = apply(&f.kv, |b| b.txn(&read)).unwrap();
+    assert_eq!(
+        (resp.header.unwrap().revision, f.kv.current_revision()),
+        (3, 3)
+    );
+    assert!(matches!(
+        f.kv.txn_read(&req),
+        Err(KvError::WriteInReadOnlyTxn)
+    ));
+}
+
+#[test]
+fn failed_request_changes_nothing() {
+    let f = fixture();
+    put(&f.kv, "x", "0"); // 2
+    let hash = f.kv.hash_kv(0).unwrap();
+    let bad = pb::TxnRequest {
+        success: vec![
+            op(Request::RequestPut(put_req("a", "1"))),
+            op(Request::RequestDeleteRange(del_req("x", ""))),
+            op(Request::RequestPut(pb::PutRequest {
+                ignore_value: true,
+                ..put_req("missing", "")
+            })),
+        ],
+        ..Default::default()
+    };
+    let mut batch = f.kv.begin().unwrap();
+    assert!(matches!(batch.txn(&bad), Err(KvError::KeyNotFound)));
+    assert_eq!(batch.revision(), 2);
+    // The batch stays usable for the next request.
+    batch.put(&put_req("y", "1")).unwrap();
+    assert_eq!(batch.revision(), 3);
+    batch.commit(false).unwrap();
+    assert!(get(&f.kv, "a").is_none());
+    assert_eq!(get(&f.kv, "x").unwrap().value, b"0");
+    assert_eq!(get(&f.kv, "y").unwrap().mod_revision, 3);
+    assert_eq!(f.kv.hash_kv(2).unwrap(), hash);
+}
+
+#[test]
+fn check_txn_rules() {
+    let puts = |keys: &[&str]| -> Vec<pb::RequestOp> {
+        keys.iter()
+            .map(|k| op(Request::RequestPut(put_req(k, "v"))))
+            .collect()
+    };
+    let txn = |success, failure| pb::TxnRequest {
+        success,
+        failure,
+        ..Default::default()
+    };
+    let too_many = |r: Result<(), KvError>| matches!(r, Err(KvError::TooManyOps));
+    let dup = |r: Result<(), KvError>| matches!(r, Err(KvError::DuplicateKey));
+
+    assert!(check_txn(&txn(puts(&["a", "b"]), puts(&["a", "b"])), 2).is_ok());
+    assert!(too_many(check_txn(&txn(puts(&["a", "b", "c"]), vec![]), 2)));
+    assert!(too_many(check_txn(&txn(vec![], puts(&["a", "b", "c"])), 2)));
+    // A nested txn gets what its parent left of the budget.
+    let nested = |inner: &[&str]| {
+        let mut ops = puts(&["a"]);
+        ops.push(op(Request::RequestTxn(txn(puts(inner), vec![]))));
+        txn(ops, vec![])
+    };
+    assert!(check_txn(&nested(&["b"]), 3).is_ok());
+    assert!(too_many(check_txn(&nested(&["b", "c"]), 3)));
+
+    assert!(dup(check_txn(&txn(puts(&["a", "a"]), vec![]), 8)));
+    assert!(dup(check_txn(&nested(&["a"]), 8)));
+    let mut put_and_delete = puts(&["ab"]);
+    put_and_delete.push(op(Request::RequestDeleteRange(del_req("a", "b"))));
+    assert!(dup(check_txn(&txn(put_and_delete, vec![]), 8)));
+    // Two deletes of the same key, and the same key on both nested branches, are fine.
+    let deletes = vec![
+        op(Request::RequestDeleteRange(del_req("a", ""))),
+        op(Request::RequestDeleteRange(del_req("a", "b"))),
+    ];
+    assert!(check_txn(&txn(deletes, vec![]), 8).is_ok());
+    let both_branches = txn(
+        vec![op(Request::RequestTxn(txn(puts(&["k"]), puts(&["k"]))))],
+        vec![],
+    );
+    assert!(check_txn(&both_branches, 8).is_ok());
+    // A nested put under an outer delete of the same key.
+    let under_delete = txn(
+        vec![
+            op(Request::RequestDeleteRange(del_req("k", ""))),
+            op(Request::RequestTxn(txn(vec![], puts(&["k"])))),
+        ],
+        vec![],
+    );
+    assert!(dup(check_txn(&under_delete, 8)));
+    // Each branch is checked on its own.
+    assert!(check_txn(&txn(puts(&["a"]), puts(&["a"])), 8).is_ok());
+}
+
+#[test]
+fn events_replay() {
+    let f = fixture();
+    put(&f.kv, "a", "1"); // 2
+    let two = pb::TxnRequest {
+        success: vec![
+            op(Request::RequestPut(put_req("a", "2"))),
+            op(Request::RequestPut(put_req("b", "1"))),
+        ],
+        ..Default::default()
+    };
+    apply(&f.kv, |b| b.txn(&two)).unwrap(); // 3
+    del(&f.kv, "a", ""); // 4
+    put(&f.kv, "a", "3"); // 5
+    put(&f.kv, "z", "1"); // 6
+
+    let all = f.kv.events(2, 6, b"a", b"b\0", true, 0).unwrap();
+    let summary: Vec<_> = all
+        .iter()
+        .map(|e| {
+            let kv = e.kv.as_ref().unwrap();
+            (
+                kv.key.clone(),
+                kv.mod_revision,
+                e.r#type,
+                e.prev_kv.as_ref().map(|p| p.value.clone()),
+            )
+        })
+        .collect();
+    let put_ = EventType::Put as i32;
+    assert_eq!(
+        summary,
+        [
+            (b"a".to_vec(), 2, put_, None),
+            (b"a".to_vec(), 3, put_, Some(b"1".to_vec())),
+            (b"b".to_vec(), 3, put_, None),
+            (
+                b"a".to_vec(),
+                4,
+                EventType::Delete as i32,
+                Some(b"2".to_vec())
+            ),
+            // The previous version is a tombstone: no prev_kv.
+            (b"a".to_vec(), 5, put_, None),
+        ]
+    );
+    let deleted = &all[3].kv.as_ref().unwrap();
+    assert!(deleted.value.is_empty() && deleted.version == 0);
+
+    // A limit never splits a revision.
+    let limited = f.kv.events(2, 6, b"\0", b"\0", false, 2).unwrap();
+    assert_eq!(limited.len(), 3);
+    let limited = f.kv.events(4, 6, b"\0", b"\0", false, 1).unwrap();
+    assert_eq!(limited.len(), 1);
+    // Bounds are inclusive; no prev_kv unless asked.
+    let one = f.kv.events(6, 6, b"z", b"", false, 0).unwrap();
+    assert_eq!((one.len(), one[0].prev_kv.is_none()), (1, true));
+    assert!(f
+        .kv
+        .events(7, 9, b"\0", b"\0", false, 0)
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn snapshot_restore_round_trip() {
+    let f = fixture();
+    seed(&f.kv);
+    del(&f.kv, "ab", "");
+    apply(&f.kv, |b| b.compact(4)).unwrap();
+    let member = MemberRecord {
+        id: 7,
+        name: "n7".into(),
+        ..Default::default()
+    };
+    apply(&f.kv, |b| {
+        b.put_member(&member)?;
+        b.put_member(&MemberRecord {
+            id: 8,
+            ..Default::default()
+        })?;
+        b.remove_member(8)?;
+        b.set_applied_index(42);
+        Ok(())
+    })
+    .unwrap();
+    let (index, snap) = f.kv.snapshot().unwrap();
+    assert_eq!(index, 42);
+
+    let g = fixture();
+    put(&g.kv, "junk", "x");
+    apply(&g.kv, |b| {
+        b.restore(&snap)?;
+        b.set_applied_index(index);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(g.kv.applied_index(), 42);
+    assert_eq!(
+        (g.kv.current_revision(), g.kv.compact_revision()),
+        (f.kv.current_revision(), 4)
+    );
+    for rev in [0, 4, 6, 8] {
+        let req = pb::RangeRequest {
+            revision: rev,
+            ..range_req("\0", "\0")
+        };
+        assert_eq!(
+            f.kv.range(&req).unwrap(),
+            g.kv.range(&req).unwrap(),
+            "rev {rev}"
+        );
+        assert_eq!(f.kv.hash_kv(rev).unwrap(), g.kv.hash_kv(rev).unwrap());
+    }
+    assert_eq!(
+        f.kv.events(4, 9, b"\0", b"\0", true, 0).unwrap(),
+        g.kv.events(4, 9, b"\0", b"\0", true, 0).unwrap()
+    );
+    assert_eq!(g.kv.members().unwrap(), vec![member]);
+    assert_ne!(f.kv.hash_kv(7).unwrap().0, f.kv.hash_kv(8).unwrap().0);
+}
+
+#[test]
+fn reopen_restores_counters() {
+    let f = fixture();
+    let mut revisions = f.kv.subscribe();
+    put(&f.kv, "a", "1");
+    let mut batch = f.kv.begin().unwrap();
+    batch.put(&put_req("b", "1")).unwrap();
+    batch.set_applied_index(9);
+    batch.commit(true).unwrap();
+    assert!(revisions.has_changed().unwrap());
+    assert_eq!(*revisions.borrow_and_update(), 3);
+
+    // An aborted batch changes nothing.
+    let mut batch = f.kv.begin().unwrap();
+    batch.put(&put_req("c", "1")).unwrap();
+    drop(batch);
+    assert!(!revisions.has_changed().unwrap());
+
+    let Fixture { _dir, path, kv } = f;
+    drop(kv);
+    let db = Arc::new(redb::Database::create(&path).unwrap());
+    let kv = KvStore::open(db).unwrap();
+    assert_eq!(
+        (
+            kv.applied_index(),
+            kv.current_revision(),
+            kv.compact_revision()
+        ),
+        (9, 3, 0)
+    );
+    assert_eq!(keys(&kv.range(&range_req("\0", "\0")).unwrap()), ["a", "b"]);
+}

@@ -56,11 +56,16 @@ pub async fn status(addr: SocketAddr) -> Option<etcd_client::StatusResponse> {
 
 /// Waits until every address answers and all agree on one leader; returns its ID.
 pub async fn wait_for_leader(addrs: &[SocketAddr]) -> u64 {
+    wait_for_leader_other_than(addrs, 0).await
+}
+
+/// Like [`wait_for_leader`], for a leader that is not `old` (after stopping `old`).
+pub async fn wait_for_leader_other_than(addrs: &[SocketAddr], old: u64) -> u64 {
     eventually("a leader all members agree on", Duration::from_secs(30), || async {
         let mut leader = None;
         for a in addrs {
             let s = status(*a).await?;
-            if s.leader() == 0 || leader.is_some_and(|l| l != s.leader()) {
+            if s.leader() == 0 || s.leader() == old || leader.is_some_and(|l| l != s.leader()) {
                 return None;
             }
             leader = Some(s.leader());

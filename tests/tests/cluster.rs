@@ -54,7 +54,7 @@ async fn leader_stopped_new_leader_elected_and_writes_continue() {
     put_retrying(&c.live_addrs(), "before", "1").await;
     let li = c.index_of(old);
     c.stop(li).await;
-    let new = wait_for_leader(&c.live_addrs()).await;
+    let new = wait_for_leader_other_than(&c.live_addrs(), old).await;
     assert_ne!(new, old, "a stopped member cannot stay leader");
     put_retrying(&c.live_addrs(), "after", "2").await;
 

@@ -265,12 +265,19 @@ impl Server {
             t.abort();
         }
         self.node.shutdown();
-        if let Some(d) = self.driver.take() {
-            match tokio::task::spawn_blocking(move || d.join()).await {
-                Ok(Ok(r)) => r?,
-                _ => warn!("raft driver thread panicked"),
-            }
-        }
+        let driver = self.driver.take();
+        let joined = match driver {
+            Some(d) => match tokio::task::spawn_blocking(move || d.join()).await {
+                Ok(Ok(r)) => r,
+                _ => {
+                    warn!("raft driver thread panicked");
+                    Ok(())
+                }
+            },
+            None => Ok(()),
+        };
+        self._transport.stop().await;
+        joined?;
         info!("stopped");
         Ok(())
     }

@@ -54,6 +54,9 @@ pub struct TcpTransport {
     driver: std_mpsc::Sender<DriverMsg>,
     runtime: tokio::runtime::Handle,
     peers: Mutex<HashMap<u64, PeerSender>>,
+    /// Dropping or signalling this stops the listener and every inbound connection.
+    stop: tokio::sync::watch::Sender<bool>,
+    accept: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl TcpTransport {
@@ -65,19 +68,35 @@ impl TcpTransport {
         max_frame: usize,
     ) -> Arc<TcpTransport> {
         let runtime = tokio::runtime::Handle::current();
-        let t = Arc::new(TcpTransport {
-            me: me.clone(),
-            driver: driver.clone(),
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let accept = tokio::spawn(accept_loop(listener, me.clone(), driver.clone(), max_frame, stopped));
+        Arc::new(TcpTransport {
+            me,
+            driver,
             runtime,
             peers: Mutex::new(HashMap::new()),
-        });
-        tokio::spawn(accept_loop(listener, me, driver, max_frame));
-        t
+            stop,
+            accept: Mutex::new(Some(accept)),
+        })
+    }
+
+    /// Closes the listener (so the port can be bound again at once), every inbound
+    /// connection and every outbound one.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        for (_, p) in self.peers.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            p.task.abort();
+        }
+        let accept = self.accept.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = accept {
+            let _ = task.await;
+        }
     }
 }
 
 impl Drop for TcpTransport {
     fn drop(&mut self) {
+        let _ = self.stop.send(true);
         for (_, p) in self.peers.lock().unwrap_or_else(|p| p.into_inner()).drain() {
             p.task.abort();
         }
@@ -211,12 +230,24 @@ async fn accept_loop(
     me: PeerIdentity,
     driver: std_mpsc::Sender<DriverMsg>,
     max_frame: usize,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stopped.wait_for(|s| *s) => return,
+        };
+        match accepted {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve_inbound(stream, addr, me.clone(), driver.clone(), max_frame));
+                let (me, driver, stopped) = (me.clone(), driver.clone(), stopped.clone());
+                tokio::spawn(async move {
+                    let mut stopped = stopped;
+                    tokio::select! {
+                        _ = serve_inbound(stream, addr, me, driver, max_frame) => {}
+                        _ = stopped.wait_for(|s| *s) => {}
+                    }
+                });
             }
             Err(e) => {
                 warn!(error = %e, "peer listener accept failed");

@@ -79,7 +79,9 @@ pub fn open_database(dir: &Path) -> Result<Arc<redb::Database>, StorageError> {
     match result {
         Ok(db) => Ok(Arc::new(db)),
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StorageError::InUse { path }),
-        Err(redb::DatabaseError::Storage(redb::StorageError::Io(source))) => {
+        Err(redb::DatabaseError::Storage(redb::StorageError::Io(source)))
+            if source.kind() != std::io::ErrorKind::InvalidData =>
+        {
             Err(StorageError::Io { path, source })
         }
         Err(e) => Err(StorageError::Corrupt {

@@ -1,12 +1,12 @@
 //! Work on the MVCC history as a whole: applying a request's changes, compaction,
 //! watch replay (`events`), the consistency hash, and snapshot export/import.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use redb::{ReadableTable, Table};
 
 use super::exec::Change;
 use super::range::{HistoryKey, Interval};
-use super::tables::{decode_record, encode_record, is_tombstone, Record};
+use super::tables::{decode_record, encode_kv, encode_record, is_tombstone, Record};
 use super::KvError;
 use crate::proto::meshpb::{HistoryRecord, StoreSnapshot};
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
@@ -46,8 +46,7 @@ impl<'txn> WriteTables<'txn> {
         if tombstone {
             self.latest.remove(key)?;
         } else {
-            self.latest
-                .insert(key, super::tables::encode_kv(kv).as_slice())?;
+            self.latest.insert(key, encode_kv(kv).as_slice())?;
         }
         Ok(())
     }
@@ -113,42 +112,19 @@ impl<'txn> WriteTables<'txn> {
             }
         }
         // A key is live if its newest record is a put.
-        let mut newest: Option<(&[u8], &HistoryRecord)> = None;
-        let mut records: Vec<&HistoryRecord> = snap.history.iter().collect();
-        records.sort_by(|a, b| {
-            let ka =
-                a.kv.as_ref()
-                    .map(|kv| kv.key.as_slice())
-                    .unwrap_or_default();
-            let kb =
-                b.kv.as_ref()
-                    .map(|kv| kv.key.as_slice())
-                    .unwrap_or_default();
-            (ka, a.main, a.sub).cmp(&(kb, b.main, b.sub))
-        });
-        for record in records {
-            let key = record
-                .kv
-                .as_ref()
-                .map(|kv| kv.key.as_slice())
-                .unwrap_or_default();
-            if let Some((prev_key, prev)) = newest {
-                if prev_key != key {
-                    self.restore_live(prev)?;
-                }
+        let mut newest: BTreeMap<&[u8], &HistoryRecord> = BTreeMap::new();
+        for record in &snap.history {
+            let key = record.kv.as_ref().map_or(&[][..], |kv| kv.key.as_slice());
+            let slot = newest.entry(key).or_insert(record);
+            if (record.main, record.sub) > (slot.main, slot.sub) {
+                *slot = record;
             }
-            newest = Some((key, record));
         }
-        if let Some((_, last)) = newest {
-            self.restore_live(last)?;
-        }
-        Ok(())
-    }
-
-    fn restore_live(&mut self, record: &HistoryRecord) -> Result<(), KvError> {
-        if let (false, Some(kv)) = (record.tombstone, &record.kv) {
-            self.latest
-                .insert(kv.key.as_slice(), super::tables::encode_kv(kv).as_slice())?;
+        for record in newest.into_values().filter(|r| !r.tombstone) {
+            if let Some(kv) = &record.kv {
+                self.latest
+                    .insert(kv.key.as_slice(), encode_kv(kv).as_slice())?;
+            }
         }
         Ok(())
     }

@@ -148,6 +148,9 @@ impl KvStore {
         self.revision_tx.subscribe()
     }
 
+    /// Open the write transaction for applying entries. redb allows one writer at a
+    /// time: this blocks while another batch (or any other writer of the database) is
+    /// open, so the one thread that writes must commit or drop a batch before the next.
     pub fn begin(&self) -> Result<ApplyBatch<'_>, KvError> {
         let txn = self.db.begin_write()?;
         let meta = Meta::load(&txn.open_table(META)?)?;

@@ -46,7 +46,7 @@ impl Interval {
     }
 
     /// Bounds on the key, or None if nothing can match.
-    pub(crate) fn bounds(&self) -> Option<(Bound<&[u8]>, Bound<&[u8]>)> {
+    pub(crate) fn bounds(&self) -> Option<Bounds<&[u8]>> {
         match self {
             Interval::Empty => None,
             Interval::Single(key) => Some((Bound::Included(key), Bound::Included(key))),
@@ -56,7 +56,7 @@ impl Interval {
     }
 
     /// Bounds on `(key, main, sub)` history keys covering every version of every key.
-    pub(crate) fn history_bounds(&self) -> Option<(Bound<HistoryKey<'_>>, Bound<HistoryKey<'_>>)> {
+    pub(crate) fn history_bounds(&self) -> Option<Bounds<HistoryKey<'_>>> {
         let (lo, hi) = self.bounds()?;
         let first = |k| (k, i64::MIN, i64::MIN);
         let last = |k| (k, i64::MAX, i64::MAX);
@@ -74,6 +74,8 @@ impl Interval {
 }
 
 pub(crate) type HistoryKey<'k> = (&'k [u8], i64, i64);
+/// A (lower, upper) pair as redb's `range` takes it.
+pub(crate) type Bounds<K> = (Bound<K>, Bound<K>);
 
 /// The live keys in `interval`, in key order.
 pub(crate) fn scan_latest<T>(latest: &T, interval: &Interval) -> Result<Vec<KeyValue>, KvError>

@@ -807,3 +807,31 @@ fn reopen_restores_counters() {
     );
     assert_eq!(keys(&kv.range(&range_req("\0", "\0")).unwrap()), ["a", "b"]);
 }
+
+#[test]
+fn store_is_shareable_across_tasks() {
+    fn assert_send_sync<S: Send + Sync>() {}
+    assert_send_sync::<KvStore>();
+    assert_send_sync::<Arc<KvStore>>();
+}
+
+#[test]
+fn members_table() {
+    let f = fixture();
+    assert!(f.kv.members().unwrap().is_empty());
+    let m = |id| MemberRecord {
+        id,
+        peer_urls: vec![format!("http://10.0.0.{id}:2380")],
+        ..Default::default()
+    };
+    apply(&f.kv, |b| {
+        b.put_member(&m(2))?;
+        b.put_member(&m(1))
+    })
+    .unwrap();
+    assert_eq!(f.kv.members().unwrap(), [m(1), m(2)]);
+    apply(&f.kv, |b| b.remove_member(1)).unwrap();
+    assert_eq!(f.kv.members().unwrap(), [m(2)]);
+    // Member changes are not key changes.
+    assert_eq!(f.kv.current_revision(), 1);
+}

@@ -61,17 +61,21 @@ pub async fn wait_for_leader(addrs: &[SocketAddr]) -> u64 {
 
 /// Like [`wait_for_leader`], for a leader that is not `old` (after stopping `old`).
 pub async fn wait_for_leader_other_than(addrs: &[SocketAddr], old: u64) -> u64 {
-    eventually("a leader all members agree on", Duration::from_secs(30), || async {
-        let mut leader = None;
-        for a in addrs {
-            let s = status(*a).await?;
-            if s.leader() == 0 || s.leader() == old || leader.is_some_and(|l| l != s.leader()) {
-                return None;
+    eventually(
+        "a leader all members agree on",
+        Duration::from_secs(30),
+        || async {
+            let mut leader = None;
+            for a in addrs {
+                let s = status(*a).await?;
+                if s.leader() == 0 || s.leader() == old || leader.is_some_and(|l| l != s.leader()) {
+                    return None;
+                }
+                leader = Some(s.leader());
             }
-            leader = Some(s.leader());
-        }
-        leader
-    })
+            leader
+        },
+    )
     .await
 }
 
@@ -170,7 +174,10 @@ impl InProcessCluster {
     pub fn index_of(&self, member_id: u64) -> usize {
         self.servers
             .iter()
-            .position(|s| s.as_ref().is_some_and(|s| s.node().status.member_id == member_id))
+            .position(|s| {
+                s.as_ref()
+                    .is_some_and(|s| s.node().status.member_id == member_id)
+            })
             .expect("member is running")
     }
 
@@ -182,7 +189,11 @@ impl InProcessCluster {
 
     pub async fn restart(&mut self, i: usize) {
         assert!(self.servers[i].is_none(), "member {i} is running");
-        self.servers[i] = Some(Server::start(self.configs[i].clone()).await.expect("member restarts"));
+        self.servers[i] = Some(
+            Server::start(self.configs[i].clone())
+                .await
+                .expect("member restarts"),
+        );
     }
 }
 
@@ -238,7 +249,10 @@ impl Process {
     /// SIGTERM and wait; returns the exit status.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         c.wait().ok()
     }
 }

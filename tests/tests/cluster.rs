@@ -24,17 +24,31 @@ async fn writes_through_any_member_are_read_from_all() {
         // A linearizable read on any member sees every acknowledged write at once.
         for i in 0..3 {
             let r = cl.get(format!("k{i}"), None).await.expect("get");
-            assert_eq!(r.kvs()[0].value(), format!("v{i}").as_bytes(), "member {j} key k{i}");
+            assert_eq!(
+                r.kvs()[0].value(),
+                format!("v{i}").as_bytes(),
+                "member {j} key k{i}"
+            );
         }
     }
     // And replication reaches every member's local state.
     for j in 0..3 {
         let addr = c.addr(j);
-        eventually("serializable reads on every member", Duration::from_secs(10), || async move {
-            let mut cl = etcd_client(addr).await;
-            let r = cl.get("k", Some(GetOptions::new().with_prefix().with_serializable())).await.ok()?;
-            (r.kvs().len() == 3).then_some(())
-        })
+        eventually(
+            "serializable reads on every member",
+            Duration::from_secs(10),
+            || async move {
+                let mut cl = etcd_client(addr).await;
+                let r = cl
+                    .get(
+                        "k",
+                        Some(GetOptions::new().with_prefix().with_serializable()),
+                    )
+                    .await
+                    .ok()?;
+                (r.kvs().len() == 3).then_some(())
+            },
+        )
         .await;
     }
     // Revisions agree across members.
@@ -60,11 +74,15 @@ async fn leader_stopped_new_leader_elected_and_writes_continue() {
 
     c.restart(li).await;
     let addr = c.addr(li);
-    eventually("restarted member catches up", Duration::from_secs(20), || async move {
-        let mut cl = etcd_client(addr).await;
-        let r = cl.get("after", serializable()).await.ok()?;
-        (r.kvs().first()?.value() == b"2").then_some(())
-    })
+    eventually(
+        "restarted member catches up",
+        Duration::from_secs(20),
+        || async move {
+            let mut cl = etcd_client(addr).await;
+            let r = cl.get("after", serializable()).await.ok()?;
+            (r.kvs().first()?.value() == b"2").then_some(())
+        },
+    )
     .await;
 }
 
@@ -93,21 +111,35 @@ async fn lagging_member_catches_up_by_snapshot_after_log_compaction() {
 
     c.restart(fi).await;
     let addr = c.addr(fi);
-    let want = cl.get("key", Some(GetOptions::new().with_prefix())).await.unwrap();
+    let want = cl
+        .get("key", Some(GetOptions::new().with_prefix()))
+        .await
+        .unwrap();
     eventually("snapshot catch-up", Duration::from_secs(30), || {
         let want = want.kvs().to_vec();
         async move {
             let mut f = etcd_client(addr).await;
-            let got = f.get("key", Some(GetOptions::new().with_prefix().with_serializable())).await.ok()?;
+            let got = f
+                .get(
+                    "key",
+                    Some(GetOptions::new().with_prefix().with_serializable()),
+                )
+                .await
+                .ok()?;
             let same = got.kvs().len() == want.len()
                 && got.kvs().iter().zip(&want).all(|(a, b)| {
-                    a.key() == b.key() && a.value() == b.value() && a.mod_revision() == b.mod_revision()
+                    a.key() == b.key()
+                        && a.value() == b.value()
+                        && a.mod_revision() == b.mod_revision()
                 });
             same.then_some(())
         }
     })
     .await;
     let f_first = c.servers[fi].as_ref().unwrap().node().log.first_index();
-    assert!(f_first > 60, "follower's log starts after the installed snapshot ({f_first})");
+    assert!(
+        f_first > 60,
+        "follower's log starts after the installed snapshot ({f_first})"
+    );
     drop(live);
 }

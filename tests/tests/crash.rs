@@ -33,7 +33,10 @@ async fn kill9_of_every_member_loses_no_acknowledged_write() {
     for (i, addr) in addrs.iter().enumerate() {
         let mut cl = etcd_client(*addr).await;
         let r = cl
-            .get("durable/", Some(etcd_client::GetOptions::new().with_prefix()))
+            .get(
+                "durable/",
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
             .await
             .unwrap_or_else(|e| panic!("get from member {i}: {e}\n{}", c.log(i)));
         let got: BTreeMap<String, i64> = r
@@ -52,7 +55,11 @@ async fn sigterm_stops_cleanly_and_data_dir_refuses_another_member() {
     wait_for_leader(&addrs).await;
     put_retrying(&addrs, "k", "v").await;
     let status = c.procs[0].terminate().expect("was running");
-    assert!(status.success(), "SIGTERM exits 0, got {status:?}\n{}", c.log(0));
+    assert!(
+        status.success(),
+        "SIGTERM exits 0, got {status:?}\n{}",
+        c.log(0)
+    );
 
     // The same data dir under another name is refused with a clear error.
     let out = Command::new(binary("meshd"))

@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions};
+use etcd_client::{
+    Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, SortOrder, SortTarget,
+    Txn, TxnOp, WatchOptions,
+};
 use mesh_tests::*;
 
 fn grpc(e: etcd_client::Error) -> tonic::Status {
@@ -21,24 +24,55 @@ async fn etcd_client_crate_put_get_del_txn_watch() {
     let mut b = etcd_client(c.addr(1)).await;
 
     // Watch from a follower, started before the writes.
-    let mut w = b.watch("app/", Some(WatchOptions::new().with_prefix().with_prev_key())).await.unwrap();
+    let mut w = b
+        .watch(
+            "app/",
+            Some(WatchOptions::new().with_prefix().with_prev_key()),
+        )
+        .await
+        .unwrap();
 
     let r1 = a.put("app/x", "1", None).await.unwrap();
     let rev1 = r1.header().unwrap().revision();
-    let r2 = a.put("app/x", "2", Some(PutOptions::new().with_prev_key())).await.unwrap();
+    let r2 = a
+        .put("app/x", "2", Some(PutOptions::new().with_prev_key()))
+        .await
+        .unwrap();
     assert_eq!(r2.prev_key().unwrap().value(), b"1");
     a.put("app/y", "y", None).await.unwrap();
 
     let g = b.get("app/x", None).await.unwrap();
     let kv = &g.kvs()[0];
-    assert_eq!((kv.value(), kv.version(), kv.create_revision(), kv.mod_revision()), (&b"2"[..], 2, rev1, rev1 + 1));
-    let old = b.get("app/x", Some(GetOptions::new().with_revision(rev1))).await.unwrap();
-    assert_eq!(old.kvs()[0].value(), b"1");
-    let sorted = b
-        .get("app/", Some(GetOptions::new().with_prefix().with_sort(SortTarget::Key, SortOrder::Descend).with_limit(1)))
+    assert_eq!(
+        (
+            kv.value(),
+            kv.version(),
+            kv.create_revision(),
+            kv.mod_revision()
+        ),
+        (&b"2"[..], 2, rev1, rev1 + 1)
+    );
+    let old = b
+        .get("app/x", Some(GetOptions::new().with_revision(rev1)))
         .await
         .unwrap();
-    assert_eq!((sorted.kvs()[0].key(), sorted.count(), sorted.more()), (&b"app/y"[..], 2, true));
+    assert_eq!(old.kvs()[0].value(), b"1");
+    let sorted = b
+        .get(
+            "app/",
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Key, SortOrder::Descend)
+                    .with_limit(1),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (sorted.kvs()[0].key(), sorted.count(), sorted.more()),
+        (&b"app/y"[..], 2, true)
+    );
 
     // Txn: compare-and-swap both ways.
     let t = Txn::new()
@@ -52,17 +86,31 @@ async fn etcd_client_crate_put_get_del_txn_watch() {
         .and_then([TxnOp::put("app/x", "never", None)]);
     assert!(!a.txn(t).await.unwrap().succeeded());
 
-    let d = a.delete("app/", Some(DeleteOptions::new().with_prefix().with_prev_key())).await.unwrap();
+    let d = a
+        .delete(
+            "app/",
+            Some(DeleteOptions::new().with_prefix().with_prev_key()),
+        )
+        .await
+        .unwrap();
     assert_eq!(d.deleted(), 2);
     assert_eq!(d.prev_kvs().len(), 2);
 
     // The follower's watcher saw every change, in order, exactly once.
     let mut seen = Vec::new();
     while seen.len() < 6 {
-        let resp = tokio::time::timeout(Duration::from_secs(10), w.message()).await.expect("watch event in time").unwrap().unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), w.message())
+            .await
+            .expect("watch event in time")
+            .unwrap()
+            .unwrap();
         for e in resp.events() {
             let kv = e.kv().unwrap();
-            seen.push((e.event_type(), kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string()));
+            seen.push((
+                e.event_type(),
+                kv.key_str().unwrap().to_string(),
+                kv.value_str().unwrap().to_string(),
+            ));
         }
     }
     assert_eq!(
@@ -78,11 +126,22 @@ async fn etcd_client_crate_put_get_del_txn_watch() {
     );
 
     // Watch replay from an old revision.
-    let mut replay = a.watch("app/x", Some(WatchOptions::new().with_start_revision(rev1))).await.unwrap();
+    let mut replay = a
+        .watch("app/x", Some(WatchOptions::new().with_start_revision(rev1)))
+        .await
+        .unwrap();
     let mut values = Vec::new();
     while values.len() < 4 {
-        let resp = tokio::time::timeout(Duration::from_secs(10), replay.message()).await.unwrap().unwrap().unwrap();
-        values.extend(resp.events().iter().map(|e| e.kv().unwrap().value_str().unwrap().to_string()));
+        let resp = tokio::time::timeout(Duration::from_secs(10), replay.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        values.extend(
+            resp.events()
+                .iter()
+                .map(|e| e.kv().unwrap().value_str().unwrap().to_string()),
+        );
     }
     assert_eq!(values, ["1", "2", "3", ""]);
 }
@@ -97,25 +156,71 @@ async fn etcd_errors_and_limits() {
     }
     let rev = a.get("k", None).await.unwrap().header().unwrap().revision();
     a.compact(rev - 1, None).await.unwrap();
-    let e = grpc(a.get("k", Some(GetOptions::new().with_revision(rev - 3))).await.unwrap_err());
-    assert_eq!((e.code(), e.message()), (tonic::Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"));
-    let e = grpc(a.get("k", Some(GetOptions::new().with_revision(rev + 100))).await.unwrap_err());
-    assert_eq!(e.message(), "etcdserver: mvcc: required revision is a future revision");
+    let e = grpc(
+        a.get("k", Some(GetOptions::new().with_revision(rev - 3)))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            tonic::Code::OutOfRange,
+            "etcdserver: mvcc: required revision has been compacted"
+        )
+    );
+    let e = grpc(
+        a.get("k", Some(GetOptions::new().with_revision(rev + 100)))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        e.message(),
+        "etcdserver: mvcc: required revision is a future revision"
+    );
 
     // Oversized request: etcd's text, and the member keeps serving.
-    let e = grpc(a.put("big", vec![b'x'; 1600 * 1024], None).await.unwrap_err());
-    assert_eq!((e.code(), e.message()), (tonic::Code::InvalidArgument, "etcdserver: request is too large"));
+    let e = grpc(
+        a.put("big", vec![b'x'; 1600 * 1024], None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            tonic::Code::InvalidArgument,
+            "etcdserver: request is too large"
+        )
+    );
     let e = grpc(a.put("", "v", None).await.unwrap_err());
     assert_eq!(e.message(), "etcdserver: key is not provided");
-    let ops: Vec<TxnOp> = (0..129).map(|i| TxnOp::put(format!("t{i}"), "v", None)).collect();
+    let ops: Vec<TxnOp> = (0..129)
+        .map(|i| TxnOp::put(format!("t{i}"), "v", None))
+        .collect();
     let e = grpc(a.txn(Txn::new().and_then(ops)).await.unwrap_err());
-    assert_eq!(e.message(), "etcdserver: too many operations in txn request");
-    let e = grpc(a.txn(Txn::new().and_then([TxnOp::put("d", "1", None), TxnOp::put("d", "2", None)])).await.unwrap_err());
-    assert_eq!(e.message(), "etcdserver: duplicate key given in txn request");
-    let e = grpc(a.put("missing", "", Some(PutOptions::new().with_ignore_value())).await.unwrap_err());
+    assert_eq!(
+        e.message(),
+        "etcdserver: too many operations in txn request"
+    );
+    let e = grpc(
+        a.txn(Txn::new().and_then([TxnOp::put("d", "1", None), TxnOp::put("d", "2", None)]))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        e.message(),
+        "etcdserver: duplicate key given in txn request"
+    );
+    let e = grpc(
+        a.put("missing", "", Some(PutOptions::new().with_ignore_value()))
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(e.message(), "etcdserver: key not found");
 
     // Nothing above changed the store.
     let g = a.get("k", None).await.unwrap();
-    assert_eq!((g.kvs()[0].value(), g.header().unwrap().revision()), (&b"4"[..], rev));
+    assert_eq!(
+        (g.kvs()[0].value(), g.header().unwrap().revision()),
+        (&b"4"[..], rev)
+    );
 }

@@ -74,7 +74,10 @@ async fn etcdctl_3_4_drives_meshd() {
     let mut watch_out = BufReader::new(watch.stdout.take().unwrap()).lines();
     assert_eq!(ok(&all, &["put", "fruit/apple", "red"]).await, "OK\n");
     assert_eq!(ok(&one, &["put", "fruit/banana", "yellow"]).await, "OK\n");
-    assert_eq!(ok(&one, &["get", "fruit/apple"]).await, "fruit/apple\nred\n");
+    assert_eq!(
+        ok(&one, &["get", "fruit/apple"]).await,
+        "fruit/apple\nred\n"
+    );
     assert_eq!(
         ok(&one, &["get", "fruit/apple", "--print-value-only"]).await,
         "red\n"
@@ -86,7 +89,14 @@ async fn etcdctl_3_4_drives_meshd() {
     assert_eq!(
         ok(
             &one,
-            &["get", "fruit/", "--prefix", "--consistency=s", "--limit=1", "--print-value-only"]
+            &[
+                "get",
+                "fruit/",
+                "--prefix",
+                "--consistency=s",
+                "--limit=1",
+                "--print-value-only"
+            ]
         )
         .await,
         "red\n"
@@ -98,7 +108,8 @@ async fn etcdctl_3_4_drives_meshd() {
     );
 
     // Txn from stdin, both branches.
-    let txn = "value(\"fruit/apple\") = \"red\"\n\nput fruit/apple green\n\nput fruit/apple never\n\n";
+    let txn =
+        "value(\"fruit/apple\") = \"red\"\n\nput fruit/apple green\n\nput fruit/apple never\n\n";
     let (success, out, err) = etcdctl(&one, &["txn"], txn).await;
     assert!(success, "{err}");
     assert_eq!(out, "SUCCESS\n\nOK\n");
@@ -126,8 +137,20 @@ async fn etcdctl_3_4_drives_meshd() {
     assert_eq!(
         lines,
         [
-            "PUT", "fruit/apple", "red", "PUT", "fruit/banana", "yellow", "PUT", "fruit/apple",
-            "green", "PUT", "fruit/apple", "never", "DELETE", "fruit/banana"
+            "PUT",
+            "fruit/apple",
+            "red",
+            "PUT",
+            "fruit/banana",
+            "yellow",
+            "PUT",
+            "fruit/apple",
+            "green",
+            "PUT",
+            "fruit/apple",
+            "never",
+            "DELETE",
+            "fruit/banana"
         ]
     );
     let _ = watch.kill().await;
@@ -165,7 +188,15 @@ async fn etcdctl_3_4_drives_meshd() {
         ok(&one, &["compaction", &rev.to_string()]).await,
         format!("compacted revision {rev}\n")
     );
-    let (success, _, err) = etcdctl(&one, &["get", "fruit/apple", &format!("--rev={}", rev - 2)], "").await;
+    let (success, _, err) = etcdctl(
+        &one,
+        &["get", "fruit/apple", &format!("--rev={}", rev - 2)],
+        "",
+    )
+    .await;
     assert!(!success);
-    assert!(err.contains("required revision has been compacted"), "{err}");
+    assert!(
+        err.contains("required revision has been compacted"),
+        "{err}"
+    );
 }

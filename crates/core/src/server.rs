@@ -122,23 +122,39 @@ impl Server {
         let kv = Arc::new(KvStore::open(db.clone())?);
         let log = RaftLog::load(&db, kv.clone())?;
 
-        let mesh_listener = TcpListener::bind(cfg.listen_mesh)
-            .await
-            .map_err(|source| ServerError::Listen { what: "mesh", addr: cfg.listen_mesh, source })?;
-        let mesh_addr = mesh_listener.local_addr().map_err(|source| ServerError::Listen {
-            what: "mesh",
-            addr: cfg.listen_mesh,
-            source,
-        })?;
+        let mesh_listener =
+            TcpListener::bind(cfg.listen_mesh)
+                .await
+                .map_err(|source| ServerError::Listen {
+                    what: "mesh",
+                    addr: cfg.listen_mesh,
+                    source,
+                })?;
+        let mesh_addr = mesh_listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                what: "mesh",
+                addr: cfg.listen_mesh,
+                source,
+            })?;
         let client_listener = TcpListener::bind(cfg.listen_client)
             .await
-            .map_err(|source| ServerError::Listen { what: "client", addr: cfg.listen_client, source })?;
-        let client_addr = client_listener.local_addr().map_err(|source| ServerError::Listen {
-            what: "client",
-            addr: cfg.listen_client,
-            source,
-        })?;
-        let advertise_mesh = cfg.advertise_mesh.clone().unwrap_or_else(|| advertised(mesh_addr));
+            .map_err(|source| ServerError::Listen {
+                what: "client",
+                addr: cfg.listen_client,
+                source,
+            })?;
+        let client_addr = client_listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                what: "client",
+                addr: cfg.listen_client,
+                source,
+            })?;
+        let advertise_mesh = cfg
+            .advertise_mesh
+            .clone()
+            .unwrap_or_else(|| advertised(mesh_addr));
         let advertise_client = cfg
             .advertise_client
             .clone()
@@ -157,7 +173,10 @@ impl Server {
         let (tx, rx) = std_mpsc::channel();
         let status = Arc::new(NodeStatus::new(identity.member_id, identity.cluster_id));
         let transport = TcpTransport::start(
-            PeerIdentity { member_id: identity.member_id, cluster_id: identity.cluster_id },
+            PeerIdentity {
+                member_id: identity.member_id,
+                cluster_id: identity.cluster_id,
+            },
             mesh_listener,
             tx.clone(),
             DEFAULT_MAX_FRAME,
@@ -201,10 +220,12 @@ impl Server {
                     .max_decoding_message_size(max_msg)
                     .max_encoding_message_size(usize::MAX),
             )
-            .add_service(cluster_server::ClusterServer::new(api::ClusterApi::new(ctx.clone())))
-            .add_service(maintenance_server::MaintenanceServer::new(api::MaintenanceApi::new(
+            .add_service(cluster_server::ClusterServer::new(api::ClusterApi::new(
                 ctx.clone(),
-            )));
+            )))
+            .add_service(maintenance_server::MaintenanceServer::new(
+                api::MaintenanceApi::new(ctx.clone()),
+            ));
         let incoming = TcpListenerStream::new(client_listener);
         let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
@@ -294,7 +315,10 @@ impl Drop for Server {
 }
 
 /// Runs a member until `shutdown` resolves, then stops it gracefully.
-pub async fn run(cfg: ServerConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {
+pub async fn run(
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
     let server = Server::start(cfg).await?;
     tokio::select! {
         _ = shutdown => server.shutdown().await,
@@ -331,7 +355,9 @@ fn bootstrap_or_check(
     let mut seen = std::collections::HashSet::new();
     for (name, _) in &initial {
         if !seen.insert(name) {
-            return Err(ServerError::Config(format!("--initial-cluster names '{name}' twice")));
+            return Err(ServerError::Config(format!(
+                "--initial-cluster names '{name}' twice"
+            )));
         }
     }
     let Some((_, my_addr)) = initial.iter().find(|(n, _)| *n == cfg.name) else {
@@ -395,9 +421,18 @@ fn bootstrap_or_check(
 
 /// Publishes this member's name and client URL through Raft once a leader exists, as
 /// etcd members do at start, so the member list shows where to reach everyone.
-async fn publish_attributes(node: NodeHandle, kv: Arc<KvStore>, id: u64, name: String, client_url: String) {
+async fn publish_attributes(
+    node: NodeHandle,
+    kv: Arc<KvStore>,
+    id: u64,
+    name: String,
+    client_url: String,
+) {
     loop {
-        let current = kv.members().ok().and_then(|ms| ms.into_iter().find(|m| m.id == id));
+        let current = kv
+            .members()
+            .ok()
+            .and_then(|ms| ms.into_iter().find(|m| m.id == id));
         match current {
             Some(m) if m.name == name && m.client_urls == [client_url.clone()] => return,
             None if kv.applied_index() > 0 => return, // not a member (any more)

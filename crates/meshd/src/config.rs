@@ -218,7 +218,13 @@ mod tests {
     #[test]
     fn initial_cluster_parses_and_rejects() {
         let v = parse_initial_cluster("a=127.0.0.1:1,b=http://h:2").unwrap();
-        assert_eq!(v, vec![("a".into(), "127.0.0.1:1".into()), ("b".into(), "h:2".into())]);
+        assert_eq!(
+            v,
+            vec![
+                ("a".into(), "127.0.0.1:1".into()),
+                ("b".into(), "h:2".into())
+            ]
+        );
         assert!(parse_initial_cluster("a").is_err());
         assert!(parse_initial_cluster("=h:1").is_err());
         assert!(parse_initial_cluster("a=nohostport").is_err());
@@ -230,15 +236,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("m.yaml");
         std::fs::write(&f, "name: fromfile\nsnapshot-count: 7\ntick: 20ms\n").unwrap();
-        let args = Args::parse_from(["meshd", "--config", f.to_str().unwrap(), "--snapshot-count", "9"]);
+        let args = Args::parse_from([
+            "meshd",
+            "--config",
+            f.to_str().unwrap(),
+            "--snapshot-count",
+            "9",
+        ]);
         let cfg = resolve(args).unwrap();
         assert_eq!(cfg.name, "fromfile");
         assert_eq!(cfg.snapshot_count, 9);
         assert_eq!(cfg.tick, Duration::from_millis(20));
 
         std::fs::write(&f, "name: x\nbogus-key: 1\n").unwrap();
-        let err = resolve(Args::parse_from(["meshd", "--config", f.to_str().unwrap()])).unwrap_err();
+        let err =
+            resolve(Args::parse_from(["meshd", "--config", f.to_str().unwrap()])).unwrap_err();
         let text = format!("{err:#}");
-        assert!(text.contains("bogus-key") && text.contains("line 2"), "{text}");
+        assert!(
+            text.contains("bogus-key") && text.contains("line 2"),
+            "{text}"
+        );
     }
 }

@@ -3,7 +3,9 @@
 use tonic::{Request, Response, Status};
 
 use super::{kv_status, ApiContext};
-use crate::proto::etcdserverpb::{cluster_server::Cluster, Member, MemberListRequest, MemberListResponse};
+use crate::proto::etcdserverpb::{
+    cluster_server::Cluster, Member, MemberListRequest, MemberListResponse,
+};
 
 pub struct ClusterApi {
     ctx: ApiContext,

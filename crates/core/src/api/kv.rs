@@ -65,21 +65,27 @@ fn check_txn_shape(t: &TxnRequest) -> Result<(), Status> {
 
 /// True when neither branch (nor any nested txn) writes.
 fn is_read_only(t: &TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).all(|op| match &op.request {
-        Some(Op::RequestRange(_)) => true,
-        Some(Op::RequestTxn(n)) => is_read_only(n),
-        _ => false,
-    })
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(Op::RequestRange(_)) => true,
+            Some(Op::RequestTxn(n)) => is_read_only(n),
+            _ => false,
+        })
 }
 
 /// A read-only txn may be served locally without a quorum round only when every range
 /// in it asked for a serializable read.
 fn all_serializable(t: &TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).all(|op| match &op.request {
-        Some(Op::RequestRange(r)) => r.serializable,
-        Some(Op::RequestTxn(n)) => all_serializable(n),
-        _ => true,
-    })
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| match &op.request {
+            Some(Op::RequestRange(r)) => r.serializable,
+            Some(Op::RequestTxn(n)) => all_serializable(n),
+            _ => true,
+        })
 }
 
 #[tonic::async_trait]
@@ -92,7 +98,8 @@ impl Kv for KvApi {
             self.ctx.linearize().await?;
         }
         let mut resp = self.ctx.kv.range(&r).map_err(kv_status)?;
-        self.ctx.stamp(&mut resp.header, self.ctx.kv.current_revision());
+        self.ctx
+            .stamp(&mut resp.header, self.ctx.kv.current_revision());
         Ok(Response::new(resp))
     }
 
@@ -137,7 +144,8 @@ impl Kv for KvApi {
                 self.ctx.linearize().await?;
             }
             let mut resp = self.ctx.kv.txn_read(&r).map_err(kv_status)?;
-            self.ctx.stamp(&mut resp.header, self.ctx.kv.current_revision());
+            self.ctx
+                .stamp(&mut resp.header, self.ctx.kv.current_revision());
             return Ok(Response::new(resp));
         }
         let applied = self.propose(Internal::Txn(r)).await?;

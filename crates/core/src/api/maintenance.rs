@@ -17,7 +17,10 @@ impl MaintenanceApi {
 
 #[tonic::async_trait]
 impl Maintenance for MaintenanceApi {
-    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let s = &self.ctx.node.status;
         let db_size = std::fs::metadata(&self.ctx.db_path).map_or(0, |m| m.len() as i64);
         let mut errors = Vec::new();

@@ -18,7 +18,9 @@ use tracing::{error, info, warn};
 use super::transport::Transport;
 use super::{Applied, AppliedKind, DriverMsg, NodeStatus, ProposeError};
 use crate::kv::{ApplyBatch, KvError, KvStore};
-use crate::proto::meshpb::{internal_request::Request, InternalRequest, MemberRecord, StoreSnapshot};
+use crate::proto::meshpb::{
+    internal_request::Request, InternalRequest, MemberRecord, StoreSnapshot,
+};
 use crate::storage::{RaftLog, StorageError};
 
 /// Raft timing and log-retention settings.
@@ -113,16 +115,20 @@ pub fn spawn_driver(
         .name("raft-driver".into())
         .spawn(move || {
             let r = d.run(rx);
-            d.status.stopped.store(true, std::sync::atomic::Ordering::Release);
+            d.status
+                .stopped
+                .store(true, std::sync::atomic::Ordering::Release);
             if let Err(e) = &r {
                 error!("raft driver stopped: {e}");
             }
             r
         })
-        .map_err(|e| DriverError::Storage(StorageError::Io {
-            path: "raft-driver thread".into(),
-            source: e,
-        }))
+        .map_err(|e| {
+            DriverError::Storage(StorageError::Io {
+                path: "raft-driver thread".into(),
+                source: e,
+            })
+        })
 }
 
 struct Driver {
@@ -212,7 +218,7 @@ impl Driver {
             }
             DriverMsg::ReadIndex { reply } => self.reads_new.push(reply),
             DriverMsg::Raft(msg) => {
-                if let Err(e) = self.raw.step(msg) {
+                if let Err(e) = self.raw.step(*msg) {
                     warn!("dropping raft message: {e}");
                 }
             }
@@ -242,7 +248,8 @@ impl Driver {
             match self.raw.propose(vec![], data) {
                 Ok(()) => {
                     if self.raw.raft.state == StateRole::Leader {
-                        self.by_index.insert(self.raw.raft.raft_log.last_index(), id);
+                        self.by_index
+                            .insert(self.raw.raft.raft_log.last_index(), id);
                     }
                 }
                 Err(e) => {
@@ -396,7 +403,11 @@ impl Driver {
         let meta = snap.metadata.clone().unwrap_or_default();
         let data: StoreSnapshot = prost::Message::decode(snap.data.as_slice())
             .map_err(|e| DriverError::BadSnapshot(e.to_string()))?;
-        info!(index = meta.index, term = meta.term, "installing snapshot from the leader");
+        info!(
+            index = meta.index,
+            term = meta.term,
+            "installing snapshot from the leader"
+        );
         let kv = self.kv.clone();
         let mut batch = kv.begin().map_err(DriverError::Apply)?;
         batch.restore(&data).map_err(DriverError::Apply)?;
@@ -479,7 +490,7 @@ impl Driver {
     fn maybe_compact(&mut self) -> Result<(), DriverError> {
         let applied = self.kv.applied_index();
         let first = self.log.first_index();
-        if applied < first || applied - first + 1 <= self.cfg.snapshot_count {
+        if applied < first || applied - first < self.cfg.snapshot_count {
             return Ok(());
         }
         let to = applied.saturating_sub(self.cfg.catch_up_entries);
@@ -513,7 +524,11 @@ impl Driver {
         let s = &self.status;
         if r.leader_id != self.last_leader {
             if r.leader_id != raft::INVALID_ID {
-                info!(leader = format_args!("{:x}", r.leader_id), term = r.term, "leader elected");
+                info!(
+                    leader = format_args!("{:x}", r.leader_id),
+                    term = r.term,
+                    "leader elected"
+                );
             } else {
                 info!(term = r.term, "no leader");
             }
@@ -533,7 +548,10 @@ impl Driver {
 
 /// Peer URLs may carry a scheme (as etcd's do); the transport wants `host:port`.
 fn strip_scheme(url: &str) -> String {
-    url.split_once("://").map_or(url, |(_, rest)| rest).trim_end_matches('/').to_string()
+    url.split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .trim_end_matches('/')
+        .to_string()
 }
 
 /// Applies one replicated request. `Err` only for storage failures (fatal); refusals
@@ -547,7 +565,9 @@ fn apply_request(
         Some(Request::DeleteRange(r)) => batch.delete_range(&r).map(AppliedKind::DeleteRange),
         Some(Request::Txn(r)) => batch.txn(&r).map(AppliedKind::Txn),
         Some(Request::Compaction(r)) => batch.compact(r.revision).map(|()| AppliedKind::Compaction),
-        Some(Request::MemberAttributes(a)) => update_attributes(batch, a).map(|()| AppliedKind::MemberAttributes),
+        Some(Request::MemberAttributes(a)) => {
+            update_attributes(batch, a).map(|()| AppliedKind::MemberAttributes)
+        }
         None => Ok(AppliedKind::Nothing),
     };
     match result {
@@ -585,10 +605,13 @@ fn apply_membership(
             let learner = change_type == ConfChangeType::AddLearnerNode as i32;
             let mut m = match <MemberRecord as prost::Message>::decode(context) {
                 Ok(m) if m.id == node_id => m,
-                _ => batch.member(node_id).map_err(DriverError::Apply)?.unwrap_or(MemberRecord {
-                    id: node_id,
-                    ..Default::default()
-                }),
+                _ => batch
+                    .member(node_id)
+                    .map_err(DriverError::Apply)?
+                    .unwrap_or(MemberRecord {
+                        id: node_id,
+                        ..Default::default()
+                    }),
             };
             m.is_learner = learner;
             batch.put_member(&m)

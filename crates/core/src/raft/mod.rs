@@ -36,7 +36,7 @@ pub enum DriverMsg {
         reply: oneshot::Sender<Result<(), ProposeError>>,
     },
     /// A message from a peer.
-    Raft(Message),
+    Raft(Box<Message>),
     /// A peer could not be reached.
     Unreachable(u64),
     /// A snapshot sent to a peer was delivered (true) or lost (false).
@@ -177,7 +177,8 @@ impl NodeHandle {
 
     /// Replicates `request` and returns what applying it produced on this member.
     pub async fn propose(&self, request: Request) -> Result<Applied, ProposeError> {
-        self.call(|reply| DriverMsg::Propose { request, reply }).await
+        self.call(|reply| DriverMsg::Propose { request, reply })
+            .await
     }
 
     /// Returns once this member's state reflects every write acknowledged before the

@@ -69,7 +69,13 @@ impl TcpTransport {
     ) -> Arc<TcpTransport> {
         let runtime = tokio::runtime::Handle::current();
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let accept = tokio::spawn(accept_loop(listener, me.clone(), driver.clone(), max_frame, stopped));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            me.clone(),
+            driver.clone(),
+            max_frame,
+            stopped,
+        ));
         Arc::new(TcpTransport {
             me,
             driver,
@@ -157,7 +163,10 @@ impl Transport for TcpTransport {
 }
 
 /// Writes one length-prefixed frame.
-pub async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, payload: &[u8]) -> std::io::Result<()> {
+pub async fn write_frame<W: AsyncWriteExt + Unpin>(
+    w: &mut W,
+    payload: &[u8],
+) -> std::io::Result<()> {
     let len = u32::try_from(payload.len())
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"))?;
     w.write_all(&len.to_be_bytes()).await?;
@@ -165,7 +174,10 @@ pub async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, payload: &[u8]) ->
 }
 
 /// Reads one length-prefixed frame, refusing frames larger than `max`.
-pub async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R, max: usize) -> std::io::Result<Vec<u8>> {
+pub async fn read_frame<R: AsyncReadExt + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
@@ -298,7 +310,7 @@ async fn serve_inbound(
             warn!(remote = %addr, to = msg.to, from = msg.from, "dropping misaddressed raft message");
             continue;
         }
-        if driver.send(DriverMsg::Raft(msg)).is_err() {
+        if driver.send(DriverMsg::Raft(Box::new(msg))).is_err() {
             return;
         }
     }

@@ -75,8 +75,7 @@ impl Identity {
                 format!("member '{}'", expected.name),
             ));
         }
-        if self.cluster_token != expected.cluster_token || self.cluster_id != expected.cluster_id
-        {
+        if self.cluster_token != expected.cluster_token || self.cluster_id != expected.cluster_id {
             return Err(wrong(
                 format!(
                     "cluster {:x} (token '{}')",

@@ -98,10 +98,7 @@ impl RaftLog {
                     if k.value() != expect || e.index != expect {
                         return Err(StorageError::decode(
                             "raft log",
-                            format!(
-                                "gap or mismatch at index {} (expected {expect})",
-                                k.value()
-                            ),
+                            format!("gap or mismatch at index {} (expected {expect})", k.value()),
                         ));
                     }
                     core.entries.push_back(e);
@@ -171,7 +168,11 @@ impl RaftLog {
         Ok(())
     }
 
-    pub fn set_hard_state(&self, txn: &redb::WriteTransaction, hs: &HardState) -> Result<(), StorageError> {
+    pub fn set_hard_state(
+        &self,
+        txn: &redb::WriteTransaction,
+        hs: &HardState,
+    ) -> Result<(), StorageError> {
         let mut t = txn.open_table(STATE).map_err(db_err)?;
         t.insert(HARD_STATE, hs.encode_to_vec().as_slice())
             .map_err(db_err)?;
@@ -189,7 +190,11 @@ impl RaftLog {
         }
     }
 
-    pub fn set_conf_state(&self, txn: &redb::WriteTransaction, cs: &ConfState) -> Result<(), StorageError> {
+    pub fn set_conf_state(
+        &self,
+        txn: &redb::WriteTransaction,
+        cs: &ConfState,
+    ) -> Result<(), StorageError> {
         let mut t = txn.open_table(STATE).map_err(db_err)?;
         t.insert(CONF_STATE, cs.encode_to_vec().as_slice())
             .map_err(db_err)?;
@@ -197,7 +202,11 @@ impl RaftLog {
         Ok(())
     }
 
-    fn set_compacted(txn: &redb::WriteTransaction, index: u64, term: u64) -> Result<(), StorageError> {
+    fn set_compacted(
+        txn: &redb::WriteTransaction,
+        index: u64,
+        term: u64,
+    ) -> Result<(), StorageError> {
         let m = SnapshotMetadata {
             index,
             term,
@@ -210,7 +219,11 @@ impl RaftLog {
     }
 
     /// Replaces the whole log with an installed snapshot's point.
-    pub fn apply_snapshot(&self, txn: &redb::WriteTransaction, meta: &SnapshotMetadata) -> Result<(), StorageError> {
+    pub fn apply_snapshot(
+        &self,
+        txn: &redb::WriteTransaction,
+        meta: &SnapshotMetadata,
+    ) -> Result<(), StorageError> {
         {
             let mut t = txn.open_table(LOG).map_err(db_err)?;
             t.retain(|_, _| false).map_err(db_err)?;

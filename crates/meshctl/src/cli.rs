@@ -12,16 +12,21 @@ Exit codes:
 
 /// meshctl: command-line client for meshd and any etcd v3 server.
 #[derive(Debug, Parser)]
-#[command(name = "meshctl", version, about, after_help = EXIT_CODES)]
+#[command(name = "meshctl", version, about, after_help = EXIT_CODES, args_override_self = true)]
 pub struct Cli {
     /// gRPC endpoints, comma separated (`host:port` or `http://host:port`).
-    #[arg(long, global = true, env = "MESHCTL_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:2379")]
+    #[arg(long, global = true, env = "MESHCTL_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:2379", action = clap::ArgAction::Set)]
     pub endpoints: Vec<String>,
     /// Output format.
     #[arg(short = 'w', long = "write-out", global = true, value_enum, default_value_t = OutputFormat::Simple)]
     pub write_out: OutputFormat,
     /// Timeout of one request (e.g. `5s`, `500ms`).
-    #[arg(long, global = true, visible_alias = "command-timeout", default_value = "5s")]
+    #[arg(
+        long,
+        global = true,
+        visible_alias = "command-timeout",
+        default_value = "5s"
+    )]
     pub timeout: String,
     /// Timeout for connecting to one endpoint.
     #[arg(long, global = true, default_value = "2s")]

@@ -52,13 +52,19 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
     let mut total = 0f64;
     let mut rest = s;
     while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         if num_len == 0 {
             bail!("invalid duration {s:?}: expected a number at {rest:?}");
         }
-        let n: f64 = rest[..num_len].parse().with_context(|| format!("invalid duration {s:?}"))?;
+        let n: f64 = rest[..num_len]
+            .parse()
+            .with_context(|| format!("invalid duration {s:?}"))?;
         rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let secs_per_unit = match &rest[..unit_len] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -78,7 +84,8 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
 /// Parses a lease ID the way etcdctl prints it: hex, optional `0x`.
 pub fn parse_lease_id(s: &str) -> Result<i64> {
     let digits = s.trim().trim_start_matches("0x");
-    let id = u64::from_str_radix(digits, 16).with_context(|| format!("bad lease ID {s:?}: expected hex, e.g. 694d77aa9e38260f"))?;
+    let id = u64::from_str_radix(digits, 16)
+        .with_context(|| format!("bad lease ID {s:?}: expected hex, e.g. 694d77aa9e38260f"))?;
     Ok(id as i64)
 }
 
@@ -92,12 +99,25 @@ pub fn parse_serializable(s: &str) -> Result<bool> {
 }
 
 /// Works out `range_end` from an explicit end or `--prefix` / `--from-key`.
-pub fn range_end(key: &str, explicit: Option<&str>, prefix: bool, from_key: bool) -> Result<Vec<u8>> {
+pub fn range_end(
+    key: &str,
+    explicit: Option<&str>,
+    prefix: bool,
+    from_key: bool,
+) -> Result<Vec<u8>> {
     match (explicit, prefix, from_key) {
-        (Some(_), true, _) | (Some(_), _, true) => bail!("too many arguments, only accept one argument when `--prefix` or `--from-key` is set"),
-        (_, true, true) => bail!("`--prefix` and `--from-key` cannot be set at the same time, choose one"),
+        (Some(_), true, _) | (Some(_), _, true) => bail!(
+            "too many arguments, only accept one argument when `--prefix` or `--from-key` is set"
+        ),
+        (_, true, true) => {
+            bail!("`--prefix` and `--from-key` cannot be set at the same time, choose one")
+        }
         (Some(end), false, false) => Ok(end.as_bytes().to_vec()),
-        (None, true, false) => Ok(if key.is_empty() { vec![0] } else { prefix_range_end(key.as_bytes()) }),
+        (None, true, false) => Ok(if key.is_empty() {
+            vec![0]
+        } else {
+            prefix_range_end(key.as_bytes())
+        }),
         (None, false, true) => Ok(from_key_range_end()),
         (None, false, false) => Ok(Vec::new()),
     }
@@ -123,7 +143,9 @@ pub fn range_request(a: &GetArgs) -> Result<pb::RangeRequest> {
         Some("CREATE") => SortTarget::Create,
         Some("MODIFY") | Some("MOD") => SortTarget::Mod,
         Some("VALUE") => SortTarget::Value,
-        Some(other) => bail!("bad sort target {other:?}: expected KEY, VERSION, CREATE, MODIFY or VALUE"),
+        Some(other) => {
+            bail!("bad sort target {other:?}: expected KEY, VERSION, CREATE, MODIFY or VALUE")
+        }
     };
     let sort_order = match a.order.as_deref().map(str::to_ascii_uppercase).as_deref() {
         None if a.sort_by.is_some() => SortOrder::Ascend,
@@ -151,7 +173,12 @@ pub fn range_request(a: &GetArgs) -> Result<pb::RangeRequest> {
 
 /// `put` arguments (with the value already resolved) as a Put request.
 pub fn put_request(a: &PutArgs, value: Vec<u8>) -> Result<pb::PutRequest> {
-    let lease = a.lease.as_deref().map(parse_lease_id).transpose()?.unwrap_or(0);
+    let lease = a
+        .lease
+        .as_deref()
+        .map(parse_lease_id)
+        .transpose()?
+        .unwrap_or(0);
     Ok(pb::PutRequest {
         key: a.key.as_bytes().to_vec(),
         value,
@@ -166,7 +193,11 @@ pub fn put_request(a: &PutArgs, value: Vec<u8>) -> Result<pb::PutRequest> {
 pub fn delete_request(a: &DelArgs) -> Result<pb::DeleteRangeRequest> {
     let end = range_end(&a.key, a.range_end.as_deref(), a.prefix, a.from_key)?;
     let key = range_key(&a.key, a.prefix || a.from_key);
-    Ok(pb::DeleteRangeRequest { key, range_end: end, prev_kv: a.prev_kv })
+    Ok(pb::DeleteRangeRequest {
+        key,
+        range_end: end,
+        prev_kv: a.prev_kv,
+    })
 }
 
 #[cfg(test)]
@@ -180,18 +211,30 @@ mod tests {
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
-        assert!(parse_duration("5").unwrap_err().to_string().contains("missing unit"));
-        assert!(parse_duration("5x").unwrap_err().to_string().contains("unknown unit"));
+        assert!(parse_duration("5")
+            .unwrap_err()
+            .to_string()
+            .contains("missing unit"));
+        assert!(parse_duration("5x")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown unit"));
         assert!(parse_duration("").is_err());
         assert!(parse_duration("s").is_err());
     }
 
     #[test]
     fn lease_ids_are_hex() {
-        assert_eq!(parse_lease_id("694d77aa9e38260f").unwrap(), 0x694d77aa9e38260f);
+        assert_eq!(
+            parse_lease_id("694d77aa9e38260f").unwrap(),
+            0x694d77aa9e38260f
+        );
         assert_eq!(parse_lease_id("0x10").unwrap(), 16);
         assert_eq!(parse_lease_id("ffffffffffffffff").unwrap(), -1);
-        assert!(parse_lease_id("xyz").unwrap_err().to_string().contains("expected hex"));
+        assert!(parse_lease_id("xyz")
+            .unwrap_err()
+            .to_string()
+            .contains("expected hex"));
     }
 
     #[test]

@@ -19,7 +19,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MESHCTL_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("MESHCTL_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .init();
     let runtime = match tokio::runtime::Runtime::new() {

@@ -98,8 +98,12 @@ impl ClientError {
     /// Whether the server refused because the requested revision was compacted.
     pub fn is_compacted(&self) -> bool {
         match self {
-            ClientError::Rpc { message, .. } => message.contains("required revision has been compacted"),
-            ClientError::WatchCanceled { compact_revision, .. } => *compact_revision > 0,
+            ClientError::Rpc { message, .. } => {
+                message.contains("required revision has been compacted")
+            }
+            ClientError::WatchCanceled {
+                compact_revision, ..
+            } => *compact_revision > 0,
             _ => false,
         }
     }
@@ -143,9 +147,13 @@ mod tests {
 
     #[test]
     fn client_error_keeps_etcd_text_and_classifies() {
-        let st = tonic::Status::out_of_range("etcdserver: mvcc: required revision has been compacted");
+        let st =
+            tonic::Status::out_of_range("etcdserver: mvcc: required revision has been compacted");
         let e = ClientError::from_status(&st, "a:1");
-        assert_eq!(e.to_string(), "etcdserver: mvcc: required revision has been compacted");
+        assert_eq!(
+            e.to_string(),
+            "etcdserver: mvcc: required revision has been compacted"
+        );
         assert!(e.is_compacted());
         assert!(!e.is_retryable());
         assert_eq!(e.code(), Some(tonic::Code::OutOfRange));
@@ -153,7 +161,10 @@ mod tests {
         let st = tonic::Status::unavailable("etcdserver: no leader");
         assert!(ClientError::from_status(&st, "a:1").is_retryable());
         assert!(!ClientError::from_status(&st, "a:1").was_not_sent());
-        let c = ClientError::Connect { endpoint: "a:1".into(), reason: "refused".into() };
+        let c = ClientError::Connect {
+            endpoint: "a:1".into(),
+            reason: "refused".into(),
+        };
         assert!(c.is_retryable() && c.was_not_sent());
     }
 }

@@ -87,9 +87,15 @@ fn endpoint_uri(ep: &str) -> Result<String, ClientError> {
         return Err(ClientError::Config("empty endpoint".into()));
     }
     if ep.starts_with("https://") {
-        return Err(ClientError::Config(format!("{ep}: TLS endpoints are not supported")));
+        return Err(ClientError::Config(format!(
+            "{ep}: TLS endpoints are not supported"
+        )));
     }
-    let uri = if ep.starts_with("http://") { ep.to_string() } else { format!("http://{ep}") };
+    let uri = if ep.starts_with("http://") {
+        ep.to_string()
+    } else {
+        format!("http://{ep}")
+    };
     uri.parse::<tonic::transport::Uri>()
         .map_err(|e| ClientError::Config(format!("{ep}: {e}")))?;
     Ok(uri)
@@ -124,7 +130,11 @@ impl Client {
 
     /// The configured endpoints, as written.
     pub fn endpoints(&self) -> Vec<String> {
-        self.inner.endpoints.iter().map(|e| e.name.clone()).collect()
+        self.inner
+            .endpoints
+            .iter()
+            .map(|e| e.name.clone())
+            .collect()
     }
 
     /// The channel to endpoint `idx`, dialing it if needed.
@@ -133,7 +143,10 @@ impl Client {
         if let Some(ch) = ep.channel.lock().expect("channel lock").clone() {
             return Ok(ch);
         }
-        let connect_err = |reason: String| ClientError::Connect { endpoint: ep.name.clone(), reason };
+        let connect_err = |reason: String| ClientError::Connect {
+            endpoint: ep.name.clone(),
+            reason,
+        };
         let builder = tonic::transport::Endpoint::from_shared(ep.uri.clone())
             .map_err(|e| ClientError::Config(format!("{}: {e}", ep.name)))?
             .connect_timeout(self.inner.dial_timeout)
@@ -141,7 +154,12 @@ impl Client {
         let ch = match tokio::time::timeout(self.inner.dial_timeout, builder.connect()).await {
             Ok(Ok(ch)) => ch,
             Ok(Err(e)) => return Err(connect_err(error::error_chain(&e))),
-            Err(_) => return Err(connect_err(format!("dial timeout after {:?}", self.inner.dial_timeout))),
+            Err(_) => {
+                return Err(connect_err(format!(
+                    "dial timeout after {:?}",
+                    self.inner.dial_timeout
+                )))
+            }
         };
         *ep.channel.lock().expect("channel lock") = Some(ch.clone());
         Ok(ch)
@@ -164,7 +182,8 @@ impl Client {
                     return Ok(v);
                 }
                 Err(e) => {
-                    let may_resend = e.was_not_sent() || (retry == Retry::Idempotent && e.is_retryable());
+                    let may_resend =
+                        e.was_not_sent() || (retry == Retry::Idempotent && e.is_retryable());
                     tracing::debug!(endpoint = %self.inner.endpoints[idx].name, error = %e, may_resend, "request failed");
                     if !may_resend {
                         return Err(e);
@@ -200,7 +219,10 @@ impl Client {
                 }
                 Err(ClientError::from_status(&status, &ep.name))
             }
-            Err(_) => Err(ClientError::Timeout { endpoint: ep.name.clone(), timeout: self.inner.request_timeout }),
+            Err(_) => Err(ClientError::Timeout {
+                endpoint: ep.name.clone(),
+                timeout: self.inner.request_timeout,
+            }),
         }
     }
 
@@ -214,8 +236,16 @@ impl Client {
     }
 
     /// Linearizable read of a single key; `None` when it does not exist.
-    pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<crate::proto::mvccpb::KeyValue>, ClientError> {
-        let resp = self.range(pb::RangeRequest { key: key.into(), ..Default::default() }).await?;
+    pub async fn get(
+        &self,
+        key: impl Into<Vec<u8>>,
+    ) -> Result<Option<crate::proto::mvccpb::KeyValue>, ClientError> {
+        let resp = self
+            .range(pb::RangeRequest {
+                key: key.into(),
+                ..Default::default()
+            })
+            .await?;
         Ok(resp.kvs.into_iter().next())
     }
 
@@ -229,7 +259,10 @@ impl Client {
     }
 
     /// Deletes a key or range (`DeleteRange`).
-    pub async fn delete_range(&self, req: pb::DeleteRangeRequest) -> Result<pb::DeleteRangeResponse, ClientError> {
+    pub async fn delete_range(
+        &self,
+        req: pb::DeleteRangeRequest,
+    ) -> Result<pb::DeleteRangeResponse, ClientError> {
         self.with_failover(Retry::OnlyIfNotSent, |ch| {
             let req = req.clone();
             async move { KvClient::new(ch).delete_range(req).await }
@@ -239,10 +272,16 @@ impl Client {
 
     /// Runs a transaction. Treated as a write unless it contains only reads.
     pub async fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse, ClientError> {
-        let read_only = req.success.iter().chain(&req.failure).all(|op| {
-            matches!(op.request, Some(pb::request_op::Request::RequestRange(_)))
-        });
-        let retry = if read_only { Retry::Idempotent } else { Retry::OnlyIfNotSent };
+        let read_only = req
+            .success
+            .iter()
+            .chain(&req.failure)
+            .all(|op| matches!(op.request, Some(pb::request_op::Request::RequestRange(_))));
+        let retry = if read_only {
+            Retry::Idempotent
+        } else {
+            Retry::OnlyIfNotSent
+        };
         self.with_failover(retry, |ch| {
             let req = req.clone();
             async move { KvClient::new(ch).txn(req).await }
@@ -251,16 +290,26 @@ impl Client {
     }
 
     /// Compacts the history up to `revision`; `physical` waits until it is on disk.
-    pub async fn compact(&self, revision: i64, physical: bool) -> Result<pb::CompactionResponse, ClientError> {
+    pub async fn compact(
+        &self,
+        revision: i64,
+        physical: bool,
+    ) -> Result<pb::CompactionResponse, ClientError> {
         let req = pb::CompactionRequest { revision, physical };
-        self.with_failover(Retry::Idempotent, |ch| async move { KvClient::new(ch).compact(req).await })
-            .await
+        self.with_failover(Retry::Idempotent, |ch| async move {
+            KvClient::new(ch).compact(req).await
+        })
+        .await
     }
 
     /// Lists the cluster's members.
     pub async fn member_list(&self) -> Result<pb::MemberListResponse, ClientError> {
         self.with_failover(Retry::Idempotent, |ch| async move {
-            ClusterClient::new(ch).member_list(pb::MemberListRequest { linearizable: false }).await
+            ClusterClient::new(ch)
+                .member_list(pb::MemberListRequest {
+                    linearizable: false,
+                })
+                .await
         })
         .await
     }
@@ -278,7 +327,9 @@ impl Client {
     pub async fn status(&self, endpoint: &str) -> Result<pb::StatusResponse, ClientError> {
         let idx = self.endpoint_index(endpoint)?;
         self.call_one(idx, &|ch| async move {
-            MaintenanceClient::new(ch).status(pb::StatusRequest {}).await
+            MaintenanceClient::new(ch)
+                .status(pb::StatusRequest {})
+                .await
         })
         .await
     }
@@ -288,7 +339,10 @@ impl Client {
     pub async fn health(&self, endpoint: &str) -> Result<Duration, ClientError> {
         let idx = self.endpoint_index(endpoint)?;
         let started = Instant::now();
-        let req = pb::RangeRequest { key: b"health".to_vec(), ..Default::default() };
+        let req = pb::RangeRequest {
+            key: b"health".to_vec(),
+            ..Default::default()
+        };
         match self
             .call_one(idx, &|ch| {
                 let req = req.clone();
@@ -298,7 +352,10 @@ impl Client {
         {
             Ok(_) => Ok(started.elapsed()),
             // A permission error still proves the cluster committed the read.
-            Err(ClientError::Rpc { code: tonic::Code::PermissionDenied, .. }) => Ok(started.elapsed()),
+            Err(ClientError::Rpc {
+                code: tonic::Code::PermissionDenied,
+                ..
+            }) => Ok(started.elapsed()),
             Err(e) => Err(e),
         }
     }
@@ -326,26 +383,48 @@ mod tests {
 
     #[test]
     fn client_endpoint_forms() {
-        assert_eq!(endpoint_uri("127.0.0.1:2379").unwrap(), "http://127.0.0.1:2379");
+        assert_eq!(
+            endpoint_uri("127.0.0.1:2379").unwrap(),
+            "http://127.0.0.1:2379"
+        );
         assert_eq!(endpoint_uri("http://h:1").unwrap(), "http://h:1");
         assert!(endpoint_uri("").is_err());
         assert!(endpoint_uri("https://h:1").is_err());
-        assert!(Client::connect(ClientConfig { endpoints: vec![], ..Default::default() }).is_err());
+        assert!(Client::connect(ClientConfig {
+            endpoints: vec![],
+            ..Default::default()
+        })
+        .is_err());
     }
 
     #[tokio::test]
     async fn client_fails_over_from_refused_endpoint_and_reports_connect_errors() {
         // Nothing listens on these ports (bound then dropped), so both refuse.
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let a = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let client = Client::connect(ClientConfig {
             endpoints: vec![a.to_string(), b.to_string()],
             dial_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
         })
         .unwrap();
-        let err = client.put(pb::PutRequest { key: b"k".to_vec(), ..Default::default() }).await.unwrap_err();
+        let err = client
+            .put(pb::PutRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
         assert!(err.was_not_sent(), "{err:?}");
-        assert!(err.to_string().contains(&b.to_string()), "last endpoint tried reported: {err}");
+        assert!(
+            err.to_string().contains(&b.to_string()),
+            "last endpoint tried reported: {err}"
+        );
     }
 }

@@ -40,7 +40,11 @@ pub struct Watcher {
 }
 
 /// Opens the stream on endpoint `idx` and waits for the server to confirm creation.
-pub(super) async fn open(client: &Client, idx: usize, opts: &WatchOptions) -> Result<Watcher, ClientError> {
+pub(super) async fn open(
+    client: &Client,
+    idx: usize,
+    opts: &WatchOptions,
+) -> Result<Watcher, ClientError> {
     let endpoint = client.inner.endpoints[idx].name.clone();
     let timeout = client.inner.request_timeout;
     let ch = client.channel(idx).await?;
@@ -62,16 +66,22 @@ pub(super) async fn open(client: &Client, idx: usize, opts: &WatchOptions) -> Re
         watch_id: 0,
         fragment: false,
     };
-    tx.send(pb::WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) })
-        .await
-        .expect("receiver alive");
-    let timed_out = || ClientError::Timeout { endpoint: endpoint.clone(), timeout };
+    tx.send(pb::WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(create)),
+    })
+    .await
+    .expect("receiver alive");
+    let timed_out = || ClientError::Timeout {
+        endpoint: endpoint.clone(),
+        timeout,
+    };
     let status_err = |s: tonic::Status| ClientError::from_status(&s, &endpoint);
-    let mut responses = tokio::time::timeout(timeout, WatchClient::new(ch).watch(ReceiverStream::new(rx)))
-        .await
-        .map_err(|_| timed_out())?
-        .map_err(status_err)?
-        .into_inner();
+    let mut responses =
+        tokio::time::timeout(timeout, WatchClient::new(ch).watch(ReceiverStream::new(rx)))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(status_err)?
+            .into_inner();
     let first = tokio::time::timeout(timeout, responses.message())
         .await
         .map_err(|_| timed_out())?
@@ -82,7 +92,12 @@ pub(super) async fn open(client: &Client, idx: usize, opts: &WatchOptions) -> Re
             endpoint: endpoint.clone(),
         })?;
     check_canceled(&first)?;
-    Ok(Watcher { requests: tx, responses, watch_id: first.watch_id, endpoint })
+    Ok(Watcher {
+        requests: tx,
+        responses,
+        watch_id: first.watch_id,
+        endpoint,
+    })
 }
 
 fn check_canceled(resp: &pb::WatchResponse) -> Result<(), ClientError> {
@@ -95,7 +110,10 @@ fn check_canceled(resp: &pb::WatchResponse) -> Result<(), ClientError> {
         } else {
             resp.cancel_reason.clone()
         };
-        return Err(ClientError::WatchCanceled { reason, compact_revision: resp.compact_revision });
+        return Err(ClientError::WatchCanceled {
+            reason,
+            compact_revision: resp.compact_revision,
+        });
     }
     Ok(())
 }
@@ -123,18 +141,23 @@ impl Watcher {
     /// Asks the server for a progress notification (a response with no events
     /// carrying the current revision).
     pub async fn request_progress(&self) -> Result<(), ClientError> {
-        self.send(RequestUnion::ProgressRequest(pb::WatchProgressRequest {})).await
+        self.send(RequestUnion::ProgressRequest(pb::WatchProgressRequest {}))
+            .await
     }
 
     /// Asks the server to cancel this watch; the cancel confirmation arrives as an error from [`Watcher::message`].
     pub async fn cancel(&self) -> Result<(), ClientError> {
-        self.send(RequestUnion::CancelRequest(pb::WatchCancelRequest { watch_id: self.watch_id }))
-            .await
+        self.send(RequestUnion::CancelRequest(pb::WatchCancelRequest {
+            watch_id: self.watch_id,
+        }))
+        .await
     }
 
     async fn send(&self, req: RequestUnion) -> Result<(), ClientError> {
         self.requests
-            .send(pb::WatchRequest { request_union: Some(req) })
+            .send(pb::WatchRequest {
+                request_union: Some(req),
+            })
             .await
             .map_err(|_| ClientError::Rpc {
                 code: tonic::Code::Cancelled,

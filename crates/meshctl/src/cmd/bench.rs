@@ -46,8 +46,15 @@ impl Plan {
             BenchCommand::Put(a) => (Op::Put, a),
             BenchCommand::Get(a) => (Op::Get, a),
         };
-        if a.clients == 0 || a.conns == 0 || a.total == 0 || a.key_space_size == 0 || a.key_size == 0 {
-            bail!("--clients, --conns, --total, --key-size and --key-space-size must be at least 1");
+        if a.clients == 0
+            || a.conns == 0
+            || a.total == 0
+            || a.key_space_size == 0
+            || a.key_size == 0
+        {
+            bail!(
+                "--clients, --conns, --total, --key-size and --key-space-size must be at least 1"
+            );
         }
         Ok(Plan {
             op,
@@ -64,7 +71,11 @@ impl Plan {
 
     /// The key of request number `n`: a zero-padded decimal index in the key space.
     fn key(&self, n: u64) -> Vec<u8> {
-        let k = if self.sequential_keys { n % self.key_space_size } else { rand::rng().random_range(0..self.key_space_size) };
+        let k = if self.sequential_keys {
+            n % self.key_space_size
+        } else {
+            rand::rng().random_range(0..self.key_space_size)
+        };
         format!("{k:0width$}", width = self.key_size).into_bytes()
     }
 }
@@ -80,12 +91,28 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
-async fn one_request(client: &Client, plan: &Plan, n: u64, value: &[u8]) -> Result<(), ClientError> {
+async fn one_request(
+    client: &Client,
+    plan: &Plan,
+    n: u64,
+    value: &[u8],
+) -> Result<(), ClientError> {
     let key = plan.key(n);
     match plan.op {
-        Op::Put => client.put(pb::PutRequest { key, value: value.to_vec(), ..Default::default() }).await.map(drop),
+        Op::Put => client
+            .put(pb::PutRequest {
+                key,
+                value: value.to_vec(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
         Op::Get => client
-            .range(pb::RangeRequest { key, serializable: plan.serializable, ..Default::default() })
+            .range(pb::RangeRequest {
+                key,
+                serializable: plan.serializable,
+                ..Default::default()
+            })
             .await
             .map(drop),
     }
@@ -93,7 +120,11 @@ async fn one_request(client: &Client, plan: &Plan, n: u64, value: &[u8]) -> Resu
 
 async fn worker(client: Client, plan: Arc<Plan>, next: Arc<AtomicU64>, bar: ProgressBar) -> Tally {
     let value = vec![b'v'; plan.val_size];
-    let mut tally = Tally { latencies_us: histogram(), errors: 0, first_error: None };
+    let mut tally = Tally {
+        latencies_us: histogram(),
+        errors: 0,
+        first_error: None,
+    };
     loop {
         let n = next.fetch_add(1, Ordering::Relaxed);
         if n >= plan.total {
@@ -101,7 +132,9 @@ async fn worker(client: Client, plan: Arc<Plan>, next: Arc<AtomicU64>, bar: Prog
         }
         let started = Instant::now();
         match one_request(&client, &plan, n, &value).await {
-            Ok(()) => tally.latencies_us.saturating_record(started.elapsed().as_micros().max(1) as u64),
+            Ok(()) => tally
+                .latencies_us
+                .saturating_record(started.elapsed().as_micros().max(1) as u64),
             Err(e) => {
                 tally.errors += 1;
                 tally.first_error.get_or_insert_with(|| e.to_string());
@@ -136,7 +169,13 @@ struct Latency {
     max: f64,
 }
 
-fn report(plan: &Plan, h: &Histogram<u64>, errors: u64, first_error: Option<String>, elapsed: Duration) -> Report {
+fn report(
+    plan: &Plan,
+    h: &Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+    elapsed: Duration,
+) -> Report {
     let ms = |us: u64| us as f64 / 1000.0;
     let secs = elapsed.as_secs_f64().max(f64::EPSILON);
     Report {
@@ -162,10 +201,22 @@ fn report(plan: &Plan, h: &Histogram<u64>, errors: u64, first_error: Option<Stri
 
 fn print_simple(out: &mut dyn Write, r: &Report) -> std::io::Result<()> {
     writeln!(out, "Summary:")?;
-    writeln!(out, "  Operation:\t{:?}", r.operation)?;
-    writeln!(out, "  Clients:\t{} over {} connection(s)", r.clients, r.conns)?;
+    writeln!(
+        out,
+        "  Operation:\t{}",
+        if r.operation == Op::Put { "put" } else { "get" }
+    )?;
+    writeln!(
+        out,
+        "  Clients:\t{} over {} connection(s)",
+        r.clients, r.conns
+    )?;
     writeln!(out, "  Total:\t{:.4} secs", r.elapsed_secs)?;
-    writeln!(out, "  Requests:\t{} ({} ok, {} errors)", r.total, r.succeeded, r.errors)?;
+    writeln!(
+        out,
+        "  Requests:\t{} ({} ok, {} errors)",
+        r.total, r.succeeded, r.errors
+    )?;
     writeln!(out, "  Throughput:\t{:.2} req/s", r.throughput_rps)?;
     if let Some(e) = &r.first_error {
         writeln!(out, "  First error:\t{e}")?;
@@ -173,7 +224,14 @@ fn print_simple(out: &mut dyn Write, r: &Report) -> std::io::Result<()> {
     writeln!(out)?;
     writeln!(out, "Latency (ms):")?;
     let l = &r.latency_ms;
-    for (name, v) in [("mean", l.mean), ("p50", l.p50), ("p90", l.p90), ("p99", l.p99), ("p99.9", l.p99_9), ("max", l.max)] {
+    for (name, v) in [
+        ("mean", l.mean),
+        ("p50", l.p50),
+        ("p90", l.p90),
+        ("p99", l.p99),
+        ("p99.9", l.p99_9),
+        ("max", l.max),
+    ] {
         writeln!(out, "  {name}:\t{v:.3}")?;
     }
     Ok(())
@@ -192,7 +250,14 @@ pub async fn run(global: &Global, out: &mut dyn Write, cmd: BenchCommand) -> Res
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let tasks: Vec<_> = (0..plan.clients)
-        .map(|i| tokio::spawn(worker(conns[i % conns.len()].clone(), plan.clone(), next.clone(), bar.clone())))
+        .map(|i| {
+            tokio::spawn(worker(
+                conns[i % conns.len()].clone(),
+                plan.clone(),
+                next.clone(),
+                bar.clone(),
+            ))
+        })
         .collect();
     let mut all = histogram();
     let mut errors = 0;

@@ -23,7 +23,11 @@ async fn target(global: &Global, cluster: bool) -> Result<Client> {
     }
     let members = client.member_list().await?;
     let mut config = global.client.clone();
-    config.endpoints = members.members.iter().flat_map(|m| m.client_ur_ls.clone()).collect();
+    config.endpoints = members
+        .members
+        .iter()
+        .flat_map(|m| m.client_ur_ls.clone())
+        .collect();
     Ok(Client::connect(config)?)
 }
 
@@ -58,8 +62,18 @@ pub async fn health(global: &Global, out: &mut dyn Write, cluster: bool) -> Resu
         .into_iter()
         .zip(results)
         .map(|(endpoint, r)| match r {
-            Ok(took) => Health { endpoint, health: true, took: output::go_duration(took), error: None },
-            Err(e) => Health { endpoint, health: false, took: String::new(), error: Some(e.to_string()) },
+            Ok(took) => Health {
+                endpoint,
+                health: true,
+                took: output::go_duration(took),
+                error: None,
+            },
+            Err(e) => Health {
+                endpoint,
+                health: false,
+                took: String::new(),
+                error: Some(e.to_string()),
+            },
         })
         .collect();
     output::endpoint_health(out, global.format, &report)?;

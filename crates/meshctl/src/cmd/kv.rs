@@ -11,7 +11,10 @@ use crate::output::{self, Format, GetView};
 
 pub async fn get(client: &Client, out: &mut dyn Write, f: Format, a: &GetArgs) -> Result<()> {
     let resp = client.range(config::range_request(a)?).await?;
-    let view = GetView { print_value_only: a.print_value_only, count_only: a.count_only };
+    let view = GetView {
+        print_value_only: a.print_value_only,
+        count_only: a.count_only,
+    };
     output::get(out, f, &resp, view)?;
     out.flush()?;
     if a.require && resp.count == 0 && resp.kvs.is_empty() {
@@ -24,14 +27,19 @@ pub async fn get(client: &Client, out: &mut dyn Write, f: Format, a: &GetArgs) -
 /// is kept, as etcdctl does); nothing with `--ignore-value`.
 fn put_value(a: &PutArgs) -> Result<Vec<u8>> {
     match (&a.value, a.ignore_value) {
-        (Some(_), true) => Err(Exit::Usage("put: VALUE cannot be given with --ignore-value".into()).into()),
+        (Some(_), true) => {
+            Err(Exit::Usage("put: VALUE cannot be given with --ignore-value".into()).into())
+        }
         (Some(v), false) => Ok(v.clone().into_bytes()),
         (None, true) => Ok(Vec::new()),
         (None, false) => {
             let mut buf = Vec::new();
             std::io::stdin().read_to_end(&mut buf)?;
             if buf.is_empty() {
-                return Err(Exit::Usage("put command needs 1 argument and input from stdin or 2 arguments".into()).into());
+                return Err(Exit::Usage(
+                    "put command needs 1 argument and input from stdin or 2 arguments".into(),
+                )
+                .into());
             }
             Ok(buf)
         }
@@ -51,7 +59,12 @@ pub async fn del(client: &Client, out: &mut dyn Write, f: Format, a: &DelArgs) -
     Ok(out.flush()?)
 }
 
-pub async fn compact(client: &Client, out: &mut dyn Write, f: Format, a: &CompactArgs) -> Result<()> {
+pub async fn compact(
+    client: &Client,
+    out: &mut dyn Write,
+    f: Format,
+    a: &CompactArgs,
+) -> Result<()> {
     let resp = client.compact(a.revision, a.physical).await?;
     output::compact(out, f, a.revision, &resp)?;
     Ok(out.flush()?)

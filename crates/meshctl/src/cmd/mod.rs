@@ -56,8 +56,12 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Cas(a) => txn::cas(&client()?, &mut out, f, &a).await,
         Command::Watch(a) => watch::watch(&client()?, &mut out, f, &a).await,
         Command::Member(MemberCommand::List) => cluster::member_list(&client()?, &mut out, f).await,
-        Command::Endpoint(EndpointCommand::Status { cluster }) => cluster::status(&global, &mut out, cluster).await,
-        Command::Endpoint(EndpointCommand::Health { cluster }) => cluster::health(&global, &mut out, cluster).await,
+        Command::Endpoint(EndpointCommand::Status { cluster }) => {
+            cluster::status(&global, &mut out, cluster).await
+        }
+        Command::Endpoint(EndpointCommand::Health { cluster }) => {
+            cluster::health(&global, &mut out, cluster).await
+        }
         Command::Bench(b) => bench::run(&global, &mut out, b).await,
         Command::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "meshctl", &mut out);

@@ -15,7 +15,11 @@ use crate::txn_syntax;
 
 /// Reads the three sections; in interactive mode each is announced with etcdctl's prompt.
 fn read_txn_text(interactive: bool, out: &mut dyn Write) -> Result<String> {
-    const PROMPTS: [&str; 3] = ["compares:", "success requests (get, put, del):", "failure requests (get, put, del):"];
+    const PROMPTS: [&str; 3] = [
+        "compares:",
+        "success requests (get, put, del):",
+        "failure requests (get, put, del):",
+    ];
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     let mut text = String::new();
@@ -51,10 +55,22 @@ pub async fn txn(client: &Client, out: &mut dyn Write, f: Format, a: &TxnArgs) -
 pub async fn cas(client: &Client, out: &mut dyn Write, f: Format, a: &CasArgs) -> Result<()> {
     let key = a.key.as_bytes().to_vec();
     let (target, result, union) = match (&a.expect_value, a.expect_rev, a.create) {
-        (Some(v), _, _) => (CompareTarget::Value, CompareResult::Equal, TargetUnion::Value(v.clone().into_bytes())),
-        (_, Some(rev), _) => (CompareTarget::Mod, CompareResult::Equal, TargetUnion::ModRevision(rev)),
+        (Some(v), _, _) => (
+            CompareTarget::Value,
+            CompareResult::Equal,
+            TargetUnion::Value(v.clone().into_bytes()),
+        ),
+        (_, Some(rev), _) => (
+            CompareTarget::Mod,
+            CompareResult::Equal,
+            TargetUnion::ModRevision(rev),
+        ),
         // A key that does not exist has create revision 0.
-        _ => (CompareTarget::Create, CompareResult::Equal, TargetUnion::CreateRevision(0)),
+        _ => (
+            CompareTarget::Create,
+            CompareResult::Equal,
+            TargetUnion::CreateRevision(0),
+        ),
     };
     let req = pb::TxnRequest {
         compare: vec![pb::Compare {
@@ -72,7 +88,10 @@ pub async fn cas(client: &Client, out: &mut dyn Write, f: Format, a: &CasArgs) -
             })),
         }],
         failure: vec![pb::RequestOp {
-            request: Some(Request::RequestRange(pb::RangeRequest { key, ..Default::default() })),
+            request: Some(Request::RequestRange(pb::RangeRequest {
+                key,
+                ..Default::default()
+            })),
         }],
     };
     let resp = client.txn(req).await?;

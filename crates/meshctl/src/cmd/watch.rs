@@ -1,6 +1,6 @@
 //! `watch`: print events until SIGINT (exit 0); with `-- CMD ARGS...` run CMD once
-//! per event with ETCD_WATCH_* (quoted like etcdctl's `%q`) and MESHCTL_WATCH_* (raw
-//! bytes) in its environment.
+//! per event with ETCD_WATCH_* (exactly as etcdctl: `%q`-quoted, revision of the
+//! response) and MESHCTL_WATCH_* (raw bytes, revision of the event) in its environment.
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::ffi::OsStringExt;
@@ -54,6 +54,8 @@ pub async fn watch(client: &Client, out: &mut dyn Write, f: Format, a: &WatchArg
 /// The per-event command with its environment.
 fn event_command(exec: &[String], revision: i64, ev: &mvccpb::Event) -> tokio::process::Command {
     let kv = ev.kv.clone().unwrap_or_default();
+    // etcdctl exports the response's header revision; ours is the event's own.
+    let event_revision = kv.mod_revision;
     let kind = output::event_type(ev);
     let mut cmd = tokio::process::Command::new(&exec[0]);
     cmd.args(&exec[1..])
@@ -61,7 +63,7 @@ fn event_command(exec: &[String], revision: i64, ev: &mvccpb::Event) -> tokio::p
         .env("ETCD_WATCH_EVENT_TYPE", go_quote(kind.as_bytes()))
         .env("ETCD_WATCH_KEY", go_quote(&kv.key))
         .env("ETCD_WATCH_VALUE", go_quote(&kv.value))
-        .env("MESHCTL_WATCH_REVISION", revision.to_string())
+        .env("MESHCTL_WATCH_REVISION", event_revision.to_string())
         .env("MESHCTL_WATCH_EVENT_TYPE", kind)
         .env("MESHCTL_WATCH_KEY", OsString::from_vec(kv.key))
         .env("MESHCTL_WATCH_VALUE", OsString::from_vec(kv.value))

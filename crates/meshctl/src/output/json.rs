@@ -85,7 +85,12 @@ pub struct Range {
 }
 
 pub fn range(r: &pb::RangeResponse) -> Range {
-    Range { header: header(&r.header), kvs: kvs(&r.kvs), more: r.more, count: r.count }
+    Range {
+        header: header(&r.header),
+        kvs: kvs(&r.kvs),
+        more: r.more,
+        count: r.count,
+    }
 }
 
 #[derive(Serialize)]
@@ -97,7 +102,10 @@ pub struct Put {
 }
 
 pub fn put(r: &pb::PutResponse) -> Put {
-    Put { header: header(&r.header), prev_kv: r.prev_kv.as_ref().map(kv) }
+    Put {
+        header: header(&r.header),
+        prev_kv: r.prev_kv.as_ref().map(kv),
+    }
 }
 
 #[derive(Serialize)]
@@ -111,7 +119,11 @@ pub struct Delete {
 }
 
 pub fn delete(r: &pb::DeleteRangeResponse) -> Delete {
-    Delete { header: header(&r.header), deleted: r.deleted, prev_kvs: kvs(&r.prev_kvs) }
+    Delete {
+        header: header(&r.header),
+        deleted: r.deleted,
+        prev_kvs: kvs(&r.prev_kvs),
+    }
 }
 
 /// Go's JSON of a protobuf oneof: `{"Response":{"ResponsePut":{...}}}`.
@@ -122,6 +134,8 @@ pub struct ResponseOp {
 }
 
 #[derive(Serialize)]
+/// Variant names are the JSON keys etcdctl prints.
+#[allow(clippy::enum_variant_names)]
 pub enum OneOf {
     ResponseRange(Range),
     ResponsePut(Put),
@@ -193,7 +207,11 @@ pub fn watch(r: &pb::WatchResponse) -> Watch {
         events: r
             .events
             .iter()
-            .map(|e| Event { kind: e.r#type, kv: e.kv.as_ref().map(kv), prev_kv: e.prev_kv.as_ref().map(kv) })
+            .map(|e| Event {
+                kind: e.r#type,
+                kv: e.kv.as_ref().map(kv),
+                prev_kv: e.prev_kv.as_ref().map(kv),
+            })
             .collect(),
         compact_revision: r.compact_revision,
         canceled: r.canceled,

@@ -40,7 +40,10 @@ pub fn get(out: &mut dyn Write, f: Format, r: &pb::RangeResponse, view: GetView)
     match f {
         Format::Json => write_json(out, &json::range(r)),
         Format::Simple if view.count_only => writeln!(out, "{}", r.count),
-        Format::Simple => r.kvs.iter().try_for_each(|kv| simple_kv(out, kv, view.print_value_only)),
+        Format::Simple => r
+            .kvs
+            .iter()
+            .try_for_each(|kv| simple_kv(out, kv, view.print_value_only)),
         Format::Table => {
             let rows: Vec<Vec<String>> = r
                 .kvs
@@ -52,11 +55,21 @@ pub fn get(out: &mut dyn Write, f: Format, r: &pb::RangeResponse, view: GetView)
                         kv.create_revision.to_string(),
                         kv.mod_revision.to_string(),
                         kv.version.to_string(),
-                        if kv.lease == 0 { String::new() } else { format!("{:x}", kv.lease) },
+                        if kv.lease == 0 {
+                            String::new()
+                        } else {
+                            format!("{:x}", kv.lease)
+                        },
                     ]
                 })
                 .collect();
-            out.write_all(table::render(&["KEY", "VALUE", "CREATE REV", "MOD REV", "VERSION", "LEASE"], &rows).as_bytes())
+            out.write_all(
+                table::render(
+                    &["KEY", "VALUE", "CREATE REV", "MOD REV", "VERSION", "LEASE"],
+                    &rows,
+                )
+                .as_bytes(),
+            )
         }
     }
 }
@@ -66,7 +79,9 @@ pub fn put(out: &mut dyn Write, f: Format, r: &pb::PutResponse) -> io::Result<()
         Format::Json => write_json(out, &json::put(r)),
         Format::Simple | Format::Table => {
             writeln!(out, "OK")?;
-            r.prev_kv.as_ref().map_or(Ok(()), |kv| simple_kv(out, kv, false))
+            r.prev_kv
+                .as_ref()
+                .map_or(Ok(()), |kv| simple_kv(out, kv, false))
         }
     }
 }
@@ -76,7 +91,9 @@ pub fn delete(out: &mut dyn Write, f: Format, r: &pb::DeleteRangeResponse) -> io
         Format::Json => write_json(out, &json::delete(r)),
         Format::Simple | Format::Table => {
             writeln!(out, "{}", r.deleted)?;
-            r.prev_kvs.iter().try_for_each(|kv| simple_kv(out, kv, false))
+            r.prev_kvs
+                .iter()
+                .try_for_each(|kv| simple_kv(out, kv, false))
         }
     }
 }
@@ -111,7 +128,11 @@ pub fn watch(out: &mut dyn Write, f: Format, r: &pb::WatchResponse) -> io::Resul
         if let Some(prev) = &ev.prev_kv {
             simple_kv(out, prev, false)?;
         }
-        simple_kv(out, ev.kv.as_ref().unwrap_or(&mvccpb::KeyValue::default()), false)?;
+        simple_kv(
+            out,
+            ev.kv.as_ref().unwrap_or(&mvccpb::KeyValue::default()),
+            false,
+        )?;
     }
     Ok(())
 }
@@ -123,9 +144,17 @@ pub fn event_type(ev: &mvccpb::Event) -> &'static str {
     }
 }
 
-pub fn compact(out: &mut dyn Write, f: Format, revision: i64, r: &pb::CompactionResponse) -> io::Result<()> {
+pub fn compact(
+    out: &mut dyn Write,
+    f: Format,
+    revision: i64,
+    r: &pb::CompactionResponse,
+) -> io::Result<()> {
     match f {
-        Format::Json => write_json(out, &serde_json::json!({ "header": json::header(&r.header) })),
+        Format::Json => write_json(
+            out,
+            &serde_json::json!({ "header": json::header(&r.header) }),
+        ),
         Format::Simple | Format::Table => writeln!(out, "compacted revision {revision}"),
     }
 }
@@ -133,7 +162,12 @@ pub fn compact(out: &mut dyn Write, f: Format, revision: i64, r: &pb::Compaction
 fn member_row(m: &pb::Member) -> Vec<String> {
     vec![
         format!("{:x}", m.id),
-        if m.name.is_empty() { "unstarted" } else { "started" }.to_string(),
+        if m.name.is_empty() {
+            "unstarted"
+        } else {
+            "started"
+        }
+        .to_string(),
         m.name.clone(),
         m.peer_ur_ls.join(","),
         m.client_ur_ls.join(","),
@@ -145,9 +179,22 @@ pub fn member_list(out: &mut dyn Write, f: Format, r: &pb::MemberListResponse) -
     let rows: Vec<Vec<String>> = r.members.iter().map(member_row).collect();
     match f {
         Format::Json => write_json(out, &json::member_list(r)),
-        Format::Simple => rows.iter().try_for_each(|row| writeln!(out, "{}", row.join(", "))),
+        Format::Simple => rows
+            .iter()
+            .try_for_each(|row| writeln!(out, "{}", row.join(", "))),
         Format::Table => out.write_all(
-            table::render(&["ID", "STATUS", "NAME", "PEER ADDRS", "CLIENT ADDRS", "IS LEARNER"], &rows).as_bytes(),
+            table::render(
+                &[
+                    "ID",
+                    "STATUS",
+                    "NAME",
+                    "PEER ADDRS",
+                    "CLIENT ADDRS",
+                    "IS LEARNER",
+                ],
+                &rows,
+            )
+            .as_bytes(),
         ),
     }
 }
@@ -169,14 +216,23 @@ fn status_row(endpoint: &str, s: &pb::StatusResponse) -> Vec<String> {
 }
 
 /// The endpoints that answered, in order.
-pub fn endpoint_status(out: &mut dyn Write, f: Format, statuses: &[(String, pb::StatusResponse)]) -> io::Result<()> {
+pub fn endpoint_status(
+    out: &mut dyn Write,
+    f: Format,
+    statuses: &[(String, pb::StatusResponse)],
+) -> io::Result<()> {
     let rows: Vec<Vec<String>> = statuses.iter().map(|(ep, s)| status_row(ep, s)).collect();
     match f {
         Format::Json => {
-            let list: Vec<_> = statuses.iter().map(|(ep, s)| json::endpoint_status(ep, s)).collect();
+            let list: Vec<_> = statuses
+                .iter()
+                .map(|(ep, s)| json::endpoint_status(ep, s))
+                .collect();
             write_json(out, &list)
         }
-        Format::Simple => rows.iter().try_for_each(|row| writeln!(out, "{}", row.join(", "))),
+        Format::Simple => rows
+            .iter()
+            .try_for_each(|row| writeln!(out, "{}", row.join(", "))),
         Format::Table => out.write_all(
             table::render(
                 &[
@@ -202,13 +258,28 @@ pub fn endpoint_health(out: &mut dyn Write, f: Format, results: &[Health]) -> io
     match f {
         Format::Json => write_json(out, &results),
         Format::Simple => results.iter().try_for_each(|h| match &h.error {
-            None => writeln!(out, "{} is healthy: successfully committed proposal: took = {}", h.endpoint, h.took),
-            Some(e) => writeln!(out, "{} is unhealthy: failed to commit proposal: {e}", h.endpoint),
+            None => writeln!(
+                out,
+                "{} is healthy: successfully committed proposal: took = {}",
+                h.endpoint, h.took
+            ),
+            Some(e) => writeln!(
+                out,
+                "{} is unhealthy: failed to commit proposal: {e}",
+                h.endpoint
+            ),
         }),
         Format::Table => {
             let rows: Vec<Vec<String>> = results
                 .iter()
-                .map(|h| vec![h.endpoint.clone(), h.health.to_string(), h.took.clone(), h.error.clone().unwrap_or_default()])
+                .map(|h| {
+                    vec![
+                        h.endpoint.clone(),
+                        h.health.to_string(),
+                        h.took.clone(),
+                        h.error.clone().unwrap_or_default(),
+                    ]
+                })
                 .collect();
             out.write_all(table::render(&["ENDPOINT", "HEALTH", "TOOK", "ERROR"], &rows).as_bytes())
         }
@@ -235,7 +306,12 @@ mod tests {
         }
     }
     fn hdr() -> Option<pb::ResponseHeader> {
-        Some(pb::ResponseHeader { cluster_id: 324952591200643719, member_id: 3319814642761637952, revision: 4, raft_term: 2 })
+        Some(pb::ResponseHeader {
+            cluster_id: 324952591200643719,
+            member_id: 3319814642761637952,
+            revision: 4,
+            raft_term: 2,
+        })
     }
     fn render(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> String {
         let mut buf = Vec::new();
@@ -245,11 +321,25 @@ mod tests {
 
     #[test]
     fn get_simple_and_json_match_etcdctl() {
-        let r = pb::RangeResponse { header: hdr(), kvs: vec![kv("foo", "baz"), kv("foo2", "bar 2")], more: false, count: 2 };
-        assert_eq!(render(|o| get(o, Format::Simple, &r, GetView::default())), "foo\nbaz\nfoo2\nbar 2\n");
-        let vo = GetView { print_value_only: true, ..Default::default() };
+        let r = pb::RangeResponse {
+            header: hdr(),
+            kvs: vec![kv("foo", "baz"), kv("foo2", "bar 2")],
+            more: false,
+            count: 2,
+        };
+        assert_eq!(
+            render(|o| get(o, Format::Simple, &r, GetView::default())),
+            "foo\nbaz\nfoo2\nbar 2\n"
+        );
+        let vo = GetView {
+            print_value_only: true,
+            ..Default::default()
+        };
         assert_eq!(render(|o| get(o, Format::Simple, &r, vo)), "baz\nbar 2\n");
-        let co = GetView { count_only: true, ..Default::default() };
+        let co = GetView {
+            count_only: true,
+            ..Default::default()
+        };
         assert_eq!(render(|o| get(o, Format::Simple, &r, co)), "2\n");
         // Captured from etcdctl 3.4 (second kv trimmed to the first's revisions).
         assert_eq!(
@@ -267,25 +357,47 @@ mod tests {
             header: hdr(),
             succeeded: true,
             responses: vec![
-                pb::ResponseOp { response: Some(Response::ResponsePut(pb::PutResponse::default())) },
                 pb::ResponseOp {
-                    response: Some(Response::ResponseRange(pb::RangeResponse { kvs: vec![kv("k1", "v2")], ..Default::default() })),
+                    response: Some(Response::ResponsePut(pb::PutResponse::default())),
                 },
-                pb::ResponseOp { response: Some(Response::ResponseDeleteRange(pb::DeleteRangeResponse::default())) },
+                pb::ResponseOp {
+                    response: Some(Response::ResponseRange(pb::RangeResponse {
+                        kvs: vec![kv("k1", "v2")],
+                        ..Default::default()
+                    })),
+                },
+                pb::ResponseOp {
+                    response: Some(Response::ResponseDeleteRange(
+                        pb::DeleteRangeResponse::default(),
+                    )),
+                },
             ],
         };
-        assert_eq!(render(|o| txn(o, Format::Simple, &r)), "SUCCESS\n\nOK\n\nk1\nv2\n\n0\n");
+        assert_eq!(
+            render(|o| txn(o, Format::Simple, &r)),
+            "SUCCESS\n\nOK\n\nk1\nv2\n\n0\n"
+        );
         let json = render(|o| txn(o, Format::Json, &r));
-        assert!(json.contains("\"succeeded\":true,\"responses\":[{\"Response\":{\"ResponsePut\":{}}}"), "{json}");
+        assert!(
+            json.contains("\"succeeded\":true,\"responses\":[{\"Response\":{\"ResponsePut\":{}}}"),
+            "{json}"
+        );
     }
 
     #[test]
     fn watch_simple_with_prev_kv_matches_etcdctl() {
         let r = pb::WatchResponse {
-            events: vec![mvccpb::Event { r#type: 1, kv: Some(kv("k1", "")), prev_kv: Some(kv("k1", "w1")) }],
+            events: vec![mvccpb::Event {
+                r#type: 1,
+                kv: Some(kv("k1", "")),
+                prev_kv: Some(kv("k1", "w1")),
+            }],
             ..Default::default()
         };
-        assert_eq!(render(|o| watch(o, Format::Simple, &r)), "DELETE\nk1\nw1\nk1\n\n");
+        assert_eq!(
+            render(|o| watch(o, Format::Simple, &r)),
+            "DELETE\nk1\nw1\nk1\n\n"
+        );
     }
 
     #[test]
@@ -318,6 +430,8 @@ mod tests {
             render(|o| member_list(o, Format::Simple, &m)),
             "2e1259d415f2a040, started, default, http://127.0.0.1:23800, http://127.0.0.1:23790, false\n"
         );
-        assert!(render(|o| member_list(o, Format::Json, &m)).contains("\"members\":[{\"ID\":3319814642761637952,\"name\":\"default\",\"peerURLs\""));
+        assert!(render(|o| member_list(o, Format::Json, &m)).contains(
+            "\"members\":[{\"ID\":3319814642761637952,\"name\":\"default\",\"peerURLs\""
+        ));
     }
 }

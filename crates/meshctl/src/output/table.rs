@@ -9,7 +9,11 @@ pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let border: String = widths.iter().map(|w| format!("+{}", "-".repeat(w + 2))).collect::<String>() + "+\n";
+    let border: String = widths
+        .iter()
+        .map(|w| format!("+{}", "-".repeat(w + 2)))
+        .collect::<String>()
+        + "+\n";
     let mut out = border.clone();
     for (h, w) in headers.iter().zip(&widths) {
         let pad = w - h.chars().count();
@@ -61,7 +65,10 @@ mod tests {
 
     #[test]
     fn table_layout_matches_etcdctl() {
-        let t = render(&["ID", "STATUS"], &[vec!["2e1259d415f2a040".into(), "started".into()]]);
+        let t = render(
+            &["ID", "STATUS"],
+            &[vec!["2e1259d415f2a040".into(), "started".into()]],
+        );
         assert_eq!(
             t,
             "+------------------+---------+\n\

@@ -6,7 +6,7 @@ pub const EXIT_CODES: &str = "\
 Exit codes:
   0  success (also when stdout is closed early, e.g. `meshctl get --prefix a | head -1`)
   1  error (the server's error text is printed as `Error: ...` on stderr)
-  2  usage error
+  2  usage error (unknown flag, missing argument, or a flag value that does not parse)
   3  compare failed (`cas`)
   4  key not found (`get --require`)";
 

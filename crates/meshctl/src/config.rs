@@ -3,12 +3,20 @@
 //! etcd requests, with every string (durations, hex IDs, sort names) checked here.
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use mesh_core::client::{from_key_range_end, prefix_range_end, ClientConfig};
 use mesh_core::proto::etcdserverpb as pb;
 use pb::range_request::{SortOrder, SortTarget};
 
 use crate::cli::{Cli, DelArgs, GetArgs, OutputFormat, PutArgs};
+
+/// Returns early with a usage error (exit 2): a flag value that clap accepted as a
+/// string but that does not mean anything.
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err(crate::cmd::Exit::Usage(format!($($arg)*)).into())
+    };
+}
 
 /// Settings every command shares.
 #[derive(Debug, Clone)]
@@ -58,9 +66,9 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
         if num_len == 0 {
             bail!("invalid duration {s:?}: expected a number at {rest:?}");
         }
-        let n: f64 = rest[..num_len]
-            .parse()
-            .with_context(|| format!("invalid duration {s:?}"))?;
+        let Ok(n) = rest[..num_len].parse::<f64>() else {
+            bail!("invalid duration {s:?}: bad number {:?}", &rest[..num_len]);
+        };
         rest = &rest[num_len..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
@@ -84,9 +92,10 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
 /// Parses a lease ID the way etcdctl prints it: hex, optional `0x`.
 pub fn parse_lease_id(s: &str) -> Result<i64> {
     let digits = s.trim().trim_start_matches("0x");
-    let id = u64::from_str_radix(digits, 16)
-        .with_context(|| format!("bad lease ID {s:?}: expected hex, e.g. 694d77aa9e38260f"))?;
-    Ok(id as i64)
+    match u64::from_str_radix(digits, 16) {
+        Ok(id) => Ok(id as i64),
+        Err(_) => bail!("bad lease ID {s:?}: expected hex, e.g. 694d77aa9e38260f"),
+    }
 }
 
 /// `l` (linearizable) → false, `s` (serializable) → true.

@@ -46,7 +46,9 @@ fn read_txn_text(interactive: bool, out: &mut dyn Write) -> Result<String> {
 pub async fn txn(client: &Client, out: &mut dyn Write, f: Format, a: &TxnArgs) -> Result<()> {
     let interactive = a.interactive || std::io::stdin().is_terminal();
     let text = read_txn_text(interactive, out)?;
-    let req = txn_syntax::parse_txn(&text)?;
+    // Bad txn text is bad input data (exit 1), even where a piece of it, like a
+    // lease ID, would be a usage error (exit 2) as a flag: flatten the chain.
+    let req = txn_syntax::parse_txn(&text).map_err(|e| anyhow::anyhow!("{e:#}"))?;
     let resp = client.txn(req).await?;
     output::txn(out, f, &resp)?;
     Ok(out.flush()?)

@@ -587,6 +587,15 @@ fn help_documents_exit_codes() {
         Some(2)
     );
     let out = Command::new(MESHCTL)
+        .args(["--timeout", "5", "get", "k"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "Error: --timeout: invalid duration \"5\": missing unit (e.g. 5s, 500ms)\n"
+    );
+    let out = Command::new(MESHCTL)
         .args(["completion", "bash"])
         .output()
         .unwrap();

@@ -86,16 +86,25 @@ Syntax (one item per line):
   failure:   same as success
 Quote keys or values containing spaces with double quotes.";
 
+/// A key or a range of keys, as get, del and watch take them.
 #[derive(Debug, Clone, Args)]
-pub struct GetArgs {
+pub struct KeyRange {
+    /// The key, or the start of the range.
     pub key: String,
+    /// End of the half-open range [KEY, RANGE_END).
     pub range_end: Option<String>,
-    /// Get keys with this prefix.
+    /// Every key starting with KEY.
     #[arg(long)]
     pub prefix: bool,
-    /// Get keys >= KEY (byte order).
+    /// Every key >= KEY (byte order).
     #[arg(long)]
     pub from_key: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub range: KeyRange,
     /// Read at this revision.
     #[arg(long, default_value_t = 0)]
     pub rev: i64,
@@ -146,14 +155,8 @@ pub struct PutArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct DelArgs {
-    pub key: String,
-    pub range_end: Option<String>,
-    /// Delete keys with this prefix.
-    #[arg(long)]
-    pub prefix: bool,
-    /// Delete keys >= KEY (byte order).
-    #[arg(long)]
-    pub from_key: bool,
+    #[command(flatten)]
+    pub range: KeyRange,
     /// Print the deleted key-values.
     #[arg(long)]
     pub prev_kv: bool,
@@ -184,11 +187,8 @@ pub struct CasArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct WatchArgs {
-    pub key: String,
-    pub range_end: Option<String>,
-    /// Watch keys with this prefix.
-    #[arg(long)]
-    pub prefix: bool,
+    #[command(flatten)]
+    pub range: KeyRange,
     /// Start from this revision (inclusive).
     #[arg(long, default_value_t = 0)]
     pub rev: i64,

@@ -8,7 +8,7 @@ use mesh_core::client::{from_key_range_end, prefix_range_end, ClientConfig};
 use mesh_core::proto::etcdserverpb as pb;
 use pb::range_request::{SortOrder, SortTarget};
 
-use crate::cli::{Cli, DelArgs, GetArgs, OutputFormat, PutArgs};
+use crate::cli::{Cli, DelArgs, GetArgs, KeyRange, OutputFormat, PutArgs};
 
 /// Returns early with a usage error (exit 2): a flag value that clap accepted as a
 /// string but that does not mean anything.
@@ -108,12 +108,7 @@ pub fn parse_serializable(s: &str) -> Result<bool> {
 }
 
 /// Works out `range_end` from an explicit end or `--prefix` / `--from-key`.
-pub fn range_end(
-    key: &str,
-    explicit: Option<&str>,
-    prefix: bool,
-    from_key: bool,
-) -> Result<Vec<u8>> {
+fn range_end(key: &str, explicit: Option<&str>, prefix: bool, from_key: bool) -> Result<Vec<u8>> {
     match (explicit, prefix, from_key) {
         (Some(_), true, _) | (Some(_), _, true) => bail!(
             "too many arguments, only accept one argument when `--prefix` or `--from-key` is set"
@@ -134,7 +129,7 @@ pub fn range_end(
 
 /// The start key; an empty key with `--prefix`/`--from-key` means "from the very
 /// first key", which etcd spells `\0` (an empty key is rejected).
-pub fn range_key(key: &str, open_ended: bool) -> Vec<u8> {
+fn range_key(key: &str, open_ended: bool) -> Vec<u8> {
     if key.is_empty() && open_ended {
         vec![0]
     } else {
@@ -142,10 +137,15 @@ pub fn range_key(key: &str, open_ended: bool) -> Vec<u8> {
     }
 }
 
+/// The `(key, range_end)` pair a [`KeyRange`] stands for.
+pub fn key_range(r: &KeyRange) -> Result<(Vec<u8>, Vec<u8>)> {
+    let end = range_end(&r.key, r.range_end.as_deref(), r.prefix, r.from_key)?;
+    Ok((range_key(&r.key, r.prefix || r.from_key), end))
+}
+
 /// `get` arguments as a Range request.
 pub fn range_request(a: &GetArgs) -> Result<pb::RangeRequest> {
-    let end = range_end(&a.key, a.range_end.as_deref(), a.prefix, a.from_key)?;
-    let key = range_key(&a.key, a.prefix || a.from_key);
+    let (key, end) = key_range(&a.range)?;
     let sort_target = match a.sort_by.as_deref().map(str::to_ascii_uppercase).as_deref() {
         None | Some("KEY") => SortTarget::Key,
         Some("VERSION") => SortTarget::Version,
@@ -200,8 +200,7 @@ pub fn put_request(a: &PutArgs, value: Vec<u8>) -> Result<pb::PutRequest> {
 
 /// `del` arguments as a DeleteRange request.
 pub fn delete_request(a: &DelArgs) -> Result<pb::DeleteRangeRequest> {
-    let end = range_end(&a.key, a.range_end.as_deref(), a.prefix, a.from_key)?;
-    let key = range_key(&a.key, a.prefix || a.from_key);
+    let (key, end) = key_range(&a.range)?;
     Ok(pb::DeleteRangeRequest {
         key,
         range_end: end,

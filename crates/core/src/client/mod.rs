@@ -296,7 +296,9 @@ impl Client {
         physical: bool,
     ) -> Result<pb::CompactionResponse, ClientError> {
         let req = pb::CompactionRequest { revision, physical };
-        self.with_failover(Retry::Idempotent, |ch| async move {
+        // Not resent after an ambiguous failure: compacting the same revision again
+        // fails with "required revision has been compacted".
+        self.with_failover(Retry::OnlyIfNotSent, |ch| async move {
             KvClient::new(ch).compact(req).await
         })
         .await

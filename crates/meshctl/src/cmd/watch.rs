@@ -14,9 +14,10 @@ use crate::config;
 use crate::output::{self, Format};
 
 pub async fn watch(client: &Client, out: &mut dyn Write, f: Format, a: &WatchArgs) -> Result<()> {
+    let (key, range_end) = config::key_range(&a.range)?;
     let opts = WatchOptions {
-        key: config::range_key(&a.key, a.prefix),
-        range_end: config::range_end(&a.key, a.range_end.as_deref(), a.prefix, false)?,
+        key,
+        range_end,
         start_revision: a.rev,
         prev_kv: a.prev_kv,
         ..Default::default()

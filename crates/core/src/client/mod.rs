@@ -1,1 +1,432 @@
-//! The typed etcd-v3 client meshctl and locksmith use (implementation on the `cli` branch).
+//! The typed etcd-v3 client that meshctl and locksmith use: one lazily dialed gRPC
+//! channel per endpoint, request timeouts, and failover to the next endpoint when one
+//! is unreachable (writes only when the request provably was not sent).
+//!
+//! Layout: `mod.rs` the [`Client`] and its failover loop; `error.rs` [`ClientError`];
+//! `watch.rs` the [`Watcher`] stream; `keys.rs` range helpers (prefix / from-key ends).
+mod error;
+mod keys;
+mod watch;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+
+use crate::proto::etcdserverpb as pb;
+use pb::cluster_client::ClusterClient;
+use pb::kv_client::KvClient;
+use pb::maintenance_client::MaintenanceClient;
+
+pub use error::ClientError;
+pub use keys::{from_key_range_end, prefix_range_end};
+pub use watch::{WatchOptions, Watcher};
+
+/// How to reach the cluster.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` or `http://host:port`, tried in order, failing over on unreachability.
+    pub endpoints: Vec<String>,
+    /// How long to wait for a TCP/HTTP2 connection to one endpoint.
+    pub dial_timeout: Duration,
+    /// How long one request to one endpoint may take.
+    pub request_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            endpoints: vec!["127.0.0.1:2379".into()],
+            dial_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One configured endpoint and its cached channel.
+#[derive(Debug)]
+struct Endpoint {
+    /// As the user wrote it (used in messages and `endpoint status`).
+    name: String,
+    /// `http://host:port`.
+    uri: String,
+    /// The connected channel; dropped after a transport error so the next use redials.
+    channel: Mutex<Option<Channel>>,
+}
+
+/// A client for the etcd v3 API (served by meshd and by etcd alike). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    endpoints: Vec<Endpoint>,
+    /// Index of the endpoint that answered last; requests start there.
+    current: AtomicUsize,
+    dial_timeout: Duration,
+    request_timeout: Duration,
+}
+
+/// Whether a request may be resent to another endpoint after an ambiguous failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Reads: resend on any retryable error.
+    Idempotent,
+    /// Writes: resend only when the request provably never left (connect failure).
+    OnlyIfNotSent,
+}
+
+/// Normalizes `host:port` / `http://host:port` into a URI tonic accepts.
+fn endpoint_uri(ep: &str) -> Result<String, ClientError> {
+    let ep = ep.trim();
+    if ep.is_empty() {
+        return Err(ClientError::Config("empty endpoint".into()));
+    }
+    if ep.starts_with("https://") {
+        return Err(ClientError::Config(format!(
+            "{ep}: TLS endpoints are not supported"
+        )));
+    }
+    let uri = if ep.starts_with("http://") {
+        ep.to_string()
+    } else {
+        format!("http://{ep}")
+    };
+    uri.parse::<tonic::transport::Uri>()
+        .map_err(|e| ClientError::Config(format!("{ep}: {e}")))?;
+    Ok(uri)
+}
+
+impl Client {
+    /// Validates the endpoints; connections are dialed on first use, so this does no I/O.
+    pub fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        if config.endpoints.is_empty() {
+            return Err(ClientError::Config("no endpoints".into()));
+        }
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|name| {
+                Ok(Endpoint {
+                    name: name.trim().to_string(),
+                    uri: endpoint_uri(name)?,
+                    channel: Mutex::new(None),
+                })
+            })
+            .collect::<Result<Vec<_>, ClientError>>()?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                endpoints,
+                current: AtomicUsize::new(0),
+                dial_timeout: config.dial_timeout,
+                request_timeout: config.request_timeout,
+            }),
+        })
+    }
+
+    /// The configured endpoints, as written.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.inner
+            .endpoints
+            .iter()
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// The channel to endpoint `idx`, dialing it if needed.
+    async fn channel(&self, idx: usize) -> Result<Channel, ClientError> {
+        let ep = &self.inner.endpoints[idx];
+        if let Some(ch) = ep.channel.lock().expect("channel lock").clone() {
+            return Ok(ch);
+        }
+        let connect_err = |reason: String| ClientError::Connect {
+            endpoint: ep.name.clone(),
+            reason,
+        };
+        let builder = tonic::transport::Endpoint::from_shared(ep.uri.clone())
+            .map_err(|e| ClientError::Config(format!("{}: {e}", ep.name)))?
+            .connect_timeout(self.inner.dial_timeout)
+            .tcp_nodelay(true);
+        let ch = match tokio::time::timeout(self.inner.dial_timeout, builder.connect()).await {
+            Ok(Ok(ch)) => ch,
+            Ok(Err(e)) => return Err(connect_err(error::error_chain(&e))),
+            Err(_) => {
+                return Err(connect_err(format!(
+                    "dial timeout after {:?}",
+                    self.inner.dial_timeout
+                )))
+            }
+        };
+        *ep.channel.lock().expect("channel lock") = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// Runs `call` against the endpoints in turn, starting with the last good one.
+    async fn with_failover<T, F, Fut>(&self, retry: Retry, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let n = self.inner.endpoints.len();
+        let start = self.inner.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            match self.call_one(idx, &call).await {
+                Ok(v) => {
+                    self.inner.current.store(idx, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    let may_resend =
+                        e.was_not_sent() || (retry == Retry::Idempotent && e.is_retryable());
+                    tracing::debug!(endpoint = %self.inner.endpoints[idx].name, error = %e, may_resend, "request failed");
+                    if !may_resend {
+                        return Err(e);
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one endpoint"))
+    }
+
+    /// One attempt against endpoint `idx`, with the request timeout.
+    async fn call_one<T, F, Fut>(&self, idx: usize, call: &F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let ep = &self.inner.endpoints[idx];
+        let ch = self.channel(idx).await?;
+        match tokio::time::timeout(self.inner.request_timeout, call(ch)).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => {
+                // A status with a source came from our transport, not the server:
+                // drop the channel so the next request redials.
+                if std::error::Error::source(&status).is_some() {
+                    *ep.channel.lock().expect("channel lock") = None;
+                    if error::is_connect_refusal(&status) {
+                        return Err(ClientError::Connect {
+                            endpoint: ep.name.clone(),
+                            reason: status.message().to_string(),
+                        });
+                    }
+                }
+                Err(ClientError::from_status(&status, &ep.name))
+            }
+            Err(_) => Err(ClientError::Timeout {
+                endpoint: ep.name.clone(),
+                timeout: self.inner.request_timeout,
+            }),
+        }
+    }
+
+    /// Reads keys (`Range`). Retried on other endpoints on unavailability.
+    pub async fn range(&self, req: pb::RangeRequest) -> Result<pb::RangeResponse, ClientError> {
+        self.with_failover(Retry::Idempotent, |ch| {
+            let req = req.clone();
+            async move { KvClient::new(ch).range(req).await }
+        })
+        .await
+    }
+
+    /// Linearizable read of a single key; `None` when it does not exist.
+    pub async fn get(
+        &self,
+        key: impl Into<Vec<u8>>,
+    ) -> Result<Option<crate::proto::mvccpb::KeyValue>, ClientError> {
+        let resp = self
+            .range(pb::RangeRequest {
+                key: key.into(),
+                ..Default::default()
+            })
+            .await?;
+        Ok(resp.kvs.into_iter().next())
+    }
+
+    /// Writes one key (`Put`).
+    pub async fn put(&self, req: pb::PutRequest) -> Result<pb::PutResponse, ClientError> {
+        self.with_failover(Retry::OnlyIfNotSent, |ch| {
+            let req = req.clone();
+            async move { KvClient::new(ch).put(req).await }
+        })
+        .await
+    }
+
+    /// Deletes a key or range (`DeleteRange`).
+    pub async fn delete_range(
+        &self,
+        req: pb::DeleteRangeRequest,
+    ) -> Result<pb::DeleteRangeResponse, ClientError> {
+        self.with_failover(Retry::OnlyIfNotSent, |ch| {
+            let req = req.clone();
+            async move { KvClient::new(ch).delete_range(req).await }
+        })
+        .await
+    }
+
+    /// Runs a transaction. Treated as a write unless it contains only reads.
+    pub async fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse, ClientError> {
+        let read_only = req
+            .success
+            .iter()
+            .chain(&req.failure)
+            .all(|op| matches!(op.request, Some(pb::request_op::Request::RequestRange(_))));
+        let retry = if read_only {
+            Retry::Idempotent
+        } else {
+            Retry::OnlyIfNotSent
+        };
+        self.with_failover(retry, |ch| {
+            let req = req.clone();
+            async move { KvClient::new(ch).txn(req).await }
+        })
+        .await
+    }
+
+    /// Compacts the history up to `revision`; `physical` waits until it is on disk.
+    pub async fn compact(
+        &self,
+        revision: i64,
+        physical: bool,
+    ) -> Result<pb::CompactionResponse, ClientError> {
+        let req = pb::CompactionRequest { revision, physical };
+        // Not resent after an ambiguous failure: compacting the same revision again
+        // fails with "required revision has been compacted".
+        self.with_failover(Retry::OnlyIfNotSent, |ch| async move {
+            KvClient::new(ch).compact(req).await
+        })
+        .await
+    }
+
+    /// Lists the cluster's members.
+    pub async fn member_list(&self) -> Result<pb::MemberListResponse, ClientError> {
+        self.with_failover(Retry::Idempotent, |ch| async move {
+            ClusterClient::new(ch)
+                .member_list(pb::MemberListRequest {
+                    linearizable: false,
+                })
+                .await
+        })
+        .await
+    }
+
+    /// Index of a configured endpoint by name, or an error.
+    fn endpoint_index(&self, endpoint: &str) -> Result<usize, ClientError> {
+        self.inner
+            .endpoints
+            .iter()
+            .position(|e| e.name == endpoint)
+            .ok_or_else(|| ClientError::Config(format!("{endpoint} is not a configured endpoint")))
+    }
+
+    /// The status of one configured endpoint (no failover: the point is to ask that one).
+    pub async fn status(&self, endpoint: &str) -> Result<pb::StatusResponse, ClientError> {
+        let idx = self.endpoint_index(endpoint)?;
+        self.call_one(idx, &|ch| async move {
+            MaintenanceClient::new(ch)
+                .status(pb::StatusRequest {})
+                .await
+        })
+        .await
+    }
+
+    /// Health of one configured endpoint, the way etcdctl checks it: a linearizable
+    /// read of the key `health` must commit. Returns how long it took.
+    pub async fn health(&self, endpoint: &str) -> Result<Duration, ClientError> {
+        let idx = self.endpoint_index(endpoint)?;
+        let started = Instant::now();
+        let req = pb::RangeRequest {
+            key: b"health".to_vec(),
+            ..Default::default()
+        };
+        match self
+            .call_one(idx, &|ch| {
+                let req = req.clone();
+                async move { KvClient::new(ch).range(req).await }
+            })
+            .await
+        {
+            Ok(_) => Ok(started.elapsed()),
+            // A permission error still proves the cluster committed the read.
+            Err(ClientError::Rpc {
+                code: tonic::Code::PermissionDenied,
+                ..
+            }) => Ok(started.elapsed()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Opens a watch stream with one watcher, on the first reachable endpoint.
+    pub async fn watch(&self, opts: WatchOptions) -> Result<Watcher, ClientError> {
+        let n = self.inner.endpoints.len();
+        let start = self.inner.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            match watch::open(self, idx, &opts).await {
+                Ok(w) => return Ok(w),
+                Err(e) if e.is_retryable() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("at least one endpoint"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_endpoint_forms() {
+        assert_eq!(
+            endpoint_uri("127.0.0.1:2379").unwrap(),
+            "http://127.0.0.1:2379"
+        );
+        assert_eq!(endpoint_uri("http://h:1").unwrap(), "http://h:1");
+        assert!(endpoint_uri("").is_err());
+        assert!(endpoint_uri("https://h:1").is_err());
+        assert!(Client::connect(ClientConfig {
+            endpoints: vec![],
+            ..Default::default()
+        })
+        .is_err());
+    }
+
+    #[tokio::test]
+    async fn client_fails_over_from_refused_endpoint_and_reports_connect_errors() {
+        // Nothing listens on these ports (bound then dropped), so both refuse.
+        let a = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let client = Client::connect(ClientConfig {
+            endpoints: vec![a.to_string(), b.to_string()],
+            dial_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        })
+        .unwrap();
+        let err = client
+            .put(pb::PutRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(err.was_not_sent(), "{err:?}");
+        assert!(
+            err.to_string().contains(&b.to_string()),
+            "last endpoint tried reported: {err}"
+        );
+    }
+}

@@ -1,0 +1,267 @@
+//! The raw command line as clap sees it: flags and arguments exactly as typed, before
+//! validation. `config.rs` turns these into the checked values the commands use.
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  success (also when stdout is closed early, e.g. `meshctl get --prefix a | head -1`)
+  1  error (the server's error text is printed as `Error: ...` on stderr)
+  2  usage error (unknown flag, missing argument, or a flag value that does not parse)
+  3  compare failed (`cas`)
+  4  key not found (`get --require`)";
+
+/// meshctl: command-line client for meshd and any etcd v3 server.
+#[derive(Debug, Parser)]
+#[command(name = "meshctl", version, about, after_help = EXIT_CODES, args_override_self = true)]
+pub struct Cli {
+    /// gRPC endpoints, comma separated (`host:port` or `http://host:port`).
+    #[arg(long, global = true, env = "MESHCTL_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:2379", action = clap::ArgAction::Set)]
+    pub endpoints: Vec<String>,
+    /// Output format.
+    #[arg(short = 'w', long = "write-out", global = true, value_enum, default_value_t = OutputFormat::Simple)]
+    pub write_out: OutputFormat,
+    /// Timeout of one request (e.g. `5s`, `500ms`).
+    #[arg(
+        long,
+        global = true,
+        visible_alias = "command-timeout",
+        default_value = "5s"
+    )]
+    pub timeout: String,
+    /// Timeout for connecting to one endpoint.
+    #[arg(long, global = true, default_value = "2s")]
+    pub dial_timeout: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Simple,
+    Json,
+    Table,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Get a key or a range of keys.
+    Get(GetArgs),
+    /// Put a key (value from the argument, or all of stdin when omitted).
+    Put(PutArgs),
+    /// Delete a key or a range of keys; prints the number deleted.
+    Del(DelArgs),
+    /// Run a transaction read from stdin in etcdctl's syntax (compares, blank line,
+    /// success ops, blank line, failure ops).
+    #[command(after_help = TXN_HELP)]
+    Txn(TxnArgs),
+    /// Atomic compare-and-swap for scripts; exits 3 when the compare fails.
+    Cas(CasArgs),
+    /// Watch a key or range and print events until interrupted.
+    Watch(WatchArgs),
+    /// Compact the history up to a revision.
+    Compact(CompactArgs),
+    /// Cluster membership.
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// Endpoint status and health.
+    #[command(subcommand)]
+    Endpoint(EndpointCommand),
+    /// Measure put/get throughput and latency.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Print a shell completion script.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+pub const TXN_HELP: &str = "\
+Syntax (one item per line):
+  compares:  TARGET(\"key\") OP \"value\"   TARGET: version|ver, create|c, mod|m, value|val, lease
+                                       OP: = != < >   (lease values are hex)
+  <blank line>
+  success:   put KEY VALUE [--lease ID] [--prev-kv] | get KEY [RANGE_END] [get flags] | del KEY [RANGE_END] [--prefix]
+  <blank line>
+  failure:   same as success
+Quote keys or values containing spaces with double quotes.";
+
+/// A key or a range of keys, as get, del and watch take them.
+#[derive(Debug, Clone, Args)]
+pub struct KeyRange {
+    /// The key, or the start of the range.
+    pub key: String,
+    /// End of the half-open range [KEY, RANGE_END).
+    pub range_end: Option<String>,
+    /// Every key starting with KEY.
+    #[arg(long)]
+    pub prefix: bool,
+    /// Every key >= KEY (byte order).
+    #[arg(long)]
+    pub from_key: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub range: KeyRange,
+    /// Read at this revision.
+    #[arg(long, default_value_t = 0)]
+    pub rev: i64,
+    /// Maximum number of results.
+    #[arg(long, default_value_t = 0)]
+    pub limit: i64,
+    /// Get only the keys.
+    #[arg(long)]
+    pub keys_only: bool,
+    /// Print only values (simple format).
+    #[arg(long)]
+    pub print_value_only: bool,
+    /// Linearizable (l) or serializable (s).
+    #[arg(long, default_value = "l")]
+    pub consistency: String,
+    /// Sort target: KEY, VERSION, CREATE, MODIFY, VALUE.
+    #[arg(long)]
+    pub sort_by: Option<String>,
+    /// Sort order: ASCEND or DESCEND.
+    #[arg(long)]
+    pub order: Option<String>,
+    /// Print only the number of matching keys.
+    #[arg(long)]
+    pub count_only: bool,
+    /// Exit 4 when no key matched.
+    #[arg(long)]
+    pub require: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PutArgs {
+    pub key: String,
+    /// The value; all of stdin (byte for byte, trailing newline kept) when omitted.
+    pub value: Option<String>,
+    /// Print the previous key-value.
+    #[arg(long)]
+    pub prev_kv: bool,
+    /// Attach the key to this lease (hex ID).
+    #[arg(long)]
+    pub lease: Option<String>,
+    /// Keep the current value.
+    #[arg(long)]
+    pub ignore_value: bool,
+    /// Keep the current lease.
+    #[arg(long)]
+    pub ignore_lease: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DelArgs {
+    #[command(flatten)]
+    pub range: KeyRange,
+    /// Print the deleted key-values.
+    #[arg(long)]
+    pub prev_kv: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TxnArgs {
+    /// Prompt for each section (default when stdin is a terminal).
+    #[arg(short, long)]
+    pub interactive: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("expect").required(true).args(["expect_value", "expect_rev", "create"])))]
+pub struct CasArgs {
+    pub key: String,
+    pub value: String,
+    /// Swap only if the current value is exactly this.
+    #[arg(long)]
+    pub expect_value: Option<String>,
+    /// Swap only if the key's mod revision is exactly this.
+    #[arg(long)]
+    pub expect_rev: Option<i64>,
+    /// Swap only if the key does not exist.
+    #[arg(long)]
+    pub create: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub range: KeyRange,
+    /// Start from this revision (inclusive).
+    #[arg(long, default_value_t = 0)]
+    pub rev: i64,
+    /// Print each event's previous key-value.
+    #[arg(long)]
+    pub prev_kv: bool,
+    /// Command to run for every event (after `--`), with ETCD_WATCH_* and MESHCTL_WATCH_* set.
+    #[arg(last = true)]
+    pub exec: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompactArgs {
+    pub revision: i64,
+    /// Wait until the compaction is physically applied.
+    #[arg(long)]
+    pub physical: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MemberCommand {
+    /// List the members.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointCommand {
+    /// Status of each endpoint.
+    Status {
+        /// Use every member's client URLs instead of --endpoints.
+        #[arg(long)]
+        cluster: bool,
+    },
+    /// Health of each endpoint (a linearizable read must commit); exit 1 if any is unhealthy.
+    Health {
+        /// Use every member's client URLs instead of --endpoints.
+        #[arg(long)]
+        cluster: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Benchmark puts.
+    Put(BenchArgs),
+    /// Benchmark gets (a missing key is still a successful read).
+    Get(BenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 1)]
+    pub clients: usize,
+    /// gRPC connections (requests are spread over them).
+    #[arg(long, default_value_t = 1)]
+    pub conns: usize,
+    /// Total number of requests.
+    #[arg(long, default_value_t = 10_000)]
+    pub total: u64,
+    /// Key size in bytes.
+    #[arg(long, default_value_t = 8)]
+    pub key_size: usize,
+    /// Value size in bytes (put).
+    #[arg(long, default_value_t = 8)]
+    pub val_size: usize,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 1)]
+    pub key_space_size: u64,
+    /// Use keys 0, 1, 2, ... (modulo the key space) instead of random ones.
+    #[arg(long)]
+    pub sequential_keys: bool,
+    /// Consistency for get: l or s.
+    #[arg(long, default_value = "l")]
+    pub consistency: String,
+}

@@ -1,0 +1,85 @@
+//! `member list`, `endpoint status` and `endpoint health`. Status and health ask
+//! every endpoint separately (all at once), or every member with `--cluster`.
+use std::io::Write;
+
+use anyhow::{bail, Result};
+use futures::future::join_all;
+use mesh_core::client::Client;
+
+use crate::config::Global;
+use crate::output::{self, Format, Health};
+
+pub async fn member_list(client: &Client, out: &mut dyn Write, f: Format) -> Result<()> {
+    let resp = client.member_list().await?;
+    output::member_list(out, f, &resp)?;
+    Ok(out.flush()?)
+}
+
+/// The client to query: the configured endpoints, or with `cluster` every member's client URLs.
+async fn target(global: &Global, cluster: bool) -> Result<Client> {
+    let client = Client::connect(global.client.clone())?;
+    if !cluster {
+        return Ok(client);
+    }
+    let members = client.member_list().await?;
+    let mut config = global.client.clone();
+    config.endpoints = members
+        .members
+        .iter()
+        .flat_map(|m| m.client_ur_ls.clone())
+        .collect();
+    Ok(Client::connect(config)?)
+}
+
+pub async fn status(global: &Global, out: &mut dyn Write, cluster: bool) -> Result<()> {
+    let client = target(global, cluster).await?;
+    let endpoints = client.endpoints();
+    let results = join_all(endpoints.iter().map(|ep| client.status(ep))).await;
+    let mut ok = Vec::new();
+    let mut failed = 0;
+    for (ep, r) in endpoints.into_iter().zip(results) {
+        match r {
+            Ok(s) => ok.push((ep, s)),
+            Err(e) => {
+                failed += 1;
+                eprintln!("Failed to get the status of endpoint {ep} ({e})");
+            }
+        }
+    }
+    output::endpoint_status(out, global.format, &ok)?;
+    out.flush()?;
+    if failed > 0 {
+        bail!("{failed} endpoint(s) did not answer");
+    }
+    Ok(())
+}
+
+pub async fn health(global: &Global, out: &mut dyn Write, cluster: bool) -> Result<()> {
+    let client = target(global, cluster).await?;
+    let endpoints = client.endpoints();
+    let results = join_all(endpoints.iter().map(|ep| client.health(ep))).await;
+    let report: Vec<Health> = endpoints
+        .into_iter()
+        .zip(results)
+        .map(|(endpoint, r)| match r {
+            Ok(took) => Health {
+                endpoint,
+                health: true,
+                took: output::go_duration(took),
+                error: None,
+            },
+            Err(e) => Health {
+                endpoint,
+                health: false,
+                took: String::new(),
+                error: Some(e.to_string()),
+            },
+        })
+        .collect();
+    output::endpoint_health(out, global.format, &report)?;
+    out.flush()?;
+    if report.iter().any(|h| !h.health) {
+        bail!("unhealthy cluster");
+    }
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! Command dispatch: validates the global flags, builds the client and hands each
+//! subcommand to its module (`kv`, `txn`, `watch`, `cluster`, `bench`). Outcomes that
+//! are not errors of the tool itself (compare failed, key not found) are [`Exit`]s.
+mod bench;
+mod cluster;
+mod kv;
+mod txn;
+mod watch;
+
+use std::io::Write;
+
+use anyhow::Result;
+use clap::CommandFactory;
+use mesh_core::client::Client;
+
+use crate::cli::{Cli, Command, EndpointCommand, MemberCommand};
+use crate::config::Global;
+
+/// Non-zero outcomes with their own documented exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum Exit {
+    /// `cas`: the compare did not hold; nothing was written (exit 3).
+    #[error("compare failed: {0}")]
+    CompareFailed(String),
+    /// `get --require`: no key matched (exit 4).
+    #[error("key not found")]
+    NotFound,
+    /// Arguments clap could not check (exit 2).
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Exit {
+    pub fn code(&self) -> u8 {
+        match self {
+            Exit::CompareFailed(_) => 3,
+            Exit::NotFound => 4,
+            Exit::Usage(_) => 2,
+        }
+    }
+}
+
+/// Runs the parsed command line to completion.
+pub async fn run(cli: Cli) -> Result<()> {
+    let global = Global::from_cli(&cli)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let f = global.format;
+    let client = || Client::connect(global.client.clone());
+    match cli.command {
+        Command::Get(a) => kv::get(&client()?, &mut out, f, &a).await,
+        Command::Put(a) => kv::put(&client()?, &mut out, f, &a).await,
+        Command::Del(a) => kv::del(&client()?, &mut out, f, &a).await,
+        Command::Compact(a) => kv::compact(&client()?, &mut out, f, &a).await,
+        Command::Txn(a) => txn::txn(&client()?, &mut out, f, &a).await,
+        Command::Cas(a) => txn::cas(&client()?, &mut out, f, &a).await,
+        Command::Watch(a) => watch::watch(&client()?, &mut out, f, &a).await,
+        Command::Member(MemberCommand::List) => cluster::member_list(&client()?, &mut out, f).await,
+        Command::Endpoint(EndpointCommand::Status { cluster }) => {
+            cluster::status(&global, &mut out, cluster).await
+        }
+        Command::Endpoint(EndpointCommand::Health { cluster }) => {
+            cluster::health(&global, &mut out, cluster).await
+        }
+        Command::Bench(b) => bench::run(&global, &mut out, b).await,
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "meshctl", &mut out);
+            out.flush()?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,603 @@
+//! End-to-end tests: the built `meshctl` binary against a real server process.
+//!
+//! The server is started by [`start_server`]: etcd 3.4 today (meshd serves the same
+//! API, so the same tests will run against it by swapping that one function).
+//! Ports come from binding port 0; data lives in a temp dir; the process is killed on drop.
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
+
+/// A running server; killed when dropped.
+struct Server {
+    child: Child,
+    /// `127.0.0.1:PORT` of the client API.
+    endpoint: String,
+    _data: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts a fresh single-member server and waits until it is healthy.
+fn start_server() -> Server {
+    start_etcd()
+}
+
+fn start_etcd() -> Server {
+    let found = Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    assert!(
+        matches!(found, Ok(s) if s.success()),
+        "`etcd` is not on PATH: these tests need a real etcd 3.4 server; install it with \
+         `apt-get install etcd-server etcd-client`"
+    );
+    let data = tempfile::tempdir().unwrap();
+    let (client, peer) = (free_port(), free_port());
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let log = std::fs::File::create(data.path().join("etcd.log")).unwrap();
+    let child = Command::new("etcd")
+        .arg("--name=test")
+        .arg(format!("--data-dir={}", data.path().join("data").display()))
+        .arg(format!("--listen-client-urls={client_url}"))
+        .arg(format!("--advertise-client-urls={client_url}"))
+        .arg(format!("--listen-peer-urls={peer_url}"))
+        .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+        .arg(format!("--initial-cluster=test={peer_url}"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn etcd");
+    let server = Server {
+        child,
+        endpoint: format!("127.0.0.1:{client}"),
+        _data: data,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = meshctl(&server, &["endpoint", "health", "--timeout", "1s"]);
+        if out.status.success() {
+            return server;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "server never became healthy: {}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn command(server: &Server, args: &[&str]) -> Command {
+    let mut cmd = Command::new(MESHCTL);
+    cmd.arg("--endpoints")
+        .arg(&server.endpoint)
+        .args(args)
+        .env_remove("MESHCTL_ENDPOINTS");
+    cmd
+}
+
+fn meshctl(server: &Server, args: &[&str]) -> Output {
+    meshctl_stdin(server, args, "")
+}
+
+fn meshctl_stdin(server: &Server, args: &[&str], input: &str) -> Output {
+    let mut child = command(server, args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Runs meshctl, asserts exit 0, returns stdout.
+fn ok(server: &Server, args: &[&str]) -> String {
+    let out = meshctl(server, args);
+    assert!(
+        out.status.success(),
+        "meshctl {args:?} failed: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[test]
+fn put_get_simple_and_json() {
+    let s = start_server();
+    assert_eq!(ok(&s, &["put", "foo", "bar"]), "OK\n");
+    assert_eq!(ok(&s, &["get", "foo"]), "foo\nbar\n");
+    assert_eq!(ok(&s, &["get", "foo", "--print-value-only"]), "bar\n");
+    assert_eq!(
+        ok(&s, &["put", "foo", "baz", "--prev-kv"]),
+        "OK\nfoo\nbar\n"
+    );
+    let v = json(&ok(&s, &["get", "foo", "-w", "json"]));
+    assert_eq!(v["kvs"][0]["key"], "Zm9v");
+    assert_eq!(v["kvs"][0]["value"], "YmF6");
+    assert_eq!(v["kvs"][0]["version"], 2);
+    assert_eq!(v["count"], 1);
+    assert!(v["header"]["revision"].as_i64().unwrap() >= 3);
+    assert!(v["header"]["cluster_id"].as_u64().unwrap() > 0);
+    // Value from stdin, byte for byte.
+    let out = meshctl_stdin(&s, &["put", "fromstdin"], "line one\nline two\n");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        ok(&s, &["get", "fromstdin", "--print-value-only"]),
+        "line one\nline two\n\n"
+    );
+    // Missing key: nothing printed, success, unless --require.
+    assert_eq!(ok(&s, &["get", "missing"]), "");
+    let out = meshctl(&s, &["get", "missing", "--require"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert_eq!(
+        meshctl(&s, &["get", "foo", "--require"]).status.code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn prefix_ranges_and_delete() {
+    let s = start_server();
+    for (k, v) in [("a1", "1"), ("a2", "2"), ("b1", "3")] {
+        ok(&s, &["put", k, v]);
+    }
+    assert_eq!(ok(&s, &["get", "a", "--prefix"]), "a1\n1\na2\n2\n");
+    assert_eq!(
+        ok(&s, &["get", "a", "--prefix", "--keys-only"]),
+        "a1\n\na2\n\n"
+    );
+    assert_eq!(ok(&s, &["get", "a", "--prefix", "--count-only"]), "2\n");
+    assert_eq!(
+        ok(
+            &s,
+            &[
+                "get",
+                "a",
+                "--prefix",
+                "--sort-by",
+                "KEY",
+                "--order",
+                "DESCEND",
+                "--limit",
+                "1"
+            ]
+        ),
+        "a2\n2\n"
+    );
+    assert_eq!(
+        ok(&s, &["get", "a2", "--from-key", "--keys-only"]),
+        "a2\n\nb1\n\n"
+    );
+    assert_eq!(ok(&s, &["get", "a1", "b"]), "a1\n1\na2\n2\n");
+    assert_eq!(
+        ok(&s, &["del", "a", "--prefix", "--prev-kv"]),
+        "2\na1\n1\na2\n2\n"
+    );
+    assert_eq!(ok(&s, &["get", "a", "--prefix"]), "");
+    let v = json(&ok(&s, &["del", "b1", "-w", "json"]));
+    assert_eq!(v["deleted"], 1);
+    assert_eq!(ok(&s, &["del", "nothing"]), "0\n");
+}
+
+#[test]
+fn txn_from_stdin() {
+    let s = start_server();
+    ok(&s, &["put", "k1", "v1"]);
+    let input = "mod(\"k1\") > \"0\"\nvalue(\"k1\") = \"v1\"\n\nput k1 v2\nget k1\ndel k9\n\nput k1 fail\n\n";
+    let out = meshctl_stdin(&s, &["txn"], input);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "SUCCESS\n\nOK\n\nk1\nv2\n\n0\n");
+    // Same compare now fails: the failure branch runs.
+    let out = meshctl_stdin(&s, &["txn"], input);
+    assert_eq!(text(&out.stdout), "FAILURE\n\nOK\n");
+    assert_eq!(ok(&s, &["get", "k1", "--print-value-only"]), "fail\n");
+    // Interactive prompts, JSON output.
+    let out = meshctl_stdin(
+        &s,
+        &["txn", "-i", "-w", "json"],
+        "version(\"k1\") = \"0\"\n\n\nget k1\n\n",
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with(
+            "compares:\nsuccess requests (get, put, del):\nfailure requests (get, put, del):\n"
+        ),
+        "{stdout}"
+    );
+    let v = json(stdout.lines().last().unwrap());
+    assert!(v.get("succeeded").is_none(), "{v}");
+    assert_eq!(
+        v["responses"][0]["Response"]["ResponseRange"]["kvs"][0]["value"],
+        "ZmFpbA=="
+    );
+    // Syntax errors are reported, nothing is sent.
+    let out = meshctl_stdin(&s, &["txn"], "value(\"k1\") == \"x\"\n\nput k1 bad\n\n");
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with("Error: malformed comparison: value(\"k1\") == \"x\""),
+        "{err}"
+    );
+    assert_eq!(err.matches("Error:").count(), 1, "{err}");
+    assert_eq!(ok(&s, &["get", "k1", "--print-value-only"]), "fail\n");
+}
+
+#[test]
+fn cas_exit_codes() {
+    let s = start_server();
+    assert_eq!(ok(&s, &["cas", "lock", "me", "--create"]), "OK\n");
+    let out = meshctl(&s, &["cas", "lock", "you", "--create"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("compare failed"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        meshctl(&s, &["cas", "lock", "x", "--expect-value", "nope"])
+            .status
+            .code(),
+        Some(3)
+    );
+    assert_eq!(
+        ok(&s, &["cas", "lock", "you", "--expect-value", "me"]),
+        "OK\n"
+    );
+    let rev = json(&ok(&s, &["get", "lock", "-w", "json"]))["kvs"][0]["mod_revision"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(
+        meshctl(
+            &s,
+            &["cas", "lock", "z", "--expect-rev", &(rev - 1).to_string()]
+        )
+        .status
+        .code(),
+        Some(3)
+    );
+    assert_eq!(
+        ok(&s, &["cas", "lock", "z", "--expect-rev", &rev.to_string()]),
+        "OK\n"
+    );
+    assert_eq!(ok(&s, &["get", "lock", "--print-value-only"]), "z\n");
+    // Exactly one expectation is required: a usage error.
+    assert_eq!(meshctl(&s, &["cas", "lock", "z"]).status.code(), Some(2));
+}
+
+#[test]
+fn watch_runs_command_per_event_and_exits_0_on_sigint() {
+    let s = start_server();
+    let rev = json(&ok(&s, &["put", "w/a", "one", "-w", "json"]))["header"]["revision"]
+        .as_i64()
+        .unwrap();
+    ok(&s, &["put", "w/b", "two words"]);
+    ok(&s, &["del", "w/a"]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("events");
+    let script = format!(
+        "printf '%s|%s|%s|%s|%s|%s\\n' \"$MESHCTL_WATCH_REVISION\" \"$ETCD_WATCH_EVENT_TYPE\" \"$ETCD_WATCH_KEY\" \
+         \"$ETCD_WATCH_VALUE\" \"$MESHCTL_WATCH_KEY\" \"$MESHCTL_WATCH_VALUE\" >> {}; \
+         test \"$ETCD_WATCH_REVISION\" -ge \"$MESHCTL_WATCH_REVISION\" || echo bad-etcd-revision >> {}",
+        log.display(),
+        log.display()
+    );
+    let mut child = command(
+        &s,
+        &[
+            "watch",
+            "w/",
+            "--prefix",
+            "--rev",
+            &rev.to_string(),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let lines = wait_for_lines(&log, 3);
+    assert_eq!(
+        lines,
+        vec![
+            format!("{rev}|\"PUT\"|\"w/a\"|\"one\"|w/a|one"),
+            format!("{}|\"PUT\"|\"w/b\"|\"two words\"|w/b|two words", rev + 1),
+            format!("{}|\"DELETE\"|\"w/a\"|\"\"|w/a|", rev + 2),
+        ]
+    );
+    // Live events too.
+    ok(&s, &["put", "w/c", "live"]);
+    assert_eq!(
+        wait_for_lines(&log, 4)[3],
+        format!("{}|\"PUT\"|\"w/c\"|\"live\"|w/c|live", rev + 3)
+    );
+    let status = Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "watch must exit 0 on SIGINT");
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert!(
+        stdout.starts_with("PUT\nw/a\none\nPUT\nw/b\ntwo words\nDELETE\nw/a\n\nPUT\nw/c\nlive\n"),
+        "{stdout}"
+    );
+}
+
+fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let lines: Vec<String> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} watch events arrived: {lines:?}",
+            lines.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn endpoint_status_health_and_member_list() {
+    let s = start_server();
+    let status = ok(&s, &["endpoint", "status"]);
+    let fields: Vec<&str> = status.trim_end_matches('\n').split(", ").collect();
+    assert_eq!(fields.len(), 10, "{status}");
+    assert_eq!(fields[0], s.endpoint);
+    assert_eq!(fields[4], "true", "single member is the leader: {status}");
+    assert_eq!(fields[5], "false");
+    let v = json(&ok(&s, &["endpoint", "status", "-w", "json"]));
+    assert_eq!(v[0]["Endpoint"], s.endpoint.as_str());
+    assert!(v[0]["Status"]["raftIndex"].as_u64().unwrap() > 0);
+    assert!(ok(&s, &["endpoint", "status", "-w", "table"]).contains("| RAFT APPLIED INDEX |"));
+    let health = ok(&s, &["endpoint", "health"]);
+    assert!(
+        health.starts_with(&format!(
+            "{} is healthy: successfully committed proposal: took = ",
+            s.endpoint
+        )),
+        "{health}"
+    );
+    let members = ok(&s, &["member", "list"]);
+    assert!(
+        members.ends_with(&format!(
+            ", started, test, http://127.0.0.1:{}, http://{}, false\n",
+            peer_port_of(&members),
+            s.endpoint
+        )),
+        "{members}"
+    );
+    let v = json(&ok(&s, &["member", "list", "-w", "json"]));
+    assert_eq!(v["members"][0]["name"], "test");
+    assert!(ok(&s, &["endpoint", "status", "--cluster"])
+        .starts_with(&format!("http://{}, ", s.endpoint)));
+    // An unreachable endpoint makes health fail with exit 1.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let out = Command::new(MESHCTL)
+        .args([
+            "--endpoints",
+            &format!("{},{dead}", s.endpoint),
+            "endpoint",
+            "health",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains(&format!("{dead} is unhealthy")),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+fn peer_port_of(member_line: &str) -> String {
+    member_line
+        .split(", ")
+        .nth(3)
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn failover_past_a_dead_first_endpoint() {
+    let s = start_server();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let both = format!("{dead},{}", s.endpoint);
+    let run = |args: &[&str]| {
+        Command::new(MESHCTL)
+            .arg("--endpoints")
+            .arg(&both)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["put", "fo", "x"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&run(&["get", "fo"]).stdout), "fo\nx\n");
+    let out = Command::new(MESHCTL)
+        .env("MESHCTL_ENDPOINTS", &both)
+        .args(["get", "fo"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "fo\nx\n");
+    // All dead: exit 1, one error line.
+    let out = Command::new(MESHCTL)
+        .args(["--endpoints", &dead, "get", "fo"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with(&format!("Error: cannot connect to {dead}")),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn compacted_revision_error_text_and_compact() {
+    let s = start_server();
+    ok(&s, &["put", "c", "1"]);
+    ok(&s, &["put", "c", "2"]);
+    let rev = json(&ok(&s, &["put", "c", "3", "-w", "json"]))["header"]["revision"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(
+        ok(&s, &["compact", &rev.to_string(), "--physical"]),
+        format!("compacted revision {rev}\n")
+    );
+    let out = meshctl(&s, &["get", "c", "--rev", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "Error: etcdserver: mvcc: required revision has been compacted\n"
+    );
+}
+
+#[test]
+fn bench_json_and_broken_pipe_is_success() {
+    let s = start_server();
+    let out = ok(
+        &s,
+        &[
+            "bench",
+            "put",
+            "--total",
+            "1500",
+            "--clients",
+            "4",
+            "--conns",
+            "2",
+            "--key-space-size",
+            "1500",
+            "--sequential-keys",
+            "--val-size",
+            "100",
+            "-w",
+            "json",
+        ],
+    );
+    let v = json(&out);
+    assert_eq!(v["succeeded"], 1500, "{v}");
+    assert_eq!(v["errors"], 0);
+    assert!(v["throughput_rps"].as_f64().unwrap() > 0.0);
+    assert!(v["latency_ms"]["p99"].as_f64().unwrap() >= v["latency_ms"]["p50"].as_f64().unwrap());
+    let v = json(&ok(
+        &s,
+        &[
+            "bench",
+            "get",
+            "--total",
+            "200",
+            "--consistency",
+            "s",
+            "-w",
+            "json",
+        ],
+    ));
+    assert_eq!(v["succeeded"], 200, "{v}");
+    // ~165 kB of output into a pipe closed after the first line.
+    let mut child = command(&s, &["get", "", "--prefix"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "");
+}
+
+#[test]
+fn help_documents_exit_codes() {
+    let out = Command::new(MESHCTL).arg("--help").output().unwrap();
+    let help = text(&out.stdout);
+    for line in ["3  compare failed", "4  key not found", "2  usage error"] {
+        assert!(help.contains(line), "{help}");
+    }
+    assert_eq!(
+        Command::new(MESHCTL)
+            .arg("frobnicate")
+            .output()
+            .unwrap()
+            .status
+            .code(),
+        Some(2)
+    );
+    let out = Command::new(MESHCTL)
+        .args(["--timeout", "5", "get", "k"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(
+        text(&out.stderr),
+        "Error: --timeout: invalid duration \"5\": missing unit (e.g. 5s, 500ms)\n"
+    );
+    let out = Command::new(MESHCTL)
+        .args(["completion", "bash"])
+        .output()
+        .unwrap();
+    assert!(text(&out.stdout).contains("meshctl"));
+}

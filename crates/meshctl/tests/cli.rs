@@ -1,7 +1,8 @@
 //! End-to-end tests: the built `meshctl` binary against a real server process.
 //!
-//! The server is started by [`start_server`]: etcd 3.4 today (meshd serves the same
-//! API, so the same tests will run against it by swapping that one function).
+//! The server is started by [`start_server`]: meshd by default, or etcd 3.4 with
+//! `MESHCTL_TEST_SERVER=etcd` (the test script runs both, so meshctl's output is checked
+//! against the real thing and meshd's answers against etcd's).
 //! Ports come from binding port 0; data lives in a temp dir; the process is killed on drop.
 use std::io::{Read, Write};
 use std::path::Path;
@@ -36,7 +37,38 @@ fn free_port() -> u16 {
 
 /// Starts a fresh single-member server and waits until it is healthy.
 fn start_server() -> Server {
-    start_etcd()
+    match std::env::var("MESHCTL_TEST_SERVER").as_deref() {
+        Ok("etcd") => start_etcd(),
+        Ok("meshd") | Err(_) => start_meshd(),
+        Ok(other) => panic!("MESHCTL_TEST_SERVER={other}: expected meshd or etcd"),
+    }
+}
+
+fn start_meshd() -> Server {
+    let meshd = Path::new(MESHCTL).with_file_name("meshd");
+    assert!(
+        meshd.exists(),
+        "{} is missing: build the workspace binaries first (scripts/test does)",
+        meshd.display()
+    );
+    let data = tempfile::tempdir().unwrap();
+    let (client, mesh) = (free_port(), free_port());
+    let log = std::fs::File::create(data.path().join("meshd.log")).unwrap();
+    let child = Command::new(meshd)
+        .arg("--name=test")
+        .arg(format!("--data-dir={}", data.path().join("data").display()))
+        .arg(format!("--listen-client=127.0.0.1:{client}"))
+        .arg(format!("--listen-mesh=127.0.0.1:{mesh}"))
+        .arg("--tick=20ms")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn meshd");
+    wait_healthy(Server {
+        child,
+        endpoint: format!("127.0.0.1:{client}"),
+        _data: data,
+    })
 }
 
 fn start_etcd() -> Server {
@@ -67,11 +99,15 @@ fn start_etcd() -> Server {
         .stderr(log)
         .spawn()
         .expect("spawn etcd");
-    let server = Server {
+    wait_healthy(Server {
         child,
         endpoint: format!("127.0.0.1:{client}"),
         _data: data,
-    };
+    })
+}
+
+/// Waits until `endpoint health` passes, so tests start against a serving member.
+fn wait_healthy(server: Server) -> Server {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let out = meshctl(&server, &["endpoint", "health", "--timeout", "1s"]);
@@ -411,12 +447,15 @@ fn endpoint_status_health_and_member_list() {
         "{health}"
     );
     let members = ok(&s, &["member", "list"]);
+    // etcd's peer URLs carry a scheme; meshd's are the mesh address as configured.
+    let peer = members.split(", ").nth(3).unwrap();
     assert!(
-        members.ends_with(&format!(
-            ", started, test, http://127.0.0.1:{}, http://{}, false\n",
-            peer_port_of(&members),
-            s.endpoint
-        )),
+        peer.trim_start_matches("http://") == format!("127.0.0.1:{}", peer_port_of(&members)),
+        "{members}"
+    );
+    assert!(
+        members.contains(", started, test, ")
+            && members.ends_with(&format!(", http://{}, false\n", s.endpoint)),
         "{members}"
     );
     let v = json(&ok(&s, &["member", "list", "-w", "json"]));

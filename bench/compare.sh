@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Side-by-side: a three-member etcd (Debian etcd-server) and a three-member meshd on
+# loopback on this machine, the same `meshctl bench` workloads against each, in one run,
+# alternating, ROUNDS times. Prints one line per run and a summary table.
+#
+#   bench/compare.sh                 # defaults below
+#   ROUNDS=3 TOTAL=20000 bench/compare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-2}
+TOTAL=${TOTAL:-10000}
+TOTAL1=${TOTAL1:-2000}
+VAL=${VAL:-256}
+command -v etcd >/dev/null || { echo "needs etcd: apt-get install etcd-server" >&2; exit 1; }
+cargo build --release --bins -q
+MESHCTL=target/release/meshctl
+MESHD=target/release/meshd
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+e_init=e0=http://127.0.0.1:12080,e1=http://127.0.0.1:12180,e2=http://127.0.0.1:12280
+for i in 0 1 2; do
+  etcd --name e$i --data-dir "$work/e$i" \
+    --listen-client-urls http://127.0.0.1:3${i}379 --advertise-client-urls http://127.0.0.1:3${i}379 \
+    --listen-peer-urls http://127.0.0.1:12${i}80 --initial-advertise-peer-urls http://127.0.0.1:12${i}80 \
+    --initial-cluster "$e_init" --initial-cluster-token bench >"$work/e$i.log" 2>&1 &
+  pids+=($!)
+done
+m_init=m0=127.0.0.1:16783,m1=127.0.0.1:16784,m2=127.0.0.1:16785
+for i in 0 1 2; do
+  $MESHD --name m$i --data-dir "$work/m$i" --listen-client 127.0.0.1:2${i}379 \
+    --listen-mesh 127.0.0.1:1678$((3 + i)) --initial-cluster $m_init >"$work/m$i.log" 2>&1 &
+  pids+=($!)
+done
+ETCD_EPS=127.0.0.1:30379,127.0.0.1:31379,127.0.0.1:32379
+MESHD_EPS=127.0.0.1:20379,127.0.0.1:21379,127.0.0.1:22379
+for eps in $ETCD_EPS $MESHD_EPS; do
+  for _ in $(seq 100); do $MESHCTL --endpoints "$eps" endpoint health >/dev/null 2>&1 && break; sleep 0.2; done
+  $MESHCTL --endpoints "$eps" endpoint health >/dev/null
+done
+
+cpu() { # total CPU seconds (user+sys) of the server processes of one system
+  local sum=0 pat=$1
+  for p in $(pgrep -f "$pat"); do
+    read -r ut st < <(awk '{print $14, $15}' /proc/$p/stat)
+    sum=$((sum + ut + st))
+  done
+  awk -v s="$sum" -v h="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", s / h }'
+}
+rss() { local m=0; for p in $(pgrep -f "$1"); do r=$(awk '/VmHWM/{print $2}' /proc/$p/status); [ "$r" -gt "$m" ] && m=$r; done; echo "$((m / 1024))MiB"; }
+
+printf '%-6s %-22s %10s %9s %9s %9s\n' system workload req/s p50_ms p99_ms max_ms
+results="$work/results"
+run() { # system eps label args...
+  local sys=$1 eps=$2 label=$3; shift 3
+  local j
+  j=$($MESHCTL --endpoints "$eps" -w json bench "$@" 2>/dev/null)
+  python3 - "$sys" "$label" "$j" >>"$results" <<'PY'
+import json, sys
+sysname, label, j = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+l = j["latency_ms"]
+if j["errors"]:
+    print(f"# {sysname} {label}: {j['errors']} errors, first: {j['first_error']}", file=sys.stderr)
+print(f"{sysname} {label} {j['throughput_rps']} {l['p50']} {l['p99']} {l['max']}")
+PY
+  tail -1 "$results" | awk '{printf "%-6s %-22s %10.0f %9.2f %9.2f %9.2f\n", $1, $2, $3, $4, $5, $6}'
+}
+for r in $(seq "$ROUNDS"); do
+  for sys in etcd meshd; do
+    eps=$ETCD_EPS; [ $sys = meshd ] && eps=$MESHD_EPS
+    leader=${eps%%,*}
+    run $sys "$leader" put-1client --clients 1 --conns 1 --total "$TOTAL1" --val-size "$VAL"
+    run $sys "$eps" put-100clients --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL"
+    run $sys "$eps" get-l-100clients --clients 100 --conns 10 --total "$TOTAL" --consistency l
+    run $sys "$eps" get-s-100clients --clients 100 --conns 10 --total "$TOTAL" --consistency s
+  done
+done
+echo
+echo "CPU seconds (servers, whole run): etcd $(cpu 'etcd --name e') meshd $(cpu 'meshd --name m')"
+echo "peak RSS (largest member): etcd $(rss 'etcd --name e') meshd $(rss 'meshd --name m')"
+echo
+echo "median over rounds (req/s, p99 ms), ratio meshd/etcd:"
+python3 - "$results" <<'PY'
+import sys, statistics, collections
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    s, w, rate, p50, p99, mx = line.split()
+    rows[(s, w)].append((float(rate), float(p99)))
+for w in sorted({w for _, w in rows}):
+    e = rows[("etcd", w)]; m = rows[("meshd", w)]
+    er = statistics.median(r for r, _ in e); mr = statistics.median(r for r, _ in m)
+    ep = statistics.median(p for _, p in e); mp = statistics.median(p for _, p in m)
+    print(f"{w:22s} etcd {er:8.0f}/s p99 {ep:7.2f}ms   meshd {mr:8.0f}/s p99 {mp:7.2f}ms   x{mr/er:4.2f}")
+PY

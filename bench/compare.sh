@@ -71,10 +71,10 @@ for r in $(seq "$ROUNDS"); do
   for sys in etcd meshd; do
     eps=$ETCD_EPS; [ $sys = meshd ] && eps=$MESHD_EPS
     leader=${eps%%,*}
-    run $sys "$leader" put-1client --clients 1 --conns 1 --total "$TOTAL1" --val-size "$VAL"
-    run $sys "$eps" put-100clients --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL"
-    run $sys "$eps" get-l-100clients --clients 100 --conns 10 --total "$TOTAL" --consistency l
-    run $sys "$eps" get-s-100clients --clients 100 --conns 10 --total "$TOTAL" --consistency s
+    run $sys "$leader" put-1client put --clients 1 --conns 1 --total "$TOTAL1" --val-size "$VAL"
+    run $sys "$eps" put-100clients put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL"
+    run $sys "$eps" get-l-100clients get --clients 100 --conns 10 --total "$TOTAL" --consistency l
+    run $sys "$eps" get-s-100clients get --clients 100 --conns 10 --total "$TOTAL" --consistency s
   done
 done
 echo

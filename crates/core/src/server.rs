@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::api::{self, ApiContext, Limits};
@@ -226,7 +225,9 @@ impl Server {
             .add_service(maintenance_server::MaintenanceServer::new(
                 api::MaintenanceApi::new(ctx.clone()),
             ));
-        let incoming = TcpListenerStream::new(client_listener);
+        // Small request/response pairs must not wait for Nagle and delayed ACKs.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(client_listener).with_nodelay(Some(true));
         let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         }));

@@ -337,20 +337,19 @@ impl Driver {
         //    committed by a quorum and persisted here).
         self.apply(rd.take_committed_entries())?;
 
-        // 5. Append new entries and the hard state: one redb commit, fdatasync'ed when
-        //    raft-rs says it must be (new entries, term or vote). Only a commit-index
-        //    change may skip the sync: losing it is harmless.
-        if !rd.entries().is_empty() || rd.hs().is_some() {
-            let mut txn = self.db.begin_write().map_err(crate::storage::db_err)?;
-            if !rd.must_sync() {
-                txn.set_durability(redb::Durability::None)
-                    .map_err(|e| crate::storage::db_err(redb::Error::from(e)))?;
-            }
+        // 5. Append new entries and the hard state: one redb commit, fdatasync'ed. A
+        //    Ready that only moves the commit index writes nothing: the commit index
+        //    is kept in memory and reaches disk with the next hard state, and a lower
+        //    commit index after a crash is safe (Raft re-learns it from the leader).
+        if !rd.entries().is_empty() || rd.must_sync() {
+            let txn = self.db.begin_write().map_err(crate::storage::db_err)?;
             self.log.append(&txn, rd.entries())?;
             if let Some(hs) = rd.hs() {
                 self.log.set_hard_state(&txn, hs)?;
             }
             txn.commit().map_err(crate::storage::db_err)?;
+        } else if let Some(hs) = rd.hs() {
+            self.log.set_commit(hs.commit);
         }
 
         // 6. Messages that may leave only once the above is durable: votes and append

@@ -107,6 +107,21 @@ impl RaftLog {
             Err(redb::TableError::TableDoesNotExist(_)) => {}
             Err(e) => return Err(db_err(e)),
         }
+        // Only the commit index may lag on disk (it is written lazily), and an applied
+        // entry was committed: never report a commit index below what was applied.
+        let applied = kv.applied_index();
+        if core.hard_state.commit < applied {
+            if applied > core.last_index() {
+                return Err(StorageError::decode(
+                    "raft log",
+                    format!(
+                        "state machine applied index {applied} is beyond the last log entry {}",
+                        core.last_index()
+                    ),
+                ));
+            }
+            core.hard_state.commit = applied;
+        }
         Ok(RaftLog {
             core: Arc::new(RwLock::new(core)),
             kv,

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::process::Command;
-use std::time::Duration;
 
 use mesh_tests::*;
 
@@ -61,34 +60,40 @@ async fn sigterm_stops_cleanly_and_data_dir_refuses_another_member() {
         c.log(0)
     );
 
-    // The same data dir under another name is refused with a clear error.
-    let out = Command::new(binary("meshd"))
-        .arg("--name=intruder")
-        .arg(format!("--data-dir={}", c.dir.path().join("p0").display()))
-        .arg(format!("--listen-client={}", free_addr()))
-        .arg(format!("--listen-mesh={}", free_addr()))
-        .output()
-        .expect("run meshd");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let dir = c.dir.path().join("p0");
+    // The same data dir under another name, or for another cluster, is refused.
+    let err = refused(&dir, &["--name=intruder"]);
     assert!(err.contains("belongs to member 'p0'"), "{err}");
+    let other = format!("--initial-cluster=p0={}", free_addr());
+    let err = refused(
+        &dir,
+        &["--name=p0", "--initial-cluster-token=other", &other],
+    );
+    assert!(err.contains("belongs to cluster"), "{err}");
 
     // A corrupt database is refused, not served.
-    let db = c.dir.path().join("p0").join("meshd.redb");
+    let db = dir.join("meshd.redb");
     let mut bytes = std::fs::read(&db).unwrap();
     for b in bytes.iter_mut().take(4096) {
         *b = 0xA5;
     }
     std::fs::write(&db, &bytes).unwrap();
+    let err = refused(&dir, &["--name=p0"]);
+    assert!(err.contains("corrupt"), "{err}");
+}
+
+/// Runs meshd on `data_dir` expecting it to refuse to start; returns its stderr.
+fn refused(data_dir: &std::path::Path, args: &[&str]) -> String {
     let out = Command::new(binary("meshd"))
-        .arg("--name=p0")
-        .arg(format!("--data-dir={}", c.dir.path().join("p0").display()))
+        .args(args)
+        .arg(format!("--data-dir={}", data_dir.display()))
         .arg(format!("--listen-client={}", free_addr()))
         .arg(format!("--listen-mesh={}", free_addr()))
         .output()
         .expect("run meshd");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("corrupt"), "{err}");
-    let _ = Duration::ZERO;
+    assert!(
+        !out.status.success(),
+        "meshd {args:?} should refuse to start"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }

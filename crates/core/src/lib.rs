@@ -1,4 +1,17 @@
-//! mesh-core: everything a meshd node is made of.
+//! mesh-core: everything a meshd member is made of.
+//!
+//! A Raft-replicated, durable MVCC key-value store whose client API is wire-compatible
+//! with etcd v3. A write flows `api` → `raft` (proposal, Ready loop, one fdatasync per
+//! Ready) → `kv` (apply, one revision per write) → watchers and the waiting caller.
+//!
+//! # Layout
+//! - [`storage`]: the redb database of a data dir, its identity, the Raft log tables.
+//! - [`kv`]: the state machine: MVCC revisions, ranges, txns, compaction, events.
+//! - [`raft`]: the driver thread around raft-rs `RawNode`, and the peer transport.
+//! - [`api`]: gRPC services (`etcdserverpb` KV, Watch, Cluster, Maintenance).
+//! - [`server`]: one member wired together, with a graceful stop.
+//! - [`client`]: the typed client meshctl uses, with endpoint failover.
+//! - [`proto`]: generated wire types.
 pub mod api;
 pub mod client;
 pub mod kv;

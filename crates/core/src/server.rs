@@ -121,35 +121,8 @@ impl Server {
         let kv = Arc::new(KvStore::open(db.clone())?);
         let log = RaftLog::load(&db, kv.clone())?;
 
-        let mesh_listener =
-            TcpListener::bind(cfg.listen_mesh)
-                .await
-                .map_err(|source| ServerError::Listen {
-                    what: "mesh",
-                    addr: cfg.listen_mesh,
-                    source,
-                })?;
-        let mesh_addr = mesh_listener
-            .local_addr()
-            .map_err(|source| ServerError::Listen {
-                what: "mesh",
-                addr: cfg.listen_mesh,
-                source,
-            })?;
-        let client_listener = TcpListener::bind(cfg.listen_client)
-            .await
-            .map_err(|source| ServerError::Listen {
-                what: "client",
-                addr: cfg.listen_client,
-                source,
-            })?;
-        let client_addr = client_listener
-            .local_addr()
-            .map_err(|source| ServerError::Listen {
-                what: "client",
-                addr: cfg.listen_client,
-                source,
-            })?;
+        let (mesh_listener, mesh_addr) = bind("mesh", cfg.listen_mesh).await?;
+        let (client_listener, client_addr) = bind("client", cfg.listen_client).await?;
         let advertise_mesh = cfg
             .advertise_mesh
             .clone()
@@ -328,6 +301,17 @@ pub async fn run(
             Err(ServerError::Config("the raft driver stopped; see the log above".into()))
         }
     }
+}
+
+/// Binds a listener and reports the address it got (port 0 picks one).
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let err = |source| ServerError::Listen { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
 }
 
 /// An address others can dial: a wildcard listen address is advertised as loopback.

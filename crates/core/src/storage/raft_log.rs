@@ -188,9 +188,7 @@ impl RaftLog {
         txn: &redb::WriteTransaction,
         hs: &HardState,
     ) -> Result<(), StorageError> {
-        let mut t = txn.open_table(STATE).map_err(db_err)?;
-        t.insert(HARD_STATE, hs.encode_to_vec().as_slice())
-            .map_err(db_err)?;
+        put_state(txn, HARD_STATE, hs)?;
         self.wl().hard_state = hs.clone();
         Ok(())
     }
@@ -210,9 +208,7 @@ impl RaftLog {
         txn: &redb::WriteTransaction,
         cs: &ConfState,
     ) -> Result<(), StorageError> {
-        let mut t = txn.open_table(STATE).map_err(db_err)?;
-        t.insert(CONF_STATE, cs.encode_to_vec().as_slice())
-            .map_err(db_err)?;
+        put_state(txn, CONF_STATE, cs)?;
         self.wl().conf_state = cs.clone();
         Ok(())
     }
@@ -227,9 +223,7 @@ impl RaftLog {
             term,
             ..Default::default()
         };
-        let mut t = txn.open_table(STATE).map_err(db_err)?;
-        t.insert(COMPACTED, m.encode_to_vec().as_slice())
-            .map_err(db_err)?;
+        put_state(txn, COMPACTED, &m)?;
         Ok(())
     }
 
@@ -276,6 +270,18 @@ impl RaftLog {
         core.compacted_term = term;
         Ok(())
     }
+}
+
+/// Writes one record of the `raft_state` table.
+fn put_state(
+    txn: &redb::WriteTransaction,
+    key: &str,
+    record: &impl prost011::Message,
+) -> Result<(), StorageError> {
+    let mut t = txn.open_table(STATE).map_err(db_err)?;
+    t.insert(key, record.encode_to_vec().as_slice())
+        .map_err(db_err)?;
+    Ok(())
 }
 
 impl raft::Storage for RaftLog {

@@ -26,14 +26,7 @@ impl KvApi {
 }
 
 fn check_put(p: &PutRequest) -> Result<(), Status> {
-    require_key(&p.key)?;
-    if p.ignore_value && !p.value.is_empty() {
-        return Err(Status::invalid_argument("etcdserver: value is provided"));
-    }
-    if p.ignore_lease && p.lease != 0 {
-        return Err(Status::invalid_argument("etcdserver: lease is provided"));
-    }
-    Ok(())
+    crate::kv::validate_put(p).map_err(kv_status)
 }
 
 /// Checks every operation of a txn (recursively) the way etcd does before proposing.
@@ -61,18 +54,6 @@ fn check_txn_shape(t: &TxnRequest) -> Result<(), Status> {
     }
     check_ops(&t.success)?;
     check_ops(&t.failure)
-}
-
-/// True when neither branch (nor any nested txn) writes.
-fn is_read_only(t: &TxnRequest) -> bool {
-    t.success
-        .iter()
-        .chain(&t.failure)
-        .all(|op| match &op.request {
-            Some(Op::RequestRange(_)) => true,
-            Some(Op::RequestTxn(n)) => is_read_only(n),
-            _ => false,
-        })
 }
 
 /// A read-only txn may be served locally without a quorum round only when every range
@@ -139,7 +120,7 @@ impl Kv for KvApi {
         self.ctx.check_size(&r)?;
         check_txn_shape(&r)?;
         crate::kv::check_txn(&r, self.ctx.limits.max_txn_ops).map_err(kv_status)?;
-        if is_read_only(&r) {
+        if crate::kv::is_read_only(&r) {
             if !all_serializable(&r) {
                 self.ctx.linearize().await?;
             }

@@ -391,11 +391,19 @@ fn bootstrap_or_check(
     }
     let mut batch = kv.begin()?;
     expected.store(batch.write_txn())?;
-    let conf = raft::prelude::ConfState {
-        voters: ids.clone(),
-        ..Default::default()
+    // The initial configuration is a snapshot at index 1, term 1 (as raft-rs's examples
+    // bootstrap): a member added later has an empty log, needs index 1, and so receives
+    // a snapshot that carries the whole configuration and state.
+    let meta = raft::prelude::SnapshotMetadata {
+        index: 1,
+        term: 1,
+        conf_state: Some(raft::prelude::ConfState {
+            voters: ids.clone(),
+            ..Default::default()
+        }),
     };
-    log.set_conf_state(batch.write_txn(), &conf)?;
+    log.apply_snapshot(batch.write_txn(), &meta)?;
+    batch.set_applied_index(1);
     for m in &members {
         batch.put_member(m)?;
     }

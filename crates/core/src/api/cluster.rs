@@ -1,11 +1,26 @@
-//! `etcdserverpb.Cluster`: the member list (membership changes come with their issue).
+//! `etcdserverpb.Cluster`: the member list and membership changes.
+//!
+//! Add, remove and promote are Raft configuration changes that only the leader may
+//! propose (it alone knows which members are started and caught up); a follower
+//! forwards them to the leader's client URL, as etcd forwards them over its peer port.
+//! Update changes peer URLs through an ordinary replicated request.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
 
-use super::{kv_status, ApiContext};
+use super::{kv_status, propose_status, ApiContext};
 use crate::proto::etcdserverpb::{
-    cluster_server::Cluster, Member, MemberListRequest, MemberListResponse,
+    cluster_client::ClusterClient, cluster_server::Cluster, Member, MemberAddRequest,
+    MemberAddResponse, MemberListRequest, MemberListResponse, MemberPromoteRequest,
+    MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest,
+    MemberUpdateResponse,
 };
+use crate::proto::meshpb::{internal_request::Request as Internal, MemberRecord, MemberUpdate};
+use crate::raft::{MemberChange, ProposeError};
+
+/// Set on a request a member forwards to the leader, so it is never forwarded twice.
+const FORWARDED: &str = "meshd-forwarded";
 
 pub struct ClusterApi {
     ctx: ApiContext,
@@ -15,10 +30,224 @@ impl ClusterApi {
     pub fn new(ctx: ApiContext) -> ClusterApi {
         ClusterApi { ctx }
     }
+
+    fn members(&self) -> Result<Vec<Member>, Status> {
+        Ok(self
+            .ctx
+            .kv
+            .members()
+            .map_err(kv_status)?
+            .into_iter()
+            .map(member_pb)
+            .collect())
+    }
+
+    /// A client for the leader's API when this member is not the leader and the request
+    /// was not already forwarded; `None` means: handle it here.
+    async fn leader_client<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<Option<ClusterClient<tonic::transport::Channel>>, Status> {
+        let status = &self.ctx.node.status;
+        let leader = status.leader();
+        if leader == status.member_id || req.metadata().contains_key(FORWARDED) {
+            return Ok(None);
+        }
+        if leader == 0 {
+            return Err(propose_status(ProposeError::NoLeader));
+        }
+        let url = self
+            .ctx
+            .kv
+            .members()
+            .map_err(kv_status)?
+            .into_iter()
+            .find(|m| m.id == leader)
+            .and_then(|m| m.client_urls.into_iter().next())
+            .ok_or_else(|| {
+                Status::unavailable("etcdserver: leader's client URL is not known yet")
+            })?;
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())
+            .map_err(|e| Status::internal(format!("leader client URL {url}: {e}")))?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot reach the leader at {url}: {e}")))?;
+        Ok(Some(ClusterClient::new(channel)))
+    }
+}
+
+/// Marks a request as forwarded and strips what must not travel.
+fn forwarded<T>(req: Request<T>) -> Request<T> {
+    let mut out = Request::new(req.into_inner());
+    out.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    out
+}
+
+fn member_pb(m: MemberRecord) -> Member {
+    Member {
+        id: m.id,
+        name: m.name,
+        peer_ur_ls: m.peer_urls,
+        client_ur_ls: m.client_urls,
+        is_learner: m.is_learner,
+    }
+}
+
+/// Peer URLs as members store them: `host:port`, an optional scheme accepted.
+fn normalize_peer_urls(urls: &[String]) -> Result<Vec<String>, Status> {
+    if urls.is_empty() {
+        return Err(Status::invalid_argument(
+            "etcdserver: member peer URLs are not provided",
+        ));
+    }
+    urls.iter()
+        .map(|u| {
+            let hostport = u
+                .split_once("://")
+                .map_or(u.as_str(), |(_, r)| r)
+                .trim_end_matches('/');
+            match hostport.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                    Ok(hostport.to_string())
+                }
+                _ => Err(Status::invalid_argument(format!(
+                    "etcdserver: invalid peer URL {u:?}: expected host:port"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// A fresh member ID, as etcd derives one from the peer URLs, the cluster and the time.
+fn new_member_id(cluster_id: u64, urls: &[String], taken: &[u64]) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut salt = 0u64;
+    loop {
+        let id = crate::storage::identity_stable_id(&[
+            &cluster_id.to_be_bytes(),
+            urls.join(",").as_bytes(),
+            &now.to_be_bytes(),
+            &salt.to_be_bytes(),
+        ]);
+        if id != 0 && !taken.contains(&id) {
+            return id;
+        }
+        salt += 1;
+    }
+}
+
+fn membership_status(e: ProposeError) -> Status {
+    match e {
+        ProposeError::Membership(why) if why.ends_with("not found") => Status::not_found(why),
+        e @ (ProposeError::Membership(_)
+        | ProposeError::NotLeader
+        | ProposeError::NotEnoughStarted
+        | ProposeError::LearnerNotReady) => Status::failed_precondition(e.to_string()),
+        other => propose_status(other),
+    }
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterApi {
+    async fn member_add(
+        &self,
+        req: Request<MemberAddRequest>,
+    ) -> Result<Response<MemberAddResponse>, Status> {
+        if let Some(mut leader) = self.leader_client(&req).await? {
+            return leader.member_add(forwarded(req)).await;
+        }
+        let r = req.into_inner();
+        let urls = normalize_peer_urls(&r.peer_ur_ls)?;
+        let existing = self.ctx.kv.members().map_err(kv_status)?;
+        if existing
+            .iter()
+            .any(|m| m.peer_urls.iter().any(|u| urls.contains(u)))
+        {
+            return Err(Status::failed_precondition(
+                "etcdserver: Peer URLs already exists",
+            ));
+        }
+        let taken: Vec<u64> = existing.iter().map(|m| m.id).collect();
+        let member = MemberRecord {
+            id: new_member_id(self.ctx.node.status.cluster_id, &urls, &taken),
+            name: String::new(),
+            peer_urls: urls,
+            client_urls: vec![],
+            is_learner: r.is_learner,
+        };
+        let applied = self
+            .ctx
+            .node
+            .change_members(MemberChange::Add {
+                member: member.clone(),
+                learner: r.is_learner,
+            })
+            .await
+            .map_err(membership_status)?;
+        Ok(Response::new(MemberAddResponse {
+            header: self.ctx.header(applied.revision),
+            member: Some(member_pb(member)),
+            members: self.members()?,
+        }))
+    }
+
+    async fn member_remove(
+        &self,
+        req: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveResponse>, Status> {
+        if let Some(mut leader) = self.leader_client(&req).await? {
+            return leader.member_remove(forwarded(req)).await;
+        }
+        let id = req.into_inner().id;
+        let applied = self
+            .ctx
+            .node
+            .change_members(MemberChange::Remove(id))
+            .await
+            .map_err(membership_status)?;
+        Ok(Response::new(MemberRemoveResponse {
+            header: self.ctx.header(applied.revision),
+            members: self.members()?,
+        }))
+    }
+
+    async fn member_update(
+        &self,
+        req: Request<MemberUpdateRequest>,
+    ) -> Result<Response<MemberUpdateResponse>, Status> {
+        let r = req.into_inner();
+        let urls = normalize_peer_urls(&r.peer_ur_ls)?;
+        let existing = self.ctx.kv.members().map_err(kv_status)?;
+        if !existing.iter().any(|m| m.id == r.id) {
+            return Err(Status::not_found("etcdserver: member not found"));
+        }
+        if existing
+            .iter()
+            .any(|m| m.id != r.id && m.peer_urls.iter().any(|u| urls.contains(u)))
+        {
+            return Err(Status::failed_precondition(
+                "etcdserver: Peer URLs already exists",
+            ));
+        }
+        let applied = self
+            .ctx
+            .node
+            .propose(Internal::MemberUpdate(MemberUpdate {
+                id: r.id,
+                peer_urls: urls,
+            }))
+            .await
+            .map_err(propose_status)?;
+        Ok(Response::new(MemberUpdateResponse {
+            header: self.ctx.header(applied.revision),
+            members: self.members()?,
+        }))
+    }
+
     async fn member_list(
         &self,
         req: Request<MemberListRequest>,
@@ -26,23 +255,29 @@ impl Cluster for ClusterApi {
         if req.into_inner().linearizable {
             self.ctx.linearize().await?;
         }
-        let members = self
-            .ctx
-            .kv
-            .members()
-            .map_err(kv_status)?
-            .into_iter()
-            .map(|m| Member {
-                id: m.id,
-                name: m.name,
-                peer_ur_ls: m.peer_urls,
-                client_ur_ls: m.client_urls,
-                is_learner: m.is_learner,
-            })
-            .collect();
         Ok(Response::new(MemberListResponse {
             header: self.ctx.header(self.ctx.kv.current_revision()),
-            members,
+            members: self.members()?,
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        req: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
+        if let Some(mut leader) = self.leader_client(&req).await? {
+            return leader.member_promote(forwarded(req)).await;
+        }
+        let id = req.into_inner().id;
+        let applied = self
+            .ctx
+            .node
+            .change_members(MemberChange::Promote(id))
+            .await
+            .map_err(membership_status)?;
+        Ok(Response::new(MemberPromoteResponse {
+            header: self.ctx.header(applied.revision),
+            members: self.members()?,
         }))
     }
 }

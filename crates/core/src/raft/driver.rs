@@ -16,10 +16,10 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use super::transport::Transport;
-use super::{Applied, AppliedKind, DriverMsg, NodeStatus, ProposeError};
+use super::{Applied, AppliedKind, DriverMsg, MemberChange, NodeStatus, ProposeError};
 use crate::kv::{ApplyBatch, KvError, KvStore};
 use crate::proto::meshpb::{
-    internal_request::Request, InternalRequest, MemberRecord, StoreSnapshot,
+    internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, StoreSnapshot,
 };
 use crate::storage::{RaftLog, StorageError};
 
@@ -199,6 +199,10 @@ impl Driver {
             self.issue_reads();
             self.on_ready()?;
             self.publish_status();
+            if self.status.is_removed() {
+                warn!("this member was removed from the cluster; its raft node stops");
+                return Ok(());
+            }
         }
     }
 
@@ -217,6 +221,7 @@ impl Driver {
                 self.parked.push((id, data));
             }
             DriverMsg::ReadIndex { reply } => self.reads_new.push(reply),
+            DriverMsg::ChangeMembers { change, reply } => self.change_members(change, reply),
             DriverMsg::Raft(msg) => {
                 if let Err(e) = self.raw.step(*msg) {
                     warn!("dropping raft message: {e}");
@@ -448,19 +453,26 @@ impl Driver {
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::decode(e.data.as_slice())
                         .map_err(|x| DriverError::BadSnapshot(format!("conf change: {x}")))?;
-                    let cs = self.raw.apply_conf_change(&cc)?;
-                    self.log.set_conf_state(batch.write_txn(), &cs)?;
-                    apply_membership(&mut batch, cc.change_type, cc.node_id, &cc.context)?;
+                    let ctx: ConfChangeContext =
+                        prost::Message::decode(cc.context.as_slice()).unwrap_or_default();
+                    let outcome = self.apply_conf_change(&mut batch, &cc, &ctx)?;
+                    if ctx.proposer == self.cfg.member_id && ctx.id != 0 {
+                        ours = Some(ctx.id);
+                        let applied = outcome.map(|()| Applied {
+                            revision: batch.revision(),
+                            kind: AppliedKind::Membership,
+                        });
+                        replies.push((ctx.id, applied));
+                    }
                     peers_changed = true;
                 }
                 EntryType::EntryConfChangeV2 => {
+                    // meshd proposes single changes only; raft-rs would only write a V2
+                    // entry to leave a joint configuration, which meshd never enters.
                     let cc = ConfChangeV2::decode(e.data.as_slice())
                         .map_err(|x| DriverError::BadSnapshot(format!("conf change: {x}")))?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     self.log.set_conf_state(batch.write_txn(), &cs)?;
-                    for c in &cc.changes {
-                        apply_membership(&mut batch, c.change_type, c.node_id, &cc.context)?;
-                    }
                     peers_changed = true;
                 }
             }
@@ -484,6 +496,175 @@ impl Driver {
             self.refresh_peers();
         }
         Ok(())
+    }
+
+    /// Checks a membership change against the leader's view and proposes it.
+    fn change_members(&mut self, change: MemberChange, reply: Reply<Applied>) {
+        use raft::prelude::ConfChangeType;
+        if let Err(e) = self.check_change(&change) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let (change_type, node_id, member, promote) = match change {
+            MemberChange::Add { member, learner } => {
+                let t = if learner {
+                    ConfChangeType::AddLearnerNode
+                } else {
+                    ConfChangeType::AddNode
+                };
+                (t, member.id, Some(member), false)
+            }
+            MemberChange::Promote(id) => (ConfChangeType::AddNode, id, None, true),
+            MemberChange::Remove(id) => (ConfChangeType::RemoveNode, id, None, false),
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let ctx = ConfChangeContext {
+            proposer: self.cfg.member_id,
+            id,
+            member,
+            promote,
+        };
+        let cc = ConfChange {
+            change_type: change_type as i32,
+            node_id,
+            context: prost::Message::encode_to_vec(&ctx).into(),
+            ..Default::default()
+        };
+        match self.raw.propose_conf_change(vec![], cc) {
+            Ok(()) => {
+                self.pending.insert(id, reply);
+                self.by_index
+                    .insert(self.raw.raft.raft_log.last_index(), id);
+            }
+            Err(raft::Error::ProposalDropped) => {
+                let _ = reply.send(Err(ProposeError::ChangeInProgress));
+            }
+            Err(e) => {
+                warn!("membership change refused: {e}");
+                let _ = reply.send(Err(ProposeError::ChangeInProgress));
+            }
+        }
+    }
+
+    /// etcd's safety rules for a change, judged with the leader's progress view: one
+    /// change at a time, never fewer started voters than a quorum, promote only a
+    /// learner that has caught up.
+    fn check_change(&self, change: &MemberChange) -> Result<(), ProposeError> {
+        let r = &self.raw.raft;
+        if r.state != StateRole::Leader {
+            return Err(ProposeError::NotLeader);
+        }
+        if r.has_pending_conf() {
+            return Err(ProposeError::ChangeInProgress);
+        }
+        let me = self.cfg.member_id;
+        let conf = r.prs().conf();
+        let voters: Vec<u64> = conf.voters().ids().iter().collect();
+        let started = |id: &u64| *id == me || r.prs().get(*id).is_some_and(|p| p.recent_active);
+        let quorum = |n: usize| n / 2 + 1;
+        match change {
+            MemberChange::Add { learner: true, .. } => Ok(()),
+            MemberChange::Add { .. } => {
+                // The new voter has not started yet.
+                let up = voters.iter().filter(|id| started(id)).count();
+                if up < quorum(voters.len() + 1) {
+                    return Err(ProposeError::NotEnoughStarted);
+                }
+                Ok(())
+            }
+            MemberChange::Promote(id) => {
+                if !conf.learners().contains(id) {
+                    return Err(ProposeError::Membership(
+                        "etcdserver: can only promote a learner member",
+                    ));
+                }
+                let leader_match = r.raft_log.last_index();
+                let learner_match = r.prs().get(*id).map_or(0, |p| p.matched);
+                if (learner_match as f64) < (leader_match as f64) * 0.9 {
+                    return Err(ProposeError::LearnerNotReady);
+                }
+                Ok(())
+            }
+            MemberChange::Remove(id) => {
+                if !voters.contains(id) {
+                    return Ok(());
+                }
+                let rest: Vec<u64> = voters.iter().copied().filter(|v| v != id).collect();
+                let up = rest.iter().filter(|v| started(v)).count();
+                if rest.is_empty() || up < quorum(rest.len()) {
+                    return Err(ProposeError::NotEnoughStarted);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Applies a configuration change entry if it is consistent with the member table
+    /// (the same decision on every member); an inconsistent one changes nothing and its
+    /// proposer gets the reason.
+    fn apply_conf_change(
+        &mut self,
+        batch: &mut ApplyBatch<'_>,
+        cc: &ConfChange,
+        ctx: &ConfChangeContext,
+    ) -> Result<Result<(), ProposeError>, DriverError> {
+        use raft::prelude::ConfChangeType;
+        let existing = batch.member(cc.node_id).map_err(DriverError::Apply)?;
+        let kind = ConfChangeType::from_i32(cc.change_type);
+        let refusal = match (kind, &existing) {
+            (Some(ConfChangeType::AddNode), Some(m)) if ctx.promote && !m.is_learner => {
+                Some("etcdserver: can only promote a learner member")
+            }
+            (Some(ConfChangeType::AddNode), None) if ctx.promote => {
+                Some("etcdserver: member not found")
+            }
+            (Some(ConfChangeType::AddNode | ConfChangeType::AddLearnerNode), Some(_))
+                if !ctx.promote =>
+            {
+                Some("etcdserver: member ID already exist")
+            }
+            (Some(ConfChangeType::RemoveNode), None) => Some("etcdserver: member not found"),
+            (None, _) => Some("etcdserver: unknown configuration change"),
+            _ => None,
+        };
+        if let Some(why) = refusal {
+            warn!(
+                node = format_args!("{:x}", cc.node_id),
+                "membership change refused: {why}"
+            );
+            return Ok(Err(ProposeError::Membership(why)));
+        }
+        let cs = self.raw.apply_conf_change(cc)?;
+        self.log.set_conf_state(batch.write_txn(), &cs)?;
+        let r = match kind {
+            Some(ConfChangeType::RemoveNode) => batch.remove_member(cc.node_id),
+            _ => {
+                let mut m = existing
+                    .or_else(|| ctx.member.clone())
+                    .unwrap_or(MemberRecord {
+                        id: cc.node_id,
+                        ..Default::default()
+                    });
+                m.id = cc.node_id;
+                m.is_learner = kind == Some(ConfChangeType::AddLearnerNode);
+                batch.put_member(&m)
+            }
+        };
+        r.map_err(DriverError::Apply)?;
+        info!(
+            node = format_args!("{:x}", cc.node_id),
+            change = ?kind,
+            voters = ?cs.voters,
+            learners = ?cs.learners,
+            "membership changed"
+        );
+        if kind == Some(ConfChangeType::RemoveNode) && cc.node_id == self.cfg.member_id {
+            self.status
+                .removed
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        Ok(Ok(()))
     }
 
     fn maybe_compact(&mut self) -> Result<(), DriverError> {
@@ -567,6 +748,9 @@ fn apply_request(
         Some(Request::MemberAttributes(a)) => {
             update_attributes(batch, a).map(|()| AppliedKind::MemberAttributes)
         }
+        Some(Request::MemberUpdate(u)) => {
+            update_peer_urls(batch, u).map(|()| AppliedKind::Membership)
+        }
         None => Ok(AppliedKind::Nothing),
     };
     match result {
@@ -577,6 +761,18 @@ fn apply_request(
         })),
         Err(e) => Ok(Err(e)),
     }
+}
+
+fn update_peer_urls(
+    batch: &mut ApplyBatch<'_>,
+    u: crate::proto::meshpb::MemberUpdate,
+) -> Result<(), KvError> {
+    // The API checked that the member exists; a removal in between makes this a no-op.
+    let Some(mut m) = batch.member(u.id)? else {
+        return Ok(());
+    };
+    m.peer_urls = u.peer_urls;
+    batch.put_member(&m)
 }
 
 fn update_attributes(
@@ -590,33 +786,4 @@ fn update_attributes(
     m.name = a.name;
     m.client_urls = a.client_urls;
     batch.put_member(&m)
-}
-
-fn apply_membership(
-    batch: &mut ApplyBatch<'_>,
-    change_type: i32,
-    node_id: u64,
-    context: &[u8],
-) -> Result<(), DriverError> {
-    use raft::prelude::ConfChangeType;
-    let r = match ConfChangeType::from_i32(change_type) {
-        Some(ConfChangeType::AddNode) | Some(ConfChangeType::AddLearnerNode) => {
-            let learner = change_type == ConfChangeType::AddLearnerNode as i32;
-            let mut m = match <MemberRecord as prost::Message>::decode(context) {
-                Ok(m) if m.id == node_id => m,
-                _ => batch
-                    .member(node_id)
-                    .map_err(DriverError::Apply)?
-                    .unwrap_or(MemberRecord {
-                        id: node_id,
-                        ..Default::default()
-                    }),
-            };
-            m.is_learner = learner;
-            batch.put_member(&m)
-        }
-        Some(ConfChangeType::RemoveNode) => batch.remove_member(node_id),
-        None => Ok(()),
-    };
-    r.map_err(DriverError::Apply)
 }

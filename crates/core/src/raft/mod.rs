@@ -21,6 +21,7 @@ pub use driver::{spawn_driver, DriverConfig, DriverError};
 use crate::kv::KvError;
 use crate::proto::etcdserverpb as pb;
 use crate::proto::meshpb::internal_request::Request;
+use crate::proto::meshpb::MemberRecord;
 use crate::storage::RaftLog;
 
 /// What the driver thread is told.
@@ -34,6 +35,11 @@ pub enum DriverMsg {
     /// leader's commit index at that moment.
     ReadIndex {
         reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
+    /// Change the voter/learner set (leader only; one change at a time).
+    ChangeMembers {
+        change: MemberChange,
+        reply: oneshot::Sender<Result<Applied, ProposeError>>,
     },
     /// A message from a peer.
     Raft(Box<Message>),
@@ -53,6 +59,17 @@ pub struct Applied {
     pub kind: AppliedKind,
 }
 
+/// A Raft configuration change, as the Cluster API asks for it.
+#[derive(Clone, Debug)]
+pub enum MemberChange {
+    /// Add a member (its record carries the ID and peer URLs) as a voter or learner.
+    Add { member: MemberRecord, learner: bool },
+    /// Make a caught-up learner a voter.
+    Promote(u64),
+    /// Remove a member (voter or learner).
+    Remove(u64),
+}
+
 #[derive(Debug)]
 pub enum AppliedKind {
     Put(pb::PutResponse),
@@ -60,6 +77,8 @@ pub enum AppliedKind {
     Txn(pb::TxnResponse),
     Compaction,
     MemberAttributes,
+    /// A configuration change or member update applied.
+    Membership,
     Nothing,
 }
 
@@ -82,6 +101,21 @@ pub enum ProposeError {
     /// The member is shutting down.
     #[error("etcdserver: server stopped")]
     Stopped,
+    /// Only the leader can do this.
+    #[error("etcdserver: not leader")]
+    NotLeader,
+    /// A membership change would leave fewer started voters than a quorum.
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    NotEnoughStarted,
+    /// A previous membership change has not been applied yet.
+    #[error("etcdserver: unhealthy cluster")]
+    ChangeInProgress,
+    /// The learner has not caught up with the leader.
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    /// The change contradicts the current membership (checked where it applies).
+    #[error("{0}")]
+    Membership(&'static str),
     /// The state machine refused the request (deterministically, on every member).
     #[error(transparent)]
     Kv(#[from] KvError),
@@ -98,6 +132,7 @@ pub struct NodeStatus {
     applied: AtomicU64,
     leader_changes: AtomicU64,
     is_learner: AtomicBool,
+    removed: AtomicBool,
     stopped: AtomicBool,
 }
 
@@ -126,6 +161,10 @@ impl NodeStatus {
     }
     pub fn is_learner(&self) -> bool {
         self.is_learner.load(Ordering::Acquire)
+    }
+    /// True once this member applied its own removal from the cluster.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
     /// False once the driver thread has exited (shutdown or a fatal storage error).
     pub fn is_running(&self) -> bool {
@@ -178,6 +217,12 @@ impl NodeHandle {
     /// Replicates `request` and returns what applying it produced on this member.
     pub async fn propose(&self, request: Request) -> Result<Applied, ProposeError> {
         self.call(|reply| DriverMsg::Propose { request, reply })
+            .await
+    }
+
+    /// Changes the voter/learner set; answered once this member applied the change.
+    pub async fn change_members(&self, change: MemberChange) -> Result<Applied, ProposeError> {
+        self.call(|reply| DriverMsg::ChangeMembers { change, reply })
             .await
     }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mesh_core::membership::autopilot::AutopilotConfig;
 use mesh_core::server::{Server, ServerConfig};
 
 /// A loopback address with a port that was free a moment ago.
@@ -101,6 +102,10 @@ pub struct ClusterOpts {
     pub election_ticks: usize,
     pub snapshot_count: u64,
     pub catch_up_entries: u64,
+    /// Growth and healing (short intervals; a long dead-voter timeout unless a test
+    /// is about healing).
+    pub autopilot: AutopilotConfig,
+    pub password: Option<Vec<u8>>,
 }
 
 impl Default for ClusterOpts {
@@ -110,7 +115,36 @@ impl Default for ClusterOpts {
             election_ticks: 12,
             snapshot_count: 10_000,
             catch_up_entries: 5_000,
+            autopilot: AutopilotConfig {
+                growth: true,
+                voters: 3,
+                dead_voter_timeout: Duration::from_secs(120),
+                stabilization: Duration::from_millis(500),
+                interval: Duration::from_millis(100),
+            },
+            password: None,
         }
+    }
+}
+
+impl ClusterOpts {
+    /// A member configuration with these options (no cluster flags set).
+    pub fn config(&self, name: &str, dir: &std::path::Path) -> ServerConfig {
+        let mut c = ServerConfig::new(name);
+        c.data_dir = dir.join(name);
+        c.listen_client = free_addr();
+        c.listen_mesh = free_addr();
+        c.tick = self.tick;
+        c.election_ticks = self.election_ticks;
+        c.heartbeat_ticks = 2;
+        c.snapshot_count = self.snapshot_count;
+        c.catch_up_entries = self.catch_up_entries;
+        c.request_timeout = Duration::from_secs(5);
+        c.autopilot = self.autopilot.clone();
+        c.password = self.password.clone();
+        c.mesh_heartbeat = Duration::from_millis(100);
+        c.mesh_gossip_interval = Duration::from_millis(100);
+        c
     }
 }
 
@@ -133,17 +167,9 @@ impl InProcessCluster {
             .collect();
         let configs: Vec<ServerConfig> = (0..n)
             .map(|i| {
-                let mut c = ServerConfig::new(&names[i]);
-                c.data_dir = dir.path().join(&names[i]);
-                c.listen_client = free_addr();
+                let mut c = opts.config(&names[i], dir.path());
                 c.listen_mesh = mesh[i];
                 c.initial_cluster = Some(initial.clone());
-                c.tick = opts.tick;
-                c.election_ticks = opts.election_ticks;
-                c.heartbeat_ticks = 2;
-                c.snapshot_count = opts.snapshot_count;
-                c.catch_up_entries = opts.catch_up_entries;
-                c.request_timeout = Duration::from_secs(5);
                 c
             })
             .collect();
@@ -179,6 +205,14 @@ impl InProcessCluster {
                     .is_some_and(|s| s.node().status.member_id == member_id)
             })
             .expect("member is running")
+    }
+
+    /// Starts one more node with `cfg` (e.g. joining through `--peer`); returns its index.
+    pub async fn add(&mut self, cfg: ServerConfig) -> usize {
+        let server = Server::start(cfg.clone()).await.expect("node starts");
+        self.configs.push(cfg);
+        self.servers.push(Some(server));
+        self.configs.len() - 1
     }
 
     pub async fn stop(&mut self, i: usize) {
@@ -271,28 +305,42 @@ pub struct ProcessCluster {
 
 impl ProcessCluster {
     pub fn start(n: usize, opts: ClusterOpts) -> ProcessCluster {
+        ProcessCluster::start_with(n, opts, |_, mesh| {
+            let initial = (0..mesh.len())
+                .map(|i| format!("p{i}={}", mesh[i]))
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![format!("--initial-cluster={initial}")]
+        })
+    }
+
+    /// Starts `n` processes named p0.. with the common flags plus `cluster_flags(i,
+    /// mesh addresses)` (how they form or join a cluster).
+    pub fn start_with(
+        n: usize,
+        opts: ClusterOpts,
+        cluster_flags: impl Fn(usize, &[SocketAddr]) -> Vec<String>,
+    ) -> ProcessCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mesh: Vec<SocketAddr> = (0..n).map(|_| free_addr()).collect();
-        let initial = (0..n)
-            .map(|i| format!("p{i}={}", mesh[i]))
-            .collect::<Vec<_>>()
-            .join(",");
         let mut procs = Vec::new();
         for (i, m) in mesh.iter().enumerate() {
             let client = free_addr();
             let name = format!("p{i}");
-            let args = vec![
+            let mut args = vec![
                 format!("--name={name}"),
                 format!("--data-dir={}", dir.path().join(&name).display()),
                 format!("--listen-client={client}"),
                 format!("--listen-mesh={m}"),
-                format!("--initial-cluster={initial}"),
                 format!("--tick={}ms", opts.tick.as_millis()),
                 format!("--election-ticks={}", opts.election_ticks),
                 "--heartbeat-ticks=2".to_string(),
                 format!("--snapshot-count={}", opts.snapshot_count),
                 format!("--catch-up-entries={}", opts.catch_up_entries),
+                "--mesh-heartbeat=100ms".to_string(),
+                "--mesh-gossip-interval=100ms".to_string(),
             ];
+            args.extend(cluster_flags(i, &mesh));
             let mut p = Process {
                 log: dir.path().join(format!("{name}.log")),
                 name,

@@ -14,9 +14,20 @@ use crate::api::{self, ApiContext, Limits};
 use crate::kv::{KvError, KvStore};
 use crate::proto::etcdserverpb::{cluster_server, kv_server, maintenance_server, watch_server};
 use crate::proto::meshpb::{internal_request::Request as Internal, MemberAttributes, MemberRecord};
-use crate::raft::transport::{PeerIdentity, TcpTransport, Transport, DEFAULT_MAX_FRAME};
+use crate::membership::autopilot::{Autopilot, AutopilotConfig};
+use crate::membership::bootstrap::{self, Outcome};
+use crate::membership::join::{JoinChannel, JOIN_CHANNEL};
+use crate::membership::{refresh_routes, token_hash, LocalMeta};
+use crate::crdt::CounterGossiper;
+use crate::mesh::{Mesh, MeshConfig};
+use crate::proto::meshpb::{mesh_server, node_meta::State, NodeMeta};
+use crate::raft::mesh_transport::{MemberRoutes, MeshTransport, RAFT_CHANNEL};
+use crate::raft::transport::Transport;
 use crate::raft::{spawn_driver, DriverConfig, DriverError, NodeHandle, NodeStatus};
 use crate::storage::{self, Identity, RaftLog, StorageError};
+
+/// Mesh channel of the gossiped PN-counters (`meshctl counter`).
+pub const COUNTER_CHANNEL: &str = "counters";
 
 /// Everything a member needs to start. Built by meshd from flags and the YAML file.
 #[derive(Clone, Debug)]
@@ -33,6 +44,17 @@ pub struct ServerConfig {
     /// this member (or, with an existing data dir, whatever it already belongs to).
     pub initial_cluster: Option<Vec<(String, String)>>,
     pub initial_cluster_token: String,
+    /// Mesh addresses to dial at start (`--peer`); the mesh finds everyone else.
+    pub peers: Vec<String>,
+    /// Form a new cluster once this many empty server nodes see each other.
+    pub bootstrap_expect: Option<u32>,
+    /// Mesh password: every mesh connection is authenticated and encrypted with it.
+    pub password: Option<Vec<u8>>,
+    /// Growth and healing of the voter set.
+    pub autopilot: AutopilotConfig,
+    /// Mesh heartbeat and anti-entropy interval (shorter in tests).
+    pub mesh_heartbeat: Duration,
+    pub mesh_gossip_interval: Duration,
     pub tick: Duration,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
@@ -55,6 +77,12 @@ impl ServerConfig {
             advertise_mesh: None,
             initial_cluster: None,
             initial_cluster_token: "meshd-cluster".into(),
+            peers: Vec::new(),
+            bootstrap_expect: None,
+            password: None,
+            autopilot: AutopilotConfig::default(),
+            mesh_heartbeat: Duration::from_secs(1),
+            mesh_gossip_interval: Duration::from_secs(1),
             tick: Duration::from_millis(100),
             election_ticks: 10,
             heartbeat_ticks: 1,
@@ -86,6 +114,9 @@ pub enum ServerError {
     },
     #[error("client API server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// This member was removed from the cluster; it never rejoins under its old ID.
+    #[error("this member was removed from the cluster; remove its data dir to join again as a new member")]
+    Removed,
 }
 
 /// Member ID of `name` in a cluster created with `token`, as every initial member
@@ -111,7 +142,7 @@ pub struct Server {
     grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     driver: Option<std::thread::JoinHandle<Result<(), DriverError>>>,
     background: Vec<tokio::task::JoinHandle<()>>,
-    _transport: Arc<TcpTransport>,
+    mesh: Arc<Mesh>,
 }
 
 impl Server {
@@ -132,11 +163,77 @@ impl Server {
             .clone()
             .unwrap_or_else(|| format!("http://{}", advertised(client_addr)));
 
-        let identity = bootstrap_or_check(&cfg, &db, &kv, &log, &advertise_mesh)?;
+        let peer_name = storage::load_or_create_peer_name(&cfg.data_dir)?;
+        let mut mesh_cfg = MeshConfig::new(peer_name, &cfg.name, &advertise_mesh);
+        mesh_cfg.seeds = cfg.peers.clone();
+        if let Some(initial) = &cfg.initial_cluster {
+            mesh_cfg.seeds.extend(
+                initial
+                    .iter()
+                    .filter(|(n, _)| *n != cfg.name)
+                    .map(|(_, a)| a.clone()),
+            );
+        }
+        mesh_cfg.password = cfg.password.clone();
+        mesh_cfg.heartbeat = cfg.mesh_heartbeat;
+        mesh_cfg.dead_after = cfg.mesh_heartbeat * 4;
+        mesh_cfg.gossip_interval = cfg.mesh_gossip_interval;
+        let mesh = Mesh::start(mesh_cfg, mesh_listener);
+        let join = Arc::new(JoinChannel::register(&mesh));
+        let counters = CounterGossiper::register(&mesh, COUNTER_CHANNEL);
+
+        let stored = Identity::load(&db)?;
+        let meta = LocalMeta::new(
+            mesh.clone(),
+            NodeMeta {
+                name: cfg.name.clone(),
+                member_id: stored.as_ref().map_or(peer_name, |i| i.member_id),
+                cluster_id: stored.as_ref().map_or(0, |i| i.cluster_id),
+                client_url: advertise_client.clone(),
+                server: true,
+                state: State::Empty as i32,
+                bootstrap_expect: cfg.bootstrap_expect.unwrap_or(0),
+                bootstrap_proposal: vec![],
+                mesh_addr: advertise_mesh.clone(),
+                leader: false,
+                token_hash: token_hash(&cfg.initial_cluster_token),
+            },
+        );
+        let discover = stored.is_none()
+            && cfg.initial_cluster.is_none()
+            && (cfg.bootstrap_expect.is_some() || !cfg.peers.is_empty());
+        let identity = if discover {
+            let outcome = match cfg.bootstrap_expect {
+                Some(n) => bootstrap::await_agreement(&mesh, &meta, n).await,
+                None => Outcome::Join,
+            };
+            match outcome {
+                Outcome::Form(members) => {
+                    let initial = members
+                        .into_iter()
+                        .map(|(id, name, addr)| (id, name, addr))
+                        .collect();
+                    create_member(&cfg, &db, &kv, &log, peer_name, initial)?
+                }
+                Outcome::Join => {
+                    info!("waiting for the cluster leader to add this node");
+                    let w = join.await_welcome(&cfg.initial_cluster_token).await;
+                    join_member(&cfg, &db, &kv, &log, w.member_id, w.cluster_id)?
+                }
+            }
+        } else {
+            bootstrap_or_check(&cfg, &db, &kv, &log, &advertise_mesh)?
+        };
+        meta.update(|m| {
+            m.member_id = identity.member_id;
+            m.cluster_id = identity.cluster_id;
+            m.state = State::Member as i32;
+        });
         info!(
             name = %identity.name,
             member = format_args!("{:x}", identity.member_id),
             cluster = format_args!("{:x}", identity.cluster_id),
+            peer = format_args!("{peer_name:016x}"),
             applied = kv.applied_index(),
             revision = kv.current_revision(),
             "member starting"
@@ -144,14 +241,14 @@ impl Server {
 
         let (tx, rx) = std_mpsc::channel();
         let status = Arc::new(NodeStatus::new(identity.member_id, identity.cluster_id));
-        let transport = TcpTransport::start(
-            PeerIdentity {
-                member_id: identity.member_id,
-                cluster_id: identity.cluster_id,
-            },
-            mesh_listener,
+        let routes = Arc::new(MemberRoutes::default());
+        refresh_routes(&mesh, identity.cluster_id, &routes);
+        let transport = MeshTransport::start(
+            mesh.clone(),
+            identity.member_id,
+            identity.cluster_id,
+            routes.clone(),
             tx.clone(),
-            DEFAULT_MAX_FRAME,
         );
         let driver = spawn_driver(
             DriverConfig {
@@ -197,7 +294,18 @@ impl Server {
             )))
             .add_service(maintenance_server::MaintenanceServer::new(
                 api::MaintenanceApi::new(ctx.clone()),
-            ));
+            ))
+            .add_service(mesh_server::MeshServer::new(api::MeshApi {
+                mesh: mesh.clone(),
+                counters,
+                kv: kv.clone(),
+                channels: vec![
+                    RAFT_CHANNEL.to_string(),
+                    JOIN_CHANNEL.to_string(),
+                    COUNTER_CHANNEL.to_string(),
+                ],
+                cluster_id: identity.cluster_id,
+            }));
         // Small request/response pairs must not wait for Nagle and delayed ACKs.
         let incoming =
             tonic::transport::server::TcpIncoming::from(client_listener).with_nodelay(Some(true));
@@ -213,6 +321,24 @@ impl Server {
             cfg.name.clone(),
             advertise_client,
         ));
+        let watch_mesh = tokio::spawn(follow_mesh(
+            mesh.clone(),
+            meta,
+            routes,
+            node.clone(),
+            join.clone(),
+        ));
+        let autopilot = tokio::spawn(
+            Autopilot {
+                cfg: cfg.autopilot.clone(),
+                mesh: mesh.clone(),
+                node: node.clone(),
+                kv: kv.clone(),
+                join,
+                token: cfg.initial_cluster_token.clone(),
+            }
+            .run(),
+        );
         Ok(Server {
             client_addr,
             mesh_addr,
@@ -220,8 +346,8 @@ impl Server {
             grpc_stop: Some(grpc_stop),
             grpc,
             driver: Some(driver),
-            background: vec![publish],
-            _transport: transport,
+            background: vec![publish, watch_mesh, autopilot],
+            mesh,
         })
     }
 
@@ -235,6 +361,10 @@ impl Server {
     }
     pub fn node(&self) -> &NodeHandle {
         &self.node
+    }
+    /// This node's mesh (peers, routes, and the fault controls tests use).
+    pub fn mesh(&self) -> &Arc<Mesh> {
+        &self.mesh
     }
 
     /// Resolves when the Raft driver has stopped on its own (a fatal storage error).
@@ -271,7 +401,7 @@ impl Server {
             },
             None => Ok(()),
         };
-        self._transport.stop().await;
+        self.mesh.shutdown().await;
         joined?;
         info!("stopped");
         Ok(())
@@ -293,11 +423,20 @@ pub async fn run(
     cfg: ServerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let server = Server::start(cfg).await?;
+    tokio::pin!(shutdown);
+    // Start may wait for peers (bootstrap-expect, joining): a stop request ends the wait.
+    let server = tokio::select! {
+        s = Server::start(cfg) => s?,
+        _ = &mut shutdown => return Ok(()),
+    };
     tokio::select! {
         _ = shutdown => server.shutdown().await,
         _ = server.driver_stopped() => {
+            let removed = server.node.status.is_removed();
             let _ = server.shutdown().await;
+            if removed {
+                return Err(ServerError::Removed);
+            }
             Err(ServerError::Config("the raft driver stopped; see the log above".into()))
         }
     }
@@ -323,8 +462,8 @@ fn advertised(addr: SocketAddr) -> String {
     }
 }
 
-/// Creates the member on a fresh data dir, or checks that an existing one belongs to
-/// this member and cluster.
+/// Creates the member on a fresh data dir from `--initial-cluster` (or as a single
+/// node), or checks that an existing one belongs to this member and cluster.
 fn bootstrap_or_check(
     cfg: &ServerConfig,
     db: &redb::Database,
@@ -351,17 +490,11 @@ fn bootstrap_or_check(
             cfg.name
         )));
     };
-    let members: Vec<MemberRecord> = initial
+    let members: Vec<(u64, String, String)> = initial
         .iter()
-        .map(|(name, addr)| MemberRecord {
-            id: member_id(token, name, addr),
-            name: name.clone(),
-            peer_urls: vec![addr.clone()],
-            client_urls: vec![],
-            is_learner: false,
-        })
+        .map(|(name, addr)| (member_id(token, name, addr), name.clone(), addr.clone()))
         .collect();
-    let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+    let ids: Vec<u64> = members.iter().map(|m| m.0).collect();
     let expected = Identity {
         name: cfg.name.clone(),
         member_id: member_id(token, &cfg.name, my_addr),
@@ -382,6 +515,11 @@ fn bootstrap_or_check(
         }
         return Ok(stored);
     }
+    create_member(cfg, db, kv, log, expected.member_id, members)
+}
+
+/// Refuses to initialise a data dir that holds data without an identity.
+fn check_empty(cfg: &ServerConfig, kv: &KvStore, log: &RaftLog) -> Result<(), ServerError> {
     if kv.applied_index() != 0 || log.last_index() != 0 {
         return Err(StorageError::Corrupt {
             path: cfg.data_dir.clone(),
@@ -389,8 +527,30 @@ fn bootstrap_or_check(
         }
         .into());
     }
+    Ok(())
+}
+
+/// Initialises a fresh data dir as member `me` of a new cluster whose voters are
+/// `members` (member ID, name, mesh address).
+fn create_member(
+    cfg: &ServerConfig,
+    db: &redb::Database,
+    kv: &KvStore,
+    log: &RaftLog,
+    me: u64,
+    members: Vec<(u64, String, String)>,
+) -> Result<Identity, ServerError> {
+    check_empty(cfg, kv, log)?;
+    let token = &cfg.initial_cluster_token;
+    let ids: Vec<u64> = members.iter().map(|m| m.0).collect();
+    let identity = Identity {
+        name: cfg.name.clone(),
+        member_id: me,
+        cluster_id: cluster_id(token, &ids),
+        cluster_token: token.clone(),
+    };
     let mut batch = kv.begin()?;
-    expected.store(batch.write_txn())?;
+    identity.store(batch.write_txn())?;
     // The initial configuration is a snapshot at index 1, term 1 (as raft-rs's examples
     // bootstrap): a member added later has an empty log, needs index 1, and so receives
     // a snapshot that carries the whole configuration and state.
@@ -404,12 +564,76 @@ fn bootstrap_or_check(
     };
     log.apply_snapshot(batch.write_txn(), &meta)?;
     batch.set_applied_index(1);
-    for m in &members {
-        batch.put_member(m)?;
+    for (id, name, addr) in &members {
+        batch.put_member(&MemberRecord {
+            id: *id,
+            name: name.clone(),
+            peer_urls: vec![addr.clone()],
+            client_urls: vec![],
+            is_learner: false,
+        })?;
     }
     batch.commit(true)?;
-    info!(members = initial.len(), "bootstrapped a new cluster member");
-    Ok(expected)
+    info!(members = members.len(), "bootstrapped a new cluster member");
+    Ok(identity)
+}
+
+/// Initialises a fresh data dir as a member the leader just added: no configuration
+/// yet, it arrives with the leader's snapshot.
+fn join_member(
+    cfg: &ServerConfig,
+    db: &redb::Database,
+    kv: &KvStore,
+    log: &RaftLog,
+    member_id: u64,
+    cluster_id: u64,
+) -> Result<Identity, ServerError> {
+    check_empty(cfg, kv, log)?;
+    let _ = db;
+    let identity = Identity {
+        name: cfg.name.clone(),
+        member_id,
+        cluster_id,
+        cluster_token: cfg.initial_cluster_token.clone(),
+    };
+    let mut batch = kv.begin()?;
+    identity.store(batch.write_txn())?;
+    batch.commit(true)?;
+    Ok(identity)
+}
+
+/// Keeps routes and this node's published metadata in step with the mesh and the
+/// Raft state, and stops the driver when the leader says this member was removed.
+async fn follow_mesh(
+    mesh: Arc<Mesh>,
+    meta: Arc<LocalMeta>,
+    routes: Arc<MemberRoutes>,
+    node: NodeHandle,
+    join: Arc<JoinChannel>,
+) {
+    let status = node.status.clone();
+    let mut changes = mesh.changes();
+    let removal = join.await_removal_notice(status.cluster_id);
+    tokio::pin!(removal);
+    loop {
+        refresh_routes(&mesh, status.cluster_id, &routes);
+        let removed = status.is_removed();
+        meta.update(|m| {
+            m.leader = status.leader() == status.member_id;
+            if removed {
+                m.state = State::Removed as i32;
+            }
+        });
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = &mut removal => {
+                warn!("the leader reports that this member was removed from the cluster");
+                status.mark_removed();
+                node.shutdown();
+            }
+        }
+    }
 }
 
 /// Publishes this member's name and client URL through Raft once a leader exists, as

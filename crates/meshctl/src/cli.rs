@@ -66,6 +66,13 @@ pub enum Command {
     /// Endpoint status and health.
     #[command(subcommand)]
     Endpoint(EndpointCommand),
+    /// The gossip mesh as the answering node sees it.
+    #[command(subcommand)]
+    Mesh(MeshCommand),
+    /// Counters gossiped over the mesh: available on both sides of a partition,
+    /// converging when it heals (not linearizable; use the KV store for that).
+    #[command(subcommand)]
+    Counter(CounterCommand),
     /// Measure put/get throughput and latency.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -212,6 +219,60 @@ pub struct CompactArgs {
 pub enum MemberCommand {
     /// List the members.
     List,
+    /// Add a member; then start it with --peer pointing at any current member.
+    Add {
+        /// Name the new member will be started with.
+        name: String,
+        /// The new member's mesh address (host:port) as its peers will dial it.
+        #[arg(long = "mesh-addr", alias = "peer-urls")]
+        mesh_addr: String,
+        /// Add it as a learner (non-voting) member.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Remove a member by ID (hex).
+    Remove {
+        #[arg(value_parser = parse_hex_id)]
+        id: u64,
+    },
+    /// Promote a learner that has caught up to a voter.
+    Promote {
+        #[arg(value_parser = parse_hex_id)]
+        id: u64,
+    },
+    /// Change a member's mesh address.
+    Update {
+        #[arg(value_parser = parse_hex_id)]
+        id: u64,
+        #[arg(long = "mesh-addr", alias = "peer-urls")]
+        mesh_addr: String,
+    },
+}
+
+/// A member ID as etcdctl prints it: hexadecimal.
+pub fn parse_hex_id(s: &str) -> Result<u64, String> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|_| format!("'{s}' is not a hexadecimal member ID"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MeshCommand {
+    /// Every known peer: name, nickname, UID, address, connections, reachable, next hop.
+    Peers,
+    /// This node's view: peers, routes, gossip channels, traffic.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CounterCommand {
+    /// Add N (default 1, may be negative) and print the new value.
+    Incr {
+        name: String,
+        #[arg(default_value_t = 1, allow_negative_numbers = true)]
+        delta: i64,
+    },
+    /// Print the value alone.
+    Get { name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -47,6 +47,36 @@ pub struct Args {
     /// same member names and addresses.
     #[arg(long, env = "MESHD_INITIAL_CLUSTER_TOKEN")]
     pub initial_cluster_token: Option<String>,
+    /// Mesh address of a peer to join through (repeatable, or comma-separated in the
+    /// environment); the mesh discovers every other peer from it.
+    #[arg(long = "peer", env = "MESHD_PEER", value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Form a new cluster once this many empty server nodes see each other on the mesh
+    /// (instead of --initial-cluster). Give every initial node the same number.
+    #[arg(long, env = "MESHD_BOOTSTRAP_EXPECT")]
+    pub bootstrap_expect: Option<u32>,
+    /// File holding the mesh password: every mesh connection is then mutually
+    /// authenticated and encrypted. MESHD_PASSWORD gives the password itself.
+    #[arg(long, env = "MESHD_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Voters the leader keeps by adding and promoting learners (3 or 5).
+    #[arg(long, env = "MESHD_VOTERS")]
+    pub voters: Option<usize>,
+    /// How long a voter must be unreachable before the leader replaces it, e.g. 5m.
+    #[arg(long, env = "MESHD_DEAD_VOTER_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub dead_voter_timeout: Option<Duration>,
+    /// How long a learner must stay caught up before it is promoted, e.g. 10s.
+    #[arg(long, env = "MESHD_STABILIZATION_TIME", value_parser = humantime::parse_duration)]
+    pub stabilization_time: Option<Duration>,
+    /// Automatic growth and healing of the voter set: true or false.
+    #[arg(long, env = "MESHD_AUTOPILOT")]
+    pub autopilot: Option<bool>,
+    /// Interval of mesh heartbeats; a connection silent for 4 of them is dead.
+    #[arg(long, env = "MESHD_MESH_HEARTBEAT", value_parser = humantime::parse_duration)]
+    pub mesh_heartbeat: Option<Duration>,
+    /// Interval of mesh anti-entropy gossip to random neighbours.
+    #[arg(long, env = "MESHD_MESH_GOSSIP_INTERVAL", value_parser = humantime::parse_duration)]
+    pub mesh_gossip_interval: Option<Duration>,
     /// Length of one Raft tick, e.g. 100ms.
     #[arg(long, env = "MESHD_TICK", value_parser = humantime::parse_duration)]
     pub tick: Option<Duration>,
@@ -88,6 +118,19 @@ struct FileConfig {
     advertise_mesh: Option<String>,
     initial_cluster: Option<String>,
     initial_cluster_token: Option<String>,
+    peer: Option<Vec<String>>,
+    bootstrap_expect: Option<u32>,
+    password_file: Option<PathBuf>,
+    voters: Option<usize>,
+    #[serde(default, with = "humantime_serde_opt")]
+    dead_voter_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    stabilization_time: Option<Duration>,
+    autopilot: Option<bool>,
+    #[serde(default, with = "humantime_serde_opt")]
+    mesh_heartbeat: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    mesh_gossip_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     tick: Option<Duration>,
     election_ticks: Option<usize>,
@@ -167,6 +210,58 @@ pub fn resolve(args: Args) -> Result<ServerConfig> {
         .transpose()?;
     if let Some(t) = args.initial_cluster_token.or(file.initial_cluster_token) {
         cfg.initial_cluster_token = t;
+    }
+    cfg.peers = if args.peers.is_empty() {
+        file.peer.unwrap_or_default()
+    } else {
+        args.peers
+    };
+    cfg.bootstrap_expect = args.bootstrap_expect.or(file.bootstrap_expect);
+    if cfg.bootstrap_expect == Some(0) {
+        bail!("--bootstrap-expect must be at least 1");
+    }
+    if cfg.bootstrap_expect.is_some() && cfg.initial_cluster.is_some() {
+        bail!("--bootstrap-expect and --initial-cluster cannot be used together");
+    }
+    cfg.password = match (args.password_file.or(file.password_file), std::env::var("MESHD_PASSWORD")) {
+        (Some(path), _) => {
+            let text = std::fs::read(&path)
+                .with_context(|| format!("cannot read password file {}", path.display()))?;
+            let trimmed = text.trim_ascii_end().to_vec();
+            if trimmed.is_empty() {
+                bail!("password file {} is empty", path.display());
+            }
+            Some(trimmed)
+        }
+        (None, Ok(p)) if !p.is_empty() => Some(p.into_bytes()),
+        _ => None,
+    };
+    if let Some(n) = args.voters.or(file.voters) {
+        if !(1..=7).contains(&n) {
+            bail!("--voters must be between 1 and 7 (3 or 5 recommended), not {n}");
+        }
+        cfg.autopilot.voters = n;
+    }
+    if let Some(t) = args.dead_voter_timeout.or(file.dead_voter_timeout) {
+        cfg.autopilot.dead_voter_timeout = t;
+    }
+    if let Some(t) = args.stabilization_time.or(file.stabilization_time) {
+        cfg.autopilot.stabilization = t;
+    }
+    if let Some(b) = args.autopilot.or(file.autopilot) {
+        cfg.autopilot.growth = b;
+    }
+    if let Some(t) = args.mesh_heartbeat.or(file.mesh_heartbeat) {
+        if t.is_zero() {
+            bail!("--mesh-heartbeat must be positive");
+        }
+        cfg.mesh_heartbeat = t;
+    }
+    if let Some(t) = args.mesh_gossip_interval.or(file.mesh_gossip_interval) {
+        if t.is_zero() {
+            bail!("--mesh-gossip-interval must be positive");
+        }
+        cfg.mesh_gossip_interval = t;
     }
     if let Some(t) = args.tick.or(file.tick) {
         cfg.tick = t;

@@ -8,6 +8,7 @@
 mod cluster;
 mod kv;
 mod maintenance;
+mod mesh;
 mod watch;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tonic::{Code, Status};
 pub use cluster::ClusterApi;
 pub use kv::KvApi;
 pub use maintenance::MaintenanceApi;
+pub use mesh::MeshApi;
 pub use watch::WatchApi;
 
 use crate::kv::{KvError, KvStore};

@@ -20,6 +20,9 @@ use pb::cluster_client::ClusterClient;
 use pb::kv_client::KvClient;
 use pb::maintenance_client::MaintenanceClient;
 
+use crate::proto::meshpb;
+use meshpb::mesh_client::MeshClient;
+
 pub use error::ClientError;
 pub use keys::{from_key_range_end, prefix_range_end};
 pub use watch::{WatchOptions, Watcher};
@@ -314,6 +317,98 @@ impl Client {
                 .await
         })
         .await
+    }
+
+    /// Adds a member (its mesh address as the peer URL), optionally as a learner.
+    pub async fn member_add(
+        &self,
+        peer_urls: Vec<String>,
+        is_learner: bool,
+    ) -> Result<pb::MemberAddResponse, ClientError> {
+        self.with_failover(Retry::OnlyIfNotSent, |ch| {
+            let req = pb::MemberAddRequest {
+                peer_ur_ls: peer_urls.clone(),
+                is_learner,
+            };
+            async move { ClusterClient::new(ch).member_add(req).await }
+        })
+        .await
+    }
+
+    pub async fn member_remove(&self, id: u64) -> Result<pb::MemberRemoveResponse, ClientError> {
+        self.with_failover(Retry::OnlyIfNotSent, |ch| async move {
+            ClusterClient::new(ch)
+                .member_remove(pb::MemberRemoveRequest { id })
+                .await
+        })
+        .await
+    }
+
+    pub async fn member_promote(&self, id: u64) -> Result<pb::MemberPromoteResponse, ClientError> {
+        self.with_failover(Retry::OnlyIfNotSent, |ch| async move {
+            ClusterClient::new(ch)
+                .member_promote(pb::MemberPromoteRequest { id })
+                .await
+        })
+        .await
+    }
+
+    pub async fn member_update(
+        &self,
+        id: u64,
+        peer_urls: Vec<String>,
+    ) -> Result<pb::MemberUpdateResponse, ClientError> {
+        self.with_failover(Retry::OnlyIfNotSent, |ch| {
+            let req = pb::MemberUpdateRequest {
+                id,
+                peer_ur_ls: peer_urls.clone(),
+            };
+            async move { ClusterClient::new(ch).member_update(req).await }
+        })
+        .await
+    }
+
+    /// Every mesh peer the answering node knows of.
+    pub async fn mesh_peers(&self) -> Result<meshpb::MeshPeersResponse, ClientError> {
+        self.with_failover(Retry::Idempotent, |ch| async move {
+            MeshClient::new(ch).peers(meshpb::MeshPeersRequest {}).await
+        })
+        .await
+    }
+
+    /// The answering node's view of the mesh.
+    pub async fn mesh_status(&self) -> Result<meshpb::MeshStatusResponse, ClientError> {
+        self.with_failover(Retry::Idempotent, |ch| async move {
+            MeshClient::new(ch).status(meshpb::MeshStatusRequest {}).await
+        })
+        .await
+    }
+
+    /// Adds `delta` to the gossiped counter `name`; returns the answering node's value.
+    pub async fn counter_incr(&self, name: &str, delta: i64) -> Result<i64, ClientError> {
+        let r = self
+            .with_failover(Retry::OnlyIfNotSent, |ch| {
+                let req = meshpb::CounterIncrRequest {
+                    name: name.to_string(),
+                    delta,
+                };
+                async move { MeshClient::new(ch).counter_incr(req).await }
+            })
+            .await?;
+        Ok(r.value)
+    }
+
+    /// The answering node's value of the gossiped counter `name`.
+    pub async fn counter_get(&self, name: &str) -> Result<i64, ClientError> {
+        let r = self
+            .with_failover(Retry::Idempotent, |ch| {
+                let req = meshpb::CounterGetRequest {
+                    name: name.to_string(),
+                };
+                async move { MeshClient::new(ch).counter_get(req).await }
+            })
+            .await?;
+        Ok(r.value)
     }
 
     /// Index of a configured endpoint by name, or an error.

@@ -222,6 +222,9 @@ impl Driver {
             }
             DriverMsg::ReadIndex { reply } => self.reads_new.push(reply),
             DriverMsg::ChangeMembers { change, reply } => self.change_members(change, reply),
+            DriverMsg::Progress { reply } => {
+                let _ = reply.send(Ok(self.progress()));
+            }
             DriverMsg::Raft(msg) => {
                 if let Err(e) = self.raw.step(*msg) {
                     warn!("dropping raft message: {e}");
@@ -496,6 +499,25 @@ impl Driver {
             self.refresh_peers();
         }
         Ok(())
+    }
+
+    fn progress(&self) -> Vec<super::PeerProgress> {
+        let r = &self.raw.raft;
+        if r.state != StateRole::Leader {
+            return Vec::new();
+        }
+        let last = r.raft_log.last_index();
+        let learners = r.prs().conf().learners();
+        r.prs()
+            .iter()
+            .map(|(id, p)| super::PeerProgress {
+                id: *id,
+                learner: learners.contains(id),
+                matched: if *id == self.cfg.member_id { last } else { p.matched },
+                recent_active: *id == self.cfg.member_id || p.recent_active,
+                leader_last_index: last,
+            })
+            .collect()
     }
 
     /// Checks a membership change against the leader's view and proposes it.

@@ -7,6 +7,7 @@
 //! through a [`transport::Transport`].
 
 mod driver;
+pub mod mesh_transport;
 pub mod transport;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,6 +42,10 @@ pub enum DriverMsg {
         change: MemberChange,
         reply: oneshot::Sender<Result<Applied, ProposeError>>,
     },
+    /// The leader's view of every member's replication progress (empty on a follower).
+    Progress {
+        reply: oneshot::Sender<Result<Vec<PeerProgress>, ProposeError>>,
+    },
     /// A message from a peer.
     Raft(Box<Message>),
     /// A peer could not be reached.
@@ -57,6 +62,19 @@ pub struct Applied {
     /// Store revision right after this request applied.
     pub revision: i64,
     pub kind: AppliedKind,
+}
+
+/// Replication progress of one member, as the leader sees it.
+#[derive(Clone, Debug)]
+pub struct PeerProgress {
+    pub id: u64,
+    pub learner: bool,
+    /// Highest log index known to be replicated on the member.
+    pub matched: u64,
+    /// The leader heard from it within the last election timeout.
+    pub recent_active: bool,
+    /// The leader's last log index when this was taken.
+    pub leader_last_index: u64,
 }
 
 /// A Raft configuration change, as the Cluster API asks for it.
@@ -162,6 +180,10 @@ impl NodeStatus {
     pub fn is_learner(&self) -> bool {
         self.is_learner.load(Ordering::Acquire)
     }
+    /// Records that this member was removed (told by the leader after the fact).
+    pub fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
     /// True once this member applied its own removal from the cluster.
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)
@@ -224,6 +246,11 @@ impl NodeHandle {
     pub async fn change_members(&self, change: MemberChange) -> Result<Applied, ProposeError> {
         self.call(|reply| DriverMsg::ChangeMembers { change, reply })
             .await
+    }
+
+    /// The leader's view of replication progress (empty when not the leader).
+    pub async fn progress(&self) -> Result<Vec<PeerProgress>, ProposeError> {
+        self.call(|reply| DriverMsg::Progress { reply }).await
     }
 
     /// Returns once this member's state reflects every write acknowledged before the

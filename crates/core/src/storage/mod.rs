@@ -90,3 +90,41 @@ pub fn open_database(dir: &Path) -> Result<Arc<redb::Database>, StorageError> {
         }),
     }
 }
+
+/// File in the data dir holding this node's mesh peer name (16 hex digits).
+pub const PEER_NAME_FILE: &str = "mesh-peer-name";
+
+/// The node's stable mesh peer name: created once per data dir, random, never zero.
+pub fn load_or_create_peer_name(dir: &Path) -> Result<u64, StorageError> {
+    let path = dir.join(PEER_NAME_FILE);
+    let io = |source| StorageError::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => u64::from_str_radix(text.trim(), 16)
+            .ok()
+            .filter(|n| *n != 0)
+            .ok_or_else(|| StorageError::Corrupt {
+                path: path.clone(),
+                detail: format!("not a mesh peer name: {:?}", text.trim()),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut name = 0u64;
+            while name == 0 {
+                name = rand::random();
+            }
+            let tmp = path.with_extension("tmp");
+            {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp).map_err(io)?;
+                writeln!(f, "{name:016x}").map_err(io)?;
+                f.sync_all().map_err(io)?;
+            }
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+            Ok(name)
+        }
+        Err(e) => Err(io(e)),
+    }
+}

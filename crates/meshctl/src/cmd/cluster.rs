@@ -6,12 +6,58 @@ use anyhow::{bail, Result};
 use futures::future::join_all;
 use mesh_core::client::Client;
 
+use crate::cli::MemberCommand;
 use crate::config::Global;
 use crate::output::{self, Format, Health};
 
+/// The members, then (when the endpoint is a meshd node) mesh peers that are not
+/// members: nodes waiting to be added, or removed ones.
 pub async fn member_list(client: &Client, out: &mut dyn Write, f: Format) -> Result<()> {
     let resp = client.member_list().await?;
-    output::member_list(out, f, &resp)?;
+    // etcd has no mesh: its member list is all there is.
+    let mesh_only: Vec<_> = match client.mesh_peers().await {
+        Ok(p) => p
+            .peers
+            .into_iter()
+            .filter(|p| p.role == "mesh-only" && p.reachable)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    output::member_list(out, f, &resp, &mesh_only)?;
+    Ok(out.flush()?)
+}
+
+/// `member add | remove | promote | update`, printed as etcdctl 3.4 does.
+pub async fn member_change(
+    client: &Client,
+    out: &mut dyn Write,
+    f: Format,
+    cmd: MemberCommand,
+) -> Result<()> {
+    match cmd {
+        MemberCommand::List => return member_list(client, out, f).await,
+        MemberCommand::Add {
+            name,
+            mesh_addr,
+            learner,
+        } => {
+            let r = client.member_add(vec![mesh_addr.clone()], learner).await?;
+            let id = r.member.as_ref().map_or(0, |m| m.id);
+            output::member_added(out, f, &r, &name, &mesh_addr, id)?;
+        }
+        MemberCommand::Remove { id } => {
+            let r = client.member_remove(id).await?;
+            output::member_changed(out, f, &r.header, &r.members, id, "removed from")?;
+        }
+        MemberCommand::Promote { id } => {
+            let r = client.member_promote(id).await?;
+            output::member_changed(out, f, &r.header, &r.members, id, "promoted in")?;
+        }
+        MemberCommand::Update { id, mesh_addr } => {
+            let r = client.member_update(id, vec![mesh_addr]).await?;
+            output::member_changed(out, f, &r.header, &r.members, id, "updated in")?;
+        }
+    }
     Ok(out.flush()?)
 }
 

@@ -4,6 +4,7 @@
 mod bench;
 mod cluster;
 mod kv;
+mod mesh;
 mod txn;
 mod watch;
 
@@ -13,7 +14,7 @@ use anyhow::Result;
 use clap::CommandFactory;
 use mesh_core::client::Client;
 
-use crate::cli::{Cli, Command, EndpointCommand, MemberCommand};
+use crate::cli::{Cli, Command, CounterCommand, EndpointCommand, MemberCommand, MeshCommand};
 use crate::config::Global;
 
 /// Non-zero outcomes with their own documented exit codes.
@@ -56,11 +57,24 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Cas(a) => txn::cas(&client()?, &mut out, f, &a).await,
         Command::Watch(a) => watch::watch(&client()?, &mut out, f, &a).await,
         Command::Member(MemberCommand::List) => cluster::member_list(&client()?, &mut out, f).await,
+        Command::Member(m) => cluster::member_change(&client()?, &mut out, f, m).await,
         Command::Endpoint(EndpointCommand::Status { cluster }) => {
             cluster::status(&global, &mut out, cluster).await
         }
         Command::Endpoint(EndpointCommand::Health { cluster }) => {
             cluster::health(&global, &mut out, cluster).await
+        }
+        Command::Mesh(MeshCommand::Peers) => mesh::peers(&client()?, &mut out, f).await,
+        Command::Mesh(MeshCommand::Status) => mesh::status(&client()?, &mut out, f).await,
+        Command::Counter(CounterCommand::Incr { name, delta }) => {
+            let v = client()?.counter_incr(&name, delta).await?;
+            writeln!(out, "{v}")?;
+            Ok(out.flush()?)
+        }
+        Command::Counter(CounterCommand::Get { name }) => {
+            let v = client()?.counter_get(&name).await?;
+            writeln!(out, "{v}")?;
+            Ok(out.flush()?)
         }
         Command::Bench(b) => bench::run(&global, &mut out, b).await,
         Command::Completion { shell } => {

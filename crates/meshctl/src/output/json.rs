@@ -240,20 +240,36 @@ pub struct MemberList {
     members: Vec<Member>,
 }
 
+#[derive(Serialize)]
+pub struct MemberAdded {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    header: Option<Header>,
+    member: Option<Member>,
+    members: Vec<Member>,
+}
+
+fn member(m: &pb::Member) -> Member {
+    Member {
+        id: m.id,
+        name: m.name.clone(),
+        peer_urls: m.peer_ur_ls.clone(),
+        client_urls: m.client_ur_ls.clone(),
+        is_learner: m.is_learner,
+    }
+}
+
+pub fn member_added(r: &pb::MemberAddResponse) -> MemberAdded {
+    MemberAdded {
+        header: header(&r.header),
+        member: r.member.as_ref().map(member),
+        members: r.members.iter().map(member).collect(),
+    }
+}
+
 pub fn member_list(r: &pb::MemberListResponse) -> MemberList {
     MemberList {
         header: header(&r.header),
-        members: r
-            .members
-            .iter()
-            .map(|m| Member {
-                id: m.id,
-                name: m.name.clone(),
-                peer_urls: m.peer_ur_ls.clone(),
-                client_urls: m.client_ur_ls.clone(),
-                is_learner: m.is_learner,
-            })
-            .collect(),
+        members: r.members.iter().map(member).collect(),
     }
 }
 

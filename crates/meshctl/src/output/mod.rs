@@ -2,7 +2,7 @@
 //! JSON (`json.rs`) and bordered tables (`table.rs`). Every printer writes to a
 //! `dyn Write` so tests can capture it and a closed pipe surfaces as an io error.
 mod json;
-mod table;
+pub mod table;
 
 use std::io::{self, Write};
 use std::time::Duration;
@@ -101,7 +101,7 @@ pub fn delete(out: &mut dyn Write, f: Format, r: &pb::DeleteRangeResponse) -> io
 /// `SUCCESS`/`FAILURE`, then a blank line before each response, as etcdctl does.
 pub fn txn(out: &mut dyn Write, f: Format, r: &pb::TxnResponse) -> io::Result<()> {
     use pb::response_op::Response;
-    if f == Format::Json {
+    if matches!(f, Format::Json) {
         return write_json(out, &json::txn(r));
     }
     writeln!(out, "{}", if r.succeeded { "SUCCESS" } else { "FAILURE" })?;
@@ -120,7 +120,7 @@ pub fn txn(out: &mut dyn Write, f: Format, r: &pb::TxnResponse) -> io::Result<()
 
 /// One watch response: per event the type, the previous key-value if any, the key-value.
 pub fn watch(out: &mut dyn Write, f: Format, r: &pb::WatchResponse) -> io::Result<()> {
-    if f == Format::Json {
+    if matches!(f, Format::Json) {
         return write_json(out, &json::watch(r));
     }
     for ev in &r.events {
@@ -175,10 +175,89 @@ fn member_row(m: &pb::Member) -> Vec<String> {
     ]
 }
 
-pub fn member_list(out: &mut dyn Write, f: Format, r: &pb::MemberListResponse) -> io::Result<()> {
-    let rows: Vec<Vec<String>> = r.members.iter().map(member_row).collect();
+/// `member add`: etcdctl's confirmation plus the settings the new member starts with.
+pub fn member_added(
+    out: &mut dyn Write,
+    f: Format,
+    r: &pb::MemberAddResponse,
+    name: &str,
+    mesh_addr: &str,
+    id: u64,
+) -> io::Result<()> {
+    if matches!(f, Format::Json) {
+        return write_json(out, &json::member_added(r));
+    }
+    let cluster = r.header.as_ref().map_or(0, |h| h.cluster_id);
+    writeln!(out, "Member {id:16x} added to cluster {cluster:16x}")?;
+    writeln!(out)?;
+    let peers: Vec<String> = r
+        .members
+        .iter()
+        .filter(|m| m.id != id)
+        .flat_map(|m| m.peer_ur_ls.clone())
+        .collect();
+    writeln!(out, "MESHD_NAME=\"{name}\"")?;
+    writeln!(out, "MESHD_ADVERTISE_MESH=\"{mesh_addr}\"")?;
+    writeln!(out, "MESHD_PEER=\"{}\"", peers.join(","))
+}
+
+/// `member remove | promote | update`: etcdctl's one-line confirmation.
+pub fn member_changed(
+    out: &mut dyn Write,
+    f: Format,
+    header: &Option<pb::ResponseHeader>,
+    members: &[pb::Member],
+    id: u64,
+    verb: &str,
+) -> io::Result<()> {
+    if matches!(f, Format::Json) {
+        let list = pb::MemberListResponse {
+            header: header.clone(),
+            members: members.to_vec(),
+        };
+        return write_json(out, &json::member_list(&list));
+    }
+    let cluster = header.as_ref().map_or(0, |h| h.cluster_id);
+    writeln!(out, "Member {id:16x} {verb} cluster {cluster:16x}")
+}
+
+/// A mesh peer that is not a Raft member, in the member list's columns.
+fn mesh_only_row(p: &mesh_core::proto::meshpb::MeshPeer) -> Vec<String> {
+    vec![
+        format!("{:016x}", p.name),
+        "mesh-only".into(),
+        p.nickname.clone(),
+        p.address.clone(),
+        p.client_url.clone(),
+        "false".into(),
+    ]
+}
+
+pub fn member_list(
+    out: &mut dyn Write,
+    f: Format,
+    r: &pb::MemberListResponse,
+    mesh_only: &[mesh_core::proto::meshpb::MeshPeer],
+) -> io::Result<()> {
+    let mut rows: Vec<Vec<String>> = r.members.iter().map(member_row).collect();
+    rows.extend(mesh_only.iter().map(mesh_only_row));
     match f {
-        Format::Json => write_json(out, &json::member_list(r)),
+        Format::Json if mesh_only.is_empty() => write_json(out, &json::member_list(r)),
+        Format::Json => {
+            let mut v = serde_json::to_value(json::member_list(r)).map_err(io::Error::other)?;
+            v["meshOnly"] = mesh_only
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "peer": format!("{:016x}", p.name),
+                        "name": p.nickname,
+                        "address": p.address,
+                        "clientURL": p.client_url,
+                    })
+                })
+                .collect();
+            write_json(out, &v)
+        }
         Format::Simple => rows
             .iter()
             .try_for_each(|row| writeln!(out, "{}", row.join(", "))),
@@ -427,10 +506,10 @@ mod tests {
             }],
         };
         assert_eq!(
-            render(|o| member_list(o, Format::Simple, &m)),
+            render(|o| member_list(o, Format::Simple, &m, &[])),
             "2e1259d415f2a040, started, default, http://127.0.0.1:23800, http://127.0.0.1:23790, false\n"
         );
-        assert!(render(|o| member_list(o, Format::Json, &m)).contains(
+        assert!(render(|o| member_list(o, Format::Json, &m, &[])).contains(
             "\"members\":[{\"ID\":3319814642761637952,\"name\":\"default\",\"peerURLs\""
         ));
     }

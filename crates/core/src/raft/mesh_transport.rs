@@ -1,0 +1,238 @@
+//! Raft over the gossip mesh: messages travel as unicast on the mesh's `raft` channel,
+//! routed hop by hop, so two members without a direct connection still replicate.
+//!
+//! Members are addressed by Raft member ID; [`MemberRoutes`] maps them to mesh peer
+//! names from what every node publishes in its mesh metadata. Messages larger than
+//! one mesh frame (snapshots) are cut into chunks and reassembled at the receiver.
+
+use std::collections::HashMap;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use prost011::Message as _;
+use raft::prelude::{Message, MessageType};
+use tracing::{debug, warn};
+
+use super::transport::Transport;
+use super::DriverMsg;
+use crate::mesh::{GossipChannel, Gossiper, Mesh, PeerName};
+use crate::proto::meshpb::RaftEnvelope;
+
+/// Name of the mesh channel that carries Raft traffic.
+pub const RAFT_CHANNEL: &str = "raft";
+/// Payload bytes per chunk: well below the mesh's frame limit.
+pub const CHUNK_BYTES: usize = 1024 * 1024;
+/// Largest reassembled message accepted (a snapshot of the whole store).
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024 * 1024;
+/// A partly received message is dropped after this long (Raft resends).
+const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Raft member ID → mesh peer name, for the members of one cluster.
+#[derive(Default)]
+pub struct MemberRoutes {
+    map: RwLock<HashMap<u64, PeerName>>,
+}
+
+impl MemberRoutes {
+    pub fn replace(&self, routes: HashMap<u64, PeerName>) {
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = routes;
+    }
+    pub fn get(&self, member: u64) -> Option<PeerName> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&member)
+            .copied()
+    }
+    pub fn member_of(&self, peer: PeerName) -> Option<u64> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find_map(|(m, p)| (*p == peer).then_some(*m))
+    }
+}
+
+/// The [`Transport`] the driver uses when nodes talk over the mesh.
+pub struct MeshTransport {
+    member_id: u64,
+    cluster_id: u64,
+    mesh: Arc<Mesh>,
+    channel: Arc<GossipChannel>,
+    routes: Arc<MemberRoutes>,
+    driver: std_mpsc::Sender<DriverMsg>,
+    next_msg: Mutex<u64>,
+}
+
+impl MeshTransport {
+    /// Registers the `raft` channel; received messages for `member_id` of `cluster_id`
+    /// go to the driver.
+    pub fn start(
+        mesh: Arc<Mesh>,
+        member_id: u64,
+        cluster_id: u64,
+        routes: Arc<MemberRoutes>,
+        driver: std_mpsc::Sender<DriverMsg>,
+    ) -> Arc<MeshTransport> {
+        let receiver = Arc::new(RaftReceiver {
+            member_id,
+            cluster_id,
+            driver: driver.clone(),
+            partial: Mutex::new(HashMap::new()),
+        });
+        let channel = mesh.register(RAFT_CHANNEL, receiver);
+        Arc::new(MeshTransport {
+            member_id,
+            cluster_id,
+            mesh,
+            channel,
+            routes,
+            driver,
+            next_msg: Mutex::new(0),
+        })
+    }
+
+    fn send_one(&self, m: Message) -> bool {
+        let Some(peer) = self.routes.get(m.to) else {
+            return false;
+        };
+        let data = m.encode_to_vec();
+        let msg_id = {
+            let mut n = self.next_msg.lock().unwrap_or_else(|p| p.into_inner());
+            *n += 1;
+            *n
+        };
+        let chunks: Vec<&[u8]> = if data.is_empty() {
+            vec![&[][..]]
+        } else {
+            data.chunks(CHUNK_BYTES).collect()
+        };
+        let total = chunks.len() as u32;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let env = RaftEnvelope {
+                cluster_id: self.cluster_id,
+                from: self.member_id,
+                to: m.to,
+                msg_id,
+                chunk: i as u32,
+                chunks: total,
+                data: chunk.to_vec(),
+            };
+            if let Err(e) = self
+                .channel
+                .send_unicast(peer, prost::Message::encode_to_vec(&env))
+            {
+                debug!(to = format_args!("{:x}", m.to), "raft message not sent: {e}");
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl Transport for MeshTransport {
+    fn send(&self, msgs: Vec<Message>) {
+        for m in msgs {
+            let to = m.to;
+            let is_snapshot = m.msg_type == MessageType::MsgSnapshot as i32;
+            let sent = self.send_one(m);
+            if !sent {
+                let _ = self.driver.send(DriverMsg::Unreachable(to));
+            }
+            if is_snapshot {
+                let _ = self.driver.send(DriverMsg::SnapshotStatus(to, sent));
+            }
+        }
+    }
+
+    /// Dials members' mesh addresses that have no route yet; the mesh finds the rest.
+    fn set_peers(&self, peers: Vec<(u64, String)>) {
+        for (id, addr) in peers {
+            if id != self.member_id && self.routes.get(id).is_none() {
+                self.mesh.connect(&addr);
+            }
+        }
+    }
+}
+
+struct Partial {
+    started: Instant,
+    chunks: Vec<Option<Vec<u8>>>,
+    bytes: usize,
+}
+
+/// Receives the `raft` channel: checks the envelope, reassembles, hands to the driver.
+struct RaftReceiver {
+    member_id: u64,
+    cluster_id: u64,
+    driver: std_mpsc::Sender<DriverMsg>,
+    partial: Mutex<HashMap<(u64, u64), Partial>>,
+}
+
+impl RaftReceiver {
+    fn deliver(&self, data: &[u8]) {
+        match Message::decode(data) {
+            Ok(m) if m.to == self.member_id => {
+                let _ = self.driver.send(DriverMsg::Raft(Box::new(m)));
+            }
+            Ok(m) => debug!(to = m.to, "raft message for another member dropped"),
+            Err(e) => warn!("undecodable raft message dropped: {e}"),
+        }
+    }
+}
+
+impl Gossiper for RaftReceiver {
+    fn on_unicast(&self, src: PeerName, msg: &[u8]) {
+        let env: RaftEnvelope = match prost::Message::decode(msg) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(peer = format_args!("{src:016x}"), "bad raft envelope: {e}");
+                return;
+            }
+        };
+        if env.cluster_id != self.cluster_id || env.to != self.member_id {
+            debug!(
+                peer = format_args!("{src:016x}"),
+                cluster = format_args!("{:x}", env.cluster_id),
+                "raft message for another cluster or member dropped"
+            );
+            return;
+        }
+        if env.chunks <= 1 {
+            self.deliver(&env.data);
+            return;
+        }
+        if env.chunk >= env.chunks
+            || (env.chunks as usize).saturating_mul(CHUNK_BYTES) > MAX_MESSAGE_BYTES
+        {
+            warn!(peer = format_args!("{src:016x}"), "bad raft chunk header dropped");
+            return;
+        }
+        let mut partial = self.partial.lock().unwrap_or_else(|p| p.into_inner());
+        partial.retain(|_, p| p.started.elapsed() < REASSEMBLY_TIMEOUT);
+        let key = (env.from, env.msg_id);
+        let p = partial.entry(key).or_insert_with(|| Partial {
+            started: Instant::now(),
+            chunks: vec![None; env.chunks as usize],
+            bytes: 0,
+        });
+        if p.chunks.len() != env.chunks as usize {
+            partial.remove(&key);
+            return;
+        }
+        let i = env.chunk as usize;
+        if p.chunks[i].is_none() {
+            p.bytes += env.data.len();
+            p.chunks[i] = Some(env.data);
+        }
+        if p.chunks.iter().all(Option::is_some) {
+            let p = partial.remove(&key).expect("present");
+            let mut whole = Vec::with_capacity(p.bytes);
+            for c in p.chunks.into_iter().flatten() {
+                whole.extend_from_slice(&c);
+            }
+            drop(partial);
+            self.deliver(&whole);
+        }
+    }
+}

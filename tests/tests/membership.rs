@@ -1,0 +1,311 @@
+//! Membership over the mesh: Raft across hops, joining through `--peer`, member
+//! add/remove/promote under write load, growth and healing, bootstrap-expect, and the
+//! mesh password.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_core::mesh::LinkFault;
+use mesh_tests::{
+    eventually, etcd_client, put_retrying, status, wait_for_leader, wait_for_leader_other_than,
+    ClusterOpts, InProcessCluster, ProcessCluster,
+};
+
+/// (id, name, is_learner) of every member, as `addr` reports them.
+async fn members(addr: SocketAddr) -> Option<Vec<(u64, String, bool)>> {
+    let mut c = etcd_client(addr).await;
+    let r = tokio::time::timeout(Duration::from_secs(3), c.member_list())
+        .await
+        .ok()?
+        .ok()?;
+    let mut v: Vec<_> = r
+        .members()
+        .iter()
+        .map(|m| (m.id(), m.name().to_string(), m.is_learner()))
+        .collect();
+    v.sort();
+    Some(v)
+}
+
+/// Writes keys w0, w1, ... through any live member until stopped; returns the keys
+/// whose put was acknowledged.
+fn start_writer(
+    addrs: Arc<Mutex<Vec<SocketAddr>>>,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Vec<String>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        let mut i = 0;
+        while !stop2.load(Ordering::Relaxed) {
+            let key = format!("w{i}");
+            let targets = addrs.lock().unwrap().clone();
+            for a in targets {
+                let mut c = etcd_client(a).await;
+                if c.put(key.as_str(), "v", None).await.is_ok() {
+                    acked.push(key.clone());
+                    break;
+                }
+            }
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        acked
+    });
+    (stop, task)
+}
+
+async fn assert_all_present(addr: SocketAddr, keys: &[String]) {
+    let mut c = etcd_client(addr).await;
+    let r = c
+        .get("w", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .expect("range");
+    let have: std::collections::HashSet<String> = r
+        .kvs()
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_string())
+        .collect();
+    for k in keys {
+        assert!(have.contains(k), "acknowledged write {k} is missing on {addr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_replicates_and_elects_across_hops() {
+    let mut c = InProcessCluster::start(3, ClusterOpts::default()).await;
+    // A (0) and C (2) never talk directly: only through B (1).
+    let a = c.servers[0].as_ref().unwrap().mesh().clone();
+    let cc = c.servers[2].as_ref().unwrap().mesh().clone();
+    let cut = LinkFault {
+        drop_out: true,
+        drop_in: true,
+        delay: None,
+    };
+    a.set_link_fault(cc.name(), cut.clone());
+    cc.set_link_fault(a.name(), cut);
+    eventually("A routes to C through B", Duration::from_secs(20), || async {
+        let p = a.peers().into_iter().find(|p| p.name == cc.name())?;
+        (p.reachable && p.hops == Some(2)).then_some(())
+    })
+    .await;
+
+    for round in 0..3 {
+        let leader = wait_for_leader(&c.live_addrs()).await;
+        let key = format!("hop{round}");
+        put_retrying(&[c.addr(0)], &key, "via-b").await;
+        // A linearizable read on C sees A's write.
+        let mut cl = etcd_client(c.addr(2)).await;
+        let got = eventually("C reads A's write", Duration::from_secs(10), || {
+            let cl = &mut cl;
+            let key = key.clone();
+            async move { cl.get(key, None).await.ok() }
+        })
+        .await;
+        assert_eq!(got.kvs()[0].value(), b"via-b");
+        // A new election with the cut in place.
+        let i = c.index_of(leader);
+        c.stop(i).await;
+        if i != 1 {
+            // B and the other end elect a leader between themselves.
+            wait_for_leader_other_than(&c.live_addrs(), leader).await;
+        }
+        c.restart(i).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_add_promote_remove_under_write_load_loses_nothing() {
+    let mut opts = ClusterOpts::default();
+    opts.autopilot.growth = false;
+    let mut c = InProcessCluster::start(3, opts.clone()).await;
+    wait_for_leader(&c.live_addrs()).await;
+    let addrs = Arc::new(Mutex::new(c.live_addrs()));
+    let (stop, writer) = start_writer(addrs.clone());
+
+    // Add a learner for a node that is not running yet, then start it through --peer.
+    let mut cfg = opts.config("m3", c.dir.path());
+    cfg.peers = vec![c.configs[0].listen_mesh.to_string()];
+    let mut cl = etcd_client(c.addr(1)).await;
+    let added = cl
+        .member_add(
+            [cfg.listen_mesh.to_string()],
+            Some(etcd_client::MemberAddOptions::new().with_is_learner()),
+        )
+        .await
+        .expect("member add (forwarded to the leader)");
+    let new_id = added.member().unwrap().id();
+    let i = c.add(cfg).await;
+    assert_eq!(c.servers[i].as_ref().unwrap().node().status.member_id, new_id);
+    addrs.lock().unwrap().push(c.addr(i));
+
+    // Promotion is refused until the learner caught up, then succeeds.
+    eventually("learner promoted", Duration::from_secs(30), || async {
+        let mut cl = etcd_client(c.addr(0)).await;
+        cl.member_promote(new_id).await.ok()
+    })
+    .await;
+    let ms = members(c.addr(0)).await.unwrap();
+    assert!(ms.iter().any(|m| m.0 == new_id && m.1 == "m3" && !m.2), "{ms:?}");
+
+    // Remove an original voter (not the one we write through first).
+    let victim = c.servers[2].as_ref().unwrap().node().status.member_id;
+    eventually("member removed", Duration::from_secs(20), || async {
+        let mut cl = etcd_client(c.addr(0)).await;
+        cl.member_remove(victim).await.ok()
+    })
+    .await;
+    addrs.lock().unwrap().retain(|a| *a != c.addr(2));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = writer.await.unwrap();
+    assert!(acked.len() > 10, "the writer made progress: {}", acked.len());
+    for a in [c.addr(0), c.addr(1), c.addr(i)] {
+        // Linearizable reads: every acknowledged write is on every remaining member.
+        assert_all_present(a, &acked).await;
+    }
+    let ms = members(c.addr(1)).await.unwrap();
+    assert_eq!(ms.len(), 3, "{ms:?}");
+    assert!(!ms.iter().any(|m| m.0 == victim));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_are_checked() {
+    let c = InProcessCluster::start(3, ClusterOpts::default()).await;
+    wait_for_leader(&c.live_addrs()).await;
+    let mut cl = etcd_client(c.addr(0)).await;
+    let err = cl.member_remove(0x1234).await.unwrap_err().to_string();
+    assert!(err.contains("etcdserver: member not found"), "{err}");
+    let voter = c.servers[1].as_ref().unwrap().node().status.member_id;
+    let err = cl.member_promote(voter).await.unwrap_err().to_string();
+    assert!(err.contains("can only promote a learner member"), "{err}");
+    let taken = c.configs[1].listen_mesh.to_string();
+    let err = cl.member_add([taken], None).await.unwrap_err().to_string();
+    assert!(err.contains("etcdserver: Peer URLs already exists"), "{err}");
+    let err = cl.member_add(["no-port"], None).await.unwrap_err().to_string();
+    assert!(err.contains("invalid peer URL"), "{err}");
+    // Updating a member's mesh address goes through Raft.
+    let new_addr = mesh_tests::free_addr().to_string();
+    cl.member_update(voter, [new_addr.clone()]).await.unwrap();
+    let r = cl.member_list().await.unwrap();
+    let m = r.members().iter().find(|m| m.id() == voter).unwrap();
+    assert_eq!(m.peer_urls(), [new_addr]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn growth_adds_a_learner_and_healing_replaces_a_dead_voter() {
+    let mut opts = ClusterOpts::default();
+    opts.autopilot.dead_voter_timeout = Duration::from_secs(4);
+    let mut c = InProcessCluster::start(3, opts.clone()).await;
+    wait_for_leader(&c.live_addrs()).await;
+    let mut cfg = opts.config("m3", c.dir.path());
+    cfg.peers = vec![c.configs[1].listen_mesh.to_string()];
+    let spare = c.add(cfg).await;
+    let spare_id = c.servers[spare].as_ref().unwrap().node().status.member_id;
+    // Added as a learner, and not promoted: three voters is the target.
+    eventually("spare is a learner", Duration::from_secs(20), || async {
+        let ms = members(c.addr(0)).await?;
+        ms.iter()
+            .any(|m| m.0 == spare_id && m.1 == "m3" && m.2)
+            .then_some(())
+    })
+    .await;
+
+    // A voter down for less than the dead time stays a voter.
+    let victim = c.servers[2].as_ref().unwrap().node().status.member_id;
+    c.stop(2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.restart(2).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ms = members(c.addr(0)).await.unwrap();
+    assert!(ms.iter().any(|m| m.0 == victim && !m.2), "{ms:?}");
+    assert!(ms.iter().any(|m| m.0 == spare_id && m.2), "{ms:?}");
+
+    // Down for longer: removed and replaced by the caught-up learner.
+    c.stop(2).await;
+    let live = vec![c.addr(0), c.addr(1), c.addr(spare)];
+    eventually("dead voter replaced", Duration::from_secs(40), || async {
+        let ms = members(live[0]).await?;
+        let ok = !ms.iter().any(|m| m.0 == victim)
+            && ms.iter().any(|m| m.0 == spare_id && !m.2)
+            && ms.len() == 3;
+        ok.then_some(())
+    })
+    .await;
+    put_retrying(&live, "after-heal", "ok").await;
+
+    // The removed member never comes back under its old ID: it stops with an error.
+    let err = match mesh_core::server::Server::start(c.configs[2].clone()).await {
+        Ok(s) => {
+            let removed = eventually("removal noticed", Duration::from_secs(20), || async {
+                (!s.node().status.is_running()).then_some(s.node().status.is_removed())
+            })
+            .await;
+            assert!(removed);
+            "removed".to_string()
+        }
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("removed"), "{err}");
+    let ms = members(live[0]).await.unwrap();
+    assert!(!ms.iter().any(|m| m.0 == victim), "{ms:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_mesh_password_is_refused_and_learns_nothing() {
+    let mut opts = ClusterOpts::default();
+    opts.password = Some(b"right horse battery".to_vec());
+    let c = InProcessCluster::start(1, opts.clone()).await;
+    wait_for_leader(&c.live_addrs()).await;
+    put_retrying(&c.live_addrs(), "secret", "s3cr3t").await;
+
+    let mut bad = opts.config("intruder", c.dir.path());
+    bad.password = Some(b"wrong".to_vec());
+    bad.peers = vec![c.configs[0].listen_mesh.to_string()];
+    // The intruder waits to be welcomed; it never is.
+    let attempt = tokio::spawn(mesh_core::server::Server::start(bad));
+    let mesh = c.servers[0].as_ref().unwrap().mesh().clone();
+    eventually("handshake refused", Duration::from_secs(10), || async {
+        (mesh.stats().handshakes_refused > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!attempt.is_finished(), "the intruder was not admitted");
+    attempt.abort();
+    assert_eq!(members(c.addr(0)).await.unwrap().len(), 1);
+    assert!(mesh.peers().iter().all(|p| p.is_self || p.nickname != "intruder"));
+}
+
+#[test]
+fn bootstrap_expect_five_processes_form_one_cluster_every_time() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for round in 0..3 {
+        // Every node knows one seed; they start in any order, all at once.
+        let c = ProcessCluster::start_with(5, ClusterOpts::default(), |i, mesh| {
+            vec![
+                "--bootstrap-expect=5".into(),
+                format!("--peer={}", mesh[(i + 1) % mesh.len()]),
+            ]
+        });
+        let addrs = c.addrs();
+        let (leader, clusters) = rt.block_on(async {
+            let leader = wait_for_leader(&addrs).await;
+            let mut clusters = BTreeMap::new();
+            for a in &addrs {
+                let s = status(*a).await.expect("status");
+                *clusters
+                    .entry(s.header().unwrap().cluster_id())
+                    .or_insert(0) += 1;
+            }
+            (leader, clusters)
+        });
+        assert_ne!(leader, 0);
+        assert_eq!(clusters.len(), 1, "round {round}: one cluster: {clusters:?}");
+        let ms = rt.block_on(members(addrs[0])).unwrap();
+        assert_eq!(ms.len(), 5, "round {round}: {ms:?}");
+        assert!(ms.iter().all(|m| !m.2), "five voters: {ms:?}");
+    }
+}

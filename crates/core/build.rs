@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/mvccpb/kv.proto",
                 "proto/etcdserverpb/rpc.proto",
                 "proto/meshpb/internal.proto",
+                "proto/meshpb/mesh.proto",
             ],
             &["proto"],
         )?;

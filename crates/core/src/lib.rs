@@ -5,6 +5,8 @@
 //! Ready) → `kv` (apply, one revision per write) → watchers and the waiting caller.
 //!
 //! # Layout
+//! - [`mesh`]: the gossip mesh: peers, encrypted connections, topology, routes, channels.
+//! - [`crdt`]: convergent counters gossiped over mesh channels.
 //! - [`storage`]: the redb database of a data dir, its identity, the Raft log tables.
 //! - [`kv`]: the state machine: MVCC revisions, ranges, txns, compaction, events.
 //! - [`raft`]: the driver thread around raft-rs `RawNode`, and the peer transport.
@@ -14,7 +16,9 @@
 //! - [`proto`]: generated wire types.
 pub mod api;
 pub mod client;
+pub mod crdt;
 pub mod kv;
+pub mod mesh;
 pub mod raft;
 pub mod server;
 pub mod storage;

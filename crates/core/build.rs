@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/etcdserverpb/rpc.proto",
                 "proto/meshpb/internal.proto",
                 "proto/meshpb/api.proto",
+                "proto/meshpb/mesh.proto",
             ],
             &["proto"],
         )?;

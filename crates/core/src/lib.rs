@@ -5,16 +5,24 @@
 //! Ready) → `kv` (apply, one revision per write) → watchers and the waiting caller.
 //!
 //! # Layout
+//! - [`mesh`]: the gossip mesh: peers, encrypted connections, topology, routes, channels.
+//! - [`crdt`]: convergent counters gossiped over mesh channels.
 //! - [`storage`]: the redb database of a data dir, its identity, the Raft log tables.
 //! - [`kv`]: the state machine: MVCC revisions, ranges, txns, compaction, events.
-//! - [`raft`]: the driver thread around raft-rs `RawNode`, and the peer transport.
-//! - [`api`]: gRPC services (`etcdserverpb` KV, Watch, Cluster, Maintenance).
+//! - [`raft`]: the driver thread around raft-rs `RawNode`, and Raft over mesh unicast.
+//! - [`membership`]: Raft membership driven from the mesh: routes, bootstrap-expect,
+//!   joining, growth and healing (reachability never changes the voter set by itself).
+//! - [`api`]: gRPC services (`etcdserverpb` KV, Watch, Cluster, Maintenance; `meshpb`
+//!   Mesh).
 //! - [`server`]: one member wired together, with a graceful stop.
 //! - [`client`]: the typed client meshctl uses, with endpoint failover.
 //! - [`proto`]: generated wire types.
 pub mod api;
 pub mod client;
+pub mod crdt;
 pub mod kv;
+pub mod membership;
+pub mod mesh;
 pub mod raft;
 pub mod server;
 pub mod storage;

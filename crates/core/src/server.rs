@@ -208,17 +208,11 @@ impl Server {
                 None => Outcome::Join,
             };
             match outcome {
-                Outcome::Form(members) => {
-                    let initial = members
-                        .into_iter()
-                        .map(|(id, name, addr)| (id, name, addr))
-                        .collect();
-                    create_member(&cfg, &db, &kv, &log, peer_name, initial)?
-                }
+                Outcome::Form(members) => create_member(&cfg, &kv, &log, peer_name, members)?,
                 Outcome::Join => {
                     info!("waiting for the cluster leader to add this node");
                     let w = join.await_welcome(&cfg.initial_cluster_token).await;
-                    join_member(&cfg, &db, &kv, &log, w.member_id, w.cluster_id)?
+                    join_member(&cfg, &kv, &log, w.member_id, w.cluster_id)?
                 }
             }
         } else {
@@ -515,7 +509,7 @@ fn bootstrap_or_check(
         }
         return Ok(stored);
     }
-    create_member(cfg, db, kv, log, expected.member_id, members)
+    create_member(cfg, kv, log, expected.member_id, members)
 }
 
 /// Refuses to initialise a data dir that holds data without an identity.
@@ -534,7 +528,6 @@ fn check_empty(cfg: &ServerConfig, kv: &KvStore, log: &RaftLog) -> Result<(), Se
 /// `members` (member ID, name, mesh address).
 fn create_member(
     cfg: &ServerConfig,
-    db: &redb::Database,
     kv: &KvStore,
     log: &RaftLog,
     me: u64,
@@ -582,21 +575,19 @@ fn create_member(
 /// yet, it arrives with the leader's snapshot.
 fn join_member(
     cfg: &ServerConfig,
-    db: &redb::Database,
     kv: &KvStore,
     log: &RaftLog,
     member_id: u64,
     cluster_id: u64,
 ) -> Result<Identity, ServerError> {
     check_empty(cfg, kv, log)?;
-    let _ = db;
     let identity = Identity {
         name: cfg.name.clone(),
         member_id,
         cluster_id,
         cluster_token: cfg.initial_cluster_token.clone(),
     };
-    let mut batch = kv.begin()?;
+    let batch = kv.begin()?;
     identity.store(batch.write_txn())?;
     batch.commit(true)?;
     Ok(identity)

@@ -56,17 +56,26 @@ impl ClusterApi {
         if leader == 0 {
             return Err(propose_status(ProposeError::NoLeader));
         }
-        let url = self
-            .ctx
-            .kv
-            .members()
-            .map_err(kv_status)?
-            .into_iter()
-            .find(|m| m.id == leader)
-            .and_then(|m| m.client_urls.into_iter().next())
-            .ok_or_else(|| {
-                Status::unavailable("etcdserver: leader's client URL is not known yet")
-            })?;
+        // A new leader publishes its client URL through Raft right after it starts;
+        // give that a moment before giving up.
+        let mut url = None;
+        for _ in 0..50 {
+            url = self
+                .ctx
+                .kv
+                .members()
+                .map_err(kv_status)?
+                .into_iter()
+                .find(|m| m.id == leader)
+                .and_then(|m| m.client_urls.into_iter().next());
+            if url.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let url = url.ok_or_else(|| {
+            Status::unavailable("etcdserver: leader's client URL is not known yet")
+        })?;
         let channel = tonic::transport::Endpoint::from_shared(url.clone())
             .map_err(|e| Status::internal(format!("leader client URL {url}: {e}")))?
             .connect_timeout(std::time::Duration::from_secs(3))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::mesh::{GossipChannel, Gossiper, Mesh, MeshError, PeerName};
+use crate::mesh::{GossipChannel, GossipError, Gossiper, Mesh, MeshError, PeerName};
 use crate::proto::meshpb::JoinWelcome;
 
 pub const JOIN_CHANNEL: &str = "join";
@@ -23,13 +23,14 @@ struct Receiver {
 }
 
 impl Gossiper for Receiver {
-    fn on_unicast(&self, src: PeerName, msg: &[u8]) {
+    fn on_unicast(&self, src: PeerName, msg: &[u8]) -> Result<(), GossipError> {
         match <JoinWelcome as prost::Message>::decode(msg) {
             Ok(w) => {
                 let _ = self.tx.send(Some((src, w)));
             }
             Err(e) => warn!(peer = format_args!("{src:016x}"), "bad join message: {e}"),
         }
+        Ok(())
     }
 }
 

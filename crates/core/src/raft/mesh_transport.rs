@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 
 use super::transport::Transport;
 use super::DriverMsg;
-use crate::mesh::{GossipChannel, Gossiper, Mesh, PeerName};
+use crate::mesh::{GossipChannel, GossipError, Gossiper, Mesh, PeerName};
 use crate::proto::meshpb::RaftEnvelope;
 
 /// Name of the mesh channel that carries Raft traffic.
@@ -182,12 +182,12 @@ impl RaftReceiver {
 }
 
 impl Gossiper for RaftReceiver {
-    fn on_unicast(&self, src: PeerName, msg: &[u8]) {
+    fn on_unicast(&self, src: PeerName, msg: &[u8]) -> Result<(), GossipError> {
         let env: RaftEnvelope = match prost::Message::decode(msg) {
             Ok(e) => e,
             Err(e) => {
                 warn!(peer = format_args!("{src:016x}"), "bad raft envelope: {e}");
-                return;
+                return Ok(());
             }
         };
         if env.cluster_id != self.cluster_id || env.to != self.member_id {
@@ -196,17 +196,17 @@ impl Gossiper for RaftReceiver {
                 cluster = format_args!("{:x}", env.cluster_id),
                 "raft message for another cluster or member dropped"
             );
-            return;
+            return Ok(());
         }
         if env.chunks <= 1 {
             self.deliver(&env.data);
-            return;
+            return Ok(());
         }
         if env.chunk >= env.chunks
             || (env.chunks as usize).saturating_mul(CHUNK_BYTES) > MAX_MESSAGE_BYTES
         {
             warn!(peer = format_args!("{src:016x}"), "bad raft chunk header dropped");
-            return;
+            return Ok(());
         }
         let mut partial = self.partial.lock().unwrap_or_else(|p| p.into_inner());
         partial.retain(|_, p| p.started.elapsed() < REASSEMBLY_TIMEOUT);
@@ -218,7 +218,7 @@ impl Gossiper for RaftReceiver {
         });
         if p.chunks.len() != env.chunks as usize {
             partial.remove(&key);
-            return;
+            return Ok(());
         }
         let i = env.chunk as usize;
         if p.chunks[i].is_none() {
@@ -234,5 +234,6 @@ impl Gossiper for RaftReceiver {
             drop(partial);
             self.deliver(&whole);
         }
+        Ok(())
     }
 }

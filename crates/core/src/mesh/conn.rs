@@ -1,0 +1,551 @@
+//! One mesh connection from TCP connect/accept to close: the versioned handshake, the
+//! Noise NNpsk0 key exchange when a password is set, registration (one connection per
+//! peer pair), then the writer (queue, coalesced topology, heartbeats, faults) and the
+//! reader (dead-peer timeout, frame limits, delivery and relaying).
+use super::topology::{Entry, EntryConnection};
+use super::wire::{self, WireError};
+use super::{
+    dial_finished, queue_topology, topology_frame, ConnHandle, Inner, MeshMessageKind, PeerName,
+    QUEUE_FRAMES,
+};
+use crate::proto::meshpb::{mesh_frame, MeshFrame, MeshHandshake, MeshHeartbeat};
+use bytes::Bytes;
+use prost::Message;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+/// Noise pattern of encrypted connections: no static keys, both sides prove knowledge
+/// of the PSK (BLAKE2s of the password) in the first two messages.
+pub(super) const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("authentication failed (wrong or missing password)")]
+    Auth,
+    #[error("connected to ourselves")]
+    SelfConnection,
+    #[error("handshake timed out")]
+    Timeout,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("no frame for {0:?}: peer dead")]
+    Dead(std::time::Duration),
+}
+
+/// Dials `addr` and runs the connection.
+pub(super) async fn dial(inner: Arc<Inner>, addr: String) {
+    let connect = tokio::time::timeout(inner.cfg.dead_after, TcpStream::connect(&addr)).await;
+    match connect {
+        Ok(Ok(stream)) => run(inner, stream, addr.clone(), Some(addr)).await,
+        Ok(Err(e)) => {
+            tracing::debug!("mesh: dial {addr} failed: {e}");
+            dial_finished(&inner, &addr, false);
+        }
+        Err(_) => {
+            tracing::debug!("mesh: dial {addr} timed out");
+            dial_finished(&inner, &addr, false);
+        }
+    }
+}
+
+/// Runs one connection to its end. `dialed` is the address we dialed (outbound) or
+/// `None` for an accepted connection.
+pub(super) async fn run(
+    inner: Arc<Inner>,
+    mut stream: TcpStream,
+    remote_addr: String,
+    dialed: Option<String>,
+) {
+    let outbound = dialed.is_some();
+    let id = inner.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    inner
+        .lock()
+        .handshaking
+        .insert(id, (remote_addr.clone(), outbound));
+    let _ = stream.set_nodelay(true);
+    let result = tokio::time::timeout(
+        inner.cfg.dead_after,
+        handshake(&inner, &mut stream, outbound),
+    )
+    .await
+    .unwrap_or(Err(HandshakeError::Timeout));
+    inner.lock().handshaking.remove(&id);
+    let direction = if outbound { "to" } else { "from" };
+    let (hello, cipher) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            inner
+                .counters
+                .handshakes_refused
+                .fetch_add(1, Ordering::Relaxed);
+            match &e {
+                HandshakeError::SelfConnection => {
+                    if let Some(a) = &dialed {
+                        inner.lock().self_addresses.insert(a.clone());
+                    }
+                }
+                HandshakeError::Io(_) | HandshakeError::Timeout => {
+                    tracing::debug!("mesh: handshake {direction} {remote_addr} failed: {e}")
+                }
+                _ => tracing::warn!("mesh: refused connection {direction} {remote_addr}: {e}"),
+            }
+            if let Some(a) = &dialed {
+                dial_finished(&inner, a, false);
+            }
+            return;
+        }
+    };
+    let remote = hello.name;
+    let (rx, notify) = match register(&inner, id, &hello, outbound) {
+        Ok(x) => x,
+        Err(why) => {
+            tracing::debug!("mesh: dropped connection {direction} {remote_addr}: {why}");
+            if let Some(a) = &dialed {
+                dial_finished(&inner, a, false);
+            }
+            return;
+        }
+    };
+    if let Some(a) = &dialed {
+        dial_finished(&inner, a, true);
+    }
+    tracing::debug!(
+        "mesh: connected {direction} {} ({remote_addr})",
+        super::peer_name_string(remote)
+    );
+    let channels: Vec<_> = inner.lock().channels.values().cloned().collect();
+    for ch in channels {
+        inner.send_channel_state(&ch, &[remote]);
+    }
+    let cipher = cipher.map(Arc::new);
+    let (rd, wr) = stream.into_split();
+    let reason = tokio::select! {
+        r = write_loop(&inner, remote, id, wr, rx, notify, cipher.clone()) => r,
+        r = read_loop(&inner, remote, rd, cipher) => r,
+    };
+    match reason {
+        Ok(()) => tracing::debug!("mesh: connection {direction} {remote_addr} replaced or closed"),
+        Err(ConnError::Io(e)) => {
+            tracing::debug!("mesh: connection {direction} {remote_addr} closed: {e}")
+        }
+        Err(e @ ConnError::Dead(_)) => {
+            tracing::info!("mesh: connection {direction} {remote_addr} closed: {e}")
+        }
+        Err(e) => {
+            inner
+                .counters
+                .frames_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("mesh: closing connection {direction} {remote_addr}: {e}");
+        }
+    }
+    deregister(&inner, remote, id);
+}
+
+async fn handshake(
+    inner: &Inner,
+    stream: &mut TcpStream,
+    outbound: bool,
+) -> Result<(MeshHandshake, Option<snow::StatelessTransportState>), HandshakeError> {
+    let ours = MeshHandshake {
+        protocol: wire::PROTOCOL.into(),
+        min_version: wire::MIN_VERSION,
+        max_version: wire::MAX_VERSION,
+        name: inner.cfg.name,
+        nickname: inner.cfg.nickname.clone(),
+        uid: inner.uid,
+        address: inner.cfg.advertise.clone(),
+        encrypted: inner.psk.is_some(),
+    }
+    .encode_to_vec();
+    write_record(inner, stream, &ours).await?;
+    let theirs = read_record(inner, stream, wire::MAX_HANDSHAKE).await?;
+    let hello = wire::decode_handshake(&theirs)?;
+    if hello.encrypted != inner.psk.is_some() {
+        return Err(HandshakeError::Auth);
+    }
+    if hello.name == inner.cfg.name {
+        return Err(HandshakeError::SelfConnection);
+    }
+    let Some(psk) = &inner.psk else {
+        return Ok((hello, None));
+    };
+    // Both handshake records are the prologue: altering either fails the key exchange.
+    let (first, second) = if outbound {
+        (&ours, &theirs)
+    } else {
+        (&theirs, &ours)
+    };
+    let mut prologue = wire::with_length_prefix(first);
+    prologue.extend_from_slice(&wire::with_length_prefix(second));
+    let params = NOISE_PARAMS.parse().expect("valid noise params");
+    let builder = snow::Builder::new(params)
+        .psk(0, psk)
+        .and_then(|b| b.prologue(&prologue))
+        .map_err(|_| HandshakeError::Auth)?;
+    let mut buf = [0u8; 256];
+    let mut payload = [0u8; 256];
+    let hs = if outbound {
+        let mut hs = builder
+            .build_initiator()
+            .map_err(|_| HandshakeError::Auth)?;
+        let n = hs
+            .write_message(&[], &mut buf)
+            .map_err(|_| HandshakeError::Auth)?;
+        write_record(inner, stream, &buf[..n]).await?;
+        let reply = read_record(inner, stream, buf.len())
+            .await
+            .map_err(|_| HandshakeError::Auth)?;
+        hs.read_message(&reply, &mut payload)
+            .map_err(|_| HandshakeError::Auth)?;
+        hs
+    } else {
+        let mut hs = builder
+            .build_responder()
+            .map_err(|_| HandshakeError::Auth)?;
+        let msg = read_record(inner, stream, buf.len())
+            .await
+            .map_err(|_| HandshakeError::Auth)?;
+        hs.read_message(&msg, &mut payload)
+            .map_err(|_| HandshakeError::Auth)?;
+        let n = hs
+            .write_message(&[], &mut buf)
+            .map_err(|_| HandshakeError::Auth)?;
+        write_record(inner, stream, &buf[..n]).await?;
+        hs
+    };
+    let cipher = hs
+        .into_stateless_transport_mode()
+        .map_err(|_| HandshakeError::Auth)?;
+    Ok((hello, Some(cipher)))
+}
+
+async fn write_record(
+    inner: &Inner,
+    w: &mut (impl AsyncWrite + Unpin),
+    payload: &[u8],
+) -> std::io::Result<()> {
+    w.write_all(&wire::with_length_prefix(payload)).await?;
+    inner
+        .counters
+        .bytes_out
+        .fetch_add(payload.len() as u64 + 4, Ordering::Relaxed);
+    Ok(())
+}
+
+async fn read_record(
+    inner: &Inner,
+    r: &mut (impl AsyncRead + Unpin),
+    max: usize,
+) -> Result<Vec<u8>, ConnError> {
+    let mut prefix = [0u8; 4];
+    r.read_exact(&mut prefix).await?;
+    let len = wire::parse_length(prefix, max)?;
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    inner
+        .counters
+        .bytes_in
+        .fetch_add(len as u64 + 4, Ordering::Relaxed);
+    Ok(buf)
+}
+
+impl From<ConnError> for HandshakeError {
+    fn from(e: ConnError) -> Self {
+        match e {
+            ConnError::Io(e) => HandshakeError::Io(e),
+            ConnError::Wire(e) => HandshakeError::Wire(e),
+            ConnError::Dead(_) => HandshakeError::Timeout,
+        }
+    }
+}
+
+type Registered = (mpsc::Receiver<Bytes>, Arc<Notify>);
+
+/// Admits a handshaken connection: at most one per peer pair (the one dialed by the
+/// lower name wins, so both ends keep the same one; a new uid replaces a stale one),
+/// within `max_connections`, and not while a partition fault is set.
+fn register(
+    inner: &Inner,
+    id: u64,
+    hello: &MeshHandshake,
+    outbound: bool,
+) -> Result<Registered, &'static str> {
+    let own = inner.cfg.name;
+    let remote = hello.name;
+    let mut st = inner.lock();
+    if st
+        .faults
+        .get(&remote)
+        .is_some_and(|f| f.drop_in && f.drop_out)
+    {
+        return Err("link fault set");
+    }
+    let preferred = |outbound: bool| if own < remote { outbound } else { !outbound };
+    if let Some(old) = st.conns.get(&remote) {
+        let replace =
+            old.remote_uid != hello.uid || (preferred(outbound) && !preferred(old.outbound));
+        if !replace {
+            return Err("duplicate connection");
+        }
+    } else if st.conns.len() >= inner.cfg.max_connections {
+        return Err("max connections reached");
+    }
+    let (tx, rx) = mpsc::channel(QUEUE_FRAMES);
+    let notify = Arc::new(Notify::new());
+    let everything: HashSet<PeerName> = st.topology.entries().map(|e| e.name).collect();
+    st.conns.insert(
+        remote,
+        ConnHandle {
+            id,
+            remote_uid: hello.uid,
+            address: hello.address.clone(),
+            outbound,
+            tx,
+            topology_pending: HashSet::new(),
+            topology_notify: notify.clone(),
+        },
+    );
+    let address = hello.address.clone();
+    st.topology.update_own(|e| {
+        e.connections.retain(|c| c.peer != remote);
+        e.connections.push(EntryConnection {
+            peer: remote,
+            address,
+            outbound,
+        });
+    });
+    queue_topology(&mut st, &[own], None);
+    st.conns
+        .get_mut(&remote)
+        .expect("just inserted")
+        .topology_pending
+        .extend(everything);
+    drop(st);
+    inner.bump_changes();
+    Ok((rx, notify))
+}
+
+fn deregister(inner: &Inner, remote: PeerName, id: u64) {
+    let mut st = inner.lock();
+    if st.conns.get(&remote).is_some_and(|c| c.id == id) {
+        st.conns.remove(&remote);
+        st.topology
+            .update_own(|e| e.connections.retain(|c| c.peer != remote));
+        queue_topology(&mut st, &[inner.cfg.name], None);
+        drop(st);
+        inner.bump_changes();
+    }
+}
+
+/// Sends queued frames, coalesced topology deltas and heartbeats until the connection is
+/// deregistered or replaced (Ok) or the socket fails.
+async fn write_loop(
+    inner: &Inner,
+    remote: PeerName,
+    id: u64,
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Bytes>,
+    notify: Arc<Notify>,
+    cipher: Option<Arc<snow::StatelessTransportState>>,
+) -> Result<(), ConnError> {
+    let heartbeat = Bytes::from(
+        MeshFrame {
+            body: Some(mesh_frame::Body::Heartbeat(MeshHeartbeat {})),
+        }
+        .encode_to_vec(),
+    );
+    let mut beat = tokio::time::interval(inner.cfg.heartbeat);
+    let mut nonce = 0u64;
+    loop {
+        let (frame, is_gossip) = tokio::select! {
+            biased;
+            _ = notify.notified() => {
+                let mut st = inner.lock();
+                let Some(c) = st.conns.get_mut(&remote).filter(|c| c.id == id) else {
+                    return Ok(());
+                };
+                let names = std::mem::take(&mut c.topology_pending);
+                match topology_frame(&st, names) {
+                    Some(f) => (f, true),
+                    None => continue,
+                }
+            }
+            m = rx.recv() => match m {
+                Some(f) => (f, true),
+                None => return Ok(()),
+            },
+            _ = beat.tick() => (heartbeat.clone(), false),
+        };
+        let fault = inner.fault(remote);
+        if fault.drop_out {
+            continue;
+        }
+        if let Some(d) = fault.delay {
+            tokio::time::sleep(d).await;
+        }
+        if is_gossip {
+            inner
+                .counters
+                .gossip_bytes_out
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        }
+        match &cipher {
+            Some(c) => {
+                let sealed = wire::seal(c, &mut nonce, &frame)?;
+                write_record(inner, &mut wr, &sealed).await?;
+            }
+            None => write_record(inner, &mut wr, &frame).await?,
+        }
+    }
+}
+
+/// Reads, checks and handles frames until the socket fails, a frame is refused, or no
+/// frame arrived for `dead_after`.
+async fn read_loop(
+    inner: &Inner,
+    remote: PeerName,
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    cipher: Option<Arc<snow::StatelessTransportState>>,
+) -> Result<(), ConnError> {
+    let plain_limit = inner.cfg.max_frame + wire::FRAME_OVERHEAD;
+    let limit = if cipher.is_some() {
+        wire::sealed_len(plain_limit)
+    } else {
+        plain_limit
+    };
+    let mut last_good = Instant::now();
+    let mut nonce = 0u64;
+    loop {
+        let deadline = last_good + inner.cfg.dead_after;
+        let record = tokio::time::timeout_at(deadline, read_record(inner, &mut rd, limit))
+            .await
+            .map_err(|_| ConnError::Dead(inner.cfg.dead_after))??;
+        let plain = match &cipher {
+            Some(c) => wire::open(c, &mut nonce, &record)?,
+            None => record,
+        };
+        if plain.len() > plain_limit {
+            return Err(WireError::TooLarge {
+                len: plain.len(),
+                max: plain_limit,
+            }
+            .into());
+        }
+        let frame = wire::decode_frame(&plain)?;
+        if inner.fault(remote).drop_in {
+            continue;
+        }
+        last_good = Instant::now();
+        handle_frame(inner, remote, frame, plain.len());
+    }
+}
+
+fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrame, len: usize) {
+    let own = inner.cfg.name;
+    let body = match frame.body {
+        Some(mesh_frame::Body::Heartbeat(_)) | None => return,
+        Some(b) => b,
+    };
+    inner
+        .counters
+        .gossip_bytes_in
+        .fetch_add(len as u64, Ordering::Relaxed);
+    match body {
+        mesh_frame::Body::Heartbeat(_) => {}
+        mesh_frame::Body::Topology(t) => {
+            let entries: Vec<Entry> = t.peers.into_iter().map(Entry::from_pb).collect();
+            let mut st = inner.lock();
+            let changed = st.topology.merge(entries);
+            if changed.is_empty() {
+                return;
+            }
+            queue_topology(&mut st, &changed, Some(from));
+            if changed.contains(&own) {
+                if let Some(c) = st.conns.get_mut(&from) {
+                    c.topology_pending.insert(own);
+                    c.topology_notify.notify_one();
+                }
+            }
+            drop(st);
+            inner.bump_changes();
+        }
+        mesh_frame::Body::Channel(mut m) => {
+            let kind = MeshMessageKind::try_from(m.kind).unwrap_or(MeshMessageKind::Gossip);
+            let ch = inner.lock().channels.get(&m.channel).cloned();
+            match kind {
+                MeshMessageKind::Gossip => {
+                    if let Some(ch) = ch {
+                        if let Err(e) = ch.gossiper.on_gossip(&m.payload) {
+                            tracing::debug!(channel = m.channel, "mesh: gossip rejected: {e}");
+                        }
+                    }
+                }
+                MeshMessageKind::Unicast if m.dst == own => match ch {
+                    Some(ch) => {
+                        if let Err(e) = ch.gossiper.on_unicast(m.src, &m.payload) {
+                            tracing::debug!(channel = m.channel, "mesh: unicast rejected: {e}");
+                        }
+                    }
+                    None => {
+                        tracing::debug!(channel = m.channel, "mesh: unicast for unknown channel")
+                    }
+                },
+                MeshMessageKind::Unicast => {
+                    let hop = inner.lock().topology.route(m.dst).map(|r| r.0);
+                    match hop {
+                        Some(hop) if m.ttl > 1 => {
+                            m.ttl -= 1;
+                            let frame = MeshFrame {
+                                body: Some(mesh_frame::Body::Channel(m)),
+                            };
+                            if let Err(e) = inner.send_to(hop, Bytes::from(frame.encode_to_vec())) {
+                                tracing::debug!("mesh: unicast relay dropped: {e}");
+                            }
+                        }
+                        _ => tracing::debug!("mesh: unicast to {} dropped: no route", m.dst),
+                    }
+                }
+                MeshMessageKind::Broadcast => {
+                    if m.src == own || m.ttl <= 1 {
+                        return;
+                    }
+                    // Relay only what was new here; a channel we do not know is relayed
+                    // as is so peers behind us still get it.
+                    let parts = match ch {
+                        Some(ch) => match ch.gossiper.on_broadcast(m.src, &m.payload) {
+                            Ok(Some(delta)) => delta.encode(),
+                            Ok(None) => Vec::new(),
+                            Err(e) => {
+                                tracing::debug!(
+                                    channel = m.channel,
+                                    "mesh: broadcast rejected: {e}"
+                                );
+                                Vec::new()
+                            }
+                        },
+                        None => vec![m.payload],
+                    };
+                    for part in parts {
+                        inner.relay_broadcast(&m.channel, m.src, part, Some(from), m.ttl - 1);
+                    }
+                }
+            }
+        }
+    }
+}

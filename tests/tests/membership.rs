@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use mesh_core::mesh::LinkFault;
 use mesh_tests::{
-    eventually, etcd_client, put_retrying, status, wait_for_leader, wait_for_leader_other_than,
+    etcd_client, eventually, put_retrying, status, wait_for_leader, wait_for_leader_other_than,
     ClusterOpts, InProcessCluster, ProcessCluster,
 };
 
@@ -70,7 +70,10 @@ async fn assert_all_present(addr: SocketAddr, keys: &[String]) {
         .map(|kv| kv.key_str().unwrap().to_string())
         .collect();
     for k in keys {
-        assert!(have.contains(k), "acknowledged write {k} is missing on {addr}");
+        assert!(
+            have.contains(k),
+            "acknowledged write {k} is missing on {addr}"
+        );
     }
 }
 
@@ -85,12 +88,16 @@ async fn raft_replicates_and_elects_across_hops() {
         drop_in: true,
         delay: None,
     };
-    a.set_link_fault(cc.name(), cut.clone());
+    a.set_link_fault(cc.name(), cut);
     cc.set_link_fault(a.name(), cut);
-    eventually("A routes to C through B", Duration::from_secs(20), || async {
-        let p = a.peers().into_iter().find(|p| p.name == cc.name())?;
-        (p.reachable && p.hops == Some(2)).then_some(())
-    })
+    eventually(
+        "A routes to C through B",
+        Duration::from_secs(20),
+        || async {
+            let p = a.peers().into_iter().find(|p| p.name == cc.name())?;
+            (p.reachable && p.hops == Some(2)).then_some(())
+        },
+    )
     .await;
 
     for round in 0..3 {
@@ -138,7 +145,10 @@ async fn member_add_promote_remove_under_write_load_loses_nothing() {
         .expect("member add (forwarded to the leader)");
     let new_id = added.member().unwrap().id();
     let i = c.add(cfg).await;
-    assert_eq!(c.servers[i].as_ref().unwrap().node().status.member_id, new_id);
+    assert_eq!(
+        c.servers[i].as_ref().unwrap().node().status.member_id,
+        new_id
+    );
     addrs.lock().unwrap().push(c.addr(i));
 
     // Promotion is refused until the learner caught up, then succeeds.
@@ -147,12 +157,16 @@ async fn member_add_promote_remove_under_write_load_loses_nothing() {
         cl.member_promote(new_id).await.ok()
     })
     .await;
-    eventually("new voter listed with its name", Duration::from_secs(10), || async {
-        let ms = members(c.addr(0)).await?;
-        ms.iter()
-            .any(|m| m.0 == new_id && m.1 == "m3" && !m.2)
-            .then_some(())
-    })
+    eventually(
+        "new voter listed with its name",
+        Duration::from_secs(10),
+        || async {
+            let ms = members(c.addr(0)).await?;
+            ms.iter()
+                .any(|m| m.0 == new_id && m.1 == "m3" && !m.2)
+                .then_some(())
+        },
+    )
     .await;
 
     // Remove an original voter (not the one we write through first).
@@ -178,7 +192,7 @@ async fn member_add_promote_remove_under_write_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_changes_are_checked() {
-    let c = InProcessCluster::start(3, ClusterOpts::default()).await;
+    let mut c = InProcessCluster::start(3, ClusterOpts::default()).await;
     wait_for_leader(&c.live_addrs()).await;
     let mut cl = etcd_client(c.addr(0)).await;
     let err = cl.member_remove(0x1234).await.unwrap_err().to_string();
@@ -188,8 +202,15 @@ async fn membership_changes_are_checked() {
     assert!(err.contains("can only promote a learner member"), "{err}");
     let taken = c.configs[1].listen_mesh.to_string();
     let err = cl.member_add([taken], None).await.unwrap_err().to_string();
-    assert!(err.contains("etcdserver: Peer URLs already exists"), "{err}");
-    let err = cl.member_add(["no-port"], None).await.unwrap_err().to_string();
+    assert!(
+        err.contains("etcdserver: Peer URLs already exists"),
+        "{err}"
+    );
+    let err = cl
+        .member_add(["no-port"], None)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("invalid peer URL"), "{err}");
     // Updating a member's mesh address goes through Raft.
     let new_addr = mesh_tests::free_addr().to_string();
@@ -197,6 +218,35 @@ async fn membership_changes_are_checked() {
     let r = cl.member_list().await.unwrap();
     let m = r.members().iter().find(|m| m.id() == voter).unwrap();
     assert_eq!(m.peer_urls(), [new_addr]);
+
+    // With one of three voters down, a fourth voter that has not started would leave
+    // 2 of 4 started, not a quorum: refused with etcd's error.
+    let down = c.index_of(voter);
+    let leader = c.servers[0].as_ref().unwrap().node().status.leader();
+    let down = if c.index_of(leader) == down {
+        (down + 1) % 3
+    } else {
+        down
+    };
+    c.stop(down).await;
+    let live = c.live_addrs();
+    let leader_now = wait_for_leader(&live).await;
+    let cl = etcd_client(c.addr(c.index_of(leader_now))).await;
+    // The leader notices the stopped member after an election timeout.
+    let fresh = mesh_tests::free_addr().to_string();
+    let err = eventually("add refused", Duration::from_secs(10), || {
+        let fresh = fresh.clone();
+        let cl = cl.clone();
+        async move {
+            let mut cl = cl;
+            match cl.member_add([fresh], None).await {
+                Err(e) => Some(e.to_string()),
+                Ok(_) => panic!("a fourth voter was added with only two started"),
+            }
+        }
+    })
+    .await;
+    assert!(err.contains("not enough started members"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,8 +310,10 @@ async fn growth_adds_a_learner_and_healing_replaces_a_dead_voter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_mesh_password_is_refused_and_learns_nothing() {
-    let mut opts = ClusterOpts::default();
-    opts.password = Some(b"right horse battery".to_vec());
+    let opts = ClusterOpts {
+        password: Some(b"right horse battery".to_vec()),
+        ..Default::default()
+    };
     let c = InProcessCluster::start(1, opts.clone()).await;
     wait_for_leader(&c.live_addrs()).await;
     put_retrying(&c.live_addrs(), "secret", "s3cr3t").await;
@@ -280,7 +332,10 @@ async fn wrong_mesh_password_is_refused_and_learns_nothing() {
     assert!(!attempt.is_finished(), "the intruder was not admitted");
     attempt.abort();
     assert_eq!(members(c.addr(0)).await.unwrap().len(), 1);
-    assert!(mesh.peers().iter().all(|p| p.is_self || p.nickname != "intruder"));
+    assert!(mesh
+        .peers()
+        .iter()
+        .all(|p| p.is_self || p.nickname != "intruder"));
 }
 
 #[test]
@@ -307,7 +362,11 @@ fn bootstrap_expect_five_processes_form_one_cluster_every_time() {
             (leader, clusters)
         });
         assert_ne!(leader, 0);
-        assert_eq!(clusters.len(), 1, "round {round}: one cluster: {clusters:?}");
+        assert_eq!(
+            clusters.len(),
+            1,
+            "round {round}: one cluster: {clusters:?}"
+        );
         let ms = rt.block_on(members(addrs[0])).unwrap();
         assert_eq!(ms.len(), 5, "round {round}: {ms:?}");
         assert!(ms.iter().all(|m| !m.2), "five voters: {ms:?}");

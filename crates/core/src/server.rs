@@ -11,15 +11,15 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::api::{self, ApiContext, Limits};
+use crate::crdt::CounterGossiper;
 use crate::kv::{KvError, KvStore};
-use crate::proto::etcdserverpb::{cluster_server, kv_server, maintenance_server, watch_server};
-use crate::proto::meshpb::{internal_request::Request as Internal, MemberAttributes, MemberRecord};
 use crate::membership::autopilot::{Autopilot, AutopilotConfig};
 use crate::membership::bootstrap::{self, Outcome};
 use crate::membership::join::{JoinChannel, JOIN_CHANNEL};
 use crate::membership::{refresh_routes, token_hash, LocalMeta};
-use crate::crdt::CounterGossiper;
 use crate::mesh::{Mesh, MeshConfig};
+use crate::proto::etcdserverpb::{cluster_server, kv_server, maintenance_server, watch_server};
+use crate::proto::meshpb::{internal_request::Request as Internal, MemberAttributes, MemberRecord};
 use crate::proto::meshpb::{mesh_server, node_meta::State, NodeMeta};
 use crate::raft::mesh_transport::{MemberRoutes, MeshTransport, RAFT_CHANNEL};
 use crate::raft::transport::Transport;

@@ -640,3 +640,81 @@ fn help_documents_exit_codes() {
         .unwrap();
     assert!(text(&out.stdout).contains("meshctl"));
 }
+
+fn is_etcd() -> bool {
+    std::env::var("MESHCTL_TEST_SERVER").as_deref() == Ok("etcd")
+}
+
+#[test]
+fn member_add_remove_and_safety_checks() {
+    let s = start_server();
+    let addr = format!("http://127.0.0.1:{}", free_port());
+    let added = ok(
+        &s,
+        &["member", "add", "extra", "--mesh-addr", &addr, "--learner"],
+    );
+    let first = added.lines().next().unwrap();
+    assert!(
+        first.starts_with("Member ") && first.contains(" added to cluster "),
+        "{added}"
+    );
+    assert!(added.contains("\n\nMESHD_NAME=\"extra\"\n"), "{added}");
+    let id = first.split_whitespace().nth(1).unwrap().to_string();
+    let list = ok(&s, &["member", "list"]);
+    let row = list
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .expect("new member listed");
+    assert!(row.contains("unstarted") && row.ends_with("true"), "{row}");
+    // Promoting a learner that never started (it has not caught up) is refused.
+    let out = meshctl(&s, &["member", "promote", &id]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr)
+            .contains("can only promote a learner member which is in sync with leader"),
+        "{}",
+        text(&out.stderr)
+    );
+    let removed = ok(&s, &["member", "remove", &id]);
+    assert!(
+        removed.starts_with(&format!("Member {id} removed from cluster ")),
+        "{removed}"
+    );
+    let out = meshctl(&s, &["member", "remove", &id]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("member not found"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn mesh_peers_status_and_counters() {
+    if is_etcd() {
+        return; // etcd has no mesh
+    }
+    let s = start_server();
+    let peers = ok(&s, &["mesh", "peers"]);
+    let me = peers.lines().next().unwrap();
+    assert!(
+        me.contains("*, test, ") && me.ends_with(", self, voter"),
+        "{peers}"
+    );
+    let status = ok(&s, &["mesh", "status"]);
+    assert!(
+        status.contains("channels: raft, join, counters"),
+        "{status}"
+    );
+    assert!(status.contains("encryption: off"), "{status}");
+    let j = json(&ok(&s, &["-w", "json", "mesh", "peers"]));
+    assert_eq!(j["peers"][0]["role"], "voter");
+    assert_eq!(ok(&s, &["counter", "incr", "jobs"]), "1\n");
+    assert_eq!(ok(&s, &["counter", "incr", "jobs", "5"]), "6\n");
+    assert_eq!(ok(&s, &["counter", "incr", "jobs", "-2"]), "4\n");
+    assert_eq!(ok(&s, &["counter", "get", "jobs"]), "4\n");
+    assert_eq!(ok(&s, &["counter", "get", "never"]), "0\n");
+    let out = meshctl(&s, &["counter", "get", ""]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("counter name is empty"));
+}

@@ -223,7 +223,10 @@ pub fn resolve(args: Args) -> Result<ServerConfig> {
     if cfg.bootstrap_expect.is_some() && cfg.initial_cluster.is_some() {
         bail!("--bootstrap-expect and --initial-cluster cannot be used together");
     }
-    cfg.password = match (args.password_file.or(file.password_file), std::env::var("MESHD_PASSWORD")) {
+    cfg.password = match (
+        args.password_file.or(file.password_file),
+        std::env::var("MESHD_PASSWORD"),
+    ) {
         (Some(path), _) => {
             let text = std::fs::read(&path)
                 .with_context(|| format!("cannot read password file {}", path.display()))?;

@@ -35,7 +35,10 @@ impl MeshApi {
         Ok(peers
             .iter()
             .map(|p| {
-                let meta = metas.iter().find(|n| n.peer.name == p.name).map(|n| &n.meta);
+                let meta = metas
+                    .iter()
+                    .find(|n| n.peer.name == p.name)
+                    .map(|n| &n.meta);
                 let member = meta
                     .filter(|m| m.cluster_id == self.cluster_id && m.member_id != 0)
                     .and_then(|m| members.iter().find(|r| r.id == m.member_id));
@@ -44,7 +47,12 @@ impl MeshApi {
                     Some(_) => "voter",
                     None => "mesh-only",
                 };
-                peer_pb(p, member.map_or(0, |r| r.id), role, meta.map(|m| m.client_url.clone()))
+                peer_pb(
+                    p,
+                    member.map_or(0, |r| r.id),
+                    role,
+                    meta.map(|m| m.client_url.clone()),
+                )
             })
             .collect())
     }

@@ -379,7 +379,9 @@ impl Client {
     /// The answering node's view of the mesh.
     pub async fn mesh_status(&self) -> Result<meshpb::MeshStatusResponse, ClientError> {
         self.with_failover(Retry::Idempotent, |ch| async move {
-            MeshClient::new(ch).status(meshpb::MeshStatusRequest {}).await
+            MeshClient::new(ch)
+                .status(meshpb::MeshStatusRequest {})
+                .await
         })
         .await
     }

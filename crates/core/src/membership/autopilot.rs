@@ -253,7 +253,10 @@ impl Autopilot {
                 "promoting a caught-up learner to voter"
             );
             if let Err(e) = self.node.change_members(MemberChange::Promote(p.id)).await {
-                warn!(member = format_args!("{:x}", p.id), "promotion refused: {e}");
+                warn!(
+                    member = format_args!("{:x}", p.id),
+                    "promotion refused: {e}"
+                );
             }
             return;
         }

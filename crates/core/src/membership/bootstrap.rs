@@ -99,7 +99,13 @@ pub async fn await_agreement(mesh: &Mesh, meta: &LocalMeta, expect: u32) -> Outc
                     let members = proposal
                         .iter()
                         .filter_map(|id| candidates.iter().find(|n| n.meta.member_id == *id))
-                        .map(|n| (n.meta.member_id, n.meta.name.clone(), n.meta.mesh_addr.clone()))
+                        .map(|n| {
+                            (
+                                n.meta.member_id,
+                                n.meta.name.clone(),
+                                n.meta.mesh_addr.clone(),
+                            )
+                        })
                         .collect();
                     return Outcome::Form(members);
                 }

@@ -82,9 +82,7 @@ pub fn refresh_routes(mesh: &Mesh, cluster_id: u64, routes: &MemberRoutes) {
     let map: HashMap<u64, PeerName> = nodes(mesh)
         .into_iter()
         .filter(|n| {
-            n.meta.cluster_id == cluster_id
-                && n.meta.member_id != 0
-                && n.state() == State::Member
+            n.meta.cluster_id == cluster_id && n.meta.member_id != 0 && n.state() == State::Member
         })
         .map(|n| (n.meta.member_id, n.peer.name))
         .collect();

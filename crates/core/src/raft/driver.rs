@@ -513,7 +513,11 @@ impl Driver {
             .map(|(id, p)| super::PeerProgress {
                 id: *id,
                 learner: learners.contains(id),
-                matched: if *id == self.cfg.member_id { last } else { p.matched },
+                matched: if *id == self.cfg.member_id {
+                    last
+                } else {
+                    p.matched
+                },
                 recent_active: *id == self.cfg.member_id || p.recent_active,
                 leader_last_index: last,
             })
@@ -550,7 +554,7 @@ impl Driver {
         let cc = ConfChange {
             change_type: change_type as i32,
             node_id,
-            context: prost::Message::encode_to_vec(&ctx).into(),
+            context: prost::Message::encode_to_vec(&ctx),
             ..Default::default()
         };
         match self.raw.propose_conf_change(vec![], cc) {
@@ -583,14 +587,20 @@ impl Driver {
         let me = self.cfg.member_id;
         let conf = r.prs().conf();
         let voters: Vec<u64> = conf.voters().ids().iter().collect();
-        let started = |id: &u64| *id == me || r.prs().get(*id).is_some_and(|p| p.recent_active);
+        // Started: heard from within an election timeout and reachable on the mesh now.
+        let started = |id: &u64| {
+            *id == me
+                || (r.prs().get(*id).is_some_and(|p| p.recent_active)
+                    && self.transport.is_reachable(*id))
+        };
         let quorum = |n: usize| n / 2 + 1;
         match change {
             MemberChange::Add { learner: true, .. } => Ok(()),
             MemberChange::Add { .. } => {
-                // The new voter has not started yet.
+                // The new voter has not started yet. Like etcd, a single member may add
+                // a second (the way to grow a cluster restored from a snapshot).
                 let up = voters.iter().filter(|id| started(id)).count();
-                if up < quorum(voters.len() + 1) {
+                if up < quorum(voters.len() + 1) && !(up == 1 && voters.len() == 1) {
                     return Err(ProposeError::NotEnoughStarted);
                 }
                 Ok(())

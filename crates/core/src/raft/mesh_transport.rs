@@ -122,7 +122,10 @@ impl MeshTransport {
                 .channel
                 .send_unicast(peer, prost::Message::encode_to_vec(&env))
             {
-                debug!(to = format_args!("{:x}", m.to), "raft message not sent: {e}");
+                debug!(
+                    to = format_args!("{:x}", m.to),
+                    "raft message not sent: {e}"
+                );
                 return false;
             }
         }
@@ -143,6 +146,10 @@ impl Transport for MeshTransport {
                 let _ = self.driver.send(DriverMsg::SnapshotStatus(to, sent));
             }
         }
+    }
+
+    fn is_reachable(&self, member: u64) -> bool {
+        self.routes.get(member).is_some()
     }
 
     /// Dials members' mesh addresses that have no route yet; the mesh finds the rest.
@@ -205,7 +212,10 @@ impl Gossiper for RaftReceiver {
         if env.chunk >= env.chunks
             || (env.chunks as usize).saturating_mul(CHUNK_BYTES) > MAX_MESSAGE_BYTES
         {
-            warn!(peer = format_args!("{src:016x}"), "bad raft chunk header dropped");
+            warn!(
+                peer = format_args!("{src:016x}"),
+                "bad raft chunk header dropped"
+            );
             return Ok(());
         }
         let mut partial = self.partial.lock().unwrap_or_else(|p| p.into_inner());

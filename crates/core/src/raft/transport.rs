@@ -11,4 +11,9 @@ pub trait Transport: Send + Sync + 'static {
     fn send(&self, msgs: Vec<Message>);
     /// Sets the peers and their addresses (other members only).
     fn set_peers(&self, peers: Vec<(u64, String)>);
+    /// Whether `member` can be reached right now (used with Raft's own activity
+    /// tracking to decide whether a membership change is safe).
+    fn is_reachable(&self, _member: u64) -> bool {
+        true
+    }
 }

@@ -122,7 +122,9 @@ pub fn load_or_create_peer_name(dir: &Path) -> Result<u64, StorageError> {
                 f.sync_all().map_err(io)?;
             }
             std::fs::rename(&tmp, &path).map_err(io)?;
-            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
             Ok(name)
         }
         Err(e) => Err(io(e)),

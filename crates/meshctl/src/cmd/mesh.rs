@@ -40,18 +40,30 @@ fn peer_row(p: &MeshPeer) -> Vec<String> {
         p.address.clone(),
         p.connections.to_string(),
         p.reachable.to_string(),
-        if p.is_self { "self".into() } else { hex(p.next_hop) },
+        if p.is_self {
+            "self".into()
+        } else {
+            hex(p.next_hop)
+        },
         p.role.clone(),
     ]
 }
 
 const PEER_HEADERS: [&str; 8] = [
-    "NAME", "NICKNAME", "UID", "ADDRESS", "CONNECTIONS", "REACHABLE", "NEXT HOP", "ROLE",
+    "NAME",
+    "NICKNAME",
+    "UID",
+    "ADDRESS",
+    "CONNECTIONS",
+    "REACHABLE",
+    "NEXT HOP",
+    "ROLE",
 ];
 
 pub async fn peers(client: &Client, out: &mut dyn Write, f: Format) -> Result<()> {
     let mut r = client.mesh_peers().await?;
-    r.peers.sort_by(|a, b| (!a.is_self, &a.nickname).cmp(&(!b.is_self, &b.nickname)));
+    r.peers
+        .sort_by(|a, b| (!a.is_self, &a.nickname).cmp(&(!b.is_self, &b.nickname)));
     match f {
         Format::Json => {
             let list: Vec<_> = r.peers.iter().map(peer_json).collect();

@@ -212,7 +212,7 @@ pub fn member_changed(
 ) -> io::Result<()> {
     if matches!(f, Format::Json) {
         let list = pb::MemberListResponse {
-            header: header.clone(),
+            header: *header,
             members: members.to_vec(),
         };
         return write_json(out, &json::member_list(&list));

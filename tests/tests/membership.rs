@@ -268,6 +268,16 @@ async fn growth_adds_a_learner_and_healing_replaces_a_dead_voter() {
     })
     .await;
 
+    // A learner serves clients: writes and linearizable reads go to the leader over
+    // the mesh.
+    put_retrying(&[c.addr(spare)], "via-learner", "yes").await;
+    let got = etcd_client(c.addr(spare))
+        .await
+        .get("via-learner", None)
+        .await
+        .unwrap();
+    assert_eq!(got.kvs()[0].value(), b"yes");
+
     // A voter down for less than the dead time stays a voter.
     let victim = c.servers[2].as_ref().unwrap().node().status.member_id;
     c.stop(2).await;

@@ -9,7 +9,8 @@
 //! - [`kv`]: the state machine: MVCC revisions, ranges, txns, compaction, events.
 //! - [`raft`]: the driver thread around raft-rs `RawNode`, and the peer transport.
 //! - [`api`]: gRPC services (`etcdserverpb` KV, Watch, Cluster, Maintenance).
-//! - [`server`]: one member wired together, with a graceful stop.
+//! - [`server`]: one member wired together, with a graceful stop; snapshot restore.
+//! - [`snapshot`]: the snapshot file format (store snapshot + SHA-256 trailer).
 //! - [`client`]: the typed client meshctl uses, with endpoint failover.
 //! - [`proto`]: generated wire types.
 pub mod api;
@@ -17,6 +18,7 @@ pub mod client;
 pub mod kv;
 pub mod raft;
 pub mod server;
+pub mod snapshot;
 pub mod storage;
 
 /// Generated wire types: the etcd v3 API (`etcdserverpb`, `mvccpb`) and meshd's own

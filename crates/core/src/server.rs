@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::api::{self, ApiContext, Limits};
-use crate::kv::{KvError, KvStore};
+use crate::kv::{ApplyBatch, KvError, KvStore};
 use crate::proto::etcdserverpb::{cluster_server, kv_server, maintenance_server, watch_server};
 use crate::proto::meshpb::{internal_request::Request as Internal, MemberAttributes, MemberRecord};
 use crate::raft::transport::{PeerIdentity, TcpTransport, Transport, DEFAULT_MAX_FRAME};
@@ -40,7 +40,16 @@ pub struct ServerConfig {
     pub catch_up_entries: u64,
     pub request_timeout: Duration,
     pub limits: Limits,
+    /// Database file size above which this member raises a NOSPACE alarm (etcd's
+    /// `--quota-backend-bytes`).
+    pub quota_backend_bytes: u64,
 }
+
+/// etcd's default space quota: 2 GiB.
+pub const DEFAULT_QUOTA_BACKEND_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+/// How often a member compares its database size with the quota.
+const QUOTA_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 impl ServerConfig {
     /// The defaults of a single node named `name`: client API on 127.0.0.1:2379, peers on
@@ -62,6 +71,7 @@ impl ServerConfig {
             catch_up_entries: 5_000,
             request_timeout: Duration::from_secs(7),
             limits: Limits::default(),
+            quota_backend_bytes: DEFAULT_QUOTA_BACKEND_BYTES,
         }
     }
 }
@@ -86,6 +96,9 @@ pub enum ServerError {
     },
     #[error("client API server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// A snapshot file to restore from was refused.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 /// Member ID of `name` in a cluster created with `token`, as every initial member
@@ -178,6 +191,8 @@ impl Server {
             kv: kv.clone(),
             limits: cfg.limits.clone(),
             db_path: cfg.data_dir.join(storage::DB_FILE),
+            db: db.clone(),
+            quota_backend_bytes: cfg.quota_backend_bytes,
         };
         let max_msg = cfg.limits.max_request_bytes + api::GRPC_OVERHEAD_BYTES;
         let (grpc_stop, stop_rx) = oneshot::channel::<()>();
@@ -220,7 +235,7 @@ impl Server {
             grpc_stop: Some(grpc_stop),
             grpc,
             driver: Some(driver),
-            background: vec![publish],
+            background: vec![publish, tokio::spawn(watch_quota(ctx))],
             _transport: transport,
         })
     }
@@ -323,15 +338,13 @@ fn advertised(addr: SocketAddr) -> String {
     }
 }
 
-/// Creates the member on a fresh data dir, or checks that an existing one belongs to
-/// this member and cluster.
-fn bootstrap_or_check(
+/// The identity of this member and the initial member list, as every initial member
+/// computes them from `--initial-cluster` and `--initial-cluster-token` (or, without
+/// `--initial-cluster`, a single-member cluster of this member at `advertise_mesh`).
+fn initial_identity(
     cfg: &ServerConfig,
-    db: &redb::Database,
-    kv: &KvStore,
-    log: &RaftLog,
     advertise_mesh: &str,
-) -> Result<Identity, ServerError> {
+) -> Result<(Identity, Vec<MemberRecord>), ServerError> {
     let token = &cfg.initial_cluster_token;
     let initial: Vec<(String, String)> = match &cfg.initial_cluster {
         Some(list) => list.clone(),
@@ -362,13 +375,44 @@ fn bootstrap_or_check(
         })
         .collect();
     let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
-    let expected = Identity {
+    let identity = Identity {
         name: cfg.name.clone(),
         member_id: member_id(token, &cfg.name, my_addr),
         cluster_id: cluster_id(token, &ids),
         cluster_token: token.clone(),
     };
+    Ok((identity, members))
+}
 
+/// Records a new member in `batch`: its identity, the initial voters and member table.
+fn write_bootstrap(
+    batch: &mut ApplyBatch<'_>,
+    log: &RaftLog,
+    identity: &Identity,
+    members: &[MemberRecord],
+) -> Result<(), ServerError> {
+    identity.store(batch.write_txn())?;
+    let conf = raft::prelude::ConfState {
+        voters: members.iter().map(|m| m.id).collect(),
+        ..Default::default()
+    };
+    log.set_conf_state(batch.write_txn(), &conf)?;
+    for m in members {
+        batch.put_member(m)?;
+    }
+    Ok(())
+}
+
+/// Creates the member on a fresh data dir, or checks that an existing one belongs to
+/// this member and cluster.
+fn bootstrap_or_check(
+    cfg: &ServerConfig,
+    db: &storage::Db,
+    kv: &KvStore,
+    log: &RaftLog,
+    advertise_mesh: &str,
+) -> Result<Identity, ServerError> {
+    let (expected, members) = initial_identity(cfg, advertise_mesh)?;
     if let Some(stored) = Identity::load(db)? {
         if cfg.initial_cluster.is_some() {
             stored.check(&cfg.data_dir, &expected)?;
@@ -390,18 +434,100 @@ fn bootstrap_or_check(
         .into());
     }
     let mut batch = kv.begin()?;
-    expected.store(batch.write_txn())?;
-    let conf = raft::prelude::ConfState {
-        voters: ids.clone(),
-        ..Default::default()
-    };
-    log.set_conf_state(batch.write_txn(), &conf)?;
-    for m in &members {
-        batch.put_member(m)?;
-    }
+    write_bootstrap(&mut batch, log, &expected, &members)?;
     batch.commit(true)?;
-    info!(members = initial.len(), "bootstrapped a new cluster member");
+    info!(members = members.len(), "bootstrapped a new cluster member");
     Ok(expected)
+}
+
+/// What [`restore`] created.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub member_id: u64,
+    pub cluster_id: u64,
+    /// The store revision the snapshot was taken at.
+    pub revision: i64,
+}
+
+/// Creates the data dir of a member of a NEW cluster from a snapshot file (etcd's
+/// `snapshot restore`): the keyspace and its history come from the snapshot; member
+/// and cluster IDs, the member table and the voters are those `Server::start` computes
+/// for the same name, `--initial-cluster`, token and mesh address, so every member of
+/// the new cluster restored from the same file starts as one cluster. The source's
+/// alarms are dropped (they name the old cluster's members). Refuses a non-empty data
+/// dir and a snapshot whose checksum does not match.
+pub fn restore(cfg: &ServerConfig, snapshot_file: &[u8]) -> Result<Restored, ServerError> {
+    let mut snap = crate::snapshot::decode(snapshot_file)?;
+    let dir = &cfg.data_dir;
+    let not_empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+    if not_empty {
+        return Err(ServerError::Config(format!(
+            "data dir {} exists and is not empty",
+            dir.display()
+        )));
+    }
+    let advertise_mesh = cfg
+        .advertise_mesh
+        .clone()
+        .unwrap_or_else(|| advertised(cfg.listen_mesh));
+    let (identity, members) = initial_identity(cfg, &advertise_mesh)?;
+    let db = storage::open_database(dir)?;
+    let kv = Arc::new(KvStore::open(db.clone())?);
+    let log = RaftLog::load(&db, kv.clone())?;
+    snap.members = members.clone();
+    snap.alarms.clear();
+    let mut batch = kv.begin()?;
+    batch.restore(&snap)?;
+    write_bootstrap(&mut batch, &log, &identity, &members)?;
+    batch.commit(true)?;
+    info!(
+        dir = %dir.display(),
+        revision = snap.revision,
+        member = format_args!("{:x}", identity.member_id),
+        "restored a snapshot into a new member data dir"
+    );
+    Ok(Restored {
+        member_id: identity.member_id,
+        cluster_id: identity.cluster_id,
+        revision: snap.revision,
+    })
+}
+
+/// Raises a NOSPACE alarm for this member through Raft whenever its database file
+/// exceeds the quota and none is active for it (as an etcd member does when a write
+/// finds its backend over quota). Disarming while still over quota raises it again.
+async fn watch_quota(ctx: ApiContext) {
+    use crate::proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
+    let me = ctx.node.status.member_id;
+    let mut every = tokio::time::interval(QUOTA_CHECK_INTERVAL);
+    loop {
+        every.tick().await;
+        let size = ctx.db.file_size();
+        if size <= ctx.quota_backend_bytes {
+            continue;
+        }
+        let raised = ctx.kv.alarms().is_ok_and(|alarms| {
+            alarms
+                .iter()
+                .any(|a| a.member_id == me && a.alarm == AlarmType::Nospace as i32)
+        });
+        if raised {
+            continue;
+        }
+        warn!(
+            size,
+            quota = ctx.quota_backend_bytes,
+            "database exceeds the space quota: raising a NOSPACE alarm"
+        );
+        let req = Internal::Alarm(AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: me,
+            alarm: AlarmType::Nospace as i32,
+        });
+        if let Err(e) = ctx.node.propose(req).await {
+            warn!("cannot raise the NOSPACE alarm yet: {e}");
+        }
+    }
 }
 
 /// Publishes this member's name and client URL through Raft once a leader exists, as

@@ -18,7 +18,10 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db.redb");
-    let db = Arc::new(redb::Database::create(&path).unwrap());
+    let db = Arc::new(crate::storage::Db::new(
+        redb::Database::create(&path).unwrap(),
+        path.clone(),
+    ));
     Fixture {
         kv: KvStore::open(db).unwrap(),
         path,
@@ -795,7 +798,10 @@ fn reopen_restores_counters() {
 
     let Fixture { _dir, path, kv } = f;
     drop(kv);
-    let db = Arc::new(redb::Database::create(&path).unwrap());
+    let db = Arc::new(crate::storage::Db::new(
+        redb::Database::create(&path).unwrap(),
+        path.clone(),
+    ));
     let kv = KvStore::open(db).unwrap();
     assert_eq!(
         (

@@ -41,6 +41,18 @@ pub enum DriverMsg {
     Unreachable(u64),
     /// A snapshot sent to a peer was delivered (true) or lost (false).
     SnapshotStatus(u64, bool),
+    /// Hand leadership to `target` (a voter); the reply comes once this member sees
+    /// `target` as leader, or the transfer failed or timed out.
+    TransferLeader {
+        target: u64,
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
+    /// Rewrite the database file without its free pages, between two Readies (a short
+    /// stop-the-world pause: the driver is the only writer). Replies the file size
+    /// before and after.
+    Defragment {
+        reply: oneshot::Sender<Result<(u64, u64), ProposeError>>,
+    },
     /// Stop after the current Ready.
     Shutdown,
 }
@@ -60,6 +72,8 @@ pub enum AppliedKind {
     Txn(pb::TxnResponse),
     Compaction,
     MemberAttributes,
+    /// The alarms an AlarmRequest raised or cleared.
+    Alarm(Vec<pb::AlarmMember>),
     Nothing,
 }
 
@@ -79,6 +93,18 @@ pub enum ProposeError {
     /// The entry was overwritten by a new leader: it was not applied.
     #[error("etcdserver: leader changed")]
     LeaderChanged,
+    /// MoveLeader on a member that is not the leader.
+    #[error("etcdserver: not leader")]
+    NotLeader,
+    /// MoveLeader to a member that is not a voter.
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    /// The target did not become leader in time.
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
+    /// Defragmenting failed (the database is unchanged and still in use).
+    #[error("etcdserver: defragment failed: {0}")]
+    Defragment(String),
     /// The member is shutting down.
     #[error("etcdserver: server stopped")]
     Stopped,
@@ -185,6 +211,17 @@ impl NodeHandle {
     /// call (ReadIndex): a read served after it is linearizable.
     pub async fn read_index(&self) -> Result<(), ProposeError> {
         self.call(|reply| DriverMsg::ReadIndex { reply }).await
+    }
+
+    /// Transfers leadership to `target`; only the leader may (etcd's MoveLeader).
+    pub async fn move_leader(&self, target: u64) -> Result<(), ProposeError> {
+        self.call(|reply| DriverMsg::TransferLeader { target, reply })
+            .await
+    }
+
+    /// Compacts the database file; returns its size before and after.
+    pub async fn defragment(&self) -> Result<(u64, u64), ProposeError> {
+        self.call(|reply| DriverMsg::Defragment { reply }).await
     }
 
     /// Asks the driver to stop.

@@ -101,6 +101,31 @@ pub enum ServerError {
     Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
+/// Parses `--initial-cluster`: `name=host:port` entries (a URL scheme is dropped),
+/// comma separated. Shared by meshd and `meshctl snapshot restore`, so both derive the
+/// same member IDs from the same text.
+pub fn parse_initial_cluster(s: &str) -> Result<Vec<(String, String)>, ServerError> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || {
+            ServerError::Config(format!(
+                "--initial-cluster entry '{part}' is not name=host:port"
+            ))
+        };
+        let (name, addr) = part.split_once('=').ok_or_else(bad)?;
+        let (name, addr) = (name.trim(), addr.trim());
+        let hostport = addr.split_once("://").map_or(addr, |(_, r)| r);
+        if name.is_empty() || !hostport.contains(':') {
+            return Err(bad());
+        }
+        out.push((name.to_string(), hostport.to_string()));
+    }
+    if out.is_empty() {
+        return Err(ServerError::Config("--initial-cluster is empty".into()));
+    }
+    Ok(out)
+}
+
 /// Member ID of `name` in a cluster created with `token`, as every initial member
 /// computes it.
 pub fn member_id(token: &str, name: &str, peer_addr: &str) -> u64 {

@@ -119,22 +119,7 @@ mod humantime_serde_opt {
 
 /// Parses `name1=host:port,name2=host:port`.
 pub fn parse_initial_cluster(s: &str) -> Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let Some((name, addr)) = part.split_once('=') else {
-            bail!("--initial-cluster entry '{part}' is not name=host:port");
-        };
-        let (name, addr) = (name.trim(), addr.trim());
-        let hostport = addr.split_once("://").map_or(addr, |(_, r)| r);
-        if name.is_empty() || !hostport.contains(':') {
-            bail!("--initial-cluster entry '{part}' is not name=host:port");
-        }
-        out.push((name.to_string(), hostport.to_string()));
-    }
-    if out.is_empty() {
-        bail!("--initial-cluster is empty");
-    }
-    Ok(out)
+    Ok(mesh_core::server::parse_initial_cluster(s)?)
 }
 
 /// Merges flags, environment, file and defaults into a validated server configuration.

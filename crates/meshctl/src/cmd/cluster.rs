@@ -16,7 +16,7 @@ pub async fn member_list(client: &Client, out: &mut dyn Write, f: Format) -> Res
 }
 
 /// The client to query: the configured endpoints, or with `cluster` every member's client URLs.
-async fn target(global: &Global, cluster: bool) -> Result<Client> {
+pub(super) async fn target(global: &Global, cluster: bool) -> Result<Client> {
     let client = Client::connect(global.client.clone())?;
     if !cluster {
         return Ok(client);

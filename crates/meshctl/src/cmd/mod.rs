@@ -4,6 +4,8 @@
 mod bench;
 mod cluster;
 mod kv;
+mod maintenance;
+mod snapshot;
 mod txn;
 mod watch;
 
@@ -13,7 +15,7 @@ use anyhow::Result;
 use clap::CommandFactory;
 use mesh_core::client::Client;
 
-use crate::cli::{Cli, Command, EndpointCommand, MemberCommand};
+use crate::cli::{AlarmCommand, Cli, Command, EndpointCommand, MemberCommand, SnapshotCommand};
 use crate::config::Global;
 
 /// Non-zero outcomes with their own documented exit codes.
@@ -61,6 +63,24 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::Endpoint(EndpointCommand::Health { cluster }) => {
             cluster::health(&global, &mut out, cluster).await
+        }
+        Command::Endpoint(EndpointCommand::Hashkv { cluster, rev }) => {
+            maintenance::hashkv(&global, &mut out, cluster, rev).await
+        }
+        Command::Snapshot(SnapshotCommand::Save { file }) => {
+            snapshot::save(&global, &mut out, &file).await
+        }
+        Command::Snapshot(SnapshotCommand::Status { file }) => snapshot::status(&mut out, f, &file),
+        Command::Snapshot(SnapshotCommand::Restore(a)) => snapshot::restore(&mut out, &a),
+        Command::MoveLeader { target } => {
+            maintenance::move_leader(&global, &mut out, &target).await
+        }
+        Command::Defrag { cluster } => maintenance::defrag(&global, &mut out, cluster).await,
+        Command::Alarm(AlarmCommand::List) => {
+            maintenance::alarm_list(&client()?, &mut out, f).await
+        }
+        Command::Alarm(AlarmCommand::Disarm) => {
+            maintenance::alarm_disarm(&client()?, &mut out, f).await
         }
         Command::Bench(b) => bench::run(&global, &mut out, b).await,
         Command::Completion { shell } => {

@@ -48,7 +48,7 @@ pub fn snapshot_chunks(
         .map(|blob| {
             remaining -= blob.len();
             SnapshotResponse {
-                header: header.clone(),
+                header,
                 remaining_bytes: remaining as u64,
                 blob: blob.to_vec(),
             }

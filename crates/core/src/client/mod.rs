@@ -395,9 +395,8 @@ impl Client {
             // for requests that go through Raft.
             Retry::OnlyIfNotSent
         };
-        self.with_failover(retry, |ch| {
-            let req = req.clone();
-            async move { MaintenanceClient::new(ch).alarm(req).await }
+        self.with_failover(retry, |ch| async move {
+            MaintenanceClient::new(ch).alarm(req).await
         })
         .await
     }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use mesh_core::client::{Client, ClientConfig, ClientError};
 use mesh_core::proto::etcdserverpb::{
-    alarm_request::AlarmAction, AlarmMember, AlarmRequest, AlarmType, DeleteRangeRequest,
-    PutRequest,
+    alarm_request::AlarmAction, AlarmMember, AlarmRequest, AlarmResponse, AlarmType,
+    DeleteRangeRequest, PutRequest,
 };
 use mesh_core::server;
 use mesh_tests::*;
@@ -42,6 +42,24 @@ async fn delete_prefix(c: &Client, prefix: &str) -> i64 {
         .await
         .unwrap();
     r.header.unwrap().revision
+}
+
+/// The database file holds the Raft log too: keep little of it behind the applied
+/// index, so that deleting data (and defragmenting) really frees the space.
+fn short_log() -> ClusterOpts {
+    ClusterOpts {
+        snapshot_count: 100,
+        catch_up_entries: 10,
+        ..Default::default()
+    }
+}
+
+async fn list_alarms(c: &Client) -> Result<AlarmResponse, ClientError> {
+    c.alarm(AlarmRequest {
+        action: AlarmAction::Get as i32,
+        ..Default::default()
+    })
+    .await
 }
 
 /// HashKV of every member at `rev`, once all of them have applied it.
@@ -206,7 +224,7 @@ async fn move_leader_transfers_and_is_refused_on_followers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn defragment_shrinks_the_file_and_keeps_the_data() {
-    let mut cl = InProcessCluster::start(1, ClusterOpts::default()).await;
+    let mut cl = InProcessCluster::start(1, short_log()).await;
     wait_for_leader(&cl.live_addrs()).await;
     let c = client(&cl.live_addrs());
     let ep = cl.addr(0).to_string();
@@ -241,7 +259,7 @@ async fn defragment_shrinks_the_file_and_keeps_the_data() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nospace_alarm_refuses_puts_until_space_is_freed_and_disarmed() {
-    let (dir, mut configs) = InProcessCluster::configure(1, ClusterOpts::default());
+    let (dir, mut configs) = InProcessCluster::configure(1, short_log());
     configs[0].quota_backend_bytes = 4 * 1024 * 1024;
     let cl = InProcessCluster::start_configured(dir, configs).await;
     wait_for_leader(&cl.live_addrs()).await;
@@ -264,13 +282,7 @@ async fn nospace_alarm_refuses_puts_until_space_is_freed_and_disarmed() {
         member_id: me,
         alarm: AlarmType::Nospace as i32,
     };
-    let list = c
-        .alarm(AlarmRequest {
-            action: AlarmAction::Get as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let list = list_alarms(&c).await.unwrap();
     assert_eq!(list.alarms, [nospace]);
     let status = c.status(&ep).await.unwrap();
     assert!(
@@ -297,13 +309,7 @@ async fn nospace_alarm_refuses_puts_until_space_is_freed_and_disarmed() {
         .unwrap();
     assert_eq!(disarmed.alarms, [nospace]);
     put(&c, "room", b"again").await.unwrap();
-    let list = c
-        .alarm(AlarmRequest {
-            action: AlarmAction::Get as i32,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let list = list_alarms(&c).await.unwrap();
     assert!(list.alarms.is_empty());
 }
 
@@ -331,13 +337,7 @@ async fn alarms_replicate_and_survive_restart() {
     eventually("member 2 lists the alarm", Duration::from_secs(20), || {
         let c = only2.clone();
         async move {
-            let r = c
-                .alarm(AlarmRequest {
-                    action: AlarmAction::Get as i32,
-                    ..Default::default()
-                })
-                .await
-                .ok()?;
+            let r = list_alarms(&c).await.ok()?;
             (r.alarms.len() == 1 && r.alarms[0].member_id == 77).then_some(())
         }
     })

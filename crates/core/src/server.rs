@@ -527,16 +527,15 @@ async fn watch_quota(ctx: ApiContext) {
     let mut every = tokio::time::interval(QUOTA_CHECK_INTERVAL);
     loop {
         every.tick().await;
-        let size = ctx.db.file_size();
-        if size <= ctx.quota_backend_bytes {
-            continue;
-        }
         let raised = ctx.kv.alarms().is_ok_and(|alarms| {
             alarms
                 .iter()
                 .any(|a| a.member_id == me && a.alarm == AlarmType::Nospace as i32)
         });
-        if raised {
+        // The size is read after the alarms, so a defragment + disarm in between
+        // cannot be mistaken for a database still over quota.
+        let size = ctx.db.file_size();
+        if raised || size <= ctx.quota_backend_bytes {
             continue;
         }
         warn!(

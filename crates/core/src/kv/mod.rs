@@ -471,6 +471,12 @@ impl<'a> ApplyBatch<'a> {
         Ok(())
     }
 
+    /// Whether a NOSPACE alarm is active as of this batch: requests that add data
+    /// (Put, Txn with puts, LeaseGrant) must be refused with [`KvError::NoSpace`].
+    pub fn nospace(&self) -> bool {
+        self.nospace
+    }
+
     /// Raises (ACTIVATE) or clears (DEACTIVATE) one alarm; returns the alarm if it
     /// changed anything, as etcd does.
     pub fn alarm(&mut self, req: &pb::AlarmRequest) -> Result<Vec<pb::AlarmMember>, KvError> {

@@ -240,6 +240,7 @@ impl Driver {
             }
             DriverMsg::TransferLeader { target, reply } => self.transfer_leader(target, reply),
             DriverMsg::Defragment { reply } => {
+                self.maybe_compact(true)?;
                 let result = self
                     .db
                     .compact(DEFRAG_WAIT_FOR_READERS)
@@ -426,7 +427,7 @@ impl Driver {
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
 
-        self.maybe_compact()?;
+        self.maybe_compact(false)?;
         self.answer_reads();
         Ok(())
     }
@@ -544,10 +545,13 @@ impl Driver {
         Ok(())
     }
 
-    fn maybe_compact(&mut self) -> Result<(), DriverError> {
+    /// Compacts the Raft log once it holds `snapshot_count` applied entries, or with
+    /// `now` whenever anything is behind the catch-up window (before a defragment, so
+    /// the space the log held is given back too).
+    fn maybe_compact(&mut self, now: bool) -> Result<(), DriverError> {
         let applied = self.kv.applied_index();
         let first = self.log.first_index();
-        if applied < first || applied - first < self.cfg.snapshot_count {
+        if applied < first || (!now && applied - first < self.cfg.snapshot_count) {
             return Ok(());
         }
         let to = applied.saturating_sub(self.cfg.catch_up_entries);

@@ -7,7 +7,7 @@ use futures::future::join_all;
 use mesh_core::client::Client;
 use mesh_core::proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmResponse};
 
-use super::cluster::target;
+use super::cluster::{answered, target};
 use super::Exit;
 use crate::config::Global;
 use crate::output::{self, Format};
@@ -16,17 +16,7 @@ pub async fn hashkv(global: &Global, out: &mut dyn Write, cluster: bool, rev: i6
     let client = target(global, cluster).await?;
     let endpoints = client.endpoints();
     let results = join_all(endpoints.iter().map(|ep| client.hash_kv(ep, rev))).await;
-    let mut ok = Vec::new();
-    let mut failed = 0;
-    for (ep, r) in endpoints.into_iter().zip(results) {
-        match r {
-            Ok(h) => ok.push((ep, h)),
-            Err(e) => {
-                failed += 1;
-                eprintln!("Failed to get the hash of endpoint {ep} ({e})");
-            }
-        }
-    }
+    let (ok, failed) = answered(endpoints, results, "hash");
     output::maintenance::hashkv(out, global.format, &ok)?;
     out.flush()?;
     if failed > 0 {

@@ -178,13 +178,8 @@ pub fn snapshot_status(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::render;
     use super::*;
-
-    fn render(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> String {
-        let mut buf = Vec::new();
-        f(&mut buf).unwrap();
-        String::from_utf8(buf).unwrap()
-    }
 
     #[test]
     fn maintenance_simple_forms_match_etcdctl() {

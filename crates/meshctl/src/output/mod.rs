@@ -314,7 +314,7 @@ mod tests {
             raft_term: 2,
         })
     }
-    fn render(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> String {
+    pub(crate) fn render(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> String {
         let mut buf = Vec::new();
         f(&mut buf).unwrap();
         String::from_utf8(buf).unwrap()

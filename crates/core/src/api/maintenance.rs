@@ -99,9 +99,9 @@ impl Maintenance for MaintenanceApi {
         let alarms = match AlarmAction::try_from(req.action) {
             Ok(AlarmAction::Get) => {
                 self.ctx.linearize().await?;
+                // As etcd: GET filters by alarm type only (NONE: all), not by member.
                 let all = self.ctx.kv.alarms().map_err(kv_status)?;
                 all.into_iter()
-                    .filter(|a| req.member_id == 0 || a.member_id == req.member_id)
                     .filter(|a| req.alarm == AlarmType::None as i32 || a.alarm == req.alarm)
                     .collect()
             }

@@ -77,8 +77,9 @@ pub enum AppliedKind {
     Nothing,
 }
 
-/// Why a proposal or read did not complete. All but `Kv` are retryable: the request may
-/// be sent again (for `Timeout*`, a write may or may not have been applied).
+/// Why a proposal, read or driver request did not complete. `NoLeader`, `Timeout*`,
+/// `LeaderChanged` and `Stopped` are retryable: the request may be sent again (for
+/// `Timeout*`, a write may or may not have been applied). The others are answers.
 #[derive(Debug, thiserror::Error)]
 pub enum ProposeError {
     /// No leader is known (an election is in progress or quorum is lost).

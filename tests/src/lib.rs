@@ -157,6 +157,13 @@ pub struct InProcessCluster {
 
 impl InProcessCluster {
     pub async fn start(n: usize, opts: ClusterOpts) -> InProcessCluster {
+        let (dir, configs) = Self::configure(n, opts);
+        Self::start_configured(dir, configs).await
+    }
+
+    /// The configs `start` would use (members `m0..`, fresh ports, data dirs under a new
+    /// temp dir), for tests that change them or prepare the data dirs first.
+    pub fn configure(n: usize, opts: ClusterOpts) -> (tempfile::TempDir, Vec<ServerConfig>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
         let mesh: Vec<SocketAddr> = (0..n).map(|_| free_addr()).collect();
@@ -173,6 +180,14 @@ impl InProcessCluster {
                 c
             })
             .collect();
+        (dir, configs)
+    }
+
+    /// Starts members from `configs` (see [`InProcessCluster::configure`]).
+    pub async fn start_configured(
+        dir: tempfile::TempDir,
+        configs: Vec<ServerConfig>,
+    ) -> InProcessCluster {
         let mut servers = Vec::new();
         for c in &configs {
             servers.push(Some(Server::start(c.clone()).await.expect("member starts")));

@@ -200,3 +200,104 @@ async fn etcdctl_3_4_drives_meshd() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_3_4_maintenance_commands() {
+    use mesh_core::proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
+
+    let c = InProcessCluster::start(3, ClusterOpts::default()).await;
+    let all = c.live_addrs();
+    let leader = wait_for_leader(&all).await;
+    let one = [c.addr(0)];
+    for i in 0..20 {
+        assert_eq!(ok(&all, &["put", &format!("m/{i}"), "v"]).await, "OK\n");
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&one, &["get", "m/0", "-w", "json"]).await).unwrap();
+    let rev = v["header"]["revision"].as_i64().unwrap();
+
+    // Every member has applied `rev` once it answers a linearizable read; then HashKV
+    // at that revision is the same everywhere.
+    for a in &all {
+        ok(&[*a], &["get", "m/19"]).await;
+    }
+    let hashes = ok(&all, &["endpoint", "hashkv", &format!("--rev={rev}")]).await;
+    let lines: Vec<&str> = hashes.lines().collect();
+    assert_eq!(lines.len(), 3, "{hashes}");
+    let hash_of = |l: &str| l.rsplit_once(", ").unwrap().1.to_string();
+    for (l, a) in lines.iter().zip(&all) {
+        assert!(l.starts_with(&format!("{a}, ")), "{hashes}");
+        assert_eq!(hash_of(l), hash_of(lines[0]), "{hashes}");
+    }
+
+    // Snapshot: etcdctl streams it and writes the file; its content is ours.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.db");
+    let file_s = file.to_str().unwrap();
+    assert_eq!(
+        ok(&one, &["snapshot", "save", file_s]).await,
+        format!("Snapshot saved at {file_s}\n")
+    );
+    let snap = mesh_core::snapshot::decode(&std::fs::read(&file).unwrap()).unwrap();
+    let summary = mesh_core::kv::SnapshotSummary::of(&snap);
+    assert_eq!(summary.total_keys, 20);
+    let at = ok(
+        &one,
+        &["endpoint", "hashkv", &format!("--rev={}", summary.revision)],
+    )
+    .await;
+    assert_eq!(hash_of(at.trim_end()), summary.hash.to_string());
+
+    // Alarms: none, then one raised through the API blocks puts until disarmed.
+    assert_eq!(ok(&one, &["alarm", "list"]).await, "");
+    let mut client = etcd_client(c.addr(1)).await;
+    let raise = AlarmRequest {
+        action: AlarmAction::Activate as i32,
+        member_id: 77,
+        alarm: AlarmType::Nospace as i32,
+    };
+    let mc = mesh_core::client::Client::connect(mesh_core::client::ClientConfig {
+        endpoints: vec![c.addr(1).to_string()],
+        ..Default::default()
+    })
+    .unwrap();
+    mc.alarm(raise).await.unwrap();
+    assert_eq!(
+        ok(&one, &["alarm", "list"]).await,
+        "memberID:77 alarm:NOSPACE \n"
+    );
+    let (success, _, err) = etcdctl(&one, &["put", "m/x", "y"], "").await;
+    assert!(!success);
+    assert!(
+        err.contains("etcdserver: mvcc: database space exceeded"),
+        "{err}"
+    );
+    assert!(client.get("m/0", None).await.is_ok(), "reads still served");
+    let status = ok(&one, &["endpoint", "status"]).await;
+    assert!(status.contains("memberID:77 alarm:NOSPACE"), "{status}");
+    assert_eq!(
+        ok(&one, &["alarm", "disarm"]).await,
+        "memberID:77 alarm:NOSPACE \n"
+    );
+    assert_eq!(ok(&one, &["alarm", "list"]).await, "");
+    assert_eq!(ok(&one, &["put", "m/x", "y"]).await, "OK\n");
+
+    // Defragment every member.
+    let defrag = ok(&all, &["defrag"]).await;
+    let expected: String = all
+        .iter()
+        .map(|a| format!("Finished defragmenting etcd member[{a}]\n"))
+        .collect();
+    assert_eq!(defrag, expected);
+
+    // Move leadership to a follower.
+    let target = (0..3)
+        .map(|i| c.servers[i].as_ref().unwrap().node().status.member_id)
+        .find(|id| *id != leader)
+        .unwrap();
+    assert_eq!(
+        ok(&all, &["move-leader", &format!("{target:x}")]).await,
+        format!("Leadership transferred from {leader:x} to {target:x}\n")
+    );
+    assert_eq!(wait_for_leader(&all).await, target);
+}

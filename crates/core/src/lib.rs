@@ -14,7 +14,8 @@
 //!   joining, growth and healing (reachability never changes the voter set by itself).
 //! - [`api`]: gRPC services (`etcdserverpb` KV, Watch, Cluster, Maintenance; `meshpb`
 //!   Mesh).
-//! - [`server`]: one member wired together, with a graceful stop.
+//! - [`server`]: one member wired together, with a graceful stop; snapshot restore.
+//! - [`snapshot`]: the snapshot file format (store snapshot + SHA-256 trailer).
 //! - [`client`]: the typed client meshctl uses, with endpoint failover.
 //! - [`proto`]: generated wire types.
 pub mod api;
@@ -25,6 +26,7 @@ pub mod membership;
 pub mod mesh;
 pub mod raft;
 pub mod server;
+pub mod snapshot;
 pub mod storage;
 
 /// Generated wire types: the etcd v3 API (`etcdserverpb`, `mvccpb`) and meshd's own

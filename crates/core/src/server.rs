@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::api::{self, ApiContext, Limits};
 use crate::crdt::CounterGossiper;
-use crate::kv::{KvError, KvStore};
+use crate::kv::{ApplyBatch, KvError, KvStore};
 use crate::membership::autopilot::{Autopilot, AutopilotConfig};
 use crate::membership::bootstrap::{self, Outcome};
 use crate::membership::join::{JoinChannel, JOIN_CHANNEL};
@@ -62,7 +62,16 @@ pub struct ServerConfig {
     pub catch_up_entries: u64,
     pub request_timeout: Duration,
     pub limits: Limits,
+    /// Database file size above which this member raises a NOSPACE alarm (etcd's
+    /// `--quota-backend-bytes`).
+    pub quota_backend_bytes: u64,
 }
+
+/// etcd's default space quota: 2 GiB.
+pub const DEFAULT_QUOTA_BACKEND_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+/// How often a member compares its database size with the quota.
+const QUOTA_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 impl ServerConfig {
     /// The defaults of a single node named `name`: client API on 127.0.0.1:2379, peers on
@@ -90,6 +99,7 @@ impl ServerConfig {
             catch_up_entries: 5_000,
             request_timeout: Duration::from_secs(7),
             limits: Limits::default(),
+            quota_backend_bytes: DEFAULT_QUOTA_BACKEND_BYTES,
         }
     }
 }
@@ -117,6 +127,34 @@ pub enum ServerError {
     /// This member was removed from the cluster; it never rejoins under its old ID.
     #[error("this member was removed from the cluster; remove its data dir to join again as a new member")]
     Removed,
+    /// A snapshot file to restore from was refused.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+}
+
+/// Parses `--initial-cluster`: `name=host:port` entries (a URL scheme is dropped),
+/// comma separated. Shared by meshd and `meshctl snapshot restore`, so both derive the
+/// same member IDs from the same text.
+pub fn parse_initial_cluster(s: &str) -> Result<Vec<(String, String)>, ServerError> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || {
+            ServerError::Config(format!(
+                "--initial-cluster entry '{part}' is not name=host:port"
+            ))
+        };
+        let (name, addr) = part.split_once('=').ok_or_else(bad)?;
+        let (name, addr) = (name.trim(), addr.trim());
+        let hostport = addr.split_once("://").map_or(addr, |(_, r)| r);
+        if name.is_empty() || !hostport.contains(':') {
+            return Err(bad());
+        }
+        out.push((name.to_string(), hostport.to_string()));
+    }
+    if out.is_empty() {
+        return Err(ServerError::Config("--initial-cluster is empty".into()));
+    }
+    Ok(out)
 }
 
 /// Member ID of `name` in a cluster created with `token`, as every initial member
@@ -208,7 +246,15 @@ impl Server {
                 None => Outcome::Join,
             };
             match outcome {
-                Outcome::Form(members) => create_member(&cfg, &kv, &log, peer_name, members)?,
+                Outcome::Form(found) => {
+                    let members: Vec<MemberRecord> = found
+                        .iter()
+                        .map(|(id, name, addr)| voter(*id, name, addr))
+                        .collect();
+                    let identity = new_identity(&cfg, peer_name, &members);
+                    create_member(&cfg, &kv, &log, &identity, &members)?;
+                    identity
+                }
                 Outcome::Join => {
                     info!("waiting for the cluster leader to add this node");
                     let w = join.await_welcome(&cfg.initial_cluster_token).await;
@@ -269,6 +315,8 @@ impl Server {
             kv: kv.clone(),
             limits: cfg.limits.clone(),
             db_path: cfg.data_dir.join(storage::DB_FILE),
+            db: db.clone(),
+            quota_backend_bytes: cfg.quota_backend_bytes,
         };
         let max_msg = cfg.limits.max_request_bytes + api::GRPC_OVERHEAD_BYTES;
         let (grpc_stop, stop_rx) = oneshot::channel::<()>();
@@ -340,7 +388,12 @@ impl Server {
             grpc_stop: Some(grpc_stop),
             grpc,
             driver: Some(driver),
-            background: vec![publish, watch_mesh, autopilot],
+            background: vec![
+                publish,
+                watch_mesh,
+                autopilot,
+                tokio::spawn(watch_quota(ctx)),
+            ],
             mesh,
         })
     }
@@ -456,15 +509,13 @@ fn advertised(addr: SocketAddr) -> String {
     }
 }
 
-/// Creates the member on a fresh data dir from `--initial-cluster` (or as a single
-/// node), or checks that an existing one belongs to this member and cluster.
-fn bootstrap_or_check(
+/// The identity of this member and the initial member list, as every initial member
+/// computes them from `--initial-cluster` and `--initial-cluster-token` (or, without
+/// `--initial-cluster`, a single-member cluster of this member at `advertise_mesh`).
+fn initial_identity(
     cfg: &ServerConfig,
-    db: &redb::Database,
-    kv: &KvStore,
-    log: &RaftLog,
     advertise_mesh: &str,
-) -> Result<Identity, ServerError> {
+) -> Result<(Identity, Vec<MemberRecord>), ServerError> {
     let token = &cfg.initial_cluster_token;
     let initial: Vec<(String, String)> = match &cfg.initial_cluster {
         Some(list) => list.clone(),
@@ -484,18 +535,46 @@ fn bootstrap_or_check(
             cfg.name
         )));
     };
-    let members: Vec<(u64, String, String)> = initial
+    let members: Vec<MemberRecord> = initial
         .iter()
-        .map(|(name, addr)| (member_id(token, name, addr), name.clone(), addr.clone()))
+        .map(|(name, addr)| voter(member_id(token, name, addr), name, addr))
         .collect();
-    let ids: Vec<u64> = members.iter().map(|m| m.0).collect();
-    let expected = Identity {
+    let identity = new_identity(cfg, member_id(token, &cfg.name, my_addr), &members);
+    Ok((identity, members))
+}
+
+fn voter(id: u64, name: &str, mesh_addr: &str) -> MemberRecord {
+    MemberRecord {
+        id,
+        name: name.to_string(),
+        peer_urls: vec![mesh_addr.to_string()],
+        client_urls: vec![],
+        is_learner: false,
+    }
+}
+
+/// The identity of member `me` of a new cluster whose initial voters are `members`.
+fn new_identity(cfg: &ServerConfig, me: u64, members: &[MemberRecord]) -> Identity {
+    let token = &cfg.initial_cluster_token;
+    let ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+    Identity {
         name: cfg.name.clone(),
-        member_id: member_id(token, &cfg.name, my_addr),
+        member_id: me,
         cluster_id: cluster_id(token, &ids),
         cluster_token: token.clone(),
-    };
+    }
+}
 
+/// Creates the member on a fresh data dir from `--initial-cluster` (or as a single
+/// node), or checks that an existing one belongs to this member and cluster.
+fn bootstrap_or_check(
+    cfg: &ServerConfig,
+    db: &storage::Db,
+    kv: &KvStore,
+    log: &RaftLog,
+    advertise_mesh: &str,
+) -> Result<Identity, ServerError> {
+    let (expected, members) = initial_identity(cfg, advertise_mesh)?;
     if let Some(stored) = Identity::load(db)? {
         if cfg.initial_cluster.is_some() {
             stored.check(&cfg.data_dir, &expected)?;
@@ -509,7 +588,8 @@ fn bootstrap_or_check(
         }
         return Ok(stored);
     }
-    create_member(cfg, kv, log, expected.member_id, members)
+    create_member(cfg, kv, log, &expected, &members)?;
+    Ok(expected)
 }
 
 /// Refuses to initialise a data dir that holds data without an identity.
@@ -524,51 +604,48 @@ fn check_empty(cfg: &ServerConfig, kv: &KvStore, log: &RaftLog) -> Result<(), Se
     Ok(())
 }
 
-/// Initialises a fresh data dir as member `me` of a new cluster whose voters are
-/// `members` (member ID, name, mesh address).
-fn create_member(
-    cfg: &ServerConfig,
-    kv: &KvStore,
+/// Records a new member in `batch`: its identity, the initial voters and member table.
+///
+/// The initial configuration is a snapshot at index 1, term 1 (as raft-rs's examples
+/// bootstrap): a member added later has an empty log, needs index 1, and so receives a
+/// snapshot that carries the whole configuration and state.
+fn write_bootstrap(
+    batch: &mut ApplyBatch<'_>,
     log: &RaftLog,
-    me: u64,
-    members: Vec<(u64, String, String)>,
-) -> Result<Identity, ServerError> {
-    check_empty(cfg, kv, log)?;
-    let token = &cfg.initial_cluster_token;
-    let ids: Vec<u64> = members.iter().map(|m| m.0).collect();
-    let identity = Identity {
-        name: cfg.name.clone(),
-        member_id: me,
-        cluster_id: cluster_id(token, &ids),
-        cluster_token: token.clone(),
-    };
-    let mut batch = kv.begin()?;
+    identity: &Identity,
+    members: &[MemberRecord],
+) -> Result<(), ServerError> {
     identity.store(batch.write_txn())?;
-    // The initial configuration is a snapshot at index 1, term 1 (as raft-rs's examples
-    // bootstrap): a member added later has an empty log, needs index 1, and so receives
-    // a snapshot that carries the whole configuration and state.
     let meta = raft::prelude::SnapshotMetadata {
         index: 1,
         term: 1,
         conf_state: Some(raft::prelude::ConfState {
-            voters: ids.clone(),
+            voters: members.iter().map(|m| m.id).collect(),
             ..Default::default()
         }),
     };
     log.apply_snapshot(batch.write_txn(), &meta)?;
     batch.set_applied_index(1);
-    for (id, name, addr) in &members {
-        batch.put_member(&MemberRecord {
-            id: *id,
-            name: name.clone(),
-            peer_urls: vec![addr.clone()],
-            client_urls: vec![],
-            is_learner: false,
-        })?;
+    for m in members {
+        batch.put_member(m)?;
     }
+    Ok(())
+}
+
+/// Initialises a fresh data dir as a member of a new cluster.
+fn create_member(
+    cfg: &ServerConfig,
+    kv: &KvStore,
+    log: &RaftLog,
+    identity: &Identity,
+    members: &[MemberRecord],
+) -> Result<(), ServerError> {
+    check_empty(cfg, kv, log)?;
+    let mut batch = kv.begin()?;
+    write_bootstrap(&mut batch, log, identity, members)?;
     batch.commit(true)?;
     info!(members = members.len(), "bootstrapped a new cluster member");
-    Ok(identity)
+    Ok(())
 }
 
 /// Initialises a fresh data dir as a member the leader just added: no configuration
@@ -591,6 +668,95 @@ fn join_member(
     identity.store(batch.write_txn())?;
     batch.commit(true)?;
     Ok(identity)
+}
+
+/// What [`restore`] created.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    pub member_id: u64,
+    pub cluster_id: u64,
+    /// The store revision the snapshot was taken at.
+    pub revision: i64,
+}
+
+/// Creates the data dir of a member of a NEW cluster from a snapshot file (etcd's
+/// `snapshot restore`): the keyspace and its history come from the snapshot; member
+/// and cluster IDs, the member table and the voters are those `Server::start` computes
+/// for the same name, `--initial-cluster`, token and mesh address, so every member of
+/// the new cluster restored from the same file starts as one cluster. The source's
+/// alarms are dropped (they name the old cluster's members). Refuses a non-empty data
+/// dir and a snapshot whose checksum does not match.
+pub fn restore(cfg: &ServerConfig, snapshot_file: &[u8]) -> Result<Restored, ServerError> {
+    let mut snap = crate::snapshot::decode(snapshot_file)?;
+    let dir = &cfg.data_dir;
+    let not_empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+    if not_empty {
+        return Err(ServerError::Config(format!(
+            "data dir {} exists and is not empty",
+            dir.display()
+        )));
+    }
+    let advertise_mesh = cfg
+        .advertise_mesh
+        .clone()
+        .unwrap_or_else(|| advertised(cfg.listen_mesh));
+    let (identity, members) = initial_identity(cfg, &advertise_mesh)?;
+    let db = storage::open_database(dir)?;
+    let kv = Arc::new(KvStore::open(db.clone())?);
+    let log = RaftLog::load(&db, kv.clone())?;
+    snap.members = members.clone();
+    snap.alarms.clear();
+    let mut batch = kv.begin()?;
+    batch.restore(&snap)?;
+    write_bootstrap(&mut batch, &log, &identity, &members)?;
+    batch.commit(true)?;
+    info!(
+        dir = %dir.display(),
+        revision = snap.revision,
+        member = format_args!("{:x}", identity.member_id),
+        "restored a snapshot into a new member data dir"
+    );
+    Ok(Restored {
+        member_id: identity.member_id,
+        cluster_id: identity.cluster_id,
+        revision: snap.revision,
+    })
+}
+
+/// Raises a NOSPACE alarm for this member through Raft whenever its database file
+/// exceeds the quota and none is active for it (as an etcd member does when a write
+/// finds its backend over quota). Disarming while still over quota raises it again.
+async fn watch_quota(ctx: ApiContext) {
+    use crate::proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
+    let me = ctx.node.status.member_id;
+    let mut every = tokio::time::interval(QUOTA_CHECK_INTERVAL);
+    loop {
+        every.tick().await;
+        let raised = ctx.kv.alarms().is_ok_and(|alarms| {
+            alarms
+                .iter()
+                .any(|a| a.member_id == me && a.alarm == AlarmType::Nospace as i32)
+        });
+        // The size is read after the alarms, so a defragment + disarm in between
+        // cannot be mistaken for a database still over quota.
+        let size = ctx.db.file_size();
+        if raised || size <= ctx.quota_backend_bytes {
+            continue;
+        }
+        warn!(
+            size,
+            quota = ctx.quota_backend_bytes,
+            "database exceeds the space quota: raising a NOSPACE alarm"
+        );
+        let req = Internal::Alarm(AlarmRequest {
+            action: AlarmAction::Activate as i32,
+            member_id: me,
+            alarm: AlarmType::Nospace as i32,
+        });
+        if let Err(e) = ctx.node.propose(req).await {
+            warn!("cannot raise the NOSPACE alarm yet: {e}");
+        }
+    }
 }
 
 /// Keeps routes and this node's published metadata in step with the mesh and the

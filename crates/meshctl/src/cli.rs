@@ -73,6 +73,23 @@ pub enum Command {
     /// converging when it heals (not linearizable; use the KV store for that).
     #[command(subcommand)]
     Counter(CounterCommand),
+    /// Save, inspect and restore snapshots of the store.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Transfer leadership to another member (hex member ID).
+    MoveLeader {
+        /// The member to become leader, as `member list` shows it (hex).
+        target: String,
+    },
+    /// Defragment the database of each endpoint (gives free space back to the filesystem).
+    Defrag {
+        /// Use every member's client URLs instead of --endpoints.
+        #[arg(long)]
+        cluster: bool,
+    },
+    /// List or disarm alarms (NOSPACE, CORRUPT).
+    #[command(subcommand)]
+    Alarm(AlarmCommand),
     /// Measure put/get throughput and latency.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -289,6 +306,54 @@ pub enum EndpointCommand {
         #[arg(long)]
         cluster: bool,
     },
+    /// HashKV of each endpoint: equal on healthy members for the same revision.
+    Hashkv {
+        /// Use every member's client URLs instead of --endpoints.
+        #[arg(long)]
+        cluster: bool,
+        /// Hash the store as of this revision (0: the current one).
+        #[arg(long, default_value_t = 0)]
+        rev: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Stream a snapshot from one endpoint into FILE (checksum verified before the
+    /// file appears).
+    Save { file: std::path::PathBuf },
+    /// Hash (HashKV at its revision), revision, live keys and size of a snapshot file.
+    Status { file: std::path::PathBuf },
+    /// Create the data dir of a member of a NEW cluster from a snapshot file.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    pub file: std::path::PathBuf,
+    /// The data dir to create (must not exist or be empty).
+    #[arg(long)]
+    pub data_dir: std::path::PathBuf,
+    /// This member's name (as meshd's --name).
+    #[arg(long, default_value = "default")]
+    pub name: String,
+    /// Every member of the new cluster, `name=host:port,...` (as meshd's --initial-cluster).
+    #[arg(long)]
+    pub initial_cluster: Option<String>,
+    /// Token of the new cluster (as meshd's --initial-cluster-token).
+    #[arg(long, default_value = "meshd-cluster")]
+    pub initial_cluster_token: String,
+    /// This member's mesh address, without --initial-cluster (as meshd's --advertise-mesh).
+    #[arg(long, visible_alias = "initial-advertise-peer-urls")]
+    pub mesh_addr: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlarmCommand {
+    /// List every active alarm.
+    List,
+    /// Disarm every active alarm.
+    Disarm,
 }
 
 #[derive(Debug, Subcommand)]

@@ -101,6 +101,10 @@ pub struct Args {
     /// Most operations accepted in one txn (etcd's default 128).
     #[arg(long, env = "MESHD_MAX_TXN_OPS")]
     pub max_txn_ops: Option<usize>,
+    /// Database size in bytes above which the member raises a NOSPACE alarm and
+    /// refuses writes that add data (etcd's default 2 GiB; 0 means the default).
+    #[arg(long, env = "MESHD_QUOTA_BACKEND_BYTES")]
+    pub quota_backend_bytes: Option<u64>,
     /// Log format: text or json. RUST_LOG selects what is logged.
     #[arg(long, env = "MESHD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -141,6 +145,7 @@ struct FileConfig {
     request_timeout: Option<Duration>,
     max_request_bytes: Option<usize>,
     max_txn_ops: Option<usize>,
+    quota_backend_bytes: Option<u64>,
 }
 
 mod humantime_serde_opt {
@@ -157,22 +162,7 @@ mod humantime_serde_opt {
 
 /// Parses `name1=host:port,name2=host:port`.
 pub fn parse_initial_cluster(s: &str) -> Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let Some((name, addr)) = part.split_once('=') else {
-            bail!("--initial-cluster entry '{part}' is not name=host:port");
-        };
-        let (name, addr) = (name.trim(), addr.trim());
-        let hostport = addr.split_once("://").map_or(addr, |(_, r)| r);
-        if name.is_empty() || !hostport.contains(':') {
-            bail!("--initial-cluster entry '{part}' is not name=host:port");
-        }
-        out.push((name.to_string(), hostport.to_string()));
-    }
-    if out.is_empty() {
-        bail!("--initial-cluster is empty");
-    }
-    Ok(out)
+    Ok(mesh_core::server::parse_initial_cluster(s)?)
 }
 
 /// Merges flags, environment, file and defaults into a validated server configuration.
@@ -290,6 +280,11 @@ pub fn resolve(args: Args) -> Result<ServerConfig> {
     if let Some(n) = args.max_txn_ops.or(file.max_txn_ops) {
         cfg.limits.max_txn_ops = n;
     }
+    match args.quota_backend_bytes.or(file.quota_backend_bytes) {
+        // etcd treats 0 as "the default quota".
+        Some(0) | None => {}
+        Some(n) => cfg.quota_backend_bytes = n,
+    }
     if cfg.tick.is_zero() {
         bail!("--tick must be positive");
     }
@@ -345,6 +340,22 @@ mod tests {
         assert_eq!(cfg.name, "fromfile");
         assert_eq!(cfg.snapshot_count, 9);
         assert_eq!(cfg.tick, Duration::from_millis(20));
+        assert_eq!(
+            cfg.quota_backend_bytes,
+            mesh_core::server::DEFAULT_QUOTA_BACKEND_BYTES
+        );
+
+        std::fs::write(&f, "name: q\nquota-backend-bytes: 4096000\n").unwrap();
+        let cfg = resolve(Args::parse_from(["meshd", "--config", f.to_str().unwrap()])).unwrap();
+        assert_eq!(cfg.quota_backend_bytes, 4_096_000);
+        let cfg = resolve(Args::parse_from([
+            "meshd",
+            "--config",
+            f.to_str().unwrap(),
+            "--quota-backend-bytes=5000000",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.quota_backend_bytes, 5_000_000);
 
         std::fs::write(&f, "name: x\nbogus-key: 1\n").unwrap();
         let err =

@@ -1,9 +1,24 @@
-//! `etcdserverpb.Maintenance`: Status (the rest comes with its issue).
+//! `etcdserverpb.Maintenance`: Status, Alarm, Defragment, Hash, HashKV, Snapshot and
+//! MoveLeader. Alarms change through Raft; Defragment and MoveLeader go to the driver;
+//! hashes and snapshots are read from one consistent read transaction.
 
+use std::pin::Pin;
+
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{ApiContext, ETCD_API_VERSION};
-use crate::proto::etcdserverpb::{maintenance_server::Maintenance, StatusRequest, StatusResponse};
+use super::{kv_status, propose_status, ApiContext, ETCD_API_VERSION};
+use crate::proto::etcdserverpb::{
+    alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmMember, AlarmRequest,
+    AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse,
+    HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, SnapshotRequest,
+    SnapshotResponse, StatusRequest, StatusResponse,
+};
+use crate::proto::meshpb::internal_request::Request as Internal;
+use crate::raft::AppliedKind;
+
+/// Size of one Snapshot blob (etcd sends 32 KiB chunks too).
+pub const SNAPSHOT_CHUNK: usize = 32 * 1024;
 
 pub struct MaintenanceApi {
     ctx: ApiContext,
@@ -15,6 +30,34 @@ impl MaintenanceApi {
     }
 }
 
+/// An alarm as etcd prints it in Status errors: `memberID:<decimal> alarm:<NAME>`.
+pub fn alarm_text(a: &AlarmMember) -> String {
+    let name = AlarmType::try_from(a.alarm)
+        .map_or_else(|_| a.alarm.to_string(), |t| t.as_str_name().to_string());
+    format!("memberID:{} alarm:{name}", a.member_id)
+}
+
+/// Splits snapshot bytes into responses with `remaining_bytes` counting down to 0.
+pub fn snapshot_chunks(
+    bytes: &[u8],
+    header: Option<crate::proto::etcdserverpb::ResponseHeader>,
+) -> Vec<SnapshotResponse> {
+    let mut remaining = bytes.len();
+    bytes
+        .chunks(SNAPSHOT_CHUNK)
+        .map(|blob| {
+            remaining -= blob.len();
+            SnapshotResponse {
+                header,
+                remaining_bytes: remaining as u64,
+                blob: blob.to_vec(),
+            }
+        })
+        .collect()
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Maintenance for MaintenanceApi {
     async fn status(
@@ -22,13 +65,21 @@ impl Maintenance for MaintenanceApi {
         _req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let s = &self.ctx.node.status;
-        let db_size = std::fs::metadata(&self.ctx.db_path).map_or(0, |m| m.len() as i64);
+        let db_size = self.ctx.db.file_size() as i64;
         let mut errors = Vec::new();
         if !s.is_running() {
             errors.push("raft driver stopped".to_string());
         } else if s.leader() == 0 {
             errors.push("etcdserver: no leader".to_string());
         }
+        errors.extend(
+            self.ctx
+                .kv
+                .alarms()
+                .map_err(kv_status)?
+                .iter()
+                .map(alarm_text),
+        );
         Ok(Response::new(StatusResponse {
             header: self.ctx.header(self.ctx.kv.current_revision()),
             version: ETCD_API_VERSION.into(),
@@ -41,5 +92,134 @@ impl Maintenance for MaintenanceApi {
             db_size_in_use: db_size,
             is_learner: s.is_learner(),
         }))
+    }
+
+    async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let req = req.into_inner();
+        let alarms = match AlarmAction::try_from(req.action) {
+            Ok(AlarmAction::Get) => {
+                self.ctx.linearize().await?;
+                // As etcd: GET filters by alarm type only (NONE: all), not by member.
+                let all = self.ctx.kv.alarms().map_err(kv_status)?;
+                all.into_iter()
+                    .filter(|a| req.alarm == AlarmType::None as i32 || a.alarm == req.alarm)
+                    .collect()
+            }
+            Ok(AlarmAction::Activate | AlarmAction::Deactivate) => {
+                let applied = self
+                    .ctx
+                    .node
+                    .propose(Internal::Alarm(req))
+                    .await
+                    .map_err(propose_status)?;
+                match applied.kind {
+                    AppliedKind::Alarm(changed) => changed,
+                    other => return Err(Status::internal(format!("alarm applied as {other:?}"))),
+                }
+            }
+            Err(_) => {
+                return Err(Status::invalid_argument(
+                    "etcdserver: invalid alarm request",
+                ))
+            }
+        };
+        Ok(Response::new(AlarmResponse {
+            header: self.ctx.header(self.ctx.kv.current_revision()),
+            alarms,
+        }))
+    }
+
+    async fn defragment(
+        &self,
+        _req: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        self.ctx.node.defragment().await.map_err(propose_status)?;
+        Ok(Response::new(DefragmentResponse {
+            header: self.ctx.header(self.ctx.kv.current_revision()),
+        }))
+    }
+
+    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let hash = self.ctx.kv.hash().map_err(kv_status)?;
+        Ok(Response::new(HashResponse {
+            header: self.ctx.header(self.ctx.kv.current_revision()),
+            hash,
+        }))
+    }
+
+    async fn hash_kv(
+        &self,
+        req: Request<HashKvRequest>,
+    ) -> Result<Response<HashKvResponse>, Status> {
+        let (hash, compact_revision, hash_revision) = self
+            .ctx
+            .kv
+            .hash_kv(req.into_inner().revision)
+            .map_err(kv_status)?;
+        Ok(Response::new(HashKvResponse {
+            header: self.ctx.header(self.ctx.kv.current_revision()),
+            hash,
+            compact_revision,
+            hash_revision,
+        }))
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    async fn snapshot(
+        &self,
+        _req: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let kv = self.ctx.kv.clone();
+        // Reading and encoding the whole store is blocking work.
+        let (revision, bytes) = tokio::task::spawn_blocking(move || {
+            kv.snapshot()
+                .map(|(_, snap)| (snap.revision, crate::snapshot::encode(&snap)))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("snapshot task: {e}")))?
+        .map_err(kv_status)?;
+        let chunks = snapshot_chunks(&bytes, self.ctx.header(revision));
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn move_leader(
+        &self,
+        req: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.ctx
+            .node
+            .move_leader(req.into_inner().target_id)
+            .await
+            .map_err(propose_status)?;
+        Ok(Response::new(MoveLeaderResponse {
+            header: self.ctx.header(self.ctx.kv.current_revision()),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_chunks_count_down_to_zero() {
+        let bytes = vec![7u8; SNAPSHOT_CHUNK * 2 + 5];
+        let chunks = snapshot_chunks(&bytes, None);
+        let remaining: Vec<u64> = chunks.iter().map(|c| c.remaining_bytes).collect();
+        assert_eq!(remaining, [SNAPSHOT_CHUNK as u64 + 5, 5, 0]);
+        let joined: Vec<u8> = chunks.into_iter().flat_map(|c| c.blob).collect();
+        assert_eq!(joined, bytes);
+    }
+
+    #[test]
+    fn alarm_text_matches_etcd() {
+        let a = AlarmMember {
+            member_id: 42,
+            alarm: AlarmType::Nospace as i32,
+        };
+        assert_eq!(alarm_text(&a), "memberID:42 alarm:NOSPACE");
     }
 }

@@ -62,6 +62,10 @@ pub struct ApiContext {
     pub kv: Arc<KvStore>,
     pub limits: Limits,
     pub db_path: std::path::PathBuf,
+    /// The database handle, for its file size (Status, the space quota).
+    pub db: Arc<crate::storage::Db>,
+    /// `--quota-backend-bytes`: above this file size the member raises NOSPACE.
+    pub quota_backend_bytes: u64,
 }
 
 impl ApiContext {
@@ -99,6 +103,7 @@ impl ApiContext {
 pub fn kv_status(e: KvError) -> Status {
     let code = match &e {
         KvError::Compacted { .. } | KvError::FutureRevision => Code::OutOfRange,
+        KvError::NoSpace => Code::ResourceExhausted,
         KvError::Storage(_) => Code::Internal,
         _ => Code::InvalidArgument,
     };
@@ -109,6 +114,8 @@ pub fn kv_status(e: KvError) -> Status {
 pub fn propose_status(e: ProposeError) -> Status {
     match e {
         ProposeError::Kv(k) => kv_status(k),
+        ProposeError::BadLeaderTransferee => Status::failed_precondition(e.to_string()),
+        ProposeError::Defragment(_) => Status::internal(e.to_string()),
         other => Status::unavailable(other.to_string()),
     }
 }

@@ -433,6 +433,82 @@ impl Client {
         .await
     }
 
+    /// HashKV of one configured endpoint at `revision` (0 = its current revision).
+    pub async fn hash_kv(
+        &self,
+        endpoint: &str,
+        revision: i64,
+    ) -> Result<pb::HashKvResponse, ClientError> {
+        let idx = self.endpoint_index(endpoint)?;
+        self.call_one(idx, &|ch| async move {
+            MaintenanceClient::new(ch)
+                .hash_kv(pb::HashKvRequest { revision })
+                .await
+        })
+        .await
+    }
+
+    /// Hash of the whole store of one configured endpoint.
+    pub async fn hash(&self, endpoint: &str) -> Result<pb::HashResponse, ClientError> {
+        let idx = self.endpoint_index(endpoint)?;
+        self.call_one(idx, &|ch| async move {
+            MaintenanceClient::new(ch).hash(pb::HashRequest {}).await
+        })
+        .await
+    }
+
+    /// Defragments one configured endpoint's database.
+    pub async fn defragment(&self, endpoint: &str) -> Result<pb::DefragmentResponse, ClientError> {
+        let idx = self.endpoint_index(endpoint)?;
+        self.call_one(idx, &|ch| async move {
+            MaintenanceClient::new(ch)
+                .defragment(pb::DefragmentRequest {})
+                .await
+        })
+        .await
+    }
+
+    /// Asks `endpoint` (which must be the leader) to hand leadership to `target`.
+    pub async fn move_leader(
+        &self,
+        endpoint: &str,
+        target: u64,
+    ) -> Result<pb::MoveLeaderResponse, ClientError> {
+        let idx = self.endpoint_index(endpoint)?;
+        self.call_one(idx, &|ch| async move {
+            MaintenanceClient::new(ch)
+                .move_leader(pb::MoveLeaderRequest { target_id: target })
+                .await
+        })
+        .await
+    }
+
+    /// Lists (GET), raises (ACTIVATE) or clears (DEACTIVATE) alarms.
+    pub async fn alarm(&self, req: pb::AlarmRequest) -> Result<pb::AlarmResponse, ClientError> {
+        let retry = if req.action == pb::alarm_request::AlarmAction::Get as i32 {
+            Retry::Idempotent
+        } else {
+            // Raising or clearing the same alarm twice is harmless, but keep the rule
+            // for requests that go through Raft.
+            Retry::OnlyIfNotSent
+        };
+        self.with_failover(retry, |ch| async move {
+            MaintenanceClient::new(ch).alarm(req).await
+        })
+        .await
+    }
+
+    /// Opens a Snapshot stream on the first endpoint that answers. The request timeout
+    /// covers opening it, not reading it.
+    pub async fn snapshot(&self) -> Result<tonic::Streaming<pb::SnapshotResponse>, ClientError> {
+        self.with_failover(Retry::Idempotent, |ch| async move {
+            MaintenanceClient::new(ch)
+                .snapshot(pb::SnapshotRequest {})
+                .await
+        })
+        .await
+    }
+
     /// Health of one configured endpoint, the way etcdctl checks it: a linearizable
     /// read of the key `health` must commit. Returns how long it took.
     pub async fn health(&self, endpoint: &str) -> Result<Duration, ClientError> {

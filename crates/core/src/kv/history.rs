@@ -210,7 +210,7 @@ pub(crate) fn hash<H>(history: &H, rev: i64) -> Result<u32, KvError>
 where
     H: ReadableTable<HistoryKey<'static>, &'static [u8]>,
 {
-    let mut hasher = crc32fast::Hasher::new();
+    let mut hasher = KvHasher::default();
     for entry in history.range::<HistoryKey<'_>>(..)? {
         let (hk, raw) = entry?;
         let (key, main, sub) = hk.value();
@@ -218,16 +218,55 @@ where
             continue;
         }
         let record = decode_record(raw.value())?;
-        // Lengths make the concatenation unambiguous.
-        hasher.update(&(key.len() as u64).to_le_bytes());
-        hasher.update(key);
-        hasher.update(&main.to_le_bytes());
-        hasher.update(&sub.to_le_bytes());
-        hasher.update(&[u8::from(record.tombstone)]);
-        hasher.update(&(record.kv.value.len() as u64).to_le_bytes());
-        hasher.update(&record.kv.value);
+        hasher.record(key, main, sub, record.tombstone, &record.kv.value);
     }
-    Ok(hasher.finalize())
+    Ok(hasher.finish())
+}
+
+/// The HashKV of a snapshot's history at its own revision: equal to what the source
+/// member answered for HashKV at that revision (records come in the same key order).
+pub(crate) fn hash_records(records: &[HistoryRecord], rev: i64) -> u32 {
+    let mut hasher = KvHasher::default();
+    for r in records.iter().filter(|r| r.main <= rev) {
+        let kv = r.kv.clone().unwrap_or_default();
+        hasher.record(&kv.key, r.main, r.sub, r.tombstone, &kv.value);
+    }
+    hasher.finish()
+}
+
+/// The HashKV checksum: crc32 over history records fed in key order.
+#[derive(Default)]
+pub(crate) struct KvHasher(crc32fast::Hasher);
+
+impl KvHasher {
+    pub(crate) fn record(
+        &mut self,
+        key: &[u8],
+        main: i64,
+        sub: i64,
+        tombstone: bool,
+        value: &[u8],
+    ) {
+        let h = &mut self.0;
+        // Lengths make the concatenation unambiguous.
+        h.update(&(key.len() as u64).to_le_bytes());
+        h.update(key);
+        h.update(&main.to_le_bytes());
+        h.update(&sub.to_le_bytes());
+        h.update(&[u8::from(tombstone)]);
+        h.update(&(value.len() as u64).to_le_bytes());
+        h.update(value);
+    }
+
+    /// Feeds bytes that are not a history record (Hash covers the whole store).
+    pub(crate) fn extra(&mut self, bytes: &[u8]) {
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    pub(crate) fn finish(self) -> u32 {
+        self.0.finalize()
+    }
 }
 
 /// Every history record, for a snapshot.

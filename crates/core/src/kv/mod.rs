@@ -10,15 +10,16 @@
 //! - `exec`: executing Put / DeleteRange / Range / Txn over an overlay of the request's own writes
 //! - `history`: applying changes, compaction, watch replay, hash, snapshot export/import
 //! - `check`: etcd's request validation (`check_txn`, `validate_*`)
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prost::Message;
-use redb::{Durability, ReadableDatabase, ReadableTable};
+use redb::{Durability, ReadableTable};
 
 use crate::proto::etcdserverpb as pb;
 use crate::proto::meshpb::{MemberRecord, StoreSnapshot};
 use crate::proto::mvccpb;
+use crate::storage::Db;
 
 mod check;
 mod exec;
@@ -33,7 +34,7 @@ pub use check::{check_txn, is_read_only, validate_delete_range, validate_put, va
 use exec::Exec;
 use history::{HistoryTable, LatestTable, WriteTables};
 use range::Interval;
-use tables::{Meta, HISTORY, LATEST, MEMBERS, META, REVLOG};
+use tables::{Meta, ALARMS, HISTORY, LATEST, MEMBERS, META, REVLOG};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
@@ -67,6 +68,12 @@ pub enum KvError {
     /// A key put twice, or put and deleted, within one Txn branch.
     #[error("etcdserver: duplicate key given in txn request")]
     DuplicateKey,
+    /// A NOSPACE alarm is active: writes that add data are refused until it is disarmed.
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    /// An alarm request with an action or type the state machine does not apply.
+    #[error("etcdserver: invalid alarm request")]
+    InvalidAlarm,
     /// `txn_read` was given a Txn that may write.
     #[error("kv: txn_read given a txn that writes")]
     WriteInReadOnlyTxn,
@@ -93,11 +100,13 @@ storage_error_from!(
 );
 
 pub struct KvStore {
-    db: Arc<redb::Database>,
+    db: Arc<Db>,
     /// Last committed values; readers that need consistency read `kv_meta` instead.
     applied_index: AtomicU64,
     current_revision: AtomicI64,
     compact_revision: AtomicI64,
+    /// Whether a NOSPACE alarm is active (as of the last commit).
+    nospace: AtomicBool,
     /// Announces the current revision after each commit.
     revision_tx: tokio::sync::watch::Sender<i64>,
 }
@@ -108,25 +117,30 @@ pub struct ApplyBatch<'a> {
     txn: redb::WriteTransaction,
     /// The counters as this batch has changed them, written to `kv_meta` on commit.
     meta: Meta,
+    /// Whether a NOSPACE alarm is active, as of this batch's own changes.
+    nospace: bool,
 }
 
 impl KvStore {
-    pub fn open(db: Arc<redb::Database>) -> Result<KvStore, KvError> {
+    pub fn open(db: Arc<Db>) -> Result<KvStore, KvError> {
         let txn = db.begin_write()?;
         let meta = {
             txn.open_table(LATEST)?;
             txn.open_table(HISTORY)?;
             txn.open_table(REVLOG)?;
             txn.open_table(MEMBERS)?;
+            txn.open_table(ALARMS)?;
             Meta::load(&txn.open_table(META)?)?
         };
         txn.commit()?;
+        let nospace = nospace_active(&db.begin_read()?.open_table(ALARMS)?)?;
         let (revision_tx, _) = tokio::sync::watch::channel(meta.current_revision);
         Ok(KvStore {
             db,
             applied_index: AtomicU64::new(meta.applied_index),
             current_revision: AtomicI64::new(meta.current_revision),
             compact_revision: AtomicI64::new(meta.compact_revision),
+            nospace: AtomicBool::new(nospace),
             revision_tx,
         })
     }
@@ -154,10 +168,12 @@ impl KvStore {
     pub fn begin(&self) -> Result<ApplyBatch<'_>, KvError> {
         let txn = self.db.begin_write()?;
         let meta = Meta::load(&txn.open_table(META)?)?;
+        let nospace = nospace_active(&txn.open_table(ALARMS)?)?;
         Ok(ApplyBatch {
             store: self,
             txn,
             meta,
+            nospace,
         })
     }
 
@@ -234,6 +250,7 @@ impl KvStore {
             compact_revision: meta.compact_revision,
             history: history::export(&txn.open_table(HISTORY)?)?,
             members: read_members(&txn.open_table(MEMBERS)?)?,
+            alarms: read_alarms(&txn.open_table(ALARMS)?)?,
         };
         Ok((meta.applied_index, snap))
     }
@@ -254,6 +271,69 @@ impl KvStore {
         let hash = history::hash(&txn.open_table(HISTORY)?, rev)?;
         Ok((hash, meta.compact_revision, rev))
     }
+
+    /// Every active alarm, ordered by member ID then type.
+    pub fn alarms(&self) -> Result<Vec<pb::AlarmMember>, KvError> {
+        let txn = self.db.begin_read()?;
+        read_alarms(&txn.open_table(ALARMS)?)
+    }
+
+    /// Whether a NOSPACE alarm is active (writes that add data are refused).
+    pub fn nospace(&self) -> bool {
+        self.nospace.load(Ordering::Acquire)
+    }
+
+    /// A checksum of the whole replicated state (etcd's Hash): every history record,
+    /// the revision counters, the member table and the alarms, from one read txn.
+    pub fn hash(&self) -> Result<u32, KvError> {
+        let txn = self.db.begin_read()?;
+        let meta = Meta::load(&txn.open_table(META)?)?;
+        let mut hasher = history::KvHasher::default();
+        for entry in txn
+            .open_table(HISTORY)?
+            .range::<range::HistoryKey<'_>>(..)?
+        {
+            let (hk, raw) = entry?;
+            let (key, main, sub) = hk.value();
+            let record = tables::decode_record(raw.value())?;
+            hasher.record(key, main, sub, record.tombstone, &record.kv.value);
+        }
+        hasher.extra(&meta.current_revision.to_le_bytes());
+        hasher.extra(&meta.compact_revision.to_le_bytes());
+        for m in read_members(&txn.open_table(MEMBERS)?)? {
+            hasher.extra(&m.encode_to_vec());
+        }
+        for a in read_alarms(&txn.open_table(ALARMS)?)? {
+            hasher.extra(&a.encode_to_vec());
+        }
+        Ok(hasher.finish())
+    }
+}
+
+/// What `snapshot status` reports about a decoded store snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotSummary {
+    /// HashKV at the snapshot's revision (what the source member answered for it).
+    pub hash: u32,
+    pub revision: i64,
+    /// Keys live at that revision.
+    pub total_keys: usize,
+}
+
+impl SnapshotSummary {
+    pub fn of(snap: &StoreSnapshot) -> SnapshotSummary {
+        let mut live = std::collections::BTreeMap::new();
+        for r in &snap.history {
+            let key = r.kv.as_ref().map_or(&[][..], |kv| kv.key.as_slice());
+            // History comes in key order, versions oldest first: the last one wins.
+            live.insert(key, !r.tombstone);
+        }
+        SnapshotSummary {
+            hash: history::hash_records(&snap.history, snap.revision),
+            revision: snap.revision,
+            total_keys: live.values().filter(|l| **l).count(),
+        }
+    }
 }
 
 type ReadLatest = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
@@ -267,6 +347,39 @@ fn read_members<T: ReadableTable<u64, &'static [u8]>>(
         out.push(MemberRecord::decode(entry?.1.value())?);
     }
     Ok(out)
+}
+
+fn read_alarms<T: ReadableTable<(u64, i32), ()>>(
+    table: &T,
+) -> Result<Vec<pb::AlarmMember>, KvError> {
+    let mut out = Vec::new();
+    for entry in table.range::<(u64, i32)>(..)? {
+        let (member_id, alarm) = entry?.0.value();
+        out.push(pb::AlarmMember { member_id, alarm });
+    }
+    Ok(out)
+}
+
+fn nospace_active<T: ReadableTable<(u64, i32), ()>>(table: &T) -> Result<bool, KvError> {
+    for entry in table.range::<(u64, i32)>(..)? {
+        if entry?.0.value().1 == pb::AlarmType::Nospace as i32 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Whether a Txn may put (in either branch, nested txns included): refused under NOSPACE.
+fn txn_puts(req: &pb::TxnRequest) -> bool {
+    use pb::request_op::Request as Op;
+    req.success
+        .iter()
+        .chain(&req.failure)
+        .any(|op| match &op.request {
+            Some(Op::RequestPut(_)) => true,
+            Some(Op::RequestTxn(t)) => txn_puts(t),
+            _ => false,
+        })
 }
 
 impl<'a> ApplyBatch<'a> {
@@ -301,6 +414,9 @@ impl<'a> ApplyBatch<'a> {
     }
 
     pub fn put(&mut self, req: &pb::PutRequest) -> Result<pb::PutResponse, KvError> {
+        if self.nospace {
+            return Err(KvError::NoSpace);
+        }
         self.apply(|exec| exec.put(req))
     }
 
@@ -312,6 +428,9 @@ impl<'a> ApplyBatch<'a> {
     }
 
     pub fn txn(&mut self, req: &pb::TxnRequest) -> Result<pb::TxnResponse, KvError> {
+        if self.nospace && txn_puts(req) {
+            return Err(KvError::NoSpace);
+        }
         self.apply(|exec| exec.txn_top(req))
     }
 
@@ -352,6 +471,37 @@ impl<'a> ApplyBatch<'a> {
         Ok(())
     }
 
+    /// Whether a NOSPACE alarm is active as of this batch: requests that add data
+    /// (Put, Txn with puts, LeaseGrant) must be refused with [`KvError::NoSpace`].
+    pub fn nospace(&self) -> bool {
+        self.nospace
+    }
+
+    /// Raises (ACTIVATE) or clears (DEACTIVATE) one alarm; returns the alarm if it
+    /// changed anything, as etcd does.
+    pub fn alarm(&mut self, req: &pb::AlarmRequest) -> Result<Vec<pb::AlarmMember>, KvError> {
+        use pb::alarm_request::AlarmAction;
+        if req.alarm == pb::AlarmType::None as i32 || pb::AlarmType::try_from(req.alarm).is_err() {
+            return Err(KvError::InvalidAlarm);
+        }
+        let member = pb::AlarmMember {
+            member_id: req.member_id,
+            alarm: req.alarm,
+        };
+        let mut table = self.txn.open_table(ALARMS)?;
+        let changed = match AlarmAction::try_from(req.action) {
+            Ok(AlarmAction::Activate) => table.insert((req.member_id, req.alarm), ())?.is_none(),
+            Ok(AlarmAction::Deactivate) => table.remove((req.member_id, req.alarm))?.is_some(),
+            _ => return Err(KvError::InvalidAlarm),
+        };
+        self.nospace = nospace_active(&table)?;
+        Ok(if changed || req.action == AlarmAction::Activate as i32 {
+            vec![member]
+        } else {
+            vec![]
+        })
+    }
+
     /// Replace every kv table's contents with the snapshot's.
     pub fn restore(&mut self, snap: &StoreSnapshot) -> Result<(), KvError> {
         WriteTables::open(&self.txn)?.restore(snap)?;
@@ -360,6 +510,12 @@ impl<'a> ApplyBatch<'a> {
         for m in &snap.members {
             members.insert(m.id, m.encode_to_vec().as_slice())?;
         }
+        let mut alarms = self.txn.open_table(ALARMS)?;
+        alarms.retain(|_, _| false)?;
+        for a in &snap.alarms {
+            alarms.insert((a.member_id, a.alarm), ())?;
+        }
+        self.nospace = nospace_active(&alarms)?;
         self.meta.current_revision = snap.revision.max(tables::INITIAL_REVISION);
         self.meta.compact_revision = snap.compact_revision;
         Ok(())
@@ -394,6 +550,7 @@ impl<'a> ApplyBatch<'a> {
         store
             .current_revision
             .store(self.meta.current_revision, Ordering::Release);
+        store.nospace.store(self.nospace, Ordering::Release);
         store.revision_tx.send_replace(self.meta.current_revision);
         Ok(())
     }

@@ -20,6 +20,9 @@ pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("kv_met
 /// The replicated member table: id → encoded `meshpb::MemberRecord`.
 pub(crate) const MEMBERS: TableDefinition<u64, &[u8]> = TableDefinition::new("kv_members");
 
+/// Active alarms: (member ID, `etcdserverpb.AlarmType`) → nothing.
+pub(crate) const ALARMS: TableDefinition<(u64, i32), ()> = TableDefinition::new("kv_alarms");
+
 const META_CURRENT_REVISION: &str = "current_revision";
 const META_COMPACT_REVISION: &str = "compact_revision";
 const META_APPLIED_INDEX: &str = "applied_index";

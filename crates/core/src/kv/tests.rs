@@ -18,7 +18,10 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db.redb");
-    let db = Arc::new(redb::Database::create(&path).unwrap());
+    let db = Arc::new(crate::storage::Db::new(
+        redb::Database::create(&path).unwrap(),
+        path.clone(),
+    ));
     Fixture {
         kv: KvStore::open(db).unwrap(),
         path,
@@ -795,7 +798,10 @@ fn reopen_restores_counters() {
 
     let Fixture { _dir, path, kv } = f;
     drop(kv);
-    let db = Arc::new(redb::Database::create(&path).unwrap());
+    let db = Arc::new(crate::storage::Db::new(
+        redb::Database::create(&path).unwrap(),
+        path.clone(),
+    ));
     let kv = KvStore::open(db).unwrap();
     assert_eq!(
         (
@@ -834,4 +840,95 @@ fn members_table() {
     assert_eq!(f.kv.members().unwrap(), [m(2)]);
     // Member changes are not key changes.
     assert_eq!(f.kv.current_revision(), 1);
+}
+
+fn alarm_req(action: pb::alarm_request::AlarmAction, member_id: u64) -> pb::AlarmRequest {
+    pb::AlarmRequest {
+        action: action as i32,
+        member_id,
+        alarm: pb::AlarmType::Nospace as i32,
+    }
+}
+
+#[test]
+fn nospace_alarm_refuses_only_writes_that_add_data_and_travels_in_snapshots() {
+    use pb::alarm_request::AlarmAction;
+    let f = fixture();
+    put(&f.kv, "a", "1");
+    let raised = apply(&f.kv, |b| b.alarm(&alarm_req(AlarmAction::Activate, 5))).unwrap();
+    assert_eq!(raised.len(), 1);
+    assert!(f.kv.nospace());
+    assert_eq!(f.kv.alarms().unwrap(), raised);
+
+    let err = apply(&f.kv, |b| b.put(&put_req("b", "2"))).unwrap_err();
+    assert!(matches!(err, KvError::NoSpace));
+    assert_eq!(err.to_string(), "etcdserver: mvcc: database space exceeded");
+    let nested_put = pb::TxnRequest {
+        failure: vec![pb::RequestOp {
+            request: Some(Request::RequestTxn(pb::TxnRequest {
+                success: vec![pb::RequestOp {
+                    request: Some(Request::RequestPut(put_req("c", "3"))),
+                }],
+                ..Default::default()
+            })),
+        }],
+        ..Default::default()
+    };
+    assert!(matches!(
+        apply(&f.kv, |b| b.txn(&nested_put)),
+        Err(KvError::NoSpace)
+    ));
+    let reads_only = pb::TxnRequest {
+        success: vec![pb::RequestOp {
+            request: Some(Request::RequestRange(range_req("a", ""))),
+        }],
+        ..Default::default()
+    };
+    apply(&f.kv, |b| b.txn(&reads_only)).unwrap();
+    assert_eq!(del(&f.kv, "a", "").deleted, 1);
+    let rev = f.kv.current_revision();
+    apply(&f.kv, |b| b.compact(rev)).unwrap();
+
+    // The alarm is part of the replicated state.
+    let (_, snap) = f.kv.snapshot().unwrap();
+    let g = fixture();
+    apply(&g.kv, |b| b.restore(&snap)).unwrap();
+    assert!(g.kv.nospace());
+    assert_eq!(g.kv.alarms().unwrap(), raised);
+
+    // Clearing an alarm that is not there changes nothing and reports nothing.
+    assert!(
+        apply(&f.kv, |b| b.alarm(&alarm_req(AlarmAction::Deactivate, 6)))
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        apply(&f.kv, |b| b.alarm(&alarm_req(AlarmAction::Deactivate, 5))).unwrap(),
+        raised
+    );
+    assert!(!f.kv.nospace());
+    put(&f.kv, "b", "2");
+    let bad = pb::AlarmRequest {
+        alarm: pb::AlarmType::None as i32,
+        ..alarm_req(AlarmAction::Activate, 5)
+    };
+    assert!(matches!(
+        apply(&f.kv, |b| b.alarm(&bad)),
+        Err(KvError::InvalidAlarm)
+    ));
+}
+
+#[test]
+fn snapshot_summary_matches_hash_kv_and_live_keys() {
+    let f = fixture();
+    put(&f.kv, "a", "1");
+    put(&f.kv, "b", "1");
+    put(&f.kv, "a", "2");
+    del(&f.kv, "b", "");
+    put(&f.kv, "c", "1");
+    let (_, snap) = f.kv.snapshot().unwrap();
+    let s = SnapshotSummary::of(&snap);
+    assert_eq!(s.revision, f.kv.current_revision());
+    assert_eq!(s.total_keys, 2);
+    assert_eq!(s.hash, f.kv.hash_kv(0).unwrap().0);
 }

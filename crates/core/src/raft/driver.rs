@@ -21,7 +21,7 @@ use crate::kv::{ApplyBatch, KvError, KvStore};
 use crate::proto::meshpb::{
     internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, StoreSnapshot,
 };
-use crate::storage::{RaftLog, StorageError};
+use crate::storage::{Db, RaftLog, StorageError};
 
 /// Raft timing and log-retention settings.
 #[derive(Clone, Debug)]
@@ -57,6 +57,9 @@ pub enum DriverError {
     BadSnapshot(String),
 }
 
+/// How long defragmenting waits for read transactions already open to finish.
+const DEFRAG_WAIT_FOR_READERS: Duration = Duration::from_secs(5);
+
 type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
 
 /// Starts the driver on its own thread.
@@ -64,7 +67,7 @@ pub fn spawn_driver(
     cfg: DriverConfig,
     log: RaftLog,
     kv: Arc<KvStore>,
-    db: Arc<redb::Database>,
+    db: Arc<Db>,
     transport: Arc<dyn Transport>,
     rx: std_mpsc::Receiver<DriverMsg>,
     status: Arc<NodeStatus>,
@@ -107,6 +110,7 @@ pub fn spawn_driver(
         reads_inflight: HashMap::new(),
         reads_ready: Vec::new(),
         read_seq: 0,
+        transfers: Vec::new(),
         ticks: 0,
         last_leader: 0,
     };
@@ -135,7 +139,7 @@ struct Driver {
     raw: RawNode<RaftLog>,
     log: RaftLog,
     kv: Arc<KvStore>,
-    db: Arc<redb::Database>,
+    db: Arc<Db>,
     transport: Arc<dyn Transport>,
     status: Arc<NodeStatus>,
     cfg: DriverConfig,
@@ -155,6 +159,8 @@ struct Driver {
     /// Reads whose index is known, waiting for the apply to reach it.
     reads_ready: Vec<(u64, Vec<Reply<()>>)>,
     read_seq: u64,
+    /// Leader transfers in progress: target, caller, tick started.
+    transfers: Vec<(u64, Reply<()>, u64)>,
     ticks: u64,
     last_leader: u64,
 }
@@ -203,6 +209,7 @@ impl Driver {
                 warn!("this member was removed from the cluster; its raft node stops");
                 return Ok(());
             }
+            self.check_transfers();
         }
     }
 
@@ -239,9 +246,61 @@ impl Driver {
                 };
                 self.raw.report_snapshot(id, s);
             }
+            DriverMsg::TransferLeader { target, reply } => self.transfer_leader(target, reply),
+            DriverMsg::Defragment { reply } => {
+                self.maybe_compact(true)?;
+                let result = self
+                    .db
+                    .compact(DEFRAG_WAIT_FOR_READERS)
+                    .map_err(|e| ProposeError::Defragment(e.to_string()));
+                if let Ok((before, after)) = &result {
+                    info!(before, after, "database defragmented");
+                }
+                let _ = reply.send(result);
+            }
             DriverMsg::Shutdown => return Ok(false),
         }
         Ok(true)
+    }
+
+    fn transfer_leader(&mut self, target: u64, reply: Reply<()>) {
+        let r = &self.raw.raft;
+        let result = if r.state != StateRole::Leader {
+            Err(ProposeError::NotLeader)
+        } else if !r.prs().conf().voters().contains(target) {
+            Err(ProposeError::BadLeaderTransferee)
+        } else if target == self.cfg.member_id {
+            Ok(())
+        } else {
+            info!(
+                target = format_args!("{target:x}"),
+                "transferring leadership"
+            );
+            self.raw.transfer_leader(target);
+            self.transfers.push((target, reply, self.ticks));
+            return;
+        };
+        let _ = reply.send(result);
+    }
+
+    /// Answers leader transfers that completed or gave up. raft-rs abandons a transfer
+    /// after an election timeout; give it twice that.
+    fn check_transfers(&mut self) {
+        if self.transfers.is_empty() {
+            return;
+        }
+        let leader = self.raw.raft.leader_id;
+        let limit = 2 * self.cfg.election_ticks as u64;
+        let now = self.ticks;
+        for (target, reply, started) in std::mem::take(&mut self.transfers) {
+            if leader == target {
+                let _ = reply.send(Ok(()));
+            } else if now.saturating_sub(started) > limit || reply.is_closed() {
+                let _ = reply.send(Err(ProposeError::LeaderTransferTimeout));
+            } else {
+                self.transfers.push((target, reply, started));
+            }
+        }
     }
 
     fn leader_known(&self) -> bool {
@@ -376,7 +435,7 @@ impl Driver {
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
 
-        self.maybe_compact()?;
+        self.maybe_compact(false)?;
         self.answer_reads();
         Ok(())
     }
@@ -699,10 +758,13 @@ impl Driver {
         Ok(Ok(()))
     }
 
-    fn maybe_compact(&mut self) -> Result<(), DriverError> {
+    /// Compacts the Raft log once it holds `snapshot_count` applied entries, or with
+    /// `now` whenever anything is behind the catch-up window (before a defragment, so
+    /// the space the log held is given back too).
+    fn maybe_compact(&mut self, now: bool) -> Result<(), DriverError> {
         let applied = self.kv.applied_index();
         let first = self.log.first_index();
-        if applied < first || applied - first < self.cfg.snapshot_count {
+        if applied < first || (!now && applied - first < self.cfg.snapshot_count) {
             return Ok(());
         }
         let to = applied.saturating_sub(self.cfg.catch_up_entries);
@@ -783,6 +845,7 @@ fn apply_request(
         Some(Request::MemberUpdate(u)) => {
             update_peer_urls(batch, u).map(|()| AppliedKind::Membership)
         }
+        Some(Request::Alarm(a)) => batch.alarm(&a).map(AppliedKind::Alarm),
         None => Ok(AppliedKind::Nothing),
     };
     match result {

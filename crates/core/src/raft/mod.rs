@@ -52,6 +52,18 @@ pub enum DriverMsg {
     Unreachable(u64),
     /// A snapshot sent to a peer was delivered (true) or lost (false).
     SnapshotStatus(u64, bool),
+    /// Hand leadership to `target` (a voter); the reply comes once this member sees
+    /// `target` as leader, or the transfer failed or timed out.
+    TransferLeader {
+        target: u64,
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
+    /// Rewrite the database file without its free pages, between two Readies (a short
+    /// stop-the-world pause: the driver is the only writer). Replies the file size
+    /// before and after.
+    Defragment {
+        reply: oneshot::Sender<Result<(u64, u64), ProposeError>>,
+    },
     /// Stop after the current Ready.
     Shutdown,
 }
@@ -97,11 +109,14 @@ pub enum AppliedKind {
     MemberAttributes,
     /// A configuration change or member update applied.
     Membership,
+    /// The alarms an AlarmRequest raised or cleared.
+    Alarm(Vec<pb::AlarmMember>),
     Nothing,
 }
 
-/// Why a proposal or read did not complete. All but `Kv` are retryable: the request may
-/// be sent again (for `Timeout*`, a write may or may not have been applied).
+/// Why a proposal, read or driver request did not complete. `NoLeader`, `Timeout*`,
+/// `LeaderChanged` and `Stopped` are retryable: the request may be sent again (for
+/// `Timeout*`, a write may or may not have been applied). The others are answers.
 #[derive(Debug, thiserror::Error)]
 pub enum ProposeError {
     /// No leader is known (an election is in progress or quorum is lost).
@@ -116,10 +131,19 @@ pub enum ProposeError {
     /// The entry was overwritten by a new leader: it was not applied.
     #[error("etcdserver: leader changed")]
     LeaderChanged,
+    /// MoveLeader to a member that is not a voter.
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
+    /// The target did not become leader in time.
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
+    /// Defragmenting failed (the database is unchanged and still in use).
+    #[error("etcdserver: defragment failed: {0}")]
+    Defragment(String),
     /// The member is shutting down.
     #[error("etcdserver: server stopped")]
     Stopped,
-    /// Only the leader can do this.
+    /// Only the leader can do this (MoveLeader, membership changes).
     #[error("etcdserver: not leader")]
     NotLeader,
     /// A membership change would leave fewer started voters than a quorum.
@@ -257,6 +281,17 @@ impl NodeHandle {
     /// call (ReadIndex): a read served after it is linearizable.
     pub async fn read_index(&self) -> Result<(), ProposeError> {
         self.call(|reply| DriverMsg::ReadIndex { reply }).await
+    }
+
+    /// Transfers leadership to `target`; only the leader may (etcd's MoveLeader).
+    pub async fn move_leader(&self, target: u64) -> Result<(), ProposeError> {
+        self.call(|reply| DriverMsg::TransferLeader { target, reply })
+            .await
+    }
+
+    /// Compacts the database file; returns its size before and after.
+    pub async fn defragment(&self) -> Result<(u64, u64), ProposeError> {
+        self.call(|reply| DriverMsg::Defragment { reply }).await
     }
 
     /// Asks the driver to stop.

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use redb::{ReadableDatabase, TableDefinition};
+use redb::TableDefinition;
 
 use super::{db_err, StorageError};
 
@@ -20,7 +20,7 @@ pub struct Identity {
 
 impl Identity {
     /// Reads the stored identity; `None` for a data dir that was never initialised.
-    pub fn load(db: &redb::Database) -> Result<Option<Identity>, StorageError> {
+    pub fn load(db: &super::Db) -> Result<Option<Identity>, StorageError> {
         let rtx = db.begin_read().map_err(db_err)?;
         let table = match rtx.open_table(IDENTITY) {
             Ok(t) => t,

@@ -6,12 +6,14 @@
 //! Every Ready's entries and hard state are made durable with one redb commit
 //! (fdatasync) before anything that depends on them leaves the node.
 
+mod db;
 mod identity;
 mod raft_log;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use db::Db;
 pub use identity::{stable_id as identity_stable_id, Identity};
 pub use raft_log::RaftLog;
 
@@ -65,7 +67,7 @@ pub(crate) fn db_err<E: Into<redb::Error>>(e: E) -> StorageError {
 }
 
 /// Opens (creating if needed) the database of a data dir.
-pub fn open_database(dir: &Path) -> Result<Arc<redb::Database>, StorageError> {
+pub fn open_database(dir: &Path) -> Result<Arc<Db>, StorageError> {
     std::fs::create_dir_all(dir).map_err(|source| StorageError::Io {
         path: dir.to_path_buf(),
         source,
@@ -77,7 +79,7 @@ pub fn open_database(dir: &Path) -> Result<Arc<redb::Database>, StorageError> {
         redb::Database::create(&path)
     };
     match result {
-        Ok(db) => Ok(Arc::new(db)),
+        Ok(db) => Ok(Arc::new(Db::new(db, path))),
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StorageError::InUse { path }),
         Err(redb::DatabaseError::Storage(redb::StorageError::Io(source)))
             if source.kind() != std::io::ErrorKind::InvalidData =>

@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 use prost011::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
-use redb::{ReadableDatabase, TableDefinition};
+use redb::TableDefinition;
 
 use super::{db_err, StorageError};
 use crate::kv::KvStore;
@@ -65,7 +65,7 @@ pub struct RaftLog {
 
 impl RaftLog {
     /// Loads the log from `db`. A fresh database yields an empty log.
-    pub fn load(db: &redb::Database, kv: Arc<KvStore>) -> Result<RaftLog, StorageError> {
+    pub fn load(db: &super::Db, kv: Arc<KvStore>) -> Result<RaftLog, StorageError> {
         let mut core = Core::default();
         let rtx = db.begin_read().map_err(db_err)?;
         match rtx.open_table(STATE) {

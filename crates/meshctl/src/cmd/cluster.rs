@@ -62,7 +62,7 @@ pub async fn member_change(
 }
 
 /// The client to query: the configured endpoints, or with `cluster` every member's client URLs.
-async fn target(global: &Global, cluster: bool) -> Result<Client> {
+pub(super) async fn target(global: &Global, cluster: bool) -> Result<Client> {
     let client = Client::connect(global.client.clone())?;
     if !cluster {
         return Ok(client);
@@ -77,21 +77,32 @@ async fn target(global: &Global, cluster: bool) -> Result<Client> {
     Ok(Client::connect(config)?)
 }
 
-pub async fn status(global: &Global, out: &mut dyn Write, cluster: bool) -> Result<()> {
-    let client = target(global, cluster).await?;
-    let endpoints = client.endpoints();
-    let results = join_all(endpoints.iter().map(|ep| client.status(ep))).await;
+/// Pairs each endpoint with its answer; reports the ones that failed (etcdctl's
+/// "Failed to get the <what> of endpoint" line) and counts them.
+pub(super) fn answered<T>(
+    endpoints: Vec<String>,
+    results: Vec<Result<T, mesh_core::client::ClientError>>,
+    what: &str,
+) -> (Vec<(String, T)>, usize) {
     let mut ok = Vec::new();
     let mut failed = 0;
     for (ep, r) in endpoints.into_iter().zip(results) {
         match r {
-            Ok(s) => ok.push((ep, s)),
+            Ok(v) => ok.push((ep, v)),
             Err(e) => {
                 failed += 1;
-                eprintln!("Failed to get the status of endpoint {ep} ({e})");
+                eprintln!("Failed to get the {what} of endpoint {ep} ({e})");
             }
         }
     }
+    (ok, failed)
+}
+
+pub async fn status(global: &Global, out: &mut dyn Write, cluster: bool) -> Result<()> {
+    let client = target(global, cluster).await?;
+    let endpoints = client.endpoints();
+    let results = join_all(endpoints.iter().map(|ep| client.status(ep))).await;
+    let (ok, failed) = answered(endpoints, results, "status");
     output::endpoint_status(out, global.format, &ok)?;
     out.flush()?;
     if failed > 0 {

@@ -4,7 +4,9 @@
 mod bench;
 mod cluster;
 mod kv;
+mod maintenance;
 mod mesh;
+mod snapshot;
 mod txn;
 mod watch;
 
@@ -14,7 +16,10 @@ use anyhow::Result;
 use clap::CommandFactory;
 use mesh_core::client::Client;
 
-use crate::cli::{Cli, Command, CounterCommand, EndpointCommand, MemberCommand, MeshCommand};
+use crate::cli::{
+    AlarmCommand, Cli, Command, CounterCommand, EndpointCommand, MemberCommand, MeshCommand,
+    SnapshotCommand,
+};
 use crate::config::Global;
 
 /// Non-zero outcomes with their own documented exit codes.
@@ -75,6 +80,24 @@ pub async fn run(cli: Cli) -> Result<()> {
             let v = client()?.counter_get(&name).await?;
             writeln!(out, "{v}")?;
             Ok(out.flush()?)
+        }
+        Command::Endpoint(EndpointCommand::Hashkv { cluster, rev }) => {
+            maintenance::hashkv(&global, &mut out, cluster, rev).await
+        }
+        Command::Snapshot(SnapshotCommand::Save { file }) => {
+            snapshot::save(&global, &mut out, &file).await
+        }
+        Command::Snapshot(SnapshotCommand::Status { file }) => snapshot::status(&mut out, f, &file),
+        Command::Snapshot(SnapshotCommand::Restore(a)) => snapshot::restore(&mut out, &a),
+        Command::MoveLeader { target } => {
+            maintenance::move_leader(&global, &mut out, &target).await
+        }
+        Command::Defrag { cluster } => maintenance::defrag(&global, &mut out, cluster).await,
+        Command::Alarm(AlarmCommand::List) => {
+            maintenance::alarm_list(&client()?, &mut out, f).await
+        }
+        Command::Alarm(AlarmCommand::Disarm) => {
+            maintenance::alarm_disarm(&client()?, &mut out, f).await
         }
         Command::Bench(b) => bench::run(&global, &mut out, b).await,
         Command::Completion { shell } => {

@@ -2,6 +2,7 @@
 //! JSON (`json.rs`) and bordered tables (`table.rs`). Every printer writes to a
 //! `dyn Write` so tests can capture it and a closed pipe surfaces as an io error.
 mod json;
+pub mod maintenance;
 pub mod table;
 
 use std::io::{self, Write};
@@ -392,7 +393,7 @@ mod tests {
             raft_term: 2,
         })
     }
-    fn render(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> String {
+    pub(crate) fn render(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> String {
         let mut buf = Vec::new();
         f(&mut buf).unwrap();
         String::from_utf8(buf).unwrap()

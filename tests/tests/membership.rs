@@ -382,3 +382,55 @@ fn bootstrap_expect_five_processes_form_one_cluster_every_time() {
         assert!(ms.iter().all(|m| !m.2), "five voters: {ms:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_waiting_to_be_added_forwards_clients_and_is_listed_as_mesh_only() {
+    let mut opts = ClusterOpts::default();
+    opts.autopilot.growth = false;
+    let c = InProcessCluster::start(1, opts.clone()).await;
+    wait_for_leader(&c.live_addrs()).await;
+    let mut cfg = opts.config("waiting", c.dir.path());
+    cfg.peers = vec![c.configs[0].listen_mesh.to_string()];
+    let waiting_client = cfg.listen_client;
+    let pending = tokio::spawn(mesh_core::server::Server::start(cfg));
+
+    // Its client port answers by forwarding to the member.
+    put_retrying(&[waiting_client], "through-proxy", "ok").await;
+    let r = etcd_client(c.addr(0))
+        .await
+        .get("through-proxy", None)
+        .await
+        .unwrap();
+    assert_eq!(r.kvs()[0].value(), b"ok");
+    let s = status(waiting_client)
+        .await
+        .expect("status through the proxy");
+    assert_eq!(
+        s.header().unwrap().member_id(),
+        c.servers[0].as_ref().unwrap().node().status.member_id
+    );
+
+    // The member's mesh API lists it as mesh-only.
+    let mc =
+        mesh_core::proto::meshpb::mesh_client::MeshClient::connect(format!("http://{}", c.addr(0)))
+            .await
+            .unwrap();
+    let peers = eventually("waiting node visible", Duration::from_secs(10), || {
+        let mut mc = mc.clone();
+        async move {
+            let p = mc
+                .peers(mesh_core::proto::meshpb::MeshPeersRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            p.peers
+                .iter()
+                .any(|p| p.nickname == "waiting" && p.role == "mesh-only")
+                .then_some(p)
+        }
+    })
+    .await;
+    assert!(peers.peers.iter().any(|p| p.is_self && p.role == "voter"));
+    assert!(!pending.is_finished());
+    pending.abort();
+}

@@ -16,7 +16,7 @@ use crate::kv::{ApplyBatch, KvError, KvStore};
 use crate::membership::autopilot::{Autopilot, AutopilotConfig};
 use crate::membership::bootstrap::{self, Outcome};
 use crate::membership::join::{JoinChannel, JOIN_CHANNEL};
-use crate::membership::{refresh_routes, token_hash, LocalMeta};
+use crate::membership::{self, refresh_routes, token_hash, LocalMeta};
 use crate::mesh::{Mesh, MeshConfig};
 use crate::proto::etcdserverpb::{cluster_server, kv_server, maintenance_server, watch_server};
 use crate::proto::meshpb::{internal_request::Request as Internal, MemberAttributes, MemberRecord};
@@ -191,7 +191,7 @@ impl Server {
         let log = RaftLog::load(&db, kv.clone())?;
 
         let (mesh_listener, mesh_addr) = bind("mesh", cfg.listen_mesh).await?;
-        let (client_listener, client_addr) = bind("client", cfg.listen_client).await?;
+        let (mut client_listener, client_addr) = bind("client", cfg.listen_client).await?;
         let advertise_mesh = cfg
             .advertise_mesh
             .clone()
@@ -241,26 +241,27 @@ impl Server {
             && cfg.initial_cluster.is_none()
             && (cfg.bootstrap_expect.is_some() || !cfg.peers.is_empty());
         let identity = if discover {
-            let outcome = match cfg.bootstrap_expect {
-                Some(n) => bootstrap::await_agreement(&mesh, &meta, n).await,
-                None => Outcome::Join,
-            };
-            match outcome {
-                Outcome::Form(found) => {
-                    let members: Vec<MemberRecord> = found
-                        .iter()
-                        .map(|(id, name, addr)| voter(*id, name, addr))
-                        .collect();
-                    let identity = new_identity(&cfg, peer_name, &members);
-                    create_member(&cfg, &kv, &log, &identity, &members)?;
-                    identity
-                }
-                Outcome::Join => {
-                    info!("waiting for the cluster leader to add this node");
-                    let w = join.await_welcome(&cfg.initial_cluster_token).await;
-                    join_member(&cfg, &kv, &log, w.member_id, w.cluster_id)?
-                }
-            }
+            // Until it is a member, the node forwards client requests to one.
+            let std_listener = client_listener
+                .into_std()
+                .map_err(listen_err(client_addr))?;
+            let proxy_listener = std_listener
+                .try_clone()
+                .and_then(TcpListener::from_std)
+                .map_err(listen_err(client_addr))?;
+            let (stop_proxy, proxy_stopped) = tokio::sync::watch::channel(false);
+            let pick_mesh = mesh.clone();
+            let token = token_hash(&cfg.initial_cluster_token);
+            tokio::spawn(api::proxy::serve(
+                proxy_listener,
+                Arc::new(move || membership::member_client_url(&pick_mesh, token)),
+                proxy_stopped,
+            ));
+            let identity = self::discover(&cfg, &mesh, &meta, &join, &kv, &log, peer_name).await;
+            let _ = stop_proxy.send(true);
+            client_listener =
+                TcpListener::from_std(std_listener).map_err(listen_err(client_addr))?;
+            identity?
         } else {
             bootstrap_or_check(&cfg, &db, &kv, &log, &advertise_mesh)?
         };
@@ -500,6 +501,14 @@ async fn bind(
     Ok((listener, local))
 }
 
+fn listen_err(addr: SocketAddr) -> impl Fn(std::io::Error) -> ServerError {
+    move |source| ServerError::Listen {
+        what: "client",
+        addr,
+        source,
+    }
+}
+
 /// An address others can dial: a wildcard listen address is advertised as loopback.
 fn advertised(addr: SocketAddr) -> String {
     if addr.ip().is_unspecified() {
@@ -590,6 +599,39 @@ fn bootstrap_or_check(
     }
     create_member(cfg, kv, log, &expected, &members)?;
     Ok(expected)
+}
+
+/// An empty node without `--initial-cluster`: forms a new cluster with its peers
+/// (`--bootstrap-expect`) or waits until the leader adds it.
+async fn discover(
+    cfg: &ServerConfig,
+    mesh: &Mesh,
+    meta: &LocalMeta,
+    join: &JoinChannel,
+    kv: &KvStore,
+    log: &RaftLog,
+    peer_name: u64,
+) -> Result<Identity, ServerError> {
+    let outcome = match cfg.bootstrap_expect {
+        Some(n) => bootstrap::await_agreement(mesh, meta, n).await,
+        None => Outcome::Join,
+    };
+    match outcome {
+        Outcome::Form(found) => {
+            let members: Vec<MemberRecord> = found
+                .iter()
+                .map(|(id, name, addr)| voter(*id, name, addr))
+                .collect();
+            let identity = new_identity(cfg, peer_name, &members);
+            create_member(cfg, kv, log, &identity, &members)?;
+            Ok(identity)
+        }
+        Outcome::Join => {
+            info!("waiting for the cluster leader to add this node");
+            let w = join.await_welcome(&cfg.initial_cluster_token).await;
+            join_member(cfg, kv, log, w.member_id, w.cluster_id)
+        }
+    }
 }
 
 /// Refuses to initialise a data dir that holds data without an identity.

@@ -9,6 +9,7 @@ mod cluster;
 mod kv;
 mod maintenance;
 mod mesh;
+pub mod proxy;
 mod watch;
 
 use std::sync::Arc;

@@ -88,3 +88,22 @@ pub fn refresh_routes(mesh: &Mesh, cluster_id: u64, routes: &MemberRoutes) {
         .collect();
     routes.replace(map);
 }
+
+/// Client URL of a member of a cluster with this token, the leader when known: where a
+/// node that is not a member forwards client requests.
+pub fn member_client_url(mesh: &Mesh, token_hash: u64) -> Option<String> {
+    let members: Vec<Node> = nodes(mesh)
+        .into_iter()
+        .filter(|n| {
+            !n.peer.is_self
+                && n.state() == State::Member
+                && n.meta.token_hash == token_hash
+                && !n.meta.client_url.is_empty()
+        })
+        .collect();
+    members
+        .iter()
+        .find(|n| n.meta.leader)
+        .or_else(|| members.first())
+        .map(|n| n.meta.client_url.clone())
+}

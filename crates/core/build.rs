@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/mvccpb/kv.proto",
                 "proto/etcdserverpb/rpc.proto",
                 "proto/meshpb/internal.proto",
+                "proto/v3lockpb/v3lock.proto",
+                "proto/v3electionpb/v3election.proto",
             ],
             &["proto"],
         )?;

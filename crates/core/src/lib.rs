@@ -7,6 +7,7 @@
 //! # Layout
 //! - [`storage`]: the redb database of a data dir, its identity, the Raft log tables.
 //! - [`kv`]: the state machine: MVCC revisions, ranges, txns, compaction, events.
+//! - [`lease`]: the lessor: lease deadlines, expiry decided by the leader.
 //! - [`raft`]: the driver thread around raft-rs `RawNode`, and the peer transport.
 //! - [`api`]: gRPC services (`etcdserverpb` KV, Watch, Cluster, Maintenance).
 //! - [`server`]: one member wired together, with a graceful stop.
@@ -15,12 +16,14 @@
 pub mod api;
 pub mod client;
 pub mod kv;
+pub mod lease;
 pub mod raft;
 pub mod server;
 pub mod storage;
 
 /// Generated wire types: the etcd v3 API (`etcdserverpb`, `mvccpb`) and meshd's own
-/// records (`meshpb`).
+/// records (`meshpb`), and etcd's lock and election services (`v3lockpb`,
+/// `v3electionpb`).
 pub mod proto {
     pub mod mvccpb {
         tonic::include_proto!("mvccpb");
@@ -30,5 +33,11 @@ pub mod proto {
     }
     pub mod meshpb {
         tonic::include_proto!("meshpb");
+    }
+    pub mod v3lockpb {
+        tonic::include_proto!("v3lockpb");
+    }
+    pub mod v3electionpb {
+        tonic::include_proto!("v3electionpb");
     }
 }

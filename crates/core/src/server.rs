@@ -12,8 +12,13 @@ use tracing::{info, warn};
 
 use crate::api::{self, ApiContext, Limits};
 use crate::kv::{KvError, KvStore};
-use crate::proto::etcdserverpb::{cluster_server, kv_server, maintenance_server, watch_server};
+use crate::lease::Lessor;
+use crate::proto::etcdserverpb::{
+    cluster_server, kv_server, lease_server, maintenance_server, watch_server,
+};
 use crate::proto::meshpb::{internal_request::Request as Internal, MemberAttributes, MemberRecord};
+use crate::proto::v3electionpb::election_server;
+use crate::proto::v3lockpb::lock_server;
 use crate::raft::transport::{PeerIdentity, TcpTransport, Transport, DEFAULT_MAX_FRAME};
 use crate::raft::{spawn_driver, DriverConfig, DriverError, NodeHandle, NodeStatus};
 use crate::storage::{self, Identity, RaftLog, StorageError};
@@ -142,6 +147,12 @@ impl Server {
             "member starting"
         );
 
+        let lessor = Lessor::new(
+            Lessor::min_ttl_for(cfg.tick, cfg.election_ticks),
+            cfg.tick * cfg.election_ticks as u32,
+        );
+        crate::lease::load(&lessor, &kv)?;
+
         let (tx, rx) = std_mpsc::channel();
         let status = Arc::new(NodeStatus::new(identity.member_id, identity.cluster_id));
         let transport = TcpTransport::start(
@@ -170,12 +181,14 @@ impl Server {
             transport.clone() as Arc<dyn Transport>,
             rx,
             status.clone(),
+            lessor.clone(),
         )?;
         let node = NodeHandle::new(tx, status, log, cfg.request_timeout);
 
         let ctx = ApiContext {
             node: node.clone(),
             kv: kv.clone(),
+            lessor: lessor.clone(),
             limits: cfg.limits.clone(),
             db_path: cfg.data_dir.join(storage::DB_FILE),
         };
@@ -197,7 +210,14 @@ impl Server {
             )))
             .add_service(maintenance_server::MaintenanceServer::new(
                 api::MaintenanceApi::new(ctx.clone()),
-            ));
+            ))
+            .add_service(lease_server::LeaseServer::new(api::LeaseApi::new(
+                ctx.clone(),
+            )))
+            .add_service(lock_server::LockServer::new(api::LockApi::new(ctx.clone())))
+            .add_service(election_server::ElectionServer::new(api::ElectionApi::new(
+                ctx.clone(),
+            )));
         // Small request/response pairs must not wait for Nagle and delayed ACKs.
         let incoming =
             tonic::transport::server::TcpIncoming::from(client_listener).with_nodelay(Some(true));
@@ -213,6 +233,11 @@ impl Server {
             cfg.name.clone(),
             advertise_client,
         ));
+        let expiry = tokio::spawn(crate::lease::run_expiry(
+            lessor,
+            node.clone(),
+            cfg.tick.max(Duration::from_millis(20)),
+        ));
         Ok(Server {
             client_addr,
             mesh_addr,
@@ -220,7 +245,7 @@ impl Server {
             grpc_stop: Some(grpc_stop),
             grpc,
             driver: Some(driver),
-            background: vec![publish],
+            background: vec![publish, expiry],
             _transport: transport,
         })
     }

@@ -2,11 +2,16 @@
 //!
 //! Turns requests into proposals (writes) or local reads (after a ReadIndex unless the
 //! caller asked for a serializable read), validates sizes and shapes with etcd's limits
-//! and error texts, and stamps every response header. Calls [`crate::raft`] and
-//! [`crate::kv`]; one file per service.
+//! and error texts, and stamps every response header. Calls [`crate::raft`],
+//! [`crate::kv`] and [`crate::lease`]; one file per service (`concurrency` holds what
+//! Lock and Election share).
 
 mod cluster;
+mod concurrency;
+mod election;
 mod kv;
+mod lease;
+mod lock;
 mod maintenance;
 mod watch;
 
@@ -16,11 +21,15 @@ use std::time::Duration;
 use tonic::{Code, Status};
 
 pub use cluster::ClusterApi;
+pub use election::ElectionApi;
 pub use kv::KvApi;
+pub use lease::LeaseApi;
+pub use lock::LockApi;
 pub use maintenance::MaintenanceApi;
 pub use watch::WatchApi;
 
 use crate::kv::{KvError, KvStore};
+use crate::lease::Lessor;
 use crate::proto::etcdserverpb::ResponseHeader;
 use crate::raft::{NodeHandle, ProposeError};
 
@@ -58,6 +67,7 @@ impl Default for Limits {
 pub struct ApiContext {
     pub node: NodeHandle,
     pub kv: Arc<KvStore>,
+    pub lessor: Arc<Lessor>,
     pub limits: Limits,
     pub db_path: std::path::PathBuf,
 }
@@ -98,6 +108,9 @@ pub fn kv_status(e: KvError) -> Status {
     let code = match &e {
         KvError::Compacted { .. } | KvError::FutureRevision => Code::OutOfRange,
         KvError::Storage(_) => Code::Internal,
+        KvError::LeaseNotFound => Code::NotFound,
+        KvError::LeaseExists => Code::FailedPrecondition,
+        KvError::LeaseTtlTooLarge => Code::OutOfRange,
         _ => Code::InvalidArgument,
     };
     Status::new(code, e.to_string())
@@ -109,6 +122,11 @@ pub fn propose_status(e: ProposeError) -> Status {
         ProposeError::Kv(k) => kv_status(k),
         other => Status::unavailable(other.to_string()),
     }
+}
+
+/// An apply result of the wrong kind for the request: a bug, reported as such.
+pub(crate) fn unexpected(kind: crate::raft::AppliedKind) -> Status {
+    Status::internal(format!("unexpected apply result {kind:?}"))
 }
 
 pub(crate) fn require_key(key: &[u8]) -> Result<(), Status> {

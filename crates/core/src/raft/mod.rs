@@ -60,6 +60,16 @@ pub enum AppliedKind {
     Txn(pb::TxnResponse),
     Compaction,
     MemberAttributes,
+    /// A lease was granted with this ID and TTL.
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+    },
+    LeaseRevoke(pb::LeaseRevokeResponse),
+    /// A replicated keep-alive refreshed a lease whose granted TTL is `ttl`.
+    LeaseKeepAlive {
+        ttl: i64,
+    },
     Nothing,
 }
 

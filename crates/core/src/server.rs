@@ -113,6 +113,8 @@ pub struct Server {
     mesh_addr: SocketAddr,
     node: NodeHandle,
     grpc_stop: Option<oneshot::Sender<()>>,
+    /// Tells waiting requests the member is stopping.
+    stopping: tokio::sync::watch::Sender<bool>,
     grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     driver: Option<std::thread::JoinHandle<Result<(), DriverError>>>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -185,7 +187,9 @@ impl Server {
         )?;
         let node = NodeHandle::new(tx, status, log, cfg.request_timeout);
 
+        let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
         let ctx = ApiContext {
+            stopping: stopping_rx,
             node: node.clone(),
             kv: kv.clone(),
             lessor: lessor.clone(),
@@ -243,6 +247,7 @@ impl Server {
             mesh_addr,
             node,
             grpc_stop: Some(grpc_stop),
+            stopping,
             grpc,
             driver: Some(driver),
             background: vec![publish, expiry],
@@ -272,6 +277,7 @@ impl Server {
     /// Graceful stop: stop accepting, let in-flight requests finish, stop the driver
     /// after its current Ready (everything acknowledged is already durable).
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.stopping.send_replace(true);
         if let Some(stop) = self.grpc_stop.take() {
             let _ = stop.send(());
         }
@@ -305,6 +311,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        self.stopping.send_replace(true);
         self.grpc.abort();
         for t in &self.background {
             t.abort();

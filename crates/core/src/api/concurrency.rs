@@ -156,10 +156,11 @@ pub(crate) async fn wait_older_deleted(
         if resp.kvs.is_empty() {
             return Ok(ctx.kv.current_revision());
         }
-        revisions
-            .changed()
-            .await
-            .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+        let stopped = || Status::unavailable("etcdserver: server stopped");
+        tokio::select! {
+            changed = revisions.changed() => changed.map_err(|_| stopped())?,
+            _ = ctx.stopped() => return Err(stopped()),
+        }
     }
 }
 

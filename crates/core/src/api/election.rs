@@ -209,6 +209,7 @@ async fn observe(ctx: ApiContext, name: Vec<u8>, tx: mpsc::Sender<Result<LeaderR
         tokio::select! {
             changed = revisions.changed() => if changed.is_err() { return },
             _ = tx.closed() => return,
+            _ = ctx.stopped() => return,
         }
         let now = *revisions.borrow_and_update();
         if now <= seen {

@@ -112,7 +112,12 @@ impl Lease for LeaseApi {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
-            while let Some(Ok(msg)) = inbound.next().await {
+            loop {
+                let msg = tokio::select! {
+                    msg = inbound.next() => msg,
+                    _ = ctx.stopped() => return,
+                };
+                let Some(Ok(msg)) = msg else { return };
                 let resp = keep_alive(&ctx, msg.id).await;
                 let stop = resp.is_err();
                 if tx.send(resp).await.is_err() || stop {
@@ -190,12 +195,8 @@ async fn keep_alive(ctx: &ApiContext, id: i64) -> Result<LeaseKeepAliveResponse,
             _ => 0,
         }
     } else {
-        let req = Internal::LeaseKeepAlive(LeaseKeepAliveRequest { id });
-        match ctx.node.propose(req).await {
-            Ok(applied) => match applied.kind {
-                AppliedKind::LeaseKeepAlive { ttl } => ttl,
-                other => return Err(unexpected(other)),
-            },
+        match replicate_keep_alive(ctx, id).await {
+            Ok(ttl) => ttl,
             Err(ProposeError::Kv(KvError::LeaseNotFound)) => 0,
             Err(e) => return Err(propose_status(e)),
         }
@@ -205,6 +206,36 @@ async fn keep_alive(ctx: &ApiContext, id: i64) -> Result<LeaseKeepAliveResponse,
         id,
         ttl,
     })
+}
+
+/// Replicates a keep-alive from a follower. A proposal forwarded to a leader that has
+/// just failed is lost without an answer; a keep-alive is idempotent, so it is sent
+/// again after each election timeout rather than after the whole request timeout,
+/// which may well exceed the lease's TTL.
+async fn replicate_keep_alive(ctx: &ApiContext, id: i64) -> Result<i64, ProposeError> {
+    let attempt = ctx
+        .lessor
+        .election_timeout()
+        .max(Duration::from_millis(100))
+        * 2;
+    let mut last = ProposeError::Timeout;
+    for _ in 0..10 {
+        let req = Internal::LeaseKeepAlive(LeaseKeepAliveRequest { id });
+        match tokio::time::timeout(attempt, ctx.node.propose(req)).await {
+            Ok(Ok(applied)) => {
+                return match applied.kind {
+                    AppliedKind::LeaseKeepAlive { ttl } => Ok(ttl),
+                    _ => Err(ProposeError::Kv(KvError::Storage(
+                        "keep-alive applied as another request".into(),
+                    ))),
+                }
+            }
+            Ok(Err(e @ ProposeError::Kv(_))) | Ok(Err(e @ ProposeError::Stopped)) => return Err(e),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = ProposeError::Timeout,
+        }
+    }
+    Err(last)
 }
 
 /// Asks the leader, through its published client URL.

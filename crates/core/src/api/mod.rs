@@ -70,6 +70,9 @@ pub struct ApiContext {
     pub lessor: Arc<Lessor>,
     pub limits: Limits,
     pub db_path: std::path::PathBuf,
+    /// Becomes true when the member starts stopping: requests that wait indefinitely
+    /// (Lock, Campaign, Observe, keep-alive streams) end so shutdown need not wait.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ApiContext {
@@ -88,6 +91,13 @@ impl ApiContext {
     pub fn stamp(&self, header: &mut Option<ResponseHeader>, revision: i64) {
         let rev = header.as_ref().map_or(0, |h| h.revision).max(revision);
         *header = self.header(rev);
+    }
+
+    /// Resolves once the member is stopping.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopping.clone();
+        // An error means the server is gone: stopped as well.
+        let _ = rx.wait_for(|stopping| *stopping).await;
     }
 
     /// Waits until a read served locally afterwards is linearizable.

@@ -86,6 +86,11 @@ impl Lessor {
         id as i64
     }
 
+    /// One election timeout: how long a lost proposal may go unnoticed.
+    pub fn election_timeout(&self) -> Duration {
+        self.extend
+    }
+
     /// The TTL a grant of `requested` seconds gets.
     pub fn granted_ttl(&self, requested: i64) -> i64 {
         requested.max(self.min_ttl)

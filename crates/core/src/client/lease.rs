@@ -61,6 +61,12 @@ impl Client {
         let (idx, ch) = self.first_channel().await?;
         let endpoint = self.inner.endpoints[idx].name.clone();
         let (requests, rx) = mpsc::channel(4);
+        // etcd sends the response headers only with its first response, so the first
+        // keep-alive goes out before waiting for the call to open.
+        requests
+            .send(pb::LeaseKeepAliveRequest { id })
+            .await
+            .expect("receiver alive");
         let responses = tokio::time::timeout(
             self.inner.request_timeout,
             LeaseClient::new(ch).lease_keep_alive(ReceiverStream::new(rx)),
@@ -76,6 +82,7 @@ impl Client {
             id,
             requests,
             responses,
+            primed: true,
             endpoint,
             timeout: self.inner.request_timeout,
         })
@@ -88,6 +95,8 @@ pub struct KeepAlive {
     id: i64,
     requests: mpsc::Sender<pb::LeaseKeepAliveRequest>,
     responses: tonic::Streaming<pb::LeaseKeepAliveResponse>,
+    /// The request for the next response was sent when the stream opened.
+    primed: bool,
     endpoint: String,
     timeout: Duration,
 }
@@ -100,10 +109,12 @@ impl KeepAlive {
             message: "keep-alive stream closed".into(),
             endpoint: self.endpoint.clone(),
         };
-        self.requests
-            .send(pb::LeaseKeepAliveRequest { id: self.id })
-            .await
-            .map_err(|_| closed())?;
+        if !std::mem::take(&mut self.primed) {
+            self.requests
+                .send(pb::LeaseKeepAliveRequest { id: self.id })
+                .await
+                .map_err(|_| closed())?;
+        }
         match tokio::time::timeout(self.timeout, self.responses.message()).await {
             Ok(Ok(Some(r))) => Ok(r),
             Ok(Ok(None)) => Err(closed()),

@@ -717,11 +717,19 @@ impl Drop for Running {
     }
 }
 
-/// Waits until `get PREFIX --prefix --keys-only` lists `n` keys; returns them.
+/// Waits until `n` keys start with `prefix`; returns them, oldest first.
 fn wait_keys(s: &Server, prefix: &str, n: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(20);
+    let args = [
+        "get",
+        prefix,
+        "--prefix",
+        "--keys-only",
+        "--sort-by",
+        "CREATE",
+    ];
     loop {
-        let keys: Vec<String> = ok(s, &["get", prefix, "--prefix", "--keys-only"])
+        let keys: Vec<String> = ok(s, &args)
             .lines()
             .filter(|l| !l.is_empty())
             .map(String::from)

@@ -236,3 +236,93 @@ async fn lease_expiry_across_a_leader_change() {
     keeper_steady.abort();
     wait_gone(&mut f, "fo/steady", Duration::from_secs(20)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_travel_in_snapshots_and_survive_restarts() {
+    let opts = ClusterOpts {
+        snapshot_count: 20,
+        catch_up_entries: 5,
+        ..Default::default()
+    };
+    let mut c = InProcessCluster::start(3, opts).await;
+    let leader = wait_for_leader(&c.live_addrs()).await;
+    let lagging = (c.index_of(leader) + 1) % 3;
+    c.stop(lagging).await;
+    let live = c.live_addrs();
+    let mut a = etcd_client(live[0]).await;
+
+    // While one member is down: a lease with keys, then enough writes that the log is
+    // compacted past them and the member must catch up from a snapshot.
+    let lease = grant(&mut a, 60).await;
+    for k in ["snap/a", "snap/b", "snap/c"] {
+        put_leased(&mut a, k, lease).await;
+    }
+    for i in 0..60 {
+        a.put(format!("filler/{i}"), "x", None).await.unwrap();
+    }
+    c.restart(lagging).await;
+    let mut b = etcd_client(c.addr(lagging)).await;
+    let serializable = || {
+        etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_serializable()
+    };
+    eventually(
+        "the restarted member to catch up",
+        Duration::from_secs(30),
+        || {
+            let mut b = b.clone();
+            async move {
+                let r = b.get("filler/59", Some(serializable())).await.ok()?;
+                (!r.kvs().is_empty()).then_some(())
+            }
+        },
+    )
+    .await;
+    let listed: Vec<i64> = b
+        .leases()
+        .await
+        .unwrap()
+        .leases()
+        .iter()
+        .map(|l| l.id())
+        .collect();
+    assert_eq!(listed, vec![lease]);
+    // Its copy of the key attachments came with the snapshot: applying the revoke
+    // deletes the keys in its own replica too.
+    b.lease_revoke(lease).await.unwrap();
+    eventually(
+        "the revoke applied on the restarted member",
+        Duration::from_secs(10),
+        || {
+            let mut b = b.clone();
+            async move {
+                let r = b.get("snap/", Some(serializable())).await.ok()?;
+                r.kvs().is_empty().then_some(())
+            }
+        },
+    )
+    .await;
+
+    // Leases are durable: after a restart of every member, a long one is still there
+    // with its keys and a short one still expires.
+    let long = grant(&mut b, 60).await;
+    let short = grant(&mut b, 2).await;
+    put_leased(&mut b, "dur/long", long).await;
+    put_leased(&mut b, "dur/short", short).await;
+    for i in 0..3 {
+        c.stop(i).await;
+    }
+    for i in 0..3 {
+        c.restart(i).await;
+    }
+    wait_for_leader(&c.live_addrs()).await;
+    let mut d = etcd_client(c.addr(0)).await;
+    wait_gone(&mut d, "dur/short", Duration::from_secs(20)).await;
+    let ttl = d
+        .lease_time_to_live(long, Some(LeaseTimeToLiveOptions::new().with_keys()))
+        .await
+        .unwrap();
+    assert_eq!(ttl.granted_ttl(), 60);
+    assert_eq!(ttl.keys(), [b"dur/long".to_vec()]);
+}

@@ -93,18 +93,16 @@ async fn hold_lock(
         .env("ETCD_LOCK_REV", rev.to_string())
         .spawn()
         .with_context(|| format!("cannot run {:?}", a.command[0]))?;
-    let status = loop {
-        tokio::select! {
-            status = child.wait() => break status?,
-            sig = &mut stop => {
-                let sig = sig?;
-                if let Some(pid) = child.id() {
-                    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-                    unsafe { libc::kill(pid as libc::pid_t, sig) };
-                }
-                // Wait for the command to exit on its own terms.
-                break child.wait().await?;
+    let status = tokio::select! {
+        status = child.wait() => status?,
+        sig = &mut stop => {
+            let sig = sig?;
+            if let Some(pid) = child.id() {
+                // SAFETY: kill(2) on our own child's pid; no memory is involved.
+                unsafe { libc::kill(pid as libc::pid_t, sig) };
             }
+            // Wait for the command to exit on its own terms.
+            child.wait().await?
         }
     };
     keeper.abort();

@@ -254,6 +254,30 @@ fn signal(child: &tokio::process::Child, sig: &str) {
     assert!(status.success());
 }
 
+/// `holder` takes the lock `shared` and prints its key; `waiter`, started after it,
+/// must wait until the holder is stopped with `sig`, then run its command.
+async fn lock_excludes(f: SocketAddr, mut holder: Command, mut waiter: Command, sig: &str) {
+    let mut held = holder.spawn().unwrap();
+    let key = first_line(&mut held).await;
+    assert!(key.starts_with("shared/"), "{key}");
+    let mut waiting = waiter.spawn().unwrap();
+    let keys = wait_keys(f, "shared/", 2).await;
+    assert_eq!(keys[0], key, "the holder's key is the oldest");
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "{waiter:?} took a lock {holder:?} holds"
+    );
+    signal(&held, sig);
+    let _ = held.wait().await;
+    let out = tokio::time::timeout(Duration::from_secs(20), waiting.wait_with_output())
+        .await
+        .expect("the waiter gets the lock once the holder lets go")
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "took-it\n");
+    wait_keys(f, "shared/", 0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_3_4_leases_and_locks() {
     let c = InProcessCluster::start(3, ClusterOpts::default()).await;
@@ -316,57 +340,19 @@ async fn etcdctl_3_4_leases_and_locks() {
     wait_keys(f, "solo/", 0).await;
 
     // A lock held by meshctl excludes etcdctl's, and the other way round.
-    let mut held = Command::new(binary("meshctl"))
-        .arg(format!("--endpoints={}", c.addr(0)))
-        .args(["lock", "shared"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let key = first_line(&mut held).await;
-    assert!(key.starts_with("shared/"), "{key}");
-    let mut waiting = etcdctl_cmd(&one, &["lock", "shared", "--", "echo", "etcdctl-took-it"])
-        .spawn()
-        .unwrap();
-    let keys = wait_keys(f, "shared/", 2).await;
-    assert_eq!(keys[0], key);
-    assert!(
-        waiting.try_wait().unwrap().is_none(),
-        "etcdctl took a lock meshctl holds"
-    );
-    signal(&held, "TERM");
-    assert!(held.wait().await.unwrap().success());
-    let out = tokio::time::timeout(Duration::from_secs(20), waiting.wait_with_output())
-        .await
-        .expect("etcdctl gets the lock once meshctl lets go")
-        .unwrap();
-    assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "etcdctl-took-it\n");
-    wait_keys(f, "shared/", 0).await;
-
-    let mut held = etcdctl_cmd(&one, &["lock", "shared"]).spawn().unwrap();
-    let key = first_line(&mut held).await;
-    let mut waiting = Command::new(binary("meshctl"))
-        .arg(format!("--endpoints={}", c.addr(0)))
-        .args(["lock", "shared", "--", "echo", "meshctl-took-it"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let keys = wait_keys(f, "shared/", 2).await;
-    assert_eq!(keys[0], key);
-    assert!(
-        waiting.try_wait().unwrap().is_none(),
-        "meshctl took a lock etcdctl holds"
-    );
-    signal(&held, "INT");
-    let _ = held.wait().await;
-    let out = tokio::time::timeout(Duration::from_secs(20), waiting.wait_with_output())
-        .await
-        .expect("meshctl gets the lock once etcdctl lets go")
-        .unwrap();
-    assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "meshctl-took-it\n");
+    let meshctl = |args: &[&str]| {
+        let mut cmd = Command::new(binary("meshctl"));
+        cmd.arg(format!("--endpoints={}", c.addr(0)))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    };
+    let holder = meshctl(&["lock", "shared"]);
+    let waiter = etcdctl_cmd(&one, &["lock", "shared", "--", "echo", "took-it"]);
+    lock_excludes(f, holder, waiter, "TERM").await;
+    let holder = etcdctl_cmd(&one, &["lock", "shared"]);
+    let waiter = meshctl(&["lock", "shared", "--", "echo", "took-it"]);
+    lock_excludes(f, holder, waiter, "INT").await;
 }

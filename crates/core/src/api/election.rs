@@ -17,7 +17,6 @@ use super::{kv_status, require_key, ApiContext};
 use crate::client::prefix_range_end;
 use crate::kv::KvError;
 use crate::proto::etcdserverpb::{self as pb, request_op::Request as Op};
-use crate::proto::mvccpb::KeyValue;
 use crate::proto::v3electionpb::{
     election_server::Election, CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest,
     LeaderResponse, ProclaimRequest, ProclaimResponse, ResignRequest, ResignResponse,
@@ -170,6 +169,45 @@ impl Election for ElectionApi {
     }
 }
 
+/// One Observe stream: what was last sent, and where to send.
+struct Observer {
+    ctx: ApiContext,
+    name: Vec<u8>,
+    tx: mpsc::Sender<Result<LeaderResponse, Status>>,
+    /// (key, mod revision) of the leader value last sent.
+    last: Option<(Vec<u8>, i64)>,
+}
+
+impl Observer {
+    /// Sends the leader as of `rev` if it differs from the last one sent. False when
+    /// the stream is over (client gone, or an error was sent).
+    async fn offer(&mut self, rev: i64) -> bool {
+        let leader = match oldest(&self.ctx, &self.name, rev) {
+            // History compacted meanwhile: the present is the best answer left.
+            Err(KvError::Compacted { .. }) => oldest(&self.ctx, &self.name, 0),
+            other => other,
+        };
+        let kv = match leader {
+            Ok(Some(kv)) => kv,
+            Ok(None) => return true,
+            Err(e) => {
+                let _ = self.tx.send(Err(kv_status(e))).await;
+                return false;
+            }
+        };
+        let id = (kv.key.clone(), kv.mod_revision);
+        if self.last.as_ref() == Some(&id) {
+            return true;
+        }
+        self.last = Some(id);
+        let msg = LeaderResponse {
+            header: self.ctx.header(rev),
+            kv: Some(kv),
+        };
+        self.tx.send(Ok(msg)).await.is_ok()
+    }
+}
+
 /// Streams the leader's key-value every time it changes (new leader or new value), in
 /// revision order: for every revision that touched `<name>/`, the leader as of that
 /// revision is compared with the last one sent.
@@ -178,32 +216,14 @@ async fn observe(ctx: ApiContext, name: Vec<u8>, tx: mpsc::Sender<Result<LeaderR
     let end = prefix_range_end(&p);
     let mut revisions = ctx.kv.subscribe();
     let mut seen = ctx.kv.current_revision();
-    let mut last: Option<(Vec<u8>, i64)> = None;
-    let send = |kv: KeyValue, rev: i64, last: &mut Option<(Vec<u8>, i64)>| {
-        let id = (kv.key.clone(), kv.mod_revision);
-        if last.as_ref() == Some(&id) {
-            return None;
-        }
-        *last = Some(id);
-        Some(Ok(LeaderResponse {
-            header: ctx.header(rev),
-            kv: Some(kv),
-        }))
+    let mut observer = Observer {
+        ctx: ctx.clone(),
+        name,
+        tx: tx.clone(),
+        last: None,
     };
-    let first = oldest(&ctx, &name, seen).map_err(kv_status);
-    match first {
-        Ok(Some(kv)) => {
-            if let Some(msg) = send(kv, seen, &mut last) {
-                if tx.send(msg).await.is_err() {
-                    return;
-                }
-            }
-        }
-        Ok(None) => {}
-        Err(e) => {
-            let _ = tx.send(Err(e)).await;
-            return;
-        }
+    if !observer.offer(seen).await {
+        return;
     }
     loop {
         tokio::select! {
@@ -228,23 +248,8 @@ async fn observe(ctx: ApiContext, name: Vec<u8>, tx: mpsc::Sender<Result<LeaderR
             .collect();
         revs.dedup();
         for rev in revs {
-            let leader = match oldest(&ctx, &name, rev) {
-                Err(KvError::Compacted { .. }) => oldest(&ctx, &name, 0),
-                other => other,
-            };
-            match leader {
-                Ok(Some(kv)) => {
-                    if let Some(msg) = send(kv, rev, &mut last) {
-                        if tx.send(msg).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    let _ = tx.send(Err(kv_status(e))).await;
-                    return;
-                }
+            if !observer.offer(rev).await {
+                return;
             }
         }
         seen = now;

@@ -256,6 +256,17 @@ mod tests {
     }
 
     #[test]
+    fn server_chosen_ids_are_positive_unique_and_carry_the_member() {
+        let l = Lessor::new(1, Duration::ZERO);
+        let member = 0xabcd_1234_5678_9a7f_u64;
+        let ids: Vec<i64> = (0..1000).map(|_| l.next_lease_id(member)).collect();
+        assert!(ids.iter().all(|id| *id > 0));
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        // The member's low 16 bits on top, minus the sign bit.
+        assert!(ids.iter().all(|id| (*id as u64) >> 48 == 0x9a7f & 0x7fff));
+    }
+
+    #[test]
     fn promotion_extends_and_expired_leases_are_taken_once() {
         let l = Lessor::new(1, Duration::from_secs(5));
         l.reset(&[

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use etcd_client::{Client, EventType, LeaseGrantOptions, LeaseTimeToLiveOptions, PutOptions};
 use mesh_tests::*;
-use tokio::task::JoinHandle;
 
 fn grpc(e: etcd_client::Error) -> tonic::Status {
     match e {
@@ -28,28 +27,6 @@ async fn put_leased(c: &mut Client, key: &str, lease: i64) {
 
 async fn exists(c: &mut Client, key: &str) -> bool {
     !c.get(key, None).await.expect("get").kvs().is_empty()
-}
-
-/// Keeps `lease` alive through `c` every `every` until aborted. Like etcd's clientv3,
-/// it opens a new stream when one fails (e.g. during an election).
-fn keep_alive(mut c: Client, lease: i64, every: Duration) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            if let Ok((mut keeper, mut stream)) = c.lease_keep_alive(lease).await {
-                loop {
-                    if keeper.keep_alive().await.is_err() {
-                        break;
-                    }
-                    match stream.message().await {
-                        Ok(Some(r)) if r.ttl() > 0 => {}
-                        _ => break,
-                    }
-                    tokio::time::sleep(every).await;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
 }
 
 async fn wait_gone(c: &mut Client, key: &str, within: Duration) {

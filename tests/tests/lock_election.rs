@@ -35,11 +35,15 @@ async fn contender(shared: Arc<Mutex<Shared>>, task: usize, rounds: usize) {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        // A session, as etcd's clientv3 concurrency keeps one: the lease lives as long
+        // as the contender does.
+        let session = keep_alive(c.clone(), lease.id(), Duration::from_millis(500));
         let lock = c
             .lock("contended", Some(LockOptions::new().with_lease(lease.id())))
             .await;
         let Ok(lock) = lock else {
             // The key (if created) goes with the lease.
+            session.abort();
             let _ = c.lease_revoke(lease.id()).await;
             continue;
         };
@@ -57,6 +61,7 @@ async fn contender(shared: Arc<Mutex<Shared>>, task: usize, rounds: usize) {
         // If the unlock fails (member stopped), the revoke or else the lease's expiry
         // releases the lock.
         let _ = c.unlock(lock.key()).await;
+        session.abort();
         let _ = c.lease_revoke(lease.id()).await;
     }
 }

@@ -164,6 +164,27 @@ pub(crate) async fn wait_older_deleted(
     }
 }
 
+/// After waiting: the contender's key must still be the one created at `rev`. If its
+/// lease expired meanwhile, the key is gone and so is the place in line (etcd's
+/// `ErrSessionExpired`).
+pub(crate) fn still_held(ctx: &ApiContext, key: &[u8], rev: i64) -> Result<(), Status> {
+    let resp = ctx
+        .kv
+        .range(&RangeRequest {
+            key: key.to_vec(),
+            keys_only: true,
+            ..Default::default()
+        })
+        .map_err(kv_status)?;
+    match resp.kvs.first() {
+        Some(kv) if kv.create_revision == rev => Ok(()),
+        _ => Err(Status::unknown(SESSION_EXPIRED)),
+    }
+}
+
+/// etcd's `concurrency.ErrSessionExpired`.
+const SESSION_EXPIRED: &str = "session is expired";
+
 /// Deletes a contender's key when dropped unless disarmed: a Lock or Campaign whose
 /// caller went away must not leave a key that blocks everyone behind it.
 pub(crate) struct ReleaseOnDrop {

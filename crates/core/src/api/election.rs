@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::concurrency::{
-    contender_key, create_or_get, created_at, oldest, prefix, txn, wait_older_deleted,
+    contender_key, create_or_get, created_at, oldest, prefix, still_held, txn, wait_older_deleted,
     ReleaseOnDrop,
 };
 use super::{kv_status, require_key, ApiContext};
@@ -92,6 +92,7 @@ impl Election for ElectionApi {
             proclaim(&self.ctx, &leader, &r.value).await?;
         }
         let rev = wait_older_deleted(&self.ctx, &r.name, leader.rev).await?;
+        still_held(&self.ctx, &leader.key, leader.rev)?;
         guard.disarm();
         Ok(Response::new(CampaignResponse {
             header: self.ctx.header(rev),

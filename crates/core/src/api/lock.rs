@@ -4,7 +4,9 @@
 
 use tonic::{Request, Response, Status};
 
-use super::concurrency::{contender_key, create_or_get, wait_older_deleted, ReleaseOnDrop};
+use super::concurrency::{
+    contender_key, create_or_get, still_held, wait_older_deleted, ReleaseOnDrop,
+};
 use super::{propose_status, require_key, unexpected, ApiContext};
 use crate::proto::etcdserverpb::DeleteRangeRequest;
 use crate::proto::meshpb::internal_request::Request as Internal;
@@ -33,6 +35,7 @@ impl Lock for LockApi {
         // From here on, giving up (the client went away) must release the key.
         let guard = ReleaseOnDrop::new(&self.ctx, key.clone());
         let rev = wait_older_deleted(&self.ctx, &r.name, kv.create_revision).await?;
+        still_held(&self.ctx, &key, kv.create_revision)?;
         guard.disarm();
         Ok(Response::new(LockResponse {
             header: self.ctx.header(rev),

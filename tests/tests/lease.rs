@@ -140,8 +140,24 @@ async fn lease_grant_keep_alive_expiry_revoke_and_errors() {
     for k in ["rev/a", "rev/b", "rev/c"] {
         put_leased(&mut l, k, doomed).await;
     }
+    // From the revision after the puts: the follower may not have applied them yet.
+    let after_puts = l
+        .get("rev/c", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision()
+        + 1;
     let mut watch = f
-        .watch("rev/", Some(etcd_client::WatchOptions::new().with_prefix()))
+        .watch(
+            "rev/",
+            Some(
+                etcd_client::WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(after_puts),
+            ),
+        )
         .await
         .unwrap();
     let revoked = f.lease_revoke(doomed).await.unwrap();

@@ -1,6 +1,7 @@
 //! `lease grant | revoke | keep-alive [--once] | timetolive [--keys] | list`, with IDs
 //! in hex as etcdctl prints and parses them.
 use std::io::Write;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use mesh_core::client::Client;
@@ -38,7 +39,9 @@ pub async fn run(client: &Client, out: &mut dyn Write, f: Format, c: LeaseComman
 }
 
 /// Refreshes every third of the TTL until the lease is gone or SIGINT; `once`
-/// refreshes a single time (a missing lease is then an error, as in etcdctl).
+/// refreshes a single time (a missing lease is then an error, as in etcdctl). A
+/// failed stream (a member stopped, an election) is reopened, as clientv3 does, until
+/// a whole TTL has passed without a refresh.
 async fn keep_alive(
     client: &Client,
     out: &mut dyn Write,
@@ -46,9 +49,9 @@ async fn keep_alive(
     id: i64,
     once: bool,
 ) -> Result<()> {
-    let mut stream = client.lease_keep_alive(id).await?;
+    let mut stream = Some(client.lease_keep_alive(id).await?);
     if once {
-        let r = stream.keep_alive().await?;
+        let r = stream.as_mut().expect("opened").keep_alive().await?;
         if r.ttl <= 0 {
             bail!("etcdserver: requested lease not found");
         }
@@ -57,21 +60,44 @@ async fn keep_alive(
     }
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
+    let mut ttl = Duration::from_secs(60);
+    let mut last_ok = Instant::now();
     loop {
-        let r = tokio::select! {
-            _ = &mut interrupted => return Ok(()),
-            r = stream.keep_alive() => r?,
+        let r = match stream.as_mut() {
+            Some(s) => tokio::select! {
+                _ = &mut interrupted => return Ok(()),
+                r = s.keep_alive() => r,
+            },
+            None => match client.lease_keep_alive(id).await {
+                Ok(s) => {
+                    stream = Some(s);
+                    continue;
+                }
+                Err(e) => Err(e),
+            },
         };
-        if r.ttl <= 0 {
-            print::keep_alive_ended(out, f, id)?;
-            return Ok(());
-        }
-        print::keep_alive(out, f, &r)?;
-        out.flush()?;
-        let every = std::time::Duration::from_millis((r.ttl as u64 * 1000 / 3).max(100));
+        let pause = match r {
+            Ok(r) if r.ttl <= 0 => {
+                print::keep_alive_ended(out, f, id)?;
+                return Ok(());
+            }
+            Ok(r) => {
+                print::keep_alive(out, f, &r)?;
+                out.flush()?;
+                ttl = Duration::from_secs(r.ttl as u64);
+                last_ok = Instant::now();
+                (ttl / 3).max(Duration::from_millis(100))
+            }
+            Err(e) if last_ok.elapsed() < ttl => {
+                tracing::warn!("keep-alive of lease {id:016x} failed, retrying: {e}");
+                stream = None;
+                Duration::from_millis(200)
+            }
+            Err(e) => return Err(e.into()),
+        };
         tokio::select! {
             _ = &mut interrupted => return Ok(()),
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
 }

@@ -781,22 +781,23 @@ fn lease_commands_print_like_etcdctl() {
     assert_eq!(v["granted-ttl"], 60);
     assert_eq!(v["keys"][0], "bGVhc2Vk");
 
-    // keep-alive without --once stops, with etcdctl's line, once the lease is revoked.
-    let keeper = Running::spawn(&s, &["lease", "keep-alive", &id]);
-    assert_eq!(
-        keeper.wait_lines(1)[0],
-        format!("lease {id} keepalived with TTL(60)")
-    );
-    assert_eq!(
-        ok(&s, &["lease", "revoke", &id]),
-        format!("lease {id} revoked\n")
-    );
-    let mut keeper = keeper;
+    // keep-alive without --once refreshes every third of the TTL and stops, with
+    // etcdctl's line, once the lease is revoked.
+    let short = ok(&s, &["lease", "grant", "3"]);
+    let short = short.split(' ').nth(1).unwrap().to_string();
+    let mut keeper = Running::spawn(&s, &["lease", "keep-alive", &short]);
+    let refreshed = format!("lease {short} keepalived with TTL(3)");
+    assert_eq!(keeper.wait_lines(2)[..2], [refreshed.clone(), refreshed]);
+    ok(&s, &["lease", "revoke", &short]);
     let (code, err) = keeper.finish();
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(
         keeper.lines.lock().unwrap().last().unwrap(),
-        &format!("lease {id} expired or revoked.")
+        &format!("lease {short} expired or revoked.")
+    );
+    assert_eq!(
+        ok(&s, &["lease", "revoke", &id]),
+        format!("lease {id} revoked\n")
     );
     assert_eq!(ok(&s, &["get", "leased"]), "");
     assert_eq!(

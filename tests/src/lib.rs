@@ -46,6 +46,32 @@ pub async fn etcd_client(addr: SocketAddr) -> etcd_client::Client {
         .expect("etcd-client connects (lazily)")
 }
 
+/// Keeps `lease` alive through `c` every `every` until aborted. Like etcd's clientv3,
+/// it opens a new stream when one fails (e.g. during an election).
+pub fn keep_alive(
+    mut c: etcd_client::Client,
+    lease: i64,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Ok((mut keeper, mut stream)) = c.lease_keep_alive(lease).await {
+                loop {
+                    if keeper.keep_alive().await.is_err() {
+                        break;
+                    }
+                    match stream.message().await {
+                        Ok(Some(r)) if r.ttl() > 0 => {}
+                        _ => break,
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
 /// Status of one member, or None when it does not answer.
 pub async fn status(addr: SocketAddr) -> Option<etcd_client::StatusResponse> {
     let mut c = etcd_client(addr).await;

@@ -301,3 +301,159 @@ async fn etcdctl_3_4_maintenance_commands() {
     );
     assert_eq!(wait_for_leader(&all).await, target);
 }
+
+/// Keys under `prefix`, oldest first, read through etcd-client.
+async fn keys_under(addr: SocketAddr, prefix: &str) -> Vec<String> {
+    let mut c = etcd_client(addr).await;
+    let sort = (
+        etcd_client::SortTarget::Create,
+        etcd_client::SortOrder::Ascend,
+    );
+    let opts = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_keys_only()
+        .with_sort(sort.0, sort.1);
+    let r = c.get(prefix, Some(opts)).await.unwrap();
+    r.kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect()
+}
+
+async fn wait_keys(addr: SocketAddr, prefix: &str, n: usize) -> Vec<String> {
+    eventually(
+        &format!("{n} keys under {prefix}"),
+        Duration::from_secs(20),
+        || async move {
+            let keys = keys_under(addr, prefix).await;
+            (keys.len() == n).then_some(keys)
+        },
+    )
+    .await
+}
+
+/// The first stdout line of a spawned process. The rest of its output is read (and
+/// dropped) in the background: closing the pipe would make its next write fail.
+async fn first_line(child: &mut tokio::process::Child) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("output in time")
+        .unwrap()
+        .expect("a line");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    first
+}
+
+fn signal(child: &tokio::process::Child, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().unwrap().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// `holder` takes the lock `shared` and prints its key; `waiter`, started after it,
+/// must wait until the holder is stopped with `sig`, then run its command.
+async fn lock_excludes(f: SocketAddr, mut holder: Command, mut waiter: Command, sig: &str) {
+    let mut held = holder.spawn().unwrap();
+    let key = first_line(&mut held).await;
+    assert!(key.starts_with("shared/"), "{key}");
+    let mut waiting = waiter.spawn().unwrap();
+    let keys = wait_keys(f, "shared/", 2).await;
+    assert_eq!(keys[0], key, "the holder's key is the oldest");
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "{waiter:?} took a lock {holder:?} holds"
+    );
+    signal(&held, sig);
+    let _ = held.wait().await;
+    let out = tokio::time::timeout(Duration::from_secs(20), waiting.wait_with_output())
+        .await
+        .expect("the waiter gets the lock once the holder lets go")
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "took-it\n");
+    wait_keys(f, "shared/", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_3_4_leases_and_locks() {
+    let c = InProcessCluster::start(3, ClusterOpts::default()).await;
+    let all = c.live_addrs();
+    let leader = wait_for_leader(&all).await;
+    // A follower: lease requests there take the replicated / forwarded paths.
+    let f = c.addr((c.index_of(leader) + 1) % 3);
+    let one = [f];
+
+    let granted = ok(&one, &["lease", "grant", "60"]).await;
+    let id = granted
+        .strip_prefix("lease ")
+        .and_then(|r| r.strip_suffix(" granted with TTL(60s)\n"))
+        .unwrap_or_else(|| panic!("{granted:?}"))
+        .to_string();
+    assert_eq!(
+        ok(&one, &["put", "--lease", &id, "leased", "v"]).await,
+        "OK\n"
+    );
+    let ttl = ok(&one, &["lease", "timetolive", "--keys", &id]).await;
+    assert!(
+        ttl.starts_with(&format!("lease {id} granted with TTL(60s), remaining("))
+            && ttl.ends_with("s), attached keys([leased])\n"),
+        "{ttl}"
+    );
+    assert_eq!(
+        ok(&one, &["lease", "keep-alive", "--once", &id]).await,
+        format!("lease {id} keepalived with TTL(60)\n")
+    );
+    assert_eq!(
+        ok(&all, &["lease", "list"]).await,
+        format!("found 1 leases\n{id}\n")
+    );
+    assert_eq!(
+        ok(&one, &["lease", "revoke", &id]).await,
+        format!("lease {id} revoked\n")
+    );
+    assert_eq!(ok(&one, &["get", "leased"]).await, "");
+    assert_eq!(
+        ok(&one, &["lease", "timetolive", &id]).await,
+        format!("lease {id} already expired\n")
+    );
+    let (success, _, err) = etcdctl(&one, &["put", "--lease", &id, "k", "v"], "").await;
+    assert!(!success);
+    assert!(
+        err.contains("etcdserver: requested lease not found"),
+        "{err}"
+    );
+
+    // etcdctl lock with a command: the command runs holding NAME/<lease hex>.
+    let out = ok(
+        &one,
+        &["lock", "solo", "--", "sh", "-c", "echo $ETCD_LOCK_KEY"],
+    )
+    .await;
+    assert!(
+        out.starts_with("solo/") && out.len() > "solo/\n".len(),
+        "{out}"
+    );
+    wait_keys(f, "solo/", 0).await;
+
+    // A lock held by meshctl excludes etcdctl's, and the other way round.
+    let meshctl = |args: &[&str]| {
+        let mut cmd = Command::new(binary("meshctl"));
+        cmd.arg(format!("--endpoints={}", c.addr(0)))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    };
+    let holder = meshctl(&["lock", "shared"]);
+    let waiter = etcdctl_cmd(&one, &["lock", "shared", "--", "echo", "took-it"]);
+    lock_excludes(f, holder, waiter, "TERM").await;
+    let holder = etcdctl_cmd(&one, &["lock", "shared"]);
+    let waiter = meshctl(&["lock", "shared", "--", "echo", "took-it"]);
+    lock_excludes(f, holder, waiter, "INT").await;
+}

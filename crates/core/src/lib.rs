@@ -9,6 +9,7 @@
 //! - [`crdt`]: convergent counters gossiped over mesh channels.
 //! - [`storage`]: the redb database of a data dir, its identity, the Raft log tables.
 //! - [`kv`]: the state machine: MVCC revisions, ranges, txns, compaction, events.
+//! - [`lease`]: the lessor: lease deadlines, expiry decided by the leader.
 //! - [`raft`]: the driver thread around raft-rs `RawNode`, and Raft over mesh unicast.
 //! - [`membership`]: Raft membership driven from the mesh: routes, bootstrap-expect,
 //!   joining, growth and healing (reachability never changes the voter set by itself).
@@ -22,6 +23,7 @@ pub mod api;
 pub mod client;
 pub mod crdt;
 pub mod kv;
+pub mod lease;
 pub mod membership;
 pub mod mesh;
 pub mod raft;
@@ -30,7 +32,8 @@ pub mod snapshot;
 pub mod storage;
 
 /// Generated wire types: the etcd v3 API (`etcdserverpb`, `mvccpb`) and meshd's own
-/// records (`meshpb`).
+/// records (`meshpb`), and etcd's lock and election services (`v3lockpb`,
+/// `v3electionpb`).
 pub mod proto {
     pub mod mvccpb {
         tonic::include_proto!("mvccpb");
@@ -40,5 +43,11 @@ pub mod proto {
     }
     pub mod meshpb {
         tonic::include_proto!("meshpb");
+    }
+    pub mod v3lockpb {
+        tonic::include_proto!("v3lockpb");
+    }
+    pub mod v3electionpb {
+        tonic::include_proto!("v3electionpb");
     }
 }

@@ -13,14 +13,19 @@ use tracing::{info, warn};
 use crate::api::{self, ApiContext, Limits};
 use crate::crdt::CounterGossiper;
 use crate::kv::{ApplyBatch, KvError, KvStore};
+use crate::lease::Lessor;
 use crate::membership::autopilot::{Autopilot, AutopilotConfig};
 use crate::membership::bootstrap::{self, Outcome};
 use crate::membership::join::{JoinChannel, JOIN_CHANNEL};
 use crate::membership::{self, refresh_routes, token_hash, LocalMeta};
 use crate::mesh::{Mesh, MeshConfig};
-use crate::proto::etcdserverpb::{cluster_server, kv_server, maintenance_server, watch_server};
+use crate::proto::etcdserverpb::{
+    cluster_server, kv_server, lease_server, maintenance_server, watch_server,
+};
 use crate::proto::meshpb::{internal_request::Request as Internal, MemberAttributes, MemberRecord};
 use crate::proto::meshpb::{mesh_server, node_meta::State, NodeMeta};
+use crate::proto::v3electionpb::election_server;
+use crate::proto::v3lockpb::lock_server;
 use crate::raft::mesh_transport::{MemberRoutes, MeshTransport, RAFT_CHANNEL};
 use crate::raft::transport::Transport;
 use crate::raft::{spawn_driver, DriverConfig, DriverError, NodeHandle, NodeStatus};
@@ -177,6 +182,8 @@ pub struct Server {
     mesh_addr: SocketAddr,
     node: NodeHandle,
     grpc_stop: Option<oneshot::Sender<()>>,
+    /// Tells waiting requests the member is stopping.
+    stopping: tokio::sync::watch::Sender<bool>,
     grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     driver: Option<std::thread::JoinHandle<Result<(), DriverError>>>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -280,6 +287,12 @@ impl Server {
             "member starting"
         );
 
+        let lessor = Lessor::new(
+            Lessor::min_ttl_for(cfg.tick, cfg.election_ticks),
+            cfg.tick * cfg.election_ticks as u32,
+        );
+        crate::lease::load(&lessor, &kv)?;
+
         let (tx, rx) = std_mpsc::channel();
         let status = Arc::new(NodeStatus::new(identity.member_id, identity.cluster_id));
         let routes = Arc::new(MemberRoutes::default());
@@ -308,12 +321,16 @@ impl Server {
             transport.clone() as Arc<dyn Transport>,
             rx,
             status.clone(),
+            lessor.clone(),
         )?;
         let node = NodeHandle::new(tx, status, log, cfg.request_timeout);
 
+        let (stopping, stopping_rx) = tokio::sync::watch::channel(false);
         let ctx = ApiContext {
+            stopping: stopping_rx,
             node: node.clone(),
             kv: kv.clone(),
+            lessor: lessor.clone(),
             limits: cfg.limits.clone(),
             db_path: cfg.data_dir.join(storage::DB_FILE),
             db: db.clone(),
@@ -348,7 +365,14 @@ impl Server {
                     COUNTER_CHANNEL.to_string(),
                 ],
                 cluster_id: identity.cluster_id,
-            }));
+            }))
+            .add_service(lease_server::LeaseServer::new(api::LeaseApi::new(
+                ctx.clone(),
+            )))
+            .add_service(lock_server::LockServer::new(api::LockApi::new(ctx.clone())))
+            .add_service(election_server::ElectionServer::new(api::ElectionApi::new(
+                ctx.clone(),
+            )));
         // Small request/response pairs must not wait for Nagle and delayed ACKs.
         let incoming =
             tonic::transport::server::TcpIncoming::from(client_listener).with_nodelay(Some(true));
@@ -382,11 +406,17 @@ impl Server {
             }
             .run(),
         );
+        let expiry = tokio::spawn(crate::lease::run_expiry(
+            lessor,
+            node.clone(),
+            cfg.tick.max(Duration::from_millis(20)),
+        ));
         Ok(Server {
             client_addr,
             mesh_addr,
             node,
             grpc_stop: Some(grpc_stop),
+            stopping,
             grpc,
             driver: Some(driver),
             background: vec![
@@ -394,6 +424,7 @@ impl Server {
                 watch_mesh,
                 autopilot,
                 tokio::spawn(watch_quota(ctx)),
+                expiry,
             ],
             mesh,
         })
@@ -425,6 +456,7 @@ impl Server {
     /// Graceful stop: stop accepting, let in-flight requests finish, stop the driver
     /// after its current Ready (everything acknowledged is already durable).
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.stopping.send_replace(true);
         if let Some(stop) = self.grpc_stop.take() {
             let _ = stop.send(());
         }
@@ -458,6 +490,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        self.stopping.send_replace(true);
         self.grpc.abort();
         for t in &self.background {
             t.abort();

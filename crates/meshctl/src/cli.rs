@@ -60,6 +60,15 @@ pub enum Command {
     Watch(WatchArgs),
     /// Compact the history up to a revision.
     Compact(CompactArgs),
+    /// Leases: grant, revoke, keep-alive, timetolive, list.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Take a distributed lock; hold it while COMMAND runs, or print its key and hold
+    /// it until interrupted.
+    Lock(LockArgs),
+    /// Campaign in an election and hold leadership until interrupted, or with
+    /// --listen print every leader value.
+    Elect(ElectArgs),
     /// Cluster membership.
     #[command(subcommand)]
     Member(MemberCommand),
@@ -230,6 +239,57 @@ pub struct CompactArgs {
     /// Wait until the compaction is physically applied.
     #[arg(long)]
     pub physical: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Create a lease of TTL seconds.
+    Grant { ttl: i64 },
+    /// Revoke a lease (hex ID), deleting every key attached to it.
+    Revoke { id: String },
+    /// Keep a lease (hex ID) alive until interrupted or the lease is gone.
+    KeepAlive {
+        id: String,
+        /// Refresh once and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Remaining and granted TTL of a lease (hex ID).
+    Timetolive {
+        id: String,
+        /// Also list the keys attached to the lease.
+        #[arg(long)]
+        keys: bool,
+    },
+    /// List every lease.
+    List,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LockArgs {
+    /// The lock's name (its keys live under NAME/).
+    pub name: String,
+    /// TTL in seconds of the lease that holds the lock (kept alive while held).
+    #[arg(long, default_value_t = 10)]
+    pub ttl: i64,
+    /// Command to run while holding the lock (after `--`), with ETCD_LOCK_KEY and
+    /// ETCD_LOCK_REV set; meshctl exits with its status.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ElectArgs {
+    /// The election's name (its keys live under NAME/).
+    pub name: String,
+    /// The value to proclaim once elected (required unless --listen).
+    pub proposal: Option<String>,
+    /// Observe the election: print every leader value, in order.
+    #[arg(short, long)]
+    pub listen: bool,
+    /// TTL in seconds of the lease that holds the candidacy (kept alive).
+    #[arg(long, default_value_t = 10)]
+    pub ttl: i64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -48,6 +48,9 @@ fn exit_code(err: &anyhow::Error) -> ExitCode {
     if broken_pipe {
         return ExitCode::SUCCESS;
     }
+    if let Some(cmd::Exit::Status(code)) = err.downcast_ref::<cmd::Exit>() {
+        return ExitCode::from(*code);
+    }
     eprintln!("Error: {err:#}");
     match err.downcast_ref::<cmd::Exit>() {
         Some(exit) => ExitCode::from(exit.code()),

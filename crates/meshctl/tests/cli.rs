@@ -947,3 +947,268 @@ fn mesh_peers_status_and_counters() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("counter name is empty"));
 }
+
+/// A long-running meshctl whose stdout lines are collected as they arrive.
+struct Running {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Running {
+    fn spawn(server: &Server, args: &[&str]) -> Running {
+        let mut child = command(server, args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// Waits until at least `n` lines were printed; returns all of them.
+    fn wait_lines(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let lines = self.lines.lock().unwrap().clone();
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} lines arrived: {lines:?}",
+                lines.len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Exit code after `sig`; stderr for messages.
+    fn stop(mut self, sig: &str) -> (Option<i32>, String) {
+        self.signal(sig);
+        self.finish()
+    }
+
+    fn finish(&mut self) -> (Option<i32>, String) {
+        let status = self.child.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            e.read_to_string(&mut err).unwrap();
+        }
+        (status.code(), err)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `n` keys start with `prefix`; returns them, oldest first.
+fn wait_keys(s: &Server, prefix: &str, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let args = [
+        "get",
+        prefix,
+        "--prefix",
+        "--keys-only",
+        "--sort-by",
+        "CREATE",
+    ];
+    loop {
+        let keys: Vec<String> = ok(s, &args)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        if keys.len() == n {
+            return keys;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} keys under {prefix}, have {keys:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn lease_commands_print_like_etcdctl() {
+    let s = start_server();
+    let granted = ok(&s, &["lease", "grant", "60"]);
+    let id = granted
+        .strip_prefix("lease ")
+        .and_then(|r| r.strip_suffix(" granted with TTL(60s)\n"))
+        .unwrap_or_else(|| panic!("grant output: {granted:?}"))
+        .to_string();
+    assert_eq!(id.len(), 16, "IDs print as 16 hex digits: {id}");
+    assert_eq!(ok(&s, &["put", "leased", "v", "--lease", &id]), "OK\n");
+    let ttl = ok(&s, &["lease", "timetolive", &id, "--keys"]);
+    let prefix = format!("lease {id} granted with TTL(60s), remaining(");
+    assert!(
+        ttl.starts_with(&prefix) && ttl.ends_with("s), attached keys([leased])\n"),
+        "{ttl}"
+    );
+    assert_eq!(
+        ok(&s, &["lease", "keep-alive", "--once", &id]),
+        format!("lease {id} keepalived with TTL(60)\n")
+    );
+    let list = ok(&s, &["lease", "list"]);
+    assert!(
+        list.starts_with("found 1 leases\n") && list.contains(&format!("\n{id}\n")),
+        "{list}"
+    );
+    let v = json(&ok(&s, &["lease", "grant", "30", "-w", "json"]));
+    assert_eq!(v["TTL"], 30);
+    assert!(v["ID"].as_i64().unwrap() > 0 && v["revision"].as_i64().unwrap() > 0);
+    let v = json(&ok(
+        &s,
+        &["lease", "timetolive", &id, "--keys", "-w", "json"],
+    ));
+    assert_eq!(v["granted-ttl"], 60);
+    assert_eq!(v["keys"][0], "bGVhc2Vk");
+
+    // keep-alive without --once refreshes every third of the TTL and stops, with
+    // etcdctl's line, once the lease is revoked.
+    let short = ok(&s, &["lease", "grant", "3"]);
+    let short = short.split(' ').nth(1).unwrap().to_string();
+    let mut keeper = Running::spawn(&s, &["lease", "keep-alive", &short]);
+    let refreshed = format!("lease {short} keepalived with TTL(3)");
+    assert_eq!(keeper.wait_lines(2)[..2], [refreshed.clone(), refreshed]);
+    ok(&s, &["lease", "revoke", &short]);
+    let (code, err) = keeper.finish();
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        keeper.lines.lock().unwrap().last().unwrap(),
+        &format!("lease {short} expired or revoked.")
+    );
+    assert_eq!(
+        ok(&s, &["lease", "revoke", &id]),
+        format!("lease {id} revoked\n")
+    );
+    assert_eq!(ok(&s, &["get", "leased"]), "");
+    assert_eq!(
+        ok(&s, &["lease", "timetolive", &id]),
+        format!("lease {id} already expired\n")
+    );
+    for args in [
+        vec!["lease", "keep-alive", "--once", id.as_str()],
+        vec!["lease", "revoke", id.as_str()],
+        vec!["put", "k", "v", "--lease", id.as_str()],
+    ] {
+        let out = meshctl(&s, &args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(
+            text(&out.stderr),
+            "Error: etcdserver: requested lease not found\n",
+            "{args:?}"
+        );
+    }
+}
+
+#[test]
+fn lock_excludes_holds_and_passes_on_the_command_status() {
+    let s = start_server();
+    let dir = tempfile::tempdir().unwrap();
+    let ran = dir.path().join("ran");
+
+    // A holder without a command prints the key (and its empty value) and holds.
+    let holder = Running::spawn(&s, &["lock", "L"]);
+    let lines = holder.wait_lines(2);
+    assert!(
+        lines[0].starts_with("L/") && lines[1].is_empty(),
+        "{lines:?}"
+    );
+    let script = format!(
+        "echo \"$ETCD_LOCK_KEY $ETCD_LOCK_REV\" > {}; exit 7",
+        ran.display()
+    );
+    let mut waiter = Running::spawn(&s, &["lock", "L", "--", "sh", "-c", &script]);
+    // The waiter's key exists behind the holder's, yet its command has not run.
+    let keys = wait_keys(&s, "L/", 2);
+    assert_eq!(keys[0], lines[0]);
+    assert!(!ran.exists(), "the command ran while the lock was held");
+
+    let (code, err) = holder.stop("TERM");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = waiter.finish();
+    assert_eq!(
+        code,
+        Some(7),
+        "meshctl exits with the command's status: {err}"
+    );
+    let env = std::fs::read_to_string(&ran).unwrap();
+    let (key, rev) = env.trim().split_once(' ').unwrap();
+    assert_eq!(key, keys[1]);
+    assert!(rev.parse::<i64>().unwrap() > 0);
+    wait_keys(&s, "L/", 0);
+
+    // SIGTERM reaches the command; the lock is released when it exits.
+    let trapped = dir.path().join("trapped");
+    let script = format!(
+        "trap 'echo term >> {0}; exit 5' TERM; echo ready >> {0}; while :; do sleep 0.05; done",
+        trapped.display()
+    );
+    let runner = Running::spawn(&s, &["lock", "L", "--", "sh", "-c", &script]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&trapped)
+        .unwrap_or_default()
+        .contains("ready")
+    {
+        assert!(Instant::now() < deadline, "the command never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, err) = runner.stop("TERM");
+    assert_eq!(code, Some(5), "{err}");
+    assert_eq!(std::fs::read_to_string(&trapped).unwrap(), "ready\nterm\n");
+    wait_keys(&s, "L/", 0);
+}
+
+#[test]
+fn elect_campaigns_hands_over_and_listen_prints_every_leader() {
+    let s = start_server();
+    let out = meshctl(&s, &["elect", "E"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+
+    let listener = Running::spawn(&s, &["elect", "--listen", "E"]);
+    let first = Running::spawn(&s, &["elect", "E", "p1"]);
+    let won = first.wait_lines(2);
+    assert!(won[0].starts_with("E/") && won[1] == "p1", "{won:?}");
+    let second = Running::spawn(&s, &["elect", "E", "p2"]);
+    let keys = wait_keys(&s, "E/", 2);
+    assert_eq!(keys[0], won[0]);
+
+    let (code, err) = first.stop("INT");
+    assert_eq!(code, Some(0), "{err}");
+    let won2 = second.wait_lines(2);
+    assert_eq!(won2, vec![keys[1].clone(), "p2".to_string()]);
+    assert_eq!(
+        listener.wait_lines(4),
+        vec![won[0].clone(), "p1".into(), keys[1].clone(), "p2".into()]
+    );
+    let (code, err) = second.stop("INT");
+    assert_eq!(code, Some(0), "{err}");
+    wait_keys(&s, "E/", 0);
+    let (code, err) = listener.stop("INT");
+    assert_eq!(code, Some(0), "{err}");
+}

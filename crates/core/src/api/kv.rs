@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{kv_status, propose_status, require_key, ApiContext};
+use super::{kv_status, propose_status, require_key, unexpected, ApiContext};
 use crate::proto::etcdserverpb::{
     self as pb, kv_server::Kv, request_op::Request as Op, CompactionRequest, CompactionResponse,
     DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
@@ -149,8 +149,4 @@ impl Kv for KvApi {
             header: self.ctx.header(applied.revision),
         }))
     }
-}
-
-fn unexpected(kind: AppliedKind) -> Status {
-    Status::internal(format!("unexpected apply result {kind:?}"))
 }

@@ -2,11 +2,16 @@
 //!
 //! Turns requests into proposals (writes) or local reads (after a ReadIndex unless the
 //! caller asked for a serializable read), validates sizes and shapes with etcd's limits
-//! and error texts, and stamps every response header. Calls [`crate::raft`] and
-//! [`crate::kv`]; one file per service.
+//! and error texts, and stamps every response header. Calls [`crate::raft`],
+//! [`crate::kv`] and [`crate::lease`]; one file per service (`concurrency` holds what
+//! Lock and Election share).
 
 mod cluster;
+mod concurrency;
+mod election;
 mod kv;
+mod lease;
+mod lock;
 mod maintenance;
 mod mesh;
 pub mod proxy;
@@ -18,12 +23,16 @@ use std::time::Duration;
 use tonic::{Code, Status};
 
 pub use cluster::ClusterApi;
+pub use election::ElectionApi;
 pub use kv::KvApi;
+pub use lease::LeaseApi;
+pub use lock::LockApi;
 pub use maintenance::MaintenanceApi;
 pub use mesh::MeshApi;
 pub use watch::WatchApi;
 
 use crate::kv::{KvError, KvStore};
+use crate::lease::Lessor;
 use crate::proto::etcdserverpb::ResponseHeader;
 use crate::raft::{NodeHandle, ProposeError};
 
@@ -61,12 +70,16 @@ impl Default for Limits {
 pub struct ApiContext {
     pub node: NodeHandle,
     pub kv: Arc<KvStore>,
+    pub lessor: Arc<Lessor>,
     pub limits: Limits,
     pub db_path: std::path::PathBuf,
     /// The database handle, for its file size (Status, the space quota).
     pub db: Arc<crate::storage::Db>,
     /// `--quota-backend-bytes`: above this file size the member raises NOSPACE.
     pub quota_backend_bytes: u64,
+    /// Becomes true when the member starts stopping: requests that wait indefinitely
+    /// (Lock, Campaign, Observe, keep-alive streams) end so shutdown need not wait.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ApiContext {
@@ -85,6 +98,13 @@ impl ApiContext {
     pub fn stamp(&self, header: &mut Option<ResponseHeader>, revision: i64) {
         let rev = header.as_ref().map_or(0, |h| h.revision).max(revision);
         *header = self.header(rev);
+    }
+
+    /// Resolves once the member is stopping.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopping.clone();
+        // An error means the server is gone: stopped as well.
+        let _ = rx.wait_for(|stopping| *stopping).await;
     }
 
     /// Waits until a read served locally afterwards is linearizable.
@@ -106,6 +126,9 @@ pub fn kv_status(e: KvError) -> Status {
         KvError::Compacted { .. } | KvError::FutureRevision => Code::OutOfRange,
         KvError::NoSpace => Code::ResourceExhausted,
         KvError::Storage(_) => Code::Internal,
+        KvError::LeaseNotFound => Code::NotFound,
+        KvError::LeaseExists => Code::FailedPrecondition,
+        KvError::LeaseTtlTooLarge => Code::OutOfRange,
         _ => Code::InvalidArgument,
     };
     Status::new(code, e.to_string())
@@ -119,6 +142,11 @@ pub fn propose_status(e: ProposeError) -> Status {
         ProposeError::Defragment(_) => Status::internal(e.to_string()),
         other => Status::unavailable(other.to_string()),
     }
+}
+
+/// An apply result of the wrong kind for the request: a bug, reported as such.
+pub(crate) fn unexpected(kind: crate::raft::AppliedKind) -> Status {
+    Status::internal(format!("unexpected apply result {kind:?}"))
 }
 
 pub(crate) fn require_key(key: &[u8]) -> Result<(), Status> {

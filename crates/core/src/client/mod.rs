@@ -3,9 +3,12 @@
 //! is unreachable (writes only when the request provably was not sent).
 //!
 //! Layout: `mod.rs` the [`Client`] and its failover loop; `error.rs` [`ClientError`];
-//! `watch.rs` the [`Watcher`] stream; `keys.rs` range helpers (prefix / from-key ends).
+//! `watch.rs` the [`Watcher`] stream; `keys.rs` range helpers (prefix / from-key ends);
+//! `lease.rs` leases and keep-alives; `concurrency.rs` Lock and Election.
+mod concurrency;
 mod error;
 mod keys;
+mod lease;
 mod watch;
 
 use std::future::Future;
@@ -25,6 +28,7 @@ use meshpb::mesh_client::MeshClient;
 
 pub use error::ClientError;
 pub use keys::{from_key_range_end, prefix_range_end};
+pub use lease::{keep_lease_alive, KeepAlive};
 pub use watch::{WatchOptions, Watcher};
 
 /// How to reach the cluster.
@@ -166,6 +170,21 @@ impl Client {
         };
         *ep.channel.lock().expect("channel lock") = Some(ch.clone());
         Ok(ch)
+    }
+
+    /// The first endpoint (starting with the last good one) that can be dialed.
+    async fn first_channel(&self) -> Result<(usize, Channel), ClientError> {
+        let n = self.inner.endpoints.len();
+        let start = self.inner.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in 0..n {
+            let idx = (start + i) % n;
+            match self.channel(idx).await {
+                Ok(ch) => return Ok((idx, ch)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one endpoint"))
     }
 
     /// Runs `call` against the endpoints in turn, starting with the last good one.

@@ -22,9 +22,22 @@ pub(crate) struct Change {
     pub kv: KeyValue,
 }
 
+/// Whether a lease exists, for checking the lease of a Put.
+pub(crate) trait LeaseLookup {
+    fn lease_exists(&self, id: i64) -> Result<bool, KvError>;
+}
+
+impl<T: ReadableTable<i64, i64>> LeaseLookup for T {
+    fn lease_exists(&self, id: i64) -> Result<bool, KvError> {
+        Ok(self.get(id)?.is_some())
+    }
+}
+
 pub(crate) struct Exec<'t, L, H> {
     latest: &'t L,
     history: &'t H,
+    /// The lease table; None for read-only execution (which refuses every write).
+    leases: Option<&'t dyn LeaseLookup>,
     /// Revision of the tables before this request.
     base_revision: i64,
     compact_revision: i64,
@@ -43,6 +56,7 @@ where
     pub(crate) fn new(
         latest: &'t L,
         history: &'t H,
+        leases: Option<&'t dyn LeaseLookup>,
         base_revision: i64,
         compact_revision: i64,
         writable: bool,
@@ -50,6 +64,7 @@ where
         Exec {
             latest,
             history,
+            leases,
             base_revision,
             compact_revision,
             writable,
@@ -166,6 +181,19 @@ where
         if prev.is_none() && (req.ignore_value || req.ignore_lease) {
             return Err(KvError::KeyNotFound);
         }
+        let lease = match (&prev, req.ignore_lease) {
+            (Some(p), true) => p.lease,
+            _ => req.lease,
+        };
+        if lease != 0 && !req.ignore_lease {
+            let exists = match self.leases {
+                Some(leases) => leases.lease_exists(lease)?,
+                None => false,
+            };
+            if !exists {
+                return Err(KvError::LeaseNotFound);
+            }
+        }
         let rev = self.write_revision();
         let kv = KeyValue {
             key: req.key.clone(),
@@ -176,10 +204,7 @@ where
                 (Some(p), true) => p.value.clone(),
                 _ => req.value.clone(),
             },
-            lease: match (&prev, req.ignore_lease) {
-                (Some(p), true) => p.lease,
-                _ => req.lease,
-            },
+            lease,
         };
         self.record(false, kv);
         Ok(pb::PutResponse {

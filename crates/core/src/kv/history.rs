@@ -1,12 +1,13 @@
 //! Work on the MVCC history as a whole: applying a request's changes, compaction,
-//! watch replay (`events`), the consistency hash, and snapshot export/import.
+//! watch replay (`events`), the consistency hash, and snapshot export/import; every
+//! write also keeps the lease → key attachments in step.
 use std::collections::{BTreeMap, BTreeSet};
 
 use redb::{ReadableTable, Table};
 
 use super::exec::Change;
 use super::range::{HistoryKey, Interval};
-use super::tables::{decode_record, encode_kv, encode_record, is_tombstone, Record};
+use super::tables::{decode_kv, decode_record, encode_kv, encode_record, is_tombstone, Record};
 use super::KvError;
 use crate::proto::meshpb::{HistoryRecord, StoreSnapshot};
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
@@ -14,12 +15,16 @@ use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
 pub(crate) type LatestTable<'txn> = Table<'txn, &'static [u8], &'static [u8]>;
 pub(crate) type HistoryTable<'txn> = Table<'txn, HistoryKey<'static>, &'static [u8]>;
 pub(crate) type RevlogTable<'txn> = Table<'txn, (i64, i64), &'static [u8]>;
+pub(crate) type LeaseTable<'txn> = Table<'txn, i64, i64>;
+pub(crate) type LeaseKeysTable<'txn> = Table<'txn, (i64, &'static [u8]), ()>;
 
-/// The three keyspace tables of one write transaction.
+/// The keyspace tables of one write transaction.
 pub(crate) struct WriteTables<'txn> {
     pub latest: LatestTable<'txn>,
     pub history: HistoryTable<'txn>,
     pub revlog: RevlogTable<'txn>,
+    pub leases: LeaseTable<'txn>,
+    pub lease_keys: LeaseKeysTable<'txn>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -28,6 +33,8 @@ impl<'txn> WriteTables<'txn> {
             latest: txn.open_table(super::tables::LATEST)?,
             history: txn.open_table(super::tables::HISTORY)?,
             revlog: txn.open_table(super::tables::REVLOG)?,
+            leases: txn.open_table(super::tables::LEASES)?,
+            lease_keys: txn.open_table(super::tables::LEASE_KEYS)?,
         })
     }
 
@@ -43,6 +50,19 @@ impl<'txn> WriteTables<'txn> {
         self.history
             .insert((key, main, sub), encode_record(tombstone, kv).as_slice())?;
         self.revlog.insert((main, sub), key)?;
+        let old_lease = match self.latest.get(key)? {
+            Some(v) => decode_kv(v.value())?.lease,
+            None => 0,
+        };
+        let new_lease = if tombstone { 0 } else { kv.lease };
+        if old_lease != new_lease {
+            if old_lease != 0 {
+                self.lease_keys.remove((old_lease, key))?;
+            }
+            if new_lease != 0 {
+                self.lease_keys.insert((new_lease, key), ())?;
+            }
+        }
         if tombstone {
             self.latest.remove(key)?;
         } else {
@@ -94,11 +114,16 @@ impl<'txn> WriteTables<'txn> {
         Ok(())
     }
 
-    /// Replace the keyspace with a snapshot's history.
+    /// Replace the keyspace and the leases with a snapshot's.
     pub(crate) fn restore(&mut self, snap: &StoreSnapshot) -> Result<(), KvError> {
         self.latest.retain(|_, _| false)?;
         self.history.retain(|_, _| false)?;
         self.revlog.retain(|_, _| false)?;
+        self.leases.retain(|_, _| false)?;
+        self.lease_keys.retain(|_, _| false)?;
+        for lease in &snap.leases {
+            self.leases.insert(lease.id, lease.ttl)?;
+        }
         for record in &snap.history {
             let kv = record.kv.clone().unwrap_or_default();
             let key = kv.key.as_slice();
@@ -124,6 +149,9 @@ impl<'txn> WriteTables<'txn> {
             if let Some(kv) = &record.kv {
                 self.latest
                     .insert(kv.key.as_slice(), encode_kv(kv).as_slice())?;
+                if kv.lease != 0 {
+                    self.lease_keys.insert((kv.lease, kv.key.as_slice()), ())?;
+                }
             }
         }
         Ok(())

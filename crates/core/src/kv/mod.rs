@@ -10,6 +10,7 @@
 //! - `exec`: executing Put / DeleteRange / Range / Txn over an overlay of the request's own writes
 //! - `history`: applying changes, compaction, watch replay, hash, snapshot export/import
 //! - `check`: etcd's request validation (`check_txn`, `validate_*`)
+//! - `lease`: the replicated lease table (grant, revoke with its keys, lookups)
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -24,12 +25,14 @@ use crate::storage::Db;
 mod check;
 mod exec;
 mod history;
+mod lease;
 mod range;
 mod tables;
 #[cfg(test)]
 mod tests;
 
 pub use check::{check_txn, is_read_only, validate_delete_range, validate_put, validate_range};
+pub use lease::MAX_LEASE_TTL;
 
 use exec::Exec;
 use history::{HistoryTable, LatestTable, WriteTables};
@@ -74,6 +77,15 @@ pub enum KvError {
     /// An alarm request with an action or type the state machine does not apply.
     #[error("etcdserver: invalid alarm request")]
     InvalidAlarm,
+    /// A Put names a lease that does not exist, or a revoke / keep-alive an unknown lease.
+    #[error("etcdserver: requested lease not found")]
+    LeaseNotFound,
+    /// A grant with a client-chosen ID that is already taken.
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    /// A grant whose TTL exceeds the maximum.
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
     /// `txn_read` was given a Txn that may write.
     #[error("kv: txn_read given a txn that writes")]
     WriteInReadOnlyTxn,
@@ -130,6 +142,8 @@ impl KvStore {
             txn.open_table(REVLOG)?;
             txn.open_table(MEMBERS)?;
             txn.open_table(ALARMS)?;
+            txn.open_table(tables::LEASES)?;
+            txn.open_table(tables::LEASE_KEYS)?;
             Meta::load(&txn.open_table(META)?)?
         };
         txn.commit()?;
@@ -189,6 +203,7 @@ impl KvStore {
         let mut exec = Exec::new(
             &latest,
             &history,
+            None,
             meta.current_revision,
             meta.compact_revision,
             false,
@@ -251,6 +266,7 @@ impl KvStore {
             history: history::export(&txn.open_table(HISTORY)?)?,
             members: read_members(&txn.open_table(MEMBERS)?)?,
             alarms: read_alarms(&txn.open_table(ALARMS)?)?,
+            leases: lease::export(&txn.open_table(tables::LEASES)?)?,
         };
         Ok((meta.applied_index, snap))
     }
@@ -398,6 +414,7 @@ impl<'a> ApplyBatch<'a> {
             let mut exec = Exec::new(
                 &tables.latest,
                 &tables.history,
+                Some(&tables.leases),
                 self.meta.current_revision,
                 self.meta.compact_revision,
                 true,

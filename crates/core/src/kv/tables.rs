@@ -22,6 +22,12 @@ pub(crate) const MEMBERS: TableDefinition<u64, &[u8]> = TableDefinition::new("kv
 
 /// Active alarms: (member ID, `etcdserverpb.AlarmType`) → nothing.
 pub(crate) const ALARMS: TableDefinition<(u64, i32), ()> = TableDefinition::new("kv_alarms");
+/// Granted leases: lease ID → granted TTL in seconds.
+pub(crate) const LEASES: TableDefinition<i64, i64> = TableDefinition::new("kv_leases");
+/// Live keys attached to a lease: (lease ID, key) → (). Kept in step with `kv_latest`
+/// by every write, so revoking a lease finds its keys without a scan.
+pub(crate) const LEASE_KEYS: TableDefinition<(i64, &[u8]), ()> =
+    TableDefinition::new("kv_lease_keys");
 
 const META_CURRENT_REVISION: &str = "current_revision";
 const META_COMPACT_REVISION: &str = "compact_revision";

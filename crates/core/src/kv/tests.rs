@@ -105,6 +105,7 @@ fn revisions_and_versions() {
     let a = get(&f.kv, "a").unwrap();
     assert_eq!((a.create_revision, a.mod_revision, a.version), (2, 2, 1));
 
+    apply(&f.kv, |b| b.lease_grant(7, 60)).unwrap(); // no revision
     let resp = apply(&f.kv, |b| {
         b.put(&pb::PutRequest {
             prev_kv: true,
@@ -148,6 +149,7 @@ fn ignore_value_and_lease() {
     assert!(matches!(missing, Err(KvError::KeyNotFound)));
     assert_eq!(f.kv.current_revision(), 1);
 
+    apply(&f.kv, |b| b.lease_grant(9, 60)).unwrap();
     apply(&f.kv, |b| {
         b.put(&pb::PutRequest {
             lease: 9,
@@ -404,6 +406,7 @@ fn txn_succeeds(kv: &KvStore, compares: Vec<pb::Compare>) -> bool {
 fn txn_compares() {
     let f = fixture();
     put(&f.kv, "k", "m"); // 2
+    apply(&f.kv, |b| b.lease_grant(5, 60)).unwrap();
     apply(&f.kv, |b| {
         b.put(&pb::PutRequest {
             lease: 5,
@@ -931,4 +934,64 @@ fn snapshot_summary_matches_hash_kv_and_live_keys() {
     assert_eq!(s.revision, f.kv.current_revision());
     assert_eq!(s.total_keys, 2);
     assert_eq!(s.hash, f.kv.hash_kv(0).unwrap().0);
+}
+
+#[test]
+fn leases_attach_move_detach_and_revoke_in_one_revision() {
+    let f = fixture();
+    let leased = |k: &str, lease: i64| pb::PutRequest {
+        lease,
+        ..put_req(k, "v")
+    };
+    let missing = apply(&f.kv, |b| b.put(&leased("a", 1)));
+    assert!(matches!(missing, Err(KvError::LeaseNotFound)));
+    apply(&f.kv, |b| b.lease_grant(1, 10)).unwrap();
+    apply(&f.kv, |b| b.lease_grant(2, 20)).unwrap();
+    assert!(matches!(
+        apply(&f.kv, |b| b.lease_grant(1, 5)),
+        Err(KvError::LeaseExists)
+    ));
+    for k in ["a", "b", "c", "d"] {
+        apply(&f.kv, |b| b.put(&leased(k, 1))).unwrap();
+    }
+    // Move c to lease 2, detach d by a plain put, delete b.
+    apply(&f.kv, |b| b.put(&leased("c", 2))).unwrap();
+    put(&f.kv, "d", "plain");
+    del(&f.kv, "b", "");
+    assert_eq!(f.kv.lease_keys(1).unwrap(), vec![b"a".to_vec()]);
+    assert_eq!(f.kv.lease_keys(2).unwrap(), vec![b"c".to_vec()]);
+    // ignore_lease keeps the attachment.
+    apply(&f.kv, |b| {
+        b.put(&pb::PutRequest {
+            ignore_lease: true,
+            ..put_req("c", "w")
+        })
+    })
+    .unwrap();
+    assert_eq!(f.kv.lease_keys(2).unwrap(), vec![b"c".to_vec()]);
+
+    apply(&f.kv, |b| b.put(&leased("e", 1))).unwrap();
+    let before = f.kv.current_revision();
+    let resp = apply(&f.kv, |b| b.lease_revoke(1)).unwrap();
+    assert_eq!(resp.header.unwrap().revision, before + 1);
+    assert!(get(&f.kv, "a").is_none() && get(&f.kv, "e").is_none());
+    let events =
+        f.kv.events(before + 1, before + 1, b"a", b"z", false, 0)
+            .unwrap();
+    assert_eq!(events.len(), 2, "both keys deleted in one revision");
+    assert!(f.kv.lease(1).unwrap().is_none());
+    assert!(matches!(
+        apply(&f.kv, |b| b.lease_revoke(1)),
+        Err(KvError::LeaseNotFound)
+    ));
+
+    // A snapshot carries the leases and, through the keys, the attachments.
+    let (_, snap) = f.kv.snapshot().unwrap();
+    assert_eq!(snap.leases.len(), 1);
+    let g = fixture();
+    apply(&g.kv, |b| b.restore(&snap)).unwrap();
+    assert_eq!(g.kv.lease(2).unwrap(), Some(20));
+    assert_eq!(g.kv.lease_keys(2).unwrap(), vec![b"c".to_vec()]);
+    apply(&g.kv, |b| b.lease_revoke(2)).unwrap();
+    assert!(get(&g.kv, "c").is_none());
 }

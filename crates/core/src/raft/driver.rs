@@ -18,6 +18,7 @@ use tracing::{error, info, warn};
 use super::transport::Transport;
 use super::{Applied, AppliedKind, DriverMsg, MemberChange, NodeStatus, ProposeError};
 use crate::kv::{ApplyBatch, KvError, KvStore};
+use crate::lease::Lessor;
 use crate::proto::meshpb::{
     internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, StoreSnapshot,
 };
@@ -63,6 +64,9 @@ const DEFRAG_WAIT_FOR_READERS: Duration = Duration::from_secs(5);
 type Reply<T> = oneshot::Sender<Result<T, ProposeError>>;
 
 /// Starts the driver on its own thread.
+// Each argument is a distinct piece the driver owns or shares; a wrapper struct would
+// only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_driver(
     cfg: DriverConfig,
     log: RaftLog,
@@ -71,6 +75,7 @@ pub fn spawn_driver(
     transport: Arc<dyn Transport>,
     rx: std_mpsc::Receiver<DriverMsg>,
     status: Arc<NodeStatus>,
+    lessor: Arc<Lessor>,
 ) -> Result<std::thread::JoinHandle<Result<(), DriverError>>, DriverError> {
     let raft_cfg = raft::Config {
         id: cfg.member_id,
@@ -101,6 +106,7 @@ pub fn spawn_driver(
         db,
         transport,
         status,
+        lessor,
         cfg,
         next_id: 1,
         pending: HashMap::new(),
@@ -142,6 +148,8 @@ struct Driver {
     db: Arc<Db>,
     transport: Arc<dyn Transport>,
     status: Arc<NodeStatus>,
+    /// Told about every applied grant, revoke and keep-alive.
+    lessor: Arc<Lessor>,
     cfg: DriverConfig,
     /// Sequence for this member's proposals (unique per process; with the proposer ID in
     /// every entry, a reply never goes to the wrong caller).
@@ -480,6 +488,7 @@ impl Driver {
         batch.set_applied_index(meta.index);
         self.log.apply_snapshot(batch.write_txn(), &meta)?;
         batch.commit(true).map_err(DriverError::Apply)?;
+        crate::lease::load(&self.lessor, &self.kv).map_err(DriverError::Apply)?;
         self.refresh_peers();
         Ok(())
     }
@@ -501,7 +510,7 @@ impl Driver {
                 EntryType::EntryNormal => {
                     match <InternalRequest as prost::Message>::decode(e.data.as_slice()) {
                         Ok(req) => {
-                            let result = apply_request(&mut batch, req.request)?;
+                            let result = apply_request(&mut batch, &self.lessor, req.request)?;
                             if req.proposer == self.cfg.member_id {
                                 ours = Some(req.id);
                                 replies.push((req.id, result.map_err(ProposeError::Kv)));
@@ -832,6 +841,7 @@ fn strip_scheme(url: &str) -> String {
 /// by the state machine are the inner `Err`, a result like any other.
 fn apply_request(
     batch: &mut ApplyBatch<'_>,
+    lessor: &Lessor,
     request: Option<Request>,
 ) -> Result<Result<Applied, KvError>, DriverError> {
     let result = match request {
@@ -846,6 +856,25 @@ fn apply_request(
             update_peer_urls(batch, u).map(|()| AppliedKind::Membership)
         }
         Some(Request::Alarm(a)) => batch.alarm(&a).map(AppliedKind::Alarm),
+        Some(Request::LeaseGrant(g)) => batch.lease_grant(g.id, g.ttl).map(|()| {
+            lessor.granted(g.id, g.ttl);
+            AppliedKind::LeaseGrant {
+                id: g.id,
+                ttl: g.ttl,
+            }
+        }),
+        Some(Request::LeaseRevoke(r)) => batch.lease_revoke(r.id).map(|resp| {
+            lessor.revoked(r.id);
+            AppliedKind::LeaseRevoke(resp)
+        }),
+        Some(Request::LeaseKeepAlive(k)) => match batch.lease_ttl(k.id) {
+            Ok(Some(ttl)) => {
+                lessor.renew(k.id);
+                Ok(AppliedKind::LeaseKeepAlive { ttl })
+            }
+            Ok(None) => Err(KvError::LeaseNotFound),
+            Err(e) => Err(e),
+        },
         None => Ok(AppliedKind::Nothing),
     };
     match result {

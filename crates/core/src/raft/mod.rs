@@ -111,6 +111,16 @@ pub enum AppliedKind {
     Membership,
     /// The alarms an AlarmRequest raised or cleared.
     Alarm(Vec<pb::AlarmMember>),
+    /// A lease was granted with this ID and TTL.
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+    },
+    LeaseRevoke(pb::LeaseRevokeResponse),
+    /// A replicated keep-alive refreshed a lease whose granted TTL is `ttl`.
+    LeaseKeepAlive {
+        ttl: i64,
+    },
     Nothing,
 }
 

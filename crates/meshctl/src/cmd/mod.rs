@@ -1,9 +1,12 @@
 //! Command dispatch: validates the global flags, builds the client and hands each
-//! subcommand to its module (`kv`, `txn`, `watch`, `cluster`, `bench`). Outcomes that
+//! subcommand to its module (`kv`, `txn`, `watch`, `lease`, `concurrency` (lock and
+//! elect), `cluster`, `bench`). Outcomes that
 //! are not errors of the tool itself (compare failed, key not found) are [`Exit`]s.
 mod bench;
 mod cluster;
+mod concurrency;
 mod kv;
+mod lease;
 mod maintenance;
 mod mesh;
 mod snapshot;
@@ -34,6 +37,9 @@ pub enum Exit {
     /// Arguments clap could not check (exit 2).
     #[error("{0}")]
     Usage(String),
+    /// `lock NAME -- CMD`: CMD's own exit status, passed on without a message.
+    #[error("command exited with status {0}")]
+    Status(u8),
 }
 
 impl Exit {
@@ -42,6 +48,7 @@ impl Exit {
             Exit::CompareFailed(_) => 3,
             Exit::NotFound => 4,
             Exit::Usage(_) => 2,
+            Exit::Status(code) => *code,
         }
     }
 }
@@ -61,6 +68,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Txn(a) => txn::txn(&client()?, &mut out, f, &a).await,
         Command::Cas(a) => txn::cas(&client()?, &mut out, f, &a).await,
         Command::Watch(a) => watch::watch(&client()?, &mut out, f, &a).await,
+        Command::Lease(c) => lease::run(&client()?, &mut out, f, c).await,
+        Command::Lock(a) => concurrency::lock(&client()?, &mut out, f, &a).await,
+        Command::Elect(a) => concurrency::elect(&client()?, &mut out, f, &a).await,
         Command::Member(MemberCommand::List) => cluster::member_list(&client()?, &mut out, f).await,
         Command::Member(m) => cluster::member_change(&client()?, &mut out, f, m).await,
         Command::Endpoint(EndpointCommand::Status { cluster }) => {

@@ -2,6 +2,7 @@
 //! JSON (`json.rs`) and bordered tables (`table.rs`). Every printer writes to a
 //! `dyn Write` so tests can capture it and a closed pipe surfaces as an io error.
 mod json;
+pub mod lease;
 pub mod maintenance;
 pub mod table;
 

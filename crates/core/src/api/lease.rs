@@ -1,0 +1,277 @@
+//! `etcdserverpb.Lease`: grant, revoke, keep-alive, time-to-live, list.
+//!
+//! Grants and revokes go through Raft. A keep-alive is answered by the leader's lessor
+//! from memory; a follower replicates it instead, so the leader refreshes the lease
+//! when it applies the entry. Time-to-live is the leader's to answer: a follower
+//! forwards the question to the leader's client URL.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{kv_status, propose_status, unexpected, ApiContext};
+use crate::kv::{KvError, MAX_LEASE_TTL};
+use crate::proto::etcdserverpb::{
+    lease_client::LeaseClient, lease_server::Lease, LeaseGrantRequest, LeaseGrantResponse,
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse,
+    LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse,
+};
+use crate::proto::meshpb::internal_request::Request as Internal;
+use crate::raft::{AppliedKind, ProposeError};
+
+/// Marks a request forwarded by a follower, so it is never forwarded twice.
+const FORWARDED: &str = "meshd-forwarded";
+/// Keep-alive responses buffered per stream.
+const STREAM_BUFFER: usize = 64;
+
+pub struct LeaseApi {
+    ctx: ApiContext,
+}
+
+impl LeaseApi {
+    pub fn new(ctx: ApiContext) -> LeaseApi {
+        LeaseApi { ctx }
+    }
+}
+
+type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Lease for LeaseApi {
+    async fn lease_grant(
+        &self,
+        req: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let r = req.into_inner();
+        if r.ttl > MAX_LEASE_TTL {
+            return Err(kv_status(KvError::LeaseTtlTooLarge));
+        }
+        let ttl = self.ctx.lessor.granted_ttl(r.ttl);
+        let me = self.ctx.node.status.member_id;
+        // A server-chosen ID that happens to be taken is replaced, as etcd does.
+        let mut attempts = 0;
+        loop {
+            let id = match r.id {
+                0 => self.ctx.lessor.next_lease_id(me),
+                id => id,
+            };
+            let grant = Internal::LeaseGrant(LeaseGrantRequest { ttl, id });
+            match self.ctx.node.propose(grant).await {
+                Ok(applied) => match applied.kind {
+                    AppliedKind::LeaseGrant { id, ttl } => {
+                        return Ok(Response::new(LeaseGrantResponse {
+                            header: self.ctx.header(applied.revision),
+                            id,
+                            ttl,
+                            error: String::new(),
+                        }))
+                    }
+                    other => return Err(unexpected(other)),
+                },
+                Err(ProposeError::Kv(KvError::LeaseExists)) if r.id == 0 && attempts < 8 => {
+                    attempts += 1;
+                }
+                Err(e) => return Err(propose_status(e)),
+            }
+        }
+    }
+
+    async fn lease_revoke(
+        &self,
+        req: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let r = req.into_inner();
+        let applied = self
+            .ctx
+            .node
+            .propose(Internal::LeaseRevoke(r))
+            .await
+            .map_err(propose_status)?;
+        match applied.kind {
+            AppliedKind::LeaseRevoke(mut resp) => {
+                self.ctx.stamp(&mut resp.header, applied.revision);
+                Ok(Response::new(resp))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<KeepAliveStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    msg = inbound.next() => msg,
+                    _ = ctx.stopped() => return,
+                };
+                let Some(Ok(msg)) = msg else { return };
+                let resp = keep_alive(&ctx, msg.id).await;
+                let stop = resp.is_err();
+                if tx.send(resp).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        req: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let forwarded = req.metadata().contains_key(FORWARDED);
+        let r = req.into_inner();
+        let status = &self.ctx.node.status;
+        if status.leader() != status.member_id {
+            if forwarded {
+                return Err(Status::unavailable("etcdserver: not leader"));
+            }
+            return forward_time_to_live(&self.ctx, r).await.map(Response::new);
+        }
+        let (id, with_keys) = (r.id, r.keys);
+        let Some(granted) = self.ctx.kv.lease(id).map_err(kv_status)? else {
+            // etcd answers an unknown (or already expired and revoked) lease this way.
+            return Ok(Response::new(LeaseTimeToLiveResponse {
+                header: self.ctx.header(self.ctx.kv.current_revision()),
+                id,
+                ttl: -1,
+                ..Default::default()
+            }));
+        };
+        let ttl = self.ctx.lessor.remaining(id).unwrap_or(granted);
+        let keys = if with_keys {
+            self.ctx.kv.lease_keys(id).map_err(kv_status)?
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(LeaseTimeToLiveResponse {
+            header: self.ctx.header(self.ctx.kv.current_revision()),
+            id,
+            ttl,
+            granted_ttl: granted,
+            keys,
+        }))
+    }
+
+    async fn lease_leases(
+        &self,
+        _req: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        self.ctx.linearize().await?;
+        let leases = self
+            .ctx
+            .kv
+            .leases()
+            .map_err(kv_status)?
+            .into_iter()
+            .map(|l| LeaseStatus { id: l.id })
+            .collect();
+        Ok(Response::new(LeaseLeasesResponse {
+            header: self.ctx.header(self.ctx.kv.current_revision()),
+            leases,
+        }))
+    }
+}
+
+/// One keep-alive: TTL 0 when the lease does not exist (etcd's answer on the stream).
+async fn keep_alive(ctx: &ApiContext, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
+    let status = &ctx.node.status;
+    let ttl = if status.leader() == status.member_id {
+        match ctx.lessor.renew(id) {
+            Some(ttl) if ctx.kv.lease(id).map_err(kv_status)?.is_some() => ttl,
+            _ => 0,
+        }
+    } else {
+        match replicate_keep_alive(ctx, id).await {
+            Ok(ttl) => ttl,
+            Err(ProposeError::Kv(KvError::LeaseNotFound)) => 0,
+            Err(e) => return Err(propose_status(e)),
+        }
+    };
+    Ok(LeaseKeepAliveResponse {
+        header: ctx.header(ctx.kv.current_revision()),
+        id,
+        ttl,
+    })
+}
+
+/// Replicates a keep-alive from a follower. A proposal forwarded to a leader that has
+/// just failed is lost without an answer; a keep-alive is idempotent, so it is sent
+/// again after each election timeout rather than after the whole request timeout,
+/// which may well exceed the lease's TTL.
+async fn replicate_keep_alive(ctx: &ApiContext, id: i64) -> Result<i64, ProposeError> {
+    let attempt = ctx
+        .lessor
+        .election_timeout()
+        .max(Duration::from_millis(100))
+        * 2;
+    let mut last = ProposeError::Timeout;
+    for _ in 0..10 {
+        let req = Internal::LeaseKeepAlive(LeaseKeepAliveRequest { id });
+        match tokio::time::timeout(attempt, ctx.node.propose(req)).await {
+            Ok(Ok(applied)) => {
+                return match applied.kind {
+                    AppliedKind::LeaseKeepAlive { ttl } => Ok(ttl),
+                    _ => Err(ProposeError::Kv(KvError::Storage(
+                        "keep-alive applied as another request".into(),
+                    ))),
+                }
+            }
+            Ok(Err(e @ ProposeError::Kv(_))) | Ok(Err(e @ ProposeError::Stopped)) => return Err(e),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = ProposeError::Timeout,
+        }
+    }
+    Err(last)
+}
+
+/// Asks the leader, through its published client URL.
+async fn forward_time_to_live(
+    ctx: &ApiContext,
+    r: LeaseTimeToLiveRequest,
+) -> Result<LeaseTimeToLiveResponse, Status> {
+    let leader = ctx.node.status.leader();
+    let no_leader = || Status::unavailable("etcdserver: no leader");
+    if leader == 0 {
+        return Err(no_leader());
+    }
+    let members = ctx.kv.members().map_err(kv_status)?;
+    let url = members
+        .into_iter()
+        .find(|m| m.id == leader)
+        .and_then(|m| m.client_urls.into_iter().next())
+        .ok_or_else(no_leader)?;
+    let timeout = Duration::from_secs(5);
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .map_err(|e| Status::unavailable(format!("leader client URL: {e}")))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach the leader: {e}")))?;
+    let mut request = Request::new(r);
+    request
+        .metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    let mut resp = LeaseClient::new(channel)
+        .lease_time_to_live(request)
+        .await?
+        .into_inner();
+    // The header names the member that answered the client.
+    let rev = resp.header.as_ref().map_or(0, |h| h.revision);
+    resp.header = ctx.header(rev);
+    Ok(resp)
+}

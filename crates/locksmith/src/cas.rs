@@ -24,8 +24,11 @@ pub enum LockError {
         mod_revision: i64,
     },
     /// The stored value is not a valid semaphore; nothing was written.
-    #[error("{key}: {source} (fix it with `locksmith set-max` only after correcting it by hand; locksmith never rewrites an invalid semaphore)")]
-    Invalid { key: String, source: SemaphoreError },
+    #[error("{key}: {problem} (locksmith never rewrites an invalid semaphore: correct the value by hand)")]
+    Invalid {
+        key: String,
+        problem: SemaphoreError,
+    },
     /// The cluster did not answer or answered with an error.
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -103,9 +106,9 @@ impl LockClient {
     }
 
     fn parse(&self, kv: &mesh_core::proto::mvccpb::KeyValue) -> Result<Versioned, LockError> {
-        let semaphore = Semaphore::parse(&kv.value).map_err(|source| LockError::Invalid {
+        let semaphore = Semaphore::parse(&kv.value).map_err(|problem| LockError::Invalid {
             key: self.key.clone(),
-            source,
+            problem,
         })?;
         Ok(Versioned {
             semaphore,

@@ -89,7 +89,7 @@ pub enum Command {
     /// Set the number of machines that may hold the lock at once.
     SetMax {
         /// The new limit; below the current holder count, new locks wait.
-        #[arg(value_parser = clap::value_parser!(u32))]
+        #[arg(value_parser = clap::value_parser!(u32), allow_negative_numbers = true)]
         max: u32,
     },
     /// Take a slot (waiting), run CMD, release the slot when it exits.

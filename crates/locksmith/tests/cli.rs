@@ -126,6 +126,14 @@ async fn locksmith_reads_and_writes_coreos_format_with_documented_exit_codes() {
         .unwrap(),
         r#"{"semaphore":0,"max":1,"holders":["m1"]}"#
     );
+    let mut cmd = command(&a);
+    cmd.env("LOCKSMITH_GROUP", "web eu")
+        .args(["status", "-w", "json"]);
+    let o = cmd.output().await.unwrap();
+    assert_eq!(
+        stdout(&o),
+        "{\"semaphore\":0,\"max\":1,\"holders\":[\"m1\"]}\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,6 +180,56 @@ async fn locksmith_run_releases_when_the_command_fails_or_is_signalled() {
         .unwrap();
     assert_eq!(status.code(), Some(143));
     assert!(holders(&a).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locksmith_reboot_keeps_the_slot_unless_the_reboot_command_fails() {
+    let c = cluster(1).await;
+    let a = c.addrs();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("rebooted");
+
+    // A failing reboot command: error, and the slot is given back.
+    let o = locksmith(&a, &["--id", "m1", "reboot", "--reboot-command", "exit 3"]).await;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("reboot command \"exit 3\" failed"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(holders(&a).await.is_empty());
+
+    // Another machine holds the only slot: reboot waits (here: until its timeout).
+    assert!(locksmith(&a, &["lock", "m2"]).await.status.success());
+    let touch = format!("touch {}", marker.display());
+    let o = locksmith(
+        &a,
+        &[
+            "--id",
+            "m1",
+            "reboot",
+            "--timeout",
+            "300ms",
+            "--reboot-command",
+            &touch,
+        ],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(3));
+    assert!(!marker.exists());
+
+    // Once free, it takes the slot, reboots, and keeps the slot across the reboot.
+    assert!(locksmith(&a, &["unlock", "m2"]).await.status.success());
+    let mut cmd = command(&a);
+    cmd.env("LOCKSMITH_ID", "m1")
+        .env("LOCKSMITH_REBOOT_COMMAND", &touch);
+    let o = tokio::time::timeout(Duration::from_secs(60), cmd.arg("reboot").output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(marker.exists());
+    assert_eq!(holders(&a).await, ["m1"]);
 }
 
 fn log_contains(path: &Path, needle: &str) -> bool {

@@ -296,13 +296,13 @@ impl LockClient {
         .map(|((), v)| v)
     }
 
-    /// Sets the limit (and the free-slot count with it).
-    pub async fn set_max(&self, max: i64) -> Result<Versioned, LockError> {
+    /// Sets the limit (and the free-slot count with it); returns the previous limit.
+    pub async fn set_max(&self, max: i64) -> Result<(i64, Versioned), LockError> {
         self.modify(|s, _| {
+            let old = s.max;
             s.set_max(max);
-            Ok(())
+            Ok(old)
         })
         .await
-        .map(|((), v)| v)
     }
 }

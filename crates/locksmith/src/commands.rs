@@ -73,8 +73,7 @@ pub async fn run(cli: Cli) -> Result<u8> {
             writeln!(out, "lock released by {id} ({})", slots(&v.semaphore))?;
         }
         Command::SetMax { max } => {
-            let old = lc.read().await?.semaphore.max;
-            let v = lc.set_max(i64::from(max)).await?;
+            let (old, v) = lc.set_max(i64::from(max)).await?;
             writeln!(out, "Old-Max: {old}\nMax: {}", v.semaphore.max)?;
         }
         Command::Run { limit, command } => {

@@ -8,7 +8,8 @@ use locksmith::cli::{Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Daemon { .. } | Command::Run { .. } | Command::Reboot { .. } => "info",
+        // The daemon and reboot log to the journal; `run` keeps stderr to its command.
+        Command::Daemon { .. } | Command::Reboot { .. } => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()

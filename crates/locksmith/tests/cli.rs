@@ -171,14 +171,7 @@ async fn locksmith_run_releases_when_the_command_fails_or_is_signalled() {
         || async { (started.exists() && holders(&a).await == ["r2"]).then_some(()) },
     )
     .await;
-    let pid = child.id().unwrap() as libc::pid_t;
-    // SAFETY: signalling our own child, not yet reaped.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("locksmith exits after SIGTERM")
-        .unwrap();
-    assert_eq!(status.code(), Some(143));
+    assert_eq!(terminate(&mut child).await.code(), Some(143));
     assert!(holders(&a).await.is_empty());
 }
 
@@ -314,12 +307,7 @@ async fn locksmith_daemon_releases_at_start_and_reboots_when_needed_inside_the_w
     );
 
     // SIGTERM stops it cleanly; the slot stays for the next start to release.
-    // SAFETY: signalling our own child, not yet reaped.
-    unsafe { libc::kill(daemon.id().unwrap() as libc::pid_t, libc::SIGTERM) };
-    let status = tokio::time::timeout(Duration::from_secs(10), daemon.wait())
-        .await
-        .expect("daemon stops on SIGTERM")
-        .unwrap();
+    let status = terminate(&mut daemon).await;
     assert!(status.success(), "{status:?}");
     assert_eq!(holders(&a).await, ["dmachine"]);
 
@@ -342,4 +330,40 @@ async fn locksmith_daemon_releases_at_start_and_reboots_when_needed_inside_the_w
     )
     .await;
     daemon.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locksmith_lock_wait_wakes_on_a_change_not_on_its_backoff() {
+    let c = cluster(1).await;
+    let a = c.addrs();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("waiter.log");
+    assert!(locksmith(&a, &["lock", "alpha"]).await.status.success());
+
+    // A backoff of 10 minutes: only the watch can wake it within the deadline below.
+    let mut waiter = command(&a)
+        .args([
+            "lock",
+            "--wait",
+            "--backoff-min=10m",
+            "--backoff-max=10m",
+            "beta",
+        ])
+        .env("LOCKSMITH_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    eventually("the waiter is waiting", Duration::from_secs(20), || async {
+        log_contains(&log, "no free slot").then_some(())
+    })
+    .await;
+    assert_eq!(holders(&a).await, ["alpha"]);
+
+    assert!(locksmith(&a, &["unlock", "alpha"]).await.status.success());
+    let status = tokio::time::timeout(Duration::from_secs(60), waiter.wait())
+        .await
+        .expect("the waiter wakes on the change long before its 10m backoff")
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(holders(&a).await, ["beta"]);
 }

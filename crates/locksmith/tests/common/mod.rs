@@ -100,3 +100,14 @@ pub async fn holders(addrs: &[SocketAddr]) -> Vec<String> {
         .map(|a| a.iter().map(|h| h.as_str().unwrap().to_string()).collect())
         .unwrap_or_default()
 }
+
+/// Sends SIGTERM to a spawned locksmith and waits (with a deadline) for its exit.
+pub async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    let pid = child.id().expect("still running") as libc::pid_t;
+    // SAFETY: kill(2) on our own child, which is not reaped yet (pid not reused).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("locksmith exits after SIGTERM")
+        .expect("wait")
+}

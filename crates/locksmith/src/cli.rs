@@ -17,7 +17,9 @@ Exit codes:
 not found, 126 if it could not be started).
 
 Every flag can also be set as LOCKSMITH_<FLAG> in the environment, e.g.
-LOCKSMITH_ENDPOINTS=10.0.0.1:2379,10.0.0.2:2379.";
+LOCKSMITH_ENDPOINTS=10.0.0.1:2379,10.0.0.2:2379. The per-request --timeout (before the
+subcommand) is LOCKSMITH_TIMEOUT; the wait limit --timeout of lock, run and reboot is
+LOCKSMITH_WAIT_TIMEOUT.";
 
 /// Cluster-wide reboot semaphore: at most `max` machines hold the reboot lock at once.
 ///
@@ -45,7 +47,7 @@ pub struct Cli {
     pub id: Option<String>,
 
     /// Timeout of each request to the cluster (give it before the subcommand).
-    #[arg(long = "timeout", env = "LOCKSMITH_TIMEOUT", default_value = "5s",
+    #[arg(long = "timeout", env = "LOCKSMITH_TIMEOUT", default_value = "5s", value_name = "DURATION",
           value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
@@ -147,7 +149,7 @@ pub enum Format {
 #[derive(Debug, Args)]
 pub struct WaitArgs {
     /// Give up waiting after this long (exit code 3); default: wait forever.
-    #[arg(long = "timeout", env = "LOCKSMITH_WAIT_TIMEOUT",
+    #[arg(long = "timeout", env = "LOCKSMITH_WAIT_TIMEOUT", value_name = "DURATION",
           value_parser = humantime::parse_duration)]
     pub wait_timeout: Option<Duration>,
     #[command(flatten)]
@@ -197,6 +199,27 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cli_every_flag_has_a_locksmith_env_var() {
+        fn check(cmd: &clap::Command, path: &str) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_positional() || id == "help" || id == "version" {
+                    continue;
+                }
+                let env = arg.get_env().and_then(|e| e.to_str());
+                assert!(
+                    env.is_some_and(|e| e.starts_with("LOCKSMITH_")),
+                    "{path} --{id} has no LOCKSMITH_ environment variable"
+                );
+            }
+            for sub in cmd.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        check(&Cli::command(), "locksmith");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The `locksmith` binary: parse the flags, set up tracing, run one command, and map
 //! the outcome to the documented exit code (see `locksmith --help`).
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -14,6 +15,8 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // No color codes in the journal or in log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LOCKSMITH_LOG")
                 .unwrap_or_else(|_| default_level.into()),

@@ -238,6 +238,20 @@ impl Client {
                             reason: status.message().to_string(),
                         });
                     }
+                    // The connection broke mid-request (e.g. the member was killed):
+                    // tonic reports that as Unknown "transport error". It is an
+                    // unavailable endpoint, retryable, with the request's fate unknown.
+                    if status.code() == tonic::Code::Unknown {
+                        return Err(ClientError::Rpc {
+                            code: tonic::Code::Unavailable,
+                            message: format!(
+                                "{}: {}",
+                                status.message(),
+                                error::error_chain(&status)
+                            ),
+                            endpoint: ep.name.clone(),
+                        });
+                    }
                 }
                 Err(ClientError::from_status(&status, &ep.name))
             }

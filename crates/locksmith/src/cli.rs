@@ -1,0 +1,256 @@
+//! The raw clap definitions: every flag also reads `LOCKSMITH_<FLAG>` from the
+//! environment. Validation into settings happens in `commands`.
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  error (cluster unreachable, invalid semaphore value, ...)
+  2  usage error
+  3  no free slot (lock without --wait, or --timeout expired)
+  4  not a holder (unlock by an ID that does not hold the lock)
+`run` exits with the command's status (128+N if a signal N killed it; 127 if it was
+not found, 126 if it could not be started).
+
+Every flag can also be set as LOCKSMITH_<FLAG> in the environment, e.g.
+LOCKSMITH_ENDPOINTS=10.0.0.1:2379,10.0.0.2:2379. The per-request --timeout (before the
+subcommand) is LOCKSMITH_TIMEOUT; the wait limit --timeout of lock, run and reboot is
+LOCKSMITH_WAIT_TIMEOUT.";
+
+/// Cluster-wide reboot semaphore: at most `max` machines hold the reboot lock at once.
+///
+/// The semaphore lives in meshd (or any etcd v3 server) at
+/// coreos.com/updateengine/rebootlock/semaphore, in CoreOS locksmith's JSON format.
+#[derive(Debug, Parser)]
+#[command(name = "locksmith", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// Cluster endpoints (host:port), comma separated, tried in order.
+    #[arg(
+        long,
+        env = "LOCKSMITH_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:2379",
+        global = true
+    )]
+    pub endpoints: Vec<String>,
+
+    /// Semaphore group: coreos.com/updateengine/rebootlock/groups/<group>/semaphore.
+    #[arg(long, env = "LOCKSMITH_GROUP", global = true)]
+    pub group: Option<String>,
+
+    /// Holder ID (default: the contents of /etc/machine-id).
+    #[arg(long, env = "LOCKSMITH_ID", global = true)]
+    pub id: Option<String>,
+
+    /// Timeout of each request to the cluster (give it before the subcommand).
+    #[arg(long = "timeout", env = "LOCKSMITH_TIMEOUT", default_value = "5s", value_name = "DURATION",
+          value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// How long to keep retrying when the cluster is unavailable (no leader, members down).
+    #[arg(long, env = "LOCKSMITH_RETRY_FOR", default_value = "1m",
+          value_parser = humantime::parse_duration, global = true)]
+    pub retry_for: Duration,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show free slots, the limit and the holders.
+    Status {
+        /// Output format.
+        #[arg(short = 'w', long = "write-out", env = "LOCKSMITH_WRITE_OUT",
+              value_enum, default_value_t = Format::Simple)]
+        write_out: Format,
+    },
+    /// Take a slot (a holder locking again succeeds).
+    #[command(visible_alias = "acquire")]
+    Lock {
+        /// Holder ID (overrides --id).
+        #[arg(value_name = "ID")]
+        holder: Option<String>,
+        /// Wait for a free slot instead of failing with exit code 3.
+        #[arg(long, env = "LOCKSMITH_WAIT")]
+        wait: bool,
+        #[command(flatten)]
+        limit: WaitArgs,
+    },
+    /// Release a slot (exit code 4 if the ID does not hold one).
+    #[command(visible_alias = "release")]
+    Unlock {
+        /// Holder ID (overrides --id).
+        #[arg(value_name = "ID")]
+        holder: Option<String>,
+    },
+    /// Set the number of machines that may hold the lock at once.
+    SetMax {
+        /// The new limit; below the current holder count, new locks wait.
+        #[arg(value_parser = clap::value_parser!(u32), allow_negative_numbers = true)]
+        max: u32,
+    },
+    /// Take a slot (waiting), run CMD, release the slot when it exits.
+    ///
+    /// SIGINT and SIGTERM are passed on to CMD; the slot is released after it exits.
+    Run {
+        #[command(flatten)]
+        limit: WaitArgs,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Take a slot (waiting), then run the reboot command.
+    Reboot {
+        #[command(flatten)]
+        limit: WaitArgs,
+        #[command(flatten)]
+        reboot: RebootArgs,
+    },
+    /// For systemd: release this machine's slot left from before its reboot, then
+    /// reboot (inside the window, holding a slot) whenever a reboot is needed.
+    Daemon {
+        #[command(flatten)]
+        backoff: BackoffArgs,
+        #[command(flatten)]
+        reboot: RebootArgs,
+        #[command(flatten)]
+        need: NeedRebootArgs,
+        /// Start of the reboot window in local time: "Thu 23:00" (weekly) or "23:00" (daily).
+        #[arg(long, env = "LOCKSMITH_WINDOW_START", requires = "window_length")]
+        window_start: Option<String>,
+        /// Length of the reboot window, e.g. 1h30m.
+        #[arg(long, env = "LOCKSMITH_WINDOW_LENGTH", requires = "window_start",
+              value_parser = humantime::parse_duration)]
+        window_length: Option<Duration>,
+        /// How often to check for the need-reboot file.
+        #[arg(long, env = "LOCKSMITH_POLL_INTERVAL", default_value = "1s",
+              value_parser = humantime::parse_duration)]
+        poll_interval: Duration,
+    },
+    /// Tell the daemon that this machine needs a reboot (creates the need-reboot file).
+    SendNeedReboot {
+        #[command(flatten)]
+        need: NeedRebootArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Simple,
+    Json,
+}
+
+/// How long and how patiently to wait for a free slot.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Give up waiting after this long (exit code 3); default: wait forever.
+    #[arg(long = "timeout", env = "LOCKSMITH_WAIT_TIMEOUT", value_name = "DURATION",
+          value_parser = humantime::parse_duration)]
+    pub wait_timeout: Option<Duration>,
+    #[command(flatten)]
+    pub backoff: BackoffArgs,
+}
+
+/// The retry pause when no change of the semaphore is seen.
+#[derive(Debug, Args)]
+pub struct BackoffArgs {
+    /// First pause between attempts (doubles each time).
+    #[arg(long, env = "LOCKSMITH_BACKOFF_MIN", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub backoff_min: Duration,
+    /// Longest pause between attempts.
+    #[arg(long, env = "LOCKSMITH_BACKOFF_MAX", default_value = "5m",
+          value_parser = humantime::parse_duration)]
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct RebootArgs {
+    /// Command that reboots the machine (run with `sh -c`).
+    #[arg(
+        long,
+        env = "LOCKSMITH_REBOOT_COMMAND",
+        default_value = "systemctl reboot"
+    )]
+    pub reboot_command: String,
+}
+
+#[derive(Debug, Args)]
+pub struct NeedRebootArgs {
+    /// The file whose existence means "this machine needs a reboot".
+    #[arg(
+        long,
+        env = "LOCKSMITH_NEED_REBOOT_FILE",
+        default_value = "/run/locksmith/need-reboot"
+    )]
+    pub need_reboot_file: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cli_every_flag_has_a_locksmith_env_var() {
+        fn check(cmd: &clap::Command, path: &str) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_positional() || id == "help" || id == "version" {
+                    continue;
+                }
+                let env = arg.get_env().and_then(|e| e.to_str());
+                assert!(
+                    env.is_some_and(|e| e.starts_with("LOCKSMITH_")),
+                    "{path} --{id} has no LOCKSMITH_ environment variable"
+                );
+            }
+            for sub in cmd.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        check(&Cli::command(), "locksmith");
+    }
+
+    #[test]
+    fn cli_request_timeout_and_wait_timeout_are_distinct() {
+        let cli = Cli::try_parse_from([
+            "locksmith",
+            "--timeout",
+            "2s",
+            "lock",
+            "--wait",
+            "--timeout",
+            "1m",
+            "a",
+        ])
+        .unwrap();
+        assert_eq!(cli.request_timeout, Duration::from_secs(2));
+        match cli.command {
+            Command::Lock {
+                holder,
+                wait,
+                limit,
+            } => {
+                assert_eq!(holder.as_deref(), Some("a"));
+                assert!(wait);
+                assert_eq!(limit.wait_timeout, Some(Duration::from_secs(60)));
+            }
+            other => panic!("{other:?}"),
+        }
+        let run =
+            Cli::try_parse_from(["locksmith", "run", "--id", "c1", "--", "sh", "-c", "x"]).unwrap();
+        assert_eq!(run.id.as_deref(), Some("c1"));
+        assert!(Cli::try_parse_from(["locksmith", "run", "sh"]).is_err());
+    }
+}

@@ -145,7 +145,7 @@ check_re "member list" '[0-9a-f]+, started, m[0-2], 127\.0\.0\.1:[0-9]+, http://
 [0-9a-f]+, started, m[0-2], 127\.0\.0\.1:[0-9]+, http://127\.0\.0\.1:[0-9]+, false' "$(echo "$members" | sort)"
 learner_port=$(free_port)
 added=$(ctl member add spare --peer-urls="http://127.0.0.1:$learner_port" --learner)
-check_re "member add --learner" "Member [0-9a-f]+ added to cluster [0-9a-f]+
+check_re "member add --learner" "Member +[0-9a-f]+ added to cluster +[0-9a-f]+
 
 ETCD_NAME=\"spare\"
 ETCD_INITIAL_CLUSTER=\".*spare=(http://)?127\.0\.0\.1:$learner_port.*\"
@@ -154,7 +154,7 @@ ETCD_INITIAL_CLUSTER_STATE=\"existing\"" "$added"
 spare_id=$(echo "$added" | head -1 | awk '{print $2}')
 check_re "learner listed unstarted" "$spare_id, unstarted, , 127\.0\.0\.1:$learner_port, , true" \
   "$(ctl member list | grep "^$spare_id")"
-check_re "member remove" "Member $spare_id removed from cluster [0-9a-f]+" "$(ctl member remove "$spare_id")"
+check_re "member remove" "Member +$spare_id removed from cluster +[0-9a-f]+" "$(ctl member remove "$spare_id")"
 check "member count after remove" "3" "$(ctl member list | wc -l | tr -d ' ')"
 
 # --- endpoint status / health ----------------------------------------------------------

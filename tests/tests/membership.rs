@@ -434,3 +434,75 @@ async fn a_node_waiting_to_be_added_forwards_clients_and_is_listed_as_mesh_only(
     assert!(!pending.is_finished());
     pending.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_larger_than_a_mesh_chunk_reaches_a_member_across_hops() {
+    let opts = ClusterOpts {
+        snapshot_count: 20,
+        catch_up_entries: 5,
+        ..Default::default()
+    };
+    let mut c = InProcessCluster::start(3, opts).await;
+    let first_leader = wait_for_leader(&c.live_addrs()).await;
+    let a_id = c.servers[0].as_ref().unwrap().node().status.member_id;
+    // A (0) leads; C (2) is down while A writes and compacts its log.
+    if first_leader != a_id {
+        let li = c.index_of(first_leader);
+        eventually("leadership moved to A", Duration::from_secs(20), || async {
+            let node = c.servers[li].as_ref().unwrap().node().clone();
+            node.move_leader(a_id).await.ok()
+        })
+        .await;
+    }
+    wait_for_leader(&c.live_addrs()).await;
+    let c_name = c.servers[2].as_ref().unwrap().mesh().name();
+    c.stop(2).await;
+    let mut cl = etcd_client(c.addr(0)).await;
+    let big = "x".repeat(20_000);
+    for i in 0..120 {
+        cl.put(format!("big{i:03}"), big.clone(), None)
+            .await
+            .unwrap_or_else(|e| panic!("put {i}: {e}"));
+    }
+    let first = c.servers[0].as_ref().unwrap().node().log.first_index();
+    assert!(first > 60, "A compacted its log (first index {first})");
+
+    // A and C never talk directly: the 2.4 MB snapshot travels in chunks through B.
+    let cut = LinkFault {
+        drop_out: true,
+        drop_in: true,
+        delay: None,
+    };
+    let a = c.servers[0].as_ref().unwrap().mesh().clone();
+    a.set_link_fault(c_name, cut);
+    c.restart(2).await;
+    c.servers[2]
+        .as_ref()
+        .unwrap()
+        .mesh()
+        .set_link_fault(a.name(), cut);
+    let c_addr = c.addr(2);
+    eventually(
+        "C catches up by snapshot",
+        Duration::from_secs(40),
+        || async {
+            let mut cl = etcd_client(c_addr).await;
+            let r = cl
+                .get(
+                    "big",
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_count_only()
+                            .with_serializable(),
+                    ),
+                )
+                .await
+                .ok()?;
+            (r.count() == 120).then_some(())
+        },
+    )
+    .await;
+    let via = a.peers().into_iter().find(|p| p.name == c_name).unwrap();
+    assert_eq!(via.hops, Some(2), "C is reached through B: {via:?}");
+}

@@ -14,7 +14,7 @@ use crate::proto::etcdserverpb::{
     cluster_client::ClusterClient, cluster_server::Cluster, Member, MemberAddRequest,
     MemberAddResponse, MemberListRequest, MemberListResponse, MemberPromoteRequest,
     MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest,
-    MemberUpdateResponse,
+    MemberUpdateResponse, ResponseHeader,
 };
 use crate::proto::meshpb::{internal_request::Request as Internal, MemberRecord, MemberUpdate};
 use crate::raft::{MemberChange, ProposeError};
@@ -40,6 +40,20 @@ impl ClusterApi {
             .into_iter()
             .map(member_pb)
             .collect())
+    }
+
+    /// Applies a configuration change; returns the header and the new member list.
+    async fn change(
+        &self,
+        change: MemberChange,
+    ) -> Result<(Option<ResponseHeader>, Vec<Member>), Status> {
+        let applied = self
+            .ctx
+            .node
+            .change_members(change)
+            .await
+            .map_err(membership_status)?;
+        Ok((self.ctx.header(applied.revision), self.members()?))
     }
 
     /// A client for the leader's API when this member is not the leader and the request
@@ -188,19 +202,16 @@ impl Cluster for ClusterApi {
             client_urls: vec![],
             is_learner: r.is_learner,
         };
-        let applied = self
-            .ctx
-            .node
-            .change_members(MemberChange::Add {
+        let (header, members) = self
+            .change(MemberChange::Add {
                 member: member.clone(),
                 learner: r.is_learner,
             })
-            .await
-            .map_err(membership_status)?;
+            .await?;
         Ok(Response::new(MemberAddResponse {
-            header: self.ctx.header(applied.revision),
+            header,
             member: Some(member_pb(member)),
-            members: self.members()?,
+            members,
         }))
     }
 
@@ -211,17 +222,10 @@ impl Cluster for ClusterApi {
         if let Some(mut leader) = self.leader_client(&req).await? {
             return leader.member_remove(forwarded(req)).await;
         }
-        let id = req.into_inner().id;
-        let applied = self
-            .ctx
-            .node
-            .change_members(MemberChange::Remove(id))
-            .await
-            .map_err(membership_status)?;
-        Ok(Response::new(MemberRemoveResponse {
-            header: self.ctx.header(applied.revision),
-            members: self.members()?,
-        }))
+        let (header, members) = self
+            .change(MemberChange::Remove(req.into_inner().id))
+            .await?;
+        Ok(Response::new(MemberRemoveResponse { header, members }))
     }
 
     async fn member_update(
@@ -277,16 +281,9 @@ impl Cluster for ClusterApi {
         if let Some(mut leader) = self.leader_client(&req).await? {
             return leader.member_promote(forwarded(req)).await;
         }
-        let id = req.into_inner().id;
-        let applied = self
-            .ctx
-            .node
-            .change_members(MemberChange::Promote(id))
-            .await
-            .map_err(membership_status)?;
-        Ok(Response::new(MemberPromoteResponse {
-            header: self.ctx.header(applied.revision),
-            members: self.members()?,
-        }))
+        let (header, members) = self
+            .change(MemberChange::Promote(req.into_inner().id))
+            .await?;
+        Ok(Response::new(MemberPromoteResponse { header, members }))
     }
 }

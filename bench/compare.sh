@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side: a three-member etcd (Debian etcd-server) and a three-member meshd on
 # loopback on this machine, the same `meshctl bench` workloads against each, in one run,
-# alternating, ROUNDS times. Prints one line per run and a summary table.
+# alternating, ROUNDS times. Prints one line per run, a summary table, CPU seconds and
+# peak RSS of the servers. (Failover time: bench/failover.sh.)
 #
 #   bench/compare.sh                 # defaults below
 #   ROUNDS=3 TOTAL=20000 bench/compare.sh
@@ -10,6 +11,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}
 TOTAL=${TOTAL:-10000}
 TOTAL1=${TOTAL1:-2000}
+WTOTAL=${WTOTAL:-100}   # puts in the watch fan-out (each delivered to 1000 watchers)
 VAL=${VAL:-256}
 command -v etcd >/dev/null || { echo "needs etcd: apt-get install etcd-server" >&2; exit 1; }
 cargo build --release --bins -q
@@ -71,10 +73,15 @@ for r in $(seq "$ROUNDS"); do
   for sys in etcd meshd; do
     eps=$ETCD_EPS; [ $sys = meshd ] && eps=$MESHD_EPS
     leader=${eps%%,*}
-    run $sys "$leader" put-1client put --clients 1 --conns 1 --total "$TOTAL1" --val-size "$VAL"
-    run $sys "$eps" put-100clients put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL"
+    run $sys "$leader" put-1client put --clients 1 --conns 1 --total "$TOTAL1" --val-size "$VAL" --key-space-size 100000
+    run $sys "$eps" put-100clients put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL" --key-space-size 100000
+    run $sys "$eps" put-seq-100clients put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL" --key-space-size 100000 --sequential-keys
+    run $sys "$eps" txn-put-100clients txn-put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL" --key-space-size 100000
     run $sys "$eps" get-l-100clients get --clients 100 --conns 10 --total "$TOTAL" --consistency l
     run $sys "$eps" get-s-100clients get --clients 100 --conns 10 --total "$TOTAL" --consistency s
+    run $sys "$eps" get-l-1client get --clients 1 --conns 1 --total "$TOTAL1" --consistency l
+    run $sys "$eps" lease-keepalive-100 lease-keepalive --clients 100 --conns 10 --total "$TOTAL"
+    run $sys "$leader" watch-1000watchers watch --watchers 1000 --conns 10 --total "$WTOTAL"
   done
 done
 echo

@@ -418,10 +418,52 @@ pub enum AlarmCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Benchmark puts.
+    /// Benchmark puts (random keys, or --sequential-keys).
     Put(BenchArgs),
-    /// Benchmark gets (a missing key is still a successful read).
+    /// Benchmark ranges of one key, linearizable or serializable (a missing key is still
+    /// a successful read).
+    #[command(alias = "range")]
     Get(BenchArgs),
+    /// Benchmark puts each wrapped in a txn (etcd's txn-put).
+    TxnPut(BenchArgs),
+    /// Benchmark lease keep-alives: one lease and keep-alive stream per client.
+    LeaseKeepalive(BenchArgs),
+    /// Watch fan-out: --watchers watch one key while --total puts change it; reports
+    /// events delivered per second and put-to-delivery latency.
+    Watch(WatchBenchArgs),
+    /// Availability: a put every --interval for --duration through all endpoints;
+    /// reports the longest gap between two successful writes (run it across a leader
+    /// kill to measure failover time).
+    Availability(AvailabilityArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WatchBenchArgs {
+    /// Watch streams.
+    #[arg(long, default_value_t = 1000)]
+    pub watchers: usize,
+    /// gRPC connections the watchers are spread over.
+    #[arg(long, default_value_t = 10)]
+    pub conns: usize,
+    /// Puts to the watched key (each is delivered to every watcher).
+    #[arg(long, default_value_t = 1000)]
+    pub total: u64,
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 1)]
+    pub writers: usize,
+    /// Value size in bytes (at least 16: the put's send time travels in the value).
+    #[arg(long, default_value_t = 32)]
+    pub val_size: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AvailabilityArgs {
+    /// How long to keep writing, e.g. 10s.
+    #[arg(long, default_value = "10s")]
+    pub duration: String,
+    /// Pause between writes, e.g. 10ms.
+    #[arg(long, default_value = "10ms")]
+    pub interval: String,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -1215,3 +1215,75 @@ fn elect_campaigns_hands_over_and_listen_prints_every_leader() {
     let (code, err) = listener.stop("INT");
     assert_eq!(code, Some(0), "{err}");
 }
+
+#[test]
+fn bench_txn_put_lease_keepalive_watch_fanout_and_availability() {
+    let s = start_server();
+    let v = json(&ok(
+        &s,
+        &[
+            "-w",
+            "json",
+            "bench",
+            "txn-put",
+            "--total",
+            "200",
+            "--clients",
+            "4",
+        ],
+    ));
+    assert_eq!(
+        (v["operation"].as_str(), v["succeeded"].as_u64()),
+        (Some("txn-put"), Some(200)),
+        "{v}"
+    );
+    let v = json(&ok(
+        &s,
+        &[
+            "-w",
+            "json",
+            "bench",
+            "lease-keepalive",
+            "--total",
+            "300",
+            "--clients",
+            "3",
+        ],
+    ));
+    assert_eq!(v["succeeded"], 300, "{v}");
+    assert_eq!(v["errors"], 0, "{v}");
+    // 50 watchers x 20 puts: every event delivered to every watcher.
+    let v = json(&ok(
+        &s,
+        &[
+            "-w",
+            "json",
+            "bench",
+            "watch",
+            "--watchers",
+            "50",
+            "--conns",
+            "2",
+            "--total",
+            "20",
+        ],
+    ));
+    assert_eq!(v["succeeded"], 1000, "{v}");
+    assert!(v["latency_ms"]["max"].as_f64().unwrap() > 0.0, "{v}");
+    let v = json(&ok(
+        &s,
+        &[
+            "-w",
+            "json",
+            "bench",
+            "availability",
+            "--duration",
+            "300ms",
+            "--interval",
+            "10ms",
+        ],
+    ));
+    assert!(v["succeeded"].as_u64().unwrap() > 5, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert!(v["max_gap_ms"].as_f64().unwrap() > 0.0, "{v}");
+}

@@ -95,6 +95,10 @@ pub struct Topology {
     broadcast_children: HashMap<PeerName, Vec<PeerName>>,
     /// Consecutive GC ticks a peer has been unreachable.
     unreachable_ticks: HashMap<PeerName, u32>,
+    /// (version, uid) of collected peers. A copy of such an entry still circulating
+    /// (a zombie) is taken back only if it is reachable once merged; otherwise peers
+    /// that collected it late would keep handing it back to those that collected it.
+    collected: HashMap<PeerName, (u64, u64)>,
 }
 
 impl Topology {
@@ -107,6 +111,7 @@ impl Topology {
             routes: HashMap::new(),
             broadcast_children: HashMap::new(),
             unreachable_ticks: HashMap::new(),
+            collected: HashMap::new(),
         };
         t.recompute();
         t
@@ -143,6 +148,7 @@ impl Topology {
     /// (for example from before a restart) forced a version bump.
     pub fn merge(&mut self, received: Vec<Entry>) -> Vec<PeerName> {
         let mut changed = Vec::new();
+        let mut revived = Vec::new();
         for e in received {
             if e.name == self.own {
                 let own = self.entries.get_mut(&self.own).expect("own entry");
@@ -155,6 +161,9 @@ impl Topology {
             match self.entries.get(&e.name) {
                 Some(cur) if !e.newer_than(cur) => {}
                 _ => {
+                    if self.collected.get(&e.name) == Some(&(e.version, e.uid)) {
+                        revived.push(e.name);
+                    }
                     changed.push(e.name);
                     self.entries.insert(e.name, e);
                 }
@@ -162,6 +171,20 @@ impl Topology {
         }
         if !changed.is_empty() {
             self.recompute();
+        }
+        let zombies: Vec<PeerName> = revived
+            .into_iter()
+            .filter(|&n| !self.is_reachable(n))
+            .collect();
+        if !zombies.is_empty() {
+            for n in &zombies {
+                self.entries.remove(n);
+            }
+            changed.retain(|n| !zombies.contains(n));
+            self.recompute();
+        }
+        for n in &changed {
+            self.collected.remove(n);
         }
         changed
     }
@@ -252,7 +275,9 @@ impl Topology {
             let ticks = self.unreachable_ticks.entry(n).or_insert(0);
             *ticks += 1;
             if *ticks >= 2 {
-                self.entries.remove(&n);
+                if let Some(e) = self.entries.remove(&n) {
+                    self.collected.insert(n, (e.version, e.uid));
+                }
                 self.unreachable_ticks.remove(&n);
                 removed.push(n);
             }
@@ -337,5 +362,18 @@ mod tests {
         assert!(t.gc_tick().is_empty());
         assert_eq!(t.gc_tick(), vec![2]);
         assert!(t.get(2).is_none());
+        // The same entry handed back while still unreachable stays collected...
+        assert!(t.merge(vec![entry(2, 1, &[])]).is_empty());
+        assert!(t.get(2).is_none());
+        // ...but comes back once it is reachable.
+        t.update_own(|e| {
+            e.connections.push(EntryConnection {
+                peer: 2,
+                address: String::new(),
+                outbound: true,
+            })
+        });
+        assert_eq!(t.merge(vec![entry(2, 1, &[1])]), vec![2]);
+        assert!(t.is_reachable(2));
     }
 }

@@ -14,6 +14,7 @@ use prost::Message;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
@@ -372,10 +373,23 @@ async fn write_loop(
     );
     let mut beat = tokio::time::interval(inner.cfg.heartbeat);
     let mut nonce = 0u64;
+    // Topology changes are sent at most once per batch period, so a burst of version
+    // bumps (a peer connecting to several others) travels as one entry.
+    let batch = (inner.cfg.gossip_interval / 10)
+        .clamp(Duration::from_millis(1), Duration::from_millis(100));
+    let mut last_topology = Instant::now() - batch;
+    let mut topology_due: Option<Instant> = None;
     loop {
+        let due = topology_due.unwrap_or_else(Instant::now);
         let (frame, is_gossip) = tokio::select! {
             biased;
-            _ = notify.notified() => {
+            _ = notify.notified(), if topology_due.is_none() => {
+                topology_due = Some((last_topology + batch).max(Instant::now()));
+                continue;
+            }
+            _ = tokio::time::sleep_until(due), if topology_due.is_some() => {
+                topology_due = None;
+                last_topology = Instant::now();
                 let mut st = inner.lock();
                 let Some(c) = st.conns.get_mut(&remote).filter(|c| c.id == id) else {
                     return Ok(());
@@ -484,6 +498,20 @@ fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrame, len: usize) {
             }
             drop(st);
             inner.bump_changes();
+        }
+        mesh_frame::Body::Digest(d) => {
+            let mut st = inner.lock();
+            let (send, they_have_news) = st.topology.diff(&d.items);
+            let reply = (they_have_news && !d.reply).then(|| super::digest_frame(&st, true));
+            if let Some(c) = st.conns.get_mut(&from) {
+                if !send.is_empty() {
+                    c.topology_pending.extend(send);
+                    c.topology_notify.notify_one();
+                }
+                if let Some(r) = reply {
+                    let _ = c.tx.try_send(r);
+                }
+            }
         }
         mesh_frame::Body::Channel(mut m) => {
             let kind = MeshMessageKind::try_from(m.kind).unwrap_or(MeshMessageKind::Gossip);

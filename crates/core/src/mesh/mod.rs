@@ -72,7 +72,7 @@ pub use gossip::{GossipChannel, GossipData, GossipError, Gossiper};
 pub use wire::{decode_frame, decode_handshake, WireError};
 
 use crate::proto::meshpb::{
-    mesh_frame, MeshChannelMessage, MeshFrame, MeshMessageKind, MeshTopology,
+    mesh_frame, MeshChannelMessage, MeshFrame, MeshMessageKind, MeshTopology, MeshTopologyDigest,
 };
 use bytes::Bytes;
 use prost::Message;
@@ -585,8 +585,8 @@ impl Inner {
     }
 
     /// One anti-entropy round: topology GC, every channel's state to about 2·log2(n)
-    /// random neighbours, and every fourth round the whole topology to one neighbour
-    /// (deltas flood on every change; this only repairs what they missed).
+    /// random neighbours, and every second round a topology digest to one neighbour
+    /// (deltas flood on every change; the digest exchange only repairs what they missed).
     fn gossip_round(&self, round: u64) {
         let (channels, targets) = {
             let mut st = self.lock();
@@ -597,12 +597,11 @@ impl Inner {
             }
             let mut neighbours: Vec<PeerName> = st.conns.keys().copied().collect();
             neighbours.shuffle(&mut rand::rng());
-            if round.is_multiple_of(4) {
+            if round.is_multiple_of(2) {
                 if let Some(&n) = neighbours.first() {
-                    let all: Vec<PeerName> = st.topology.entries().map(|e| e.name).collect();
-                    if let Some(c) = st.conns.get_mut(&n) {
-                        c.topology_pending.extend(all);
-                        c.topology_notify.notify_one();
+                    let frame = digest_frame(&st, false);
+                    if let Some(c) = st.conns.get(&n) {
+                        let _ = c.tx.try_send(frame);
                     }
                 }
             }
@@ -665,6 +664,19 @@ fn topology_frame(st: &State, names: impl IntoIterator<Item = PeerName>) -> Opti
         body: Some(mesh_frame::Body::Topology(MeshTopology { peers })),
     };
     Some(Bytes::from(frame.encode_to_vec()))
+}
+
+fn digest_frame(st: &State, reply: bool) -> Bytes {
+    let digest = MeshTopologyDigest {
+        items: st.topology.digest(),
+        reply,
+    };
+    Bytes::from(
+        MeshFrame {
+            body: Some(mesh_frame::Body::Digest(digest)),
+        }
+        .encode_to_vec(),
+    )
 }
 
 /// A token bucket: `rate` tokens per second, at most `rate` stored.

@@ -361,6 +361,8 @@ async fn discovery_reaches_target_degree_and_connect_works_at_runtime() {
     })
     .await;
 
+    let changes = net.meshes[0].changes();
+    let before = *changes.borrow();
     let (l, a) = bind().await;
     let late = Mesh::start(fast_config(9, &a), l);
     late.connect(&net.addrs[2]);
@@ -372,6 +374,10 @@ async fn discovery_reaches_target_degree_and_connect_works_at_runtime() {
                 .any(|p| p.name == 9 && p.reachable)
     })
     .await;
+    assert!(
+        *changes.borrow() > before,
+        "changes() bumped when the peer joined"
+    );
     late.set_meta(b"role=server".to_vec());
     wait_for("meta gossiped", || {
         net.meshes[4]
@@ -627,5 +633,31 @@ async fn connect_flood_is_rate_limited_and_peers_keep_working() {
     assert_eq!(net.meshes[0].stats().connections, 1);
     drop(flood);
     net.unicast_and_broadcast(1, 0).await;
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_is_enforced() {
+    // Peer 0 takes at most 2 connections; peers 1..=3 all seed it.
+    let edges = vec![vec![], vec![0], vec![0], vec![0]];
+    let net = start_net(4, &edges, |c| {
+        if c.name == 1 {
+            c.max_connections = 2;
+        }
+    })
+    .await;
+    wait_for("two peers admitted", || {
+        net.meshes[0].stats().connections == 2
+    })
+    .await;
+    wait_for("the third is refused and retries", || {
+        net.meshes[1..]
+            .iter()
+            .filter(|m| m.stats().connections == 0)
+            .count()
+            == 1
+    })
+    .await;
+    assert_eq!(net.meshes[0].stats().connections, 2);
     net.shutdown().await;
 }

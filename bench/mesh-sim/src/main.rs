@@ -26,6 +26,9 @@ struct Args {
     /// Heartbeat interval in milliseconds (a link is dead after 4 heartbeats).
     #[arg(long, default_value_t = 1000)]
     heartbeat: u64,
+    /// Seconds to wait after convergence before measuring steady state.
+    #[arg(long, default_value_t = 5)]
+    settle_secs: u64,
     /// Seconds of steady state to measure traffic over.
     #[arg(long, default_value_t = 10)]
     steady_secs: u64,
@@ -143,6 +146,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             (b + s.bytes_out, g + s.gossip_bytes_out)
         })
     };
+    // Settle first: connections may still be replacing each other right after the
+    // last peer learned the last entry.
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     let (b0, g0) = total(&meshes);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.steady_secs)).await;
@@ -150,7 +156,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     let conns: usize = meshes.iter().map(|m| m.stats().connections).sum();
     println!(
-        "steady state over {secs:.1}s: {:.0} bytes/s sent per peer ({:.0} of it topology+gossip), {:.2} connections per peer",
+        "steady state over {secs:.1}s after {}s settling: {:.0} bytes/s sent per peer ({:.0} of it topology+gossip), {:.2} connections per peer",
+        args.settle_secs,
         (b1 - b0) as f64 / n as f64 / secs,
         (g1 - g0) as f64 / n as f64 / secs,
         conns as f64 / n as f64

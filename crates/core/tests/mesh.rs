@@ -661,3 +661,40 @@ async fn max_connections_is_enforced() {
     assert_eq!(net.meshes[0].stats().connections, 2);
     net.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_peer_is_a_new_incarnation() {
+    // A long gossip interval keeps the old entry from being collected before the
+    // restart, so the new incarnation must out-version it.
+    let slow_gc = |c: &mut MeshConfig| c.gossip_interval = Duration::from_secs(30);
+    let net = start_net(2, &[vec![], vec![0]], slow_gc).await;
+    wait_for("pair connected", || {
+        net.converged(&|a, b| a.abs_diff(b) as u32)
+    })
+    .await;
+    let old = net.meshes[1]
+        .peers()
+        .into_iter()
+        .find(|p| p.is_self)
+        .unwrap();
+    net.meshes[1].shutdown().await;
+
+    let (l, addr) = bind().await;
+    let mut cfg = fast_config(2, &addr);
+    slow_gc(&mut cfg);
+    cfg.seeds = vec![net.addrs[0].clone()];
+    let reborn = Mesh::start(cfg, l);
+    assert_ne!(reborn.uid(), old.uid);
+    wait_for("the new incarnation replaces the old entry", || {
+        net.meshes[0].peers().iter().any(|p| {
+            p.name == 2
+                && p.uid == reborn.uid()
+                && p.reachable
+                && p.address == addr
+                && p.version > old.version
+        })
+    })
+    .await;
+    reborn.shutdown().await;
+    net.meshes[0].shutdown().await;
+}

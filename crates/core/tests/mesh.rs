@@ -698,3 +698,35 @@ async fn restarted_peer_is_a_new_incarnation() {
     reborn.shutdown().await;
     net.meshes[0].shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_frame_that_keeps_moving_is_not_a_dead_peer() {
+    use mesh_core::proto::meshpb::{mesh_frame, MeshChannelMessage, MeshFrame};
+    use prost::Message;
+    let net = start_net(1, &[vec![]], |c| c.dead_after = Duration::from_millis(600)).await;
+    let mut s = raw_handshake(&net.addrs[0], 99).await;
+    let frame = MeshFrame {
+        body: Some(mesh_frame::Body::Channel(MeshChannelMessage {
+            channel: "test".into(),
+            kind: 1,
+            src: 99,
+            dst: 1,
+            ttl: 8,
+            payload: b"slowly".to_vec(),
+        })),
+    }
+    .encode_to_vec();
+    let mut record = (frame.len() as u32).to_be_bytes().to_vec();
+    record.extend_from_slice(&frame);
+    // The whole frame takes about 3 × dead_after, each piece well within it.
+    let pieces: Vec<&[u8]> = record.chunks(record.len().div_ceil(9)).collect();
+    for piece in pieces {
+        s.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for("slow frame delivered", || {
+        net.recorders[0].got_unicast(b"slowly")
+    })
+    .await;
+    net.shutdown().await;
+}

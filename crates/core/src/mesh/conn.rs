@@ -249,6 +249,39 @@ async fn write_record(
     Ok(())
 }
 
+/// Reads one frame record: its first bytes must arrive by `deadline`, and after that
+/// every read must make progress within `dead_after`, so a frame far larger than a
+/// link moves in `dead_after` is not mistaken for a dead peer.
+async fn read_frame_record(
+    inner: &Inner,
+    r: &mut (impl AsyncRead + Unpin),
+    max: usize,
+    deadline: Instant,
+) -> Result<Vec<u8>, ConnError> {
+    let dead = || ConnError::Dead(inner.cfg.dead_after);
+    let mut prefix = [0u8; 4];
+    tokio::time::timeout_at(deadline, r.read_exact(&mut prefix))
+        .await
+        .map_err(|_| dead())??;
+    let len = wire::parse_length(prefix, max)?;
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        let n = tokio::time::timeout(inner.cfg.dead_after, r.read(&mut buf[filled..]))
+            .await
+            .map_err(|_| dead())??;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        filled += n;
+    }
+    inner
+        .counters
+        .bytes_in
+        .fetch_add(len as u64 + 4, Ordering::Relaxed);
+    Ok(buf)
+}
+
 async fn read_record(
     inner: &Inner,
     r: &mut (impl AsyncRead + Unpin),
@@ -447,9 +480,7 @@ async fn read_loop(
     let mut nonce = 0u64;
     loop {
         let deadline = last_good + inner.cfg.dead_after;
-        let record = tokio::time::timeout_at(deadline, read_record(inner, &mut rd, limit))
-            .await
-            .map_err(|_| ConnError::Dead(inner.cfg.dead_after))??;
+        let record = read_frame_record(inner, &mut rd, limit, deadline).await?;
         let plain = match &cipher {
             Some(c) => wire::open(c, &mut nonce, &record)?,
             None => record,

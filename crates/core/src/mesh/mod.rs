@@ -11,6 +11,16 @@
 //! - `topology.rs`: the topology CRDT, routes and broadcast trees (sans-IO).
 //! - `gossip.rs`: the [`GossipData`] / [`Gossiper`] traits and [`GossipChannel`].
 //!
+//! # Wire
+//! Each side sends a length-prefixed `MeshHandshake` (protocol "meshd-mesh", version
+//! range, name, nickname, uid, advertised address, whether it has a password). With a
+//! password, a Noise `NNpsk0_25519_ChaChaPoly_BLAKE2s` exchange follows (PSK = BLAKE2s
+//! of the password, the two handshake records as prologue, so identities are bound to
+//! the key exchange though sent in clear); a peer with another password, or with a
+//! password facing one without, is refused on both sides. Then `MeshFrame`s, each a
+//! 4-byte big-endian length and the frame (sealed in ≤ 64 KiB Noise messages when
+//! encrypted): heartbeats, topology deltas and digests, channel messages.
+//!
 //! # Registering your own channel
 //! ```
 //! use mesh_core::mesh::{GossipData, GossipError, Gossiper, Mesh, MeshConfig, PeerName};

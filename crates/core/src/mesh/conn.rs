@@ -11,7 +11,7 @@ use super::{
 use crate::proto::meshpb::{mesh_frame, MeshFrame, MeshHandshake, MeshHeartbeat};
 use bytes::Bytes;
 use prost::Message;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -352,6 +352,7 @@ fn register(
             outbound,
             tx,
             topology_pending: HashSet::new(),
+            remote_knows: HashMap::new(),
             topology_notify: notify.clone(),
         },
     );
@@ -428,7 +429,23 @@ async fn write_loop(
                     return Ok(());
                 };
                 let names = std::mem::take(&mut c.topology_pending);
-                match topology_frame(&st, names) {
+                let mut knows = std::mem::take(&mut c.remote_knows);
+                // Skip what the neighbour already has (it sent it to us, or we did).
+                let names: Vec<PeerName> = names
+                    .into_iter()
+                    .filter(|n| match st.topology.get(*n) {
+                        Some(e) if knows.get(n).is_none_or(|&k| (e.version, e.uid) > k) => {
+                            knows.insert(*n, (e.version, e.uid));
+                            true
+                        }
+                        _ => false,
+                    })
+                    .collect();
+                let frame = topology_frame(&st, names);
+                if let Some(c) = st.conns.get_mut(&remote) {
+                    c.remote_knows = knows;
+                }
+                match frame {
                     Some(f) => (f, true),
                     None => continue,
                 }
@@ -516,6 +533,11 @@ fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrame, len: usize) {
         mesh_frame::Body::Topology(t) => {
             let entries: Vec<Entry> = t.peers.into_iter().map(Entry::from_pb).collect();
             let mut st = inner.lock();
+            if let Some(c) = st.conns.get_mut(&from) {
+                for e in &entries {
+                    c.learn_remote_knows(e.name, (e.version, e.uid));
+                }
+            }
             let changed = st.topology.merge(entries);
             if changed.is_empty() {
                 return;
@@ -532,6 +554,14 @@ fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrame, len: usize) {
         }
         mesh_frame::Body::Digest(d) => {
             let mut st = inner.lock();
+            if let Some(c) = st.conns.get_mut(&from) {
+                // The digest is exactly what it holds now.
+                c.remote_knows = d
+                    .items
+                    .iter()
+                    .map(|i| (i.name, (i.version, i.uid)))
+                    .collect();
+            }
             let (send, they_have_news) = st.topology.diff(&d.items);
             let reply = (they_have_news && !d.reply).then(|| super::digest_frame(&st, true));
             if let Some(c) = st.conns.get_mut(&from) {

@@ -249,6 +249,16 @@ struct ConnHandle {
     /// Topology entries to send on this connection at the writer's next turn (coalesced).
     topology_pending: HashSet<PeerName>,
     topology_notify: Arc<Notify>,
+    /// (version, uid) of entries the neighbour is known to hold (it sent them, we sent
+    /// them, or its digest listed them): flooding skips those.
+    remote_knows: HashMap<PeerName, (u64, u64)>,
+}
+
+impl ConnHandle {
+    fn learn_remote_knows(&mut self, name: PeerName, version: (u64, u64)) {
+        let k = self.remote_knows.entry(name).or_insert(version);
+        *k = (*k).max(version);
+    }
 }
 
 /// Per-address dial state (seeds, `connect()` targets, addresses from the topology).

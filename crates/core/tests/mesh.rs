@@ -361,6 +361,8 @@ async fn discovery_reaches_target_degree_and_connect_works_at_runtime() {
     })
     .await;
 
+    let changes = net.meshes[0].changes();
+    let before = *changes.borrow();
     let (l, a) = bind().await;
     let late = Mesh::start(fast_config(9, &a), l);
     late.connect(&net.addrs[2]);
@@ -372,6 +374,10 @@ async fn discovery_reaches_target_degree_and_connect_works_at_runtime() {
                 .any(|p| p.name == 9 && p.reachable)
     })
     .await;
+    assert!(
+        *changes.borrow() > before,
+        "changes() bumped when the peer joined"
+    );
     late.set_meta(b"role=server".to_vec());
     wait_for("meta gossiped", || {
         net.meshes[4]
@@ -627,5 +633,100 @@ async fn connect_flood_is_rate_limited_and_peers_keep_working() {
     assert_eq!(net.meshes[0].stats().connections, 1);
     drop(flood);
     net.unicast_and_broadcast(1, 0).await;
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_is_enforced() {
+    // Peer 0 takes at most 2 connections; peers 1..=3 all seed it.
+    let edges = vec![vec![], vec![0], vec![0], vec![0]];
+    let net = start_net(4, &edges, |c| {
+        if c.name == 1 {
+            c.max_connections = 2;
+        }
+    })
+    .await;
+    wait_for("two peers admitted", || {
+        net.meshes[0].stats().connections == 2
+    })
+    .await;
+    wait_for("the third is refused and retries", || {
+        net.meshes[1..]
+            .iter()
+            .filter(|m| m.stats().connections == 0)
+            .count()
+            == 1
+    })
+    .await;
+    assert_eq!(net.meshes[0].stats().connections, 2);
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_peer_is_a_new_incarnation() {
+    // A long gossip interval keeps the old entry from being collected before the
+    // restart, so the new incarnation must out-version it.
+    let slow_gc = |c: &mut MeshConfig| c.gossip_interval = Duration::from_secs(30);
+    let net = start_net(2, &[vec![], vec![0]], slow_gc).await;
+    wait_for("pair connected", || {
+        net.converged(&|a, b| a.abs_diff(b) as u32)
+    })
+    .await;
+    let old = net.meshes[1]
+        .peers()
+        .into_iter()
+        .find(|p| p.is_self)
+        .unwrap();
+    net.meshes[1].shutdown().await;
+
+    let (l, addr) = bind().await;
+    let mut cfg = fast_config(2, &addr);
+    slow_gc(&mut cfg);
+    cfg.seeds = vec![net.addrs[0].clone()];
+    let reborn = Mesh::start(cfg, l);
+    assert_ne!(reborn.uid(), old.uid);
+    wait_for("the new incarnation replaces the old entry", || {
+        net.meshes[0].peers().iter().any(|p| {
+            p.name == 2
+                && p.uid == reborn.uid()
+                && p.reachable
+                && p.address == addr
+                && p.version > old.version
+        })
+    })
+    .await;
+    reborn.shutdown().await;
+    net.meshes[0].shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_frame_that_keeps_moving_is_not_a_dead_peer() {
+    use mesh_core::proto::meshpb::{mesh_frame, MeshChannelMessage, MeshFrame};
+    use prost::Message;
+    let net = start_net(1, &[vec![]], |c| c.dead_after = Duration::from_millis(600)).await;
+    let mut s = raw_handshake(&net.addrs[0], 99).await;
+    let frame = MeshFrame {
+        body: Some(mesh_frame::Body::Channel(MeshChannelMessage {
+            channel: "test".into(),
+            kind: 1,
+            src: 99,
+            dst: 1,
+            ttl: 8,
+            payload: b"slowly".to_vec(),
+        })),
+    }
+    .encode_to_vec();
+    let mut record = (frame.len() as u32).to_be_bytes().to_vec();
+    record.extend_from_slice(&frame);
+    // The whole frame takes about 3 × dead_after, each piece well within it.
+    let pieces: Vec<&[u8]> = record.chunks(record.len().div_ceil(9)).collect();
+    for piece in pieces {
+        s.write_all(piece).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for("slow frame delivered", || {
+        net.recorders[0].got_unicast(b"slowly")
+    })
+    .await;
     net.shutdown().await;
 }

@@ -11,9 +11,10 @@ use super::{
 use crate::proto::meshpb::{mesh_frame, MeshFrame, MeshHandshake, MeshHeartbeat};
 use bytes::Bytes;
 use prost::Message;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
@@ -248,6 +249,39 @@ async fn write_record(
     Ok(())
 }
 
+/// Reads one frame record: its first bytes must arrive by `deadline`, and after that
+/// every read must make progress within `dead_after`, so a frame far larger than a
+/// link moves in `dead_after` is not mistaken for a dead peer.
+async fn read_frame_record(
+    inner: &Inner,
+    r: &mut (impl AsyncRead + Unpin),
+    max: usize,
+    deadline: Instant,
+) -> Result<Vec<u8>, ConnError> {
+    let dead = || ConnError::Dead(inner.cfg.dead_after);
+    let mut prefix = [0u8; 4];
+    tokio::time::timeout_at(deadline, r.read_exact(&mut prefix))
+        .await
+        .map_err(|_| dead())??;
+    let len = wire::parse_length(prefix, max)?;
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        let n = tokio::time::timeout(inner.cfg.dead_after, r.read(&mut buf[filled..]))
+            .await
+            .map_err(|_| dead())??;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        filled += n;
+    }
+    inner
+        .counters
+        .bytes_in
+        .fetch_add(len as u64 + 4, Ordering::Relaxed);
+    Ok(buf)
+}
+
 async fn read_record(
     inner: &Inner,
     r: &mut (impl AsyncRead + Unpin),
@@ -318,6 +352,7 @@ fn register(
             outbound,
             tx,
             topology_pending: HashSet::new(),
+            remote_knows: HashMap::new(),
             topology_notify: notify.clone(),
         },
     );
@@ -372,16 +407,45 @@ async fn write_loop(
     );
     let mut beat = tokio::time::interval(inner.cfg.heartbeat);
     let mut nonce = 0u64;
+    // Topology changes are sent at most once per batch period, so a burst of version
+    // bumps (a peer connecting to several others) travels as one entry.
+    let batch = (inner.cfg.gossip_interval / 10)
+        .clamp(Duration::from_millis(1), Duration::from_millis(100));
+    let mut last_topology = Instant::now() - batch;
+    let mut topology_due: Option<Instant> = None;
     loop {
+        let due = topology_due.unwrap_or_else(Instant::now);
         let (frame, is_gossip) = tokio::select! {
             biased;
-            _ = notify.notified() => {
+            _ = notify.notified(), if topology_due.is_none() => {
+                topology_due = Some((last_topology + batch).max(Instant::now()));
+                continue;
+            }
+            _ = tokio::time::sleep_until(due), if topology_due.is_some() => {
+                topology_due = None;
+                last_topology = Instant::now();
                 let mut st = inner.lock();
                 let Some(c) = st.conns.get_mut(&remote).filter(|c| c.id == id) else {
                     return Ok(());
                 };
                 let names = std::mem::take(&mut c.topology_pending);
-                match topology_frame(&st, names) {
+                let mut knows = std::mem::take(&mut c.remote_knows);
+                // Skip what the neighbour already has (it sent it to us, or we did).
+                let names: Vec<PeerName> = names
+                    .into_iter()
+                    .filter(|n| match st.topology.get(*n) {
+                        Some(e) if knows.get(n).is_none_or(|&k| (e.version, e.uid) > k) => {
+                            knows.insert(*n, (e.version, e.uid));
+                            true
+                        }
+                        _ => false,
+                    })
+                    .collect();
+                let frame = topology_frame(&st, names);
+                if let Some(c) = st.conns.get_mut(&remote) {
+                    c.remote_knows = knows;
+                }
+                match frame {
                     Some(f) => (f, true),
                     None => continue,
                 }
@@ -433,9 +497,7 @@ async fn read_loop(
     let mut nonce = 0u64;
     loop {
         let deadline = last_good + inner.cfg.dead_after;
-        let record = tokio::time::timeout_at(deadline, read_record(inner, &mut rd, limit))
-            .await
-            .map_err(|_| ConnError::Dead(inner.cfg.dead_after))??;
+        let record = read_frame_record(inner, &mut rd, limit, deadline).await?;
         let plain = match &cipher {
             Some(c) => wire::open(c, &mut nonce, &record)?,
             None => record,
@@ -471,6 +533,11 @@ fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrame, len: usize) {
         mesh_frame::Body::Topology(t) => {
             let entries: Vec<Entry> = t.peers.into_iter().map(Entry::from_pb).collect();
             let mut st = inner.lock();
+            if let Some(c) = st.conns.get_mut(&from) {
+                for e in &entries {
+                    c.learn_remote_knows(e.name, (e.version, e.uid));
+                }
+            }
             let changed = st.topology.merge(entries);
             if changed.is_empty() {
                 return;
@@ -484,6 +551,28 @@ fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrame, len: usize) {
             }
             drop(st);
             inner.bump_changes();
+        }
+        mesh_frame::Body::Digest(d) => {
+            let mut st = inner.lock();
+            if let Some(c) = st.conns.get_mut(&from) {
+                // The digest is exactly what it holds now.
+                c.remote_knows = d
+                    .items
+                    .iter()
+                    .map(|i| (i.name, (i.version, i.uid)))
+                    .collect();
+            }
+            let (send, they_have_news) = st.topology.diff(&d.items);
+            let reply = (they_have_news && !d.reply).then(|| super::digest_frame(&st, true));
+            if let Some(c) = st.conns.get_mut(&from) {
+                if !send.is_empty() {
+                    c.topology_pending.extend(send);
+                    c.topology_notify.notify_one();
+                }
+                if let Some(r) = reply {
+                    let _ = c.tx.try_send(r);
+                }
+            }
         }
         mesh_frame::Body::Channel(mut m) => {
             let kind = MeshMessageKind::try_from(m.kind).unwrap_or(MeshMessageKind::Gossip);

@@ -4,11 +4,22 @@
 //!
 //! # Layout
 //! - `mod.rs` (this file): [`MeshConfig`], [`Mesh`] (the public handle), shared state,
-//!   the periodic tasks (accept with rate limiting, dialing with backoff, anti-entropy, GC).
+//!   sending, relaying and anti-entropy rounds.
+//! - `tasks.rs`: the background loops: accept (rate limited), dial (backoff), gossip.
 //! - `conn.rs`: one connection: handshake, Noise encryption, heartbeats, frame loops.
 //! - `wire.rs`: length prefix, handshake and frame decoders, Noise chunking (pure).
 //! - `topology.rs`: the topology CRDT, routes and broadcast trees (sans-IO).
 //! - `gossip.rs`: the [`GossipData`] / [`Gossiper`] traits and [`GossipChannel`].
+//!
+//! # Wire
+//! Each side sends a length-prefixed `MeshHandshake` (protocol "meshd-mesh", version
+//! range, name, nickname, uid, advertised address, whether it has a password). With a
+//! password, a Noise `NNpsk0_25519_ChaChaPoly_BLAKE2s` exchange follows (PSK = BLAKE2s
+//! of the password, the two handshake records as prologue, so identities are bound to
+//! the key exchange though sent in clear); a peer with another password, or with a
+//! password facing one without, is refused on both sides. Then `MeshFrame`s, each a
+//! 4-byte big-endian length and the frame (sealed in ≤ 64 KiB Noise messages when
+//! encrypted): heartbeats, topology deltas and digests, channel messages.
 //!
 //! # Registering your own channel
 //! ```
@@ -65,6 +76,7 @@
 //! ```
 mod conn;
 mod gossip;
+mod tasks;
 mod topology;
 pub mod wire;
 
@@ -72,7 +84,7 @@ pub use gossip::{GossipChannel, GossipData, GossipError, Gossiper};
 pub use wire::{decode_frame, decode_handshake, WireError};
 
 use crate::proto::meshpb::{
-    mesh_frame, MeshChannelMessage, MeshFrame, MeshMessageKind, MeshTopology,
+    mesh_frame, MeshChannelMessage, MeshFrame, MeshMessageKind, MeshTopology, MeshTopologyDigest,
 };
 use bytes::Bytes;
 use prost::Message;
@@ -81,6 +93,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tasks::{accept_loop, dial_finished, dial_loop, gossip_loop};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -236,6 +249,16 @@ struct ConnHandle {
     /// Topology entries to send on this connection at the writer's next turn (coalesced).
     topology_pending: HashSet<PeerName>,
     topology_notify: Arc<Notify>,
+    /// (version, uid) of entries the neighbour is known to hold (it sent them, we sent
+    /// them, or its digest listed them): flooding skips those.
+    remote_knows: HashMap<PeerName, (u64, u64)>,
+}
+
+impl ConnHandle {
+    fn learn_remote_knows(&mut self, name: PeerName, version: (u64, u64)) {
+        let k = self.remote_knows.entry(name).or_insert(version);
+        *k = (*k).max(version);
+    }
 }
 
 /// Per-address dial state (seeds, `connect()` targets, addresses from the topology).
@@ -585,8 +608,8 @@ impl Inner {
     }
 
     /// One anti-entropy round: topology GC, every channel's state to about 2·log2(n)
-    /// random neighbours, and every fourth round the whole topology to one neighbour
-    /// (deltas flood on every change; this only repairs what they missed).
+    /// random neighbours, and every second round a topology digest to one neighbour
+    /// (deltas flood on every change; the digest exchange only repairs what they missed).
     fn gossip_round(&self, round: u64) {
         let (channels, targets) = {
             let mut st = self.lock();
@@ -597,12 +620,11 @@ impl Inner {
             }
             let mut neighbours: Vec<PeerName> = st.conns.keys().copied().collect();
             neighbours.shuffle(&mut rand::rng());
-            if round.is_multiple_of(4) {
+            if round.is_multiple_of(2) {
                 if let Some(&n) = neighbours.first() {
-                    let all: Vec<PeerName> = st.topology.entries().map(|e| e.name).collect();
-                    if let Some(c) = st.conns.get_mut(&n) {
-                        c.topology_pending.extend(all);
-                        c.topology_notify.notify_one();
+                    let frame = digest_frame(&st, false);
+                    if let Some(c) = st.conns.get(&n) {
+                        let _ = c.tx.try_send(frame);
                     }
                 }
             }
@@ -667,153 +689,15 @@ fn topology_frame(st: &State, names: impl IntoIterator<Item = PeerName>) -> Opti
     Some(Bytes::from(frame.encode_to_vec()))
 }
 
-/// A token bucket: `rate` tokens per second, at most `rate` stored.
-struct TokenBucket {
-    tokens: f64,
-    rate: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32) -> Self {
-        TokenBucket {
-            tokens: rate as f64,
-            rate: rate as f64,
-            last: Instant::now(),
+fn digest_frame(st: &State, reply: bool) -> Bytes {
+    let digest = MeshTopologyDigest {
+        items: st.topology.digest(),
+        reply,
+    };
+    Bytes::from(
+        MeshFrame {
+            body: Some(mesh_frame::Body::Digest(digest)),
         }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-async fn accept_loop(inner: Arc<Inner>, listener: tokio::net::TcpListener) {
-    let mut bucket = TokenBucket::new(inner.cfg.accept_per_sec);
-    loop {
-        let (stream, addr) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of file descriptors and similar: back off instead of spinning.
-                tracing::warn!("mesh: accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        if !bucket.take() {
-            inner
-                .counters
-                .handshakes_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("mesh: refused connection from {addr}: accept rate limit");
-            continue;
-        }
-        inner.spawn(conn::run(inner.clone(), stream, addr.to_string(), None));
-    }
-}
-
-/// Keeps seeds and `connect()` targets connected, and tops connections up to
-/// `target_degree` from addresses learned through the topology, with per-address
-/// exponential backoff.
-async fn dial_loop(inner: Arc<Inner>) {
-    let period = inner
-        .cfg
-        .reconnect_min
-        .min(inner.cfg.heartbeat)
-        .max(Duration::from_millis(10));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        for addr in dial_candidates(&inner) {
-            inner.spawn(conn::dial(inner.clone(), addr));
-        }
-    }
-}
-
-fn dial_candidates(inner: &Inner) -> Vec<String> {
-    let mut st = inner.lock();
-    let now = Instant::now();
-    let connected_addrs: HashSet<String> = st.conns.values().map(|c| c.address.clone()).collect();
-    let busy = st.conns.len() + st.handshaking.len();
-    let mut want: Vec<String> = st
-        .direct
-        .iter()
-        .filter(|a| !connected_addrs.contains(*a) && !st.self_addresses.contains(*a))
-        .cloned()
-        .collect();
-    if st.conns.len() < inner.cfg.target_degree {
-        let mut learned: Vec<String> = st
-            .topology
-            .entries()
-            .filter(|e| e.name != inner.cfg.name && !st.conns.contains_key(&e.name))
-            .map(|e| e.address.clone())
-            .filter(|a| !a.is_empty() && !st.self_addresses.contains(a) && !want.contains(a))
-            .collect();
-        learned.shuffle(&mut rand::rng());
-        want.extend(
-            learned
-                .into_iter()
-                .take(inner.cfg.target_degree - st.conns.len()),
-        );
-    }
-    let room = inner.cfg.max_connections.saturating_sub(busy);
-    let min = inner.cfg.reconnect_min;
-    let mut out = Vec::new();
-    for addr in want {
-        if out.len() >= room {
-            break;
-        }
-        let d = st.dials.entry(addr.clone()).or_insert(DialState {
-            next: now,
-            backoff: min,
-            in_flight: false,
-        });
-        if !d.in_flight && d.next <= now {
-            d.in_flight = true;
-            out.push(addr);
-        }
-    }
-    out
-}
-
-/// Records a dial's outcome: success resets the backoff, failure doubles it (with
-/// jitter) up to `reconnect_max`.
-fn dial_finished(inner: &Inner, addr: &str, ok: bool) {
-    let mut st = inner.lock();
-    let (min, max) = (inner.cfg.reconnect_min, inner.cfg.reconnect_max);
-    if let Some(d) = st.dials.get_mut(addr) {
-        d.in_flight = false;
-        if ok {
-            d.backoff = min;
-            d.next = Instant::now() + min;
-        } else {
-            let jitter = rand::random::<f64>() * 0.25 + 0.875;
-            d.next = Instant::now() + d.backoff.mul_f64(jitter);
-            d.backoff = (d.backoff * 2).min(max);
-        }
-    }
-}
-
-async fn gossip_loop(inner: Arc<Inner>) {
-    let mut tick = tokio::time::interval(inner.cfg.gossip_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut round = 0u64;
-    loop {
-        tick.tick().await;
-        round += 1;
-        inner.gossip_round(round);
-        if let Some(tasks) = inner.tasks.lock().unwrap().as_mut() {
-            while tasks.try_join_next().is_some() {}
-        }
-    }
+        .encode_to_vec(),
+    )
 }

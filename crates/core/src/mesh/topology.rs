@@ -2,8 +2,9 @@
 //! merged by (version, uid); shortest-path next hops for unicast and per-source spanning
 //! trees for broadcast, both on the symmetric graph; garbage collection of unreachable peers.
 use super::PeerName;
-use crate::proto::meshpb::{MeshPeerConnection, MeshPeerEntry};
-use std::collections::{HashMap, VecDeque};
+use crate::proto::meshpb::{MeshDigestItem, MeshPeerConnection, MeshPeerEntry};
+use std::cell::{Ref, RefCell};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// One peer's own description of itself, as gossiped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,29 +88,40 @@ impl Entry {
 pub struct Topology {
     own: PeerName,
     entries: HashMap<PeerName, Entry>,
+    /// Routes computed on first use after a change (a burst of merges costs one BFS).
+    routes: RefCell<Option<Routes>>,
+    /// Consecutive GC ticks a peer has been unreachable.
+    unreachable_ticks: HashMap<PeerName, u32>,
+    /// (version, uid) of collected peers. A copy of such an entry still circulating
+    /// (a zombie) is not forwarded until it is reachable; otherwise peers that
+    /// collected it late would keep handing it back to those that collected it.
+    collected: HashMap<PeerName, (u64, u64)>,
+    /// Collected entries received again but not reachable yet: kept, not forwarded.
+    held: HashSet<PeerName>,
+}
+
+/// What the entries imply; rebuilt from scratch after any change.
+#[derive(Debug)]
+struct Routes {
     /// Symmetric adjacency (an edge counts only when both ends list it), sorted.
     adjacency: HashMap<PeerName, Vec<PeerName>>,
     /// dst → (next hop, hop count) for every reachable peer but ourselves.
-    routes: HashMap<PeerName, (PeerName, u32)>,
+    next_hops: HashMap<PeerName, (PeerName, u32)>,
     /// src → our children in the broadcast tree rooted at src; filled lazily.
-    broadcast_children: HashMap<PeerName, Vec<PeerName>>,
-    /// Consecutive GC ticks a peer has been unreachable.
-    unreachable_ticks: HashMap<PeerName, u32>,
+    broadcast_children: RefCell<HashMap<PeerName, Vec<PeerName>>>,
 }
 
 impl Topology {
     pub fn new(own: Entry) -> Self {
         let name = own.name;
-        let mut t = Topology {
+        Topology {
             own: name,
             entries: HashMap::from([(name, own)]),
-            adjacency: HashMap::new(),
-            routes: HashMap::new(),
-            broadcast_children: HashMap::new(),
+            routes: RefCell::new(None),
             unreachable_ticks: HashMap::new(),
-        };
-        t.recompute();
-        t
+            collected: HashMap::new(),
+            held: HashSet::new(),
+        }
     }
 
     #[cfg(test)]
@@ -129,6 +141,40 @@ impl Topology {
         self.entries.len()
     }
 
+    /// (name, uid, version) of every entry, for anti-entropy.
+    pub fn digest(&self) -> Vec<MeshDigestItem> {
+        self.entries
+            .values()
+            .map(|e| MeshDigestItem {
+                name: e.name,
+                uid: e.uid,
+                version: e.version,
+            })
+            .collect()
+    }
+
+    /// Compares a neighbour's digest with ours: the names whose entry we should send it
+    /// (ours is newer or it lacks it; never an unreachable one, which is garbage here),
+    /// and whether it holds something newer than we do.
+    pub fn diff(&self, digest: &[MeshDigestItem]) -> (Vec<PeerName>, bool) {
+        let theirs: HashMap<PeerName, (u64, u64)> = digest
+            .iter()
+            .map(|d| (d.name, (d.version, d.uid)))
+            .collect();
+        let send: Vec<PeerName> = self
+            .entries
+            .values()
+            .filter(|e| theirs.get(&e.name).is_none_or(|&t| (e.version, e.uid) > t))
+            .filter(|e| self.is_reachable(e.name))
+            .map(|e| e.name)
+            .collect();
+        let they_have_news = digest.iter().any(|d| match self.entries.get(&d.name) {
+            Some(e) => (d.version, d.uid) > (e.version, e.uid),
+            None => self.collected.get(&d.name) != Some(&(d.version, d.uid)),
+        });
+        (send, they_have_news)
+    }
+
     /// Changes our own entry and bumps its version; routes are recomputed.
     pub fn update_own(&mut self, f: impl FnOnce(&mut Entry)) {
         let own = self.entries.get_mut(&self.own).expect("own entry");
@@ -140,9 +186,11 @@ impl Topology {
 
     /// Merges received entries. Returns the names whose entry changed here (to be
     /// forwarded to other neighbours); our own name is in it when a stale entry of ours
-    /// (for example from before a restart) forced a version bump.
+    /// (for example from before a restart) forced a version bump. A collected entry
+    /// coming back is kept but held back from forwarding until it is reachable.
     pub fn merge(&mut self, received: Vec<Entry>) -> Vec<PeerName> {
         let mut changed = Vec::new();
+        let mut inserted = false;
         for e in received {
             if e.name == self.own {
                 let own = self.entries.get_mut(&self.own).expect("own entry");
@@ -155,20 +203,51 @@ impl Topology {
             match self.entries.get(&e.name) {
                 Some(cur) if !e.newer_than(cur) => {}
                 _ => {
-                    changed.push(e.name);
+                    if self.collected.get(&e.name) == Some(&(e.version, e.uid)) {
+                        self.held.insert(e.name);
+                    } else {
+                        self.held.remove(&e.name);
+                        changed.push(e.name);
+                    }
                     self.entries.insert(e.name, e);
+                    inserted = true;
                 }
             }
         }
-        if !changed.is_empty() {
+        if inserted {
             self.recompute();
+        }
+        let released: Vec<PeerName> = self
+            .held
+            .iter()
+            .copied()
+            .filter(|&n| self.is_reachable(n))
+            .collect();
+        for n in released {
+            self.held.remove(&n);
+            changed.push(n);
+        }
+        for n in &changed {
+            self.collected.remove(n);
         }
         changed
     }
 
-    /// Rebuilds adjacency and routes (BFS from us, neighbours in name order so every
-    /// peer breaks ties the same way).
-    pub fn recompute(&mut self) {
+    /// Drops the computed routes; the next query rebuilds them.
+    fn recompute(&mut self) {
+        *self.routes.get_mut() = None;
+    }
+
+    /// The routes, rebuilt if stale: BFS from us over symmetric edges, neighbours in
+    /// name order so every peer breaks ties the same way.
+    fn routes(&self) -> Ref<'_, Routes> {
+        if self.routes.borrow().is_none() {
+            *self.routes.borrow_mut() = Some(self.compute_routes());
+        }
+        Ref::map(self.routes.borrow(), |r| r.as_ref().expect("just computed"))
+    }
+
+    fn compute_routes(&self) -> Routes {
         let mut adjacency: HashMap<PeerName, Vec<PeerName>> = HashMap::new();
         for e in self.entries.values() {
             let mut n: Vec<PeerName> = e
@@ -180,48 +259,51 @@ impl Topology {
             n.sort_unstable();
             adjacency.insert(e.name, n);
         }
-        self.adjacency = adjacency;
-        let parents = bfs(&self.adjacency, self.own);
-        let mut routes = HashMap::new();
-        for (&dst, &(_, hops)) in &parents {
+        let parents = bfs(&adjacency, self.own);
+        // First hop of each destination, filled in BFS order so a parent's is known first.
+        let mut order: Vec<(&PeerName, &(PeerName, u32))> = parents.iter().collect();
+        order.sort_by_key(|(_, &(_, hops))| hops);
+        let mut next_hops: HashMap<PeerName, (PeerName, u32)> = HashMap::new();
+        for (&dst, &(parent, hops)) in order {
             if dst == self.own {
                 continue;
             }
-            // Walk back to the peer one hop from us.
-            let mut hop = dst;
-            while let Some(&(p, _)) = parents.get(&hop) {
-                if p == self.own {
-                    break;
-                }
-                hop = p;
-            }
-            routes.insert(dst, (hop, hops));
+            let first = if parent == self.own {
+                dst
+            } else {
+                next_hops[&parent].0
+            };
+            next_hops.insert(dst, (first, hops));
         }
-        self.routes = routes;
-        self.broadcast_children.clear();
+        Routes {
+            adjacency,
+            next_hops,
+            broadcast_children: RefCell::new(HashMap::new()),
+        }
     }
 
     pub fn route(&self, dst: PeerName) -> Option<(PeerName, u32)> {
-        self.routes.get(&dst).copied()
+        self.routes().next_hops.get(&dst).copied()
     }
 
     pub fn is_reachable(&self, name: PeerName) -> bool {
-        name == self.own || self.routes.contains_key(&name)
+        name == self.own || self.routes().next_hops.contains_key(&name)
     }
 
     pub fn reachable_count(&self) -> usize {
-        self.routes.len() + 1
+        self.routes().next_hops.len() + 1
     }
 
     /// Our children in the spanning tree rooted at `src` (BFS from src, ties broken by
     /// name): the neighbours a broadcast from `src` must be relayed to.
-    pub fn broadcast_children(&mut self, src: PeerName) -> Vec<PeerName> {
-        if let Some(c) = self.broadcast_children.get(&src) {
+    pub fn broadcast_children(&self, src: PeerName) -> Vec<PeerName> {
+        let routes = self.routes();
+        if let Some(c) = routes.broadcast_children.borrow().get(&src) {
             return c.clone();
         }
-        let parents = bfs(&self.adjacency, src);
+        let parents = bfs(&routes.adjacency, src);
         let own = self.own;
-        let children: Vec<PeerName> = self
+        let children: Vec<PeerName> = routes
             .adjacency
             .get(&own)
             .map(|n| {
@@ -231,7 +313,10 @@ impl Topology {
                     .collect()
             })
             .unwrap_or_default();
-        self.broadcast_children.insert(src, children.clone());
+        routes
+            .broadcast_children
+            .borrow_mut()
+            .insert(src, children.clone());
         children
     }
 
@@ -252,7 +337,10 @@ impl Topology {
             let ticks = self.unreachable_ticks.entry(n).or_insert(0);
             *ticks += 1;
             if *ticks >= 2 {
-                self.entries.remove(&n);
+                self.held.remove(&n);
+                if let Some(e) = self.entries.remove(&n) {
+                    self.collected.insert(n, (e.version, e.uid));
+                }
                 self.unreachable_ticks.remove(&n);
                 removed.push(n);
             }
@@ -337,5 +425,20 @@ mod tests {
         assert!(t.gc_tick().is_empty());
         assert_eq!(t.gc_tick(), vec![2]);
         assert!(t.get(2).is_none());
+        // The same entry handed back while unreachable is kept but not forwarded...
+        assert!(t.merge(vec![entry(2, 1, &[3])]).is_empty());
+        assert!(t.get(2).is_some() && !t.is_reachable(2));
+        // ...until the entry that makes it reachable arrives.
+        t.update_own(|e| {
+            e.connections.push(EntryConnection {
+                peer: 3,
+                address: String::new(),
+                outbound: true,
+            })
+        });
+        let mut changed = t.merge(vec![entry(3, 1, &[1, 2])]);
+        changed.sort();
+        assert_eq!(changed, vec![2, 3]);
+        assert!(t.is_reachable(2));
     }
 }

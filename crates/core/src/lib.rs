@@ -18,6 +18,7 @@
 //! - [`server`]: one member wired together, with a graceful stop; snapshot restore.
 //! - [`snapshot`]: the snapshot file format (store snapshot + SHA-256 trailer).
 //! - [`client`]: the typed client meshctl uses, with endpoint failover.
+//! - [`untrusted`]: every decoder of network or disk bytes behind one entry point (fuzzing).
 //! - [`proto`]: generated wire types.
 pub mod api;
 pub mod client;
@@ -30,6 +31,7 @@ pub mod raft;
 pub mod server;
 pub mod snapshot;
 pub mod storage;
+pub mod untrusted;
 
 /// Generated wire types: the etcd v3 API (`etcdserverpb`, `mvccpb`) and meshd's own
 /// records (`meshpb`), and etcd's lock and election services (`v3lockpb`,

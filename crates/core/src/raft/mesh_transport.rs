@@ -162,6 +162,26 @@ impl Transport for MeshTransport {
     }
 }
 
+/// Feeds `frames` (untrusted bytes, as received on the `raft` channel) to a receiver
+/// of the cluster and member the first envelope names, so fuzzing reaches reassembly
+/// and Raft message decoding. Returns how many messages reached the driver.
+pub fn receive_untrusted(frames: &[&[u8]]) -> usize {
+    let first: Option<RaftEnvelope> = frames.first().and_then(|f| prost::Message::decode(*f).ok());
+    let (cluster_id, member_id) = first.map_or((0, 0), |e| (e.cluster_id, e.to));
+    let (tx, rx) = std_mpsc::channel();
+    let receiver = RaftReceiver {
+        member_id,
+        cluster_id,
+        driver: tx,
+        partial: Mutex::new(HashMap::new()),
+    };
+    for f in frames {
+        let _ = receiver.on_unicast(1, f);
+    }
+    drop(receiver);
+    rx.into_iter().count()
+}
+
 struct Partial {
     started: Instant,
     chunks: Vec<Option<Vec<u8>>>,

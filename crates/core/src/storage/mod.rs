@@ -96,6 +96,13 @@ pub fn open_database(dir: &Path) -> Result<Arc<Db>, StorageError> {
 /// File in the data dir holding this node's mesh peer name (16 hex digits).
 pub const PEER_NAME_FILE: &str = "mesh-peer-name";
 
+/// The contents of a peer-name file: 16 hex digits, not zero.
+pub fn parse_peer_name(text: &str) -> Option<u64> {
+    u64::from_str_radix(text.trim(), 16)
+        .ok()
+        .filter(|n| *n != 0)
+}
+
 /// The node's stable mesh peer name: created once per data dir, random, never zero.
 pub fn load_or_create_peer_name(dir: &Path) -> Result<u64, StorageError> {
     let path = dir.join(PEER_NAME_FILE);
@@ -104,13 +111,10 @@ pub fn load_or_create_peer_name(dir: &Path) -> Result<u64, StorageError> {
         source,
     };
     match std::fs::read_to_string(&path) {
-        Ok(text) => u64::from_str_radix(text.trim(), 16)
-            .ok()
-            .filter(|n| *n != 0)
-            .ok_or_else(|| StorageError::Corrupt {
-                path: path.clone(),
-                detail: format!("not a mesh peer name: {:?}", text.trim()),
-            }),
+        Ok(text) => parse_peer_name(&text).ok_or_else(|| StorageError::Corrupt {
+            path: path.clone(),
+            detail: format!("not a mesh peer name: {:?}", text.trim()),
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut name = 0u64;
             while name == 0 {

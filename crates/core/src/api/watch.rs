@@ -85,7 +85,7 @@ async fn serve_stream(ctx: ApiContext, mut inbound: Streaming<WatchRequest>, tx:
                     }
                     next_id
                 };
-                next_id = next_id.max(id + 1);
+                next_id = next_id.max(id.saturating_add(1));
                 let start = if c.start_revision > 0 {
                     c.start_revision
                 } else {

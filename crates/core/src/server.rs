@@ -453,9 +453,14 @@ impl Server {
         }
     }
 
-    /// Graceful stop: stop accepting, let in-flight requests finish, stop the driver
-    /// after its current Ready (everything acknowledged is already durable).
+    /// Graceful stop: hand leadership to a caught-up voter (so the cluster does not
+    /// wait an election timeout for a new leader), stop accepting, let in-flight
+    /// requests finish, stop the driver after its current Ready (everything
+    /// acknowledged is already durable).
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        // Still serving while the leadership moves: requests arriving meanwhile are
+        // forwarded to the new leader by Raft and answered here once applied.
+        self.hand_off_leadership().await;
         self.stopping.send_replace(true);
         if let Some(stop) = self.grpc_stop.take() {
             let _ = stop.send(());
@@ -485,6 +490,47 @@ impl Server {
         joined?;
         info!("stopped");
         Ok(())
+    }
+}
+
+impl Server {
+    /// If this member leads, transfers leadership to the most caught-up voter the
+    /// leader heard from recently, and waits (bounded by two election timeouts, as the
+    /// driver gives up a transfer then) until that voter leads.
+    async fn hand_off_leadership(&self) {
+        let status = &self.node.status;
+        let me = status.member_id;
+        if status.leader() != me {
+            return;
+        }
+        let Ok(progress) = self.node.progress().await else {
+            return;
+        };
+        let best = progress
+            .iter()
+            .filter(|p| p.id != me && !p.learner && p.recent_active)
+            .max_by_key(|p| p.matched);
+        let Some(best) = best else {
+            info!(
+                term = status.term(),
+                "stopping leader has no active voter to hand leadership to"
+            );
+            return;
+        };
+        info!(
+            target = format_args!("{:x}", best.id),
+            term = status.term(),
+            behind = best.leader_last_index.saturating_sub(best.matched),
+            "stopping leader hands leadership over"
+        );
+        match self.node.move_leader(best.id).await {
+            Ok(()) => info!(
+                leader = format_args!("{:x}", best.id),
+                term = status.term(),
+                "leadership handed over"
+            ),
+            Err(e) => warn!("leadership hand-over failed, stopping anyway: {e}"),
+        }
     }
 }
 

@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub listen_mesh: SocketAddr,
     /// Address peers dial to reach this member; default `<listen_mesh>`.
     pub advertise_mesh: Option<String>,
+    /// HTTP `/metrics` and `/health`; `None` serves neither.
+    pub listen_metrics: Option<SocketAddr>,
     /// `name=host:port` of every initial member; `None` means a single-node cluster of
     /// this member (or, with an existing data dir, whatever it already belongs to).
     pub initial_cluster: Option<Vec<(String, String)>>,
@@ -89,6 +91,7 @@ impl ServerConfig {
             advertise_client: None,
             listen_mesh: "0.0.0.0:6783".parse().expect("valid"),
             advertise_mesh: None,
+            listen_metrics: None,
             initial_cluster: None,
             initial_cluster_token: "meshd-cluster".into(),
             peers: Vec::new(),
@@ -545,10 +548,27 @@ impl Drop for Server {
     }
 }
 
+/// Moments of a member's life a supervisor (systemd) is told about.
+pub enum Lifecycle<'a> {
+    /// The member is serving clients.
+    Serving(&'a Server),
+    /// The member begins its graceful stop.
+    Stopping,
+}
+
 /// Runs a member until `shutdown` resolves, then stops it gracefully.
 pub async fn run(
     cfg: ServerConfig,
     shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    run_observed(cfg, shutdown, |_| {}).await
+}
+
+/// [`run`], telling `observe` when the member starts serving and when it stops.
+pub async fn run_observed(
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+    mut observe: impl FnMut(Lifecycle<'_>),
 ) -> Result<(), ServerError> {
     tokio::pin!(shutdown);
     // Start may wait for peers (bootstrap-expect, joining): a stop request ends the wait.
@@ -556,9 +576,14 @@ pub async fn run(
         s = Server::start(cfg) => s?,
         _ = &mut shutdown => return Ok(()),
     };
+    observe(Lifecycle::Serving(&server));
     tokio::select! {
-        _ = shutdown => server.shutdown().await,
+        _ = shutdown => {
+            observe(Lifecycle::Stopping);
+            server.shutdown().await
+        }
         _ = server.driver_stopped() => {
+            observe(Lifecycle::Stopping);
             let removed = server.node.status.is_removed();
             let _ = server.shutdown().await;
             if removed {

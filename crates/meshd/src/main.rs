@@ -1,20 +1,56 @@
-//! meshd: a member of a meshd cluster. Parses flags, sets up logging, runs the server
-//! until SIGTERM or SIGINT.
+//! meshd: a member of a meshd cluster. Parses flags (or runs a `config` subcommand),
+//! sets up logging, runs the server until SIGTERM or SIGINT, and tells systemd about
+//! it when started by it.
 
 mod config;
+mod systemd;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
+use config::{Cli, Command, ConfigCommand};
+use mesh_core::server::Lifecycle;
 
 fn main() -> ExitCode {
-    let args = config::Args::parse();
-    init_tracing(&args.log_format);
-    let cfg = match config::resolve(args) {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let (args, run_matches) = match cli.command {
+        None => (cli.run, &matches),
+        Some(Command::Run(args)) => (args, matches.subcommand_matches("run").expect("run")),
+        Some(Command::Config(ConfigCommand::Default)) => {
+            print!("{}", config::default_file());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Config(ConfigCommand::Check { file })) => {
+            return match config::check_file(&file) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("meshd: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+    };
+    let cfg = match config::resolve(args, run_matches) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("meshd: {e:#}");
             return ExitCode::from(2);
+        }
+    };
+    init_tracing(&cfg.log_format);
+    let notifier = match systemd::Notifier::from_env() {
+        Ok(n) => n.map(Arc::new),
+        Err(e) => {
+            eprintln!("meshd: NOTIFY_SOCKET: {e}");
+            return ExitCode::FAILURE;
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -27,7 +63,37 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(mesh_core::server::run(cfg, shutdown_signal())) {
+    let observe = |event: Lifecycle<'_>| {
+        let Some(n) = &notifier else { return };
+        let sent = match event {
+            Lifecycle::Serving(server) => {
+                if let Some(every) = systemd::watchdog_interval() {
+                    // Pings stop when the Raft driver does: systemd then restarts us.
+                    let status = server.node().status.clone();
+                    let n = n.clone();
+                    tokio::spawn(async move {
+                        let mut tick = tokio::time::interval(every);
+                        while status.is_running() {
+                            tick.tick().await;
+                            if let Err(e) = n.notify("WATCHDOG=1") {
+                                tracing::warn!("systemd watchdog ping: {e}");
+                            }
+                        }
+                    });
+                }
+                n.notify("READY=1\nSTATUS=serving clients")
+            }
+            Lifecycle::Stopping => n.notify("STOPPING=1\nSTATUS=stopping"),
+        };
+        if let Err(e) = sent {
+            tracing::warn!("systemd notification: {e}");
+        }
+    };
+    match runtime.block_on(mesh_core::server::run_observed(
+        cfg.server,
+        shutdown_signal(),
+        observe,
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -33,7 +33,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the server (what meshd does without a subcommand).
-    Run(Args),
+    Run(Box<Args>),
     /// Check or print configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
     };
     let (args, run_matches) = match cli.command {
         None => (cli.run, &matches),
-        Some(Command::Run(args)) => (args, matches.subcommand_matches("run").expect("run")),
+        Some(Command::Run(args)) => (*args, matches.subcommand_matches("run").expect("run")),
         Some(Command::Config(ConfigCommand::Default)) => {
             print!("{}", config::default_file());
             return ExitCode::SUCCESS;

@@ -191,6 +191,7 @@ pub struct Server {
     driver: Option<std::thread::JoinHandle<Result<(), DriverError>>>,
     background: Vec<tokio::task::JoinHandle<()>>,
     mesh: Arc<Mesh>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Server {
@@ -202,6 +203,10 @@ impl Server {
 
         let (mesh_listener, mesh_addr) = bind("mesh", cfg.listen_mesh).await?;
         let (mut client_listener, client_addr) = bind("client", cfg.listen_client).await?;
+        let metrics_listener = match cfg.listen_metrics {
+            Some(addr) => Some(bind("metrics", addr).await?),
+            None => None,
+        };
         let advertise_mesh = cfg
             .advertise_mesh
             .clone()
@@ -338,10 +343,13 @@ impl Server {
             db_path: cfg.data_dir.join(storage::DB_FILE),
             db: db.clone(),
             quota_backend_bytes: cfg.quota_backend_bytes,
+            watchers: Default::default(),
         };
         let max_msg = cfg.limits.max_request_bytes + api::GRPC_OVERHEAD_BYTES;
         let (grpc_stop, stop_rx) = oneshot::channel::<()>();
+        let grpc_metrics = crate::metrics::grpc::GrpcMetrics::default();
         let router = tonic::transport::Server::builder()
+            .layer(grpc_metrics.clone())
             .add_service(
                 kv_server::KvServer::new(api::KvApi::new(ctx.clone()))
                     .max_decoding_message_size(max_msg)
@@ -383,6 +391,25 @@ impl Server {
             let _ = stop_rx.await;
         }));
         info!(%client_addr, %mesh_addr, "serving");
+        let mut metrics_addr = None;
+        let mut background = Vec::new();
+        if let Some((listener, addr)) = metrics_listener {
+            metrics_addr = Some(addr);
+            let sources = crate::metrics::http::Sources {
+                node: node.clone(),
+                kv: kv.clone(),
+                db: db.clone(),
+                mesh: mesh.clone(),
+                grpc: grpc_metrics,
+                watchers: ctx.watchers.clone(),
+            };
+            info!(%addr, "serving /metrics and /health");
+            background.push(tokio::spawn(crate::metrics::http::serve(
+                listener,
+                sources,
+                stopping.subscribe(),
+            )));
+        }
 
         let publish = tokio::spawn(publish_attributes(
             node.clone(),
@@ -422,14 +449,18 @@ impl Server {
             stopping,
             grpc,
             driver: Some(driver),
-            background: vec![
-                publish,
-                watch_mesh,
-                autopilot,
-                tokio::spawn(watch_quota(ctx)),
-                expiry,
-            ],
+            background: background
+                .into_iter()
+                .chain([
+                    publish,
+                    watch_mesh,
+                    autopilot,
+                    tokio::spawn(watch_quota(ctx)),
+                    expiry,
+                ])
+                .collect(),
             mesh,
+            metrics_addr,
         })
     }
 
@@ -440,6 +471,10 @@ impl Server {
     /// Where peers connect (useful with port 0).
     pub fn mesh_addr(&self) -> SocketAddr {
         self.mesh_addr
+    }
+    /// Where `/metrics` and `/health` are served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
     pub fn node(&self) -> &NodeHandle {
         &self.node

@@ -422,7 +422,9 @@ impl Driver {
             if let Some(hs) = rd.hs() {
                 self.log.set_hard_state(&txn, hs)?;
             }
+            let started = Instant::now();
             txn.commit().map_err(crate::storage::db_err)?;
+            self.status.metrics.log_commit.observe(started.elapsed());
         } else if let Some(hs) = rd.hs() {
             self.log.set_commit(hs.commit);
         }
@@ -497,6 +499,7 @@ impl Driver {
         if entries.is_empty() {
             return Ok(());
         }
+        let apply_started = Instant::now();
         let kv = self.kv.clone();
         let mut batch = kv.begin().map_err(DriverError::Apply)?;
         let mut replies: Vec<(u64, Result<Applied, ProposeError>)> = Vec::new();
@@ -557,7 +560,11 @@ impl Driver {
         }
         // Not fsync'ed: the log is the durable record, and state + applied index change
         // atomically, so a crash only means re-applying from the log.
+        let commit_started = Instant::now();
         batch.commit(false).map_err(DriverError::Apply)?;
+        let metrics = &self.status.metrics;
+        metrics.backend_commit.observe(commit_started.elapsed());
+        metrics.apply.observe(apply_started.elapsed());
         for (id, result) in replies {
             if let Some(tx) = self.pending.remove(&id) {
                 let _ = tx.send(result);
@@ -818,6 +825,9 @@ impl Driver {
             self.last_leader = r.leader_id;
             s.leader_changes.fetch_add(1, Release);
         }
+        s.metrics
+            .proposals_pending
+            .store(self.pending.len() as u64, Release);
         s.leader.store(r.leader_id, Release);
         s.term.store(r.term, Release);
         s.commit.store(r.raft_log.committed, Release);

@@ -10,18 +10,23 @@ use std::time::Duration;
 use etcd_client::GetOptions;
 use mesh_tests::*;
 
-/// True when the error says the request never reached a working member (connection
-/// refused or closed before sending, no leader yet, not the leader): the only errors
-/// the writer retries, on the next endpoint.
+/// True when the error says the request was not applied: connection refused, no
+/// leader yet, not the leader, or a call the client never got to run because the
+/// stopping member's HTTP/2 GOAWAY closed the connection (hyper reports those as
+/// canceled; a graceful stop answers every call that reached a handler). The only
+/// errors the writer retries, on the next endpoint.
 fn retryable(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) => true,
-        etcd_client::Error::GRpcStatus(s) => {
-            s.code() == tonic::Code::Unavailable
-                && (s.message().contains("no leader")
+        etcd_client::Error::GRpcStatus(s) => match s.code() {
+            tonic::Code::Unavailable => {
+                s.message().contains("no leader")
                     || s.message().contains("not leader")
-                    || s.message().contains("tcp connect error"))
-        }
+                    || s.message().contains("tcp connect error")
+            }
+            tonic::Code::Cancelled => s.message() == "operation was canceled",
+            _ => false,
+        },
         _ => false,
     }
 }

@@ -171,7 +171,7 @@ fn meshd_tells_systemd_ready_watchdog_and_stopping() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut recv = || {
+    let recv = || {
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf).expect("a notification within 30s");
         String::from_utf8_lossy(&buf[..n]).into_owned()

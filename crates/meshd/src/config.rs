@@ -13,6 +13,23 @@ use clap::{ArgMatches, Args as _, FromArgMatches, Parser, Subcommand};
 use mesh_core::server::ServerConfig;
 use serde::Deserialize;
 
+const CLI_AFTER_HELP: &str = "\
+Every flag is also an environment variable (--data-dir: MESHD_DATA_DIR) and a key of the \
+YAML file given by --config (data-dir: ...). Precedence: flag > environment > file > \
+default. `meshd config default` prints every key with its default; `meshd config check \
+FILE` validates a file. MESHD_PASSWORD gives the mesh password itself.
+
+SIGTERM or SIGINT stops meshd gracefully: a leader first hands leadership to the most \
+caught-up voter, then in-flight requests finish. Under systemd (Type=notify) meshd \
+sends READY=1 once serving, STOPPING=1 when stopping, and watchdog pings when \
+WatchdogSec is set.
+
+HTTP on --listen-metrics: /metrics (Prometheus) and /health (etcd's JSON body).
+
+Exit codes: 0 stopped cleanly, 1 failed, 2 invalid configuration.
+
+See also: meshctl(1), locksmith(1), dist/meshd.service, dist/meshd.yaml.";
+
 /// meshd's command line: the server's flags, or a subcommand.
 #[derive(Parser, Debug)]
 #[command(
@@ -20,7 +37,8 @@ use serde::Deserialize;
     version,
     about = "A member of a meshd cluster: Raft-replicated, etcd-v3-compatible key-value store over a gossip mesh.",
     long_about = None,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_long_help = CLI_AFTER_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]

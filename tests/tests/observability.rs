@@ -131,3 +131,42 @@ async fn health_and_metrics_follow_the_cluster() {
     let m_after = metrics(m[survivor]).await;
     assert_eq!(m_after["etcd_server_has_leader"], 0.0);
 }
+
+#[test]
+fn json_logs_name_the_member_and_term_of_an_election() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(binary("meshd"))
+        .arg("--name=logger")
+        .arg(format!("--data-dir={}", dir.path().join("d").display()))
+        .arg(format!("--listen-client={}", free_addr()))
+        .arg(format!("--listen-mesh={}", free_addr()))
+        .arg("--listen-metrics=off")
+        .arg("--tick=20ms")
+        .arg("--log-format=json")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut elected = None;
+    // The process exits (and the pipe closes) if it fails: the loop cannot hang.
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["fields"]["message"] == "leader elected" {
+            elected = Some(v);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let v = elected.expect("a leader elected line");
+    assert_eq!(v["span"]["member"], "logger", "{v}");
+    assert!(v["fields"]["term"].as_u64().is_some_and(|t| t >= 1), "{v}");
+    assert_eq!(v["fields"]["is_me"], true, "{v}");
+}

@@ -315,6 +315,7 @@ impl Server {
         let driver = spawn_driver(
             DriverConfig {
                 member_id: identity.member_id,
+                member_name: cfg.name.clone(),
                 tick: cfg.tick,
                 election_ticks: cfg.election_ticks,
                 heartbeat_ticks: cfg.heartbeat_ticks,

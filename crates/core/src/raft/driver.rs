@@ -28,6 +28,8 @@ use crate::storage::{Db, RaftLog, StorageError};
 #[derive(Clone, Debug)]
 pub struct DriverConfig {
     pub member_id: u64,
+    /// The member's name: every line the driver logs carries it (a `raft` span).
+    pub member_name: String,
     /// Wall-clock length of one logical tick.
     pub tick: Duration,
     pub election_ticks: usize,
@@ -124,6 +126,12 @@ pub fn spawn_driver(
     std::thread::Builder::new()
         .name("raft-driver".into())
         .spawn(move || {
+            let span = tracing::info_span!(
+                "raft",
+                member = %d.cfg.member_name,
+                id = format_args!("{:x}", d.cfg.member_id)
+            );
+            let _entered = span.enter();
             let r = d.run(rx);
             d.status
                 .stopped
@@ -761,6 +769,7 @@ impl Driver {
         r.map_err(DriverError::Apply)?;
         info!(
             node = format_args!("{:x}", cc.node_id),
+            term = self.raw.raft.term,
             change = ?kind,
             voters = ?cs.voters,
             learners = ?cs.learners,
@@ -817,6 +826,7 @@ impl Driver {
                 info!(
                     leader = format_args!("{:x}", r.leader_id),
                     term = r.term,
+                    is_me = r.leader_id == self.cfg.member_id,
                     "leader elected"
                 );
             } else {

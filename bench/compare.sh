@@ -33,7 +33,7 @@ done
 m_init=m0=127.0.0.1:16783,m1=127.0.0.1:16784,m2=127.0.0.1:16785
 for i in 0 1 2; do
   $MESHD --name m$i --data-dir "$work/m$i" --listen-client 127.0.0.1:2${i}379 \
-    --listen-mesh 127.0.0.1:1678$((3 + i)) --initial-cluster $m_init >"$work/m$i.log" 2>&1 &
+    --listen-mesh 127.0.0.1:1678$((3 + i)) --listen-metrics 127.0.0.1:2${i}381 --initial-cluster $m_init >"$work/m$i.log" 2>&1 &
   pids+=($!)
 done
 ETCD_EPS=127.0.0.1:30379,127.0.0.1:31379,127.0.0.1:32379

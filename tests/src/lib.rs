@@ -160,6 +160,7 @@ impl ClusterOpts {
         c.data_dir = dir.join(name);
         c.listen_client = free_addr();
         c.listen_mesh = free_addr();
+        c.listen_metrics = Some(free_addr());
         c.tick = self.tick;
         c.election_ticks = self.election_ticks;
         c.heartbeat_ticks = 2;
@@ -290,6 +291,8 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct Process {
     pub name: String,
     pub client: SocketAddr,
+    /// `/metrics` and `/health`.
+    pub metrics: SocketAddr,
     pub args: Vec<String>,
     pub child: Option<Child>,
     pub log: PathBuf,
@@ -367,12 +370,14 @@ impl ProcessCluster {
         let mut procs = Vec::new();
         for (i, m) in mesh.iter().enumerate() {
             let client = free_addr();
+            let metrics = free_addr();
             let name = format!("p{i}");
             let mut args = vec![
                 format!("--name={name}"),
                 format!("--data-dir={}", dir.path().join(&name).display()),
                 format!("--listen-client={client}"),
                 format!("--listen-mesh={m}"),
+                format!("--listen-metrics={metrics}"),
                 format!("--tick={}ms", opts.tick.as_millis()),
                 format!("--election-ticks={}", opts.election_ticks),
                 "--heartbeat-ticks=2".to_string(),
@@ -386,6 +391,7 @@ impl ProcessCluster {
                 log: dir.path().join(format!("{name}.log")),
                 name,
                 client,
+                metrics,
                 args,
                 child: None,
             };
@@ -408,4 +414,22 @@ impl ProcessCluster {
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.procs[i].log).unwrap_or_default()
     }
+}
+
+/// `GET path` over HTTP/1.1 to `addr`: the status code and body, or None when the
+/// connection fails.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
 }

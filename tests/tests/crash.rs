@@ -89,6 +89,7 @@ fn refused(data_dir: &std::path::Path, args: &[&str]) -> String {
         .arg(format!("--data-dir={}", data_dir.display()))
         .arg(format!("--listen-client={}", free_addr()))
         .arg(format!("--listen-mesh={}", free_addr()))
+        .arg("--listen-metrics=127.0.0.1:0")
         .output()
         .expect("run meshd");
     assert!(

@@ -15,6 +15,7 @@
 //!   joining, growth and healing (reachability never changes the voter set by itself).
 //! - [`api`]: gRPC services (`etcdserverpb` KV, Watch, Cluster, Maintenance; `meshpb`
 //!   Mesh).
+//! - [`metrics`]: Prometheus `/metrics`, `/health`, the gRPC request counter.
 //! - [`server`]: one member wired together, with a graceful stop; snapshot restore.
 //! - [`snapshot`]: the snapshot file format (store snapshot + SHA-256 trailer).
 //! - [`client`]: the typed client meshctl uses, with endpoint failover.
@@ -27,6 +28,7 @@ pub mod kv;
 pub mod lease;
 pub mod membership;
 pub mod mesh;
+pub mod metrics;
 pub mod raft;
 pub mod server;
 pub mod snapshot;

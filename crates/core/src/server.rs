@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub listen_mesh: SocketAddr,
     /// Address peers dial to reach this member; default `<listen_mesh>`.
     pub advertise_mesh: Option<String>,
+    /// HTTP `/metrics` and `/health`; `None` serves neither.
+    pub listen_metrics: Option<SocketAddr>,
     /// `name=host:port` of every initial member; `None` means a single-node cluster of
     /// this member (or, with an existing data dir, whatever it already belongs to).
     pub initial_cluster: Option<Vec<(String, String)>>,
@@ -89,6 +91,7 @@ impl ServerConfig {
             advertise_client: None,
             listen_mesh: "0.0.0.0:6783".parse().expect("valid"),
             advertise_mesh: None,
+            listen_metrics: None,
             initial_cluster: None,
             initial_cluster_token: "meshd-cluster".into(),
             peers: Vec::new(),
@@ -188,6 +191,7 @@ pub struct Server {
     driver: Option<std::thread::JoinHandle<Result<(), DriverError>>>,
     background: Vec<tokio::task::JoinHandle<()>>,
     mesh: Arc<Mesh>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Server {
@@ -199,6 +203,10 @@ impl Server {
 
         let (mesh_listener, mesh_addr) = bind("mesh", cfg.listen_mesh).await?;
         let (mut client_listener, client_addr) = bind("client", cfg.listen_client).await?;
+        let metrics_listener = match cfg.listen_metrics {
+            Some(addr) => Some(bind("metrics", addr).await?),
+            None => None,
+        };
         let advertise_mesh = cfg
             .advertise_mesh
             .clone()
@@ -307,6 +315,7 @@ impl Server {
         let driver = spawn_driver(
             DriverConfig {
                 member_id: identity.member_id,
+                member_name: cfg.name.clone(),
                 tick: cfg.tick,
                 election_ticks: cfg.election_ticks,
                 heartbeat_ticks: cfg.heartbeat_ticks,
@@ -335,10 +344,13 @@ impl Server {
             db_path: cfg.data_dir.join(storage::DB_FILE),
             db: db.clone(),
             quota_backend_bytes: cfg.quota_backend_bytes,
+            watchers: Default::default(),
         };
         let max_msg = cfg.limits.max_request_bytes + api::GRPC_OVERHEAD_BYTES;
         let (grpc_stop, stop_rx) = oneshot::channel::<()>();
+        let grpc_metrics = crate::metrics::grpc::GrpcMetrics::default();
         let router = tonic::transport::Server::builder()
+            .layer(grpc_metrics.clone())
             .add_service(
                 kv_server::KvServer::new(api::KvApi::new(ctx.clone()))
                     .max_decoding_message_size(max_msg)
@@ -380,6 +392,25 @@ impl Server {
             let _ = stop_rx.await;
         }));
         info!(%client_addr, %mesh_addr, "serving");
+        let mut metrics_addr = None;
+        let mut background = Vec::new();
+        if let Some((listener, addr)) = metrics_listener {
+            metrics_addr = Some(addr);
+            let sources = crate::metrics::http::Sources {
+                node: node.clone(),
+                kv: kv.clone(),
+                db: db.clone(),
+                mesh: mesh.clone(),
+                grpc: grpc_metrics,
+                watchers: ctx.watchers.clone(),
+            };
+            info!(%addr, "serving /metrics and /health");
+            background.push(tokio::spawn(crate::metrics::http::serve(
+                listener,
+                sources,
+                stopping.subscribe(),
+            )));
+        }
 
         let publish = tokio::spawn(publish_attributes(
             node.clone(),
@@ -419,14 +450,18 @@ impl Server {
             stopping,
             grpc,
             driver: Some(driver),
-            background: vec![
-                publish,
-                watch_mesh,
-                autopilot,
-                tokio::spawn(watch_quota(ctx)),
-                expiry,
-            ],
+            background: background
+                .into_iter()
+                .chain([
+                    publish,
+                    watch_mesh,
+                    autopilot,
+                    tokio::spawn(watch_quota(ctx)),
+                    expiry,
+                ])
+                .collect(),
             mesh,
+            metrics_addr,
         })
     }
 
@@ -437,6 +472,10 @@ impl Server {
     /// Where peers connect (useful with port 0).
     pub fn mesh_addr(&self) -> SocketAddr {
         self.mesh_addr
+    }
+    /// Where `/metrics` and `/health` are served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
     pub fn node(&self) -> &NodeHandle {
         &self.node
@@ -453,9 +492,14 @@ impl Server {
         }
     }
 
-    /// Graceful stop: stop accepting, let in-flight requests finish, stop the driver
-    /// after its current Ready (everything acknowledged is already durable).
+    /// Graceful stop: hand leadership to a caught-up voter (so the cluster does not
+    /// wait an election timeout for a new leader), stop accepting, let in-flight
+    /// requests finish, stop the driver after its current Ready (everything
+    /// acknowledged is already durable).
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        // Still serving while the leadership moves: requests arriving meanwhile are
+        // forwarded to the new leader by Raft and answered here once applied.
+        self.hand_off_leadership().await;
         self.stopping.send_replace(true);
         if let Some(stop) = self.grpc_stop.take() {
             let _ = stop.send(());
@@ -488,6 +532,47 @@ impl Server {
     }
 }
 
+impl Server {
+    /// If this member leads, transfers leadership to the most caught-up voter the
+    /// leader heard from recently, and waits (bounded by two election timeouts, as the
+    /// driver gives up a transfer then) until that voter leads.
+    async fn hand_off_leadership(&self) {
+        let status = &self.node.status;
+        let me = status.member_id;
+        if status.leader() != me {
+            return;
+        }
+        let Ok(progress) = self.node.progress().await else {
+            return;
+        };
+        let best = progress
+            .iter()
+            .filter(|p| p.id != me && !p.learner && p.recent_active)
+            .max_by_key(|p| p.matched);
+        let Some(best) = best else {
+            info!(
+                term = status.term(),
+                "stopping leader has no active voter to hand leadership to"
+            );
+            return;
+        };
+        info!(
+            target = format_args!("{:x}", best.id),
+            term = status.term(),
+            behind = best.leader_last_index.saturating_sub(best.matched),
+            "stopping leader hands leadership over"
+        );
+        match self.node.move_leader(best.id).await {
+            Ok(()) => info!(
+                leader = format_args!("{:x}", best.id),
+                term = status.term(),
+                "leadership handed over"
+            ),
+            Err(e) => warn!("leadership hand-over failed, stopping anyway: {e}"),
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.stopping.send_replace(true);
@@ -499,10 +584,27 @@ impl Drop for Server {
     }
 }
 
+/// Moments of a member's life a supervisor (systemd) is told about.
+pub enum Lifecycle<'a> {
+    /// The member is serving clients.
+    Serving(&'a Server),
+    /// The member begins its graceful stop.
+    Stopping,
+}
+
 /// Runs a member until `shutdown` resolves, then stops it gracefully.
 pub async fn run(
     cfg: ServerConfig,
     shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    run_observed(cfg, shutdown, |_| {}).await
+}
+
+/// [`run`], telling `observe` when the member starts serving and when it stops.
+pub async fn run_observed(
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+    mut observe: impl FnMut(Lifecycle<'_>),
 ) -> Result<(), ServerError> {
     tokio::pin!(shutdown);
     // Start may wait for peers (bootstrap-expect, joining): a stop request ends the wait.
@@ -510,9 +612,14 @@ pub async fn run(
         s = Server::start(cfg) => s?,
         _ = &mut shutdown => return Ok(()),
     };
+    observe(Lifecycle::Serving(&server));
     tokio::select! {
-        _ = shutdown => server.shutdown().await,
+        _ = shutdown => {
+            observe(Lifecycle::Stopping);
+            server.shutdown().await
+        }
         _ = server.driver_stopped() => {
+            observe(Lifecycle::Stopping);
             let removed = server.node.status.is_removed();
             let _ = server.shutdown().await;
             if removed {

@@ -1,22 +1,78 @@
 //! Configuration in two layers: the raw flags (each also a `MESHD_*` environment
 //! variable) and YAML file, then one validated [`ServerConfig`].
-//! Precedence: flag > environment > file > default.
+//! Precedence: flag > environment > file > default. Errors name where the offending
+//! value came from: the flag, the variable, or the file, line and key.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
-use clap::Parser;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args as _, FromArgMatches, Parser, Subcommand};
 use mesh_core::server::ServerConfig;
 use serde::Deserialize;
 
-/// A member of a meshd cluster: Raft-replicated, etcd-v3-compatible key-value store.
+const CLI_AFTER_HELP: &str = "\
+Every flag is also an environment variable (--data-dir: MESHD_DATA_DIR) and a key of the \
+YAML file given by --config (data-dir: ...). Precedence: flag > environment > file > \
+default. `meshd config default` prints every key with its default; `meshd config check \
+FILE` validates a file. MESHD_PASSWORD gives the mesh password itself.
+
+SIGTERM or SIGINT stops meshd gracefully: a leader first hands leadership to the most \
+caught-up voter, then in-flight requests finish. Under systemd (Type=notify) meshd \
+sends READY=1 once serving, STOPPING=1 when stopping, and watchdog pings when \
+WatchdogSec is set.
+
+HTTP on --listen-metrics: /metrics (Prometheus) and /health (etcd's JSON body).
+
+Exit codes: 0 stopped cleanly, 1 failed, 2 invalid configuration.
+
+See also: meshctl(1), locksmith(1), dist/meshd.service, dist/meshd.yaml.";
+
+/// meshd's command line: the server's flags, or a subcommand.
+#[derive(Parser, Debug)]
+#[command(
+    name = "meshd",
+    version,
+    about = "A member of a meshd cluster: Raft-replicated, etcd-v3-compatible key-value store over a gossip mesh.",
+    long_about = None,
+    args_conflicts_with_subcommands = true,
+    after_long_help = CLI_AFTER_HELP
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Without a subcommand, meshd runs the server with these flags.
+    #[command(flatten)]
+    pub run: Args,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server (what meshd does without a subcommand).
+    Run(Box<Args>),
+    /// Check or print configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Check a configuration file: prints "FILE: ok" and exits 0, or the error and exits 1.
+    Check {
+        /// The YAML file to check.
+        file: PathBuf,
+    },
+    /// Print a commented configuration file with every key at its default.
+    Default,
+}
+
+/// The server's settings.
 ///
 /// With no flags at all, runs a single-node cluster named `default` serving clients on
 /// 127.0.0.1:2379, peers on 0.0.0.0:6783, data in ./default.meshd.
-#[derive(Parser, Debug)]
-#[command(name = "meshd", version, about, long_about = None)]
+#[derive(clap::Args, Debug)]
 pub struct Args {
     /// YAML file with any of the settings below (keys as the long flag names).
     #[arg(long, env = "MESHD_CONFIG")]
@@ -39,6 +95,9 @@ pub struct Args {
     /// Address peers use to reach this member (default <listen-mesh>).
     #[arg(long, env = "MESHD_ADVERTISE_MESH")]
     pub advertise_mesh: Option<String>,
+    /// Address for HTTP /metrics (Prometheus) and /health; "off" disables it.
+    #[arg(long, env = "MESHD_LISTEN_METRICS")]
+    pub listen_metrics: Option<String>,
     /// Initial members, `name1=host:port,name2=host:port,...` (mesh addresses). Used
     /// when the data dir is new; checked against the data dir otherwise.
     #[arg(long, env = "MESHD_INITIAL_CLUSTER")]
@@ -106,8 +165,8 @@ pub struct Args {
     #[arg(long, env = "MESHD_QUOTA_BACKEND_BYTES")]
     pub quota_backend_bytes: Option<u64>,
     /// Log format: text or json. RUST_LOG selects what is logged.
-    #[arg(long, env = "MESHD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    #[arg(long, env = "MESHD_LOG_FORMAT", value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
 }
 
 /// The YAML file: the same settings, keys spelled as the long flags.
@@ -120,6 +179,7 @@ struct FileConfig {
     advertise_client: Option<String>,
     listen_mesh: Option<SocketAddr>,
     advertise_mesh: Option<String>,
+    listen_metrics: Option<String>,
     initial_cluster: Option<String>,
     initial_cluster_token: Option<String>,
     peer: Option<Vec<String>>,
@@ -146,6 +206,7 @@ struct FileConfig {
     max_request_bytes: Option<usize>,
     max_txn_ops: Option<usize>,
     quota_backend_bytes: Option<u64>,
+    log_format: Option<String>,
 }
 
 mod humantime_serde_opt {
@@ -165,21 +226,120 @@ pub fn parse_initial_cluster(s: &str) -> Result<Vec<(String, String)>> {
     Ok(mesh_core::server::parse_initial_cluster(s)?)
 }
 
-/// Merges flags, environment, file and defaults into a validated server configuration.
-pub fn resolve(args: Args) -> Result<ServerConfig> {
-    let file = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read config file {}", path.display()))?;
-            serde_yaml_ng::from_str::<Option<FileConfig>>(&text)
-                .with_context(|| format!("config file {}", path.display()))?
-                .unwrap_or_default()
+/// The validated settings: the server's, and meshd's own.
+#[derive(Debug)]
+pub struct Resolved {
+    pub server: ServerConfig,
+    /// `text` or `json`.
+    pub log_format: String,
+}
+
+/// meshd's documented default for `--listen-metrics`.
+pub const DEFAULT_LISTEN_METRICS: &str = "127.0.0.1:2381";
+
+/// Where each setting came from, to name it in errors as the operator wrote it.
+struct Origins<'a> {
+    matches: &'a ArgMatches,
+    file: Option<(&'a Path, &'a str)>,
+}
+
+impl Origins<'_> {
+    /// `--key`, `MESHD_KEY (environment)`, `FILE:LINE: key` or `key (default)`.
+    fn of(&self, key: &str) -> String {
+        let id = if key == "peer" {
+            "peers".to_string()
+        } else {
+            key.replace('-', "_")
+        };
+        match self.matches.value_source(&id) {
+            Some(ValueSource::CommandLine) => format!("--{key}"),
+            Some(ValueSource::EnvVariable) => format!("{} (environment)", env_name(key)),
+            _ => match self.file.and_then(|(p, t)| Some((p, line_of_key(t, key)?))) {
+                Some((path, line)) => format!("{}:{line}: {key}", path.display()),
+                None => format!("{key} (default)"),
+            },
         }
-        None => FileConfig::default(),
+    }
+}
+
+/// The environment variable of a setting: `MESHD_` and the key in capitals.
+pub fn env_name(key: &str) -> String {
+    format!("MESHD_{}", key.replace('-', "_").to_uppercase())
+}
+
+/// The 1-based line where top-level `key:` is set in a YAML text.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| key_of_line(l) == Some(key))
+        .map(|i| i + 1)
+}
+
+/// The top-level key a YAML line sets, if it sets one.
+fn key_of_line(line: &str) -> Option<&str> {
+    let (key, _) = line.split_once(':')?;
+    let trimmed = key.trim_end();
+    (!line.starts_with([' ', '\t', '#', '-']) && !trimmed.is_empty()).then_some(trimmed)
+}
+
+/// Reads and parses a configuration file. Errors say `FILE:LINE: key: problem`.
+fn load_file(path: &Path) -> Result<(FileConfig, String)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    match serde_yaml_ng::from_str::<Option<FileConfig>>(&text) {
+        Ok(f) => Ok((f.unwrap_or_default(), text)),
+        Err(e) => {
+            let Some(line) = e.location().map(|l| l.line()) else {
+                bail!("{}: {e}", path.display());
+            };
+            // The key is the one on the line the error points at (or the key above a
+            // list item).
+            let upto: Vec<&str> = text.lines().take(line).collect();
+            let key = upto
+                .iter()
+                .rev()
+                .find_map(|l| key_of_line(l))
+                .unwrap_or("?");
+            let problem = e.to_string();
+            let problem = problem
+                .split(", expected one of")
+                .next()
+                .unwrap_or(&problem)
+                .trim_end_matches(&format!(
+                    " at line {line} column {}",
+                    e.location().map_or(0, |l| l.column())
+                ));
+            // It does name the key of a wrong type at the top level: once is enough.
+            let problem = problem.strip_prefix(&format!("{key}: ")).unwrap_or(problem);
+            Err(anyhow!("{}:{line}: {key}: {problem}", path.display()))
+        }
+    }
+}
+
+/// Checks a configuration file on its own, as `meshd config check` does (flags and
+/// environment left out).
+pub fn check_file(path: &Path) -> Result<Resolved> {
+    // The environment must not decide whether a file is valid.
+    let cmd = Args::augment_args(clap::Command::new("meshd"))
+        .mut_args(|a| a.env(None::<&'static str>))
+        .no_binary_name(true);
+    let matches = cmd.try_get_matches_from([std::ffi::OsStr::new("--config"), path.as_os_str()])?;
+    resolve(Args::from_arg_matches(&matches)?, &matches)
+}
+
+/// Merges flags, environment, file and defaults into validated settings. `matches`
+/// are the ones `args` came from (they tell a flag from an environment variable).
+pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
+    let (file, text) = match &args.config {
+        Some(path) => load_file(path)?,
+        None => (FileConfig::default(), String::new()),
+    };
+    let o = Origins {
+        matches,
+        file: args.config.as_deref().map(|p| (p, text.as_str())),
     };
     let name = args.name.or(file.name).unwrap_or_else(|| "default".into());
     if name.is_empty() {
-        bail!("--name must not be empty");
+        bail!("{}: must not be empty", o.of("name"));
     }
     let mut cfg = ServerConfig::new(&name);
     if let Some(d) = args.data_dir.or(file.data_dir) {
@@ -193,10 +353,23 @@ pub fn resolve(args: Args) -> Result<ServerConfig> {
         cfg.listen_mesh = a;
     }
     cfg.advertise_mesh = args.advertise_mesh.or(file.advertise_mesh);
+    let metrics = args
+        .listen_metrics
+        .or(file.listen_metrics)
+        .unwrap_or_else(|| DEFAULT_LISTEN_METRICS.into());
+    cfg.listen_metrics = match metrics.as_str() {
+        "off" | "" => None,
+        addr => Some(addr.parse().map_err(|e| {
+            anyhow!(
+                "{}: '{addr}' is not an address (ip:port) or \"off\": {e}",
+                o.of("listen-metrics")
+            )
+        })?),
+    };
     cfg.initial_cluster = args
         .initial_cluster
         .or(file.initial_cluster)
-        .map(|s| parse_initial_cluster(&s))
+        .map(|s| parse_initial_cluster(&s).with_context(|| o.of("initial-cluster")))
         .transpose()?;
     if let Some(t) = args.initial_cluster_token.or(file.initial_cluster_token) {
         cfg.initial_cluster_token = t;
@@ -208,21 +381,34 @@ pub fn resolve(args: Args) -> Result<ServerConfig> {
     };
     cfg.bootstrap_expect = args.bootstrap_expect.or(file.bootstrap_expect);
     if cfg.bootstrap_expect == Some(0) {
-        bail!("--bootstrap-expect must be at least 1");
+        bail!("{}: must be at least 1", o.of("bootstrap-expect"));
     }
     if cfg.bootstrap_expect.is_some() && cfg.initial_cluster.is_some() {
-        bail!("--bootstrap-expect and --initial-cluster cannot be used together");
+        bail!(
+            "{} and {} cannot be used together",
+            o.of("bootstrap-expect"),
+            o.of("initial-cluster")
+        );
     }
     cfg.password = match (
         args.password_file.or(file.password_file),
         std::env::var("MESHD_PASSWORD"),
     ) {
         (Some(path), _) => {
-            let text = std::fs::read(&path)
-                .with_context(|| format!("cannot read password file {}", path.display()))?;
+            let text = std::fs::read(&path).with_context(|| {
+                format!(
+                    "{}: cannot read password file {}",
+                    o.of("password-file"),
+                    path.display()
+                )
+            })?;
             let trimmed = text.trim_ascii_end().to_vec();
             if trimmed.is_empty() {
-                bail!("password file {} is empty", path.display());
+                bail!(
+                    "{}: password file {} is empty",
+                    o.of("password-file"),
+                    path.display()
+                );
             }
             Some(trimmed)
         }
@@ -231,7 +417,10 @@ pub fn resolve(args: Args) -> Result<ServerConfig> {
     };
     if let Some(n) = args.voters.or(file.voters) {
         if !(1..=7).contains(&n) {
-            bail!("--voters must be between 1 and 7 (3 or 5 recommended), not {n}");
+            bail!(
+                "{}: must be between 1 and 7 (3 or 5 recommended), not {n}",
+                o.of("voters")
+            );
         }
         cfg.autopilot.voters = n;
     }
@@ -246,13 +435,13 @@ pub fn resolve(args: Args) -> Result<ServerConfig> {
     }
     if let Some(t) = args.mesh_heartbeat.or(file.mesh_heartbeat) {
         if t.is_zero() {
-            bail!("--mesh-heartbeat must be positive");
+            bail!("{}: must be positive", o.of("mesh-heartbeat"));
         }
         cfg.mesh_heartbeat = t;
     }
     if let Some(t) = args.mesh_gossip_interval.or(file.mesh_gossip_interval) {
         if t.is_zero() {
-            bail!("--mesh-gossip-interval must be positive");
+            bail!("{}: must be positive", o.of("mesh-gossip-interval"));
         }
         cfg.mesh_gossip_interval = t;
     }
@@ -285,23 +474,134 @@ pub fn resolve(args: Args) -> Result<ServerConfig> {
         Some(0) | None => {}
         Some(n) => cfg.quota_backend_bytes = n,
     }
+    let log_format = args
+        .log_format
+        .or(file.log_format)
+        .unwrap_or_else(|| "text".into());
+    if !["text", "json"].contains(&log_format.as_str()) {
+        bail!(
+            "{}: '{log_format}' is neither text nor json",
+            o.of("log-format")
+        );
+    }
     if cfg.tick.is_zero() {
-        bail!("--tick must be positive");
+        bail!("{}: must be positive", o.of("tick"));
     }
     if cfg.heartbeat_ticks == 0 || cfg.election_ticks <= cfg.heartbeat_ticks {
         bail!(
-            "--election-ticks ({}) must be greater than --heartbeat-ticks ({}), which must be at least 1",
+            "{} ({}) must be greater than {} ({}), which must be at least 1",
+            o.of("election-ticks"),
             cfg.election_ticks,
+            o.of("heartbeat-ticks"),
             cfg.heartbeat_ticks
         );
     }
     if cfg.snapshot_count == 0 {
-        bail!("--snapshot-count must be at least 1");
+        bail!("{}: must be at least 1", o.of("snapshot-count"));
     }
     if !(1024..=1 << 30).contains(&cfg.limits.max_request_bytes) {
-        bail!("--max-request-bytes must be between 1 KiB and 1 GiB");
+        bail!(
+            "{}: must be between 1 KiB and 1 GiB",
+            o.of("max-request-bytes")
+        );
     }
-    Ok(cfg)
+    let same_port = |a: SocketAddr, b: SocketAddr| {
+        a.port() != 0
+            && a.port() == b.port()
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    if same_port(cfg.listen_client, cfg.listen_mesh) {
+        bail!(
+            "{} and {} name the same address {}",
+            o.of("listen-client"),
+            o.of("listen-mesh"),
+            cfg.listen_client
+        );
+    }
+    if let Some(m) = cfg.listen_metrics {
+        for (key, other) in [
+            ("listen-client", cfg.listen_client),
+            ("listen-mesh", cfg.listen_mesh),
+        ] {
+            if same_port(m, other) {
+                bail!(
+                    "{} and {} name the same address {m}",
+                    o.of("listen-metrics"),
+                    o.of(key)
+                );
+            }
+        }
+    }
+    Ok(Resolved {
+        server: cfg,
+        log_format,
+    })
+}
+
+/// The keys of the YAML file, as long flag names, with their help lines.
+pub fn keys() -> Vec<(String, String)> {
+    let cmd = Args::augment_args(clap::Command::new("meshd"));
+    cmd.get_arguments()
+        .filter_map(|a| {
+            let key = a.get_long()?;
+            (key != "config").then(|| {
+                let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+                (key.to_string(), help)
+            })
+        })
+        .collect()
+}
+
+/// The default of `key` as YAML, or `None` when it has no fixed default (it is
+/// derived from other settings, or unset means "not used").
+fn default_yaml(key: &str) -> Option<String> {
+    let d = ServerConfig::new("default");
+    let quoted = |s: String| serde_json::Value::String(s).to_string();
+    let duration = |t: Duration| quoted(humantime::format_duration(t).to_string());
+    Some(match key {
+        "name" => quoted(d.name),
+        "listen-client" => quoted(d.listen_client.to_string()),
+        "listen-mesh" => quoted(d.listen_mesh.to_string()),
+        "listen-metrics" => quoted(DEFAULT_LISTEN_METRICS.into()),
+        "initial-cluster-token" => quoted(d.initial_cluster_token),
+        "voters" => d.autopilot.voters.to_string(),
+        "dead-voter-timeout" => duration(d.autopilot.dead_voter_timeout),
+        "stabilization-time" => duration(d.autopilot.stabilization),
+        "autopilot" => d.autopilot.growth.to_string(),
+        "mesh-heartbeat" => duration(d.mesh_heartbeat),
+        "mesh-gossip-interval" => duration(d.mesh_gossip_interval),
+        "tick" => duration(d.tick),
+        "election-ticks" => d.election_ticks.to_string(),
+        "heartbeat-ticks" => d.heartbeat_ticks.to_string(),
+        "snapshot-count" => d.snapshot_count.to_string(),
+        "catch-up-entries" => d.catch_up_entries.to_string(),
+        "request-timeout" => duration(d.request_timeout),
+        "max-request-bytes" => d.limits.max_request_bytes.to_string(),
+        "max-txn-ops" => d.limits.max_txn_ops.to_string(),
+        "quota-backend-bytes" => d.quota_backend_bytes.to_string(),
+        "log-format" => quoted("text".into()),
+        _ => return None,
+    })
+}
+
+/// `meshd config default`: every key with its help line, at its default (keys without
+/// a fixed default are commented out).
+pub fn default_file() -> String {
+    let mut out = String::from(
+        "# meshd configuration (meshd --config FILE). Every key is also a flag (--KEY)\n\
+         # and an environment variable (MESHD_KEY); precedence: flag > env > file > default.\n",
+    );
+    for (key, help) in keys() {
+        out.push('\n');
+        for line in help.lines() {
+            out.push_str(&format!("# {line}\n"));
+        }
+        match default_yaml(&key) {
+            Some(v) => out.push_str(&format!("{key}: {v}\n")),
+            None => out.push_str(&format!("# {key}:\n")),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -324,19 +624,20 @@ mod tests {
         assert!(parse_initial_cluster("").is_err());
     }
 
+    fn resolve_argv(argv: &[&str]) -> Result<ServerConfig> {
+        use clap::CommandFactory;
+        let m = Cli::command().try_get_matches_from(argv)?;
+        let cli = Cli::from_arg_matches(&m)?;
+        Ok(resolve(cli.run, &m)?.server)
+    }
+
     #[test]
     fn flag_beats_file_and_unknown_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("m.yaml");
+        let fs = f.to_str().unwrap();
         std::fs::write(&f, "name: fromfile\nsnapshot-count: 7\ntick: 20ms\n").unwrap();
-        let args = Args::parse_from([
-            "meshd",
-            "--config",
-            f.to_str().unwrap(),
-            "--snapshot-count",
-            "9",
-        ]);
-        let cfg = resolve(args).unwrap();
+        let cfg = resolve_argv(&["meshd", "--config", fs, "--snapshot-count", "9"]).unwrap();
         assert_eq!(cfg.name, "fromfile");
         assert_eq!(cfg.snapshot_count, 9);
         assert_eq!(cfg.tick, Duration::from_millis(20));
@@ -344,26 +645,90 @@ mod tests {
             cfg.quota_backend_bytes,
             mesh_core::server::DEFAULT_QUOTA_BACKEND_BYTES
         );
+        assert_eq!(cfg.listen_metrics, Some("127.0.0.1:2381".parse().unwrap()));
 
-        std::fs::write(&f, "name: q\nquota-backend-bytes: 4096000\n").unwrap();
-        let cfg = resolve(Args::parse_from(["meshd", "--config", f.to_str().unwrap()])).unwrap();
-        assert_eq!(cfg.quota_backend_bytes, 4_096_000);
-        let cfg = resolve(Args::parse_from([
-            "meshd",
-            "--config",
-            f.to_str().unwrap(),
-            "--quota-backend-bytes=5000000",
-        ]))
+        std::fs::write(
+            &f,
+            "name: q\nquota-backend-bytes: 4096000\nlisten-metrics: off\n",
+        )
         .unwrap();
+        let cfg = resolve_argv(&["meshd", "--config", fs]).unwrap();
+        assert_eq!(cfg.quota_backend_bytes, 4_096_000);
+        assert_eq!(cfg.listen_metrics, None);
+        let cfg =
+            resolve_argv(&["meshd", "--config", fs, "--quota-backend-bytes=5000000"]).unwrap();
         assert_eq!(cfg.quota_backend_bytes, 5_000_000);
 
         std::fs::write(&f, "name: x\nbogus-key: 1\n").unwrap();
-        let err =
-            resolve(Args::parse_from(["meshd", "--config", f.to_str().unwrap()])).unwrap_err();
-        let text = format!("{err:#}");
+        let text = format!(
+            "{:#}",
+            resolve_argv(&["meshd", "--config", fs]).unwrap_err()
+        );
         assert!(
-            text.contains("bogus-key") && text.contains("line 2"),
+            text.contains(&format!("{fs}:2: bogus-key: unknown field")),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn type_errors_and_combinations_name_file_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.yaml");
+        let fs = f.to_str().unwrap();
+        let err = |yaml: &str, extra: &[&str]| {
+            std::fs::write(&f, yaml).unwrap();
+            let mut argv = vec!["meshd", "--config", fs];
+            argv.extend_from_slice(extra);
+            format!("{:#}", resolve_argv(&argv).unwrap_err())
+        };
+        let e = err("name: a\nsnapshot-count: lots\n", &[]);
+        assert!(
+            e.starts_with(&format!("{fs}:2: snapshot-count: invalid type")),
+            "{e}"
+        );
+        let e = err("# c\npeer:\n  - 1.2.3.4:6783\n  - [x]\n", &[]);
+        assert!(e.starts_with(&format!("{fs}:4: peer: ")), "{e}");
+        let e = err("tick: soon\n", &[]);
+        assert!(e.starts_with(&format!("{fs}:1: tick: ")), "{e}");
+        let e = err(
+            "name: a\nbootstrap-expect: 3\ninitial-cluster: a=h:1\n",
+            &[],
+        );
+        assert_eq!(
+            e,
+            format!("{fs}:2: bootstrap-expect and {fs}:3: initial-cluster cannot be used together")
+        );
+        let e = err("election-ticks: 2\n", &["--heartbeat-ticks=2"]);
+        assert!(
+            e.starts_with(&format!(
+                "{fs}:1: election-ticks (2) must be greater than --heartbeat-ticks (2)"
+            )),
+            "{e}"
+        );
+        let e = err("listen-metrics: 127.0.0.1:2379\n", &[]);
+        assert_eq!(
+            e,
+            format!("{fs}:1: listen-metrics and listen-client (default) name the same address 127.0.0.1:2379")
+        );
+    }
+
+    #[test]
+    fn default_file_lists_every_key_and_checks_as_the_defaults() {
+        let text = default_file();
+        for (key, _) in keys() {
+            assert!(
+                text.contains(&format!("\n{key}: ")) || text.contains(&format!("\n# {key}:\n")),
+                "{key} missing from:\n{text}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("default.yaml");
+        std::fs::write(&f, &text).unwrap();
+        let from_file = check_file(&f).unwrap();
+        let from_nothing = resolve_argv(&["meshd"]).unwrap();
+        assert_eq!(
+            format!("{:?}", from_file.server),
+            format!("{from_nothing:?}")
         );
     }
 }

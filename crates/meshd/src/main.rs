@@ -1,20 +1,59 @@
-//! meshd: a member of a meshd cluster. Parses flags, sets up logging, runs the server
-//! until SIGTERM or SIGINT.
+//! meshd: a member of a meshd cluster. Parses flags (or runs a `config` subcommand),
+//! sets up logging, runs the server until SIGTERM or SIGINT, and tells systemd about
+//! it when started by it.
 
 mod config;
+mod systemd;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
+use config::{Cli, Command, ConfigCommand};
+use mesh_core::server::Lifecycle;
 
 fn main() -> ExitCode {
-    let args = config::Args::parse();
-    init_tracing(&args.log_format);
-    let cfg = match config::resolve(args) {
+    if let Some(code) = hidden_command() {
+        return code;
+    }
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let (args, run_matches) = match cli.command {
+        None => (cli.run, &matches),
+        Some(Command::Run(args)) => (*args, matches.subcommand_matches("run").expect("run")),
+        Some(Command::Config(ConfigCommand::Default)) => {
+            print!("{}", config::default_file());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Config(ConfigCommand::Check { file })) => {
+            return match config::check_file(&file) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("meshd: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+    };
+    let cfg = match config::resolve(args, run_matches) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("meshd: {e:#}");
             return ExitCode::from(2);
+        }
+    };
+    init_tracing(&cfg.log_format);
+    let notifier = match systemd::Notifier::from_env() {
+        Ok(n) => n.map(Arc::new),
+        Err(e) => {
+            eprintln!("meshd: NOTIFY_SOCKET: {e}");
+            return ExitCode::FAILURE;
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -27,7 +66,37 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(mesh_core::server::run(cfg, shutdown_signal())) {
+    let observe = |event: Lifecycle<'_>| {
+        let Some(n) = &notifier else { return };
+        let sent = match event {
+            Lifecycle::Serving(server) => {
+                if let Some(every) = systemd::watchdog_interval() {
+                    // Pings stop when the Raft driver does: systemd then restarts us.
+                    let status = server.node().status.clone();
+                    let n = n.clone();
+                    tokio::spawn(async move {
+                        let mut tick = tokio::time::interval(every);
+                        while status.is_running() {
+                            tick.tick().await;
+                            if let Err(e) = n.notify("WATCHDOG=1") {
+                                tracing::warn!("systemd watchdog ping: {e}");
+                            }
+                        }
+                    });
+                }
+                n.notify("READY=1\nSTATUS=serving clients")
+            }
+            Lifecycle::Stopping => n.notify("STOPPING=1\nSTATUS=stopping"),
+        };
+        if let Err(e) = sent {
+            tracing::warn!("systemd notification: {e}");
+        }
+    };
+    match runtime.block_on(mesh_core::server::run_observed(
+        cfg.server,
+        shutdown_signal(),
+        observe,
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -57,5 +126,48 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Commands for the repository's scripts and tests, not clap commands (so they stay
+/// out of the CLI, its help and completions):
+/// - `meshd generate-man DIR` writes DIR/meshd.8 from the clap definitions (scripts/gen-man;
+///   a test compares the result with man/);
+/// - `meshd check-args ARGS...` only parses ARGS as `meshd ARGS...` would: exit 0, or the
+///   usage error and exit 2 (the README test checks every documented command this way).
+fn hidden_command() -> Option<ExitCode> {
+    use clap::{CommandFactory, Parser};
+    let mut args = std::env::args_os().skip(1);
+    let first = args.next()?;
+    if first == "check-args" {
+        let argv = std::iter::once("meshd".into()).chain(args);
+        return Some(match <Cli>::try_parse_from(argv) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) if !e.use_stderr() => ExitCode::SUCCESS, // --help, --version
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::from(2)
+            }
+        });
+    }
+    if first != "generate-man" {
+        return None;
+    }
+    let Some(dir) = args.next() else {
+        eprintln!("usage: meshd generate-man DIR");
+        return Some(ExitCode::from(2));
+    };
+    let path = std::path::Path::new(&dir).join("meshd.8");
+    let man = clap_mangen::Man::new(<Cli>::command()).section("8");
+    let mut page = Vec::new();
+    match man
+        .render(&mut page)
+        .and_then(|()| std::fs::write(&path, page))
+    {
+        Ok(()) => Some(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("meshd: cannot write {}: {e}", path.display());
+            Some(ExitCode::FAILURE)
+        }
     }
 }

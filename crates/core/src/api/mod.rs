@@ -80,6 +80,8 @@ pub struct ApiContext {
     /// Becomes true when the member starts stopping: requests that wait indefinitely
     /// (Lock, Campaign, Observe, keep-alive streams) end so shutdown need not wait.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Watchers open on this member (`etcd_debugging_mvcc_watcher_total`).
+    pub watchers: crate::metrics::Gauge,
 }
 
 impl ApiContext {

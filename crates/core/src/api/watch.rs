@@ -105,7 +105,14 @@ async fn serve_stream(ctx: ApiContext, mut inbound: Streaming<WatchRequest>, tx:
                     break;
                 }
                 let w = Watcher::new(ctx.clone(), id, c, start, tx.clone());
-                watchers.insert(id, tokio::spawn(w.run()));
+                let open = crate::metrics::GaugeGuard::new(&ctx.watchers);
+                watchers.insert(
+                    id,
+                    tokio::spawn(async move {
+                        let _open = open;
+                        w.run().await
+                    }),
+                );
                 continue;
             }
             Some(RequestUnion::CancelRequest(c)) => match watchers.remove(&c.watch_id) {

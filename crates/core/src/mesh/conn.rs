@@ -103,7 +103,11 @@ pub(super) async fn run(
                 HandshakeError::Io(_) | HandshakeError::Timeout => {
                     tracing::debug!("mesh: handshake {direction} {remote_addr} failed: {e}")
                 }
-                _ => tracing::warn!("mesh: refused connection {direction} {remote_addr}: {e}"),
+                _ => tracing::warn!(
+                    %direction,
+                    addr = %remote_addr,
+                    "mesh: refused connection: {e}"
+                ),
             }
             if let Some(a) = &dialed {
                 dial_finished(&inner, a, false);
@@ -125,9 +129,12 @@ pub(super) async fn run(
     if let Some(a) = &dialed {
         dial_finished(&inner, a, true);
     }
-    tracing::debug!(
-        "mesh: connected {direction} {} ({remote_addr})",
-        super::peer_name_string(remote)
+    tracing::info!(
+        %direction,
+        peer = %super::peer_name_string(remote),
+        nickname = %hello.nickname,
+        addr = %remote_addr,
+        "mesh: connected"
     );
     let channels: Vec<_> = inner.lock().channels.values().cloned().collect();
     for ch in channels {

@@ -28,6 +28,8 @@ use crate::storage::{Db, RaftLog, StorageError};
 #[derive(Clone, Debug)]
 pub struct DriverConfig {
     pub member_id: u64,
+    /// The member's name: every line the driver logs carries it (a `raft` span).
+    pub member_name: String,
     /// Wall-clock length of one logical tick.
     pub tick: Duration,
     pub election_ticks: usize,
@@ -124,6 +126,12 @@ pub fn spawn_driver(
     std::thread::Builder::new()
         .name("raft-driver".into())
         .spawn(move || {
+            let span = tracing::info_span!(
+                "raft",
+                member = %d.cfg.member_name,
+                id = format_args!("{:x}", d.cfg.member_id)
+            );
+            let _entered = span.enter();
             let r = d.run(rx);
             d.status
                 .stopped
@@ -422,7 +430,9 @@ impl Driver {
             if let Some(hs) = rd.hs() {
                 self.log.set_hard_state(&txn, hs)?;
             }
+            let started = Instant::now();
             txn.commit().map_err(crate::storage::db_err)?;
+            self.status.metrics.log_commit.observe(started.elapsed());
         } else if let Some(hs) = rd.hs() {
             self.log.set_commit(hs.commit);
         }
@@ -497,6 +507,7 @@ impl Driver {
         if entries.is_empty() {
             return Ok(());
         }
+        let apply_started = Instant::now();
         let kv = self.kv.clone();
         let mut batch = kv.begin().map_err(DriverError::Apply)?;
         let mut replies: Vec<(u64, Result<Applied, ProposeError>)> = Vec::new();
@@ -557,7 +568,11 @@ impl Driver {
         }
         // Not fsync'ed: the log is the durable record, and state + applied index change
         // atomically, so a crash only means re-applying from the log.
+        let commit_started = Instant::now();
         batch.commit(false).map_err(DriverError::Apply)?;
+        let metrics = &self.status.metrics;
+        metrics.backend_commit.observe(commit_started.elapsed());
+        metrics.apply.observe(apply_started.elapsed());
         for (id, result) in replies {
             if let Some(tx) = self.pending.remove(&id) {
                 let _ = tx.send(result);
@@ -754,6 +769,7 @@ impl Driver {
         r.map_err(DriverError::Apply)?;
         info!(
             node = format_args!("{:x}", cc.node_id),
+            term = self.raw.raft.term,
             change = ?kind,
             voters = ?cs.voters,
             learners = ?cs.learners,
@@ -810,6 +826,7 @@ impl Driver {
                 info!(
                     leader = format_args!("{:x}", r.leader_id),
                     term = r.term,
+                    is_me = r.leader_id == self.cfg.member_id,
                     "leader elected"
                 );
             } else {
@@ -818,6 +835,9 @@ impl Driver {
             self.last_leader = r.leader_id;
             s.leader_changes.fetch_add(1, Release);
         }
+        s.metrics
+            .proposals_pending
+            .store(self.pending.len() as u64, Release);
         s.leader.store(r.leader_id, Release);
         s.term.store(r.term, Release);
         s.commit.store(r.raft_log.committed, Release);

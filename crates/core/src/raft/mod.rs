@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 pub use driver::{spawn_driver, DriverConfig, DriverError};
 
 use crate::kv::KvError;
+use crate::metrics::Histogram;
 use crate::proto::etcdserverpb as pb;
 use crate::proto::meshpb::internal_request::Request;
 use crate::proto::meshpb::MemberRecord;
@@ -186,6 +187,23 @@ pub struct NodeStatus {
     is_learner: AtomicBool,
     removed: AtomicBool,
     stopped: AtomicBool,
+    /// Instruments the driver and handle update, read by `/metrics`.
+    pub metrics: RaftMetrics,
+}
+
+/// Counters and latencies of the Raft layer (see [`crate::metrics`]).
+#[derive(Default)]
+pub struct RaftMetrics {
+    /// Each durable commit of a Ready's entries and hard state (the WAL fsync).
+    pub log_commit: Histogram,
+    /// Each commit of applied entries to the keyspace (the backend commit).
+    pub backend_commit: Histogram,
+    /// Applying one batch of committed entries, commit included.
+    pub apply: Histogram,
+    /// Proposals that did not apply: no leader, leader changed, timed out, stopped.
+    pub proposals_failed: AtomicU64,
+    /// Proposals from this member waiting to be applied.
+    pub proposals_pending: AtomicU64,
 }
 
 impl NodeStatus {
@@ -272,8 +290,16 @@ impl NodeHandle {
 
     /// Replicates `request` and returns what applying it produced on this member.
     pub async fn propose(&self, request: Request) -> Result<Applied, ProposeError> {
-        self.call(|reply| DriverMsg::Propose { request, reply })
-            .await
+        let r = self
+            .call(|reply| DriverMsg::Propose { request, reply })
+            .await;
+        if matches!(&r, Err(e) if !matches!(e, ProposeError::Kv(_))) {
+            self.status
+                .metrics
+                .proposals_failed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        r
     }
 
     /// Changes the voter/learner set; answered once this member applied the change.

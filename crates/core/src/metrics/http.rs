@@ -1,0 +1,260 @@
+//! The HTTP endpoint for operators: `/metrics` (Prometheus text format) and `/health`
+//! (etcd's JSON body: 200 only when this member has a leader and applies entries).
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::codegen::http::{self, StatusCode};
+use tracing::debug;
+
+use super::grpc::GrpcMetrics;
+use super::{Exposition, Gauge};
+use crate::kv::KvStore;
+use crate::mesh::Mesh;
+use crate::raft::NodeHandle;
+use crate::storage::Db;
+
+/// How long `/health` waits for a ReadIndex round (leader confirmed, entries applied).
+const HEALTH_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the pages read.
+#[derive(Clone)]
+pub struct Sources {
+    pub node: NodeHandle,
+    pub kv: Arc<KvStore>,
+    pub db: Arc<Db>,
+    pub mesh: Arc<Mesh>,
+    pub grpc: GrpcMetrics,
+    /// Watchers open on this member.
+    pub watchers: Gauge,
+}
+
+/// Serves `listener` until `stop` turns true.
+pub async fn serve(listener: TcpListener, src: Sources, mut stop: watch::Receiver<bool>) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    debug!("metrics accept: {e}");
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let src = src.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let src = src.clone();
+                async move { Ok::<_, Infallible>(route(&src, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                debug!("metrics connection: {e}");
+            }
+        });
+    }
+}
+
+async fn route(src: &Sources, req: http::Request<Incoming>) -> http::Response<String> {
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&http::Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics_page(src),
+        ),
+        (&http::Method::GET, "/health") => {
+            let (ok, reason) = match health(src).await {
+                Ok(()) => (true, String::new()),
+                Err(reason) => (false, reason),
+            };
+            let body = serde_json::json!({
+                "health": if ok { "true" } else { "false" },
+                "reason": reason,
+            })
+            .to_string();
+            let status = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (status, "application/json", body)
+        }
+        (_, "/metrics" | "/health") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n".into(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    };
+    let mut resp = http::Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+/// `Ok` when this member has a leader, no alarm is raised, and a ReadIndex round
+/// completes (quorum reachable, entries applied); otherwise the reason, in etcd's words
+/// where etcd has them.
+pub async fn health(src: &Sources) -> Result<(), String> {
+    let status = &src.node.status;
+    if !status.is_running() {
+        return Err("RAFT STOPPED".into());
+    }
+    if status.leader() == 0 {
+        return Err("RAFT NO LEADER".into());
+    }
+    if let Ok(alarms) = src.kv.alarms() {
+        if let Some(a) = alarms.first() {
+            let name = crate::proto::etcdserverpb::AlarmType::try_from(a.alarm)
+                .map_or("UNKNOWN", |t| t.as_str_name());
+            return Err(format!("ALARM {name}"));
+        }
+    }
+    match tokio::time::timeout(HEALTH_READ_TIMEOUT, src.node.read_index()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("RAFT READ INDEX: {e}")),
+        Err(_) => Err("RAFT READ INDEX: timed out".into()),
+    }
+}
+
+/// The Prometheus page.
+pub fn metrics_page(src: &Sources) -> String {
+    let s = &src.node.status;
+    let m = &s.metrics;
+    let mut e = Exposition::default();
+    let leader = s.leader();
+    e.gauge(
+        "etcd_server_has_leader",
+        "Whether or not a leader exists. 1 is existence, 0 is not.",
+        f64::from(u8::from(leader != 0)),
+    );
+    e.gauge(
+        "etcd_server_is_leader",
+        "Whether or not this member is a leader. 1 if is, 0 otherwise.",
+        f64::from(u8::from(leader != 0 && leader == s.member_id)),
+    );
+    e.counter(
+        "etcd_server_leader_changes_seen_total",
+        "The number of leader changes seen.",
+        s.leader_changes(),
+    );
+    e.gauge("meshd_raft_term", "The current Raft term.", s.term() as f64);
+    e.gauge(
+        "etcd_server_proposals_committed_total",
+        "The total number of consensus proposals committed.",
+        s.commit_index() as f64,
+    );
+    e.gauge(
+        "etcd_server_proposals_applied_total",
+        "The total number of consensus proposals applied.",
+        s.applied_index() as f64,
+    );
+    e.counter(
+        "etcd_server_proposals_failed_total",
+        "The total number of failed proposals seen.",
+        m.proposals_failed.load(Ordering::Relaxed),
+    );
+    e.gauge(
+        "etcd_server_proposals_pending",
+        "The current number of pending proposals to commit.",
+        m.proposals_pending.load(Ordering::Relaxed) as f64,
+    );
+    e.histogram(
+        "etcd_disk_wal_fsync_duration_seconds",
+        "The latency distributions of the durable Raft log commit (fdatasync) of a Ready.",
+        &m.log_commit,
+    );
+    e.histogram(
+        "etcd_disk_backend_commit_duration_seconds",
+        "The latency distributions of commits of applied entries to the keyspace.",
+        &m.backend_commit,
+    );
+    e.histogram(
+        "etcd_server_apply_duration_seconds",
+        "The latency distributions of applying a batch of committed entries.",
+        &m.apply,
+    );
+    let log = &src.node.log;
+    e.gauge(
+        "meshd_raft_log_entries",
+        "Entries in the Raft log (not yet compacted into a snapshot).",
+        (log.last_index() + 1).saturating_sub(log.first_index()) as f64,
+    );
+    e.gauge(
+        "etcd_mvcc_db_total_size_in_bytes",
+        "Total size of the underlying database physically allocated in bytes.",
+        src.db.file_size() as f64,
+    );
+    e.gauge(
+        "etcd_debugging_mvcc_watcher_total",
+        "Total number of watchers.",
+        src.watchers.load(Ordering::Relaxed) as f64,
+    );
+    let mesh = src.mesh.stats();
+    e.gauge(
+        "meshd_mesh_peers",
+        "Peers this member knows in the mesh topology (itself included).",
+        mesh.peers as f64,
+    );
+    e.gauge(
+        "meshd_mesh_connections",
+        "Established mesh connections of this member.",
+        mesh.connections as f64,
+    );
+    e.counter(
+        "meshd_mesh_received_bytes_total",
+        "Bytes received on mesh connections.",
+        mesh.bytes_in,
+    );
+    e.counter(
+        "meshd_mesh_sent_bytes_total",
+        "Bytes sent on mesh connections.",
+        mesh.bytes_out,
+    );
+    e.counter(
+        "meshd_mesh_gossip_received_bytes_total",
+        "Gossip payload bytes received.",
+        mesh.gossip_bytes_in,
+    );
+    e.counter(
+        "meshd_mesh_gossip_sent_bytes_total",
+        "Gossip payload bytes sent.",
+        mesh.gossip_bytes_out,
+    );
+    e.counter(
+        "meshd_mesh_handshakes_refused_total",
+        "Mesh connections refused at the handshake (wrong password, version, identity).",
+        mesh.handshakes_refused,
+    );
+    let handled = src.grpc.handled();
+    let series: Vec<(Vec<(&str, &str)>, u64)> = handled
+        .iter()
+        .map(|((service, method, code), n)| {
+            (
+                vec![
+                    ("grpc_code", *code),
+                    ("grpc_method", method.as_str()),
+                    ("grpc_service", service.as_str()),
+                ],
+                *n,
+            )
+        })
+        .collect();
+    e.labelled_counter(
+        "grpc_server_handled_total",
+        "Total number of RPCs completed on the server, regardless of success or failure.",
+        &series,
+    );
+    e.finish()
+}

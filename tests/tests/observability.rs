@@ -89,6 +89,11 @@ async fn health_and_metrics_follow_the_cluster() {
     for i in 0..10 {
         client.put(format!("k{i}"), "v", None).await.expect("put");
     }
+    let refused = client.put("", "v", None).await.expect_err("empty key");
+    assert!(
+        refused.to_string().contains("key is not provided"),
+        "{refused}"
+    );
     let _watch = client.watch("k", None).await.expect("watch");
     let after = eventually("watcher counted", Duration::from_secs(10), || async {
         let m = metrics(m[li]).await;
@@ -108,6 +113,7 @@ async fn health_and_metrics_follow_the_cluster() {
     grew("meshd_raft_log_entries", 10.0);
     grew("meshd_mesh_sent_bytes_total", 1.0);
     grew(PUT_OK, 10.0);
+    grew(&PUT_OK.replace("\"OK\"", "\"InvalidArgument\""), 1.0);
     assert_eq!(after["etcd_server_proposals_pending"], 0.0);
 
     // Quorum lost: the survivor has no leader, and says so.

@@ -69,23 +69,23 @@ fn meshd_service_runs_meshd_notify_with_state_in_var_lib() {
     assert!(yaml.contains("data-dir: /var/lib/meshd/"), "{yaml}");
 }
 
+/// `meshd config check FILE`: (exit code, stdout, stderr).
+fn config_check(file: &Path) -> (Option<i32>, String, String) {
+    let out = Command::new(binary("meshd"))
+        .args(["config", "check"])
+        .arg(file)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
 #[test]
 fn example_and_default_configs_pass_config_check() {
     let example = dist("meshd.yaml");
-    let out = Command::new(binary("meshd"))
-        .args(["config", "check"])
-        .arg(&example)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("{}: ok\n", example.display())
-    );
+    let (code, stdout, stderr) = config_check(&example);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout, format!("{}: ok\n", example.display()));
 
     let dir = tempfile::tempdir().unwrap();
     let default = Command::new(binary("meshd"))
@@ -95,28 +95,15 @@ fn example_and_default_configs_pass_config_check() {
     assert!(default.status.success());
     let f = dir.path().join("default.yaml");
     std::fs::write(&f, &default.stdout).unwrap();
-    let out = Command::new(binary("meshd"))
-        .args(["config", "check"])
-        .arg(&f)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, _, stderr) = config_check(&f);
+    assert_eq!(code, Some(0), "{stderr}");
 
     std::fs::write(&f, "name: a\nheartbeat-ticks: 0\n").unwrap();
-    let out = Command::new(binary("meshd"))
-        .args(["config", "check"])
-        .arg(&f)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, _, stderr) = config_check(&f);
+    assert_eq!(code, Some(1));
     assert!(
-        err.contains(&format!("{}:2: heartbeat-ticks", f.display())),
-        "{err}"
+        stderr.contains(&format!("{}:2: heartbeat-ticks", f.display())),
+        "{stderr}"
     );
 }
 

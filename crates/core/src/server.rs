@@ -545,12 +545,16 @@ impl Server {
         let Ok(progress) = self.node.progress().await else {
             return;
         };
-        let best = progress
+        let mut others = progress
             .iter()
-            .filter(|p| p.id != me && !p.learner && p.recent_active)
-            .max_by_key(|p| p.matched);
+            .filter(|p| p.id != me && !p.learner)
+            .peekable();
+        if others.peek().is_none() {
+            return; // a single-voter cluster: nobody to hand over to
+        }
+        let best = others.filter(|p| p.recent_active).max_by_key(|p| p.matched);
         let Some(best) = best else {
-            info!(
+            warn!(
                 term = status.term(),
                 "stopping leader has no active voter to hand leadership to"
             );

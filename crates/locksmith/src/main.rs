@@ -7,7 +7,7 @@ use clap::Parser;
 use locksmith::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    if let Some(code) = hidden_command() {
+    if let Some(code) = cli_docs::hidden_command::<Cli>("locksmith", "1") {
         return code;
     }
     let cli = Cli::parse();
@@ -47,49 +47,6 @@ fn main() -> ExitCode {
             }
             eprintln!("Error: {e:#}");
             ExitCode::from(locksmith::commands::exit_code(&e))
-        }
-    }
-}
-
-/// Commands for the repository's scripts and tests, not clap commands (so they stay
-/// out of the CLI, its help and completions):
-/// - `locksmith generate-man DIR` writes DIR/locksmith.1 from the clap definitions (scripts/gen-man;
-///   a test compares the result with man/);
-/// - `locksmith check-args ARGS...` only parses ARGS as `locksmith ARGS...` would: exit 0, or the
-///   usage error and exit 2 (the README test checks every documented command this way).
-fn hidden_command() -> Option<ExitCode> {
-    use clap::{CommandFactory, Parser};
-    let mut args = std::env::args_os().skip(1);
-    let first = args.next()?;
-    if first == "check-args" {
-        let argv = std::iter::once("locksmith".into()).chain(args);
-        return Some(match <Cli>::try_parse_from(argv) {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) if !e.use_stderr() => ExitCode::SUCCESS, // --help, --version
-            Err(e) => {
-                eprint!("{e}");
-                ExitCode::from(2)
-            }
-        });
-    }
-    if first != "generate-man" {
-        return None;
-    }
-    let Some(dir) = args.next() else {
-        eprintln!("usage: locksmith generate-man DIR");
-        return Some(ExitCode::from(2));
-    };
-    let path = std::path::Path::new(&dir).join("locksmith.1");
-    let man = clap_mangen::Man::new(<Cli>::command()).section("1");
-    let mut page = Vec::new();
-    match man
-        .render(&mut page)
-        .and_then(|()| std::fs::write(&path, page))
-    {
-        Ok(()) => Some(ExitCode::SUCCESS),
-        Err(e) => {
-            eprintln!("locksmith: cannot write {}: {e}", path.display());
-            Some(ExitCode::FAILURE)
         }
     }
 }

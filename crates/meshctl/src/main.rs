@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    if let Some(code) = hidden_command() {
+    if let Some(code) = cli_docs::hidden_command::<cli::Cli>("meshctl", "1") {
         return code;
     }
     let cli = cli::Cli::parse();
@@ -58,48 +58,5 @@ fn exit_code(err: &anyhow::Error) -> ExitCode {
     match err.downcast_ref::<cmd::Exit>() {
         Some(exit) => ExitCode::from(exit.code()),
         None => ExitCode::FAILURE,
-    }
-}
-
-/// Commands for the repository's scripts and tests, not clap commands (so they stay
-/// out of the CLI, its help and completions):
-/// - `meshctl generate-man DIR` writes DIR/meshctl.1 from the clap definitions (scripts/gen-man;
-///   a test compares the result with man/);
-/// - `meshctl check-args ARGS...` only parses ARGS as `meshctl ARGS...` would: exit 0, or the
-///   usage error and exit 2 (the README test checks every documented command this way).
-fn hidden_command() -> Option<ExitCode> {
-    use clap::{CommandFactory, Parser};
-    let mut args = std::env::args_os().skip(1);
-    let first = args.next()?;
-    if first == "check-args" {
-        let argv = std::iter::once("meshctl".into()).chain(args);
-        return Some(match <cli::Cli>::try_parse_from(argv) {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) if !e.use_stderr() => ExitCode::SUCCESS, // --help, --version
-            Err(e) => {
-                eprint!("{e}");
-                ExitCode::from(2)
-            }
-        });
-    }
-    if first != "generate-man" {
-        return None;
-    }
-    let Some(dir) = args.next() else {
-        eprintln!("usage: meshctl generate-man DIR");
-        return Some(ExitCode::from(2));
-    };
-    let path = std::path::Path::new(&dir).join("meshctl.1");
-    let man = clap_mangen::Man::new(<cli::Cli>::command()).section("1");
-    let mut page = Vec::new();
-    match man
-        .render(&mut page)
-        .and_then(|()| std::fs::write(&path, page))
-    {
-        Ok(()) => Some(ExitCode::SUCCESS),
-        Err(e) => {
-            eprintln!("meshctl: cannot write {}: {e}", path.display());
-            Some(ExitCode::FAILURE)
-        }
     }
 }

@@ -13,7 +13,7 @@ use config::{Cli, Command, ConfigCommand};
 use mesh_core::server::Lifecycle;
 
 fn main() -> ExitCode {
-    if let Some(code) = hidden_command() {
+    if let Some(code) = cli_docs::hidden_command::<config::Cli>("meshd", "8") {
         return code;
     }
     let matches = Cli::command().get_matches();
@@ -126,48 +126,5 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
-}
-
-/// Commands for the repository's scripts and tests, not clap commands (so they stay
-/// out of the CLI, its help and completions):
-/// - `meshd generate-man DIR` writes DIR/meshd.8 from the clap definitions (scripts/gen-man;
-///   a test compares the result with man/);
-/// - `meshd check-args ARGS...` only parses ARGS as `meshd ARGS...` would: exit 0, or the
-///   usage error and exit 2 (the README test checks every documented command this way).
-fn hidden_command() -> Option<ExitCode> {
-    use clap::{CommandFactory, Parser};
-    let mut args = std::env::args_os().skip(1);
-    let first = args.next()?;
-    if first == "check-args" {
-        let argv = std::iter::once("meshd".into()).chain(args);
-        return Some(match <Cli>::try_parse_from(argv) {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e) if !e.use_stderr() => ExitCode::SUCCESS, // --help, --version
-            Err(e) => {
-                eprint!("{e}");
-                ExitCode::from(2)
-            }
-        });
-    }
-    if first != "generate-man" {
-        return None;
-    }
-    let Some(dir) = args.next() else {
-        eprintln!("usage: meshd generate-man DIR");
-        return Some(ExitCode::from(2));
-    };
-    let path = std::path::Path::new(&dir).join("meshd.8");
-    let man = clap_mangen::Man::new(<Cli>::command()).section("8");
-    let mut page = Vec::new();
-    match man
-        .render(&mut page)
-        .and_then(|()| std::fs::write(&path, page))
-    {
-        Ok(()) => Some(ExitCode::SUCCESS),
-        Err(e) => {
-            eprintln!("meshd: cannot write {}: {e}", path.display());
-            Some(ExitCode::FAILURE)
-        }
     }
 }

@@ -103,10 +103,12 @@ pub(super) async fn run(
                 HandshakeError::Io(_) | HandshakeError::Timeout => {
                     tracing::debug!("mesh: handshake {direction} {remote_addr} failed: {e}")
                 }
+                // The text keeps the address for plain-text readers; the fields are
+                // for JSON logs.
                 _ => tracing::warn!(
                     %direction,
                     addr = %remote_addr,
-                    "mesh: refused connection: {e}"
+                    "mesh: refused connection {direction} {remote_addr}: {e}"
                 ),
             }
             if let Some(a) = &dialed {

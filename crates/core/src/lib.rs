@@ -17,6 +17,7 @@
 //!   Mesh).
 //! - [`server`]: one member wired together, with a graceful stop; snapshot restore.
 //! - [`snapshot`]: the snapshot file format (store snapshot + SHA-256 trailer).
+//! - [`tls`]: client-API TLS from etcd-style PEM file options.
 //! - [`client`]: the typed client meshctl uses, with endpoint failover.
 //! - [`proto`]: generated wire types.
 pub mod api;
@@ -30,6 +31,7 @@ pub mod raft;
 pub mod server;
 pub mod snapshot;
 pub mod storage;
+pub mod tls;
 
 /// Generated wire types: the etcd v3 API (`etcdserverpb`, `mvccpb`) and meshd's own
 /// records (`meshpb`), and etcd's lock and election services (`v3lockpb`,

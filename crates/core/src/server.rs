@@ -70,6 +70,8 @@ pub struct ServerConfig {
     /// Database file size above which this member raises a NOSPACE alarm (etcd's
     /// `--quota-backend-bytes`).
     pub quota_backend_bytes: u64,
+    /// TLS on the client API (`--cert-file`, `--key-file`, ...); `None`: plaintext.
+    pub client_tls: Option<crate::tls::ServerTls>,
 }
 
 /// etcd's default space quota: 2 GiB.
@@ -105,6 +107,7 @@ impl ServerConfig {
             request_timeout: Duration::from_secs(7),
             limits: Limits::default(),
             quota_backend_bytes: DEFAULT_QUOTA_BACKEND_BYTES,
+            client_tls: None,
         }
     }
 }
@@ -193,6 +196,20 @@ pub struct Server {
 impl Server {
     /// Opens the data dir, binds the listeners and starts serving.
     pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
+        // Bad TLS files fail the start, before anything is opened.
+        let tls_err = |e: crate::tls::TlsError| ServerError::Config(e.to_string());
+        let client_tls = cfg
+            .client_tls
+            .as_ref()
+            .map(|t| t.server_config().map(|c| (c, t)))
+            .transpose()
+            .map_err(tls_err)?;
+        let dialer = crate::tls::MemberDialer::new(cfg.client_tls.as_ref()).map_err(tls_err)?;
+        let scheme = if client_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let db = storage::open_database(&cfg.data_dir)?;
         let kv = Arc::new(KvStore::open(db.clone())?);
         let log = RaftLog::load(&db, kv.clone())?;
@@ -206,7 +223,7 @@ impl Server {
         let advertise_client = cfg
             .advertise_client
             .clone()
-            .unwrap_or_else(|| format!("http://{}", advertised(client_addr)));
+            .unwrap_or_else(|| format!("{scheme}://{}", advertised(client_addr)));
 
         let peer_name = storage::load_or_create_peer_name(&cfg.data_dir)?;
         let mut mesh_cfg = MeshConfig::new(peer_name, &cfg.name, &advertise_mesh);
@@ -259,9 +276,16 @@ impl Server {
             let (stop_proxy, proxy_stopped) = tokio::sync::watch::channel(false);
             let pick_mesh = mesh.clone();
             let token = token_hash(&cfg.initial_cluster_token);
+            let proxy_tls = client_tls
+                .as_ref()
+                .map(|(_, t)| t.rustls_server_config())
+                .transpose()
+                .map_err(tls_err)?;
             tokio::spawn(api::proxy::serve(
                 proxy_listener,
                 Arc::new(move || membership::member_client_url(&pick_mesh, token)),
+                proxy_tls,
+                dialer.clone(),
                 proxy_stopped,
             ));
             let identity = self::discover(&cfg, &mesh, &meta, &join, &kv, &log, peer_name).await;
@@ -335,10 +359,15 @@ impl Server {
             db_path: cfg.data_dir.join(storage::DB_FILE),
             db: db.clone(),
             quota_backend_bytes: cfg.quota_backend_bytes,
+            dialer,
         };
         let max_msg = cfg.limits.max_request_bytes + api::GRPC_OVERHEAD_BYTES;
         let (grpc_stop, stop_rx) = oneshot::channel::<()>();
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some((tls, _)) = client_tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let router = builder
             .add_service(
                 kv_server::KvServer::new(api::KvApi::new(ctx.clone()))
                     .max_decoding_message_size(max_msg)

@@ -37,6 +37,11 @@ pub async fn run(cli: Cli) -> Result<u8> {
     let client = Client::connect(ClientConfig {
         endpoints: cli.endpoints.clone(),
         request_timeout: cli.request_timeout,
+        tls: mesh_core::client::ClientTls {
+            ca_file: cli.tls_cacert.clone(),
+            cert_file: cli.tls_cert.clone(),
+            key_file: cli.tls_key.clone(),
+        },
         ..Default::default()
     })
     .map_err(|e| Usage(e.to_string()))?;

@@ -31,6 +31,16 @@ pub struct Cli {
     /// Timeout for connecting to one endpoint.
     #[arg(long, global = true, default_value = "2s")]
     pub dial_timeout: String,
+    // -- TLS (etcdctl's flag names) --
+    /// CA (PEM) that signed the servers' certificates; endpoints then use TLS.
+    #[arg(long, global = true, long = "cacert", env = "MESHCTL_CACERT")]
+    pub tls_cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for servers with client-certificate auth.
+    #[arg(long, global = true, long = "cert", env = "MESHCTL_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, global = true, long = "key", env = "MESHCTL_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -108,6 +108,21 @@ pub struct Args {
     /// Log format: text or json. RUST_LOG selects what is logged.
     #[arg(long, env = "MESHD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    // -- client-API TLS (etcd's flag names) --
+    /// Certificate (PEM) the client API is served with; TLS on the client API needs
+    /// both --cert-file and --key-file.
+    #[arg(long, env = "MESHD_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --cert-file.
+    #[arg(long, env = "MESHD_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Refuse clients without a certificate signed by --trusted-ca-file.
+    #[arg(long, env = "MESHD_CLIENT_CERT_AUTH")]
+    pub client_cert_auth: bool,
+    /// CA (PEM) that signs client certificates; also trusted when forwarding to members.
+    #[arg(long, env = "MESHD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
 }
 
 /// The YAML file: the same settings, keys spelled as the long flags.
@@ -146,6 +161,11 @@ struct FileConfig {
     max_request_bytes: Option<usize>,
     max_txn_ops: Option<usize>,
     quota_backend_bytes: Option<u64>,
+    // client-API TLS
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    client_cert_auth: Option<bool>,
+    trusted_ca_file: Option<PathBuf>,
 }
 
 mod humantime_serde_opt {
@@ -166,6 +186,33 @@ pub fn parse_initial_cluster(s: &str) -> Result<Vec<(String, String)>> {
 }
 
 /// Merges flags, environment, file and defaults into a validated server configuration.
+/// Client-API TLS from the flags and the file: both files or neither; client
+/// certificate authentication needs TLS and a trusted CA.
+fn client_tls(args: &Args, file: &FileConfig) -> Result<Option<mesh_core::tls::ServerTls>> {
+    let cert = args.cert_file.clone().or_else(|| file.cert_file.clone());
+    let key = args.key_file.clone().or_else(|| file.key_file.clone());
+    let client_cert_auth = args.client_cert_auth || file.client_cert_auth.unwrap_or(false);
+    let trusted_ca_file = args
+        .trusted_ca_file
+        .clone()
+        .or_else(|| file.trusted_ca_file.clone());
+    let tls = match (cert, key) {
+        (Some(cert_file), Some(key_file)) => mesh_core::tls::ServerTls {
+            cert_file,
+            key_file,
+            client_cert_auth,
+            trusted_ca_file,
+        },
+        (None, None) if client_cert_auth || trusted_ca_file.is_some() => {
+            bail!("--client-cert-auth and --trusted-ca-file need --cert-file and --key-file")
+        }
+        (None, None) => return Ok(None),
+        _ => bail!("--cert-file and --key-file must be given together"),
+    };
+    tls.check()?;
+    Ok(Some(tls))
+}
+
 pub fn resolve(args: Args) -> Result<ServerConfig> {
     let file = match &args.config {
         Some(path) => {
@@ -177,6 +224,7 @@ pub fn resolve(args: Args) -> Result<ServerConfig> {
         }
         None => FileConfig::default(),
     };
+    let client_tls = client_tls(&args, &file)?;
     let name = args.name.or(file.name).unwrap_or_else(|| "default".into());
     if name.is_empty() {
         bail!("--name must not be empty");
@@ -285,6 +333,7 @@ pub fn resolve(args: Args) -> Result<ServerConfig> {
         Some(0) | None => {}
         Some(n) => cfg.quota_backend_bytes = n,
     }
+    cfg.client_tls = client_tls;
     if cfg.tick.is_zero() {
         bail!("--tick must be positive");
     }

@@ -76,8 +76,10 @@ impl ClusterApi {
         let url = url.ok_or_else(|| {
             Status::unavailable("etcdserver: leader's client URL is not known yet")
         })?;
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())
-            .map_err(|e| Status::internal(format!("leader client URL {url}: {e}")))?
+        let channel = self
+            .ctx
+            .dialer
+            .endpoint(&url)?
             .connect_timeout(std::time::Duration::from_secs(3))
             .connect()
             .await

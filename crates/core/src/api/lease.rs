@@ -255,8 +255,9 @@ async fn forward_time_to_live(
         .and_then(|m| m.client_urls.into_iter().next())
         .ok_or_else(no_leader)?;
     let timeout = Duration::from_secs(5);
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| Status::unavailable(format!("leader client URL: {e}")))?
+    let channel = ctx
+        .dialer
+        .endpoint(&url)?
         .connect_timeout(timeout)
         .timeout(timeout)
         .connect()

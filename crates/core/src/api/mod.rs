@@ -80,6 +80,8 @@ pub struct ApiContext {
     /// Becomes true when the member starts stopping: requests that wait indefinitely
     /// (Lock, Campaign, Observe, keep-alive streams) end so shutdown need not wait.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// How to reach another member's client API (plain or TLS) when forwarding.
+    pub dialer: crate::tls::MemberDialer,
 }
 
 impl ApiContext {

@@ -40,6 +40,57 @@ pub struct ClientConfig {
     pub dial_timeout: Duration,
     /// How long one request to one endpoint may take.
     pub request_timeout: Duration,
+    /// TLS (`--cacert`, `--cert`, `--key`).
+    pub tls: ClientTls,
+}
+
+/// Client-side TLS files. Endpoints written `https://` always use TLS; with a CA file,
+/// every endpoint does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// CA that signed the servers' certificates (`--cacert`); without it, the system roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Client certificate (`--cert`), for servers with client-certificate auth.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Its private key (`--key`).
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl ClientTls {
+    /// Whether endpoints without a scheme use TLS.
+    fn implied(&self) -> bool {
+        self.ca_file.is_some()
+    }
+
+    /// tonic's configuration from the files.
+    fn config(&self) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read = |what: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| {
+                ClientError::Config(format!("cannot read {what} {}: {e}", p.display()))
+            })
+        };
+        let mut cfg = ClientTlsConfig::new();
+        cfg = match &self.ca_file {
+            Some(ca) => cfg.ca_certificate(Certificate::from_pem(read("CA file", ca)?)),
+            None => cfg.with_native_roots(),
+        };
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => {
+                cfg = cfg.identity(Identity::from_pem(
+                    read("certificate file", cert)?,
+                    read("key file", key)?,
+                ))
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ClientError::Config(
+                    "--cert and --key must be given together".into(),
+                ))
+            }
+        }
+        Ok(cfg)
+    }
 }
 
 impl Default for ClientConfig {
@@ -48,6 +99,7 @@ impl Default for ClientConfig {
             endpoints: vec!["127.0.0.1:2379".into()],
             dial_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            tls: ClientTls::default(),
         }
     }
 }
@@ -57,8 +109,10 @@ impl Default for ClientConfig {
 struct Endpoint {
     /// As the user wrote it (used in messages and `endpoint status`).
     name: String,
-    /// `http://host:port`.
+    /// `http://host:port` or `https://host:port`.
     uri: String,
+    /// Set for `https://` endpoints.
+    tls: Option<tonic::transport::ClientTlsConfig>,
     /// The connected channel; dropped after a transport error so the next use redials.
     channel: Mutex<Option<Channel>>,
 }
@@ -87,19 +141,23 @@ enum Retry {
     OnlyIfNotSent,
 }
 
-/// Normalizes `host:port` / `http://host:port` into a URI tonic accepts.
-fn endpoint_uri(ep: &str) -> Result<String, ClientError> {
+/// Normalizes `host:port` / `http(s)://host:port` into a URI tonic accepts; a bare
+/// `host:port` gets `https://` when `tls` is implied.
+fn endpoint_uri(ep: &str, tls: bool) -> Result<String, ClientError> {
     let ep = ep.trim();
     if ep.is_empty() {
         return Err(ClientError::Config("empty endpoint".into()));
     }
-    if ep.starts_with("https://") {
-        return Err(ClientError::Config(format!(
-            "{ep}: TLS endpoints are not supported"
-        )));
-    }
-    let uri = if ep.starts_with("http://") {
+    let uri = if ep.starts_with("https://") {
         ep.to_string()
+    } else if let Some(rest) = ep.strip_prefix("http://") {
+        if tls {
+            format!("https://{rest}")
+        } else {
+            ep.to_string()
+        }
+    } else if tls {
+        format!("https://{ep}")
     } else {
         format!("http://{ep}")
     };
@@ -118,9 +176,16 @@ impl Client {
             .endpoints
             .iter()
             .map(|name| {
+                let uri = endpoint_uri(name, config.tls.implied())?;
+                let tls = if uri.starts_with("https://") {
+                    Some(config.tls.config()?)
+                } else {
+                    None
+                };
                 Ok(Endpoint {
                     name: name.trim().to_string(),
-                    uri: endpoint_uri(name)?,
+                    uri,
+                    tls,
                     channel: Mutex::new(None),
                 })
             })
@@ -154,10 +219,15 @@ impl Client {
             endpoint: ep.name.clone(),
             reason,
         };
-        let builder = tonic::transport::Endpoint::from_shared(ep.uri.clone())
+        let mut builder = tonic::transport::Endpoint::from_shared(ep.uri.clone())
             .map_err(|e| ClientError::Config(format!("{}: {e}", ep.name)))?
             .connect_timeout(self.inner.dial_timeout)
             .tcp_nodelay(true);
+        if let Some(tls) = &ep.tls {
+            builder = builder
+                .tls_config(tls.clone())
+                .map_err(|e| ClientError::Config(format!("{}: {e}", ep.name)))?;
+        }
         let ch = match tokio::time::timeout(self.inner.dial_timeout, builder.connect()).await {
             Ok(Ok(ch)) => ch,
             Ok(Err(e)) => return Err(connect_err(error::error_chain(&e))),
@@ -592,12 +662,15 @@ mod tests {
     #[test]
     fn client_endpoint_forms() {
         assert_eq!(
-            endpoint_uri("127.0.0.1:2379").unwrap(),
+            endpoint_uri("127.0.0.1:2379", false).unwrap(),
             "http://127.0.0.1:2379"
         );
-        assert_eq!(endpoint_uri("http://h:1").unwrap(), "http://h:1");
-        assert!(endpoint_uri("").is_err());
-        assert!(endpoint_uri("https://h:1").is_err());
+        assert_eq!(endpoint_uri("http://h:1", false).unwrap(), "http://h:1");
+        assert_eq!(endpoint_uri("https://h:1", false).unwrap(), "https://h:1");
+        // A CA file makes every endpoint a TLS one.
+        assert_eq!(endpoint_uri("h:1", true).unwrap(), "https://h:1");
+        assert_eq!(endpoint_uri("http://h:1", true).unwrap(), "https://h:1");
+        assert!(endpoint_uri("", false).is_err());
         assert!(Client::connect(ClientConfig {
             endpoints: vec![],
             ..Default::default()
@@ -620,6 +693,7 @@ mod tests {
             endpoints: vec![a.to_string(), b.to_string()],
             dial_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
+            ..Default::default()
         })
         .unwrap();
         let err = client

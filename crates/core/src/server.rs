@@ -20,7 +20,7 @@ use crate::membership::join::{JoinChannel, JOIN_CHANNEL};
 use crate::membership::{self, refresh_routes, token_hash, LocalMeta};
 use crate::mesh::{Mesh, MeshConfig};
 use crate::proto::etcdserverpb::{
-    cluster_server, kv_server, lease_server, maintenance_server, watch_server,
+    auth_server, cluster_server, kv_server, lease_server, maintenance_server, watch_server,
 };
 use crate::proto::meshpb::{internal_request::Request as Internal, MemberAttributes, MemberRecord};
 use crate::proto::meshpb::{mesh_server, node_meta::State, NodeMeta};
@@ -72,6 +72,8 @@ pub struct ServerConfig {
     pub quota_backend_bytes: u64,
     /// TLS on the client API (`--cert-file`, `--key-file`, ...); `None`: plaintext.
     pub client_tls: Option<crate::tls::ServerTls>,
+    /// How long a simple auth token lives after its last use (`--auth-token-ttl`).
+    pub auth_token_ttl: Duration,
 }
 
 /// etcd's default space quota: 2 GiB.
@@ -108,6 +110,7 @@ impl ServerConfig {
             limits: Limits::default(),
             quota_backend_bytes: DEFAULT_QUOTA_BACKEND_BYTES,
             client_tls: None,
+            auth_token_ttl: crate::kv::DEFAULT_TOKEN_TTL,
         }
     }
 }
@@ -212,6 +215,7 @@ impl Server {
         };
         let db = storage::open_database(&cfg.data_dir)?;
         let kv = Arc::new(KvStore::open(db.clone())?);
+        kv.set_token_ttl(cfg.auth_token_ttl);
         let log = RaftLog::load(&db, kv.clone())?;
 
         let (mesh_listener, mesh_addr) = bind("mesh", cfg.listen_mesh).await?;
@@ -401,7 +405,8 @@ impl Server {
             .add_service(lock_server::LockServer::new(api::LockApi::new(ctx.clone())))
             .add_service(election_server::ElectionServer::new(api::ElectionApi::new(
                 ctx.clone(),
-            )));
+            )))
+            .add_service(auth_server::AuthServer::new(api::AuthApi::new(ctx.clone())));
         // Small request/response pairs must not wait for Nagle and delayed ACKs.
         let incoming =
             tonic::transport::server::TcpIncoming::from(client_listener).with_nodelay(Some(true));

@@ -123,6 +123,14 @@ pub struct Args {
     /// CA (PEM) that signs client certificates; also trusted when forwarding to members.
     #[arg(long, env = "MESHD_TRUSTED_CA_FILE")]
     pub trusted_ca_file: Option<PathBuf>,
+
+    // -- auth --
+    /// Auth token type: only etcd's default, `simple`, is supported.
+    #[arg(long, env = "MESHD_AUTH_TOKEN")]
+    pub auth_token: Option<String>,
+    /// Seconds a simple token lives after its last use (etcd's default 300).
+    #[arg(long, env = "MESHD_AUTH_TOKEN_TTL")]
+    pub auth_token_ttl: Option<u64>,
 }
 
 /// The YAML file: the same settings, keys spelled as the long flags.
@@ -166,6 +174,9 @@ struct FileConfig {
     key_file: Option<PathBuf>,
     client_cert_auth: Option<bool>,
     trusted_ca_file: Option<PathBuf>,
+    // auth
+    auth_token: Option<String>,
+    auth_token_ttl: Option<u64>,
 }
 
 mod humantime_serde_opt {
@@ -334,6 +345,15 @@ pub fn resolve(args: Args) -> Result<ServerConfig> {
         Some(n) => cfg.quota_backend_bytes = n,
     }
     cfg.client_tls = client_tls;
+    match args.auth_token.as_deref().or(file.auth_token.as_deref()) {
+        None | Some("simple") => {}
+        Some(other) => bail!("--auth-token {other:?}: only \"simple\" tokens are supported"),
+    }
+    match args.auth_token_ttl.or(file.auth_token_ttl) {
+        Some(0) => bail!("--auth-token-ttl must be at least 1 second"),
+        Some(secs) => cfg.auth_token_ttl = Duration::from_secs(secs),
+        None => {}
+    }
     if cfg.tick.is_zero() {
         bail!("--tick must be positive");
     }

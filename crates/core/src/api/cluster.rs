@@ -90,9 +90,15 @@ impl ClusterApi {
 
 /// Marks a request as forwarded and strips what must not travel.
 fn forwarded<T>(req: Request<T>) -> Request<T> {
+    let token = req.metadata().get(super::auth::TOKEN_METADATA).cloned();
     let mut out = Request::new(req.into_inner());
     out.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    // The leader checks the caller again: tokens are known to every member.
+    if let Some(token) = token {
+        out.metadata_mut()
+            .insert(super::auth::TOKEN_METADATA, token);
+    }
     out
 }
 
@@ -168,6 +174,7 @@ impl Cluster for ClusterApi {
         &self,
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
         if let Some(mut leader) = self.leader_client(&req).await? {
             return leader.member_add(forwarded(req)).await;
         }
@@ -210,6 +217,7 @@ impl Cluster for ClusterApi {
         &self,
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
         if let Some(mut leader) = self.leader_client(&req).await? {
             return leader.member_remove(forwarded(req)).await;
         }
@@ -230,6 +238,7 @@ impl Cluster for ClusterApi {
         &self,
         req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
         let r = req.into_inner();
         let urls = normalize_peer_urls(&r.peer_ur_ls)?;
         let existing = self.ctx.kv.members().map_err(kv_status)?;
@@ -276,6 +285,7 @@ impl Cluster for ClusterApi {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
         if let Some(mut leader) = self.leader_client(&req).await? {
             return leader.member_promote(forwarded(req)).await;
         }

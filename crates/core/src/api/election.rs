@@ -10,6 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::concurrency::{
+    require_contenders,
     contender_key, create_or_get, created_at, oldest, prefix, still_held, txn, wait_older_deleted,
     ReleaseOnDrop,
 };
@@ -75,8 +76,9 @@ impl Election for ElectionApi {
         &self,
         req: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         require_key(&r.name)?;
+        require_contenders(&self.ctx, &md, &r.name, true)?;
         let key = contender_key(&r.name, r.lease);
         let (kv, created, _) = create_or_get(&self.ctx, &key, &r.value, r.lease).await?;
         let leader = LeaderKey {
@@ -104,8 +106,9 @@ impl Election for ElectionApi {
         &self,
         req: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         let leader = leader_key(r.leader)?;
+        require_contenders(&self.ctx, &md, &leader.name, true)?;
         let rev = proclaim(&self.ctx, &leader, &r.value).await?;
         Ok(Response::new(ProclaimResponse {
             header: self.ctx.header(rev),
@@ -116,8 +119,9 @@ impl Election for ElectionApi {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         require_key(&r.name)?;
+        require_contenders(&self.ctx, &md, &r.name, false)?;
         self.ctx.linearize().await?;
         let rev = self.ctx.kv.current_revision();
         let kv = oldest(&self.ctx, &r.name, 0)
@@ -135,8 +139,9 @@ impl Election for ElectionApi {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<ObserveStream>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         require_key(&r.name)?;
+        require_contenders(&self.ctx, &md, &r.name, false)?;
         self.ctx.linearize().await?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(observe(self.ctx.clone(), r.name, tx));
@@ -147,8 +152,9 @@ impl Election for ElectionApi {
         &self,
         req: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         let leader = leader_key(r.leader)?;
+        require_contenders(&self.ctx, &md, &leader.name, true)?;
         let del = pb::DeleteRangeRequest {
             key: leader.key.clone(),
             ..Default::default()

@@ -4,7 +4,9 @@
 //!
 //! Layout: `mod.rs` the [`Client`] and its failover loop; `error.rs` [`ClientError`];
 //! `watch.rs` the [`Watcher`] stream; `keys.rs` range helpers (prefix / from-key ends);
-//! `lease.rs` leases and keep-alives; `concurrency.rs` Lock and Election.
+//! `lease.rs` leases and keep-alives; `concurrency.rs` Lock and Election; `auth.rs`
+//! users, roles and auth enable (with `--user`, every request carries a token).
+mod auth;
 mod concurrency;
 mod error;
 mod keys;
@@ -16,6 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::Channel;
 
 use crate::proto::etcdserverpb as pb;
@@ -42,6 +46,9 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// TLS (`--cacert`, `--cert`, `--key`).
     pub tls: ClientTls,
+    /// User name and password (`--user`): the client authenticates on first use and
+    /// sends the token with every request, authenticating again when it expires.
+    pub credentials: Option<(String, String)>,
 }
 
 /// Client-side TLS files. Endpoints written `https://` always use TLS; with a CA file,
@@ -100,6 +107,7 @@ impl Default for ClientConfig {
             dial_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
             tls: ClientTls::default(),
+            credentials: None,
         }
     }
 }
@@ -130,7 +138,29 @@ struct Inner {
     current: AtomicUsize,
     dial_timeout: Duration,
     request_timeout: Duration,
+    credentials: Option<(String, String)>,
+    /// The auth token, shared by every endpoint (tokens are valid cluster-wide).
+    token: Arc<Mutex<Option<MetadataValue<Ascii>>>>,
 }
+
+/// A connection to one endpoint that adds the auth token (if any) to every request.
+pub type Conn = InterceptedService<Channel, TokenInjector>;
+
+/// Adds the `token` metadata etcd servers read the caller from.
+#[derive(Debug, Clone)]
+pub struct TokenInjector(Arc<Mutex<Option<MetadataValue<Ascii>>>>);
+
+impl Interceptor for TokenInjector {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = self.0.lock().expect("token lock").clone() {
+            req.metadata_mut().insert("token", t);
+        }
+        Ok(req)
+    }
+}
+
+/// etcd's answer to an unknown or expired token: authenticate again and resend.
+const INVALID_TOKEN: &str = "etcdserver: invalid auth token";
 
 /// Whether a request may be resent to another endpoint after an ambiguous failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,6 +226,8 @@ impl Client {
                 current: AtomicUsize::new(0),
                 dial_timeout: config.dial_timeout,
                 request_timeout: config.request_timeout,
+                credentials: config.credentials.clone(),
+                token: Arc::default(),
             }),
         })
     }
@@ -209,8 +241,47 @@ impl Client {
             .collect()
     }
 
-    /// The channel to endpoint `idx`, dialing it if needed.
-    async fn channel(&self, idx: usize) -> Result<Channel, ClientError> {
+    /// The connection to endpoint `idx`, dialing it (and authenticating) if needed.
+    async fn channel(&self, idx: usize) -> Result<Conn, ClientError> {
+        let raw = self.raw_channel(idx).await?;
+        self.authenticate(idx, &raw).await?;
+        Ok(InterceptedService::new(
+            raw,
+            TokenInjector(self.inner.token.clone()),
+        ))
+    }
+
+    /// Gets a token with the configured credentials unless one is held already.
+    async fn authenticate(&self, idx: usize, raw: &Channel) -> Result<(), ClientError> {
+        let Some((name, password)) = &self.inner.credentials else {
+            return Ok(());
+        };
+        if self.inner.token.lock().expect("token lock").is_some() {
+            return Ok(());
+        }
+        let endpoint = &self.inner.endpoints[idx].name;
+        let req = pb::AuthenticateRequest {
+            name: name.clone(),
+            password: password.clone(),
+        };
+        let resp = tokio::time::timeout(
+            self.inner.request_timeout,
+            pb::auth_client::AuthClient::new(raw.clone()).authenticate(req),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout {
+            endpoint: endpoint.clone(),
+            timeout: self.inner.request_timeout,
+        })?
+        .map_err(|s| ClientError::from_status(&s, endpoint))?;
+        let token = MetadataValue::try_from(resp.into_inner().token)
+            .map_err(|e| ClientError::Config(format!("server sent an unusable token: {e}")))?;
+        *self.inner.token.lock().expect("token lock") = Some(token);
+        Ok(())
+    }
+
+    /// The plain channel to endpoint `idx`, dialing it if needed.
+    async fn raw_channel(&self, idx: usize) -> Result<Channel, ClientError> {
         let ep = &self.inner.endpoints[idx];
         if let Some(ch) = ep.channel.lock().expect("channel lock").clone() {
             return Ok(ch);
@@ -243,7 +314,7 @@ impl Client {
     }
 
     /// The first endpoint (starting with the last good one) that can be dialed.
-    async fn first_channel(&self) -> Result<(usize, Channel), ClientError> {
+    async fn first_channel(&self) -> Result<(usize, Conn), ClientError> {
         let n = self.inner.endpoints.len();
         let start = self.inner.current.load(Ordering::Relaxed);
         let mut last = None;
@@ -260,7 +331,7 @@ impl Client {
     /// Runs `call` against the endpoints in turn, starting with the last good one.
     async fn with_failover<T, F, Fut>(&self, retry: Retry, call: F) -> Result<T, ClientError>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let n = self.inner.endpoints.len();
@@ -290,12 +361,22 @@ impl Client {
     /// One attempt against endpoint `idx`, with the request timeout.
     async fn call_one<T, F, Fut>(&self, idx: usize, call: &F) -> Result<T, ClientError>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let ep = &self.inner.endpoints[idx];
         let ch = self.channel(idx).await?;
-        match tokio::time::timeout(self.inner.request_timeout, call(ch)).await {
+        let mut result = tokio::time::timeout(self.inner.request_timeout, call(ch)).await;
+        if matches!(&result, Ok(Err(s)) if s.message() == INVALID_TOKEN)
+            && self.inner.credentials.is_some()
+        {
+            // The token expired (or the member restarted): the request was refused
+            // before it did anything, so it is safe to resend with a new token.
+            *self.inner.token.lock().expect("token lock") = None;
+            let ch = self.channel(idx).await?;
+            result = tokio::time::timeout(self.inner.request_timeout, call(ch)).await;
+        }
+        match result {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(status)) => {
                 // A status with a source came from our transport, not the server:

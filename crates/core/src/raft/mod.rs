@@ -121,6 +121,8 @@ pub enum AppliedKind {
     LeaseKeepAlive {
         ttl: i64,
     },
+    /// An auth store change (or a token) applied.
+    Auth,
     Nothing,
 }
 

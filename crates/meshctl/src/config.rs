@@ -46,6 +46,10 @@ impl Global {
                     cert_file: cli.tls_cert.clone(),
                     key_file: cli.tls_key.clone(),
                 },
+                credentials: crate::password::credentials(
+                    cli.auth_user.as_deref(),
+                    cli.auth_password.as_deref(),
+                )?,
             },
             format: cli.write_out,
         })

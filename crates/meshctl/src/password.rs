@@ -77,7 +77,9 @@ pub fn credentials(user: Option<&str>, password: Option<&str>) -> Result<Option<
     let password = match (inline, password) {
         (Some(p), None) => p,
         (None, Some(p)) => p.to_string(),
-        (Some(_), Some(_)) => bail!("give the password either in --user name:password or with --password"),
+        (Some(_), Some(_)) => {
+            bail!("give the password either in --user name:password or with --password")
+        }
         (None, None) if can_prompt() => prompt("Password: ")?,
         (None, None) => bail!("--user {name}: no password given (use name:password or --password)"),
     };

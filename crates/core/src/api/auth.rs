@@ -349,7 +349,9 @@ impl Auth for AuthApi {
         req: Request<pb::AuthUserRevokeRoleRequest>,
     ) -> Result<Response<pb::AuthUserRevokeRoleResponse>, Status> {
         self.ctx.require_admin(req.metadata())?;
-        let header = self.change(Change::UserRevokeRole(req.into_inner())).await?;
+        let header = self
+            .change(Change::UserRevokeRole(req.into_inner()))
+            .await?;
         Ok(Response::new(pb::AuthUserRevokeRoleResponse { header }))
     }
 
@@ -371,7 +373,10 @@ impl Auth for AuthApi {
         let state = self.state().await?;
         // A user may read the roles it holds.
         if let Caller::User(u) = &caller {
-            let holds = state.users.get(u).is_some_and(|x| x.roles.contains(&r.role));
+            let holds = state
+                .users
+                .get(u)
+                .is_some_and(|x| x.roles.contains(&r.role));
             if !holds {
                 state.check_admin(u).map_err(status)?;
             }
@@ -415,7 +420,9 @@ impl Auth for AuthApi {
         let header = self
             .change(Change::RoleGrantPermission(req.into_inner()))
             .await?;
-        Ok(Response::new(pb::AuthRoleGrantPermissionResponse { header }))
+        Ok(Response::new(pb::AuthRoleGrantPermissionResponse {
+            header,
+        }))
     }
 
     async fn role_revoke_permission(
@@ -426,6 +433,8 @@ impl Auth for AuthApi {
         let header = self
             .change(Change::RoleRevokePermission(req.into_inner()))
             .await?;
-        Ok(Response::new(pb::AuthRoleRevokePermissionResponse { header }))
+        Ok(Response::new(pb::AuthRoleRevokePermissionResponse {
+            header,
+        }))
     }
 }

@@ -10,9 +10,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::concurrency::{
-    require_contenders,
-    contender_key, create_or_get, created_at, oldest, prefix, still_held, txn, wait_older_deleted,
-    ReleaseOnDrop,
+    contender_key, create_or_get, created_at, oldest, prefix, require_contenders, still_held, txn,
+    wait_older_deleted, ReleaseOnDrop,
 };
 use super::{kv_status, require_key, ApiContext};
 use crate::client::prefix_range_end;

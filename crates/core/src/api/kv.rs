@@ -3,12 +3,12 @@
 use tonic::{Request, Response, Status};
 
 use super::{kv_status, propose_status, require_key, unexpected, ApiContext};
+use crate::proto::authpb::permission::Type as Perm;
 use crate::proto::etcdserverpb::{
     self as pb, kv_server::Kv, request_op::Request as Op, CompactionRequest, CompactionResponse,
     DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
     TxnRequest, TxnResponse,
 };
-use crate::proto::authpb::permission::Type as Perm;
 use crate::proto::meshpb::internal_request::Request as Internal;
 use crate::raft::{Applied, AppliedKind};
 
@@ -76,7 +76,8 @@ impl Kv for KvApi {
         let (md, _, r) = req.into_parts();
         self.ctx.check_size(&r)?;
         require_key(&r.key)?;
-        self.ctx.require_range(&md, &r.key, &r.range_end, Perm::Read)?;
+        self.ctx
+            .require_range(&md, &r.key, &r.range_end, Perm::Read)?;
         if !r.serializable {
             self.ctx.linearize().await?;
         }
@@ -114,7 +115,8 @@ impl Kv for KvApi {
         self.ctx
             .require_range(&md, &r.key, &r.range_end, Perm::Write)?;
         if r.prev_kv {
-            self.ctx.require_range(&md, &r.key, &r.range_end, Perm::Read)?;
+            self.ctx
+                .require_range(&md, &r.key, &r.range_end, Perm::Read)?;
         }
         let applied = self.propose(Internal::DeleteRange(r)).await?;
         match applied.kind {

@@ -90,7 +90,12 @@ impl Lease for LeaseApi {
         // Revoking deletes the lease's keys: the caller must be able to write each.
         if let super::Caller::User(u) = self.ctx.require_user(req.metadata())? {
             let auth = self.ctx.kv.auth();
-            for key in self.ctx.kv.lease_keys(req.get_ref().id).map_err(kv_status)? {
+            for key in self
+                .ctx
+                .kv
+                .lease_keys(req.get_ref().id)
+                .map_err(kv_status)?
+            {
                 auth.check_range(&u, &key, &[], crate::proto::authpb::permission::Type::Write)
                     .map_err(kv_status)?;
             }

@@ -76,7 +76,12 @@ async fn serve_stream(
             Some(RequestUnion::CreateRequest(c)) => {
                 if let super::Caller::User(u) = &caller {
                     let read = crate::proto::authpb::permission::Type::Read;
-                    if ctx.kv.auth().check_range(u, &c.key, &c.range_end, read).is_err() {
+                    if ctx
+                        .kv
+                        .auth()
+                        .check_range(u, &c.key, &c.range_end, read)
+                        .is_err()
+                    {
                         let _ = tx
                             .send(Ok(WatchResponse {
                                 header: ctx.header(rev),

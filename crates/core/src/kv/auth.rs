@@ -444,7 +444,8 @@ mod tests {
                 ..Default::default()
             },
         );
-        let read = |k: &str, e: &str| s.check_range("u", k.as_bytes(), e.as_bytes(), PermType::Read);
+        let read =
+            |k: &str, e: &str| s.check_range("u", k.as_bytes(), e.as_bytes(), PermType::Read);
         let write =
             |k: &str, e: &str| s.check_range("u", k.as_bytes(), e.as_bytes(), PermType::Write);
         assert!(read("a", "").is_ok());
@@ -474,11 +475,13 @@ mod tests {
         ));
         apply_change(
             &mut s,
-            Some(Change::UserAdd(crate::proto::etcdserverpb::AuthUserAddRequest {
-                name: ROOT.into(),
-                hashed_password: "h".into(),
-                ..Default::default()
-            })),
+            Some(Change::UserAdd(
+                crate::proto::etcdserverpb::AuthUserAddRequest {
+                    name: ROOT.into(),
+                    hashed_password: "h".into(),
+                    ..Default::default()
+                },
+            )),
         )
         .unwrap();
         assert!(matches!(

@@ -33,8 +33,8 @@ mod tables;
 #[cfg(test)]
 mod tests;
 
-pub use check::{check_txn, is_read_only, validate_delete_range, validate_put, validate_range};
 pub use auth::{AuthState, DEFAULT_TOKEN_TTL, ROOT};
+pub use check::{check_txn, is_read_only, validate_delete_range, validate_put, validate_range};
 pub use lease::MAX_LEASE_TTL;
 
 use exec::Exec;
@@ -202,7 +202,8 @@ impl KvStore {
         };
         txn.commit()?;
         let nospace = nospace_active(&db.begin_read()?.open_table(ALARMS)?)?;
-        let auth = AuthState::from_snapshot(&auth::load(&db.begin_read()?.open_table(auth::AUTH)?)?);
+        let auth =
+            AuthState::from_snapshot(&auth::load(&db.begin_read()?.open_table(auth::AUTH)?)?);
         let (revision_tx, _) = tokio::sync::watch::channel(meta.current_revision);
         Ok(KvStore {
             db,

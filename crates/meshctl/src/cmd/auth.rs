@@ -58,7 +58,13 @@ pub async fn user(client: &Client, out: &mut dyn Write, f: Format, cmd: UserComm
                     ..Default::default()
                 })
                 .await?;
-            print(out, f, &r.header, &format!("User {name} created\n"), json!({}))
+            print(
+                out,
+                f,
+                &r.header,
+                &format!("User {name} created\n"),
+                json!({}),
+            )
         }
         UserCommand::Get { name, detail } => {
             let r = client
@@ -92,7 +98,13 @@ pub async fn user(client: &Client, out: &mut dyn Write, f: Format, cmd: UserComm
             let r = client
                 .user_delete(pb::AuthUserDeleteRequest { name: name.clone() })
                 .await?;
-            print(out, f, &r.header, &format!("User {name} deleted\n"), json!({}))
+            print(
+                out,
+                f,
+                &r.header,
+                &format!("User {name} deleted\n"),
+                json!({}),
+            )
         }
         UserCommand::Passwd { name, interactive } => {
             let password = password::new_password(&name, interactive)?;
@@ -129,7 +141,12 @@ pub async fn user(client: &Client, out: &mut dyn Write, f: Format, cmd: UserComm
 }
 
 /// The key range of `key [range_end] [--prefix | --from-key]`, as etcdctl builds it.
-fn perm_range(key: &str, end: Option<String>, prefix: bool, from_key: bool) -> Result<(Vec<u8>, Vec<u8>)> {
+fn perm_range(
+    key: &str,
+    end: Option<String>,
+    prefix: bool,
+    from_key: bool,
+) -> Result<(Vec<u8>, Vec<u8>)> {
     if prefix && from_key {
         bail!("--prefix and --from-key cannot be set at the same time");
     }
@@ -190,14 +207,26 @@ pub async fn role(client: &Client, out: &mut dyn Write, f: Format, cmd: RoleComm
             let r = client
                 .role_add(pb::AuthRoleAddRequest { name: name.clone() })
                 .await?;
-            print(out, f, &r.header, &format!("Role {name} created\n"), json!({}))
+            print(
+                out,
+                f,
+                &r.header,
+                &format!("Role {name} created\n"),
+                json!({}),
+            )
         }
         RoleCommand::Get { name } => {
             let r = client
                 .role_get(pb::AuthRoleGetRequest { role: name.clone() })
                 .await?;
             let perms: Vec<_> = r.perm.iter().map(perm_json).collect();
-            print(out, f, &r.header, &role_text(&name, &r.perm), json!({ "perm": perms }))
+            print(
+                out,
+                f,
+                &r.header,
+                &role_text(&name, &r.perm),
+                json!({ "perm": perms }),
+            )
         }
         RoleCommand::List => {
             let r = client.role_list(pb::AuthRoleListRequest {}).await?;
@@ -208,7 +237,13 @@ pub async fn role(client: &Client, out: &mut dyn Write, f: Format, cmd: RoleComm
             let r = client
                 .role_delete(pb::AuthRoleDeleteRequest { role: name.clone() })
                 .await?;
-            print(out, f, &r.header, &format!("Role {name} deleted\n"), json!({}))
+            print(
+                out,
+                f,
+                &r.header,
+                &format!("Role {name} deleted\n"),
+                json!({}),
+            )
         }
         RoleCommand::GrantPermission {
             name,
@@ -235,7 +270,13 @@ pub async fn role(client: &Client, out: &mut dyn Write, f: Format, cmd: RoleComm
                     }),
                 })
                 .await?;
-            print(out, f, &r.header, &format!("Role {name} updated\n"), json!({}))
+            print(
+                out,
+                f,
+                &r.header,
+                &format!("Role {name} updated\n"),
+                json!({}),
+            )
         }
         RoleCommand::RevokePermission {
             name,
@@ -271,12 +312,17 @@ pub async fn auth(client: &Client, out: &mut dyn Write, f: Format, cmd: AuthComm
             // As etcdctl: a root user without the root role gets it (creating the role).
             loop {
                 match client.auth_enable(pb::AuthEnableRequest {}).await {
-                    Ok(r) => return print(out, f, &r.header, "Authentication Enabled\n", json!({})),
+                    Ok(r) => {
+                        return print(out, f, &r.header, "Authentication Enabled\n", json!({}))
+                    }
                     Err(ClientError::Rpc { message, .. })
                         if message == "etcdserver: root user does not have root role" =>
                     {
                         let root = || "root".to_string();
-                        match client.role_add(pb::AuthRoleAddRequest { name: root() }).await {
+                        match client
+                            .role_add(pb::AuthRoleAddRequest { name: root() })
+                            .await
+                        {
                             Ok(_) => {}
                             Err(ClientError::Rpc { message, .. })
                                 if message == "etcdserver: role name already exists" => {}

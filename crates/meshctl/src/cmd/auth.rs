@@ -181,8 +181,12 @@ fn role_text(role: &str, perms: &[Permission]) -> String {
         if end.is_empty() {
             s.push_str(&key);
         } else {
-            let shown = if end == "\0" { "<open ended>" } else { &end };
-            s.push_str(&format!("[{key}, {shown})"));
+            // etcdctl 3.4 leaves an open-ended range unclosed: `[key, <open ended>`.
+            if end == "\0" {
+                s.push_str(&format!("[{key}, <open ended>"));
+            } else {
+                s.push_str(&format!("[{key}, {end})"));
+            }
             if !key.is_empty() && prefix_range_end(&p.key) == p.range_end {
                 s.push_str(&format!(" (prefix {key})"));
             }

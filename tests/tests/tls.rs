@@ -165,6 +165,38 @@ async fn server_tls_without_client_certificates() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+
+    // TLS and auth together: meshctl sets up root and enables auth; locksmith then
+    // needs --user as well as --cacert.
+    for args in [
+        &["user", "add", "root:pw"][..],
+        &["role", "add", "root"],
+        &["user", "grant-role", "root", "root"],
+        &["auth", "enable"],
+    ] {
+        let (okay, out) = meshctl(&certs, addr, false, args);
+        assert!(okay, "{args:?}: {out}");
+    }
+    let locksmith = |extra: &[&str]| {
+        let out = std::process::Command::new(binary("locksmith"))
+            .arg(format!("--endpoints={addr}"))
+            .arg(format!("--cacert={}", certs.ca.display()))
+            .args(extra)
+            .arg("status")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (okay, out, err) = locksmith(&["--user=root:pw"]);
+    assert!(okay, "{err}");
+    assert_eq!(out, "Available: 1\nMax: 1\n");
+    let (okay, _, err) = locksmith(&[]);
+    assert!(!okay);
+    assert!(err.contains("etcdserver: user name is empty"), "{err}");
 }
 
 #[test]

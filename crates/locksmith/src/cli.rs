@@ -48,6 +48,14 @@ pub struct Cli {
     #[arg(long = "key", env = "LOCKSMITH_KEY", global = true)]
     pub tls_key: Option<std::path::PathBuf>,
 
+    /// User to authenticate as when the cluster has auth enabled: `name:password`, or
+    /// `name` with --password.
+    #[arg(long = "user", env = "LOCKSMITH_USER", global = true)]
+    pub auth_user: Option<String>,
+    /// Password of --user.
+    #[arg(long = "password", env = "LOCKSMITH_PASSWORD", global = true)]
+    pub auth_password: Option<String>,
+
     /// Semaphore group: coreos.com/updateengine/rebootlock/groups/<group>/semaphore.
     #[arg(long, env = "LOCKSMITH_GROUP", global = true)]
     pub group: Option<String>,

@@ -189,6 +189,18 @@ async fn permissions_tokens_lifecycle_and_persistence() {
     assert!(mc.get("pub/news").await.unwrap().is_some());
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(mc.get("pub/news").await.unwrap().is_some());
+    // meshd's own Mesh service wants a token too.
+    assert!(mc.mesh_peers().await.is_ok());
+    let anon_mc = mesh_core::client::Client::connect(mesh_core::client::ClientConfig {
+        endpoints: vec![addr.to_string()],
+        ..Default::default()
+    })
+    .unwrap();
+    let err = anon_mc.mesh_peers().await.unwrap_err();
+    assert!(
+        err.to_string().contains("etcdserver: user name is empty"),
+        "{err}"
+    );
 
     // Passwords are stored as Argon2id hashes, never in clear.
     let db = std::fs::read(

@@ -35,23 +35,28 @@ fn status(e: KvError) -> Status {
     kv_status(e)
 }
 
+/// The caller of a request, from its `token` metadata, for services without an
+/// [`ApiContext`] (see [`ApiContext::caller`]).
+pub fn caller(kv: &crate::kv::KvStore, md: &MetadataMap) -> Result<Caller, Status> {
+    if !kv.auth().enabled {
+        return Ok(Caller::Anyone);
+    }
+    let token = md
+        .get(TOKEN_METADATA)
+        .or_else(|| md.get("authorization"))
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| status(KvError::UserEmpty))?;
+    kv.token_user(token)
+        .map(Caller::User)
+        .ok_or_else(|| status(KvError::InvalidAuthToken))
+}
+
 impl ApiContext {
     /// The caller of a request, from its `token` metadata. With auth enabled, a request
     /// without a token is refused ("user name is empty"), one with an unknown or
     /// expired token too ("invalid auth token").
     pub fn caller(&self, md: &MetadataMap) -> Result<Caller, Status> {
-        if !self.kv.auth().enabled {
-            return Ok(Caller::Anyone);
-        }
-        let token = md
-            .get(TOKEN_METADATA)
-            .or_else(|| md.get("authorization"))
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| status(KvError::UserEmpty))?;
-        self.kv
-            .token_user(token)
-            .map(Caller::User)
-            .ok_or_else(|| status(KvError::InvalidAuthToken))
+        caller(&self.kv, md)
     }
 
     fn with_user(

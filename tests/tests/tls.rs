@@ -227,3 +227,46 @@ fn meshd_refuses_half_a_tls_configuration() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot read key file"), "{err}");
 }
+
+/// A node that is not a member yet serves its client port by forwarding to a member:
+/// with TLS it terminates the client's TLS and dials the member with TLS, presenting
+/// its own certificate under client-certificate auth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_member_proxy_forwards_over_tls() {
+    let certs = TestCerts::generate();
+    let tls = certs.meshd_flags(true);
+    // The member keeps autopilot off, so the second node stays a non-member proxy.
+    let c = ProcessCluster::start_with(2, ClusterOpts::default(), |i, mesh| {
+        let mut flags = tls.clone();
+        if i == 0 {
+            flags.push(format!("--initial-cluster=p0={}", mesh[0]));
+            flags.push("--autopilot=false".into());
+        } else {
+            flags.push(format!("--peer={}", mesh[0]));
+        }
+        flags
+    });
+    let addrs = c.addrs();
+    tls_leader(&certs, &addrs[..1]).await;
+    eventually(
+        "a put through the proxy",
+        Duration::from_secs(20),
+        || async {
+            let (okay, _) = meshctl(&certs, addrs[1], true, &["put", "via/proxy", "1"]);
+            okay.then_some(())
+        },
+    )
+    .await;
+    let (okay, out) = meshctl(&certs, addrs[0], true, &["get", "via/proxy"]);
+    assert!(okay, "{out}");
+    assert_eq!(out, "via/proxy\n1\n");
+    // The node is still not a member: it really was the proxy that answered.
+    let (okay, out) = meshctl(&certs, addrs[0], true, &["member", "list"]);
+    assert!(okay, "{out}");
+    assert_eq!(out.matches(", started, ").count(), 1, "{out}");
+    assert!(out.contains(", mesh-only, p1, "), "{out}");
+    // Without a client certificate the proxy refuses the TLS handshake.
+    let (okay, out) = meshctl(&certs, addrs[1], false, &["get", "via/proxy"]);
+    assert!(!okay, "{out}");
+    drop(c);
+}

@@ -394,6 +394,53 @@ mod tests {
     }
 
     #[test]
+    fn tls_and_auth_settings_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.yaml");
+        let resolve_file = |extra: &[&str]| {
+            let mut args = vec!["meshd", "--config", f.to_str().unwrap()];
+            args.extend_from_slice(extra);
+            resolve(Args::parse_from(args)).map_err(|e| format!("{e:#}"))
+        };
+        // The YAML keys reach the TLS loader, which names the file it cannot read.
+        std::fs::write(
+            &f,
+            "cert-file: /nonexistent/server.pem\nkey-file: /nonexistent/key.pem\n",
+        )
+        .unwrap();
+        let err = resolve_file(&[]).unwrap_err();
+        assert!(
+            err.contains("cannot read cert file /nonexistent/server.pem"),
+            "{err}"
+        );
+        std::fs::write(&f, "key-file: k.pem\n").unwrap();
+        let err = resolve_file(&[]).unwrap_err();
+        assert!(
+            err.contains("--cert-file and --key-file must be given together"),
+            "{err}"
+        );
+        std::fs::write(&f, "client-cert-auth: true\n").unwrap();
+        let err = resolve_file(&[]).unwrap_err();
+        assert!(err.contains("need --cert-file and --key-file"), "{err}");
+
+        std::fs::write(&f, "auth-token: simple\nauth-token-ttl: 30\n").unwrap();
+        let cfg = resolve_file(&[]).unwrap();
+        assert!(cfg.client_tls.is_none());
+        assert_eq!(cfg.auth_token_ttl, Duration::from_secs(30));
+        assert_eq!(
+            resolve_file(&["--auth-token-ttl=7"])
+                .unwrap()
+                .auth_token_ttl,
+            Duration::from_secs(7)
+        );
+        let err = resolve_file(&["--auth-token=jwt,pub-key=x"]).unwrap_err();
+        assert!(
+            err.contains("only \"simple\" tokens are supported"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn flag_beats_file_and_unknown_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("m.yaml");

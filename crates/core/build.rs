@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_protos(
             &[
                 "proto/mvccpb/kv.proto",
+                "proto/authpb/auth.proto",
                 "proto/etcdserverpb/rpc.proto",
                 "proto/meshpb/internal.proto",
                 "proto/meshpb/api.proto",

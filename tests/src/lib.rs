@@ -132,6 +132,8 @@ pub struct ClusterOpts {
     /// is about healing).
     pub autopilot: AutopilotConfig,
     pub password: Option<Vec<u8>>,
+    /// TLS on every member's client API.
+    pub client_tls: Option<mesh_core::tls::ServerTls>,
 }
 
 impl Default for ClusterOpts {
@@ -149,6 +151,7 @@ impl Default for ClusterOpts {
                 interval: Duration::from_millis(100),
             },
             password: None,
+            client_tls: None,
         }
     }
 }
@@ -169,6 +172,7 @@ impl ClusterOpts {
         c.request_timeout = Duration::from_secs(5);
         c.autopilot = self.autopilot.clone();
         c.password = self.password.clone();
+        c.client_tls = self.client_tls.clone();
         c.mesh_heartbeat = Duration::from_millis(100);
         c.mesh_gossip_interval = Duration::from_millis(100);
         c
@@ -432,4 +436,95 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let (head, body) = text.split_once("\r\n\r\n")?;
     let code = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((code, body.to_string()))
+}
+
+/// Certificates made at test time: a CA, a server certificate for 127.0.0.1 and
+/// localhost, and a client certificate, all as PEM files in a temp dir.
+pub struct TestCerts {
+    _dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TestCerts {
+    pub fn generate() -> TestCerts {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, pem: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, pem).expect("write pem");
+            p
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "meshd test CA");
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let leaf = |sans: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
+            let mut p = CertificateParams::new(sans).unwrap();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, &ca).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        // The server certificate also serves as the member's client certificate when
+        // it forwards to another member under client-certificate auth.
+        let mut server =
+            CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "meshd test server");
+        server.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let server_key = KeyPair::generate().unwrap();
+        let server_cert = server.signed_by(&server_key, &ca).unwrap();
+        let (client_cert, client_key) = leaf(
+            vec![],
+            "meshd test client",
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        TestCerts {
+            ca: write("ca.pem", ca.pem()),
+            server_cert: write("server.pem", server_cert.pem()),
+            server_key: write("server-key.pem", server_key.serialize_pem()),
+            client_cert: write("client.pem", client_cert),
+            client_key: write("client-key.pem", client_key),
+            _dir: dir,
+        }
+    }
+
+    /// The member-side settings: TLS with these certificates, optionally requiring
+    /// client certificates.
+    pub fn server_tls(&self, client_cert_auth: bool) -> mesh_core::tls::ServerTls {
+        mesh_core::tls::ServerTls {
+            cert_file: self.server_cert.clone(),
+            key_file: self.server_key.clone(),
+            client_cert_auth,
+            trusted_ca_file: Some(self.ca.clone()),
+        }
+    }
+
+    /// meshd's flags for [`TestCerts::server_tls`].
+    pub fn meshd_flags(&self, client_cert_auth: bool) -> Vec<String> {
+        let mut v = vec![
+            format!("--cert-file={}", self.server_cert.display()),
+            format!("--key-file={}", self.server_key.display()),
+            format!("--trusted-ca-file={}", self.ca.display()),
+        ];
+        if client_cert_auth {
+            v.push("--client-cert-auth".into());
+        }
+        v
+    }
 }

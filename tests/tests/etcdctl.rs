@@ -457,3 +457,209 @@ async fn etcdctl_3_4_leases_and_locks() {
     let waiter = meshctl(&["lock", "shared", "--", "echo", "took-it"]);
     lock_excludes(f, holder, waiter, "INT").await;
 }
+
+/// meshctl against the same endpoints, for comparing its output with etcdctl's.
+fn meshctl(endpoints: &[SocketAddr], args: &[&str]) -> (bool, String, String) {
+    let eps = endpoints
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = std::process::Command::new(binary("meshctl"))
+        .arg(format!("--endpoints={eps}"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_3_4_auth_commands() {
+    let c = InProcessCluster::start(1, ClusterOpts::default()).await;
+    let ep = [c.addr(0)];
+    wait_for_leader(&ep).await;
+
+    let (success, out, err) = etcdctl(
+        &ep,
+        &["user", "add", "root", "--interactive=false"],
+        "rootpw\n",
+    )
+    .await;
+    assert!(success, "{err}");
+    assert_eq!(out, "User root created\n");
+    assert_eq!(
+        ok(&ep, &["user", "add", "alice:alicepw"]).await,
+        "User alice created\n"
+    );
+    assert_eq!(
+        ok(&ep, &["role", "add", "reader"]).await,
+        "Role reader created\n"
+    );
+    for args in [
+        &[
+            "role",
+            "grant-permission",
+            "reader",
+            "read",
+            "--prefix",
+            "pub/",
+        ][..],
+        &[
+            "role",
+            "grant-permission",
+            "reader",
+            "readwrite",
+            "alice/todo",
+        ],
+        &["role", "grant-permission", "reader", "write", "a", "c"],
+        &[
+            "role",
+            "grant-permission",
+            "reader",
+            "read",
+            "--from-key",
+            "x",
+        ],
+    ] {
+        assert_eq!(ok(&ep, args).await, "Role reader updated\n");
+    }
+    let role = "Role reader\nKV Read:\n\talice/todo\n\t[pub/, pub0) (prefix pub/)\n\t[x, <open ended>\nKV Write:\n\t[a, c)\n\talice/todo\n";
+    assert_eq!(ok(&ep, &["role", "get", "reader"]).await, role);
+    assert_eq!(
+        ok(&ep, &["user", "grant-role", "alice", "reader"]).await,
+        "Role reader is granted to user alice\n"
+    );
+    assert_eq!(
+        ok(&ep, &["user", "get", "alice"]).await,
+        "User: alice\nRoles: reader\n"
+    );
+    assert_eq!(ok(&ep, &["user", "list"]).await, "alice\nroot\n");
+    assert_eq!(ok(&ep, &["role", "list"]).await, "reader\n");
+    // meshctl prints the same as etcdctl.
+    for args in [
+        &["role", "get", "reader"][..],
+        &["user", "get", "alice"],
+        &["user", "get", "alice", "--detail"],
+        &["user", "list"],
+        &["role", "list"],
+    ] {
+        let (success, mine, err) = meshctl(&ep, args);
+        assert!(success, "meshctl {args:?}: {err}");
+        assert_eq!(mine, ok(&ep, args).await, "meshctl {args:?}");
+    }
+
+    // etcdctl adds the root role to root on auth enable, as it does against etcd.
+    assert_eq!(
+        ok(&ep, &["auth", "enable"]).await,
+        "Authentication Enabled\n"
+    );
+    let (success, _, err) = etcdctl(&ep, &["get", "pub/x"], "").await;
+    assert!(!success);
+    assert!(err.contains("etcdserver: user name is empty"), "{err}");
+    assert_eq!(
+        ok(&ep, &["--user=root:rootpw", "put", "pub/x", "1"]).await,
+        "OK\n"
+    );
+    assert_eq!(
+        ok(&ep, &["--user=alice:alicepw", "get", "pub/x"]).await,
+        "pub/x\n1\n"
+    );
+    let (success, _, err) = etcdctl(&ep, &["--user=alice:alicepw", "put", "pub/x", "2"], "").await;
+    assert!(!success);
+    assert!(err.contains("etcdserver: permission denied"), "{err}");
+    let (success, _, err) = etcdctl(&ep, &["--user=alice:wrong", "get", "pub/x"], "").await;
+    assert!(!success);
+    assert!(
+        err.contains("etcdserver: authentication failed, invalid user ID or password"),
+        "{err}"
+    );
+    let (success, _, err) = etcdctl(&ep, &["--user=alice:alicepw", "user", "list"], "").await;
+    assert!(!success);
+    assert!(err.contains("etcdserver: permission denied"), "{err}");
+    let (success, out, err) = meshctl(&ep, &["--user=alice:alicepw", "get", "pub/x"]);
+    assert!(success, "{err}");
+    assert_eq!(out, "pub/x\n1\n");
+    assert_eq!(
+        ok(&ep, &["--user=root:rootpw", "user", "get", "root"]).await,
+        "User: root\nRoles: root\n"
+    );
+    let (success, out, err) = meshctl(&ep, &["auth", "status"]);
+    assert!(success, "{err}");
+    assert!(
+        out.starts_with("Authentication Status: true\nAuthRevision: "),
+        "{out}"
+    );
+
+    let r = ["--user=root:rootpw"];
+    let with_root = |args: &[&'static str]| [&r[..], args].concat();
+    assert_eq!(
+        ok(
+            &ep,
+            &with_root(&["role", "revoke-permission", "reader", "alice/todo"])
+        )
+        .await,
+        "Permission of key alice/todo is revoked from role reader\n"
+    );
+    assert_eq!(
+        ok(
+            &ep,
+            &with_root(&["role", "revoke-permission", "reader", "a", "c"])
+        )
+        .await,
+        "Permission of range [a, c) is revoked from role reader\n"
+    );
+    let (success, _, err) = etcdctl(
+        &ep,
+        &with_root(&["role", "revoke-permission", "reader", "a", "c"]),
+        "",
+    )
+    .await;
+    assert!(!success);
+    assert!(
+        err.contains("etcdserver: permission is not granted to the role"),
+        "{err}"
+    );
+    let (success, out, err) = etcdctl(
+        &ep,
+        &with_root(&["user", "passwd", "alice", "--interactive=false"]),
+        "newpw\n",
+    )
+    .await;
+    assert!(success, "{err}");
+    assert_eq!(out, "Password updated\n");
+    assert_eq!(
+        ok(
+            &ep,
+            &["--user=alice:newpw", "get", "pub/x", "--print-value-only"]
+        )
+        .await,
+        "1\n"
+    );
+    assert_eq!(
+        ok(&ep, &with_root(&["user", "revoke-role", "alice", "reader"])).await,
+        "Role reader is revoked from user alice\n"
+    );
+    assert_eq!(
+        ok(&ep, &with_root(&["role", "delete", "reader"])).await,
+        "Role reader deleted\n"
+    );
+    assert_eq!(
+        ok(&ep, &with_root(&["user", "delete", "alice"])).await,
+        "User alice deleted\n"
+    );
+    let (success, _, err) = etcdctl(&ep, &with_root(&["user", "delete", "root"]), "").await;
+    assert!(!success);
+    assert!(err.contains("etcdserver: invalid auth management"), "{err}");
+    assert_eq!(
+        ok(&ep, &with_root(&["auth", "disable"])).await,
+        "Authentication Disabled\n"
+    );
+    assert_eq!(
+        ok(&ep, &["get", "pub/x", "--print-value-only"]).await,
+        "1\n"
+    );
+}

@@ -116,9 +116,17 @@ fn hostile() -> impl Strategy<Value = Hostile> {
         })
     };
     prop_oneof![
-        (bytes(), bytes(), number(), number(), enum_value(), enum_value(), any::<bool>())
-            .prop_map(|(key, range_end, limit, revision, so, st, s)| Hostile::Range(
-                pb::RangeRequest {
+        (
+            bytes(),
+            bytes(),
+            number(),
+            number(),
+            enum_value(),
+            enum_value(),
+            any::<bool>()
+        )
+            .prop_map(
+                |(key, range_end, limit, revision, so, st, s)| Hostile::Range(pb::RangeRequest {
                     key,
                     range_end,
                     limit,
@@ -129,8 +137,8 @@ fn hostile() -> impl Strategy<Value = Hostile> {
                     min_mod_revision: limit,
                     max_create_revision: revision,
                     ..Default::default()
-                }
-            )),
+                })
+            ),
         (bytes(), bytes(), number(), any::<bool>(), any::<bool>()).prop_map(
             |(key, value, lease, iv, il)| Hostile::Put(pb::PutRequest {
                 key,
@@ -141,13 +149,11 @@ fn hostile() -> impl Strategy<Value = Hostile> {
                 prev_kv: true,
             })
         ),
-        (bytes(), bytes()).prop_map(|(key, range_end)| Hostile::Delete(
-            pb::DeleteRangeRequest {
-                key,
-                range_end,
-                prev_kv: true
-            }
-        )),
+        (bytes(), bytes()).prop_map(|(key, range_end)| Hostile::Delete(pb::DeleteRangeRequest {
+            key,
+            range_end,
+            prev_kv: true
+        })),
         (
             prop::collection::vec(compare(), 0..4),
             prop::collection::vec(request_op(), 0..150),
@@ -161,45 +167,54 @@ fn hostile() -> impl Strategy<Value = Hostile> {
         (number(), any::<bool>()).prop_map(|(revision, physical)| Hostile::Compact(
             pb::CompactionRequest { revision, physical }
         )),
-        (bytes(), bytes(), number(), prop::collection::vec(enum_value(), 0..3), number())
-            .prop_map(|(key, range_end, start_revision, filters, watch_id)| Hostile::Watch(
-                pb::WatchCreateRequest {
-                    key,
-                    range_end,
-                    start_revision,
-                    filters,
-                    watch_id,
-                    progress_notify: true,
-                    prev_kv: true,
-                    fragment: true,
-                }
-            )),
-        (number(), number()).prop_map(|(ttl, id)| Hostile::LeaseGrant(pb::LeaseGrantRequest {
-            ttl,
-            id
-        })),
+        (
+            bytes(),
+            bytes(),
+            number(),
+            prop::collection::vec(enum_value(), 0..3),
+            number()
+        )
+            .prop_map(
+                |(key, range_end, start_revision, filters, watch_id)| Hostile::Watch(
+                    pb::WatchCreateRequest {
+                        key,
+                        range_end,
+                        start_revision,
+                        filters,
+                        watch_id,
+                        progress_notify: true,
+                        prev_kv: true,
+                        fragment: true,
+                    }
+                )
+            ),
+        (number(), number())
+            .prop_map(|(ttl, id)| Hostile::LeaseGrant(pb::LeaseGrantRequest { ttl, id })),
         number().prop_map(|id| Hostile::LeaseRevoke(pb::LeaseRevokeRequest { id })),
-        (number(), any::<bool>()).prop_map(|(id, keys)| Hostile::LeaseTtl(
-            pb::LeaseTimeToLiveRequest { id, keys }
-        )),
+        (number(), any::<bool>())
+            .prop_map(|(id, keys)| Hostile::LeaseTtl(pb::LeaseTimeToLiveRequest { id, keys })),
         number().prop_map(|id| Hostile::LeaseKeepAlive(pb::LeaseKeepAliveRequest { id })),
-        (bytes(), number()).prop_map(|(name, lease)| Hostile::Lock(lk::LockRequest {
-            name,
-            lease
-        })),
+        (bytes(), number())
+            .prop_map(|(name, lease)| Hostile::Lock(lk::LockRequest { name, lease })),
         bytes().prop_map(|key| Hostile::Unlock(lk::UnlockRequest { key })),
         bytes().prop_map(|name| Hostile::Leader(el::LeaderRequest { name })),
         (prop::option::of(leader_key()), bytes()).prop_map(|(leader, value)| {
             Hostile::Proclaim(el::ProclaimRequest { leader, value })
         }),
-        prop::option::of(leader_key()).prop_map(|leader| Hostile::Resign(el::ResignRequest {
-            leader
-        })),
+        prop::option::of(leader_key())
+            .prop_map(|leader| Hostile::Resign(el::ResignRequest { leader })),
         any::<u64>().prop_map(|id| Hostile::MemberRemove(pb::MemberRemoveRequest { id })),
         any::<u64>().prop_map(|id| Hostile::MemberPromote(pb::MemberPromoteRequest { id })),
-        (any::<u64>(), prop::collection::vec("[a-z:/0-9]{0,12}", 0..3)).prop_map(
-            |(id, peer_ur_ls)| Hostile::MemberUpdate(pb::MemberUpdateRequest { id, peer_ur_ls })
-        ),
+        (
+            any::<u64>(),
+            prop::collection::vec("[a-z:/0-9]{0,12}", 0..3)
+        )
+            .prop_map(
+                |(id, peer_ur_ls)| Hostile::MemberUpdate(pb::MemberUpdateRequest {
+                    id,
+                    peer_ur_ls
+                })
+            ),
         // Only malformed addresses: a well-formed one would really add a member.
         prop::collection::vec("[a-z/]{0,12}", 0..3).prop_map(|peer_ur_ls| {
             Hostile::MemberAddMalformed(pb::MemberAddRequest {
@@ -217,9 +232,7 @@ fn hostile() -> impl Strategy<Value = Hostile> {
             })
         }),
         number().prop_map(|revision| Hostile::HashKv(pb::HashKvRequest { revision })),
-        any::<u64>().prop_map(|target_id| Hostile::MoveLeader(pb::MoveLeaderRequest {
-            target_id
-        })),
+        any::<u64>().prop_map(|target_id| Hostile::MoveLeader(pb::MoveLeaderRequest { target_id })),
     ]
 }
 
@@ -242,10 +255,7 @@ async fn send(ch: &Channel, h: Hostile) -> Result<bool, String> {
                 let req = pb::WatchRequest {
                     request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)),
                 };
-                match WatchClient::new(ch)
-                    .watch(tokio_stream_once(req))
-                    .await
-                {
+                match WatchClient::new(ch).watch(tokio_stream_once(req)).await {
                     Ok(resp) => {
                         let mut s = resp.into_inner();
                         match tokio::time::timeout(Duration::from_secs(2), s.message()).await {
@@ -261,13 +271,19 @@ async fn send(ch: &Channel, h: Hostile) -> Result<bool, String> {
             Hostile::LeaseRevoke(r) => LeaseClient::new(ch).lease_revoke(r).await.map(drop),
             Hostile::LeaseTtl(r) => LeaseClient::new(ch).lease_time_to_live(r).await.map(drop),
             Hostile::LeaseKeepAlive(r) => {
-                match LeaseClient::new(ch).lease_keep_alive(tokio_stream_once(r)).await {
+                match LeaseClient::new(ch)
+                    .lease_keep_alive(tokio_stream_once(r))
+                    .await
+                {
                     Ok(resp) => resp.into_inner().message().await.map(drop),
                     Err(e) => Err(e),
                 }
             }
             Hostile::Lock(r) => lk::lock_client::LockClient::new(ch).lock(r).await.map(drop),
-            Hostile::Unlock(r) => lk::lock_client::LockClient::new(ch).unlock(r).await.map(drop),
+            Hostile::Unlock(r) => lk::lock_client::LockClient::new(ch)
+                .unlock(r)
+                .await
+                .map(drop),
             Hostile::Leader(r) => el::election_client::ElectionClient::new(ch)
                 .leader(r)
                 .await
@@ -376,9 +392,15 @@ fn every_request_type_survives_hostile_values_and_refusals_change_nothing() {
                     .map_err(|e| TestCaseError::fail(format!("{h:?}: {e}")))?;
                 let after = stored(&ch).await;
                 if let Some(p) = PANICKED.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-                    return Err(TestCaseError::fail(format!("{h:?} made the member panic: {p}")));
+                    return Err(TestCaseError::fail(format!(
+                        "{h:?} made the member panic: {p}"
+                    )));
                 }
-                let count = if accepted { &accepted_count } else { &refused_count };
+                let count = if accepted {
+                    &accepted_count
+                } else {
+                    &refused_count
+                };
                 count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if !accepted {
                     prop_assert_eq!(
@@ -391,8 +413,7 @@ fn every_request_type_survives_hostile_values_and_refusals_change_nothing() {
                     // An accepted hostile write hit the sentinels (a valid delete of
                     // everything, say): put them back for the next case.
                     for k in ["a", "b", "c"] {
-                        put_retrying(&cluster.live_addrs(), &format!("sentinel/{k}"), "keep")
-                            .await;
+                        put_retrying(&cluster.live_addrs(), &format!("sentinel/{k}"), "keep").await;
                     }
                 }
                 Ok(())
@@ -401,7 +422,10 @@ fn every_request_type_survives_hostile_values_and_refusals_change_nothing() {
         .unwrap_or_else(|e| panic!("{e}"));
     let (acc, refused) = (accepted_count.into_inner(), refused_count.into_inner());
     println!("{acc} hostile requests accepted, {refused} refused");
-    assert!(refused > acc / 4, "the generator produces mostly invalid requests");
+    assert!(
+        refused > acc / 4,
+        "the generator produces mostly invalid requests"
+    );
     // Still serving writes at the end.
     rt.block_on(put_retrying(&cluster.live_addrs(), "after-hostile", "ok"));
 }

@@ -17,6 +17,7 @@ fn client(addrs: &[SocketAddr]) -> Client {
         endpoints: addrs.iter().map(|a| a.to_string()).collect(),
         dial_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(10),
+        ..Default::default()
     })
     .unwrap()
 }

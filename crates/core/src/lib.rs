@@ -18,6 +18,7 @@
 //! - [`metrics`]: Prometheus `/metrics`, `/health`, the gRPC request counter.
 //! - [`server`]: one member wired together, with a graceful stop; snapshot restore.
 //! - [`snapshot`]: the snapshot file format (store snapshot + SHA-256 trailer).
+//! - [`tls`]: client-API TLS from etcd-style PEM file options.
 //! - [`client`]: the typed client meshctl uses, with endpoint failover.
 //! - [`untrusted`]: every decoder of network or disk bytes behind one entry point (fuzzing).
 //! - [`proto`]: generated wire types.
@@ -33,6 +34,7 @@ pub mod raft;
 pub mod server;
 pub mod snapshot;
 pub mod storage;
+pub mod tls;
 pub mod untrusted;
 
 /// Generated wire types: the etcd v3 API (`etcdserverpb`, `mvccpb`) and meshd's own
@@ -41,6 +43,9 @@ pub mod untrusted;
 pub mod proto {
     pub mod mvccpb {
         tonic::include_proto!("mvccpb");
+    }
+    pub mod authpb {
+        tonic::include_proto!("authpb");
     }
     pub mod etcdserverpb {
         tonic::include_proto!("etcdserverpb");

@@ -20,7 +20,7 @@ use crate::membership::join::{JoinChannel, JOIN_CHANNEL};
 use crate::membership::{self, refresh_routes, token_hash, LocalMeta};
 use crate::mesh::{Mesh, MeshConfig};
 use crate::proto::etcdserverpb::{
-    cluster_server, kv_server, lease_server, maintenance_server, watch_server,
+    auth_server, cluster_server, kv_server, lease_server, maintenance_server, watch_server,
 };
 use crate::proto::meshpb::{internal_request::Request as Internal, MemberAttributes, MemberRecord};
 use crate::proto::meshpb::{mesh_server, node_meta::State, NodeMeta};
@@ -72,6 +72,10 @@ pub struct ServerConfig {
     /// Database file size above which this member raises a NOSPACE alarm (etcd's
     /// `--quota-backend-bytes`).
     pub quota_backend_bytes: u64,
+    /// TLS on the client API (`--cert-file`, `--key-file`, ...); `None`: plaintext.
+    pub client_tls: Option<crate::tls::ServerTls>,
+    /// How long a simple auth token lives after its last use (`--auth-token-ttl`).
+    pub auth_token_ttl: Duration,
 }
 
 /// etcd's default space quota: 2 GiB.
@@ -108,6 +112,8 @@ impl ServerConfig {
             request_timeout: Duration::from_secs(7),
             limits: Limits::default(),
             quota_backend_bytes: DEFAULT_QUOTA_BACKEND_BYTES,
+            client_tls: None,
+            auth_token_ttl: crate::kv::DEFAULT_TOKEN_TTL,
         }
     }
 }
@@ -197,8 +203,23 @@ pub struct Server {
 impl Server {
     /// Opens the data dir, binds the listeners and starts serving.
     pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
+        // Bad TLS files fail the start, before anything is opened.
+        let tls_err = |e: crate::tls::TlsError| ServerError::Config(e.to_string());
+        let client_tls = cfg
+            .client_tls
+            .as_ref()
+            .map(|t| t.server_config().map(|c| (c, t)))
+            .transpose()
+            .map_err(tls_err)?;
+        let dialer = crate::tls::MemberDialer::new(cfg.client_tls.as_ref()).map_err(tls_err)?;
+        let scheme = if client_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let db = storage::open_database(&cfg.data_dir)?;
         let kv = Arc::new(KvStore::open(db.clone())?);
+        kv.set_token_ttl(cfg.auth_token_ttl);
         let log = RaftLog::load(&db, kv.clone())?;
 
         let (mesh_listener, mesh_addr) = bind("mesh", cfg.listen_mesh).await?;
@@ -214,7 +235,7 @@ impl Server {
         let advertise_client = cfg
             .advertise_client
             .clone()
-            .unwrap_or_else(|| format!("http://{}", advertised(client_addr)));
+            .unwrap_or_else(|| format!("{scheme}://{}", advertised(client_addr)));
 
         let peer_name = storage::load_or_create_peer_name(&cfg.data_dir)?;
         let mut mesh_cfg = MeshConfig::new(peer_name, &cfg.name, &advertise_mesh);
@@ -267,9 +288,16 @@ impl Server {
             let (stop_proxy, proxy_stopped) = tokio::sync::watch::channel(false);
             let pick_mesh = mesh.clone();
             let token = token_hash(&cfg.initial_cluster_token);
+            let proxy_tls = client_tls
+                .as_ref()
+                .map(|(_, t)| t.rustls_server_config())
+                .transpose()
+                .map_err(tls_err)?;
             tokio::spawn(api::proxy::serve(
                 proxy_listener,
                 Arc::new(move || membership::member_client_url(&pick_mesh, token)),
+                proxy_tls,
+                dialer.clone(),
                 proxy_stopped,
             ));
             let identity = self::discover(&cfg, &mesh, &meta, &join, &kv, &log, peer_name).await;
@@ -345,11 +373,16 @@ impl Server {
             db: db.clone(),
             quota_backend_bytes: cfg.quota_backend_bytes,
             watchers: Default::default(),
+            dialer,
         };
         let max_msg = cfg.limits.max_request_bytes + api::GRPC_OVERHEAD_BYTES;
         let (grpc_stop, stop_rx) = oneshot::channel::<()>();
         let grpc_metrics = crate::metrics::grpc::GrpcMetrics::default();
-        let router = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some((tls, _)) = client_tls {
+            builder = builder.tls_config(tls)?;
+        }
+        let router = builder
             .layer(grpc_metrics.clone())
             .add_service(
                 kv_server::KvServer::new(api::KvApi::new(ctx.clone()))
@@ -384,7 +417,8 @@ impl Server {
             .add_service(lock_server::LockServer::new(api::LockApi::new(ctx.clone())))
             .add_service(election_server::ElectionServer::new(api::ElectionApi::new(
                 ctx.clone(),
-            )));
+            )))
+            .add_service(auth_server::AuthServer::new(api::AuthApi::new(ctx.clone())));
         // Small request/response pairs must not wait for Nagle and delayed ACKs.
         let incoming =
             tonic::transport::server::TcpIncoming::from(client_listener).with_nodelay(Some(true));

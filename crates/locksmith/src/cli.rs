@@ -38,6 +38,24 @@ pub struct Cli {
     )]
     pub endpoints: Vec<String>,
 
+    /// CA (PEM) that signed the servers' certificates; endpoints then use TLS.
+    #[arg(long = "cacert", env = "LOCKSMITH_CACERT", global = true)]
+    pub tls_cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for servers with client-certificate auth.
+    #[arg(long = "cert", env = "LOCKSMITH_CERT", global = true)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long = "key", env = "LOCKSMITH_KEY", global = true)]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// User to authenticate as when the cluster has auth enabled: `name:password`, or
+    /// `name` with --password.
+    #[arg(long = "user", env = "LOCKSMITH_USER", global = true)]
+    pub auth_user: Option<String>,
+    /// Password of --user.
+    #[arg(long = "password", env = "LOCKSMITH_PASSWORD", global = true)]
+    pub auth_password: Option<String>,
+
     /// Semaphore group: coreos.com/updateengine/rebootlock/groups/<group>/semaphore.
     #[arg(long, env = "LOCKSMITH_GROUP", global = true)]
     pub group: Option<String>,

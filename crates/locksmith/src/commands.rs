@@ -31,12 +31,43 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         .map_or(crate::cas::EXIT_ERROR, LockError::exit_code)
 }
 
+/// `--user name:password` or `--user name --password P` (locksmith runs unattended:
+/// it never asks).
+fn credentials(cli: &Cli) -> Result<Option<(String, String)>, Usage> {
+    let Some(user) = &cli.auth_user else {
+        if cli.auth_password.is_some() {
+            return Err(Usage("--password needs --user".into()));
+        }
+        return Ok(None);
+    };
+    let (name, password) = match (user.split_once(':'), &cli.auth_password) {
+        (Some((n, p)), None) => (n.to_string(), p.to_string()),
+        (None, Some(p)) => (user.clone(), p.clone()),
+        (Some(_), Some(_)) => {
+            return Err(Usage(
+                "give the password either in --user name:password or with --password".into(),
+            ))
+        }
+        (None, None) => return Err(Usage(format!("--user {user}: no password given"))),
+    };
+    if name.is_empty() {
+        return Err(Usage("--user: the user name is empty".into()));
+    }
+    Ok(Some((name, password)))
+}
+
 /// Runs the command; `Ok(code)` is the exit code of a command that completed
 /// (non-zero only for `run`, which passes on its command's status).
 pub async fn run(cli: Cli) -> Result<u8> {
     let client = Client::connect(ClientConfig {
         endpoints: cli.endpoints.clone(),
         request_timeout: cli.request_timeout,
+        tls: mesh_core::client::ClientTls {
+            ca_file: cli.tls_cacert.clone(),
+            cert_file: cli.tls_cert.clone(),
+            key_file: cli.tls_key.clone(),
+        },
+        credentials: credentials(&cli)?,
         ..Default::default()
     })
     .map_err(|e| Usage(e.to_string()))?;

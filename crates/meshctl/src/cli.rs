@@ -31,6 +31,24 @@ pub struct Cli {
     /// Timeout for connecting to one endpoint.
     #[arg(long, global = true, default_value = "2s")]
     pub dial_timeout: String,
+    // -- TLS (etcdctl's flag names) --
+    /// CA (PEM) that signed the servers' certificates; endpoints then use TLS.
+    #[arg(long = "cacert", global = true, env = "MESHCTL_CACERT")]
+    pub tls_cacert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM), for servers with client-certificate auth.
+    #[arg(long = "cert", global = true, env = "MESHCTL_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long = "key", global = true, env = "MESHCTL_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+    // -- auth (etcdctl's flag names) --
+    /// User name, or `name:password`, to authenticate as (asks for the password when
+    /// it is not given and stdin is a terminal).
+    #[arg(long = "user", global = true, env = "MESHCTL_USER")]
+    pub auth_user: Option<String>,
+    /// Password of --user (instead of `name:password`).
+    #[arg(long = "password", global = true, env = "MESHCTL_PASSWORD")]
+    pub auth_password: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -102,6 +120,15 @@ pub enum Command {
     /// Measure put/get throughput and latency.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Users of the Auth service: add, get, list, delete, passwd, grant-role, revoke-role.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Roles and their key-range permissions.
+    #[command(subcommand)]
+    Role(RoleCommand),
+    /// Turn authentication on or off, or show whether it is on.
+    #[command(subcommand)]
+    Auth(AuthCommand),
     /// Print a shell completion script.
     Completion {
         #[arg(value_enum)]
@@ -492,4 +519,91 @@ pub struct BenchArgs {
     /// Consistency for get: l or s.
     #[arg(long, default_value = "l")]
     pub consistency: String,
+}
+
+// ---- auth commands (etcdctl 3.4's names and arguments) ----
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add a user (`name` or `name:password`).
+    Add {
+        user: String,
+        /// Ask for the password on the terminal; with false, read it from stdin.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        interactive: bool,
+        /// The new user's password (instead of asking).
+        #[arg(long)]
+        new_user_password: Option<String>,
+        /// A user that cannot authenticate with a password.
+        #[arg(long)]
+        no_password: bool,
+    },
+    /// Show a user's roles.
+    Get {
+        name: String,
+        /// Also show the permissions of each role.
+        #[arg(long)]
+        detail: bool,
+    },
+    /// List the users.
+    List,
+    /// Delete a user.
+    Delete { name: String },
+    /// Change a user's password.
+    Passwd {
+        name: String,
+        /// Ask for the password on the terminal; with false, read it from stdin.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        interactive: bool,
+    },
+    /// Grant a role to a user.
+    GrantRole { user: String, role: String },
+    /// Revoke a role from a user.
+    RevokeRole { user: String, role: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoleCommand {
+    /// Add a role.
+    Add { name: String },
+    /// Show a role's permissions.
+    Get { name: String },
+    /// List the roles.
+    List,
+    /// Delete a role.
+    Delete { name: String },
+    /// Grant a permission (read, write or readwrite) on a key or range.
+    GrantPermission {
+        name: String,
+        /// read, write or readwrite.
+        perm: String,
+        key: String,
+        range_end: Option<String>,
+        /// The permission covers every key with the prefix `key`.
+        #[arg(long)]
+        prefix: bool,
+        /// The permission covers every key from `key` on.
+        #[arg(long)]
+        from_key: bool,
+    },
+    /// Revoke a permission on a key or range.
+    RevokePermission {
+        name: String,
+        key: String,
+        range_end: Option<String>,
+        #[arg(long)]
+        prefix: bool,
+        #[arg(long)]
+        from_key: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Enable authentication (adds the root role to root when it lacks it, as etcdctl).
+    Enable,
+    /// Disable authentication.
+    Disable,
+    /// Show whether authentication is enabled and the auth revision.
+    Status,
 }

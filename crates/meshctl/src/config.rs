@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use mesh_core::client::{from_key_range_end, prefix_range_end, ClientConfig};
+use mesh_core::client::{from_key_range_end, prefix_range_end, ClientConfig, ClientTls};
 use mesh_core::proto::etcdserverpb as pb;
 use pb::range_request::{SortOrder, SortTarget};
 
@@ -41,6 +41,15 @@ impl Global {
                 endpoints,
                 dial_timeout: parse_duration(&cli.dial_timeout).context("--dial-timeout")?,
                 request_timeout: parse_duration(&cli.timeout).context("--timeout")?,
+                tls: ClientTls {
+                    ca_file: cli.tls_cacert.clone(),
+                    cert_file: cli.tls_cert.clone(),
+                    key_file: cli.tls_key.clone(),
+                },
+                credentials: crate::password::credentials(
+                    cli.auth_user.as_deref(),
+                    cli.auth_password.as_deref(),
+                )?,
             },
             format: cli.write_out,
         })

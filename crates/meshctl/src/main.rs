@@ -8,6 +8,7 @@ mod cli;
 mod cmd;
 mod config;
 mod output;
+mod password;
 mod txn_syntax;
 
 use std::process::ExitCode;

@@ -167,6 +167,29 @@ pub struct Args {
     /// Log format: text or json. RUST_LOG selects what is logged.
     #[arg(long, env = "MESHD_LOG_FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
+
+    // -- client-API TLS (etcd's flag names) --
+    /// Certificate (PEM) the client API is served with; TLS on the client API needs
+    /// both --cert-file and --key-file.
+    #[arg(long, env = "MESHD_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --cert-file.
+    #[arg(long, env = "MESHD_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Refuse clients without a certificate signed by --trusted-ca-file.
+    #[arg(long, env = "MESHD_CLIENT_CERT_AUTH")]
+    pub client_cert_auth: bool,
+    /// CA (PEM) that signs client certificates; also trusted when forwarding to members.
+    #[arg(long, env = "MESHD_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+
+    // -- auth --
+    /// Auth token type: only etcd's default, `simple`, is supported.
+    #[arg(long, env = "MESHD_AUTH_TOKEN")]
+    pub auth_token: Option<String>,
+    /// Seconds a simple token lives after its last use (etcd's default 300).
+    #[arg(long, env = "MESHD_AUTH_TOKEN_TTL")]
+    pub auth_token_ttl: Option<u64>,
 }
 
 /// The YAML file: the same settings, keys spelled as the long flags.
@@ -207,6 +230,14 @@ struct FileConfig {
     max_txn_ops: Option<usize>,
     quota_backend_bytes: Option<u64>,
     log_format: Option<String>,
+    // client-API TLS
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    client_cert_auth: Option<bool>,
+    trusted_ca_file: Option<PathBuf>,
+    // auth
+    auth_token: Option<String>,
+    auth_token_ttl: Option<u64>,
 }
 
 mod humantime_serde_opt {
@@ -328,6 +359,33 @@ pub fn check_file(path: &Path) -> Result<Resolved> {
 
 /// Merges flags, environment, file and defaults into validated settings. `matches`
 /// are the ones `args` came from (they tell a flag from an environment variable).
+/// Client-API TLS from the flags and the file: both files or neither; client
+/// certificate authentication needs TLS and a trusted CA.
+fn client_tls(args: &Args, file: &FileConfig) -> Result<Option<mesh_core::tls::ServerTls>> {
+    let cert = args.cert_file.clone().or_else(|| file.cert_file.clone());
+    let key = args.key_file.clone().or_else(|| file.key_file.clone());
+    let client_cert_auth = args.client_cert_auth || file.client_cert_auth.unwrap_or(false);
+    let trusted_ca_file = args
+        .trusted_ca_file
+        .clone()
+        .or_else(|| file.trusted_ca_file.clone());
+    let tls = match (cert, key) {
+        (Some(cert_file), Some(key_file)) => mesh_core::tls::ServerTls {
+            cert_file,
+            key_file,
+            client_cert_auth,
+            trusted_ca_file,
+        },
+        (None, None) if client_cert_auth || trusted_ca_file.is_some() => {
+            bail!("--client-cert-auth and --trusted-ca-file need --cert-file and --key-file")
+        }
+        (None, None) => return Ok(None),
+        _ => bail!("--cert-file and --key-file must be given together"),
+    };
+    tls.check()?;
+    Ok(Some(tls))
+}
+
 pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
     let (file, text) = match &args.config {
         Some(path) => load_file(path)?,
@@ -337,6 +395,7 @@ pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
         matches,
         file: args.config.as_deref().map(|p| (p, text.as_str())),
     };
+    let client_tls = client_tls(&args, &file)?;
     let name = args.name.or(file.name).unwrap_or_else(|| "default".into());
     if name.is_empty() {
         bail!("{}: must not be empty", o.of("name"));
@@ -484,6 +543,19 @@ pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
             o.of("log-format")
         );
     }
+    cfg.client_tls = client_tls;
+    match args.auth_token.as_deref().or(file.auth_token.as_deref()) {
+        None | Some("simple") => {}
+        Some(other) => bail!(
+            "{}: {other:?}: only \"simple\" tokens are supported",
+            o.of("auth-token")
+        ),
+    }
+    match args.auth_token_ttl.or(file.auth_token_ttl) {
+        Some(0) => bail!("{}: must be at least 1 second", o.of("auth-token-ttl")),
+        Some(secs) => cfg.auth_token_ttl = Duration::from_secs(secs),
+        None => {}
+    }
     if cfg.tick.is_zero() {
         bail!("{}: must be positive", o.of("tick"));
     }
@@ -580,6 +652,9 @@ fn default_yaml(key: &str) -> Option<String> {
         "max-txn-ops" => d.limits.max_txn_ops.to_string(),
         "quota-backend-bytes" => d.quota_backend_bytes.to_string(),
         "log-format" => quoted("text".into()),
+        "client-cert-auth" => "false".into(),
+        "auth-token" => quoted("simple".into()),
+        "auth-token-ttl" => d.auth_token_ttl.as_secs().to_string(),
         _ => return None,
     })
 }
@@ -629,6 +704,53 @@ mod tests {
         let m = Cli::command().try_get_matches_from(argv)?;
         let cli = Cli::from_arg_matches(&m)?;
         Ok(resolve(cli.run, &m)?.server)
+    }
+
+    #[test]
+    fn tls_and_auth_settings_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.yaml");
+        let resolve_file = |extra: &[&str]| {
+            let mut args = vec!["meshd", "--config", f.to_str().unwrap()];
+            args.extend_from_slice(extra);
+            resolve_argv(&args).map_err(|e| format!("{e:#}"))
+        };
+        // The YAML keys reach the TLS loader, which names the file it cannot read.
+        std::fs::write(
+            &f,
+            "cert-file: /nonexistent/server.pem\nkey-file: /nonexistent/key.pem\n",
+        )
+        .unwrap();
+        let err = resolve_file(&[]).unwrap_err();
+        assert!(
+            err.contains("cannot read cert file /nonexistent/server.pem"),
+            "{err}"
+        );
+        std::fs::write(&f, "key-file: k.pem\n").unwrap();
+        let err = resolve_file(&[]).unwrap_err();
+        assert!(
+            err.contains("--cert-file and --key-file must be given together"),
+            "{err}"
+        );
+        std::fs::write(&f, "client-cert-auth: true\n").unwrap();
+        let err = resolve_file(&[]).unwrap_err();
+        assert!(err.contains("need --cert-file and --key-file"), "{err}");
+
+        std::fs::write(&f, "auth-token: simple\nauth-token-ttl: 30\n").unwrap();
+        let cfg = resolve_file(&[]).unwrap();
+        assert!(cfg.client_tls.is_none());
+        assert_eq!(cfg.auth_token_ttl, Duration::from_secs(30));
+        assert_eq!(
+            resolve_file(&["--auth-token-ttl=7"])
+                .unwrap()
+                .auth_token_ttl,
+            Duration::from_secs(7)
+        );
+        let err = resolve_file(&["--auth-token=jwt,pub-key=x"]).unwrap_err();
+        assert!(
+            err.contains("only \"simple\" tokens are supported"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -90,8 +90,10 @@ impl ClusterApi {
         let url = url.ok_or_else(|| {
             Status::unavailable("etcdserver: leader's client URL is not known yet")
         })?;
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())
-            .map_err(|e| Status::internal(format!("leader client URL {url}: {e}")))?
+        let channel = self
+            .ctx
+            .dialer
+            .endpoint(&url)?
             .connect_timeout(std::time::Duration::from_secs(3))
             .connect()
             .await
@@ -102,9 +104,15 @@ impl ClusterApi {
 
 /// Marks a request as forwarded and strips what must not travel.
 fn forwarded<T>(req: Request<T>) -> Request<T> {
+    let token = req.metadata().get(super::auth::TOKEN_METADATA).cloned();
     let mut out = Request::new(req.into_inner());
     out.metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    // The leader checks the caller again: tokens are known to every member.
+    if let Some(token) = token {
+        out.metadata_mut()
+            .insert(super::auth::TOKEN_METADATA, token);
+    }
     out
 }
 
@@ -180,6 +188,7 @@ impl Cluster for ClusterApi {
         &self,
         req: Request<MemberAddRequest>,
     ) -> Result<Response<MemberAddResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
         if let Some(mut leader) = self.leader_client(&req).await? {
             return leader.member_add(forwarded(req)).await;
         }
@@ -219,6 +228,7 @@ impl Cluster for ClusterApi {
         &self,
         req: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
         if let Some(mut leader) = self.leader_client(&req).await? {
             return leader.member_remove(forwarded(req)).await;
         }
@@ -232,6 +242,7 @@ impl Cluster for ClusterApi {
         &self,
         req: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
         let r = req.into_inner();
         let urls = normalize_peer_urls(&r.peer_ur_ls)?;
         let existing = self.ctx.kv.members().map_err(kv_status)?;
@@ -278,6 +289,7 @@ impl Cluster for ClusterApi {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
         if let Some(mut leader) = self.leader_client(&req).await? {
             return leader.member_promote(forwarded(req)).await;
         }

@@ -23,6 +23,25 @@ pub(crate) fn prefix(name: &[u8]) -> Vec<u8> {
     p
 }
 
+/// What a Lock or Election call on `name` needs when auth is enabled: reading the
+/// contenders under `<name>/` and, for `write`, creating or deleting one there (etcd's
+/// services do both through the caller's own KV requests).
+pub(crate) fn require_contenders(
+    ctx: &ApiContext,
+    md: &tonic::metadata::MetadataMap,
+    name: &[u8],
+    write: bool,
+) -> Result<(), Status> {
+    use crate::proto::authpb::permission::Type;
+    let p = prefix(name);
+    let end = prefix_range_end(&p);
+    ctx.require_range(md, &p, &end, Type::Read)?;
+    if write {
+        ctx.require_range(md, &p, &end, Type::Write)?;
+    }
+    Ok(())
+}
+
 /// `<name>/<lease hex>`: the key a contender holding `lease` owns.
 pub(crate) fn contender_key(name: &[u8], lease: i64) -> Vec<u8> {
     let mut k = prefix(name);

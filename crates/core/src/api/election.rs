@@ -10,8 +10,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::concurrency::{
-    contender_key, create_or_get, created_at, oldest, prefix, still_held, txn, wait_older_deleted,
-    ReleaseOnDrop,
+    contender_key, create_or_get, created_at, oldest, prefix, require_contenders, still_held, txn,
+    wait_older_deleted, ReleaseOnDrop,
 };
 use super::{kv_status, require_key, ApiContext};
 use crate::client::prefix_range_end;
@@ -75,8 +75,9 @@ impl Election for ElectionApi {
         &self,
         req: Request<CampaignRequest>,
     ) -> Result<Response<CampaignResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         require_key(&r.name)?;
+        require_contenders(&self.ctx, &md, &r.name, true)?;
         let key = contender_key(&r.name, r.lease);
         let (kv, created, _) = create_or_get(&self.ctx, &key, &r.value, r.lease).await?;
         let leader = LeaderKey {
@@ -104,8 +105,9 @@ impl Election for ElectionApi {
         &self,
         req: Request<ProclaimRequest>,
     ) -> Result<Response<ProclaimResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         let leader = leader_key(r.leader)?;
+        require_contenders(&self.ctx, &md, &leader.name, true)?;
         let rev = proclaim(&self.ctx, &leader, &r.value).await?;
         Ok(Response::new(ProclaimResponse {
             header: self.ctx.header(rev),
@@ -116,8 +118,9 @@ impl Election for ElectionApi {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<LeaderResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         require_key(&r.name)?;
+        require_contenders(&self.ctx, &md, &r.name, false)?;
         self.ctx.linearize().await?;
         let rev = self.ctx.kv.current_revision();
         let kv = oldest(&self.ctx, &r.name, 0)
@@ -135,8 +138,9 @@ impl Election for ElectionApi {
         &self,
         req: Request<LeaderRequest>,
     ) -> Result<Response<ObserveStream>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         require_key(&r.name)?;
+        require_contenders(&self.ctx, &md, &r.name, false)?;
         self.ctx.linearize().await?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(observe(self.ctx.clone(), r.name, tx));
@@ -147,8 +151,9 @@ impl Election for ElectionApi {
         &self,
         req: Request<ResignRequest>,
     ) -> Result<Response<ResignResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         let leader = leader_key(r.leader)?;
+        require_contenders(&self.ctx, &md, &leader.name, true)?;
         let del = pb::DeleteRangeRequest {
             key: leader.key.clone(),
             ..Default::default()

@@ -3,6 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::{kv_status, propose_status, require_key, unexpected, ApiContext};
+use crate::proto::authpb::permission::Type as Perm;
 use crate::proto::etcdserverpb::{
     self as pb, kv_server::Kv, request_op::Request as Op, CompactionRequest, CompactionResponse,
     DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
@@ -72,9 +73,11 @@ fn all_serializable(t: &TxnRequest) -> bool {
 #[tonic::async_trait]
 impl Kv for KvApi {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         self.ctx.check_size(&r)?;
         require_key(&r.key)?;
+        self.ctx
+            .require_range(&md, &r.key, &r.range_end, Perm::Read)?;
         if !r.serializable {
             self.ctx.linearize().await?;
         }
@@ -85,9 +88,13 @@ impl Kv for KvApi {
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         self.ctx.check_size(&r)?;
         check_put(&r)?;
+        self.ctx.require_range(&md, &r.key, &[], Perm::Write)?;
+        if r.prev_kv {
+            self.ctx.require_range(&md, &r.key, &[], Perm::Read)?;
+        }
         let applied = self.propose(Internal::Put(r)).await?;
         match applied.kind {
             AppliedKind::Put(mut resp) => {
@@ -102,9 +109,15 @@ impl Kv for KvApi {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         self.ctx.check_size(&r)?;
         require_key(&r.key)?;
+        self.ctx
+            .require_range(&md, &r.key, &r.range_end, Perm::Write)?;
+        if r.prev_kv {
+            self.ctx
+                .require_range(&md, &r.key, &r.range_end, Perm::Read)?;
+        }
         let applied = self.propose(Internal::DeleteRange(r)).await?;
         match applied.kind {
             AppliedKind::DeleteRange(mut resp) => {
@@ -116,10 +129,11 @@ impl Kv for KvApi {
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         self.ctx.check_size(&r)?;
         check_txn_shape(&r)?;
         crate::kv::check_txn(&r, self.ctx.limits.max_txn_ops).map_err(kv_status)?;
+        self.ctx.require_txn(&md, &r)?;
         if crate::kv::is_read_only(&r) {
             if !all_serializable(&r) {
                 self.ctx.linearize().await?;
@@ -143,6 +157,8 @@ impl Kv for KvApi {
         &self,
         req: Request<CompactionRequest>,
     ) -> Result<Response<CompactionResponse>, Status> {
+        // etcd lets only root compact when auth is enabled.
+        self.ctx.require_admin(req.metadata())?;
         let r = req.into_inner();
         let applied = self.propose(Internal::Compaction(r)).await?;
         Ok(Response::new(CompactionResponse {

@@ -48,6 +48,7 @@ impl Lease for LeaseApi {
         &self,
         req: Request<LeaseGrantRequest>,
     ) -> Result<Response<LeaseGrantResponse>, Status> {
+        self.ctx.require_user(req.metadata())?;
         let r = req.into_inner();
         if r.ttl > MAX_LEASE_TTL {
             return Err(kv_status(KvError::LeaseTtlTooLarge));
@@ -86,6 +87,19 @@ impl Lease for LeaseApi {
         &self,
         req: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        // Revoking deletes the lease's keys: the caller must be able to write each.
+        if let super::Caller::User(u) = self.ctx.require_user(req.metadata())? {
+            let auth = self.ctx.kv.auth();
+            for key in self
+                .ctx
+                .kv
+                .lease_keys(req.get_ref().id)
+                .map_err(kv_status)?
+            {
+                auth.check_range(&u, &key, &[], crate::proto::authpb::permission::Type::Write)
+                    .map_err(kv_status)?;
+            }
+        }
         let r = req.into_inner();
         let applied = self
             .ctx
@@ -108,6 +122,7 @@ impl Lease for LeaseApi {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
+        self.ctx.require_user(req.metadata())?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = self.ctx.clone();
@@ -132,14 +147,18 @@ impl Lease for LeaseApi {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        self.ctx.require_user(req.metadata())?;
         let forwarded = req.metadata().contains_key(FORWARDED);
+        let token = req.metadata().get(super::auth::TOKEN_METADATA).cloned();
         let r = req.into_inner();
         let status = &self.ctx.node.status;
         if status.leader() != status.member_id {
             if forwarded {
                 return Err(Status::unavailable("etcdserver: not leader"));
             }
-            return forward_time_to_live(&self.ctx, r).await.map(Response::new);
+            return forward_time_to_live(&self.ctx, r, token)
+                .await
+                .map(Response::new);
         }
         let (id, with_keys) = (r.id, r.keys);
         let Some(granted) = self.ctx.kv.lease(id).map_err(kv_status)? else {
@@ -168,8 +187,9 @@ impl Lease for LeaseApi {
 
     async fn lease_leases(
         &self,
-        _req: Request<LeaseLeasesRequest>,
+        req: Request<LeaseLeasesRequest>,
     ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        self.ctx.require_user(req.metadata())?;
         self.ctx.linearize().await?;
         let leases = self
             .ctx
@@ -242,6 +262,7 @@ async fn replicate_keep_alive(ctx: &ApiContext, id: i64) -> Result<i64, ProposeE
 async fn forward_time_to_live(
     ctx: &ApiContext,
     r: LeaseTimeToLiveRequest,
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 ) -> Result<LeaseTimeToLiveResponse, Status> {
     let leader = ctx.node.status.leader();
     let no_leader = || Status::unavailable("etcdserver: no leader");
@@ -255,8 +276,9 @@ async fn forward_time_to_live(
         .and_then(|m| m.client_urls.into_iter().next())
         .ok_or_else(no_leader)?;
     let timeout = Duration::from_secs(5);
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .map_err(|e| Status::unavailable(format!("leader client URL: {e}")))?
+    let channel = ctx
+        .dialer
+        .endpoint(&url)?
         .connect_timeout(timeout)
         .timeout(timeout)
         .connect()
@@ -266,6 +288,12 @@ async fn forward_time_to_live(
     request
         .metadata_mut()
         .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    // The leader checks the caller again: tokens are known to every member.
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert(super::auth::TOKEN_METADATA, token);
+    }
     let mut resp = LeaseClient::new(channel)
         .lease_time_to_live(request)
         .await?

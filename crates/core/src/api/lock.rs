@@ -28,8 +28,9 @@ impl LockApi {
 #[tonic::async_trait]
 impl Lock for LockApi {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         require_key(&r.name)?;
+        super::concurrency::require_contenders(&self.ctx, &md, &r.name, true)?;
         let key = contender_key(&r.name, r.lease);
         let (kv, _, _) = create_or_get(&self.ctx, &key, b"", r.lease).await?;
         // From here on, giving up (the client went away) must release the key.
@@ -47,8 +48,14 @@ impl Lock for LockApi {
         &self,
         req: Request<UnlockRequest>,
     ) -> Result<Response<UnlockResponse>, Status> {
-        let r = req.into_inner();
+        let (md, _, r) = req.into_parts();
         require_key(&r.key)?;
+        self.ctx.require_range(
+            &md,
+            &r.key,
+            &[],
+            crate::proto::authpb::permission::Type::Write,
+        )?;
         let del = Internal::DeleteRange(DeleteRangeRequest {
             key: r.key,
             ..Default::default()

@@ -131,15 +131,17 @@ impl Maintenance for MaintenanceApi {
 
     async fn defragment(
         &self,
-        _req: Request<DefragmentRequest>,
+        req: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
         self.ctx.node.defragment().await.map_err(propose_status)?;
         Ok(Response::new(DefragmentResponse {
             header: self.ctx.header(self.ctx.kv.current_revision()),
         }))
     }
 
-    async fn hash(&self, _req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
         let hash = self.ctx.kv.hash().map_err(kv_status)?;
         Ok(Response::new(HashResponse {
             header: self.ctx.header(self.ctx.kv.current_revision()),
@@ -151,6 +153,7 @@ impl Maintenance for MaintenanceApi {
         &self,
         req: Request<HashKvRequest>,
     ) -> Result<Response<HashKvResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
         let (hash, compact_revision, hash_revision) = self
             .ctx
             .kv
@@ -168,8 +171,9 @@ impl Maintenance for MaintenanceApi {
 
     async fn snapshot(
         &self,
-        _req: Request<SnapshotRequest>,
+        req: Request<SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
+        self.ctx.require_admin(req.metadata())?;
         let kv = self.ctx.kv.clone();
         // Reading and encoding the whole store is blocking work.
         let (revision, bytes) = tokio::task::spawn_blocking(move || {
@@ -189,6 +193,7 @@ impl Maintenance for MaintenanceApi {
         &self,
         req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
         self.ctx
             .node
             .move_leader(req.into_inner().target_id)

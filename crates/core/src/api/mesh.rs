@@ -1,6 +1,7 @@
 //! `meshpb.Mesh`: this node's view of the gossip mesh (peers, routes, channels,
 //! traffic) and the PN-counters gossiped over it, which keep counting on both sides of
-//! a partition and converge when it heals.
+//! a partition and converge when it heals. With auth enabled, every call needs a
+//! valid token.
 
 use std::sync::Arc;
 
@@ -91,8 +92,9 @@ fn check_counter_name(name: &str) -> Result<(), Status> {
 impl mesh_server::Mesh for MeshApi {
     async fn peers(
         &self,
-        _req: Request<MeshPeersRequest>,
+        req: Request<MeshPeersRequest>,
     ) -> Result<Response<MeshPeersResponse>, Status> {
+        super::auth::caller(&self.kv, req.metadata())?;
         Ok(Response::new(MeshPeersResponse {
             peers: self.peer_list()?,
         }))
@@ -100,8 +102,9 @@ impl mesh_server::Mesh for MeshApi {
 
     async fn status(
         &self,
-        _req: Request<MeshStatusRequest>,
+        req: Request<MeshStatusRequest>,
     ) -> Result<Response<MeshStatusResponse>, Status> {
+        super::auth::caller(&self.kv, req.metadata())?;
         let peers = self.peer_list()?;
         let stats = self.mesh.stats();
         let routes = peers
@@ -134,6 +137,7 @@ impl mesh_server::Mesh for MeshApi {
         &self,
         req: Request<CounterIncrRequest>,
     ) -> Result<Response<CounterResponse>, Status> {
+        super::auth::caller(&self.kv, req.metadata())?;
         let r = req.into_inner();
         check_counter_name(&r.name)?;
         self.counters.incr(&r.name, r.delta);
@@ -147,6 +151,7 @@ impl mesh_server::Mesh for MeshApi {
         &self,
         req: Request<CounterGetRequest>,
     ) -> Result<Response<CounterResponse>, Status> {
+        super::auth::caller(&self.kv, req.metadata())?;
         let r = req.into_inner();
         check_counter_name(&r.name)?;
         Ok(Response::new(CounterResponse {

@@ -6,6 +6,7 @@
 //! [`crate::kv`] and [`crate::lease`]; one file per service (`concurrency` holds what
 //! Lock and Election share).
 
+mod auth;
 mod cluster;
 mod concurrency;
 mod election;
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
+pub use auth::{AuthApi, Caller};
 pub use cluster::ClusterApi;
 pub use election::ElectionApi;
 pub use kv::KvApi;
@@ -82,6 +84,8 @@ pub struct ApiContext {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// Watchers open on this member (`etcd_debugging_mvcc_watcher_total`).
     pub watchers: crate::metrics::Gauge,
+    /// How to reach another member's client API (plain or TLS) when forwarding.
+    pub dialer: crate::tls::MemberDialer,
 }
 
 impl ApiContext {
@@ -131,6 +135,17 @@ pub fn kv_status(e: KvError) -> Status {
         KvError::LeaseNotFound => Code::NotFound,
         KvError::LeaseExists => Code::FailedPrecondition,
         KvError::LeaseTtlTooLarge => Code::OutOfRange,
+        KvError::RootUserNotExist
+        | KvError::RootRoleNotExist
+        | KvError::UserAlreadyExist
+        | KvError::UserNotFound
+        | KvError::RoleAlreadyExist
+        | KvError::RoleNotFound
+        | KvError::RoleNotGranted
+        | KvError::PermissionNotGranted
+        | KvError::AuthNotEnabled => Code::FailedPrecondition,
+        KvError::PermissionDenied => Code::PermissionDenied,
+        KvError::InvalidAuthToken => Code::Unauthenticated,
         _ => Code::InvalidArgument,
     };
     Status::new(code, e.to_string())

@@ -1,6 +1,7 @@
 //! The client port of a node that is not a cluster member (yet): every gRPC call is
 //! forwarded, unchanged, to a member's client API found through the mesh, so clients
-//! pointed at any node of the mesh are served while it waits to be added.
+//! pointed at any node of the mesh are served while it waits to be added. With TLS on,
+//! the proxy terminates TLS itself and dials the member with TLS as well.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,16 +10,28 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::rustls;
 use tonic::codegen::{http, Service};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{debug, info};
+
+use crate::tls::MemberDialer;
 
 /// Chooses the client URL of a member to forward to (the leader when known).
 pub type PickMember = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// Serves `listener` until `stop` turns true; connections already open keep being
 /// served until their clients close them.
-pub async fn serve(listener: TcpListener, pick: PickMember, mut stop: watch::Receiver<bool>) {
+/// `tls` is the client API's TLS configuration (`None`: plaintext); `dialer` reaches
+/// the chosen member.
+pub async fn serve(
+    listener: TcpListener,
+    pick: PickMember,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    dialer: MemberDialer,
+    mut stop: watch::Receiver<bool>,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     info!("not a cluster member yet: forwarding client requests to a member");
     let channels: Arc<std::sync::Mutex<Option<(String, Channel)>>> = Arc::default();
     loop {
@@ -35,15 +48,27 @@ pub async fn serve(listener: TcpListener, pick: PickMember, mut stop: watch::Rec
         let _ = stream.set_nodelay(true);
         let pick = pick.clone();
         let channels = channels.clone();
+        let dialer = dialer.clone();
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let pick = pick.clone();
                 let channels = channels.clone();
-                async move { Ok::<_, Infallible>(forward(req, &pick, &channels).await) }
+                let dialer = dialer.clone();
+                async move { Ok::<_, Infallible>(forward(req, &pick, &dialer, &channels).await) }
             });
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
+            let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            let served = match acceptor {
+                None => builder.serve_connection(TokioIo::new(stream), svc).await,
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(tls) => builder.serve_connection(TokioIo::new(tls), svc).await,
+                    Err(e) => {
+                        debug!("proxied connection: TLS handshake: {e}");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = served {
                 debug!("proxied connection: {e}");
             }
         });
@@ -53,6 +78,7 @@ pub async fn serve(listener: TcpListener, pick: PickMember, mut stop: watch::Rec
 async fn forward(
     req: hyper::Request<Incoming>,
     pick: &PickMember,
+    dialer: &MemberDialer,
     cache: &std::sync::Mutex<Option<(String, Channel)>>,
 ) -> http::Response<tonic::body::Body> {
     let Some(url) = pick() else {
@@ -65,7 +91,7 @@ async fn forward(
         let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
         match &*c {
             Some((u, ch)) if *u == url => Some(ch.clone()),
-            _ => match Endpoint::from_shared(url.clone()) {
+            _ => match dialer.endpoint(&url) {
                 Ok(e) => {
                     let ch = e.connect_lazy();
                     *c = Some((url.clone(), ch.clone()));

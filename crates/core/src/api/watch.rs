@@ -47,16 +47,26 @@ impl Watch for WatchApi {
         &self,
         req: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
+        let caller = self.ctx.caller(req.metadata())?;
         let inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(serve_stream(self.ctx.clone(), inbound, tx));
+        tokio::spawn(serve_stream(self.ctx.clone(), caller, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
 type Out = mpsc::Sender<Result<WatchResponse, Status>>;
 
-async fn serve_stream(ctx: ApiContext, mut inbound: Streaming<WatchRequest>, tx: Out) {
+/// What etcd puts in `cancel_reason` when the caller may not read the watched range.
+const WATCH_PERMISSION_DENIED: &str =
+    "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
+
+async fn serve_stream(
+    ctx: ApiContext,
+    caller: super::Caller,
+    mut inbound: Streaming<WatchRequest>,
+    tx: Out,
+) {
     let mut watchers: HashMap<i64, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut next_id: i64 = 0;
     while let Some(Ok(msg)) = inbound.next().await {
@@ -64,6 +74,27 @@ async fn serve_stream(ctx: ApiContext, mut inbound: Streaming<WatchRequest>, tx:
         let rev = ctx.kv.current_revision();
         let resp = match msg.request_union {
             Some(RequestUnion::CreateRequest(c)) => {
+                if let super::Caller::User(u) = &caller {
+                    let read = crate::proto::authpb::permission::Type::Read;
+                    if ctx
+                        .kv
+                        .auth()
+                        .check_range(u, &c.key, &c.range_end, read)
+                        .is_err()
+                    {
+                        let _ = tx
+                            .send(Ok(WatchResponse {
+                                header: ctx.header(rev),
+                                watch_id: c.watch_id,
+                                created: true,
+                                canceled: true,
+                                cancel_reason: WATCH_PERMISSION_DENIED.into(),
+                                ..Default::default()
+                            }))
+                            .await;
+                        continue;
+                    }
+                }
                 let id = if c.watch_id != 0 {
                     if watchers.contains_key(&c.watch_id) {
                         let _ = tx

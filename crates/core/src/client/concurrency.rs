@@ -10,7 +10,7 @@ impl Client {
     /// Runs a call that may legitimately wait forever: no request timeout.
     async fn call_waiting<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
-        F: Fn(tonic::transport::Channel) -> Fut,
+        F: Fn(super::Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let (idx, ch) = self.first_channel().await?;

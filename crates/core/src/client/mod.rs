@@ -4,7 +4,9 @@
 //!
 //! Layout: `mod.rs` the [`Client`] and its failover loop; `error.rs` [`ClientError`];
 //! `watch.rs` the [`Watcher`] stream; `keys.rs` range helpers (prefix / from-key ends);
-//! `lease.rs` leases and keep-alives; `concurrency.rs` Lock and Election.
+//! `lease.rs` leases and keep-alives; `concurrency.rs` Lock and Election; `auth.rs`
+//! users, roles and auth enable (with `--user`, every request carries a token).
+mod auth;
 mod concurrency;
 mod error;
 mod keys;
@@ -16,6 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::Channel;
 
 use crate::proto::etcdserverpb as pb;
@@ -40,6 +44,60 @@ pub struct ClientConfig {
     pub dial_timeout: Duration,
     /// How long one request to one endpoint may take.
     pub request_timeout: Duration,
+    /// TLS (`--cacert`, `--cert`, `--key`).
+    pub tls: ClientTls,
+    /// User name and password (`--user`): the client authenticates on first use and
+    /// sends the token with every request, authenticating again when it expires.
+    pub credentials: Option<(String, String)>,
+}
+
+/// Client-side TLS files. Endpoints written `https://` always use TLS; with a CA file,
+/// every endpoint does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// CA that signed the servers' certificates (`--cacert`); without it, the system roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Client certificate (`--cert`), for servers with client-certificate auth.
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Its private key (`--key`).
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl ClientTls {
+    /// Whether endpoints without a scheme use TLS.
+    fn implied(&self) -> bool {
+        self.ca_file.is_some()
+    }
+
+    /// tonic's configuration from the files.
+    fn config(&self) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read = |what: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| {
+                ClientError::Config(format!("cannot read {what} {}: {e}", p.display()))
+            })
+        };
+        let mut cfg = ClientTlsConfig::new();
+        cfg = match &self.ca_file {
+            Some(ca) => cfg.ca_certificate(Certificate::from_pem(read("CA file", ca)?)),
+            None => cfg.with_native_roots(),
+        };
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => {
+                cfg = cfg.identity(Identity::from_pem(
+                    read("certificate file", cert)?,
+                    read("key file", key)?,
+                ))
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ClientError::Config(
+                    "--cert and --key must be given together".into(),
+                ))
+            }
+        }
+        Ok(cfg)
+    }
 }
 
 impl Default for ClientConfig {
@@ -48,6 +106,8 @@ impl Default for ClientConfig {
             endpoints: vec!["127.0.0.1:2379".into()],
             dial_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(5),
+            tls: ClientTls::default(),
+            credentials: None,
         }
     }
 }
@@ -57,8 +117,10 @@ impl Default for ClientConfig {
 struct Endpoint {
     /// As the user wrote it (used in messages and `endpoint status`).
     name: String,
-    /// `http://host:port`.
+    /// `http://host:port` or `https://host:port`.
     uri: String,
+    /// Set for `https://` endpoints.
+    tls: Option<tonic::transport::ClientTlsConfig>,
     /// The connected channel; dropped after a transport error so the next use redials.
     channel: Mutex<Option<Channel>>,
 }
@@ -76,7 +138,29 @@ struct Inner {
     current: AtomicUsize,
     dial_timeout: Duration,
     request_timeout: Duration,
+    credentials: Option<(String, String)>,
+    /// The auth token, shared by every endpoint (tokens are valid cluster-wide).
+    token: Arc<Mutex<Option<MetadataValue<Ascii>>>>,
 }
+
+/// A connection to one endpoint that adds the auth token (if any) to every request.
+pub type Conn = InterceptedService<Channel, TokenInjector>;
+
+/// Adds the `token` metadata etcd servers read the caller from.
+#[derive(Debug, Clone)]
+pub struct TokenInjector(Arc<Mutex<Option<MetadataValue<Ascii>>>>);
+
+impl Interceptor for TokenInjector {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = self.0.lock().expect("token lock").clone() {
+            req.metadata_mut().insert("token", t);
+        }
+        Ok(req)
+    }
+}
+
+/// etcd's answer to an unknown or expired token: authenticate again and resend.
+const INVALID_TOKEN: &str = "etcdserver: invalid auth token";
 
 /// Whether a request may be resent to another endpoint after an ambiguous failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,19 +171,23 @@ enum Retry {
     OnlyIfNotSent,
 }
 
-/// Normalizes `host:port` / `http://host:port` into a URI tonic accepts.
-fn endpoint_uri(ep: &str) -> Result<String, ClientError> {
+/// Normalizes `host:port` / `http(s)://host:port` into a URI tonic accepts; a bare
+/// `host:port` gets `https://` when `tls` is implied.
+fn endpoint_uri(ep: &str, tls: bool) -> Result<String, ClientError> {
     let ep = ep.trim();
     if ep.is_empty() {
         return Err(ClientError::Config("empty endpoint".into()));
     }
-    if ep.starts_with("https://") {
-        return Err(ClientError::Config(format!(
-            "{ep}: TLS endpoints are not supported"
-        )));
-    }
-    let uri = if ep.starts_with("http://") {
+    let uri = if ep.starts_with("https://") {
         ep.to_string()
+    } else if let Some(rest) = ep.strip_prefix("http://") {
+        if tls {
+            format!("https://{rest}")
+        } else {
+            ep.to_string()
+        }
+    } else if tls {
+        format!("https://{ep}")
     } else {
         format!("http://{ep}")
     };
@@ -118,9 +206,16 @@ impl Client {
             .endpoints
             .iter()
             .map(|name| {
+                let uri = endpoint_uri(name, config.tls.implied())?;
+                let tls = if uri.starts_with("https://") {
+                    Some(config.tls.config()?)
+                } else {
+                    None
+                };
                 Ok(Endpoint {
                     name: name.trim().to_string(),
-                    uri: endpoint_uri(name)?,
+                    uri,
+                    tls,
                     channel: Mutex::new(None),
                 })
             })
@@ -131,6 +226,8 @@ impl Client {
                 current: AtomicUsize::new(0),
                 dial_timeout: config.dial_timeout,
                 request_timeout: config.request_timeout,
+                credentials: config.credentials.clone(),
+                token: Arc::default(),
             }),
         })
     }
@@ -144,8 +241,47 @@ impl Client {
             .collect()
     }
 
-    /// The channel to endpoint `idx`, dialing it if needed.
-    async fn channel(&self, idx: usize) -> Result<Channel, ClientError> {
+    /// The connection to endpoint `idx`, dialing it (and authenticating) if needed.
+    async fn channel(&self, idx: usize) -> Result<Conn, ClientError> {
+        let raw = self.raw_channel(idx).await?;
+        self.authenticate(idx, &raw).await?;
+        Ok(InterceptedService::new(
+            raw,
+            TokenInjector(self.inner.token.clone()),
+        ))
+    }
+
+    /// Gets a token with the configured credentials unless one is held already.
+    async fn authenticate(&self, idx: usize, raw: &Channel) -> Result<(), ClientError> {
+        let Some((name, password)) = &self.inner.credentials else {
+            return Ok(());
+        };
+        if self.inner.token.lock().expect("token lock").is_some() {
+            return Ok(());
+        }
+        let endpoint = &self.inner.endpoints[idx].name;
+        let req = pb::AuthenticateRequest {
+            name: name.clone(),
+            password: password.clone(),
+        };
+        let resp = tokio::time::timeout(
+            self.inner.request_timeout,
+            pb::auth_client::AuthClient::new(raw.clone()).authenticate(req),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout {
+            endpoint: endpoint.clone(),
+            timeout: self.inner.request_timeout,
+        })?
+        .map_err(|s| ClientError::from_status(&s, endpoint))?;
+        let token = MetadataValue::try_from(resp.into_inner().token)
+            .map_err(|e| ClientError::Config(format!("server sent an unusable token: {e}")))?;
+        *self.inner.token.lock().expect("token lock") = Some(token);
+        Ok(())
+    }
+
+    /// The plain channel to endpoint `idx`, dialing it if needed.
+    async fn raw_channel(&self, idx: usize) -> Result<Channel, ClientError> {
         let ep = &self.inner.endpoints[idx];
         if let Some(ch) = ep.channel.lock().expect("channel lock").clone() {
             return Ok(ch);
@@ -154,10 +290,15 @@ impl Client {
             endpoint: ep.name.clone(),
             reason,
         };
-        let builder = tonic::transport::Endpoint::from_shared(ep.uri.clone())
+        let mut builder = tonic::transport::Endpoint::from_shared(ep.uri.clone())
             .map_err(|e| ClientError::Config(format!("{}: {e}", ep.name)))?
             .connect_timeout(self.inner.dial_timeout)
             .tcp_nodelay(true);
+        if let Some(tls) = &ep.tls {
+            builder = builder
+                .tls_config(tls.clone())
+                .map_err(|e| ClientError::Config(format!("{}: {e}", ep.name)))?;
+        }
         let ch = match tokio::time::timeout(self.inner.dial_timeout, builder.connect()).await {
             Ok(Ok(ch)) => ch,
             Ok(Err(e)) => return Err(connect_err(error::error_chain(&e))),
@@ -173,7 +314,7 @@ impl Client {
     }
 
     /// The first endpoint (starting with the last good one) that can be dialed.
-    async fn first_channel(&self) -> Result<(usize, Channel), ClientError> {
+    async fn first_channel(&self) -> Result<(usize, Conn), ClientError> {
         let n = self.inner.endpoints.len();
         let start = self.inner.current.load(Ordering::Relaxed);
         let mut last = None;
@@ -190,7 +331,7 @@ impl Client {
     /// Runs `call` against the endpoints in turn, starting with the last good one.
     async fn with_failover<T, F, Fut>(&self, retry: Retry, call: F) -> Result<T, ClientError>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let n = self.inner.endpoints.len();
@@ -220,12 +361,22 @@ impl Client {
     /// One attempt against endpoint `idx`, with the request timeout.
     async fn call_one<T, F, Fut>(&self, idx: usize, call: &F) -> Result<T, ClientError>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let ep = &self.inner.endpoints[idx];
         let ch = self.channel(idx).await?;
-        match tokio::time::timeout(self.inner.request_timeout, call(ch)).await {
+        let mut result = tokio::time::timeout(self.inner.request_timeout, call(ch)).await;
+        if matches!(&result, Ok(Err(s)) if s.message() == INVALID_TOKEN)
+            && self.inner.credentials.is_some()
+        {
+            // The token expired (or the member restarted): the request was refused
+            // before it did anything, so it is safe to resend with a new token.
+            *self.inner.token.lock().expect("token lock") = None;
+            let ch = self.channel(idx).await?;
+            result = tokio::time::timeout(self.inner.request_timeout, call(ch)).await;
+        }
+        match result {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(status)) => {
                 // A status with a source came from our transport, not the server:
@@ -592,12 +743,15 @@ mod tests {
     #[test]
     fn client_endpoint_forms() {
         assert_eq!(
-            endpoint_uri("127.0.0.1:2379").unwrap(),
+            endpoint_uri("127.0.0.1:2379", false).unwrap(),
             "http://127.0.0.1:2379"
         );
-        assert_eq!(endpoint_uri("http://h:1").unwrap(), "http://h:1");
-        assert!(endpoint_uri("").is_err());
-        assert!(endpoint_uri("https://h:1").is_err());
+        assert_eq!(endpoint_uri("http://h:1", false).unwrap(), "http://h:1");
+        assert_eq!(endpoint_uri("https://h:1", false).unwrap(), "https://h:1");
+        // A CA file makes every endpoint a TLS one.
+        assert_eq!(endpoint_uri("h:1", true).unwrap(), "https://h:1");
+        assert_eq!(endpoint_uri("http://h:1", true).unwrap(), "https://h:1");
+        assert!(endpoint_uri("", false).is_err());
         assert!(Client::connect(ClientConfig {
             endpoints: vec![],
             ..Default::default()
@@ -620,6 +774,7 @@ mod tests {
             endpoints: vec![a.to_string(), b.to_string()],
             dial_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
+            ..Default::default()
         })
         .unwrap();
         let err = client

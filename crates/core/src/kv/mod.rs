@@ -11,6 +11,7 @@
 //! - `history`: applying changes, compaction, watch replay, hash, snapshot export/import
 //! - `check`: etcd's request validation (`check_txn`, `validate_*`)
 //! - `lease`: the replicated lease table (grant, revoke with its keys, lookups)
+//! - `auth`: the replicated auth store (users, roles, permissions) and simple tokens
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use crate::proto::meshpb::{MemberRecord, StoreSnapshot};
 use crate::proto::mvccpb;
 use crate::storage::Db;
 
+mod auth;
 mod check;
 mod exec;
 mod history;
@@ -31,6 +33,7 @@ mod tables;
 #[cfg(test)]
 mod tests;
 
+pub use auth::{AuthState, DEFAULT_TOKEN_TTL, ROOT};
 pub use check::{check_txn, is_read_only, validate_delete_range, validate_put, validate_range};
 pub use lease::MAX_LEASE_TTL;
 
@@ -89,6 +92,48 @@ pub enum KvError {
     /// `txn_read` was given a Txn that may write.
     #[error("kv: txn_read given a txn that writes")]
     WriteInReadOnlyTxn,
+
+    // -- auth (etcd's texts) --
+    /// Auth enable without a `root` user.
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    /// Auth enable while `root` lacks the `root` role.
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    #[error("etcdserver: user name already exists")]
+    UserAlreadyExist,
+    /// A user operation without a user name, or a request without a token when auth
+    /// is enabled.
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    #[error("etcdserver: role name already exists")]
+    RoleAlreadyExist,
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    /// Wrong user or password (or a user without a password).
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    #[error("etcdserver: permission not given")]
+    PermissionNotGiven,
+    /// The user lacks the permission (or the root role) the request needs.
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    /// A token that is unknown or expired.
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    /// Deleting root, or its root role, while auth is enabled.
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
 }
 
 /// Every redb error becomes `Storage`: the caller cannot act on the difference.
@@ -121,6 +166,10 @@ pub struct KvStore {
     nospace: AtomicBool,
     /// Announces the current revision after each commit.
     revision_tx: tokio::sync::watch::Sender<i64>,
+    /// The auth store as of the last commit.
+    auth: std::sync::RwLock<Arc<AuthState>>,
+    /// Simple tokens this member knows (in memory only).
+    tokens: auth::Tokens,
 }
 
 /// One open write transaction of the Raft driver. Dropping it aborts.
@@ -131,6 +180,10 @@ pub struct ApplyBatch<'a> {
     meta: Meta,
     /// Whether a NOSPACE alarm is active, as of this batch's own changes.
     nospace: bool,
+    /// The auth store changed: republish it on commit.
+    auth_changed: bool,
+    /// Token changes to make once the batch is committed.
+    token_effects: Vec<auth::TokenEffect>,
 }
 
 impl KvStore {
@@ -144,10 +197,13 @@ impl KvStore {
             txn.open_table(ALARMS)?;
             txn.open_table(tables::LEASES)?;
             txn.open_table(tables::LEASE_KEYS)?;
+            txn.open_table(auth::AUTH)?;
             Meta::load(&txn.open_table(META)?)?
         };
         txn.commit()?;
         let nospace = nospace_active(&db.begin_read()?.open_table(ALARMS)?)?;
+        let auth =
+            AuthState::from_snapshot(&auth::load(&db.begin_read()?.open_table(auth::AUTH)?)?);
         let (revision_tx, _) = tokio::sync::watch::channel(meta.current_revision);
         Ok(KvStore {
             db,
@@ -156,7 +212,24 @@ impl KvStore {
             compact_revision: AtomicI64::new(meta.compact_revision),
             nospace: AtomicBool::new(nospace),
             revision_tx,
+            auth: std::sync::RwLock::new(Arc::new(auth)),
+            tokens: auth::Tokens::default(),
         })
+    }
+
+    /// The auth store as of the last commit.
+    pub fn auth(&self) -> Arc<AuthState> {
+        self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The user a simple token belongs to, if it is live (its expiry is refreshed).
+    pub fn token_user(&self, token: &str) -> Option<String> {
+        self.tokens.user(token)
+    }
+
+    /// How long a simple token lives after its last use (`--auth-token-ttl`).
+    pub fn set_token_ttl(&self, ttl: std::time::Duration) {
+        self.tokens.set_ttl(ttl);
     }
 
     pub fn applied_index(&self) -> u64 {
@@ -188,6 +261,8 @@ impl KvStore {
             txn,
             meta,
             nospace,
+            auth_changed: false,
+            token_effects: Vec::new(),
         })
     }
 
@@ -267,6 +342,7 @@ impl KvStore {
             members: read_members(&txn.open_table(MEMBERS)?)?,
             alarms: read_alarms(&txn.open_table(ALARMS)?)?,
             leases: lease::export(&txn.open_table(tables::LEASES)?)?,
+            auth: Some(auth::load(&txn.open_table(auth::AUTH)?)?),
         };
         Ok((meta.applied_index, snap))
     }
@@ -533,6 +609,13 @@ impl<'a> ApplyBatch<'a> {
             alarms.insert((a.member_id, a.alarm), ())?;
         }
         self.nospace = nospace_active(&alarms)?;
+        auth::store(
+            &mut self.txn.open_table(auth::AUTH)?,
+            &snap.auth.clone().unwrap_or_default(),
+        )?;
+        self.auth_changed = true;
+        // Tokens are not part of a snapshot: the ones this member knew may be stale.
+        self.token_effects.push(auth::TokenEffect::Clear);
         self.meta.current_revision = snap.revision.max(tables::INITIAL_REVISION);
         self.meta.compact_revision = snap.compact_revision;
         Ok(())
@@ -568,6 +651,19 @@ impl<'a> ApplyBatch<'a> {
             .current_revision
             .store(self.meta.current_revision, Ordering::Release);
         store.nospace.store(self.nospace, Ordering::Release);
+        if self.auth_changed {
+            let state = auth::load(&store.db.begin_read()?.open_table(auth::AUTH)?)?;
+            *store.auth.write().unwrap_or_else(|p| p.into_inner()) =
+                Arc::new(AuthState::from_snapshot(&state));
+        }
+        for effect in self.token_effects.drain(..) {
+            match effect {
+                auth::TokenEffect::None => {}
+                auth::TokenEffect::Insert { token, user } => store.tokens.insert(token, user),
+                auth::TokenEffect::ForgetUser(u) => store.tokens.forget_user(&u),
+                auth::TokenEffect::Clear => store.tokens.clear(),
+            }
+        }
         store.revision_tx.send_replace(self.meta.current_revision);
         Ok(())
     }

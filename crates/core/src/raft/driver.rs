@@ -895,6 +895,7 @@ fn apply_request(
             Ok(None) => Err(KvError::LeaseNotFound),
             Err(e) => Err(e),
         },
+        Some(Request::Auth(change)) => batch.auth_change(change).map(|()| AppliedKind::Auth),
         None => Ok(AppliedKind::Nothing),
     };
     match result {

@@ -122,6 +122,8 @@ pub enum AppliedKind {
     LeaseKeepAlive {
         ttl: i64,
     },
+    /// An auth store change (or a token) applied.
+    Auth,
     Nothing,
 }
 

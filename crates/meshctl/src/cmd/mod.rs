@@ -2,6 +2,7 @@
 //! subcommand to its module (`kv`, `txn`, `watch`, `lease`, `concurrency` (lock and
 //! elect), `cluster`, `bench`). Outcomes that
 //! are not errors of the tool itself (compare failed, key not found) are [`Exit`]s.
+mod auth;
 mod bench;
 mod cluster;
 mod concurrency;
@@ -110,6 +111,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             maintenance::alarm_disarm(&client()?, &mut out, f).await
         }
         Command::Bench(b) => bench::run(&global, &mut out, b).await,
+        Command::User(c) => auth::user(&client()?, &mut out, f, c).await,
+        Command::Role(c) => auth::role(&client()?, &mut out, f, c).await,
+        Command::Auth(c) => auth::auth(&client()?, &mut out, f, c).await,
         Command::Completion { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "meshctl", &mut out);
             out.flush()?;

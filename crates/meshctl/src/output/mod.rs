@@ -1,7 +1,7 @@
 //! How responses are printed: etcdctl's simple format byte for byte, etcdctl-like
 //! JSON (`json.rs`) and bordered tables (`table.rs`). Every printer writes to a
 //! `dyn Write` so tests can capture it and a closed pipe surfaces as an io error.
-mod json;
+pub mod json;
 pub mod lease;
 pub mod maintenance;
 pub mod table;

@@ -1,0 +1,445 @@
+//! `etcdserverpb.Auth` (users, roles, permissions, auth enable, simple tokens) and the
+//! checks every other service makes with it: who the caller is (the `token` metadata)
+//! and whether it may touch a key range or manage the cluster, with etcd's errors.
+//!
+//! Passwords are hashed (Argon2id) here, on the member that receives them, so only
+//! the hash travels through Raft and reaches the disk.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use rand::distr::{Alphanumeric, SampleString};
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use super::{kv_status, propose_status, unexpected, ApiContext};
+use crate::kv::{AuthState, KvError};
+use crate::proto::authpb::permission::Type as PermType;
+use crate::proto::etcdserverpb::{self as pb, auth_server::Auth, request_op::Request as Op};
+use crate::proto::meshpb::{auth_change::Change, internal_request::Request as Internal};
+use crate::proto::meshpb::{AuthChange, AuthToken};
+use crate::raft::AppliedKind;
+
+/// The gRPC metadata key clients put their token in (etcd's).
+pub const TOKEN_METADATA: &str = "token";
+
+/// Who is calling, once the token is checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// Auth is disabled: everything is allowed.
+    Anyone,
+    /// An authenticated user.
+    User(String),
+}
+
+fn status(e: KvError) -> Status {
+    kv_status(e)
+}
+
+/// The caller of a request, from its `token` metadata, for services without an
+/// [`ApiContext`] (see [`ApiContext::caller`]).
+pub fn caller(kv: &crate::kv::KvStore, md: &MetadataMap) -> Result<Caller, Status> {
+    if !kv.auth().enabled {
+        return Ok(Caller::Anyone);
+    }
+    let token = md
+        .get(TOKEN_METADATA)
+        .or_else(|| md.get("authorization"))
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| status(KvError::UserEmpty))?;
+    kv.token_user(token)
+        .map(Caller::User)
+        .ok_or_else(|| status(KvError::InvalidAuthToken))
+}
+
+impl ApiContext {
+    /// The caller of a request, from its `token` metadata. With auth enabled, a request
+    /// without a token is refused ("user name is empty"), one with an unknown or
+    /// expired token too ("invalid auth token").
+    pub fn caller(&self, md: &MetadataMap) -> Result<Caller, Status> {
+        caller(&self.kv, md)
+    }
+
+    fn with_user(
+        &self,
+        md: &MetadataMap,
+        check: impl FnOnce(&AuthState, &str) -> Result<(), KvError>,
+    ) -> Result<Caller, Status> {
+        let caller = self.caller(md)?;
+        if let Caller::User(u) = &caller {
+            check(&self.kv.auth(), u).map_err(status)?;
+        }
+        Ok(caller)
+    }
+
+    /// Only users with the root role may manage auth, membership and maintenance.
+    pub fn require_admin(&self, md: &MetadataMap) -> Result<Caller, Status> {
+        self.with_user(md, |a, u| a.check_admin(u))
+    }
+
+    /// Any authenticated user (or anyone, with auth disabled).
+    pub fn require_user(&self, md: &MetadataMap) -> Result<Caller, Status> {
+        self.caller(md)
+    }
+
+    /// Permission `perm` on [key, range_end) (etcd's range encoding).
+    pub fn require_range(
+        &self,
+        md: &MetadataMap,
+        key: &[u8],
+        range_end: &[u8],
+        perm: PermType,
+    ) -> Result<Caller, Status> {
+        self.with_user(md, |a, u| a.check_range(u, key, range_end, perm))
+    }
+
+    /// Every permission a txn needs: READ for compares and ranges, WRITE for puts and
+    /// deletes (and READ too when they return previous values), recursively.
+    pub fn require_txn(&self, md: &MetadataMap, t: &pb::TxnRequest) -> Result<Caller, Status> {
+        self.with_user(md, |a, u| check_txn(a, u, t))
+    }
+}
+
+fn check_txn(a: &AuthState, u: &str, t: &pb::TxnRequest) -> Result<(), KvError> {
+    for c in &t.compare {
+        a.check_range(u, &c.key, &c.range_end, PermType::Read)?;
+    }
+    for op in t.success.iter().chain(&t.failure) {
+        match &op.request {
+            Some(Op::RequestRange(r)) => a.check_range(u, &r.key, &r.range_end, PermType::Read)?,
+            Some(Op::RequestPut(p)) => {
+                a.check_range(u, &p.key, &[], PermType::Write)?;
+                if p.prev_kv {
+                    a.check_range(u, &p.key, &[], PermType::Read)?;
+                }
+            }
+            Some(Op::RequestDeleteRange(d)) => {
+                a.check_range(u, &d.key, &d.range_end, PermType::Write)?;
+                if d.prev_kv {
+                    a.check_range(u, &d.key, &d.range_end, PermType::Read)?;
+                }
+            }
+            Some(Op::RequestTxn(n)) => check_txn(a, u, n)?,
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// Hashes a password as an Argon2id PHC string (salted; slow on purpose).
+async fn hash_password(password: String) -> Result<String, Status> {
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
+            .map_err(|e| Status::internal(format!("password salt: {e}")))?;
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| Status::internal(format!("password hash: {e}")))
+    })
+    .await
+    .map_err(|e| Status::internal(format!("password hash: {e}")))?
+}
+
+async fn verify_password(password: String, phc: Vec<u8>) -> bool {
+    tokio::task::spawn_blocking(move || {
+        let Ok(phc) = std::str::from_utf8(&phc) else {
+            return false;
+        };
+        let Ok(parsed) = PasswordHash::new(phc) else {
+            return false;
+        };
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    })
+    .await
+    .unwrap_or(false)
+}
+
+pub struct AuthApi {
+    ctx: ApiContext,
+}
+
+impl AuthApi {
+    pub fn new(ctx: ApiContext) -> AuthApi {
+        AuthApi { ctx }
+    }
+
+    fn header(&self) -> Option<pb::ResponseHeader> {
+        self.ctx.header(self.ctx.kv.current_revision())
+    }
+
+    async fn change(&self, change: Change) -> Result<Option<pb::ResponseHeader>, Status> {
+        let applied = self
+            .ctx
+            .node
+            .propose(Internal::Auth(AuthChange {
+                change: Some(change),
+            }))
+            .await
+            .map_err(propose_status)?;
+        match applied.kind {
+            AppliedKind::Auth => Ok(self.ctx.header(applied.revision)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A linearizable view of the auth store for the read-only calls.
+    async fn state(&self) -> Result<std::sync::Arc<AuthState>, Status> {
+        self.ctx.linearize().await?;
+        Ok(self.ctx.kv.auth())
+    }
+}
+
+#[tonic::async_trait]
+impl Auth for AuthApi {
+    async fn auth_enable(
+        &self,
+        _req: Request<pb::AuthEnableRequest>,
+    ) -> Result<Response<pb::AuthEnableResponse>, Status> {
+        let header = self.change(Change::Enable(Default::default())).await?;
+        Ok(Response::new(pb::AuthEnableResponse { header }))
+    }
+
+    async fn auth_disable(
+        &self,
+        req: Request<pb::AuthDisableRequest>,
+    ) -> Result<Response<pb::AuthDisableResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
+        let header = self.change(Change::Disable(Default::default())).await?;
+        Ok(Response::new(pb::AuthDisableResponse { header }))
+    }
+
+    async fn auth_status(
+        &self,
+        _req: Request<pb::AuthStatusRequest>,
+    ) -> Result<Response<pb::AuthStatusResponse>, Status> {
+        let state = self.state().await?;
+        Ok(Response::new(pb::AuthStatusResponse {
+            header: self.header(),
+            enabled: state.enabled,
+            auth_revision: state.revision,
+        }))
+    }
+
+    async fn authenticate(
+        &self,
+        req: Request<pb::AuthenticateRequest>,
+    ) -> Result<Response<pb::AuthenticateResponse>, Status> {
+        let r = req.into_inner();
+        let state = self.state().await?;
+        if !state.enabled {
+            return Err(status(KvError::AuthNotEnabled));
+        }
+        let user = state.users.get(&r.name).cloned();
+        let no_password = user
+            .as_ref()
+            .is_none_or(|u| u.options.is_some_and(|o| o.no_password) || u.password.is_empty());
+        if no_password || !verify_password(r.password, user.expect("checked").password).await {
+            return Err(status(KvError::AuthFailed));
+        }
+        // etcd's simple token: 16 random letters, a dot, a sequence number.
+        let token = format!(
+            "{}.{}",
+            Alphanumeric.sample_string(&mut rand::rng(), 16),
+            self.ctx.kv.applied_index() + 1
+        );
+        self.change(Change::Token(AuthToken {
+            user: r.name,
+            token: token.clone(),
+        }))
+        .await?;
+        Ok(Response::new(pb::AuthenticateResponse {
+            header: self.header(),
+            token,
+        }))
+    }
+
+    async fn user_add(
+        &self,
+        req: Request<pb::AuthUserAddRequest>,
+    ) -> Result<Response<pb::AuthUserAddResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
+        let mut r = req.into_inner();
+        if r.name.is_empty() {
+            return Err(status(KvError::UserEmpty));
+        }
+        let no_password = r.options.is_some_and(|o| o.no_password);
+        r.hashed_password = if no_password {
+            String::new()
+        } else if !r.hashed_password.is_empty() {
+            // Only our own hash format is accepted from clients.
+            PasswordHash::new(&r.hashed_password)
+                .map_err(|_| Status::invalid_argument("etcdserver: invalid password hash"))?;
+            r.hashed_password
+        } else {
+            hash_password(std::mem::take(&mut r.password)).await?
+        };
+        r.password.clear();
+        let header = self.change(Change::UserAdd(r)).await?;
+        Ok(Response::new(pb::AuthUserAddResponse { header }))
+    }
+
+    async fn user_get(
+        &self,
+        req: Request<pb::AuthUserGetRequest>,
+    ) -> Result<Response<pb::AuthUserGetResponse>, Status> {
+        let caller = self.ctx.require_user(req.metadata())?;
+        let r = req.into_inner();
+        let state = self.state().await?;
+        // A user may read its own record.
+        if caller != Caller::User(r.name.clone()) {
+            if let Caller::User(u) = &caller {
+                state.check_admin(u).map_err(status)?;
+            }
+        }
+        let user = state
+            .users
+            .get(&r.name)
+            .ok_or_else(|| status(KvError::UserNotFound))?;
+        Ok(Response::new(pb::AuthUserGetResponse {
+            header: self.header(),
+            roles: user.roles.clone(),
+        }))
+    }
+
+    async fn user_list(
+        &self,
+        req: Request<pb::AuthUserListRequest>,
+    ) -> Result<Response<pb::AuthUserListResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
+        let state = self.state().await?;
+        Ok(Response::new(pb::AuthUserListResponse {
+            header: self.header(),
+            users: state.users.keys().cloned().collect(),
+        }))
+    }
+
+    async fn user_delete(
+        &self,
+        req: Request<pb::AuthUserDeleteRequest>,
+    ) -> Result<Response<pb::AuthUserDeleteResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
+        let header = self.change(Change::UserDelete(req.into_inner())).await?;
+        Ok(Response::new(pb::AuthUserDeleteResponse { header }))
+    }
+
+    async fn user_change_password(
+        &self,
+        req: Request<pb::AuthUserChangePasswordRequest>,
+    ) -> Result<Response<pb::AuthUserChangePasswordResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
+        let mut r = req.into_inner();
+        if r.name.is_empty() {
+            return Err(status(KvError::UserEmpty));
+        }
+        if !self.ctx.kv.auth().users.contains_key(&r.name) {
+            return Err(status(KvError::UserNotFound));
+        }
+        r.hashed_password = hash_password(std::mem::take(&mut r.password)).await?;
+        let header = self.change(Change::UserChangePassword(r)).await?;
+        Ok(Response::new(pb::AuthUserChangePasswordResponse { header }))
+    }
+
+    async fn user_grant_role(
+        &self,
+        req: Request<pb::AuthUserGrantRoleRequest>,
+    ) -> Result<Response<pb::AuthUserGrantRoleResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
+        let header = self.change(Change::UserGrantRole(req.into_inner())).await?;
+        Ok(Response::new(pb::AuthUserGrantRoleResponse { header }))
+    }
+
+    async fn user_revoke_role(
+        &self,
+        req: Request<pb::AuthUserRevokeRoleRequest>,
+    ) -> Result<Response<pb::AuthUserRevokeRoleResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
+        let header = self
+            .change(Change::UserRevokeRole(req.into_inner()))
+            .await?;
+        Ok(Response::new(pb::AuthUserRevokeRoleResponse { header }))
+    }
+
+    async fn role_add(
+        &self,
+        req: Request<pb::AuthRoleAddRequest>,
+    ) -> Result<Response<pb::AuthRoleAddResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
+        let header = self.change(Change::RoleAdd(req.into_inner())).await?;
+        Ok(Response::new(pb::AuthRoleAddResponse { header }))
+    }
+
+    async fn role_get(
+        &self,
+        req: Request<pb::AuthRoleGetRequest>,
+    ) -> Result<Response<pb::AuthRoleGetResponse>, Status> {
+        let caller = self.ctx.require_user(req.metadata())?;
+        let r = req.into_inner();
+        let state = self.state().await?;
+        // A user may read the roles it holds.
+        if let Caller::User(u) = &caller {
+            let holds = state
+                .users
+                .get(u)
+                .is_some_and(|x| x.roles.contains(&r.role));
+            if !holds {
+                state.check_admin(u).map_err(status)?;
+            }
+        }
+        let role = state
+            .roles
+            .get(&r.role)
+            .ok_or_else(|| status(KvError::RoleNotFound))?;
+        Ok(Response::new(pb::AuthRoleGetResponse {
+            header: self.header(),
+            perm: role.key_permission.clone(),
+        }))
+    }
+
+    async fn role_list(
+        &self,
+        req: Request<pb::AuthRoleListRequest>,
+    ) -> Result<Response<pb::AuthRoleListResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
+        let state = self.state().await?;
+        Ok(Response::new(pb::AuthRoleListResponse {
+            header: self.header(),
+            roles: state.roles.keys().cloned().collect(),
+        }))
+    }
+
+    async fn role_delete(
+        &self,
+        req: Request<pb::AuthRoleDeleteRequest>,
+    ) -> Result<Response<pb::AuthRoleDeleteResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
+        let header = self.change(Change::RoleDelete(req.into_inner())).await?;
+        Ok(Response::new(pb::AuthRoleDeleteResponse { header }))
+    }
+
+    async fn role_grant_permission(
+        &self,
+        req: Request<pb::AuthRoleGrantPermissionRequest>,
+    ) -> Result<Response<pb::AuthRoleGrantPermissionResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
+        let header = self
+            .change(Change::RoleGrantPermission(req.into_inner()))
+            .await?;
+        Ok(Response::new(pb::AuthRoleGrantPermissionResponse {
+            header,
+        }))
+    }
+
+    async fn role_revoke_permission(
+        &self,
+        req: Request<pb::AuthRoleRevokePermissionRequest>,
+    ) -> Result<Response<pb::AuthRoleRevokePermissionResponse>, Status> {
+        self.ctx.require_admin(req.metadata())?;
+        let header = self
+            .change(Change::RoleRevokePermission(req.into_inner()))
+            .await?;
+        Ok(Response::new(pb::AuthRoleRevokePermissionResponse {
+            header,
+        }))
+    }
+}

@@ -3,6 +3,8 @@
 //! ([`ProcessCluster`]), reached through the independent `etcd-client` crate.
 //! Scenarios wait on observable state with a deadline, never on fixed sleeps.
 
+pub mod linearizability;
+
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};

@@ -23,7 +23,7 @@ use crate::proto::etcdserverpb::{
     cluster_server, kv_server, lease_server, maintenance_server, watch_server,
 };
 use crate::proto::meshpb::{internal_request::Request as Internal, MemberAttributes, MemberRecord};
-use crate::proto::meshpb::{mesh_server, node_meta::State, NodeMeta};
+use crate::proto::meshpb::{fault_injection_server, mesh_server, node_meta::State, NodeMeta};
 use crate::proto::v3electionpb::election_server;
 use crate::proto::v3lockpb::lock_server;
 use crate::raft::mesh_transport::{MemberRoutes, MeshTransport, RAFT_CHANNEL};
@@ -70,6 +70,9 @@ pub struct ServerConfig {
     /// Database file size above which this member raises a NOSPACE alarm (etcd's
     /// `--quota-backend-bytes`).
     pub quota_backend_bytes: u64,
+    /// Serve the test-only `meshpb.FaultInjection` service (loopback callers only).
+    /// Never on in production: it lets a local caller cut this member off.
+    pub unsafe_fault_injection: bool,
 }
 
 /// etcd's default space quota: 2 GiB.
@@ -105,6 +108,7 @@ impl ServerConfig {
             request_timeout: Duration::from_secs(7),
             limits: Limits::default(),
             quota_backend_bytes: DEFAULT_QUOTA_BACKEND_BYTES,
+            unsafe_fault_injection: false,
         }
     }
 }
@@ -372,7 +376,13 @@ impl Server {
             .add_service(lock_server::LockServer::new(api::LockApi::new(ctx.clone())))
             .add_service(election_server::ElectionServer::new(api::ElectionApi::new(
                 ctx.clone(),
-            )));
+            )))
+            .add_optional_service(cfg.unsafe_fault_injection.then(|| {
+                warn!("serving the test-only fault injection service (--unsafe-fault-injection)");
+                fault_injection_server::FaultInjectionServer::new(api::FaultInjectionApi {
+                    mesh: mesh.clone(),
+                })
+            }));
         // Small request/response pairs must not wait for Nagle and delayed ACKs.
         let incoming =
             tonic::transport::server::TcpIncoming::from(client_listener).with_nodelay(Some(true));

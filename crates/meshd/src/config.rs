@@ -105,6 +105,10 @@ pub struct Args {
     /// refuses writes that add data (etcd's default 2 GiB; 0 means the default).
     #[arg(long, env = "MESHD_QUOTA_BACKEND_BYTES")]
     pub quota_backend_bytes: Option<u64>,
+    /// FOR TESTS ONLY: serve meshpb.FaultInjection (cut, drop or delay mesh links) to
+    /// loopback callers. Off by default; never enable it on a real member.
+    #[arg(long, hide_short_help = true)]
+    pub unsafe_fault_injection: bool,
     /// Log format: text or json. RUST_LOG selects what is logged.
     #[arg(long, env = "MESHD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -285,6 +289,7 @@ pub fn resolve(args: Args) -> Result<ServerConfig> {
         Some(0) | None => {}
         Some(n) => cfg.quota_backend_bytes = n,
     }
+    cfg.unsafe_fault_injection = args.unsafe_fault_injection;
     if cfg.tick.is_zero() {
         bail!("--tick must be positive");
     }

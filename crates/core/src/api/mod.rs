@@ -9,6 +9,7 @@
 mod cluster;
 mod concurrency;
 mod election;
+mod fault;
 mod kv;
 mod lease;
 mod lock;
@@ -24,6 +25,7 @@ use tonic::{Code, Status};
 
 pub use cluster::ClusterApi;
 pub use election::ElectionApi;
+pub use fault::FaultInjectionApi;
 pub use kv::KvApi;
 pub use lease::LeaseApi;
 pub use lock::LockApi;

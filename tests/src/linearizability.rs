@@ -82,9 +82,7 @@ fn step(state: Option<u64>, input: Input, output: Output) -> Option<Option<u64>>
             }
             Some(if holds { Some(new) } else { state })
         }
-        Input::Delete => {
-            (unknown || output == Output::Delete(state.is_some())).then_some(None)
-        }
+        Input::Delete => (unknown || output == Output::Delete(state.is_some())).then_some(None),
     }
 }
 
@@ -95,7 +93,9 @@ pub enum Verdict {
     /// A key's history has no linearization; the witness says where it gets stuck.
     Violation(Witness),
     /// The search gave up after its step budget (too many concurrent unknowns).
-    Inconclusive { key: String },
+    Inconclusive {
+        key: String,
+    },
 }
 
 /// Why a key's history is not linearizable: the longest prefix the search could
@@ -193,7 +193,9 @@ fn check_key(ops: &[Op], budget: u64) -> Verdict {
     let n = events.len();
     let head = n;
     const END: usize = usize::MAX;
-    let mut next: Vec<usize> = (0..=n).map(|i| if i + 1 < n { i + 1 } else { END }).collect();
+    let mut next: Vec<usize> = (0..=n)
+        .map(|i| if i + 1 < n { i + 1 } else { END })
+        .collect();
     let mut prev: Vec<usize> = (0..=n).map(|i| if i == 0 { head } else { i - 1 }).collect();
     next[head] = if n > 0 { 0 } else { END };
     prev[head] = END;
@@ -316,10 +318,28 @@ mod tests {
             op(0, Input::Get, Output::Get(None), 0, Some(B)),
             op(0, Input::Put(1), Output::Put, 2 * B, Some(3 * B)),
             op(1, Input::Get, Output::Get(Some(1)), 4 * B, Some(5 * B)),
-            op(1, Input::Cas { expect: 1, new: 2 }, Output::Cas(true), 6 * B, Some(7 * B)),
-            op(0, Input::Cas { expect: 1, new: 3 }, Output::Cas(false), 8 * B, Some(9 * B)),
+            op(
+                1,
+                Input::Cas { expect: 1, new: 2 },
+                Output::Cas(true),
+                6 * B,
+                Some(7 * B),
+            ),
+            op(
+                0,
+                Input::Cas { expect: 1, new: 3 },
+                Output::Cas(false),
+                8 * B,
+                Some(9 * B),
+            ),
             op(0, Input::Delete, Output::Delete(true), 10 * B, Some(11 * B)),
-            op(1, Input::Delete, Output::Delete(false), 12 * B, Some(13 * B)),
+            op(
+                1,
+                Input::Delete,
+                Output::Delete(false),
+                12 * B,
+                Some(13 * B),
+            ),
         ];
         assert_eq!(check(&h, 1_000_000), Verdict::Linearizable);
     }
@@ -365,8 +385,20 @@ mod tests {
     fn two_successful_cas_from_the_same_value_is_a_violation() {
         let h = vec![
             op(0, Input::Put(1), Output::Put, 0, Some(B)),
-            op(1, Input::Cas { expect: 1, new: 2 }, Output::Cas(true), 2 * B, Some(5 * B)),
-            op(2, Input::Cas { expect: 1, new: 3 }, Output::Cas(true), 3 * B, Some(6 * B)),
+            op(
+                1,
+                Input::Cas { expect: 1, new: 2 },
+                Output::Cas(true),
+                2 * B,
+                Some(5 * B),
+            ),
+            op(
+                2,
+                Input::Cas { expect: 1, new: 3 },
+                Output::Cas(true),
+                3 * B,
+                Some(6 * B),
+            ),
         ];
         assert!(matches!(check(&h, 1_000_000), Verdict::Violation(_)));
     }

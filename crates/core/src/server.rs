@@ -22,8 +22,8 @@ use crate::mesh::{Mesh, MeshConfig};
 use crate::proto::etcdserverpb::{
     cluster_server, kv_server, lease_server, maintenance_server, watch_server,
 };
-use crate::proto::meshpb::{internal_request::Request as Internal, MemberAttributes, MemberRecord};
 use crate::proto::meshpb::{fault_injection_server, mesh_server, node_meta::State, NodeMeta};
+use crate::proto::meshpb::{internal_request::Request as Internal, MemberAttributes, MemberRecord};
 use crate::proto::v3electionpb::election_server;
 use crate::proto::v3lockpb::lock_server;
 use crate::raft::mesh_transport::{MemberRoutes, MeshTransport, RAFT_CHANNEL};

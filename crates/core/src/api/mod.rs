@@ -122,12 +122,19 @@ impl ApiContext {
     }
 }
 
+/// etcd's text for a member that found its data corrupt (with code DataLoss).
+pub const ERR_CORRUPT: &str = "etcdserver: corrupt cluster";
+
 /// The gRPC status etcd returns for a state-machine refusal.
 pub fn kv_status(e: KvError) -> Status {
     let code = match &e {
         KvError::Compacted { .. } | KvError::FutureRevision => Code::OutOfRange,
         KvError::NoSpace => Code::ResourceExhausted,
         KvError::Storage(_) => Code::Internal,
+        KvError::Corrupt { .. } => {
+            tracing::error!("{e}: refusing to serve it");
+            return Status::data_loss(ERR_CORRUPT);
+        }
         KvError::LeaseNotFound => Code::NotFound,
         KvError::LeaseExists => Code::FailedPrecondition,
         KvError::LeaseTtlTooLarge => Code::OutOfRange,

@@ -79,7 +79,10 @@ pub fn open_database(dir: &Path) -> Result<Arc<Db>, StorageError> {
         redb::Database::create(&path)
     };
     match result {
-        Ok(db) => Ok(Arc::new(Db::new(db, path))),
+        Ok(mut db) => {
+            verify(&mut db, &path)?;
+            Ok(Arc::new(Db::new(db, path)))
+        }
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StorageError::InUse { path }),
         Err(redb::DatabaseError::Storage(redb::StorageError::Io(source)))
             if source.kind() != std::io::ErrorKind::InvalidData =>
@@ -91,6 +94,26 @@ pub fn open_database(dir: &Path) -> Result<Arc<Db>, StorageError> {
             detail: e.to_string(),
         }),
     }
+}
+
+/// Verifies every page checksum of the file before the member uses it: redb checks
+/// them only when it repairs after an unclean shutdown, never on reads, so a byte
+/// flipped at rest would otherwise be served. Costs one read of the file per start.
+/// A file that fails is refused even when redb could roll it back to an older commit:
+/// that commit may lack fsynced Raft state (a vote, acknowledged entries), and a
+/// member that forgets those can break Raft's safety.
+fn verify(db: &mut redb::Database, path: &Path) -> Result<(), StorageError> {
+    let detail = match db.check_integrity() {
+        Ok(true) => return Ok(()),
+        Ok(false) => "page checksums do not match (redb rolled the file back to an older commit, \
+                      which may have lost fsynced Raft state)"
+            .to_string(),
+        Err(e) => format!("integrity check failed: {e}"),
+    };
+    Err(StorageError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    })
 }
 
 /// File in the data dir holding this node's mesh peer name (16 hex digits).

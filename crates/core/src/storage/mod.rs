@@ -73,17 +73,43 @@ pub fn open_database(dir: &Path) -> Result<Arc<Db>, StorageError> {
         source,
     })?;
     let path = dir.join(DB_FILE);
-    let result = if path.exists() {
-        redb::Database::open(&path)
-    } else {
-        redb::Database::create(&path)
+    // redb can panic on a damaged file (e.g. an index out of range while it walks the
+    // allocator state): that is a corrupt data dir to report, not a crash.
+    let opened = std::panic::catch_unwind(|| {
+        let mut db = if path.exists() {
+            redb::Database::open(&path)?
+        } else {
+            redb::Database::create(&path)?
+        };
+        Ok((verify(&mut db), db))
+    });
+    let result = match opened {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            return Err(StorageError::Corrupt {
+                path,
+                detail: format!("the database engine failed on it: {what}"),
+            });
+        }
     };
     match result {
-        Ok(mut db) => {
-            verify(&mut db, &path)?;
-            Ok(Arc::new(Db::new(db, path)))
-        }
+        Ok((Ok(()), db)) => Ok(Arc::new(Db::new(db, path))),
+        Ok((Err(detail), _)) => Err(StorageError::Corrupt { path, detail }),
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StorageError::InUse { path }),
+        // A file shorter than its own header says is truncated, not unreadable.
+        Err(redb::DatabaseError::Storage(redb::StorageError::Io(source)))
+            if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            Err(StorageError::Corrupt {
+                path,
+                detail: format!("the file is truncated ({source})"),
+            })
+        }
         Err(redb::DatabaseError::Storage(redb::StorageError::Io(source)))
             if source.kind() != std::io::ErrorKind::InvalidData =>
         {
@@ -102,18 +128,16 @@ pub fn open_database(dir: &Path) -> Result<Arc<Db>, StorageError> {
 /// A file that fails is refused even when redb could roll it back to an older commit:
 /// that commit may lack fsynced Raft state (a vote, acknowledged entries), and a
 /// member that forgets those can break Raft's safety.
-fn verify(db: &mut redb::Database, path: &Path) -> Result<(), StorageError> {
-    let detail = match db.check_integrity() {
-        Ok(true) => return Ok(()),
-        Ok(false) => "page checksums do not match (redb rolled the file back to an older commit, \
-                      which may have lost fsynced Raft state)"
-            .to_string(),
-        Err(e) => format!("integrity check failed: {e}"),
-    };
-    Err(StorageError::Corrupt {
-        path: path.to_path_buf(),
-        detail,
-    })
+fn verify(db: &mut redb::Database) -> Result<(), String> {
+    match db.check_integrity() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(
+            "page checksums do not match (redb rolled the file back to an older \
+                          commit, which may have lost fsynced Raft state)"
+                .to_string(),
+        ),
+        Err(e) => Err(format!("integrity check failed: {e}")),
+    }
 }
 
 /// File in the data dir holding this node's mesh peer name (16 hex digits).

@@ -33,6 +33,9 @@ pub struct ChaosConfig {
     pub keys: usize,
     /// Whether "replace a member" is among the faults.
     pub replace: bool,
+    /// Read serializably (local, possibly stale): not linearizable by design, so the
+    /// checker must report violations. Checks the harness itself (`chaos --self-check`).
+    pub serializable_reads: bool,
 }
 
 impl ChaosConfig {
@@ -44,6 +47,7 @@ impl ChaosConfig {
             clients: 4,
             keys: 3,
             replace: true,
+            serializable_reads: false,
         }
     }
 }
@@ -162,7 +166,11 @@ async fn client_for(addrs: &[SocketAddr]) -> etcd_client::Client {
 }
 
 /// One client: random operations on the shared keys, each recorded.
-async fn run_client(sh: Arc<Shared>, id: usize, keys: usize, mut rng: Rng) {
+async fn run_client(sh: Arc<Shared>, id: usize, cfg: ChaosConfig, mut rng: Rng) {
+    let keys = cfg.keys;
+    let read_opts = cfg
+        .serializable_reads
+        .then(|| etcd_client::GetOptions::new().with_serializable());
     let addrs = sh.addrs.lock().unwrap().clone();
     let mut c = client_for(&addrs).await;
     let mut seen: BTreeMap<usize, u64> = BTreeMap::new();
@@ -182,7 +190,7 @@ async fn run_client(sh: Arc<Shared>, id: usize, keys: usize, mut rng: Rng) {
         let invoke = sh.now();
         let result = tokio::time::timeout(OP_TIMEOUT + Duration::from_millis(500), async {
             match input {
-                Input::Get => c.get(key.as_str(), None).await.map(|r| {
+                Input::Get => c.get(key.as_str(), read_opts.clone()).await.map(|r| {
                     let v = r.kvs().first().map(|kv| parse_value(kv.value()));
                     (Output::Get(v), None)
                 }),
@@ -662,7 +670,7 @@ pub async fn run(cfg: &ChaosConfig) -> RunReport {
     let clients: Vec<_> = (0..cfg.clients)
         .map(|i| {
             let r = Rng::new(rng.next_u64());
-            tokio::spawn(run_client(sh.clone(), i, cfg.keys, r))
+            tokio::spawn(run_client(sh.clone(), i, cfg.clone(), r))
         })
         .collect();
     let watch_until = Arc::new(AtomicI64::new(i64::MAX));

@@ -3,6 +3,8 @@
 //! violations). Exits 1 if any run found a violation.
 //!
 //! cargo build --bins && target/debug/chaos --duration 10m [--run 30s] [--members 3|5|both] [--seed N]
+//! `--self-check` reads serializably (stale by design) and succeeds only if the
+//! checker reports violations.
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,7 @@ fn main() -> anyhow::Result<()> {
     let mut total = Duration::from_secs(300);
     let mut per_run = Duration::from_secs(30);
     let mut members = vec![3, 5];
+    let mut self_check = false;
     let mut seed: u64 = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
@@ -33,6 +36,8 @@ fn main() -> anyhow::Result<()> {
         match a.as_str() {
             "--duration" => total = parse_duration(&val()?)?,
             "--run" => per_run = parse_duration(&val()?)?,
+            // Serializable reads: the runs must report violations, or the harness is blind.
+            "--self-check" => self_check = true,
             "--seed" => seed = val()?.parse().context("--seed is a number")?,
             "--members" => {
                 members = match val()?.as_str() {
@@ -43,7 +48,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             "-h" | "--help" => {
-                println!("chaos --duration 10m [--run 30s] [--members 3|5|both] [--seed N]");
+                println!("chaos --duration 10m [--run 30s] [--members 3|5|both] [--seed N] [--self-check]");
                 return Ok(());
             }
             _ => bail!("unknown argument {a} (see --help)"),
@@ -57,7 +62,8 @@ fn main() -> anyhow::Result<()> {
     let (mut runs, mut faults, mut ops, mut unknown, mut violations, mut inconclusive) =
         (0, 0, 0, 0, 0, 0);
     while Instant::now() < end {
-        let cfg = ChaosConfig::new(seed + runs as u64, members[runs % members.len()], per_run);
+        let mut cfg = ChaosConfig::new(seed + runs as u64, members[runs % members.len()], per_run);
+        cfg.serializable_reads = self_check;
         let report = rt.block_on(run(&cfg));
         println!("{report}");
         runs += 1;
@@ -70,6 +76,14 @@ fn main() -> anyhow::Result<()> {
     println!(
         "chaos: {runs} runs, {faults} faults injected, {ops} operations checked ({unknown} unknown), {violations} violations, {inconclusive} inconclusive checks"
     );
+    if self_check {
+        if violations == 0 {
+            println!("chaos --self-check: stale serializable reads went unnoticed");
+            std::process::exit(1);
+        }
+        println!("chaos --self-check: the checker caught the stale reads, as it must");
+        return Ok(());
+    }
     if violations > 0 {
         std::process::exit(1);
     }

@@ -70,6 +70,9 @@ pub struct ServerConfig {
     /// Database file size above which this member raises a NOSPACE alarm (etcd's
     /// `--quota-backend-bytes`).
     pub quota_backend_bytes: u64,
+    /// Free space the data dir's filesystem must keep: below it, client writes that add
+    /// data are refused with NOSPACE (and accepted again once space returns).
+    pub min_free_disk_bytes: u64,
     /// Serve the test-only `meshpb.FaultInjection` service (loopback callers only).
     /// Never on in production: it lets a local caller cut this member off.
     pub unsafe_fault_injection: bool,
@@ -77,6 +80,10 @@ pub struct ServerConfig {
 
 /// etcd's default space quota: 2 GiB.
 pub const DEFAULT_QUOTA_BACKEND_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+/// Default free-space reserve of the data dir's filesystem: room for the Raft log
+/// commits already in flight and for the database file to grow by a region.
+pub const DEFAULT_MIN_FREE_DISK_BYTES: u64 = 64 * 1024 * 1024;
 
 /// How often a member compares its database size with the quota.
 const QUOTA_CHECK_INTERVAL: Duration = Duration::from_millis(250);
@@ -108,6 +115,7 @@ impl ServerConfig {
             request_timeout: Duration::from_secs(7),
             limits: Limits::default(),
             quota_backend_bytes: DEFAULT_QUOTA_BACKEND_BYTES,
+            min_free_disk_bytes: DEFAULT_MIN_FREE_DISK_BYTES,
             unsafe_fault_injection: false,
         }
     }
@@ -339,6 +347,8 @@ impl Server {
             db_path: cfg.data_dir.join(storage::DB_FILE),
             db: db.clone(),
             quota_backend_bytes: cfg.quota_backend_bytes,
+            disk_low: Default::default(),
+            min_free_disk_bytes: cfg.min_free_disk_bytes,
         };
         let max_msg = cfg.limits.max_request_bytes + api::GRPC_OVERHEAD_BYTES;
         let (grpc_stop, stop_rx) = oneshot::channel::<()>();

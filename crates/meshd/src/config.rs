@@ -105,6 +105,10 @@ pub struct Args {
     /// refuses writes that add data (etcd's default 2 GiB; 0 means the default).
     #[arg(long, env = "MESHD_QUOTA_BACKEND_BYTES")]
     pub quota_backend_bytes: Option<u64>,
+    /// Free bytes the data dir's filesystem must keep; below it, writes that add data
+    /// are refused with NOSPACE until space returns (default 64 MiB).
+    #[arg(long, env = "MESHD_MIN_FREE_DISK_BYTES")]
+    pub min_free_disk_bytes: Option<u64>,
     /// FOR TESTS ONLY: serve meshpb.FaultInjection (cut, drop or delay mesh links) to
     /// loopback callers. Off by default; never enable it on a real member.
     #[arg(long, hide_short_help = true)]
@@ -290,6 +294,9 @@ pub fn resolve(args: Args) -> Result<ServerConfig> {
         Some(n) => cfg.quota_backend_bytes = n,
     }
     cfg.unsafe_fault_injection = args.unsafe_fault_injection;
+    if let Some(n) = args.min_free_disk_bytes {
+        cfg.min_free_disk_bytes = n;
+    }
     if cfg.tick.is_zero() {
         bail!("--tick must be positive");
     }

@@ -88,6 +88,7 @@ impl Kv for KvApi {
         let r = req.into_inner();
         self.ctx.check_size(&r)?;
         check_put(&r)?;
+        self.ctx.check_disk_space()?;
         let applied = self.propose(Internal::Put(r)).await?;
         match applied.kind {
             AppliedKind::Put(mut resp) => {
@@ -129,6 +130,7 @@ impl Kv for KvApi {
                 .stamp(&mut resp.header, self.ctx.kv.current_revision());
             return Ok(Response::new(resp));
         }
+        self.ctx.check_disk_space()?;
         let applied = self.propose(Internal::Txn(r)).await?;
         match applied.kind {
             AppliedKind::Txn(mut resp) => {

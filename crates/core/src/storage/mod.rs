@@ -140,6 +140,26 @@ fn verify(db: &mut redb::Database) -> Result<(), String> {
     }
 }
 
+/// Bytes available to unprivileged writers on the filesystem holding `path`, or None
+/// if the filesystem cannot say.
+pub fn disk_free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is written by statvfs
+    // before it is read (only when it returns 0).
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // The field types differ between platforms (u32 on some 32-bit targets).
+    #[allow(clippy::unnecessary_cast)]
+    let (avail, frsize) = (st.f_bavail as u64, st.f_frsize as u64);
+    Some(avail.saturating_mul(frsize))
+}
+
 /// File in the data dir holding this node's mesh peer name (16 hex digits).
 pub const PEER_NAME_FILE: &str = "mesh-peer-name";
 

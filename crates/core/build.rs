@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/meshpb/internal.proto",
                 "proto/meshpb/api.proto",
                 "proto/meshpb/mesh.proto",
+                "proto/meshpb/fault.proto",
                 "proto/v3lockpb/v3lock.proto",
                 "proto/v3electionpb/v3election.proto",
             ],

@@ -3,6 +3,9 @@
 //! ([`ProcessCluster`]), reached through the independent `etcd-client` crate.
 //! Scenarios wait on observable state with a deadline, never on fixed sleeps.
 
+pub mod chaos;
+pub mod linearizability;
+
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -280,9 +283,15 @@ impl InProcessCluster {
 /// Where cargo put the workspace binaries (built by the test command before the tests).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    // target/<profile>/deps/<test> -> target/<profile>/<name>; a program of this
+    // package (target/<profile>/chaos) finds it beside itself.
+    let beside = exe.parent().expect("exe dir").join(name);
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join(name);
+    let path = if beside.exists() {
+        beside
+    } else {
+        dir.join(name)
+    };
     assert!(
         path.exists(),
         "{} is missing: build the binaries first (`cargo build --workspace` — the README's test command does)",
@@ -303,7 +312,8 @@ pub struct Process {
 }
 
 impl Process {
-    fn spawn(&mut self) {
+    /// Starts the process (again) with its arguments, appending to its log.
+    pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -22,8 +22,8 @@ use crate::mesh::{Mesh, MeshConfig};
 use crate::proto::etcdserverpb::{
     auth_server, cluster_server, kv_server, lease_server, maintenance_server, watch_server,
 };
+use crate::proto::meshpb::{fault_injection_server, mesh_server, node_meta::State, NodeMeta};
 use crate::proto::meshpb::{internal_request::Request as Internal, MemberAttributes, MemberRecord};
-use crate::proto::meshpb::{mesh_server, node_meta::State, NodeMeta};
 use crate::proto::v3electionpb::election_server;
 use crate::proto::v3lockpb::lock_server;
 use crate::raft::mesh_transport::{MemberRoutes, MeshTransport, RAFT_CHANNEL};
@@ -76,10 +76,20 @@ pub struct ServerConfig {
     pub client_tls: Option<crate::tls::ServerTls>,
     /// How long a simple auth token lives after its last use (`--auth-token-ttl`).
     pub auth_token_ttl: Duration,
+    /// Free space the data dir's filesystem must keep: below it, client writes that add
+    /// data are refused with NOSPACE (and accepted again once space returns).
+    pub min_free_disk_bytes: u64,
+    /// Serve the test-only `meshpb.FaultInjection` service (loopback callers only).
+    /// Never on in production: it lets a local caller cut this member off.
+    pub unsafe_fault_injection: bool,
 }
 
 /// etcd's default space quota: 2 GiB.
 pub const DEFAULT_QUOTA_BACKEND_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+/// Default free-space reserve of the data dir's filesystem: room for the Raft log
+/// commits already in flight and for the database file to grow by a region.
+pub const DEFAULT_MIN_FREE_DISK_BYTES: u64 = 64 * 1024 * 1024;
 
 /// How often a member compares its database size with the quota.
 const QUOTA_CHECK_INTERVAL: Duration = Duration::from_millis(250);
@@ -114,6 +124,8 @@ impl ServerConfig {
             quota_backend_bytes: DEFAULT_QUOTA_BACKEND_BYTES,
             client_tls: None,
             auth_token_ttl: crate::kv::DEFAULT_TOKEN_TTL,
+            min_free_disk_bytes: DEFAULT_MIN_FREE_DISK_BYTES,
+            unsafe_fault_injection: false,
         }
     }
 }
@@ -374,6 +386,8 @@ impl Server {
             quota_backend_bytes: cfg.quota_backend_bytes,
             watchers: Default::default(),
             dialer,
+            disk_low: Default::default(),
+            min_free_disk_bytes: cfg.min_free_disk_bytes,
         };
         let max_msg = cfg.limits.max_request_bytes + api::GRPC_OVERHEAD_BYTES;
         let (grpc_stop, stop_rx) = oneshot::channel::<()>();
@@ -418,7 +432,13 @@ impl Server {
             .add_service(election_server::ElectionServer::new(api::ElectionApi::new(
                 ctx.clone(),
             )))
-            .add_service(auth_server::AuthServer::new(api::AuthApi::new(ctx.clone())));
+            .add_service(auth_server::AuthServer::new(api::AuthApi::new(ctx.clone())))
+            .add_optional_service(cfg.unsafe_fault_injection.then(|| {
+                warn!("serving the test-only fault injection service (--unsafe-fault-injection)");
+                fault_injection_server::FaultInjectionServer::new(api::FaultInjectionApi {
+                    mesh: mesh.clone(),
+                })
+            }));
         // Small request/response pairs must not wait for Nagle and delayed ACKs.
         let incoming =
             tonic::transport::server::TcpIncoming::from(client_listener).with_nodelay(Some(true));

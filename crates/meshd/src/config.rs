@@ -164,6 +164,14 @@ pub struct Args {
     /// refuses writes that add data (etcd's default 2 GiB; 0 means the default).
     #[arg(long, env = "MESHD_QUOTA_BACKEND_BYTES")]
     pub quota_backend_bytes: Option<u64>,
+    /// Free bytes the data dir's filesystem must keep; below it, writes that add data
+    /// are refused with NOSPACE until space returns (default 64 MiB).
+    #[arg(long, env = "MESHD_MIN_FREE_DISK_BYTES")]
+    pub min_free_disk_bytes: Option<u64>,
+    /// FOR TESTS ONLY: serve meshpb.FaultInjection (cut, drop or delay mesh links) to
+    /// loopback callers. Off by default; never enable it on a real member.
+    #[arg(long, hide_short_help = true)]
+    pub unsafe_fault_injection: bool,
     /// Log format: text or json. RUST_LOG selects what is logged.
     #[arg(long, env = "MESHD_LOG_FORMAT", value_parser = ["text", "json"])]
     pub log_format: Option<String>,
@@ -230,6 +238,7 @@ struct FileConfig {
     max_txn_ops: Option<usize>,
     quota_backend_bytes: Option<u64>,
     log_format: Option<String>,
+    min_free_disk_bytes: Option<u64>,
     // client-API TLS
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
@@ -556,6 +565,10 @@ pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
         Some(secs) => cfg.auth_token_ttl = Duration::from_secs(secs),
         None => {}
     }
+    cfg.unsafe_fault_injection = args.unsafe_fault_injection;
+    if let Some(n) = args.min_free_disk_bytes.or(file.min_free_disk_bytes) {
+        cfg.min_free_disk_bytes = n;
+    }
     if cfg.tick.is_zero() {
         bail!("{}: must be positive", o.of("tick"));
     }
@@ -653,6 +666,7 @@ fn default_yaml(key: &str) -> Option<String> {
         "quota-backend-bytes" => d.quota_backend_bytes.to_string(),
         "log-format" => quoted("text".into()),
         "client-cert-auth" => "false".into(),
+        "min-free-disk-bytes" => d.min_free_disk_bytes.to_string(),
         "auth-token" => quoted("simple".into()),
         "auth-token-ttl" => d.auth_token_ttl.as_secs().to_string(),
         _ => return None,

@@ -95,6 +95,7 @@ impl Kv for KvApi {
         if r.prev_kv {
             self.ctx.require_range(&md, &r.key, &[], Perm::Read)?;
         }
+        self.ctx.check_disk_space()?;
         let applied = self.propose(Internal::Put(r)).await?;
         match applied.kind {
             AppliedKind::Put(mut resp) => {
@@ -143,6 +144,7 @@ impl Kv for KvApi {
                 .stamp(&mut resp.header, self.ctx.kv.current_revision());
             return Ok(Response::new(resp));
         }
+        self.ctx.check_disk_space()?;
         let applied = self.propose(Internal::Txn(r)).await?;
         match applied.kind {
             AppliedKind::Txn(mut resp) => {

@@ -10,6 +10,7 @@ mod auth;
 mod cluster;
 mod concurrency;
 mod election;
+mod fault;
 mod kv;
 mod lease;
 mod lock;
@@ -26,6 +27,7 @@ use tonic::{Code, Status};
 pub use auth::{AuthApi, Caller};
 pub use cluster::ClusterApi;
 pub use election::ElectionApi;
+pub use fault::FaultInjectionApi;
 pub use kv::KvApi;
 pub use lease::LeaseApi;
 pub use lock::LockApi;
@@ -79,6 +81,10 @@ pub struct ApiContext {
     pub db: Arc<crate::storage::Db>,
     /// `--quota-backend-bytes`: above this file size the member raises NOSPACE.
     pub quota_backend_bytes: u64,
+    /// Whether the last write found less than `min_free_disk_bytes` free on the data
+    /// dir's filesystem (to log only the changes).
+    pub disk_low: Arc<std::sync::atomic::AtomicBool>,
+    pub min_free_disk_bytes: u64,
     /// Becomes true when the member starts stopping: requests that wait indefinitely
     /// (Lock, Campaign, Observe, keep-alive streams) end so shutdown need not wait.
     pub stopping: tokio::sync::watch::Receiver<bool>,
@@ -106,6 +112,29 @@ impl ApiContext {
         *header = self.header(rev);
     }
 
+    /// Refuses a write that adds data while the disk is nearly full, with etcd's
+    /// NOSPACE error; it succeeds again by itself once space returns.
+    /// Checked on every such write (one statvfs, far cheaper than the fsync that
+    /// follows), so a burst of writes cannot run past the reserve between checks.
+    /// The reserve keeps the disk from filling under the Raft log's own commits: a
+    /// failed commit stops the Raft driver (a failed fsync is never retried blindly).
+    pub fn check_disk_space(&self) -> Result<(), Status> {
+        let dir = self.db_path.parent().unwrap_or(std::path::Path::new("."));
+        let low =
+            crate::storage::disk_free_bytes(dir).is_some_and(|f| f < self.min_free_disk_bytes);
+        if self.disk_low.swap(low, std::sync::atomic::Ordering::AcqRel) != low {
+            if low {
+                tracing::warn!(dir = %dir.display(), reserve = self.min_free_disk_bytes, "disk nearly full: refusing writes that add data");
+            } else {
+                tracing::info!(dir = %dir.display(), "disk space is back: accepting writes again");
+            }
+        }
+        if low {
+            return Err(kv_status(KvError::NoSpace));
+        }
+        Ok(())
+    }
+
     /// Resolves once the member is stopping.
     pub async fn stopped(&self) {
         let mut rx = self.stopping.clone();
@@ -126,12 +155,19 @@ impl ApiContext {
     }
 }
 
+/// etcd's text for a member that found its data corrupt (with code DataLoss).
+pub const ERR_CORRUPT: &str = "etcdserver: corrupt cluster";
+
 /// The gRPC status etcd returns for a state-machine refusal.
 pub fn kv_status(e: KvError) -> Status {
     let code = match &e {
         KvError::Compacted { .. } | KvError::FutureRevision => Code::OutOfRange,
         KvError::NoSpace => Code::ResourceExhausted,
         KvError::Storage(_) => Code::Internal,
+        KvError::Corrupt { .. } => {
+            tracing::error!("{e}: refusing to serve it");
+            return Status::data_loss(ERR_CORRUPT);
+        }
         KvError::LeaseNotFound => Code::NotFound,
         KvError::LeaseExists => Code::FailedPrecondition,
         KvError::LeaseTtlTooLarge => Code::OutOfRange,

@@ -56,6 +56,10 @@ pub enum KvError {
     /// The disk engine failed or holds something undecodable.
     #[error("storage: {0}")]
     Storage(String),
+    /// A stored record failed its checksum: the data dir is corrupt and the record is
+    /// not served. Clients get etcd's corruption error (DataLoss); the log gets this.
+    #[error("data dir is corrupt: {detail} in {table}")]
+    Corrupt { table: &'static str, detail: String },
     /// A request without a key.
     #[error("etcdserver: key is not provided")]
     EmptyKey,

@@ -75,15 +75,48 @@ pub(crate) struct Record {
 const FLAG_PUT: u8 = 0;
 const FLAG_TOMBSTONE: u8 = 1;
 
-pub(crate) fn encode_record(tombstone: bool, kv: &KeyValue) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(1 + kv.encoded_len());
-    buf.push(if tombstone { FLAG_TOMBSTONE } else { FLAG_PUT });
-    kv.encode(&mut buf)
-        .expect("a Vec grows to fit, so encoding cannot run out of space");
+/// Every `kv_history` and `kv_latest` value ends with the CRC-32 of what precedes it.
+/// redb checksums its pages but verifies them only when it repairs a file (or on an
+/// explicit integrity check), not on reads, so a byte flipped on disk after the member
+/// opened its data dir would otherwise be served.
+const CRC_LEN: usize = 4;
+
+fn seal(mut buf: Vec<u8>) -> Vec<u8> {
+    let crc = crc32fast::hash(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
     buf
 }
 
+/// The payload of a sealed value, or `KvError::Corrupt` naming the table.
+fn unseal<'a>(table: &'static str, bytes: &'a [u8]) -> Result<&'a [u8], KvError> {
+    let corrupt = |detail: String| KvError::Corrupt { table, detail };
+    if bytes.len() < CRC_LEN {
+        return Err(corrupt(format!(
+            "record of {} bytes is too short",
+            bytes.len()
+        )));
+    }
+    let (payload, crc) = bytes.split_at(bytes.len() - CRC_LEN);
+    let stored = u32::from_le_bytes(crc.try_into().expect("CRC_LEN bytes"));
+    let computed = crc32fast::hash(payload);
+    if stored != computed {
+        return Err(corrupt(format!(
+            "checksum mismatch (stored {stored:08x}, computed {computed:08x})"
+        )));
+    }
+    Ok(payload)
+}
+
+pub(crate) fn encode_record(tombstone: bool, kv: &KeyValue) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(1 + kv.encoded_len() + CRC_LEN);
+    buf.push(if tombstone { FLAG_TOMBSTONE } else { FLAG_PUT });
+    kv.encode(&mut buf)
+        .expect("a Vec grows to fit, so encoding cannot run out of space");
+    seal(buf)
+}
+
 pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, KvError> {
+    let bytes = unseal("kv_history", bytes)?;
     let (flag, rest) = bytes
         .split_first()
         .ok_or_else(|| KvError::Storage("empty kv_history record".into()))?;
@@ -93,15 +126,16 @@ pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, KvError> {
     })
 }
 
-/// Whether a raw `kv_history` value is a tombstone, without decoding the KeyValue.
+/// Whether a raw `kv_history` value is a tombstone, without decoding the KeyValue
+/// (compaction's scan; the checksum is verified wherever the record is decoded).
 pub(crate) fn is_tombstone(bytes: &[u8]) -> bool {
     bytes.first() == Some(&FLAG_TOMBSTONE)
 }
 
 pub(crate) fn decode_kv(bytes: &[u8]) -> Result<KeyValue, KvError> {
-    Ok(KeyValue::decode(bytes)?)
+    Ok(KeyValue::decode(unseal("kv_latest", bytes)?)?)
 }
 
 pub(crate) fn encode_kv(kv: &KeyValue) -> Vec<u8> {
-    kv.encode_to_vec()
+    seal(kv.encode_to_vec())
 }

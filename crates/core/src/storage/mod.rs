@@ -73,14 +73,43 @@ pub fn open_database(dir: &Path) -> Result<Arc<Db>, StorageError> {
         source,
     })?;
     let path = dir.join(DB_FILE);
-    let result = if path.exists() {
-        redb::Database::open(&path)
-    } else {
-        redb::Database::create(&path)
+    // redb can panic on a damaged file (e.g. an index out of range while it walks the
+    // allocator state): that is a corrupt data dir to report, not a crash.
+    let opened = std::panic::catch_unwind(|| {
+        let mut db = if path.exists() {
+            redb::Database::open(&path)?
+        } else {
+            redb::Database::create(&path)?
+        };
+        Ok((verify(&mut db), db))
+    });
+    let result = match opened {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            return Err(StorageError::Corrupt {
+                path,
+                detail: format!("the database engine failed on it: {what}"),
+            });
+        }
     };
     match result {
-        Ok(db) => Ok(Arc::new(Db::new(db, path))),
+        Ok((Ok(()), db)) => Ok(Arc::new(Db::new(db, path))),
+        Ok((Err(detail), _)) => Err(StorageError::Corrupt { path, detail }),
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StorageError::InUse { path }),
+        // A file shorter than its own header says is truncated, not unreadable.
+        Err(redb::DatabaseError::Storage(redb::StorageError::Io(source)))
+            if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            Err(StorageError::Corrupt {
+                path,
+                detail: format!("the file is truncated ({source})"),
+            })
+        }
         Err(redb::DatabaseError::Storage(redb::StorageError::Io(source)))
             if source.kind() != std::io::ErrorKind::InvalidData =>
         {
@@ -91,6 +120,44 @@ pub fn open_database(dir: &Path) -> Result<Arc<Db>, StorageError> {
             detail: e.to_string(),
         }),
     }
+}
+
+/// Verifies every page checksum of the file before the member uses it: redb checks
+/// them only when it repairs after an unclean shutdown, never on reads, so a byte
+/// flipped at rest would otherwise be served. Costs one read of the file per start.
+/// A file that fails is refused even when redb could roll it back to an older commit:
+/// that commit may lack fsynced Raft state (a vote, acknowledged entries), and a
+/// member that forgets those can break Raft's safety.
+fn verify(db: &mut redb::Database) -> Result<(), String> {
+    match db.check_integrity() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(
+            "page checksums do not match (redb rolled the file back to an older \
+                          commit, which may have lost fsynced Raft state)"
+                .to_string(),
+        ),
+        Err(e) => Err(format!("integrity check failed: {e}")),
+    }
+}
+
+/// Bytes available to unprivileged writers on the filesystem holding `path`, or None
+/// if the filesystem cannot say.
+pub fn disk_free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` is written by statvfs
+    // before it is read (only when it returns 0).
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // The field types differ between platforms (u32 on some 32-bit targets).
+    #[allow(clippy::unnecessary_cast)]
+    let (avail, frsize) = (st.f_bavail as u64, st.f_frsize as u64);
+    Some(avail.saturating_mul(frsize))
 }
 
 /// File in the data dir holding this node's mesh peer name (16 hex digits).

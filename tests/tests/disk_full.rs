@@ -1,0 +1,229 @@
+//! A member whose disk fills up. With its free-space reserve (`--min-free-disk-bytes`)
+//! writes are refused with etcd's NOSPACE error before the disk is full, reads go on,
+//! and writes succeed again once space returns. Without a reserve the Raft log's own
+//! commit fails: writes stop (the reason logged), reads and data stay intact.
+//! The data dir lives on a small tmpfs, so the tests need root (skipped, saying why,
+//! otherwise).
+//!
+//! Known gap (ignored test below): after a failed commit the Raft driver stays stopped
+//! when space returns; only a restart brings writes back. It does not retry in place,
+//! since after a failed write or fsync the page cache cannot be trusted (fsyncgate).
+
+use std::process::Command;
+use std::time::Duration;
+
+use mesh_tests::*;
+
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Result<Tmpfs, String> {
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A single member with its data dir on an 8 MiB tmpfs (3 MiB of it taken by a
+/// filler file) and a free-space reserve of `reserve` bytes, filled with 16 KiB writes
+/// until one fails; returns the failed write's error.
+struct Full {
+    dir: tempfile::TempDir,
+    _fs: Tmpfs,
+    filler: std::path::PathBuf,
+    p: Process,
+    client: etcd_client::Client,
+    error: etcd_client::Error,
+}
+
+impl Full {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("p0.log")).unwrap_or_default()
+    }
+}
+
+async fn fill_up(reserve: u64) -> Option<Full> {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    let fs = match Tmpfs::mount(&mnt, "8m") {
+        Ok(fs) => fs,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot mount a small tmpfs (needs root): {e}");
+            return None;
+        }
+    };
+    // Space to give back later.
+    let filler = mnt.join("filler");
+    std::fs::write(&filler, vec![0u8; 3 << 20]).unwrap();
+    let addr = free_addr();
+    let metrics = free_addr();
+    let mut p = Process {
+        name: "p0".into(),
+        client: addr,
+        metrics,
+        args: vec![
+            "--name=p0".into(),
+            format!("--data-dir={}", mnt.join("p0").display()),
+            format!("--listen-client={addr}"),
+            format!("--listen-mesh={}", free_addr()),
+            format!("--listen-metrics={metrics}"),
+            "--tick=25ms".into(),
+            "--election-ticks=12".into(),
+            "--heartbeat-ticks=2".into(),
+            format!("--min-free-disk-bytes={reserve}"),
+        ],
+        child: None,
+        log: dir.path().join("p0.log"),
+    };
+    p.spawn();
+    wait_for_leader(&[addr]).await;
+    let mut c = etcd_client(addr).await;
+    c.put("first", "kept", None).await.expect("first put");
+    let value = vec![b'x'; 16 * 1024];
+    for i in 0..2000 {
+        if let Err(error) = c.put(format!("fill/{i:03}"), value.clone(), None).await {
+            return Some(Full {
+                dir,
+                _fs: fs,
+                filler,
+                p,
+                client: c,
+                error,
+            });
+        }
+    }
+    panic!("8 MiB never filled up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_nearly_full_refuses_writes_keeps_reads_and_recovers() {
+    let Some(mut f) = fill_up(2 << 20).await else {
+        return;
+    };
+    let err = f.error.to_string();
+    eprintln!("write on a nearly full disk: {err}");
+    assert!(
+        err.contains("etcdserver: mvcc: database space exceeded"),
+        "{err}\n{}",
+        f.log()
+    );
+    assert!(f.log().contains("disk nearly full"), "{}", f.log());
+    // Reads, linearizable too (the Raft driver is fine), and the data is intact.
+    let r = f
+        .client
+        .get("first", None)
+        .await
+        .unwrap_or_else(|e| panic!("read: {e}\n{}", f.log()));
+    assert_eq!(r.kvs()[0].value(), b"kept");
+    // Deletes free space and are allowed, as etcd allows them under NOSPACE.
+    f.client
+        .delete("fill/000", None)
+        .await
+        .expect("delete on a nearly full disk");
+    // Space returns: writes succeed again, without a restart.
+    std::fs::remove_file(&f.filler).unwrap();
+    let c = f.client.clone();
+    eventually(
+        "a write after space returned",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move { c.put("after", "space", None).await.ok() }
+        },
+    )
+    .await;
+    assert_eq!(
+        f.client.get("after", None).await.unwrap().kvs()[0].value(),
+        b"space"
+    );
+    assert!(f.log().contains("disk space is back"), "{}", f.log());
+    assert!(
+        f.p.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "meshd exited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_without_reserve_stops_writes_logs_why_and_keeps_serving_reads() {
+    let Some(mut f) = fill_up(0).await else {
+        return;
+    };
+    let err = f.error.to_string();
+    eprintln!("write on a full disk: {err}");
+    assert!(err.contains("etcdserver: server stopped"), "{err}");
+    let log = f.log();
+    assert!(
+        log.contains("No space left on device"),
+        "the log does not say why writes stopped:\n{log}"
+    );
+    // Later writes are refused at once, not left hanging.
+    let again = f
+        .client
+        .put("more", "x", None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains("etcdserver: server stopped"), "{again}");
+    // Still up for serializable reads, with the data intact.
+    let r = f
+        .client
+        .get(
+            "first",
+            Some(etcd_client::GetOptions::new().with_serializable()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("read on a full disk: {e}\n{}", f.log()));
+    assert_eq!(r.kvs()[0].value(), b"kept");
+    let n = f
+        .client
+        .get(
+            "fill/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_serializable(),
+            ),
+        )
+        .await
+        .unwrap()
+        .count();
+    assert!(
+        n > 0,
+        "the writes acknowledged before the disk filled are gone"
+    );
+    assert!(
+        f.p.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "meshd exited\n{}",
+        f.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known gap: the Raft driver stops on a failed commit and needs a restart"]
+async fn disk_full_writes_recover_when_space_returns() {
+    let Some(f) = fill_up(0).await else { return };
+    std::fs::remove_file(&f.filler).unwrap();
+    let c = f.client.clone();
+    eventually(
+        "a write after space returned",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move { c.put("after", "space", None).await.ok() }
+        },
+    )
+    .await;
+}

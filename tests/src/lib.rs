@@ -137,6 +137,8 @@ pub struct ClusterOpts {
     pub password: Option<Vec<u8>>,
     /// TLS on every member's client API.
     pub client_tls: Option<mesh_core::tls::ServerTls>,
+    /// Serve `/metrics` and `/health` (off by default: one port fewer to race for).
+    pub metrics: bool,
 }
 
 impl Default for ClusterOpts {
@@ -155,6 +157,7 @@ impl Default for ClusterOpts {
             },
             password: None,
             client_tls: None,
+            metrics: false,
         }
     }
 }
@@ -166,7 +169,7 @@ impl ClusterOpts {
         c.data_dir = dir.join(name);
         c.listen_client = free_addr();
         c.listen_mesh = free_addr();
-        c.listen_metrics = Some(free_addr());
+        c.listen_metrics = self.metrics.then(free_addr);
         c.tick = self.tick;
         c.election_ticks = self.election_ticks;
         c.heartbeat_ticks = 2;

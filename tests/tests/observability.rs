@@ -62,7 +62,11 @@ const PUT_OK: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics_follow_the_cluster() {
-    let mut c = InProcessCluster::start(3, ClusterOpts::default()).await;
+    let opts = ClusterOpts {
+        metrics: true,
+        ..Default::default()
+    };
+    let mut c = InProcessCluster::start(3, opts).await;
     let leader = wait_for_leader(&c.live_addrs()).await;
     let li = c.index_of(leader);
     let m: Vec<SocketAddr> = c

@@ -93,8 +93,11 @@ fn raft_entry(data: &[u8]) -> bool {
     let Ok(e) = Entry::decode(data) else {
         return false;
     };
-    match e.get_entry_type() {
-        EntryType::EntryNormal => {
+    // A stored or received entry with an unknown type is refused before anything calls
+    // raft-rs's panicking `get_entry_type`.
+    match EntryType::from_i32(e.entry_type) {
+        None => false,
+        Some(EntryType::EntryNormal) => {
             let Ok(req) = <InternalRequest as prost::Message>::decode(e.data.as_slice()) else {
                 return false;
             };
@@ -103,13 +106,13 @@ fn raft_entry(data: &[u8]) -> bool {
             }
             true
         }
-        EntryType::EntryConfChange => match ConfChange::decode(e.data.as_slice()) {
+        Some(EntryType::EntryConfChange) => match ConfChange::decode(e.data.as_slice()) {
             Ok(cc) => {
                 <meshpb::ConfChangeContext as prost::Message>::decode(cc.context.as_slice()).is_ok()
             }
             Err(_) => false,
         },
-        EntryType::EntryConfChangeV2 => false,
+        Some(EntryType::EntryConfChangeV2) => false,
     }
 }
 

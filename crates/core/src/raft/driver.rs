@@ -514,7 +514,15 @@ impl Driver {
         let mut peers_changed = false;
         for e in entries {
             let mut ours = None;
-            match e.get_entry_type() {
+            // Entries were checked on receipt (`mesh_transport::well_formed`); a stored one
+            // with an unknown type means a damaged log: stop rather than guess.
+            let kind = EntryType::from_i32(e.entry_type).ok_or_else(|| {
+                DriverError::BadSnapshot(format!(
+                    "log entry {} has unknown type {}",
+                    e.index, e.entry_type
+                ))
+            })?;
+            match kind {
                 EntryType::EntryNormal if e.data.is_empty() => {
                     // A new leader's empty entry: nothing to apply.
                 }

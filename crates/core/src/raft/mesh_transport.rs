@@ -182,6 +182,16 @@ pub fn receive_untrusted(frames: &[&[u8]]) -> usize {
     rx.into_iter().count()
 }
 
+/// raft-rs panics on enum values it does not know (`get_msg_type`, `get_entry_type`):
+/// such a message never reaches it.
+pub fn well_formed(m: &Message) -> bool {
+    use raft::prelude::EntryType;
+    MessageType::from_i32(m.msg_type).is_some()
+        && m.entries
+            .iter()
+            .all(|e| EntryType::from_i32(e.entry_type).is_some())
+}
+
 struct Partial {
     started: Instant,
     chunks: Vec<Option<Vec<u8>>>,
@@ -199,6 +209,10 @@ struct RaftReceiver {
 impl RaftReceiver {
     fn deliver(&self, data: &[u8]) {
         match Message::decode(data) {
+            Ok(m) if !well_formed(&m) => warn!(
+                from = format_args!("{:x}", m.from),
+                "raft message with an unknown message or entry type dropped"
+            ),
             Ok(m) if m.to == self.member_id => {
                 let _ = self.driver.send(DriverMsg::Raft(Box::new(m)));
             }
@@ -265,5 +279,47 @@ impl Gossiper for RaftReceiver {
             self.deliver(&whole);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::prelude::Entry;
+
+    fn envelope(m: &Message) -> Vec<u8> {
+        prost::Message::encode_to_vec(&RaftEnvelope {
+            cluster_id: 9,
+            from: 1,
+            to: 2,
+            msg_id: 1,
+            chunk: 0,
+            chunks: 1,
+            data: m.encode_to_vec(),
+        })
+    }
+
+    #[test]
+    fn messages_raft_rs_would_panic_on_are_dropped() {
+        let good = Message {
+            to: 2,
+            msg_type: MessageType::MsgAppend as i32,
+            entries: vec![Entry::default()],
+            ..Default::default()
+        };
+        assert_eq!(receive_untrusted(&[&envelope(&good)]), 1);
+        let bad_entry = Message {
+            entries: vec![Entry {
+                entry_type: 42,
+                ..Default::default()
+            }],
+            ..good.clone()
+        };
+        assert_eq!(receive_untrusted(&[&envelope(&bad_entry)]), 0);
+        let bad_type = Message {
+            msg_type: 99,
+            ..good
+        };
+        assert_eq!(receive_untrusted(&[&envelope(&bad_type)]), 0);
     }
 }

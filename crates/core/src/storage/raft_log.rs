@@ -94,6 +94,12 @@ impl RaftLog {
                     let (k, v) = item.map_err(db_err)?;
                     let e = Entry::decode(v.value())
                         .map_err(|e| StorageError::decode("log entry", e))?;
+                    if raft::prelude::EntryType::from_i32(e.entry_type).is_none() {
+                        return Err(StorageError::decode(
+                            "log entry",
+                            format!("entry {} has unknown type {}", e.index, e.entry_type),
+                        ));
+                    }
                     let expect = core.last_index() + 1;
                     if k.value() != expect || e.index != expect {
                         return Err(StorageError::decode(

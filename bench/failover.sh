@@ -36,7 +36,7 @@ start() { # system run -> sets EPS and PIDS (one per member, same order as EPS)
     for i in 0 1 2; do
       $MESHD --name m$i --data-dir "$work/$sys$r/m$i" --listen-client 127.0.0.1:2${i}379 \
         --listen-mesh 127.0.0.1:1678$((3 + i)) --initial-cluster $init \
-        --initial-cluster-token "bench$r" >"$work/$sys$r.m$i.log" 2>&1 &
+        --initial-cluster-token "bench$r" --listen-metrics off >"$work/$sys$r.m$i.log" 2>&1 &
       PIDS+=($!); pids+=($!); disown
     done
     EPS=127.0.0.1:20379,127.0.0.1:21379,127.0.0.1:22379

@@ -54,7 +54,7 @@ for i in 0 1 2; do
   "$MESHD" --name "${names[$i]}" --data-dir "$work/${names[$i]}" \
     --listen-client "127.0.0.1:${clients[$i]}" --listen-mesh "127.0.0.1:${meshes[$i]}" \
     --initial-cluster "$initial" --tick 25ms --election-ticks 12 --heartbeat-ticks 2 \
-    --mesh-heartbeat 100ms --mesh-gossip-interval 100ms \
+    --mesh-heartbeat 100ms --mesh-gossip-interval 100ms --listen-metrics off \
     >"$work/${names[$i]}.log" 2>&1 &
   pids+=($!)
   disown
@@ -64,9 +64,12 @@ ALL="127.0.0.1:${clients[0]},127.0.0.1:${clients[1]},127.0.0.1:${clients[2]}"
 export ETCDCTL_API=3
 ctl() { etcdctl --endpoints="$EP" --command-timeout=10s "$@"; }
 
-for _ in $(seq 1 200); do
-  if etcdctl --endpoints="$ALL" endpoint health >/dev/null 2>&1; then break; fi
-  sleep 0.1
+for _ in $(seq 1 100); do
+  for p in "${pids[@]}"; do
+    kill -0 "$p" 2>/dev/null || { cat "$work"/*.log; echo "a member exited at start"; exit 1; }
+  done
+  if etcdctl --endpoints="$ALL" --dial-timeout=1s endpoint health >/dev/null 2>&1; then break; fi
+  sleep 0.2
 done
 etcdctl --endpoints="$ALL" endpoint health >/dev/null 2>&1 || { cat "$work"/*.log; echo "cluster did not come up"; exit 1; }
 # Every member has published its client URL.

@@ -318,7 +318,7 @@ impl Server {
                 TcpListener::from_std(std_listener).map_err(listen_err(client_addr))?;
             identity?
         } else {
-            bootstrap_or_check(&cfg, &db, &kv, &log, &advertise_mesh)?
+            bootstrap_or_check(&cfg, stored, &kv, &log, &advertise_mesh)?
         };
         meta.update(|m| {
             m.member_id = identity.member_id;
@@ -773,16 +773,17 @@ fn new_identity(cfg: &ServerConfig, me: u64, members: &[MemberRecord]) -> Identi
 }
 
 /// Creates the member on a fresh data dir from `--initial-cluster` (or as a single
-/// node), or checks that an existing one belongs to this member and cluster.
+/// node), or checks that the identity `stored` in an existing one belongs to this
+/// member and cluster.
 fn bootstrap_or_check(
     cfg: &ServerConfig,
-    db: &storage::Db,
+    stored: Option<Identity>,
     kv: &KvStore,
     log: &RaftLog,
     advertise_mesh: &str,
 ) -> Result<Identity, ServerError> {
     let (expected, members) = initial_identity(cfg, advertise_mesh)?;
-    if let Some(stored) = Identity::load(db)? {
+    if let Some(stored) = stored {
         if cfg.initial_cluster.is_some() {
             stored.check(&cfg.data_dir, &expected)?;
         } else if stored.name != cfg.name {

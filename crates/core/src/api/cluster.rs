@@ -9,7 +9,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tonic::{Request, Response, Status};
 
-use super::{kv_status, propose_status, ApiContext};
+use super::{
+    caller_token, client_url_of, forwarded, kv_status, propose_status, ApiContext, FORWARDED,
+};
 use crate::proto::etcdserverpb::{
     cluster_client::ClusterClient, cluster_server::Cluster, Member, MemberAddRequest,
     MemberAddResponse, MemberListRequest, MemberListResponse, MemberPromoteRequest,
@@ -18,9 +20,6 @@ use crate::proto::etcdserverpb::{
 };
 use crate::proto::meshpb::{internal_request::Request as Internal, MemberRecord, MemberUpdate};
 use crate::raft::{MemberChange, ProposeError};
-
-/// Set on a request a member forwards to the leader, so it is never forwarded twice.
-const FORWARDED: &str = "meshd-forwarded";
 
 pub struct ClusterApi {
     ctx: ApiContext,
@@ -74,14 +73,7 @@ impl ClusterApi {
         // give that a moment before giving up.
         let mut url = None;
         for _ in 0..50 {
-            url = self
-                .ctx
-                .kv
-                .members()
-                .map_err(kv_status)?
-                .into_iter()
-                .find(|m| m.id == leader)
-                .and_then(|m| m.client_urls.into_iter().next());
+            url = client_url_of(&self.ctx.kv, leader)?;
             if url.is_some() {
                 break;
             }
@@ -102,18 +94,10 @@ impl ClusterApi {
     }
 }
 
-/// Marks a request as forwarded and strips what must not travel.
-fn forwarded<T>(req: Request<T>) -> Request<T> {
-    let token = req.metadata().get(super::auth::TOKEN_METADATA).cloned();
-    let mut out = Request::new(req.into_inner());
-    out.metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    // The leader checks the caller again: tokens are known to every member.
-    if let Some(token) = token {
-        out.metadata_mut()
-            .insert(super::auth::TOKEN_METADATA, token);
-    }
-    out
+/// The same call, to the leader.
+fn forwarded_call<T>(req: Request<T>) -> Request<T> {
+    let token = caller_token(req.metadata());
+    forwarded(req.into_inner(), token)
 }
 
 fn member_pb(m: MemberRecord) -> Member {
@@ -190,7 +174,7 @@ impl Cluster for ClusterApi {
     ) -> Result<Response<MemberAddResponse>, Status> {
         self.ctx.require_admin(req.metadata())?;
         if let Some(mut leader) = self.leader_client(&req).await? {
-            return leader.member_add(forwarded(req)).await;
+            return leader.member_add(forwarded_call(req)).await;
         }
         let r = req.into_inner();
         let urls = normalize_peer_urls(&r.peer_ur_ls)?;
@@ -230,7 +214,7 @@ impl Cluster for ClusterApi {
     ) -> Result<Response<MemberRemoveResponse>, Status> {
         self.ctx.require_admin(req.metadata())?;
         if let Some(mut leader) = self.leader_client(&req).await? {
-            return leader.member_remove(forwarded(req)).await;
+            return leader.member_remove(forwarded_call(req)).await;
         }
         let (header, members) = self
             .change(MemberChange::Remove(req.into_inner().id))
@@ -291,7 +275,7 @@ impl Cluster for ClusterApi {
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         self.ctx.require_admin(req.metadata())?;
         if let Some(mut leader) = self.leader_client(&req).await? {
-            return leader.member_promote(forwarded(req)).await;
+            return leader.member_promote(forwarded_call(req)).await;
         }
         let (header, members) = self
             .change(MemberChange::Promote(req.into_inner().id))

@@ -26,7 +26,6 @@ use crate::proto::meshpb::internal_request::Request as Internal;
 use crate::raft::{AppliedKind, ProposeError};
 
 /// Marks a request forwarded by a follower, so it is never forwarded twice.
-const FORWARDED: &str = "meshd-forwarded";
 /// Keep-alive responses buffered per stream.
 const STREAM_BUFFER: usize = 64;
 
@@ -148,8 +147,8 @@ impl Lease for LeaseApi {
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         self.ctx.require_user(req.metadata())?;
-        let forwarded = req.metadata().contains_key(FORWARDED);
-        let token = req.metadata().get(super::auth::TOKEN_METADATA).cloned();
+        let forwarded = req.metadata().contains_key(super::FORWARDED);
+        let token = super::caller_token(req.metadata());
         let r = req.into_inner();
         let status = &self.ctx.node.status;
         if status.leader() != status.member_id {
@@ -269,12 +268,7 @@ async fn forward_time_to_live(
     if leader == 0 {
         return Err(no_leader());
     }
-    let members = ctx.kv.members().map_err(kv_status)?;
-    let url = members
-        .into_iter()
-        .find(|m| m.id == leader)
-        .and_then(|m| m.client_urls.into_iter().next())
-        .ok_or_else(no_leader)?;
+    let url = super::client_url_of(&ctx.kv, leader)?.ok_or_else(no_leader)?;
     let timeout = Duration::from_secs(5);
     let channel = ctx
         .dialer
@@ -284,18 +278,8 @@ async fn forward_time_to_live(
         .connect()
         .await
         .map_err(|e| Status::unavailable(format!("cannot reach the leader: {e}")))?;
-    let mut request = Request::new(r);
-    request
-        .metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    // The leader checks the caller again: tokens are known to every member.
-    if let Some(token) = token {
-        request
-            .metadata_mut()
-            .insert(super::auth::TOKEN_METADATA, token);
-    }
     let mut resp = LeaseClient::new(channel)
-        .lease_time_to_live(request)
+        .lease_time_to_live(super::forwarded(r, token))
         .await?
         .into_inner();
     // The header names the member that answered the client.

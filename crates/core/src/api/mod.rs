@@ -202,6 +202,41 @@ pub(crate) fn unexpected(kind: crate::raft::AppliedKind) -> Status {
     Status::internal(format!("unexpected apply result {kind:?}"))
 }
 
+/// Set on a request a member forwards to the leader, so it is never forwarded twice.
+pub(crate) const FORWARDED: &str = "meshd-forwarded";
+
+/// `msg` as a request to the leader: marked forwarded, carrying the caller's auth token
+/// (the leader checks the caller again: tokens are known to every member).
+pub(crate) fn forwarded<T>(
+    msg: T,
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+) -> tonic::Request<T> {
+    let mut out = tonic::Request::new(msg);
+    out.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    if let Some(token) = token {
+        out.metadata_mut().insert(auth::TOKEN_METADATA, token);
+    }
+    out
+}
+
+/// The caller's auth token, to forward with its request.
+pub(crate) fn caller_token(
+    md: &tonic::metadata::MetadataMap,
+) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    md.get(auth::TOKEN_METADATA).cloned()
+}
+
+/// The client URL member `id` published (none until it has published its attributes).
+pub(crate) fn client_url_of(kv: &KvStore, id: u64) -> Result<Option<String>, Status> {
+    Ok(kv
+        .members()
+        .map_err(kv_status)?
+        .into_iter()
+        .find(|m| m.id == id)
+        .and_then(|m| m.client_urls.into_iter().next()))
+}
+
 pub(crate) fn require_key(key: &[u8]) -> Result<(), Status> {
     if key.is_empty() {
         return Err(Status::invalid_argument("etcdserver: key is not provided"));

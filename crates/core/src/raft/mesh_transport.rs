@@ -44,13 +44,6 @@ impl MemberRoutes {
             .get(&member)
             .copied()
     }
-    pub fn member_of(&self, peer: PeerName) -> Option<u64> {
-        self.map
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find_map(|(m, p)| (*p == peer).then_some(*m))
-    }
 }
 
 /// The [`Transport`] the driver uses when nodes talk over the mesh.

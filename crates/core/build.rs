@@ -6,6 +6,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Topology entries are kept as the bytes they arrived as (see mesh.proto).
+        .bytes(".meshpb.MeshTopologyIn.peers")
         .compile_protos(
             &[
                 "proto/mvccpb/kv.proto",

@@ -124,14 +124,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .collect();
 
     let everyone = vec![n; n];
-    wait_known(
+    if let Err(e) = wait_known(
         &meshes,
         &everyone,
         timeout,
         args.verbose,
         "initial convergence",
     )
-    .await?;
+    .await
+    {
+        report_missing(&meshes);
+        return Err(e);
+    }
     let t = start.elapsed();
     let unreachable: usize = meshes[0].peers().iter().filter(|p| !p.reachable).count();
     println!(
@@ -225,6 +229,48 @@ async fn run(args: Args) -> anyhow::Result<()> {
         m.shutdown().await;
     }
     Ok(())
+}
+
+/// After a timeout: which peers are missing from how many others' views, and how the
+/// most-missed ones and their neighbours see them (to tell a lost update from a peer
+/// whose links keep failing).
+fn report_missing(meshes: &[Arc<Mesh>]) {
+    let n = meshes.len() as u64;
+    let mut missing: std::collections::HashMap<u64, usize> = Default::default();
+    for m in meshes {
+        let known: std::collections::HashSet<u64> = m.peers().iter().map(|p| p.name).collect();
+        for j in (1..=n).filter(|j| !known.contains(j)) {
+            *missing.entry(j).or_default() += 1;
+        }
+    }
+    let mut by_count: Vec<(u64, usize)> = missing.into_iter().collect();
+    by_count.sort_by_key(|&(name, count)| (std::cmp::Reverse(count), name));
+    eprintln!(
+        "missing (peer, from how many views): {:?}",
+        &by_count[..by_count.len().min(15)]
+    );
+    for &(name, _) in by_count.iter().take(3) {
+        let m = &meshes[name as usize - 1];
+        let Some(me) = m.peers().into_iter().find(|p| p.is_self) else {
+            continue;
+        };
+        let conns: Vec<u64> = me.connections.iter().map(|c| c.peer).collect();
+        eprintln!(
+            "  peer {name}: version {}, knows {}, connections {conns:?}",
+            me.version,
+            m.stats().peers
+        );
+        for &c in conns.iter().filter(|&&c| c != 0) {
+            let view = meshes[c as usize - 1]
+                .peers()
+                .into_iter()
+                .find(|p| p.name == name);
+            eprintln!(
+                "    neighbour {c} holds its version {:?}",
+                view.map(|p| p.version)
+            );
+        }
+    }
 }
 
 /// Connected-component label of every peer over the seed edges that `keep` keeps.

@@ -48,7 +48,17 @@ impl Decoder {
         use prost::Message as _;
         match self {
             Decoder::MeshHandshake => crate::mesh::decode_handshake(data).is_ok(),
-            Decoder::MeshFrame => crate::mesh::decode_frame(data).is_ok(),
+            Decoder::MeshFrame => match crate::mesh::decode_frame(data) {
+                // Topology entries are decoded in full only when they are news.
+                Ok(meshpb::MeshFrameIn {
+                    body: Some(meshpb::mesh_frame_in::Body::Topology(t)),
+                }) => t
+                    .peers
+                    .iter()
+                    .all(|p| meshpb::MeshPeerEntry::decode(p.as_ref()).is_ok()),
+                Ok(_) => true,
+                Err(_) => false,
+            },
             Decoder::RaftChannel => {
                 // The input is several frames, each prefixed by a one-byte length.
                 let mut frames = Vec::new();

@@ -730,3 +730,72 @@ async fn a_slow_frame_that_keeps_moving_is_not_a_dead_peer() {
     .await;
     net.shutdown().await;
 }
+
+/// Once the topology has converged, anti-entropy costs a summary per round (about a
+/// dozen bytes), not a digest that grows with the mesh (here 20 items, over 400 bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converged_mesh_exchanges_summaries_not_digests() {
+    let n = 20;
+    let mut listeners = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in 0..n {
+        let (l, a) = bind().await;
+        listeners.push(l);
+        addrs.push(a);
+    }
+    let meshes: Vec<Arc<Mesh>> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut cfg = fast_config(i as u64 + 1, &addrs[i]);
+            cfg.seeds = vec![addrs[(i + 1) % n].clone()];
+            Mesh::start(cfg, l)
+        })
+        .collect();
+    wait_for("ring converges", || {
+        meshes
+            .iter()
+            .all(|m| m.peers().iter().filter(|p| p.reachable).count() == n)
+    })
+    .await;
+    // Let the last versions settle, then count what a quiet stretch of rounds costs.
+    let interval = meshes[0].config().gossip_interval;
+    let sent = |ms: &[Arc<Mesh>]| -> u64 { ms.iter().map(|m| m.stats().gossip_bytes_out).sum() };
+    let mut quiet_rounds = 0;
+    for _ in 0..200 {
+        let versions: Vec<u64> = meshes.iter().map(|m| own_version(m)).collect();
+        let before = sent(&meshes);
+        tokio::time::sleep(interval * 20).await;
+        let after = sent(&meshes);
+        let unchanged = meshes
+            .iter()
+            .zip(&versions)
+            .all(|(m, &v)| own_version(m) == v);
+        if unchanged {
+            let per_peer_round = (after - before) as f64 / n as f64 / 20.0;
+            assert!(
+                per_peer_round < 64.0,
+                "a quiet round cost {per_peer_round:.0} bytes per peer"
+            );
+            quiet_rounds += 1;
+            if quiet_rounds == 3 {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        quiet_rounds, 3,
+        "the topology never stayed unchanged for 20 rounds"
+    );
+    for m in &meshes {
+        m.shutdown().await;
+    }
+}
+
+fn own_version(m: &Mesh) -> u64 {
+    m.peers()
+        .into_iter()
+        .find(|p| p.is_self)
+        .map(|p| p.version)
+        .unwrap_or(0)
+}

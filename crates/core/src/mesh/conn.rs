@@ -2,13 +2,15 @@
 //! Noise NNpsk0 key exchange when a password is set, registration (one connection per
 //! peer pair), then the writer (queue, coalesced topology, heartbeats, faults) and the
 //! reader (dead-peer timeout, frame limits, delivery and relaying).
-use super::topology::{Entry, EntryConnection};
+use super::topology::{EntryConnection, Received};
 use super::wire::{self, WireError};
 use super::{
     dial_finished, queue_topology, topology_frame, ConnHandle, Inner, MeshMessageKind, PeerName,
     QUEUE_FRAMES,
 };
-use crate::proto::meshpb::{mesh_frame, MeshFrame, MeshHandshake, MeshHeartbeat};
+use crate::proto::meshpb::{
+    mesh_frame, mesh_frame_in, MeshFrame, MeshFrameIn, MeshHandshake, MeshHeartbeat,
+};
 use bytes::Bytes;
 use prost::Message;
 use std::collections::{HashMap, HashSet};
@@ -268,10 +270,27 @@ async fn read_frame_record(
     deadline: Instant,
 ) -> Result<Vec<u8>, ConnError> {
     let dead = || ConnError::Dead(inner.cfg.dead_after);
+    let eof = || ConnError::from(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
     let mut prefix = [0u8; 4];
-    tokio::time::timeout_at(deadline, r.read_exact(&mut prefix))
-        .await
-        .map_err(|_| dead())??;
+    let mut got = 0;
+    while got < prefix.len() {
+        let n = match tokio::time::timeout_at(deadline, r.read(&mut prefix[got..])).await {
+            Ok(n) => n?,
+            // The deadline passed while we waited, or while this task waited for its
+            // turn on a busy runtime: bytes already waiting mean the peer is alive.
+            // (`read` is cancel safe: a timed-out read consumed nothing.)
+            Err(_) => tokio::time::timeout(
+                Duration::ZERO,
+                tokio::task::unconstrained(r.read(&mut prefix[got..])),
+            )
+            .await
+            .map_err(|_| dead())??,
+        };
+        if n == 0 {
+            return Err(eof());
+        }
+        got += n;
+    }
     let len = wire::parse_length(prefix, max)?;
     let mut buf = vec![0u8; len];
     let mut filled = 0;
@@ -280,7 +299,7 @@ async fn read_frame_record(
             .await
             .map_err(|_| dead())??;
         if n == 0 {
-            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            return Err(eof());
         }
         filled += n;
     }
@@ -350,8 +369,10 @@ fn register(
         return Err("max connections reached");
     }
     let (tx, rx) = mpsc::channel(QUEUE_FRAMES);
+    // Our summary first: a neighbour holding the same entries answers nothing; one
+    // that differs starts the digest exchange, so only missing entries cross.
+    let _ = tx.try_send(super::summary_frame(&st));
     let notify = Arc::new(Notify::new());
-    let everything: HashSet<PeerName> = st.topology.entries().map(|e| e.name).collect();
     st.conns.insert(
         remote,
         ConnHandle {
@@ -365,22 +386,15 @@ fn register(
             topology_notify: notify.clone(),
         },
     );
-    let address = hello.address.clone();
     st.topology.update_own(|e| {
         e.connections.retain(|c| c.peer != remote);
         e.connections.push(EntryConnection {
             peer: remote,
-            address,
             outbound,
         });
     });
-    queue_topology(&mut st, &[own], None);
-    st.conns
-        .get_mut(&remote)
-        .expect("just inserted")
-        .topology_pending
-        .extend(everything);
     drop(st);
+    inner.own_changed.notify_one();
     inner.bump_changes();
     Ok((rx, notify))
 }
@@ -391,8 +405,8 @@ fn deregister(inner: &Inner, remote: PeerName, id: u64) {
         st.conns.remove(&remote);
         st.topology
             .update_own(|e| e.connections.retain(|c| c.peer != remote));
-        queue_topology(&mut st, &[inner.cfg.name], None);
         drop(st);
+        inner.own_changed.notify_one();
         inner.bump_changes();
     }
 }
@@ -518,19 +532,21 @@ async fn read_loop(
             }
             .into());
         }
-        let frame = wire::decode_frame(&plain)?;
+        let len = plain.len();
+        let frame = wire::decode_frame_bytes(plain.into())?;
         if inner.fault(remote).drop_in {
             continue;
         }
         last_good = Instant::now();
-        handle_frame(inner, remote, frame, plain.len());
+        handle_frame(inner, remote, frame, len);
     }
 }
 
-fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrame, len: usize) {
+fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrameIn, len: usize) {
+    use mesh_frame_in::Body;
     let own = inner.cfg.name;
     let body = match frame.body {
-        Some(mesh_frame::Body::Heartbeat(_)) | None => return,
+        Some(Body::Heartbeat(_)) | None => return,
         Some(b) => b,
     };
     inner
@@ -538,9 +554,14 @@ fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrame, len: usize) {
         .gossip_bytes_in
         .fetch_add(len as u64, Ordering::Relaxed);
     match body {
-        mesh_frame::Body::Heartbeat(_) => {}
-        mesh_frame::Body::Topology(t) => {
-            let entries: Vec<Entry> = t.peers.into_iter().map(Entry::from_pb).collect();
+        Body::Heartbeat(_) => {}
+        Body::Topology(t) => {
+            // Headers were checked by `decode_frame`.
+            let entries: Vec<Received> = t
+                .peers
+                .into_iter()
+                .filter_map(|p| Received::parse(p).ok())
+                .collect();
             let mut st = inner.lock();
             if let Some(c) = st.conns.get_mut(&from) {
                 for e in &entries {
@@ -561,7 +582,29 @@ fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrame, len: usize) {
             drop(st);
             inner.bump_changes();
         }
-        mesh_frame::Body::Digest(d) => {
+        Body::Digest(d) if d.summary_only => {
+            let mut st = inner.lock();
+            let same = d.summary == st.topology.summary();
+            let held: HashMap<PeerName, (u64, u64)> = if same {
+                st.topology
+                    .entries()
+                    .map(|e| (e.name, (e.version, e.uid)))
+                    .collect()
+            } else {
+                HashMap::new()
+            };
+            let full = (!same).then(|| super::digest_frame(&st, false));
+            if let Some(c) = st.conns.get_mut(&from) {
+                match full {
+                    // It holds exactly what we hold.
+                    None => c.remote_knows = held,
+                    Some(f) => {
+                        let _ = c.tx.try_send(f);
+                    }
+                }
+            }
+        }
+        Body::Digest(d) => {
             let mut st = inner.lock();
             if let Some(c) = st.conns.get_mut(&from) {
                 // The digest is exactly what it holds now.
@@ -583,7 +626,7 @@ fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrame, len: usize) {
                 }
             }
         }
-        mesh_frame::Body::Channel(mut m) => {
+        Body::Channel(mut m) => {
             let kind = MeshMessageKind::try_from(m.kind).unwrap_or(MeshMessageKind::Gossip);
             let ch = inner.lock().channels.get(&m.channel).cloned();
             match kind {

@@ -84,7 +84,7 @@ pub use gossip::{GossipChannel, GossipData, GossipError, Gossiper};
 pub use wire::{decode_frame, decode_handshake, WireError};
 
 use crate::proto::meshpb::{
-    mesh_frame, MeshChannelMessage, MeshFrame, MeshMessageKind, MeshTopology, MeshTopologyDigest,
+    mesh_frame, MeshChannelMessage, MeshFrame, MeshMessageKind, MeshTopologyDigest,
 };
 use bytes::Bytes;
 use prost::Message;
@@ -93,7 +93,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tasks::{accept_loop, dial_finished, dial_loop, gossip_loop};
+use tasks::{accept_loop, announce_loop, dial_finished, dial_loop, gossip_loop};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -292,6 +292,8 @@ pub(crate) struct Inner {
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Option<JoinSet<()>>>,
     next_conn_id: AtomicU64,
+    /// Our own entry changed: `announce_loop` publishes it.
+    own_changed: Notify,
 }
 
 /// A running mesh member. Dropping it (or [`Mesh::shutdown`]) stops every task.
@@ -310,15 +312,7 @@ impl Mesh {
             k.copy_from_slice(&blake2::Blake2s256::digest(p));
             k
         });
-        let own = Entry {
-            name: cfg.name,
-            nickname: cfg.nickname.clone(),
-            uid,
-            version: 1,
-            address: cfg.advertise.clone(),
-            connections: Vec::new(),
-            meta: Vec::new(),
-        };
+        let own = Entry::new(cfg.name, cfg.nickname.clone(), uid, cfg.advertise.clone());
         let inner = Arc::new(Inner {
             uid,
             psk,
@@ -338,10 +332,12 @@ impl Mesh {
             shutdown: watch::channel(false).0,
             tasks: Mutex::new(Some(JoinSet::new())),
             next_conn_id: AtomicU64::new(1),
+            own_changed: Notify::new(),
         });
         inner.spawn(accept_loop(inner.clone(), listener));
         inner.spawn(dial_loop(inner.clone()));
         inner.spawn(gossip_loop(inner.clone()));
+        inner.spawn(announce_loop(inner.clone()));
         Arc::new(Mesh { inner })
     }
 
@@ -378,9 +374,8 @@ impl Mesh {
     pub fn set_meta(&self, meta: Vec<u8>) {
         let mut st = self.inner.lock();
         st.topology.update_own(|e| e.meta = meta);
-        let own = self.inner.cfg.name;
-        queue_topology(&mut st, &[own], None);
         drop(st);
+        self.inner.own_changed.notify_one();
         self.inner.bump_changes();
     }
 
@@ -392,13 +387,17 @@ impl Mesh {
             .topology
             .entries()
             .map(|e| {
-                let route = st.topology.route(e.name);
+                let route = st.topology.route_exact(e.name);
                 let mut connections: Vec<ConnectionInfo> = e
                     .connections
                     .iter()
                     .map(|c| ConnectionInfo {
                         peer: c.peer,
-                        address: c.address.clone(),
+                        address: st
+                            .topology
+                            .get(c.peer)
+                            .map(|p| p.address.clone())
+                            .unwrap_or_default(),
                         outbound: c.outbound,
                         established: true,
                     })
@@ -608,9 +607,10 @@ impl Inner {
     }
 
     /// One anti-entropy round: topology GC, every channel's state to about 2·log2(n)
-    /// random neighbours, and every second round a topology digest to one neighbour
-    /// (deltas flood on every change; the digest exchange only repairs what they missed).
-    fn gossip_round(&self, round: u64) {
+    /// random neighbours, and a topology summary to one neighbour (deltas travel on every
+    /// change; the summary, and the digest exchange a mismatch starts, only repair what
+    /// they missed).
+    fn gossip_round(&self) {
         let (channels, targets) = {
             let mut st = self.lock();
             let removed = st.topology.gc_tick();
@@ -620,12 +620,10 @@ impl Inner {
             }
             let mut neighbours: Vec<PeerName> = st.conns.keys().copied().collect();
             neighbours.shuffle(&mut rand::rng());
-            if round.is_multiple_of(2) {
-                if let Some(&n) = neighbours.first() {
-                    let frame = digest_frame(&st, false);
-                    if let Some(c) = st.conns.get(&n) {
-                        let _ = c.tx.try_send(frame);
-                    }
+            if let Some(&n) = neighbours.first() {
+                let frame = summary_frame(&st);
+                if let Some(c) = st.conns.get(&n) {
+                    let _ = c.tx.try_send(frame);
                 }
             }
             let n = st.topology.reachable_count().max(2) as f64;
@@ -675,25 +673,35 @@ fn channel_frame(
     )
 }
 
+/// A `MeshFrame` carrying the named entries we hold, from their stored encodings.
 fn topology_frame(st: &State, names: impl IntoIterator<Item = PeerName>) -> Option<Bytes> {
-    let peers: Vec<_> = names
-        .into_iter()
-        .filter_map(|n| st.topology.get(n).map(|e| e.to_pb()))
-        .collect();
-    if peers.is_empty() {
-        return None;
-    }
-    let frame = MeshFrame {
-        body: Some(mesh_frame::Body::Topology(MeshTopology { peers })),
-    };
-    Some(Bytes::from(frame.encode_to_vec()))
+    wire::topology_frame(
+        names
+            .into_iter()
+            .filter_map(|n| st.topology.get(n))
+            .map(|e| e.encoded().as_ref()),
+    )
 }
 
 fn digest_frame(st: &State, reply: bool) -> Bytes {
-    let digest = MeshTopologyDigest {
+    encode_digest(MeshTopologyDigest {
         items: st.topology.digest(),
         reply,
-    };
+        ..Default::default()
+    })
+}
+
+/// A digest of just our summary: what a neighbour gets on connect and at random each
+/// anti-entropy round.
+fn summary_frame(st: &State) -> Bytes {
+    encode_digest(MeshTopologyDigest {
+        summary_only: true,
+        summary: st.topology.summary(),
+        ..Default::default()
+    })
+}
+
+fn encode_digest(digest: MeshTopologyDigest) -> Bytes {
     Bytes::from(
         MeshFrame {
             body: Some(mesh_frame::Body::Digest(digest)),

@@ -1,7 +1,7 @@
 //! The mesh's background loops: accepting connections through a token bucket, dialing
 //! seeds and learned peers with per-address exponential backoff, and the periodic
 //! anti-entropy / GC round.
-use super::{conn, DialState, Inner};
+use super::{conn, queue_topology, DialState, Inner};
 use rand::seq::SliceRandom;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -149,13 +149,38 @@ pub(super) fn dial_finished(inner: &Inner, addr: &str, ok: bool) {
 pub(super) async fn gossip_loop(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(inner.cfg.gossip_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut round = 0u64;
     loop {
         tick.tick().await;
-        round += 1;
-        inner.gossip_round(round);
+        inner.gossip_round();
         if let Some(tasks) = inner.tasks.lock().unwrap().as_mut() {
             while tasks.try_join_next().is_some() {}
+        }
+    }
+}
+
+/// Publishes our own entry after it changed: at once after a quiet spell, then at most
+/// once per half gossip interval, so the burst of connection changes a starting peer
+/// goes through reaches the mesh as a few versions instead of one per connection (each
+/// version travels to every peer).
+pub(super) async fn announce_loop(inner: Arc<Inner>) {
+    let spacing = (inner.cfg.gossip_interval / 2).max(Duration::from_millis(1));
+    let mut last: Option<Instant> = None;
+    loop {
+        inner.own_changed.notified().await;
+        if let Some(last) = last {
+            tokio::time::sleep_until(last + spacing).await;
+        }
+        let published = {
+            let mut st = inner.lock();
+            let published = st.topology.publish_own();
+            if published {
+                queue_topology(&mut st, &[inner.cfg.name], None);
+            }
+            published
+        };
+        if published {
+            last = Some(Instant::now());
+            inner.bump_changes();
         }
     }
 }

@@ -3,8 +3,11 @@
 //! trees for broadcast, both on the symmetric graph; garbage collection of unreachable peers.
 use super::PeerName;
 use crate::proto::meshpb::{MeshDigestItem, MeshPeerConnection, MeshPeerEntry};
-use std::cell::{Ref, RefCell};
+use bytes::Bytes;
+use prost::Message;
+use std::cell::{Cell, Ref, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
 
 /// One peer's own description of itself, as gossiped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,27 +19,51 @@ pub struct Entry {
     /// Bumped by the peer itself on every change of its connections or meta.
     pub version: u64,
     pub address: String,
-    /// The peer's established connections, sorted by peer name.
+    /// The peer's established connections, sorted by peer name. A connection's address
+    /// is not gossiped: it is the other peer's own `address`.
     pub connections: Vec<EntryConnection>,
     pub meta: Vec<u8>,
+    /// The entry as a `MeshPeerEntry`, encoded once per version (an entry is sent to
+    /// several neighbours, and a frame of entries is these bytes concatenated).
+    encoded: Bytes,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EntryConnection {
     pub peer: PeerName,
-    pub address: String,
     pub outbound: bool,
 }
 
 impl Entry {
-    /// The CRDT order: higher version wins, and on a tie the higher uid (so two
-    /// incarnations of one name settle the same way everywhere).
-    fn newer_than(&self, other: &Entry) -> bool {
-        (self.version, self.uid) > (other.version, other.uid)
+    pub fn new(name: PeerName, nickname: String, uid: u64, address: String) -> Entry {
+        let mut e = Entry {
+            name,
+            nickname,
+            uid,
+            version: 1,
+            address,
+            connections: Vec::new(),
+            meta: Vec::new(),
+            encoded: Bytes::new(),
+        };
+        e.seal();
+        e
     }
 
     fn lists(&self, peer: PeerName) -> bool {
-        self.connections.iter().any(|c| c.peer == peer)
+        self.connections
+            .binary_search_by_key(&peer, |c| c.peer)
+            .is_ok()
+    }
+
+    /// Recomputes the encoding after a change of the fields.
+    fn seal(&mut self) {
+        self.encoded = Bytes::from(self.to_pb().encode_to_vec());
+    }
+
+    /// The `MeshPeerEntry` encoding of this entry.
+    pub fn encoded(&self) -> &Bytes {
+        &self.encoded
     }
 
     pub fn to_pb(&self) -> MeshPeerEntry {
@@ -51,7 +78,7 @@ impl Entry {
                 .iter()
                 .map(|c| MeshPeerConnection {
                     peer: c.peer,
-                    address: c.address.clone(),
+                    address: String::new(),
                     outbound: c.outbound,
                 })
                 .collect(),
@@ -59,19 +86,22 @@ impl Entry {
         }
     }
 
-    pub fn from_pb(pb: MeshPeerEntry) -> Entry {
+    /// Decodes an entry a neighbour sent, keeping its bytes as its encoding. Connection
+    /// addresses, if a sender includes them, are dropped: every peer's address comes
+    /// from its own entry.
+    pub fn decode(bytes: Bytes) -> Result<Entry, prost::DecodeError> {
+        let pb = MeshPeerEntry::decode(bytes.clone())?;
         let mut connections: Vec<EntryConnection> = pb
             .connections
             .into_iter()
             .map(|c| EntryConnection {
                 peer: c.peer,
-                address: c.address,
                 outbound: c.outbound,
             })
             .collect();
         connections.sort_by_key(|c| c.peer);
         connections.dedup_by_key(|c| c.peer);
-        Entry {
+        Ok(Entry {
             name: pb.name,
             nickname: pb.nickname,
             uid: pb.uid,
@@ -79,7 +109,30 @@ impl Entry {
             address: pb.address,
             connections,
             meta: pb.meta,
-        }
+            encoded: bytes,
+        })
+    }
+}
+
+/// A topology entry as it arrived: the fields that order it, and its bytes (decoded
+/// only if it is news).
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub name: PeerName,
+    pub uid: u64,
+    pub version: u64,
+    pub bytes: Bytes,
+}
+
+impl Received {
+    pub fn parse(bytes: Bytes) -> Result<Received, super::WireError> {
+        let h = super::wire::decode_entry_header(&bytes)?;
+        Ok(Received {
+            name: h.name,
+            uid: h.uid,
+            version: h.version,
+            bytes,
+        })
     }
 }
 
@@ -90,6 +143,15 @@ pub struct Topology {
     entries: HashMap<PeerName, Entry>,
     /// Routes computed on first use after a change (a burst of merges costs one BFS).
     routes: RefCell<Option<Routes>>,
+    /// The routes no longer match the entries (kept for [`Topology::routes_lazy`]).
+    routes_stale: Cell<bool>,
+    /// When the routes were last computed, and how long that took.
+    routes_at: Cell<(Instant, Duration)>,
+    /// Our own entry changed since it was last published (its version and encoding
+    /// are those of the last publication; see [`Topology::publish_own`]).
+    own_dirty: bool,
+    /// [`Topology::summary`], computed on first use after a change.
+    summary: Cell<Option<u64>>,
     /// Consecutive GC ticks a peer has been unreachable.
     unreachable_ticks: HashMap<PeerName, u32>,
     /// (version, uid) of collected peers. A copy of such an entry still circulating
@@ -118,6 +180,10 @@ impl Topology {
             own: name,
             entries: HashMap::from([(name, own)]),
             routes: RefCell::new(None),
+            routes_stale: Cell::new(false),
+            routes_at: Cell::new((Instant::now(), Duration::ZERO)),
+            own_dirty: false,
+            summary: Cell::new(None),
             unreachable_ticks: HashMap::new(),
             collected: HashMap::new(),
             held: HashSet::new(),
@@ -153,6 +219,20 @@ impl Topology {
             .collect()
     }
 
+    /// An order-independent hash of every (name, uid, version) held: two peers holding
+    /// the same entries have the same summary, so a converged pair exchanges 8 bytes per
+    /// anti-entropy round instead of a digest that grows with the mesh.
+    pub fn summary(&self) -> u64 {
+        if let Some(s) = self.summary.get() {
+            return s;
+        }
+        let s = self.entries.values().fold(0u64, |acc, e| {
+            acc.wrapping_add(mix(mix(mix(e.name) ^ e.uid) ^ e.version))
+        });
+        self.summary.set(Some(s));
+        s
+    }
+
     /// Compares a neighbour's digest with ours: the names whose entry we should send it
     /// (ours is newer or it lacks it; never an unreachable one, which is garbage here),
     /// and whether it holds something newer than we do.
@@ -165,7 +245,7 @@ impl Topology {
             .entries
             .values()
             .filter(|e| theirs.get(&e.name).is_none_or(|&t| (e.version, e.uid) > t))
-            .filter(|e| self.is_reachable(e.name))
+            .filter(|e| self.is_reachable_lazy(e.name))
             .map(|e| e.name)
             .collect();
         let they_have_news = digest.iter().any(|d| match self.entries.get(&d.name) {
@@ -175,44 +255,73 @@ impl Topology {
         (send, they_have_news)
     }
 
-    /// Changes our own entry and bumps its version; routes are recomputed.
+    /// Changes our own entry. Routes here follow at once; other peers see the change
+    /// once it is published ([`Topology::publish_own`]), so a burst of changes (a peer
+    /// connecting to several others) travels as one version.
     pub fn update_own(&mut self, f: impl FnOnce(&mut Entry)) {
         let own = self.entries.get_mut(&self.own).expect("own entry");
         f(own);
         own.connections.sort_by_key(|c| c.peer);
-        own.version += 1;
+        self.own_dirty = true;
         self.recompute();
+    }
+
+    /// Gives our changed entry a new version; false when there is nothing to publish.
+    pub fn publish_own(&mut self) -> bool {
+        if !self.own_dirty {
+            return false;
+        }
+        let own = self.entries.get_mut(&self.own).expect("own entry");
+        own.version += 1;
+        own.seal();
+        self.own_dirty = false;
+        self.summary.set(None);
+        true
     }
 
     /// Merges received entries. Returns the names whose entry changed here (to be
     /// forwarded to other neighbours); our own name is in it when a stale entry of ours
     /// (for example from before a restart) forced a version bump. A collected entry
     /// coming back is kept but held back from forwarding until it is reachable.
-    pub fn merge(&mut self, received: Vec<Entry>) -> Vec<PeerName> {
+    pub fn merge(&mut self, received: Vec<Received>) -> Vec<PeerName> {
         let mut changed = Vec::new();
         let mut inserted = false;
-        for e in received {
-            if e.name == self.own {
+        for r in received {
+            if r.name == self.own {
+                // A copy of ours we did not publish (from an earlier incarnation, or a
+                // forgery): outdate it at once.
                 let own = self.entries.get_mut(&self.own).expect("own entry");
-                if e != *own && e.version >= own.version {
-                    own.version = e.version + 1;
+                if r.bytes != own.encoded && r.version >= own.version {
+                    own.version = r.version + 1;
+                    own.seal();
+                    self.own_dirty = false;
+                    self.summary.set(None);
                     changed.push(self.own);
                 }
                 continue;
             }
-            match self.entries.get(&e.name) {
-                Some(cur) if !e.newer_than(cur) => {}
-                _ => {
-                    if self.collected.get(&e.name) == Some(&(e.version, e.uid)) {
-                        self.held.insert(e.name);
-                    } else {
-                        self.held.remove(&e.name);
-                        changed.push(e.name);
-                    }
-                    self.entries.insert(e.name, e);
-                    inserted = true;
+            // The CRDT order: higher version wins, and on a tie the higher uid (so two
+            // incarnations of one name settle the same way everywhere).
+            if let Some(cur) = self.entries.get(&r.name) {
+                if (r.version, r.uid) <= (cur.version, cur.uid) {
+                    continue;
                 }
             }
+            let e = match Entry::decode(r.bytes) {
+                Ok(e) => e,
+                Err(err) => {
+                    tracing::debug!("mesh: undecodable topology entry dropped: {err}");
+                    continue;
+                }
+            };
+            if self.collected.get(&e.name) == Some(&(e.version, e.uid)) {
+                self.held.insert(e.name);
+            } else {
+                self.held.remove(&e.name);
+                changed.push(e.name);
+            }
+            self.entries.insert(e.name, e);
+            inserted = true;
         }
         if inserted {
             self.recompute();
@@ -233,18 +342,41 @@ impl Topology {
         changed
     }
 
-    /// Drops the computed routes; the next query rebuilds them.
+    /// Marks the routes stale and drops the summary; the next query rebuilds them.
     fn recompute(&mut self) {
-        *self.routes.get_mut() = None;
+        self.routes_stale.set(true);
+        self.summary.set(None);
     }
 
     /// The routes, rebuilt if stale: BFS from us over symmetric edges, neighbours in
     /// name order so every peer breaks ties the same way.
     fn routes(&self) -> Ref<'_, Routes> {
-        if self.routes.borrow().is_none() {
-            *self.routes.borrow_mut() = Some(self.compute_routes());
+        if self.routes_stale.get() || self.routes.borrow().is_none() {
+            self.rebuild_routes();
         }
         Ref::map(self.routes.borrow(), |r| r.as_ref().expect("just computed"))
+    }
+
+    /// The routes, possibly a little stale: rebuilt only once the last rebuild is 20
+    /// times its own cost ago. Computing routes costs O(peers), and in a large mesh
+    /// converging every frame changes something; the hot paths (relaying, answering
+    /// digests) thus spend at most about 5% of their time on routes, while queries
+    /// that must be exact ([`Topology::routes`]) still rebuild at once.
+    fn routes_lazy(&self) -> Ref<'_, Routes> {
+        let (at, cost) = self.routes_at.get();
+        if self.routes.borrow().is_none() || (self.routes_stale.get() && at.elapsed() >= cost * 20)
+        {
+            self.rebuild_routes();
+        }
+        Ref::map(self.routes.borrow(), |r| r.as_ref().expect("just computed"))
+    }
+
+    fn rebuild_routes(&self) {
+        let started = Instant::now();
+        let routes = self.compute_routes();
+        *self.routes.borrow_mut() = Some(routes);
+        self.routes_stale.set(false);
+        self.routes_at.set((started, started.elapsed()));
     }
 
     fn compute_routes(&self) -> Routes {
@@ -282,8 +414,19 @@ impl Topology {
         }
     }
 
+    /// The next hop and hop count towards `dst`, from possibly slightly stale routes
+    /// (see [`Topology::routes_lazy`]): for forwarding, not for reporting.
     pub fn route(&self, dst: PeerName) -> Option<(PeerName, u32)> {
+        self.routes_lazy().next_hops.get(&dst).copied()
+    }
+
+    /// [`Topology::route`] from exact routes.
+    pub fn route_exact(&self, dst: PeerName) -> Option<(PeerName, u32)> {
         self.routes().next_hops.get(&dst).copied()
+    }
+
+    fn is_reachable_lazy(&self, name: PeerName) -> bool {
+        name == self.own || self.routes_lazy().next_hops.contains_key(&name)
     }
 
     pub fn is_reachable(&self, name: PeerName) -> bool {
@@ -297,7 +440,7 @@ impl Topology {
     /// Our children in the spanning tree rooted at `src` (BFS from src, ties broken by
     /// name): the neighbours a broadcast from `src` must be relayed to.
     pub fn broadcast_children(&self, src: PeerName) -> Vec<PeerName> {
-        let routes = self.routes();
+        let routes = self.routes_lazy();
         if let Some(c) = routes.broadcast_children.borrow().get(&src) {
             return c.clone();
         }
@@ -352,6 +495,14 @@ impl Topology {
     }
 }
 
+/// SplitMix64's finalizer: a fixed (process-independent) 64-bit mixing function.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// BFS over `adjacency` from `root`: node → (parent, hops); the root maps to itself.
 fn bfs(
     adjacency: &HashMap<PeerName, Vec<PeerName>>,
@@ -375,33 +526,35 @@ fn bfs(
 mod tests {
     use super::*;
 
+    fn raw(entries: Vec<Entry>) -> Vec<Received> {
+        entries
+            .into_iter()
+            .map(|e| Received::parse(e.encoded.clone()).unwrap())
+            .collect()
+    }
+
     fn entry(name: PeerName, version: u64, conns: &[PeerName]) -> Entry {
-        Entry {
-            name,
-            nickname: format!("p{name}"),
-            uid: name * 10,
-            version,
-            address: String::new(),
-            connections: conns
-                .iter()
-                .map(|&p| EntryConnection {
-                    peer: p,
-                    address: String::new(),
-                    outbound: false,
-                })
-                .collect(),
-            meta: vec![],
-        }
+        let mut e = Entry::new(name, format!("p{name}"), name * 10, String::new());
+        e.version = version;
+        e.connections = conns
+            .iter()
+            .map(|&p| EntryConnection {
+                peer: p,
+                outbound: false,
+            })
+            .collect();
+        e.seal();
+        e
     }
 
     #[test]
     fn only_symmetric_edges_route() {
         let mut t = Topology::new(entry(1, 1, &[2]));
-        t.merge(vec![entry(2, 1, &[1, 3]), entry(3, 1, &[])]);
-        assert_eq!(t.route(2), Some((2, 1)));
-        assert_eq!(t.route(3), None, "3 does not list 2");
-        t.merge(vec![entry(3, 2, &[2])]);
-        assert_eq!(t.route(3), Some((2, 2)));
+        t.merge(raw(vec![entry(2, 1, &[1, 3]), entry(3, 1, &[])]));
+        assert_eq!(t.route_exact(2), Some((2, 1)));
+        assert_eq!(t.route_exact(3), None, "3 does not list 2");
+        t.merge(raw(vec![entry(3, 2, &[2])]));
+        assert_eq!(t.route_exact(3), Some((2, 2)));
         assert_eq!(t.broadcast_children(1), vec![2]);
         assert_eq!(t.broadcast_children(3), Vec::<PeerName>::new());
     }
@@ -409,34 +562,54 @@ mod tests {
     #[test]
     fn merge_keeps_higher_version_and_bumps_own_on_stale_self() {
         let mut t = Topology::new(entry(1, 1, &[]));
-        assert_eq!(t.merge(vec![entry(2, 5, &[])]), vec![2]);
-        assert!(t.merge(vec![entry(2, 4, &[1])]).is_empty());
+        assert_eq!(t.merge(raw(vec![entry(2, 5, &[])])), vec![2]);
+        assert!(t.merge(raw(vec![entry(2, 4, &[1])])).is_empty());
         assert_eq!(t.get(2).unwrap().version, 5);
         let mut old_self = entry(1, 9, &[]);
         old_self.uid = 99;
-        assert_eq!(t.merge(vec![old_self]), vec![1]);
+        assert_eq!(t.merge(raw(vec![old_self])), vec![1]);
         assert_eq!(t.own().version, 10);
+    }
+
+    #[test]
+    fn summary_depends_on_the_entries_held_not_their_order() {
+        let mut a = Topology::new(entry(1, 1, &[2]));
+        let mut b = Topology::new(entry(2, 1, &[1]));
+        assert_ne!(a.summary(), b.summary());
+        a.merge(raw(vec![entry(2, 1, &[1]), entry(3, 4, &[])]));
+        b.merge(raw(vec![entry(3, 4, &[]), entry(1, 1, &[2])]));
+        assert_eq!(a.summary(), b.summary());
+        b.merge(raw(vec![entry(3, 5, &[])]));
+        assert_ne!(a.summary(), b.summary());
+        a.merge(raw(vec![entry(3, 5, &[])]));
+        assert_eq!(a.summary(), b.summary());
+        // Our own stale entry coming back bumps our version: the summary follows.
+        let before = a.summary();
+        let mut stale = entry(1, 7, &[]);
+        stale.uid = 5;
+        stale.seal();
+        a.merge(raw(vec![stale]));
+        assert_ne!(a.summary(), before);
     }
 
     #[test]
     fn unreachable_peers_are_collected_after_grace() {
         let mut t = Topology::new(entry(1, 1, &[]));
-        t.merge(vec![entry(2, 1, &[])]);
+        t.merge(raw(vec![entry(2, 1, &[])]));
         assert!(t.gc_tick().is_empty());
         assert_eq!(t.gc_tick(), vec![2]);
         assert!(t.get(2).is_none());
         // The same entry handed back while unreachable is kept but not forwarded...
-        assert!(t.merge(vec![entry(2, 1, &[3])]).is_empty());
+        assert!(t.merge(raw(vec![entry(2, 1, &[3])])).is_empty());
         assert!(t.get(2).is_some() && !t.is_reachable(2));
         // ...until the entry that makes it reachable arrives.
         t.update_own(|e| {
             e.connections.push(EntryConnection {
                 peer: 3,
-                address: String::new(),
                 outbound: true,
             })
         });
-        let mut changed = t.merge(vec![entry(3, 1, &[1, 2])]);
+        let mut changed = t.merge(raw(vec![entry(3, 1, &[1, 2])]));
         changed.sort();
         assert_eq!(changed, vec![2, 3]);
         assert!(t.is_reachable(2));

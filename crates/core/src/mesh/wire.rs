@@ -2,7 +2,8 @@
 //! decoders (pure functions, fuzzed), and the Noise chunking of a frame when encrypted.
 //! Nothing here does IO.
 use crate::proto::meshpb::{
-    mesh_frame, MeshChannelMessage, MeshFrame, MeshHandshake, MeshMessageKind,
+    mesh_frame_in, MeshChannelMessage, MeshFrameIn, MeshHandshake, MeshMessageKind,
+    MeshPeerEntryHeader,
 };
 use prost::Message;
 
@@ -70,15 +71,56 @@ pub fn decode_handshake(buf: &[u8]) -> Result<MeshHandshake, WireError> {
     Ok(hs)
 }
 
-/// Decodes and checks a frame (the plaintext bytes after its length prefix).
-pub fn decode_frame(buf: &[u8]) -> Result<MeshFrame, WireError> {
-    let frame = MeshFrame::decode(buf).map_err(|e| WireError::Undecodable(e.to_string()))?;
+/// Decodes and checks a frame (the plaintext bytes after its length prefix). Topology
+/// entries stay encoded, but each one's header must decode.
+pub fn decode_frame(buf: &[u8]) -> Result<MeshFrameIn, WireError> {
+    decode_frame_bytes(bytes::Bytes::copy_from_slice(buf))
+}
+
+/// [`decode_frame`] without a copy: topology entries become slices of `buf`.
+pub fn decode_frame_bytes(buf: bytes::Bytes) -> Result<MeshFrameIn, WireError> {
+    let frame = MeshFrameIn::decode(buf).map_err(|e| WireError::Undecodable(e.to_string()))?;
     match &frame.body {
         None => return Err(WireError::Invalid("frame without a body".into())),
-        Some(mesh_frame::Body::Channel(m)) => check_channel_message(m)?,
+        Some(mesh_frame_in::Body::Channel(m)) => check_channel_message(m)?,
+        Some(mesh_frame_in::Body::Digest(d)) if d.summary_only && !d.items.is_empty() => {
+            return Err(WireError::Invalid("summary-only digest with items".into()))
+        }
+        Some(mesh_frame_in::Body::Topology(t)) => {
+            for p in &t.peers {
+                decode_entry_header(p)?;
+            }
+        }
         Some(_) => {}
     }
     Ok(frame)
+}
+
+/// A topology frame (`MeshFrame.topology`, field 2, holding `MeshTopology.peers`,
+/// field 1, once per entry) assembled from encoded `MeshPeerEntry`s without decoding
+/// them; `None` for no entries.
+pub fn topology_frame<'a>(entries: impl IntoIterator<Item = &'a [u8]>) -> Option<bytes::Bytes> {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    let mut body = Vec::new();
+    for e in entries {
+        encode_key(1, WireType::LengthDelimited, &mut body);
+        encode_varint(e.len() as u64, &mut body);
+        body.extend_from_slice(e);
+    }
+    if body.is_empty() {
+        return None;
+    }
+    let mut frame = Vec::with_capacity(body.len() + 8);
+    encode_key(2, WireType::LengthDelimited, &mut frame);
+    encode_varint(body.len() as u64, &mut frame);
+    frame.extend_from_slice(&body);
+    Some(frame.into())
+}
+
+/// The name, uid and version of an encoded topology entry.
+pub fn decode_entry_header(entry: &[u8]) -> Result<MeshPeerEntryHeader, WireError> {
+    MeshPeerEntryHeader::decode(entry)
+        .map_err(|e| WireError::Undecodable(format!("topology entry: {e}")))
 }
 
 fn check_channel_message(m: &MeshChannelMessage) -> Result<(), WireError> {
@@ -164,7 +206,7 @@ pub fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::meshpb::MeshHeartbeat;
+    use crate::proto::meshpb::{mesh_frame, MeshFrame, MeshHeartbeat};
     use rand::{Rng, SeedableRng};
 
     fn sample_handshake() -> Vec<u8> {
@@ -225,6 +267,48 @@ mod tests {
             Err(WireError::Invalid(_))
         ));
         assert!(matches!(decode_frame(&[]), Err(WireError::Invalid(_))));
+    }
+
+    #[test]
+    fn assembled_topology_frame_is_the_protobuf_encoding() {
+        use crate::proto::meshpb::{
+            mesh_frame, MeshFrame, MeshPeerConnection, MeshPeerEntry, MeshTopology,
+        };
+        let peers: Vec<MeshPeerEntry> = (1..=3u64)
+            .map(|n| MeshPeerEntry {
+                name: n,
+                nickname: format!("n{n}"),
+                uid: n * 7,
+                version: n + 100,
+                address: format!("10.0.0.{n}:6783"),
+                connections: vec![MeshPeerConnection {
+                    peer: n + 1,
+                    address: String::new(),
+                    outbound: true,
+                }],
+                meta: vec![n as u8; 300],
+            })
+            .collect();
+        let encoded: Vec<Vec<u8>> = peers.iter().map(|p| p.encode_to_vec()).collect();
+        let assembled = topology_frame(encoded.iter().map(|e| e.as_slice())).unwrap();
+        let expected = MeshFrame {
+            body: Some(mesh_frame::Body::Topology(MeshTopology {
+                peers: peers.clone(),
+            })),
+        }
+        .encode_to_vec();
+        assert_eq!(assembled.as_ref(), expected.as_slice());
+        // Read back: every entry arrives as its own bytes, with a decodable header.
+        let Some(mesh_frame_in::Body::Topology(t)) = decode_frame(&assembled).unwrap().body else {
+            panic!("not a topology frame");
+        };
+        assert_eq!(t.peers.len(), 3);
+        for (raw, want) in t.peers.iter().zip(&encoded) {
+            assert_eq!(raw.as_ref(), want.as_slice());
+            let h = decode_entry_header(raw).unwrap();
+            assert!(h.version > 100 && h.uid == h.name * 7);
+        }
+        assert!(topology_frame(std::iter::empty()).is_none());
     }
 
     #[test]

@@ -665,7 +665,8 @@ async fn max_connections_is_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_peer_is_a_new_incarnation() {
     // A long gossip interval keeps the old entry from being collected before the
-    // restart, so the new incarnation must out-version it.
+    // restart, so the new incarnation must win over it in the CRDT order (version,
+    // then uid): a higher uid at the same version, or a higher version.
     let slow_gc = |c: &mut MeshConfig| c.gossip_interval = Duration::from_secs(30);
     let net = start_net(2, &[vec![], vec![0]], slow_gc).await;
     wait_for("pair connected", || {
@@ -691,7 +692,7 @@ async fn restarted_peer_is_a_new_incarnation() {
                 && p.uid == reborn.uid()
                 && p.reachable
                 && p.address == addr
-                && p.version > old.version
+                && (p.version, p.uid) > (old.version, old.uid)
         })
     })
     .await;

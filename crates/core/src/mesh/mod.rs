@@ -317,7 +317,7 @@ impl Mesh {
             uid,
             psk,
             state: Mutex::new(State {
-                topology: Topology::new(own),
+                topology: Topology::new(own, cfg.gossip_interval / 10),
                 conns: HashMap::new(),
                 handshaking: HashMap::new(),
                 channels: HashMap::new(),

@@ -7,7 +7,34 @@ use bytes::Bytes;
 use prost::Message;
 use std::cell::{Cell, Ref, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::{Duration, Instant};
+
+/// Maps and sets keyed by peer name. The default SipHash dominated route computation
+/// at 1000 peers; a name is 64 bits, so one round of a strong mixer is a good hash.
+pub(super) type NameMap<V> = HashMap<PeerName, V, BuildHasherDefault<NameHasher>>;
+pub(super) type NameSet = HashSet<PeerName, BuildHasherDefault<NameHasher>>;
+
+#[derive(Default)]
+pub(super) struct NameHasher(u64);
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = mix(self.0 ^ n);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 /// One peer's own description of itself, as gossiped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,7 +167,7 @@ impl Received {
 #[derive(Debug)]
 pub struct Topology {
     own: PeerName,
-    entries: HashMap<PeerName, Entry>,
+    entries: NameMap<Entry>,
     /// Routes computed on first use after a change (a burst of merges costs one BFS).
     routes: RefCell<Option<Routes>>,
     /// The routes no longer match the entries (kept for [`Topology::routes_lazy`]).
@@ -150,44 +177,53 @@ pub struct Topology {
     /// Our own entry changed since it was last published (its version and encoding
     /// are those of the last publication; see [`Topology::publish_own`]).
     own_dirty: bool,
+    lazy_min: Duration,
     /// [`Topology::summary`], computed on first use after a change.
     summary: Cell<Option<u64>>,
     /// Consecutive GC ticks a peer has been unreachable.
-    unreachable_ticks: HashMap<PeerName, u32>,
+    unreachable_ticks: NameMap<u32>,
     /// (version, uid) of collected peers. A copy of such an entry still circulating
     /// (a zombie) is not forwarded until it is reachable; otherwise peers that
     /// collected it late would keep handing it back to those that collected it.
-    collected: HashMap<PeerName, (u64, u64)>,
+    collected: NameMap<(u64, u64)>,
     /// Collected entries received again but not reachable yet: kept, not forwarded.
-    held: HashSet<PeerName>,
+    held: NameSet,
 }
 
 /// What the entries imply; rebuilt from scratch after any change.
 #[derive(Debug)]
 struct Routes {
     /// Symmetric adjacency (an edge counts only when both ends list it), sorted.
-    adjacency: HashMap<PeerName, Vec<PeerName>>,
+    adjacency: NameMap<Vec<PeerName>>,
     /// dst → (next hop, hop count) for every reachable peer but ourselves.
-    next_hops: HashMap<PeerName, (PeerName, u32)>,
+    next_hops: NameMap<(PeerName, u32)>,
     /// src → our children in the broadcast tree rooted at src; filled lazily.
-    broadcast_children: RefCell<HashMap<PeerName, Vec<PeerName>>>,
+    broadcast_children: RefCell<NameMap<Vec<PeerName>>>,
 }
 
 impl Topology {
-    pub fn new(own: Entry) -> Self {
+    /// `lazy_min`: the least time between two rebuilds of routes for forwarding and
+    /// gossip (see [`Topology::routes_lazy`]).
+    pub fn new(own: Entry, lazy_min: Duration) -> Self {
         let name = own.name;
         Topology {
             own: name,
-            entries: HashMap::from([(name, own)]),
+            entries: NameMap::from_iter([(name, own)]),
             routes: RefCell::new(None),
             routes_stale: Cell::new(false),
             routes_at: Cell::new((Instant::now(), Duration::ZERO)),
             own_dirty: false,
+            lazy_min,
             summary: Cell::new(None),
-            unreachable_ticks: HashMap::new(),
-            collected: HashMap::new(),
-            held: HashSet::new(),
+            unreachable_ticks: NameMap::default(),
+            collected: NameMap::default(),
+            held: NameSet::default(),
         }
+    }
+
+    #[cfg(test)]
+    fn new_for_test(own: Entry) -> Self {
+        Topology::new(own, Duration::ZERO)
     }
 
     #[cfg(test)]
@@ -237,17 +273,19 @@ impl Topology {
     /// (ours is newer or it lacks it; never an unreachable one, which is garbage here),
     /// and whether it holds something newer than we do.
     pub fn diff(&self, digest: &[MeshDigestItem]) -> (Vec<PeerName>, bool) {
-        let theirs: HashMap<PeerName, (u64, u64)> = digest
+        let theirs: NameMap<(u64, u64)> = digest
             .iter()
             .map(|d| (d.name, (d.version, d.uid)))
             .collect();
+        let routes = self.routes_lazy();
         let send: Vec<PeerName> = self
             .entries
             .values()
             .filter(|e| theirs.get(&e.name).is_none_or(|&t| (e.version, e.uid) > t))
-            .filter(|e| self.is_reachable_lazy(e.name))
+            .filter(|e| e.name == self.own || routes.next_hops.contains_key(&e.name))
             .map(|e| e.name)
             .collect();
+        drop(routes);
         let they_have_news = digest.iter().any(|d| match self.entries.get(&d.name) {
             Some(e) => (d.version, d.uid) > (e.version, e.uid),
             None => self.collected.get(&d.name) != Some(&(d.version, d.uid)),
@@ -357,14 +395,15 @@ impl Topology {
         Ref::map(self.routes.borrow(), |r| r.as_ref().expect("just computed"))
     }
 
-    /// The routes, possibly a little stale: rebuilt only once the last rebuild is 20
-    /// times its own cost ago. Computing routes costs O(peers), and in a large mesh
-    /// converging every frame changes something; the hot paths (relaying, answering
-    /// digests) thus spend at most about 5% of their time on routes, while queries
-    /// that must be exact ([`Topology::routes`]) still rebuild at once.
+    /// The routes, possibly a little stale: rebuilt only once the last rebuild is
+    /// `lazy_min` and 20 times its own cost ago. Computing routes costs O(peers), and in
+    /// a large mesh converging nearly every frame changes something; forwarding, GC and
+    /// gossip thus spend a bounded share of their time on routes, while reports
+    /// ([`Topology::routes`]) still rebuild at once.
     fn routes_lazy(&self) -> Ref<'_, Routes> {
         let (at, cost) = self.routes_at.get();
-        if self.routes.borrow().is_none() || (self.routes_stale.get() && at.elapsed() >= cost * 20)
+        if self.routes.borrow().is_none()
+            || (self.routes_stale.get() && at.elapsed() >= (cost * 20).max(self.lazy_min))
         {
             self.rebuild_routes();
         }
@@ -380,7 +419,7 @@ impl Topology {
     }
 
     fn compute_routes(&self) -> Routes {
-        let mut adjacency: HashMap<PeerName, Vec<PeerName>> = HashMap::new();
+        let mut adjacency: NameMap<Vec<PeerName>> = NameMap::default();
         for e in self.entries.values() {
             let mut n: Vec<PeerName> = e
                 .connections
@@ -395,7 +434,7 @@ impl Topology {
         // First hop of each destination, filled in BFS order so a parent's is known first.
         let mut order: Vec<(&PeerName, &(PeerName, u32))> = parents.iter().collect();
         order.sort_by_key(|(_, &(_, hops))| hops);
-        let mut next_hops: HashMap<PeerName, (PeerName, u32)> = HashMap::new();
+        let mut next_hops: NameMap<(PeerName, u32)> = NameMap::default();
         for (&dst, &(parent, hops)) in order {
             if dst == self.own {
                 continue;
@@ -410,7 +449,7 @@ impl Topology {
         Routes {
             adjacency,
             next_hops,
-            broadcast_children: RefCell::new(HashMap::new()),
+            broadcast_children: RefCell::new(NameMap::default()),
         }
     }
 
@@ -425,16 +464,13 @@ impl Topology {
         self.routes().next_hops.get(&dst).copied()
     }
 
-    fn is_reachable_lazy(&self, name: PeerName) -> bool {
-        name == self.own || self.routes_lazy().next_hops.contains_key(&name)
-    }
-
     pub fn is_reachable(&self, name: PeerName) -> bool {
         name == self.own || self.routes().next_hops.contains_key(&name)
     }
 
+    /// How many peers are reachable (ourselves included), from possibly stale routes.
     pub fn reachable_count(&self) -> usize {
-        self.routes().next_hops.len() + 1
+        self.routes_lazy().next_hops.len() + 1
     }
 
     /// Our children in the spanning tree rooted at `src` (BFS from src, ties broken by
@@ -467,12 +503,15 @@ impl Topology {
     /// (a grace of one tick lets an entry wait for its neighbour's entry that makes its
     /// edge symmetric). Returns the dropped names.
     pub fn gc_tick(&mut self) -> Vec<PeerName> {
+        // Possibly stale routes: they lag by far less than the grace of a tick.
+        let routes = self.routes_lazy();
         let unreachable: Vec<PeerName> = self
             .entries
             .keys()
             .copied()
-            .filter(|&n| !self.is_reachable(n))
+            .filter(|&n| n != self.own && !routes.next_hops.contains_key(&n))
             .collect();
+        drop(routes);
         self.unreachable_ticks
             .retain(|n, _| unreachable.contains(n));
         let mut removed = Vec::new();
@@ -504,11 +543,8 @@ fn mix(mut z: u64) -> u64 {
 }
 
 /// BFS over `adjacency` from `root`: node → (parent, hops); the root maps to itself.
-fn bfs(
-    adjacency: &HashMap<PeerName, Vec<PeerName>>,
-    root: PeerName,
-) -> HashMap<PeerName, (PeerName, u32)> {
-    let mut seen = HashMap::from([(root, (root, 0))]);
+fn bfs(adjacency: &NameMap<Vec<PeerName>>, root: PeerName) -> NameMap<(PeerName, u32)> {
+    let mut seen = NameMap::from_iter([(root, (root, 0))]);
     let mut queue = VecDeque::from([root]);
     while let Some(n) = queue.pop_front() {
         let hops = seen[&n].1;
@@ -549,7 +585,7 @@ mod tests {
 
     #[test]
     fn only_symmetric_edges_route() {
-        let mut t = Topology::new(entry(1, 1, &[2]));
+        let mut t = Topology::new_for_test(entry(1, 1, &[2]));
         t.merge(raw(vec![entry(2, 1, &[1, 3]), entry(3, 1, &[])]));
         assert_eq!(t.route_exact(2), Some((2, 1)));
         assert_eq!(t.route_exact(3), None, "3 does not list 2");
@@ -561,7 +597,7 @@ mod tests {
 
     #[test]
     fn merge_keeps_higher_version_and_bumps_own_on_stale_self() {
-        let mut t = Topology::new(entry(1, 1, &[]));
+        let mut t = Topology::new_for_test(entry(1, 1, &[]));
         assert_eq!(t.merge(raw(vec![entry(2, 5, &[])])), vec![2]);
         assert!(t.merge(raw(vec![entry(2, 4, &[1])])).is_empty());
         assert_eq!(t.get(2).unwrap().version, 5);
@@ -573,8 +609,8 @@ mod tests {
 
     #[test]
     fn summary_depends_on_the_entries_held_not_their_order() {
-        let mut a = Topology::new(entry(1, 1, &[2]));
-        let mut b = Topology::new(entry(2, 1, &[1]));
+        let mut a = Topology::new_for_test(entry(1, 1, &[2]));
+        let mut b = Topology::new_for_test(entry(2, 1, &[1]));
         assert_ne!(a.summary(), b.summary());
         a.merge(raw(vec![entry(2, 1, &[1]), entry(3, 4, &[])]));
         b.merge(raw(vec![entry(3, 4, &[]), entry(1, 1, &[2])]));
@@ -594,7 +630,7 @@ mod tests {
 
     #[test]
     fn unreachable_peers_are_collected_after_grace() {
-        let mut t = Topology::new(entry(1, 1, &[]));
+        let mut t = Topology::new_for_test(entry(1, 1, &[]));
         t.merge(raw(vec![entry(2, 1, &[])]));
         assert!(t.gc_tick().is_empty());
         assert_eq!(t.gc_tick(), vec![2]);

@@ -137,9 +137,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         return Err(e);
     }
     let t = start.elapsed();
-    let unreachable: usize = meshes[0].peers().iter().filter(|p| !p.reachable).count();
     println!(
-        "converged: every peer knows all {n} in {:.2}s = {:.1} gossip rounds ({unreachable} unreachable as seen by peer 1)",
+        "converged: every peer knows all {n} in {:.2}s = {:.1} gossip rounds",
+        t.as_secs_f64(),
+        t.as_secs_f64() / interval.as_secs_f64()
+    );
+    wait_reachable(&meshes, timeout, "initial routes").await?;
+    let t = start.elapsed();
+    println!(
+        "routes: every peer reaches all {n} in {:.2}s = {:.1} gossip rounds",
         t.as_secs_f64(),
         t.as_secs_f64() / interval.as_secs_f64()
     );
@@ -222,6 +228,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let t = t_heal.elapsed();
     println!(
         "heal: every peer knows all {n} again in {:.2}s = {:.1} gossip rounds",
+        t.as_secs_f64(),
+        t.as_secs_f64() / interval.as_secs_f64()
+    );
+    wait_reachable(&meshes, timeout, "routes after heal").await?;
+    let t = t_heal.elapsed();
+    println!(
+        "heal: every peer reaches all {n} again in {:.2}s = {:.1} gossip rounds",
         t.as_secs_f64(),
         t.as_secs_f64() / interval.as_secs_f64()
     );
@@ -325,6 +338,15 @@ async fn wait_known(
             );
         }
         known == want
+    })
+    .await
+}
+
+/// Waits until every peer has a route to every other.
+async fn wait_reachable(meshes: &[Arc<Mesh>], timeout: Duration, what: &str) -> anyhow::Result<()> {
+    let n = meshes.len();
+    wait(timeout, what, || {
+        meshes.iter().all(|m| m.stats().reachable == n)
     })
     .await
 }

@@ -197,7 +197,11 @@ pub struct LinkFault {
 /// heartbeats or handshakes); `bytes_*` count everything on the sockets.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MeshStats {
+    /// Peers in the topology, ourselves included.
     pub peers: usize,
+    /// Of those, the ones with a route (ourselves included; from routes at most a tenth
+    /// of a gossip interval old).
+    pub reachable: usize,
     pub connections: usize,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -479,6 +483,7 @@ impl Mesh {
         let st = self.inner.lock();
         MeshStats {
             peers: st.topology.len(),
+            reachable: st.topology.reachable_count(),
             connections: st.conns.len(),
             bytes_in: c.bytes_in.load(Ordering::Relaxed),
             bytes_out: c.bytes_out.load(Ordering::Relaxed),

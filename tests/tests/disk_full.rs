@@ -269,3 +269,105 @@ async fn disk_full_writes_recover_when_space_returns() {
         "meshd exited\n{log}"
     );
 }
+
+/// A follower whose disk fills: the other two go on committing writes, the follower
+/// leaves Raft without acknowledging what it could not persist, and once space
+/// returns it reopens its database, catches up, and holds the same data as the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_with_a_full_disk_catches_up_when_space_returns() {
+    let scratch = tempfile::tempdir().unwrap();
+    let mnt = scratch.path().join("small");
+    let _fs = match Tmpfs::mount(&mnt, "8m") {
+        Ok(fs) => fs,
+        Err(e) => {
+            eprintln!("SKIPPED: cannot mount a small tmpfs (needs root): {e}");
+            return;
+        }
+    };
+    let filler = mnt.join("filler");
+    std::fs::write(&filler, vec![0u8; 3 << 20]).unwrap();
+    let mut c = ProcessCluster::start(3, ClusterOpts::default());
+    wait_for_leader(&c.addrs()).await;
+    // Move p2's data dir onto the small filesystem (a symlink keeps its flags) and
+    // restart it there, without a free-space reserve.
+    c.procs[2].terminate();
+    let data = c.dir.path().join("p2");
+    let small = mnt.join("p2");
+    std::fs::create_dir(&small).unwrap();
+    for f in std::fs::read_dir(&data).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), small.join(f.file_name())).unwrap();
+    }
+    std::fs::remove_dir_all(&data).unwrap();
+    std::os::unix::fs::symlink(&small, &data).unwrap();
+    c.procs[2].args.push("--min-free-disk-bytes=0".into());
+    c.restart(2);
+    let addrs = c.addrs();
+    wait_for_leader(&addrs).await;
+    // p2 must be a follower: if it leads, hand leadership to p0.
+    let mut c0 = etcd_client(addrs[0]).await;
+    let mut c2 = etcd_client(addrs[2]).await;
+    let s2 = c2.status().await.unwrap();
+    if s2.leader() == s2.header().unwrap().member_id() {
+        let p0 = c0.status().await.unwrap().header().unwrap().member_id();
+        c2.move_leader(p0).await.expect("move leader off p2");
+    }
+    let serializable = || Some(etcd_client::GetOptions::new().with_serializable());
+
+    // Fill p2's disk through the leader's quorum.
+    let value = vec![b'x'; 16 * 1024];
+    let mut i = 0;
+    while !c.log(2).contains("storage write failed") {
+        assert!(i < 2000, "p2's disk never filled\n{}", c.log(2));
+        let mut any = etcd_client(addrs[i % 2]).await;
+        any.put(format!("fill/{i:04}"), value.clone(), None)
+            .await
+            .unwrap_or_else(|e| panic!("write with p2's disk full: {e}\n{}", c.log(0)));
+        i += 1;
+    }
+    // The other two still commit writes, and p2 still serves serializable reads.
+    c0.put("during", "full", None)
+        .await
+        .expect("write while a follower's disk is full");
+    let r = c2
+        .get("fill/0000", serializable())
+        .await
+        .expect("read on p2");
+    assert_eq!(r.kvs()[0].value(), value.as_slice());
+
+    std::fs::remove_file(&filler).unwrap();
+    c0.put("after", "space", None).await.unwrap();
+    let c2r = c2.clone();
+    eventually(
+        "p2 caught up after space returned",
+        Duration::from_secs(30),
+        || {
+            let mut c2 = c2r.clone();
+            async move {
+                let r = c2.get("after", serializable()).await.ok()?;
+                (r.kvs().first()?.value() == b"space").then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        c.log(2).contains("database reopened from disk"),
+        "{}",
+        c.log(2)
+    );
+    // Same data everywhere: every member's HashKV at the leader's revision agrees.
+    let rev = c0
+        .get("after", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let h0 = c0.hash_kv(rev).await.unwrap().hash();
+    let h2 = eventually("p2's HashKV", Duration::from_secs(10), || {
+        let mut c2 = c2r.clone();
+        async move { c2.hash_kv(rev).await.ok().map(|h| h.hash()) }
+    })
+    .await;
+    assert_eq!(h0, h2, "p2 differs from p0 at revision {rev}");
+}

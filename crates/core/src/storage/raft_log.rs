@@ -382,3 +382,60 @@ impl raft::Storage for RaftLog {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            index,
+            term: 1,
+            ..Default::default()
+        }
+    }
+
+    /// What the driver does after a failed commit: the mirror ran ahead of the disk,
+    /// and reopening plus reloading brings back exactly the durable state, writable.
+    #[test]
+    fn reload_after_reopen_forgets_what_was_never_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::storage::open_database(dir.path()).unwrap();
+        let kv = Arc::new(KvStore::open(db.clone()).unwrap());
+        let log = RaftLog::load(&db, kv.clone()).unwrap();
+        let txn = db.begin_write().unwrap();
+        log.append(&txn, &[entry(1), entry(2)]).unwrap();
+        let hs = HardState {
+            term: 1,
+            vote: 7,
+            commit: 0,
+        };
+        log.set_hard_state(&txn, &hs).unwrap();
+        txn.commit().unwrap();
+
+        // A Ready whose commit never happens: entry 3 and a new vote reach the mirror only.
+        let txn = db.begin_write().unwrap();
+        log.append(&txn, &[entry(3)]).unwrap();
+        log.set_hard_state(
+            &txn,
+            &HardState {
+                term: 2,
+                vote: 9,
+                commit: 0,
+            },
+        )
+        .unwrap();
+        drop(txn);
+        assert_eq!(log.last_index(), 3);
+
+        db.reopen().unwrap();
+        kv.reload().unwrap();
+        log.reload(&db).unwrap();
+        assert_eq!(log.last_index(), 2);
+        assert_eq!(log.hard_state(), hs);
+        let txn = db.begin_write().unwrap();
+        log.append(&txn, &[entry(3)]).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(log.last_index(), 3);
+    }
+}

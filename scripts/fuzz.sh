@@ -11,11 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_EACH=${1:-15}
 
-if rustup run nightly rustc --version >/dev/null 2>&1; then
+if command -v rustup >/dev/null 2>&1 && rustup run nightly rustc --version >/dev/null 2>&1; then
   toolchain=+nightly
 else
-  echo "scripts/fuzz.sh: no nightly toolchain; using stable with RUSTC_BOOTSTRAP=1" >&2
-  toolchain=+stable
+  echo "scripts/fuzz.sh: no nightly toolchain; using the default (stable) one with RUSTC_BOOTSTRAP=1" >&2
+  toolchain=
   export RUSTC_BOOTSTRAP=1
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
@@ -24,14 +24,14 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 cd fuzz
-targets=$(cargo $toolchain fuzz list)
+targets=$(cargo ${toolchain:+$toolchain} fuzz list)
 [ -n "$targets" ] || { echo "scripts/fuzz.sh: no fuzz targets found" >&2; exit 1; }
-cargo $toolchain fuzz build
+cargo ${toolchain:+$toolchain} fuzz build
 logs=$(mktemp -d)
 for t in $targets; do
   echo "== $t (${SECONDS_EACH}s)"
   mkdir -p "corpus/$t"
-  if ! cargo $toolchain fuzz run "$t" "corpus/$t" -- \
+  if ! cargo ${toolchain:+$toolchain} fuzz run "$t" "corpus/$t" -- \
       -max_total_time="$SECONDS_EACH" -max_len=65536 -timeout=10 -rss_limit_mb=2048 \
       >"$logs/$t.log" 2>&1; then
     echo "!! scripts/fuzz.sh: target $t FAILED; last lines of its log:" >&2
@@ -39,7 +39,7 @@ for t in $targets; do
     artifact=$(grep -o 'artifacts/[^ ]*' "$logs/$t.log" | tail -n 1 || true)
     if [ -n "$artifact" ]; then
       echo "!! reproducer: $(pwd)/$artifact" >&2
-      echo "!! replay:     (cd fuzz && cargo $toolchain fuzz run $t $artifact)" >&2
+      echo "!! replay:     (cd fuzz && cargo ${toolchain:+$toolchain} fuzz run $t $artifact)" >&2
     fi
     exit 1
   fi

@@ -20,8 +20,9 @@ pub use raft_log::RaftLog;
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "meshd.redb";
 
-/// Errors of the storage layer. All of them are fatal for the node: a member that
-/// cannot trust its disk must stop rather than vote or answer.
+/// Errors of the storage layer. A member that cannot trust its disk must stop rather
+/// than vote or answer: a failed read or write (`Db`, `Io`) takes the Raft driver out
+/// of Raft until it has reopened the database from disk; the others are fatal.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// The data dir could not be created or read.

@@ -3,7 +3,8 @@
 //!
 //! Mutations take the redb write transaction to put them in, so the driver decides
 //! what commits together and with which durability; the mirror is updated at once
-//! (the driver thread is the only writer, and a failed commit stops the node).
+//! (the driver thread is the only writer; after a failed commit it reopens the
+//! database and reloads the mirror with [`RaftLog::reload`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};

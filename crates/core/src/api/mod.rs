@@ -164,7 +164,7 @@ pub fn kv_status(e: KvError) -> Status {
     let code = match &e {
         KvError::Compacted { .. } | KvError::FutureRevision => Code::OutOfRange,
         KvError::NoSpace => Code::ResourceExhausted,
-        KvError::Storage(_) => Code::Internal,
+        KvError::Storage(_) | KvError::Io(_) => Code::Internal,
         KvError::Corrupt { .. } => {
             tracing::error!("{e}: refusing to serve it");
             return Status::data_loss(ERR_CORRUPT);

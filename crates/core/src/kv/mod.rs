@@ -56,6 +56,10 @@ pub enum KvError {
     /// The disk engine failed or holds something undecodable.
     #[error("storage: {0}")]
     Storage(String),
+    /// A read or write of the disk failed (the disk, not the data, is the problem:
+    /// e.g. it is full). The Raft driver recovers by reopening the database.
+    #[error("storage: {0}")]
+    Io(String),
     /// A stored record failed its checksum: the data dir is corrupt and the record is
     /// not served. Clients get etcd's corruption error (DataLoss); the log gets this.
     #[error("data dir is corrupt: {detail} in {table}")]
@@ -140,12 +144,17 @@ pub enum KvError {
     InvalidAuthMgmt,
 }
 
-/// Every redb error becomes `Storage`: the caller cannot act on the difference.
+/// Every redb error becomes `Io` (the disk failed) or `Storage` (anything else).
 macro_rules! storage_error_from {
     ($($t:ty),* $(,)?) => {$(
         impl From<$t> for KvError {
             fn from(e: $t) -> Self {
-                KvError::Storage(e.to_string())
+                match redb::Error::from(e) {
+                    e @ (redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed) => {
+                        KvError::Io(e.to_string())
+                    }
+                    e => KvError::Storage(e.to_string()),
+                }
             }
         }
     )*};
@@ -157,8 +166,13 @@ storage_error_from!(
     redb::TransactionError,
     redb::CommitError,
     redb::SetDurabilityError,
-    prost::DecodeError,
 );
+
+impl From<prost::DecodeError> for KvError {
+    fn from(e: prost::DecodeError) -> Self {
+        KvError::Storage(e.to_string())
+    }
+}
 
 pub struct KvStore {
     db: Arc<Db>,

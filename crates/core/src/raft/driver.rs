@@ -941,7 +941,7 @@ fn apply_request(
         None => Ok(AppliedKind::Nothing),
     };
     match result {
-        Err(KvError::Storage(s)) => Err(DriverError::Apply(KvError::Storage(s))),
+        Err(e @ (KvError::Storage(_) | KvError::Io(_))) => Err(DriverError::Apply(e)),
         Ok(kind) => Ok(Ok(Applied {
             revision: batch.revision(),
             kind,

@@ -31,12 +31,18 @@ const PROBE_BYTES: usize = 1 << 20;
 impl DriverError {
     /// A write to the database failed (the disk, not the data, is the problem): the
     /// member can recover by reopening the database once writes succeed again.
+    /// Undecodable or corrupt data is not: reopening would find it again.
     pub(super) fn is_failed_write(&self) -> bool {
-        matches!(
-            self,
-            DriverError::Storage(StorageError::Db(_) | StorageError::Io { .. })
-                | DriverError::Apply(KvError::Storage(_))
-        )
+        match self {
+            DriverError::Storage(StorageError::Io { .. }) | DriverError::Apply(KvError::Io(_)) => {
+                true
+            }
+            DriverError::Storage(StorageError::Db(e)) => matches!(
+                e,
+                redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed
+            ),
+            _ => false,
+        }
     }
 }
 
@@ -148,26 +154,30 @@ impl Driver {
             };
             return Err(retry(&format!("data dir {}", dir.display()), &e, how));
         }
+        // A failure of the disk is retried; what the disk holds being unusable is not.
+        let failed = |what: &str, e: DriverError| {
+            if e.is_failed_write() {
+                retry(what, &e, RefuseAs::Stopped)
+            } else {
+                NotYet::Fatal(e)
+            }
+        };
         match self.db.reopen() {
             Ok(()) => {}
-            Err(
-                e @ (StorageError::Io { .. } | StorageError::Db(_) | StorageError::InUse { .. }),
-            ) => return Err(retry("reopening the database", &e, RefuseAs::Stopped)),
-            Err(e) => return Err(NotYet::Fatal(e.into())),
-        }
-        if let Err(e) = self.kv.reload() {
-            return Err(retry("reading the keyspace", &e, RefuseAs::Stopped));
-        }
-        match self.log.reload(&self.db) {
-            Ok(()) => {}
-            Err(e @ StorageError::Db(_)) => {
-                return Err(retry("reading the raft log", &e, RefuseAs::Stopped))
+            // The old handle's file lock may linger for a moment.
+            Err(e @ StorageError::InUse { .. }) => {
+                return Err(retry("reopening the database", &e, RefuseAs::Stopped))
             }
-            Err(e) => return Err(NotYet::Fatal(e.into())),
+            Err(e) => return Err(failed("reopening the database", e.into())),
         }
-        if let Err(e) = crate::lease::load(&self.lessor, &self.kv) {
-            return Err(retry("reading the leases", &e, RefuseAs::Stopped));
-        }
+        self.kv
+            .reload()
+            .map_err(|e| failed("reading the keyspace", DriverError::Apply(e)))?;
+        self.log
+            .reload(&self.db)
+            .map_err(|e| failed("reading the raft log", e.into()))?;
+        crate::lease::load(&self.lessor, &self.kv)
+            .map_err(|e| failed("reading the leases", DriverError::Apply(e)))?;
         self.raw = new_raw_node(&self.cfg, self.log.clone(), self.kv.applied_index())
             .map_err(NotYet::Fatal)?;
         self.refresh_peers();
@@ -215,4 +225,37 @@ fn is_no_space(e: &std::io::Error) -> bool {
         e.kind(),
         std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
     ) || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enospc() -> std::io::Error {
+        std::io::Error::from_raw_os_error(libc::ENOSPC)
+    }
+
+    #[test]
+    fn a_failed_disk_is_recovered_from_but_bad_data_is_not() {
+        let io = DriverError::Storage(StorageError::Db(redb::Error::Io(enospc())));
+        assert!(io.is_failed_write());
+        assert!(DriverError::Storage(StorageError::Db(redb::Error::PreviousIo)).is_failed_write());
+        let commit: KvError = redb::CommitError::Storage(redb::StorageError::Io(enospc())).into();
+        assert!(matches!(commit, KvError::Io(_)), "{commit:?}");
+        assert!(DriverError::Apply(commit).is_failed_write());
+        assert!(is_no_space(&enospc()));
+
+        let corrupt = DriverError::Storage(StorageError::Db(redb::Error::Corrupted("x".into())));
+        assert!(!corrupt.is_failed_write());
+        let undecodable: KvError =
+            <crate::proto::meshpb::NodeMeta as prost::Message>::decode(&[0xff][..])
+                .unwrap_err()
+                .into();
+        assert!(
+            matches!(undecodable, KvError::Storage(_)),
+            "{undecodable:?}"
+        );
+        assert!(!DriverError::Apply(undecodable).is_failed_write());
+        assert!(!DriverError::BadSnapshot("x".into()).is_failed_write());
+    }
 }

@@ -1,7 +1,8 @@
 //! Any bytes given to the frame decoder yield a frame or an error, never a panic.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
+use mesh_core::untrusted::Decoder;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = mesh_core::mesh::decode_frame(data);
+    let _ = Decoder::MeshFrame.run(data);
 });

@@ -29,8 +29,12 @@ pub struct ChaosConfig {
     /// How long clients run while faults are injected.
     pub duration: Duration,
     pub clients: usize,
-    /// Keys the clients share (few, so operations contend).
+    /// Keys the clients share at a time (few, so operations contend).
     pub keys: usize,
+    /// How long one generation of keys is used before the clients move to fresh keys.
+    /// Short generations keep each key's history small (and its unknown outcomes few),
+    /// so the checker, which works key by key, always reaches a verdict.
+    pub key_generation: Duration,
     /// Whether "replace a member" is among the faults.
     pub replace: bool,
     /// Read serializably (local, possibly stale): not linearizable by design, so the
@@ -46,6 +50,7 @@ impl ChaosConfig {
             duration,
             clients: 4,
             keys: 3,
+            key_generation: Duration::from_secs(1),
             replace: true,
             serializable_reads: false,
         }
@@ -151,8 +156,8 @@ impl Shared {
     }
 }
 
-fn key_name(i: usize) -> String {
-    format!("chaos/k{i}")
+fn key_name(generation: u64, i: usize) -> String {
+    format!("chaos/g{generation:04}/k{i}")
 }
 
 async fn client_for(addrs: &[SocketAddr]) -> etcd_client::Client {
@@ -173,16 +178,17 @@ async fn run_client(sh: Arc<Shared>, id: usize, cfg: ChaosConfig, mut rng: Rng) 
         .then(|| etcd_client::GetOptions::new().with_serializable());
     let addrs = sh.addrs.lock().unwrap().clone();
     let mut c = client_for(&addrs).await;
-    let mut seen: BTreeMap<usize, u64> = BTreeMap::new();
+    let mut seen: BTreeMap<String, u64> = BTreeMap::new();
     let mut failures = 0;
     while !sh.stop.load(Ordering::Relaxed) {
-        let k = rng.below(keys as u64) as usize;
-        let key = key_name(k);
+        let generation =
+            sh.t0.elapsed().as_millis() as u64 / cfg.key_generation.as_millis().max(1) as u64;
+        let key = key_name(generation, rng.below(keys as u64) as usize);
         let input = match rng.below(10) {
             0..=3 => Input::Get,
             4..=6 => Input::Put(sh.next_value.fetch_add(1, Ordering::Relaxed)),
             7..=8 => Input::Cas {
-                expect: seen.get(&k).copied().unwrap_or(0),
+                expect: seen.get(&key).copied().unwrap_or(0),
                 new: sh.next_value.fetch_add(1, Ordering::Relaxed),
             },
             _ => Input::Delete,
@@ -222,11 +228,11 @@ async fn run_client(sh: Arc<Shared>, id: usize, cfg: ChaosConfig, mut rng: Rng) 
         let (output, ret) = match result {
             Ok(Ok((out, write))) => {
                 if let Output::Get(Some(v)) = out {
-                    seen.insert(k, v);
+                    seen.insert(key.clone(), v);
                 }
                 if let Input::Put(v) | Input::Cas { new: v, .. } = input {
                     if matches!(out, Output::Put | Output::Cas(true)) {
-                        seen.insert(k, v);
+                        seen.insert(key.clone(), v);
                     }
                 }
                 if let Some((rev, value)) = write {
@@ -724,16 +730,33 @@ pub async fn run(cfg: &ChaosConfig) -> RunReport {
             0
         }
     };
-    // Final linearizable reads join the history: every acknowledged write must show.
+    // A final linearizable read of every key joins the history: every acknowledged
+    // write must show. One range read is one point in time for all keys.
     let mut c = client_for(&addrs).await;
-    for k in 0..cfg.keys {
-        let key = key_name(k);
-        let invoke = sh.now();
-        match c.get(key.as_str(), None).await {
-            Ok(r) => {
-                let v = r.kvs().first().map(|kv| parse_value(kv.value()));
-                let ret = sh.now();
-                sh.history.lock().unwrap().push(Op {
+    let invoke = sh.now();
+    match c
+        .get("chaos/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+    {
+        Ok(r) => {
+            let ret = sh.now();
+            let values: BTreeMap<String, u64> = r
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    (key, parse_value(kv.value()))
+                })
+                .collect();
+            let mut history = sh.history.lock().unwrap();
+            let keys: std::collections::BTreeSet<String> = history
+                .iter()
+                .map(|o| o.key.clone())
+                .chain(values.keys().cloned())
+                .collect();
+            for key in keys {
+                let v = values.get(&key).copied();
+                history.push(Op {
                     client: usize::MAX,
                     key,
                     input: Input::Get,
@@ -742,8 +765,8 @@ pub async fn run(cfg: &ChaosConfig) -> RunReport {
                     ret: Some(ret),
                 });
             }
-            Err(e) => sh.violation(format!("final read of {key}: {e}")),
         }
+        Err(e) => sh.violation(format!("final read of the chaos keys: {e}")),
     }
 
     // Watchers: caught up to the final revision, then compared with the full log.

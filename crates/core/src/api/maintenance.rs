@@ -69,6 +69,8 @@ impl Maintenance for MaintenanceApi {
         let mut errors = Vec::new();
         if !s.is_running() {
             errors.push("raft driver stopped".to_string());
+        } else if s.storage_failed() {
+            errors.push("storage write failed; reopening the database".to_string());
         } else if s.leader() == 0 {
             errors.push("etcdserver: no leader".to_string());
         }

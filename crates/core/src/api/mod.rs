@@ -117,7 +117,8 @@ impl ApiContext {
     /// Checked on every such write (one statvfs, far cheaper than the fsync that
     /// follows), so a burst of writes cannot run past the reserve between checks.
     /// The reserve keeps the disk from filling under the Raft log's own commits: a
-    /// failed commit stops the Raft driver (a failed fsync is never retried blindly).
+    /// failed commit takes the member out of Raft until it has reopened its database
+    /// (a failed fsync is never retried on the same handle).
     pub fn check_disk_space(&self) -> Result<(), Status> {
         let dir = self.db_path.parent().unwrap_or(std::path::Path::new("."));
         let low =
@@ -163,7 +164,7 @@ pub fn kv_status(e: KvError) -> Status {
     let code = match &e {
         KvError::Compacted { .. } | KvError::FutureRevision => Code::OutOfRange,
         KvError::NoSpace => Code::ResourceExhausted,
-        KvError::Storage(_) => Code::Internal,
+        KvError::Storage(_) | KvError::Io(_) => Code::Internal,
         KvError::Corrupt { .. } => {
             tracing::error!("{e}: refusing to serve it");
             return Status::data_loss(ERR_CORRUPT);

@@ -56,6 +56,10 @@ pub enum KvError {
     /// The disk engine failed or holds something undecodable.
     #[error("storage: {0}")]
     Storage(String),
+    /// A read or write of the disk failed (the disk, not the data, is the problem:
+    /// e.g. it is full). The Raft driver recovers by reopening the database.
+    #[error("storage: {0}")]
+    Io(String),
     /// A stored record failed its checksum: the data dir is corrupt and the record is
     /// not served. Clients get etcd's corruption error (DataLoss); the log gets this.
     #[error("data dir is corrupt: {detail} in {table}")]
@@ -140,12 +144,17 @@ pub enum KvError {
     InvalidAuthMgmt,
 }
 
-/// Every redb error becomes `Storage`: the caller cannot act on the difference.
+/// Every redb error becomes `Io` (the disk failed) or `Storage` (anything else).
 macro_rules! storage_error_from {
     ($($t:ty),* $(,)?) => {$(
         impl From<$t> for KvError {
             fn from(e: $t) -> Self {
-                KvError::Storage(e.to_string())
+                match redb::Error::from(e) {
+                    e @ (redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed) => {
+                        KvError::Io(e.to_string())
+                    }
+                    e => KvError::Storage(e.to_string()),
+                }
             }
         }
     )*};
@@ -157,8 +166,13 @@ storage_error_from!(
     redb::TransactionError,
     redb::CommitError,
     redb::SetDurabilityError,
-    prost::DecodeError,
 );
+
+impl From<prost::DecodeError> for KvError {
+    fn from(e: prost::DecodeError) -> Self {
+        KvError::Storage(e.to_string())
+    }
+}
 
 pub struct KvStore {
     db: Arc<Db>,
@@ -192,33 +206,41 @@ pub struct ApplyBatch<'a> {
 
 impl KvStore {
     pub fn open(db: Arc<Db>) -> Result<KvStore, KvError> {
-        let txn = db.begin_write()?;
-        let meta = {
-            txn.open_table(LATEST)?;
-            txn.open_table(HISTORY)?;
-            txn.open_table(REVLOG)?;
-            txn.open_table(MEMBERS)?;
-            txn.open_table(ALARMS)?;
-            txn.open_table(tables::LEASES)?;
-            txn.open_table(tables::LEASE_KEYS)?;
-            txn.open_table(auth::AUTH)?;
-            Meta::load(&txn.open_table(META)?)?
-        };
-        txn.commit()?;
-        let nospace = nospace_active(&db.begin_read()?.open_table(ALARMS)?)?;
-        let auth =
-            AuthState::from_snapshot(&auth::load(&db.begin_read()?.open_table(auth::AUTH)?)?);
-        let (revision_tx, _) = tokio::sync::watch::channel(meta.current_revision);
-        Ok(KvStore {
+        create_tables(&db)?;
+        let (revision_tx, _) = tokio::sync::watch::channel(0);
+        let store = KvStore {
             db,
-            applied_index: AtomicU64::new(meta.applied_index),
-            current_revision: AtomicI64::new(meta.current_revision),
-            compact_revision: AtomicI64::new(meta.compact_revision),
-            nospace: AtomicBool::new(nospace),
+            applied_index: AtomicU64::new(0),
+            current_revision: AtomicI64::new(0),
+            compact_revision: AtomicI64::new(0),
+            nospace: AtomicBool::new(false),
             revision_tx,
-            auth: std::sync::RwLock::new(Arc::new(auth)),
+            auth: std::sync::RwLock::new(Arc::new(AuthState::default())),
             tokens: auth::Tokens::default(),
-        })
+        };
+        store.reload()?;
+        Ok(store)
+    }
+
+    /// Re-reads the counters, alarms and auth store from the database, after it was
+    /// reopened from disk: commits made since the last durable one are gone, and the
+    /// driver applies those entries again. Watchers keep their own next revision, so
+    /// the revision going back and forward again sends no event twice.
+    pub fn reload(&self) -> Result<(), KvError> {
+        let txn = self.db.begin_read()?;
+        let meta = Meta::load(&txn.open_table(META)?)?;
+        let nospace = nospace_active(&txn.open_table(ALARMS)?)?;
+        let auth = AuthState::from_snapshot(&auth::load(&txn.open_table(auth::AUTH)?)?);
+        self.applied_index
+            .store(meta.applied_index, Ordering::Release);
+        self.current_revision
+            .store(meta.current_revision, Ordering::Release);
+        self.compact_revision
+            .store(meta.compact_revision, Ordering::Release);
+        self.nospace.store(nospace, Ordering::Release);
+        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
+        self.revision_tx.send_replace(meta.current_revision);
+        Ok(())
     }
 
     /// The auth store as of the last commit.
@@ -454,6 +476,22 @@ fn read_alarms<T: ReadableTable<(u64, i32), ()>>(
         out.push(pb::AlarmMember { member_id, alarm });
     }
     Ok(out)
+}
+
+/// Creates the keyspace's tables in a fresh database (one durable commit).
+fn create_tables(db: &Db) -> Result<(), KvError> {
+    let txn = db.begin_write()?;
+    txn.open_table(LATEST)?;
+    txn.open_table(HISTORY)?;
+    txn.open_table(REVLOG)?;
+    txn.open_table(MEMBERS)?;
+    txn.open_table(ALARMS)?;
+    txn.open_table(tables::LEASES)?;
+    txn.open_table(tables::LEASE_KEYS)?;
+    txn.open_table(auth::AUTH)?;
+    txn.open_table(META)?;
+    txn.commit()?;
+    Ok(())
 }
 
 fn nospace_active<T: ReadableTable<(u64, i32), ()>>(table: &T) -> Result<bool, KvError> {

@@ -111,6 +111,9 @@ pub async fn health(src: &Sources) -> Result<(), String> {
     if !status.is_running() {
         return Err("RAFT STOPPED".into());
     }
+    if status.storage_failed() {
+        return Err("STORAGE WRITE FAILED: reopening the database".into());
+    }
     if status.leader() == 0 {
         return Err("RAFT NO LEADER".into());
     }

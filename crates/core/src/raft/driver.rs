@@ -15,6 +15,10 @@ use raft::{RawNode, ReadOnlyOption, SnapshotStatus, StateRole};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
+mod recovery;
+
+use recovery::REOPEN_BACKOFF_MIN;
+
 use super::transport::Transport;
 use super::{Applied, AppliedKind, DriverMsg, MemberChange, NodeStatus, ProposeError};
 use crate::kv::{ApplyBatch, KvError, KvStore};
@@ -79,28 +83,7 @@ pub fn spawn_driver(
     status: Arc<NodeStatus>,
     lessor: Arc<Lessor>,
 ) -> Result<std::thread::JoinHandle<Result<(), DriverError>>, DriverError> {
-    let raft_cfg = raft::Config {
-        id: cfg.member_id,
-        election_tick: cfg.election_ticks,
-        heartbeat_tick: cfg.heartbeat_ticks,
-        applied: kv.applied_index(),
-        max_size_per_msg: cfg.max_size_per_msg,
-        max_inflight_msgs: cfg.max_inflight_msgs,
-        // A partitioned member must not disrupt the majority (pre-vote), and a leader
-        // that lost its quorum must step down (check-quorum).
-        pre_vote: true,
-        check_quorum: true,
-        read_only_option: ReadOnlyOption::Safe,
-        ..Default::default()
-    };
-    raft_cfg.validate()?;
-    let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
-    let mut raw = RawNode::new(&raft_cfg, log.clone(), &logger)?;
-    let conf = log.conf_state();
-    if conf.voters == [cfg.member_id] && conf.learners.is_empty() {
-        // Alone: no one to wait for.
-        raw.campaign()?;
-    }
+    let raw = new_raw_node(&cfg, log.clone(), kv.applied_index())?;
     let mut d = Driver {
         raw,
         log,
@@ -121,6 +104,7 @@ pub fn spawn_driver(
         transfers: Vec::new(),
         ticks: 0,
         last_leader: 0,
+        reopen_backoff: REOPEN_BACKOFF_MIN,
     };
     d.refresh_peers();
     std::thread::Builder::new()
@@ -147,6 +131,37 @@ pub fn spawn_driver(
                 source: e,
             })
         })
+}
+
+/// A RawNode over `log`, with the state machine at `applied`.
+fn new_raw_node(
+    cfg: &DriverConfig,
+    log: RaftLog,
+    applied: u64,
+) -> Result<RawNode<RaftLog>, DriverError> {
+    let raft_cfg = raft::Config {
+        id: cfg.member_id,
+        election_tick: cfg.election_ticks,
+        heartbeat_tick: cfg.heartbeat_ticks,
+        applied,
+        max_size_per_msg: cfg.max_size_per_msg,
+        max_inflight_msgs: cfg.max_inflight_msgs,
+        // A partitioned member must not disrupt the majority (pre-vote), and a leader
+        // that lost its quorum must step down (check-quorum).
+        pre_vote: true,
+        check_quorum: true,
+        read_only_option: ReadOnlyOption::Safe,
+        ..Default::default()
+    };
+    raft_cfg.validate()?;
+    let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
+    let conf = log.conf_state();
+    let mut raw = RawNode::new(&raft_cfg, log, &logger)?;
+    if conf.voters == [cfg.member_id] && conf.learners.is_empty() {
+        // Alone: no one to wait for.
+        raw.campaign()?;
+    }
+    Ok(raw)
 }
 
 struct Driver {
@@ -179,10 +194,28 @@ struct Driver {
     transfers: Vec<(u64, Reply<()>, u64)>,
     ticks: u64,
     last_leader: u64,
+    /// Wait before the next attempt to reopen the database after a failed write;
+    /// doubles while the disk stays full, back to the minimum after a durable commit.
+    reopen_backoff: Duration,
 }
 
 impl Driver {
+    /// Serves until asked to stop. A failed write does not end it: the member leaves
+    /// Raft, reopens the database from disk once it can write again, and resumes.
     fn run(&mut self, rx: std_mpsc::Receiver<DriverMsg>) -> Result<(), DriverError> {
+        loop {
+            match self.serve(&rx) {
+                Err(e) if e.is_failed_write() => {
+                    if !self.recover(&rx, e)? {
+                        return Ok(());
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn serve(&mut self, rx: &std_mpsc::Receiver<DriverMsg>) -> Result<(), DriverError> {
         let mut next_tick = Instant::now() + self.cfg.tick;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
@@ -433,6 +466,7 @@ impl Driver {
             let started = Instant::now();
             txn.commit().map_err(crate::storage::db_err)?;
             self.status.metrics.log_commit.observe(started.elapsed());
+            self.reopen_backoff = REOPEN_BACKOFF_MIN;
         } else if let Some(hs) = rd.hs() {
             self.log.set_commit(hs.commit);
         }
@@ -907,7 +941,7 @@ fn apply_request(
         None => Ok(AppliedKind::Nothing),
     };
     match result {
-        Err(KvError::Storage(s)) => Err(DriverError::Apply(KvError::Storage(s))),
+        Err(e @ (KvError::Storage(_) | KvError::Io(_))) => Err(DriverError::Apply(e)),
         Ok(kind) => Ok(Ok(Applied {
             revision: batch.revision(),
             kind,

@@ -189,6 +189,9 @@ pub struct NodeStatus {
     is_learner: AtomicBool,
     removed: AtomicBool,
     stopped: AtomicBool,
+    /// A write to the database failed and the driver is out of Raft until it has
+    /// reopened the database from disk.
+    storage_failed: AtomicBool,
     /// Instruments the driver and handle update, read by `/metrics`.
     pub metrics: RaftMetrics,
 }
@@ -241,6 +244,11 @@ impl NodeStatus {
     /// True once this member applied its own removal from the cluster.
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)
+    }
+    /// True while the member is out of Raft after a failed write (a full disk),
+    /// waiting to reopen its database: writes are refused, serializable reads served.
+    pub fn storage_failed(&self) -> bool {
+        self.storage_failed.load(Ordering::Acquire)
     }
     /// False once the driver thread has exited (shutdown or a fatal storage error).
     pub fn is_running(&self) -> bool {

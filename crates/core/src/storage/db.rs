@@ -1,5 +1,6 @@
-//! The shared database handle: redb behind a lock that only defragmentation takes
-//! exclusively, because `redb::Database::compact` needs `&mut Database`.
+//! The shared database handle: redb behind a lock that only defragmentation and a
+//! reopen take exclusively (`redb::Database::compact` needs `&mut Database`; a reopen
+//! replaces the handle after a failed write).
 
 use std::path::PathBuf;
 use std::sync::RwLock;
@@ -11,7 +12,9 @@ use super::{db_err, StorageError};
 /// driver. Transactions are begun under a shared lock that is released at once (redb
 /// transactions do not borrow the database), so the lock never serialises readers.
 pub struct Db {
-    inner: RwLock<redb::Database>,
+    /// None only while a reopen is under way or after one failed (then every
+    /// transaction fails with `DatabaseClosed` until a later reopen succeeds).
+    inner: RwLock<Option<redb::Database>>,
     /// The database file, for its size (Status, quota, defragment).
     path: PathBuf,
 }
@@ -19,7 +22,7 @@ pub struct Db {
 impl Db {
     pub fn new(db: redb::Database, path: PathBuf) -> Db {
         Db {
-            inner: RwLock::new(db),
+            inner: RwLock::new(Some(db)),
             path,
         }
     }
@@ -29,17 +32,56 @@ impl Db {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
     }
 
-    fn shared(&self) -> std::sync::RwLockReadGuard<'_, redb::Database> {
+    /// The data dir holding the database file.
+    pub fn dir(&self) -> PathBuf {
+        self.path
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf()
+    }
+
+    fn shared(&self) -> std::sync::RwLockReadGuard<'_, Option<redb::Database>> {
         // A panic while holding the lock leaves the database itself intact.
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn exclusive(&self) -> std::sync::RwLockWriteGuard<'_, Option<redb::Database>> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
-        redb::ReadableDatabase::begin_read(&*self.shared())
+        match &*self.shared() {
+            Some(db) => redb::ReadableDatabase::begin_read(db),
+            None => Err(closed()),
+        }
     }
 
     pub fn begin_write(&self) -> Result<redb::WriteTransaction, redb::TransactionError> {
-        self.shared().begin_write()
+        match &*self.shared() {
+            Some(db) => db.begin_write(),
+            None => Err(closed()),
+        }
+    }
+
+    /// Closes the handle and opens the file again, so that the state in use is exactly
+    /// the last durable commit on disk. After a failed write or fsync the old handle
+    /// (and the page cache under it) cannot be trusted, and redb refuses further writes
+    /// on it; a new handle starts from what the disk really holds. Must be called by
+    /// the database's only writer with no write transaction of its own open. Read
+    /// transactions still open on the old handle fail with `DatabaseClosed`; new ones
+    /// wait until the new handle is in place. On failure the database stays closed
+    /// until a later call succeeds.
+    pub fn reopen(&self) -> Result<(), StorageError> {
+        let mut db = self.exclusive();
+        if let Some(old) = db.take() {
+            // Errors here concern the failed handle being discarded.
+            if let Err(e) = old.close() {
+                tracing::warn!("closing the database after a failed write: {e}");
+            }
+        }
+        drop_cached_pages(&self.path);
+        *db = Some(super::open_redb(&self.path)?);
+        Ok(())
     }
 
     /// Rewrites the file without its free pages (etcd's defragment). Must be called by
@@ -48,7 +90,10 @@ impl Db {
     /// up to `wait`. Returns the file size before and after.
     pub fn compact(&self, wait: Duration) -> Result<(u64, u64), StorageError> {
         let before = self.file_size();
-        let mut db = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.exclusive();
+        let Some(db) = guard.as_mut() else {
+            return Err(db_err(closed()));
+        };
         let deadline = Instant::now() + wait;
         // redb compacts in passes; repeat until nothing more moves (bounded, in case
         // a pass keeps reporting progress).
@@ -63,7 +108,24 @@ impl Db {
                 Err(e) => return Err(db_err(e)),
             }
         }
-        drop(db);
+        drop(guard);
         Ok((before, self.file_size()))
+    }
+}
+
+fn closed() -> redb::TransactionError {
+    redb::TransactionError::Storage(redb::StorageError::DatabaseClosed)
+}
+
+/// Evicts the file's clean pages from the page cache, so that the next open reads what
+/// the disk holds. After a failed writeback Linux may mark the unwritten pages clean
+/// and keep serving them (fsyncgate); evicting them makes a reopen see the disk.
+fn drop_cached_pages(path: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = std::fs::File::open(path) {
+        // SAFETY: a valid open descriptor; posix_fadvise only advises the kernel.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
     }
 }

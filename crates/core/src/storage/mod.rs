@@ -20,8 +20,9 @@ pub use raft_log::RaftLog;
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "meshd.redb";
 
-/// Errors of the storage layer. All of them are fatal for the node: a member that
-/// cannot trust its disk must stop rather than vote or answer.
+/// Errors of the storage layer. A member that cannot trust its disk must stop rather
+/// than vote or answer: a failed read or write (`Db`, `Io`) takes the Raft driver out
+/// of Raft until it has reopened the database from disk; the others are fatal.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// The data dir could not be created or read.
@@ -73,6 +74,13 @@ pub fn open_database(dir: &Path) -> Result<Arc<Db>, StorageError> {
         source,
     })?;
     let path = dir.join(DB_FILE);
+    let db = open_redb(&path)?;
+    Ok(Arc::new(Db::new(db, path)))
+}
+
+/// Opens (creating if needed) the database file and verifies it.
+fn open_redb(path: &Path) -> Result<redb::Database, StorageError> {
+    let path = path.to_path_buf();
     // redb can panic on a damaged file (e.g. an index out of range while it walks the
     // allocator state): that is a corrupt data dir to report, not a crash.
     let opened = std::panic::catch_unwind(|| {
@@ -98,7 +106,7 @@ pub fn open_database(dir: &Path) -> Result<Arc<Db>, StorageError> {
         }
     };
     match result {
-        Ok((Ok(()), db)) => Ok(Arc::new(Db::new(db, path))),
+        Ok((Ok(()), db)) => Ok(db),
         Ok((Err(detail), _)) => Err(StorageError::Corrupt { path, detail }),
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StorageError::InUse { path }),
         // A file shorter than its own header says is truncated, not unreadable.
@@ -158,6 +166,20 @@ pub fn disk_free_bytes(path: &Path) -> Option<u64> {
     #[allow(clippy::unnecessary_cast)]
     let (avail, frsize) = (st.f_bavail as u64, st.f_frsize as u64);
     Some(avail.saturating_mul(frsize))
+}
+
+/// Writes `bytes` to a probe file in `dir`, fsyncs it and removes it: whether the
+/// filesystem takes writes again (statvfs alone does not see quotas or reserved blocks).
+pub fn probe_write(dir: &Path, bytes: usize) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join(".write-probe");
+    let written = std::fs::File::create(&path).and_then(|mut f| {
+        f.write_all(&vec![0u8; bytes])?;
+        f.sync_all()
+    });
+    let removed = std::fs::remove_file(&path);
+    written?;
+    removed
 }
 
 /// File in the data dir holding this node's mesh peer name (16 hex digits).

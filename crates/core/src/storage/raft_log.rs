@@ -3,7 +3,8 @@
 //!
 //! Mutations take the redb write transaction to put them in, so the driver decides
 //! what commits together and with which durability; the mirror is updated at once
-//! (the driver thread is the only writer, and a failed commit stops the node).
+//! (the driver thread is the only writer; after a failed commit it reopens the
+//! database and reloads the mirror with [`RaftLog::reload`]).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
@@ -66,72 +67,21 @@ pub struct RaftLog {
 impl RaftLog {
     /// Loads the log from `db`. A fresh database yields an empty log.
     pub fn load(db: &super::Db, kv: Arc<KvStore>) -> Result<RaftLog, StorageError> {
-        let mut core = Core::default();
-        let rtx = db.begin_read().map_err(db_err)?;
-        match rtx.open_table(STATE) {
-            Ok(t) => {
-                if let Some(v) = t.get(HARD_STATE).map_err(db_err)? {
-                    core.hard_state = HardState::decode(v.value())
-                        .map_err(|e| StorageError::decode("hard state", e))?;
-                }
-                if let Some(v) = t.get(CONF_STATE).map_err(db_err)? {
-                    core.conf_state = ConfState::decode(v.value())
-                        .map_err(|e| StorageError::decode("conf state", e))?;
-                }
-                if let Some(v) = t.get(COMPACTED).map_err(db_err)? {
-                    let m = SnapshotMetadata::decode(v.value())
-                        .map_err(|e| StorageError::decode("compaction point", e))?;
-                    core.compacted_index = m.index;
-                    core.compacted_term = m.term;
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(db_err(e)),
-        }
-        match rtx.open_table(LOG) {
-            Ok(t) => {
-                for item in t.range(core.compacted_index + 1..).map_err(db_err)? {
-                    let (k, v) = item.map_err(db_err)?;
-                    let e = Entry::decode(v.value())
-                        .map_err(|e| StorageError::decode("log entry", e))?;
-                    if raft::prelude::EntryType::from_i32(e.entry_type).is_none() {
-                        return Err(StorageError::decode(
-                            "log entry",
-                            format!("entry {} has unknown type {}", e.index, e.entry_type),
-                        ));
-                    }
-                    let expect = core.last_index() + 1;
-                    if k.value() != expect || e.index != expect {
-                        return Err(StorageError::decode(
-                            "raft log",
-                            format!("gap or mismatch at index {} (expected {expect})", k.value()),
-                        ));
-                    }
-                    core.entries.push_back(e);
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(db_err(e)),
-        }
-        // Only the commit index may lag on disk (it is written lazily), and an applied
-        // entry was committed: never report a commit index below what was applied.
-        let applied = kv.applied_index();
-        if core.hard_state.commit < applied {
-            if applied > core.last_index() {
-                return Err(StorageError::decode(
-                    "raft log",
-                    format!(
-                        "state machine applied index {applied} is beyond the last log entry {}",
-                        core.last_index()
-                    ),
-                ));
-            }
-            core.hard_state.commit = applied;
-        }
+        let core = read_core(db, &kv)?;
         Ok(RaftLog {
             core: Arc::new(RwLock::new(core)),
             kv,
         })
+    }
+
+    /// Replaces the in-memory mirror (seen by every clone) with what `db` holds: after
+    /// the database was reopened, the mirror may hold entries whose commit failed. Call
+    /// after reloading the state machine (the commit index is checked against its
+    /// applied index).
+    pub fn reload(&self, db: &super::Db) -> Result<(), StorageError> {
+        let core = read_core(db, &self.kv)?;
+        *self.wl() = core;
+        Ok(())
     }
 
     fn rl(&self) -> std::sync::RwLockReadGuard<'_, Core> {
@@ -279,6 +229,73 @@ impl RaftLog {
 }
 
 /// Writes one record of the `raft_state` table.
+/// Reads the log, hard state, conf state and compaction point from `db`.
+fn read_core(db: &super::Db, kv: &KvStore) -> Result<Core, StorageError> {
+    let mut core = Core::default();
+    let rtx = db.begin_read().map_err(db_err)?;
+    match rtx.open_table(STATE) {
+        Ok(t) => {
+            if let Some(v) = t.get(HARD_STATE).map_err(db_err)? {
+                core.hard_state = HardState::decode(v.value())
+                    .map_err(|e| StorageError::decode("hard state", e))?;
+            }
+            if let Some(v) = t.get(CONF_STATE).map_err(db_err)? {
+                core.conf_state = ConfState::decode(v.value())
+                    .map_err(|e| StorageError::decode("conf state", e))?;
+            }
+            if let Some(v) = t.get(COMPACTED).map_err(db_err)? {
+                let m = SnapshotMetadata::decode(v.value())
+                    .map_err(|e| StorageError::decode("compaction point", e))?;
+                core.compacted_index = m.index;
+                core.compacted_term = m.term;
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(db_err(e)),
+    }
+    match rtx.open_table(LOG) {
+        Ok(t) => {
+            for item in t.range(core.compacted_index + 1..).map_err(db_err)? {
+                let (k, v) = item.map_err(db_err)?;
+                let e =
+                    Entry::decode(v.value()).map_err(|e| StorageError::decode("log entry", e))?;
+                if raft::prelude::EntryType::from_i32(e.entry_type).is_none() {
+                    return Err(StorageError::decode(
+                        "log entry",
+                        format!("entry {} has unknown type {}", e.index, e.entry_type),
+                    ));
+                }
+                let expect = core.last_index() + 1;
+                if k.value() != expect || e.index != expect {
+                    return Err(StorageError::decode(
+                        "raft log",
+                        format!("gap or mismatch at index {} (expected {expect})", k.value()),
+                    ));
+                }
+                core.entries.push_back(e);
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(db_err(e)),
+    }
+    // Only the commit index may lag on disk (it is written lazily), and an applied
+    // entry was committed: never report a commit index below what was applied.
+    let applied = kv.applied_index();
+    if core.hard_state.commit < applied {
+        if applied > core.last_index() {
+            return Err(StorageError::decode(
+                "raft log",
+                format!(
+                    "state machine applied index {applied} is beyond the last log entry {}",
+                    core.last_index()
+                ),
+            ));
+        }
+        core.hard_state.commit = applied;
+    }
+    Ok(core)
+}
+
 fn put_state(
     txn: &redb::WriteTransaction,
     key: &str,
@@ -364,5 +381,62 @@ impl raft::Storage for RaftLog {
                 term,
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            index,
+            term: 1,
+            ..Default::default()
+        }
+    }
+
+    /// What the driver does after a failed commit: the mirror ran ahead of the disk,
+    /// and reopening plus reloading brings back exactly the durable state, writable.
+    #[test]
+    fn reload_after_reopen_forgets_what_was_never_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::storage::open_database(dir.path()).unwrap();
+        let kv = Arc::new(KvStore::open(db.clone()).unwrap());
+        let log = RaftLog::load(&db, kv.clone()).unwrap();
+        let txn = db.begin_write().unwrap();
+        log.append(&txn, &[entry(1), entry(2)]).unwrap();
+        let hs = HardState {
+            term: 1,
+            vote: 7,
+            commit: 0,
+        };
+        log.set_hard_state(&txn, &hs).unwrap();
+        txn.commit().unwrap();
+
+        // A Ready whose commit never happens: entry 3 and a new vote reach the mirror only.
+        let txn = db.begin_write().unwrap();
+        log.append(&txn, &[entry(3)]).unwrap();
+        log.set_hard_state(
+            &txn,
+            &HardState {
+                term: 2,
+                vote: 9,
+                commit: 0,
+            },
+        )
+        .unwrap();
+        drop(txn);
+        assert_eq!(log.last_index(), 3);
+
+        db.reopen().unwrap();
+        kv.reload().unwrap();
+        log.reload(&db).unwrap();
+        assert_eq!(log.last_index(), 2);
+        assert_eq!(log.hard_state(), hs);
+        let txn = db.begin_write().unwrap();
+        log.append(&txn, &[entry(3)]).unwrap();
+        txn.commit().unwrap();
+        assert_eq!(log.last_index(), 3);
     }
 }

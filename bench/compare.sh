@@ -6,6 +6,11 @@
 #
 #   bench/compare.sh                 # defaults below
 #   ROUNDS=3 TOTAL=20000 bench/compare.sh
+#   ONLY='put-1client put-100clients' bench/compare.sh   # a subset of the workloads
+#   BUILD=0 bench/compare.sh         # skip the release build
+#
+# Single-connection workloads go to each system's current Raft leader (asked with
+# `endpoint status` before every run), so neither pays a forwarding hop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}
@@ -13,8 +18,10 @@ TOTAL=${TOTAL:-10000}
 TOTAL1=${TOTAL1:-2000}
 WTOTAL=${WTOTAL:-100}   # puts in the watch fan-out (each delivered to 1000 watchers)
 VAL=${VAL:-256}
+ONLY=${ONLY:-}
+BUILD=${BUILD:-1}   # BUILD=0: use the binaries already in target/release
 command -v etcd >/dev/null || { echo "needs etcd: apt-get install etcd-server" >&2; exit 1; }
-cargo build --release --bins -q
+[ "$BUILD" = 0 ] || cargo build --release --bins -q
 MESHCTL=target/release/meshctl
 MESHD=target/release/meshd
 work=$(mktemp -d)
@@ -28,13 +35,13 @@ for i in 0 1 2; do
     --listen-client-urls http://127.0.0.1:3${i}379 --advertise-client-urls http://127.0.0.1:3${i}379 \
     --listen-peer-urls http://127.0.0.1:12${i}80 --initial-advertise-peer-urls http://127.0.0.1:12${i}80 \
     --initial-cluster "$e_init" --initial-cluster-token bench >"$work/e$i.log" 2>&1 &
-  pids+=($!)
+  pids+=($!); disown
 done
 m_init=m0=127.0.0.1:16783,m1=127.0.0.1:16784,m2=127.0.0.1:16785
 for i in 0 1 2; do
   $MESHD --name m$i --data-dir "$work/m$i" --listen-client 127.0.0.1:2${i}379 \
     --listen-mesh 127.0.0.1:1678$((3 + i)) --listen-metrics 127.0.0.1:2${i}381 --initial-cluster $m_init >"$work/m$i.log" 2>&1 &
-  pids+=($!)
+  pids+=($!); disown
 done
 ETCD_EPS=127.0.0.1:30379,127.0.0.1:31379,127.0.0.1:32379
 MESHD_EPS=127.0.0.1:20379,127.0.0.1:21379,127.0.0.1:22379
@@ -55,9 +62,24 @@ rss() { local m=0; for p in $(pgrep -f "$1"); do r=$(awk '/VmHWM/{print $2}' /pr
 
 printf '%-6s %-22s %10s %9s %9s %9s\n' system workload req/s p50_ms p99_ms max_ms
 results="$work/results"
-run() { # system eps label args...
+leader_of() { # eps -> the client endpoint of the member that is the Raft leader now
+  $MESHCTL --endpoints "$1" -w json endpoint status 2>/dev/null | python3 -c '
+import json, sys
+rows = json.load(sys.stdin)
+rows = rows if isinstance(rows, list) else [rows]
+for r in rows:
+    s = r["Status"]
+    if s.get("leader") and s["leader"] == s["header"]["member_id"]:
+        print(r["Endpoint"]); break
+else:
+    sys.exit("no member reports itself as leader")
+'
+}
+run() { # system eps label args...   (eps "LEADER" = the current leader of $all_eps)
   local sys=$1 eps=$2 label=$3; shift 3
   local j
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $label "* ]]; then return; fi
+  [ "$eps" = LEADER ] && eps=$(leader_of "$all_eps")
   j=$($MESHCTL --endpoints "$eps" -w json bench "$@" 2>/dev/null)
   python3 - "$sys" "$label" "$j" >>"$results" <<'PY'
 import json, sys
@@ -72,7 +94,7 @@ PY
 for r in $(seq "$ROUNDS"); do
   for sys in etcd meshd; do
     eps=$ETCD_EPS; [ $sys = meshd ] && eps=$MESHD_EPS
-    leader=${eps%%,*}
+    all_eps=$eps leader=LEADER
     run $sys "$leader" put-1client put --clients 1 --conns 1 --total "$TOTAL1" --val-size "$VAL" --key-space-size 100000
     run $sys "$eps" put-100clients put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL" --key-space-size 100000
     run $sys "$eps" put-seq-100clients put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL" --key-space-size 100000 --sequential-keys
@@ -97,6 +119,8 @@ for line in open(sys.argv[1]):
     rows[(s, w)].append((float(rate), float(p99)))
 for w in sorted({w for _, w in rows}):
     e = rows[("etcd", w)]; m = rows[("meshd", w)]
+    if not e or not m:
+        continue
     er = statistics.median(r for r, _ in e); mr = statistics.median(r for r, _ in m)
     ep = statistics.median(p for _, p in e); mp = statistics.median(p for _, p in m)
     print(f"{w:22s} etcd {er:8.0f}/s p99 {ep:7.2f}ms   meshd {mr:8.0f}/s p99 {mp:7.2f}ms   x{mr/er:4.2f}")

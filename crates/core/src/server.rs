@@ -885,6 +885,7 @@ fn create_member(
     let mut batch = kv.begin()?;
     write_bootstrap(&mut batch, log, identity, members)?;
     batch.commit(true)?;
+    log.sync()?;
     info!(members = members.len(), "bootstrapped a new cluster member");
     Ok(())
 }
@@ -951,6 +952,7 @@ pub fn restore(cfg: &ServerConfig, snapshot_file: &[u8]) -> Result<Restored, Ser
     batch.restore(&snap)?;
     write_bootstrap(&mut batch, &log, &identity, &members)?;
     batch.commit(true)?;
+    log.sync()?;
     info!(
         dir = %dir.display(),
         revision = snap.revision,

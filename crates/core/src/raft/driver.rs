@@ -84,6 +84,7 @@ pub fn spawn_driver(
     lessor: Arc<Lessor>,
 ) -> Result<std::thread::JoinHandle<Result<(), DriverError>>, DriverError> {
     let raw = new_raw_node(&cfg, log.clone(), kv.applied_index())?;
+    let durable_applied = kv.applied_index();
     let mut d = Driver {
         raw,
         log,
@@ -105,6 +106,8 @@ pub fn spawn_driver(
         ticks: 0,
         last_leader: 0,
         reopen_backoff: REOPEN_BACKOFF_MIN,
+        durable_applied,
+        kv_synced_at: Instant::now(),
     };
     d.refresh_peers();
     std::thread::Builder::new()
@@ -197,7 +200,16 @@ struct Driver {
     /// Wait before the next attempt to reopen the database after a failed write;
     /// doubles while the disk stays full, back to the minimum after a durable commit.
     reopen_backoff: Duration,
+    /// The applied index the keyspace on disk is known to hold (its last durable
+    /// commit): the Raft log keeps every entry after it.
+    durable_applied: u64,
+    kv_synced_at: Instant,
 }
+
+/// The keyspace is applied without fsync (the Raft log is the durable record) and
+/// committed durably this often, so a restart replays little and the log can be
+/// compacted.
+const KV_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Driver {
     /// Serves until asked to stop. A failed write does not end it: the member leaves
@@ -210,9 +222,35 @@ impl Driver {
                         return Ok(());
                     }
                 }
+                Ok(()) => {
+                    // Stopping: what was applied need not be replayed at the next start.
+                    if let Err(e) = self.sync_kv() {
+                        warn!("committing the keyspace at stop: {e}");
+                    }
+                    return Ok(());
+                }
                 other => return other,
             }
         }
+    }
+
+    /// Commits the keyspace durably, so that everything applied so far survives a
+    /// crash without the log.
+    fn sync_kv(&mut self) -> Result<(), DriverError> {
+        let applied = self.kv.applied_index();
+        self.kv_synced_at = Instant::now();
+        if applied == self.durable_applied {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let batch = self.kv.begin().map_err(DriverError::Apply)?;
+        batch.commit(true).map_err(DriverError::Apply)?;
+        self.status
+            .metrics
+            .backend_commit
+            .observe(started.elapsed());
+        self.durable_applied = applied;
+        Ok(())
     }
 
     fn serve(&mut self, rx: &std_mpsc::Receiver<DriverMsg>) -> Result<(), DriverError> {
@@ -253,6 +291,9 @@ impl Driver {
             self.propose_parked();
             self.issue_reads();
             self.on_ready()?;
+            if self.kv_synced_at.elapsed() >= KV_SYNC_INTERVAL {
+                self.sync_kv()?;
+            }
             self.publish_status();
             if self.status.is_removed() {
                 warn!("this member was removed from the cluster; its raft node stops");
@@ -453,18 +494,18 @@ impl Driver {
         //    committed by a quorum and persisted here).
         self.apply(rd.take_committed_entries())?;
 
-        // 5. Append new entries and the hard state: one redb commit, fdatasync'ed. A
-        //    Ready that only moves the commit index writes nothing: the commit index
-        //    is kept in memory and reaches disk with the next hard state, and a lower
-        //    commit index after a crash is safe (Raft re-learns it from the leader).
+        // 5. Append new entries and the hard state to the write-ahead log: one write,
+        //    one fdatasync. A Ready that only moves the commit index writes nothing:
+        //    the commit index is kept in memory and reaches disk with the next hard
+        //    state, and a lower commit index after a crash is safe (Raft re-learns it
+        //    from the leader).
         if !rd.entries().is_empty() || rd.must_sync() {
-            let txn = self.db.begin_write().map_err(crate::storage::db_err)?;
-            self.log.append(&txn, rd.entries())?;
+            self.log.append(rd.entries());
             if let Some(hs) = rd.hs() {
-                self.log.set_hard_state(&txn, hs)?;
+                self.log.set_hard_state(hs);
             }
             let started = Instant::now();
-            txn.commit().map_err(crate::storage::db_err)?;
+            self.log.sync()?;
             self.status.metrics.log_commit.observe(started.elapsed());
             self.reopen_backoff = REOPEN_BACKOFF_MIN;
         } else if let Some(hs) = rd.hs() {
@@ -532,6 +573,10 @@ impl Driver {
         batch.set_applied_index(meta.index);
         self.log.apply_snapshot(batch.write_txn(), &meta)?;
         batch.commit(true).map_err(DriverError::Apply)?;
+        self.durable_applied = meta.index;
+        // Only now that the state machine is durable at the snapshot may the log
+        // forget what came before it.
+        self.log.sync()?;
         crate::lease::load(&self.lessor, &self.kv).map_err(DriverError::Apply)?;
         self.refresh_peers();
         Ok(())
@@ -838,11 +883,11 @@ impl Driver {
         if to < first {
             return Ok(());
         }
-        let mut txn = self.db.begin_write().map_err(crate::storage::db_err)?;
-        txn.set_durability(redb::Durability::None)
-            .map_err(|e| crate::storage::db_err(redb::Error::from(e)))?;
-        self.log.compact(&txn, to)?;
-        txn.commit().map_err(crate::storage::db_err)?;
+        // Entries go only once the keyspace on disk holds their effect.
+        if to > self.durable_applied {
+            self.sync_kv()?;
+        }
+        self.log.compact(to)?;
         info!(compacted_to = to, applied, "raft log compacted");
         Ok(())
     }

@@ -1,14 +1,17 @@
 //! The on-disk engine: one redb database per data dir.
 //!
 //! Owns opening the data dir (identity, corruption and ownership checks) and the Raft
-//! log tables ([`RaftLog`]). The MVCC keyspace lives in the same database (tables owned
-//! by [`crate::kv`]) so that an installed snapshot and the log reset commit atomically.
-//! Every Ready's entries and hard state are made durable with one redb commit
-//! (fdatasync) before anything that depends on them leaves the node.
+//! log ([`RaftLog`]). The MVCC keyspace lives in the database (tables owned by
+//! [`crate::kv`]); the log's entries and hard state live in a write-ahead log
+//! ([`wal`]) next to it. Every Ready's entries and hard state are made durable with
+//! one append and fdatasync before anything that depends on them leaves the node; the
+//! keyspace is committed durably now and then, and the log keeps every entry the
+//! durable keyspace has not applied.
 
 mod db;
 mod identity;
 mod raft_log;
+pub mod wal;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

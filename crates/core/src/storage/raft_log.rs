@@ -1,28 +1,36 @@
-//! The Raft log, hard state, conf state and compaction point, kept in redb tables with
-//! an in-memory mirror that serves raft-rs's `Storage` reads.
+//! The Raft log of this member: entries and hard state in the write-ahead log
+//! ([`super::wal`], one append and fdatasync per Ready); conf state and the point of
+//! the last installed snapshot in redb, committed with the state machine they belong
+//! to. An in-memory mirror serves raft-rs's `Storage` reads.
 //!
-//! Mutations take the redb write transaction to put them in, so the driver decides
-//! what commits together and with which durability; the mirror is updated at once
-//! (the driver thread is the only writer; after a failed commit it reopens the
-//! database and reloads the mirror with [`RaftLog::reload`]).
+//! The driver thread is the only writer. Entries and hard states are buffered by
+//! [`RaftLog::append`] and [`RaftLog::set_hard_state`] and made durable by
+//! [`RaftLog::sync`]; after a failed write the driver reopens the database and calls
+//! [`RaftLog::reload`], which forgets whatever was not durable.
+//!
+//! Data dirs written before the log moved out of redb (`raft_log` table, hard state in
+//! `raft_state`) are converted on first open.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use prost011::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 use redb::TableDefinition;
+use tracing::info;
 
+use super::wal::{Replayed, Wal};
 use super::{db_err, StorageError};
 use crate::kv::KvStore;
 
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+/// The log as kept in redb before the write-ahead log; read once to convert.
+const LEGACY_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
 
-const HARD_STATE: &str = "hard_state";
+const LEGACY_HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
-/// Index and term of the last entry removed by compaction or replaced by a snapshot.
+/// Index and term of the last installed snapshot (the state machine restored to it).
 const COMPACTED: &str = "compacted";
 
 #[derive(Default)]
@@ -61,25 +69,30 @@ impl Core {
 #[derive(Clone)]
 pub struct RaftLog {
     core: Arc<RwLock<Core>>,
+    wal: Arc<Mutex<Wal>>,
     kv: Arc<KvStore>,
 }
 
 impl RaftLog {
-    /// Loads the log from `db`. A fresh database yields an empty log.
+    /// Loads the log of `db`'s data dir. A fresh data dir yields an empty log.
     pub fn load(db: &super::Db, kv: Arc<KvStore>) -> Result<RaftLog, StorageError> {
-        let core = read_core(db, &kv)?;
+        let (wal, core) = read_core(db, &kv)?;
         Ok(RaftLog {
             core: Arc::new(RwLock::new(core)),
+            wal: Arc::new(Mutex::new(wal)),
             kv,
         })
     }
 
-    /// Replaces the in-memory mirror (seen by every clone) with what `db` holds: after
-    /// the database was reopened, the mirror may hold entries whose commit failed. Call
-    /// after reloading the state machine (the commit index is checked against its
-    /// applied index).
+    /// Replaces the in-memory mirror (seen by every clone) with what is durable on
+    /// disk: after a failed write, the mirror and the log file may hold entries that
+    /// were never made durable. Call after reopening the database and reloading the
+    /// state machine (the commit index is checked against its applied index).
     pub fn reload(&self, db: &super::Db) -> Result<(), StorageError> {
-        let core = read_core(db, &self.kv)?;
+        let mut wal = self.wal();
+        wal.discard_unsynced()?;
+        let (new_wal, core) = read_core(db, &self.kv)?;
+        *wal = new_wal;
         *self.wl() = core;
         Ok(())
     }
@@ -89,6 +102,9 @@ impl RaftLog {
     }
     fn wl(&self) -> std::sync::RwLockWriteGuard<'_, Core> {
         self.core.write().unwrap_or_else(|p| p.into_inner())
+    }
+    fn wal(&self) -> std::sync::MutexGuard<'_, Wal> {
+        self.wal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn hard_state(&self) -> HardState {
@@ -105,10 +121,11 @@ impl RaftLog {
     }
 
     /// Appends entries, first discarding any conflicting suffix (entries at or after the
-    /// first new index), as Raft requires when a new leader overwrites an uncommitted tail.
-    pub fn append(&self, txn: &redb::WriteTransaction, ents: &[Entry]) -> Result<(), StorageError> {
+    /// first new index), as Raft requires when a new leader overwrites an uncommitted
+    /// tail. Durable after [`RaftLog::sync`].
+    pub fn append(&self, ents: &[Entry]) {
         let Some(first) = ents.first() else {
-            return Ok(());
+            return;
         };
         let mut core = self.wl();
         assert!(
@@ -123,30 +140,24 @@ impl RaftLog {
             first.index,
             core.last_index()
         );
-        let mut t = txn.open_table(LOG).map_err(db_err)?;
         if first.index <= core.last_index() {
-            t.retain_in(first.index.., |_, _| false).map_err(db_err)?;
             let keep = (first.index - core.first_index()) as usize;
             core.entries.truncate(keep);
         }
-        let mut buf = Vec::new();
-        for e in ents {
-            buf.clear();
-            e.encode(&mut buf).expect("vec has capacity");
-            t.insert(e.index, buf.as_slice()).map_err(db_err)?;
-            core.entries.push_back(e.clone());
-        }
-        Ok(())
+        core.entries.extend(ents.iter().cloned());
+        drop(core);
+        self.wal().append(ents);
     }
 
-    pub fn set_hard_state(
-        &self,
-        txn: &redb::WriteTransaction,
-        hs: &HardState,
-    ) -> Result<(), StorageError> {
-        put_state(txn, HARD_STATE, hs)?;
+    /// Records a hard state. Durable after [`RaftLog::sync`].
+    pub fn set_hard_state(&self, hs: &HardState) {
+        self.wal().set_hard_state(hs);
         self.wl().hard_state = hs.clone();
-        Ok(())
+    }
+
+    /// Makes what was appended durable: one write and one fdatasync.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        self.wal().sync()
     }
 
     /// Records a commit index learned without a Ready hard state (light ready). Kept in
@@ -159,6 +170,7 @@ impl RaftLog {
         }
     }
 
+    /// Records the conf state in `txn` (with the state machine it belongs to).
     pub fn set_conf_state(
         &self,
         txn: &redb::WriteTransaction,
@@ -169,75 +181,76 @@ impl RaftLog {
         Ok(())
     }
 
-    fn set_compacted(
-        txn: &redb::WriteTransaction,
-        index: u64,
-        term: u64,
-    ) -> Result<(), StorageError> {
-        let m = SnapshotMetadata {
-            index,
-            term,
-            ..Default::default()
-        };
-        put_state(txn, COMPACTED, &m)?;
-        Ok(())
-    }
-
-    /// Replaces the whole log with an installed snapshot's point.
+    /// Replaces the whole log with an installed snapshot's point. The snapshot's point
+    /// and conf state go into `txn`, which must commit durably with the restored state
+    /// machine BEFORE [`RaftLog::sync`] makes the log's reset durable: a log reset to a
+    /// point the state machine on disk has not reached could not be replayed.
     pub fn apply_snapshot(
         &self,
         txn: &redb::WriteTransaction,
         meta: &SnapshotMetadata,
     ) -> Result<(), StorageError> {
-        {
-            let mut t = txn.open_table(LOG).map_err(db_err)?;
-            t.retain(|_, _| false).map_err(db_err)?;
-        }
-        Self::set_compacted(txn, meta.index, meta.term)?;
+        let point = SnapshotMetadata {
+            index: meta.index,
+            term: meta.term,
+            ..Default::default()
+        };
+        put_state(txn, COMPACTED, &point)?;
         let cs = meta.conf_state.clone().unwrap_or_default();
         self.set_conf_state(txn, &cs)?;
         let mut hs = self.hard_state();
         hs.commit = hs.commit.max(meta.index);
         hs.term = hs.term.max(meta.term);
-        self.set_hard_state(txn, &hs)?;
+        {
+            let mut wal = self.wal();
+            wal.reset(meta.index, meta.term);
+            wal.set_hard_state(&hs);
+        }
         let mut core = self.wl();
+        core.hard_state = hs;
         core.entries.clear();
         core.compacted_index = meta.index;
         core.compacted_term = meta.term;
         Ok(())
     }
 
-    /// Discards entries up to and including `index` (which must be applied).
-    pub fn compact(&self, txn: &redb::WriteTransaction, index: u64) -> Result<(), StorageError> {
+    /// Discards entries up to and including `index`, which the state machine on disk
+    /// must have applied durably (they cannot be replayed after this).
+    pub fn compact(&self, index: u64) -> Result<(), StorageError> {
         let mut core = self.wl();
         if index <= core.compacted_index {
             return Ok(());
         }
         assert!(index <= core.last_index(), "compact beyond the log");
         let term = core.term(index).expect("index is in the log");
-        {
-            let mut t = txn.open_table(LOG).map_err(db_err)?;
-            t.retain_in(..=index, |_, _| false).map_err(db_err)?;
-        }
-        Self::set_compacted(txn, index, term)?;
-        let drop = (index - core.compacted_index) as usize;
-        core.entries.drain(..drop);
+        let gone = (index - core.compacted_index) as usize;
+        core.entries.drain(..gone);
         core.compacted_index = index;
         core.compacted_term = term;
-        Ok(())
+        drop(core);
+        self.wal().release(index)
+    }
+
+    /// Number of log segment files and their total size in bytes.
+    pub fn disk_usage(&self) -> (usize, u64) {
+        self.wal().disk_usage()
     }
 }
 
-/// Writes one record of the `raft_state` table.
-/// Reads the log, hard state, conf state and compaction point from `db`.
-fn read_core(db: &super::Db, kv: &KvStore) -> Result<Core, StorageError> {
+/// Opens the write-ahead log and reads the conf state and snapshot point from `db`,
+/// converting a log kept in redb by an older version.
+fn read_core(db: &super::Db, kv: &KvStore) -> Result<(Wal, Core), StorageError> {
     let mut core = Core::default();
+    let mut legacy_hs = None;
+    let (mut snap_index, mut snap_term) = (0, 0);
     let rtx = db.begin_read().map_err(db_err)?;
     match rtx.open_table(STATE) {
         Ok(t) => {
-            if let Some(v) = t.get(HARD_STATE).map_err(db_err)? {
-                core.hard_state = HardState::decode(v.value())
-                    .map_err(|e| StorageError::decode("hard state", e))?;
+            if let Some(v) = t.get(LEGACY_HARD_STATE).map_err(db_err)? {
+                legacy_hs = Some(
+                    HardState::decode(v.value())
+                        .map_err(|e| StorageError::decode("hard state", e))?,
+                );
             }
             if let Some(v) = t.get(CONF_STATE).map_err(db_err)? {
                 core.conf_state = ConfState::decode(v.value())
@@ -246,54 +259,108 @@ fn read_core(db: &super::Db, kv: &KvStore) -> Result<Core, StorageError> {
             if let Some(v) = t.get(COMPACTED).map_err(db_err)? {
                 let m = SnapshotMetadata::decode(v.value())
                     .map_err(|e| StorageError::decode("compaction point", e))?;
-                core.compacted_index = m.index;
-                core.compacted_term = m.term;
+                (snap_index, snap_term) = (m.index, m.term);
             }
         }
         Err(redb::TableError::TableDoesNotExist(_)) => {}
         Err(e) => return Err(db_err(e)),
     }
-    match rtx.open_table(LOG) {
+    let legacy_entries = match rtx.open_table(LEGACY_LOG) {
         Ok(t) => {
-            for item in t.range(core.compacted_index + 1..).map_err(db_err)? {
-                let (k, v) = item.map_err(db_err)?;
-                let e =
-                    Entry::decode(v.value()).map_err(|e| StorageError::decode("log entry", e))?;
-                if raft::prelude::EntryType::from_i32(e.entry_type).is_none() {
-                    return Err(StorageError::decode(
-                        "log entry",
-                        format!("entry {} has unknown type {}", e.index, e.entry_type),
-                    ));
-                }
-                let expect = core.last_index() + 1;
-                if k.value() != expect || e.index != expect {
-                    return Err(StorageError::decode(
-                        "raft log",
-                        format!("gap or mismatch at index {} (expected {expect})", k.value()),
-                    ));
-                }
-                core.entries.push_back(e);
+            let mut out = Vec::new();
+            for item in t.range(snap_index + 1..).map_err(db_err)? {
+                let (_, v) = item.map_err(db_err)?;
+                out.push(
+                    Entry::decode(v.value()).map_err(|e| StorageError::decode("log entry", e))?,
+                );
             }
+            Some(out)
         }
-        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
         Err(e) => return Err(db_err(e)),
+    };
+    drop(rtx);
+
+    let (mut wal, mut log, created) = Wal::open(&db.dir())?;
+    if created && (legacy_entries.is_some() || legacy_hs.is_some()) {
+        // An older data dir: its log moves into the new write-ahead log.
+        let entries = legacy_entries.clone().unwrap_or_default();
+        wal.reset(snap_index, snap_term);
+        wal.append(&entries);
+        let hs = legacy_hs.clone().unwrap_or_default();
+        wal.set_hard_state(&hs);
+        wal.sync()?;
+        log = Replayed {
+            base_index: snap_index,
+            base_term: snap_term,
+            entries: entries.into(),
+            hard_state: hs,
+        };
+        info!(
+            entries = log.entries.len(),
+            "raft log moved from the database into the write-ahead log"
+        );
     }
+    if legacy_entries.is_some() || legacy_hs.is_some() {
+        let txn = db.begin_write().map_err(db_err)?;
+        txn.delete_table(LEGACY_LOG).map_err(db_err)?;
+        txn.open_table(STATE)
+            .map_err(db_err)?
+            .remove(LEGACY_HARD_STATE)
+            .map_err(db_err)?;
+        txn.commit().map_err(db_err)?;
+    }
+
+    // A snapshot the state machine was restored to, whose log reset did not reach the
+    // disk (a crash in between): the log continues after it only if it holds the
+    // snapshot's entry (then, by Log Matching, everything before it too).
+    if snap_index > log.base_index {
+        let matches = snap_index <= log.base_index + log.entries.len() as u64
+            && log.entries[(snap_index - log.base_index - 1) as usize].term == snap_term;
+        if matches {
+            log.entries.drain(..(snap_index - log.base_index) as usize);
+        } else {
+            log.entries.clear();
+        }
+        log.base_index = snap_index;
+        log.base_term = snap_term;
+        log.hard_state.term = log.hard_state.term.max(snap_term);
+        log.hard_state.commit = log.hard_state.commit.max(snap_index);
+        wal.reset(snap_index, snap_term);
+        wal.append(&Vec::from(log.entries.clone()));
+        wal.set_hard_state(&log.hard_state);
+        wal.sync()?;
+    }
+    core.compacted_index = log.base_index;
+    core.compacted_term = log.base_term;
+    core.entries = log.entries;
+    core.hard_state = log.hard_state;
+
     // Only the commit index may lag on disk (it is written lazily), and an applied
     // entry was committed: never report a commit index below what was applied.
     let applied = kv.applied_index();
+    if applied > core.last_index() {
+        return Err(StorageError::decode(
+            "raft log",
+            format!(
+                "state machine applied index {applied} is beyond the last log entry {}",
+                core.last_index()
+            ),
+        ));
+    }
+    if applied < core.compacted_index {
+        return Err(StorageError::decode(
+            "raft log",
+            format!(
+                "state machine applied index {applied} is before the start of the log {} (entries in between are gone)",
+                core.first_index()
+            ),
+        ));
+    }
     if core.hard_state.commit < applied {
-        if applied > core.last_index() {
-            return Err(StorageError::decode(
-                "raft log",
-                format!(
-                    "state machine applied index {applied} is beyond the last log entry {}",
-                    core.last_index()
-                ),
-            ));
-        }
         core.hard_state.commit = applied;
     }
-    Ok(core)
+    Ok((wal, core))
 }
 
 fn put_state(
@@ -396,37 +463,30 @@ mod tests {
         }
     }
 
-    /// What the driver does after a failed commit: the mirror ran ahead of the disk,
+    /// What the driver does after a failed write: the mirror ran ahead of the disk,
     /// and reopening plus reloading brings back exactly the durable state, writable.
     #[test]
-    fn reload_after_reopen_forgets_what_was_never_committed() {
+    fn reload_after_reopen_forgets_what_was_never_made_durable() {
         let dir = tempfile::tempdir().unwrap();
         let db = crate::storage::open_database(dir.path()).unwrap();
         let kv = Arc::new(KvStore::open(db.clone()).unwrap());
         let log = RaftLog::load(&db, kv.clone()).unwrap();
-        let txn = db.begin_write().unwrap();
-        log.append(&txn, &[entry(1), entry(2)]).unwrap();
+        log.append(&[entry(1), entry(2)]);
         let hs = HardState {
             term: 1,
             vote: 7,
             commit: 0,
         };
-        log.set_hard_state(&txn, &hs).unwrap();
-        txn.commit().unwrap();
+        log.set_hard_state(&hs);
+        log.sync().unwrap();
 
-        // A Ready whose commit never happens: entry 3 and a new vote reach the mirror only.
-        let txn = db.begin_write().unwrap();
-        log.append(&txn, &[entry(3)]).unwrap();
-        log.set_hard_state(
-            &txn,
-            &HardState {
-                term: 2,
-                vote: 9,
-                commit: 0,
-            },
-        )
-        .unwrap();
-        drop(txn);
+        // A Ready that never became durable: entry 3 and a new vote reach the mirror only.
+        log.append(&[entry(3)]);
+        log.set_hard_state(&HardState {
+            term: 2,
+            vote: 9,
+            commit: 0,
+        });
         assert_eq!(log.last_index(), 3);
 
         db.reopen().unwrap();
@@ -434,9 +494,76 @@ mod tests {
         log.reload(&db).unwrap();
         assert_eq!(log.last_index(), 2);
         assert_eq!(log.hard_state(), hs);
-        let txn = db.begin_write().unwrap();
-        log.append(&txn, &[entry(3)]).unwrap();
-        txn.commit().unwrap();
+        log.append(&[entry(3)]);
+        log.sync().unwrap();
         assert_eq!(log.last_index(), 3);
+    }
+
+    /// A data dir whose log lives in redb tables (before the write-ahead log) opens
+    /// with the same entries and hard state, and the old tables are gone.
+    #[test]
+    fn a_log_kept_in_redb_is_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::storage::open_database(dir.path()).unwrap();
+        let hs = HardState {
+            term: 3,
+            vote: 2,
+            commit: 4,
+        };
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(LEGACY_LOG).unwrap();
+            for i in 2..=5 {
+                t.insert(i, entry(i).encode_to_vec().as_slice()).unwrap();
+            }
+        }
+        put_state(&txn, LEGACY_HARD_STATE, &hs).unwrap();
+        let point = SnapshotMetadata {
+            index: 1,
+            term: 1,
+            ..Default::default()
+        };
+        put_state(&txn, COMPACTED, &point).unwrap();
+        txn.commit().unwrap();
+        let kv = Arc::new(KvStore::open(db.clone()).unwrap());
+        let mut batch = kv.begin().unwrap();
+        batch.set_applied_index(1);
+        batch.commit(true).unwrap();
+        let log = RaftLog::load(&db, kv.clone()).unwrap();
+        assert_eq!((log.first_index(), log.last_index()), (2, 5));
+        assert_eq!(log.hard_state(), hs);
+        let rtx = db.begin_read().unwrap();
+        assert!(rtx.open_table(LEGACY_LOG).is_err());
+        drop(rtx);
+        drop(log);
+        let log = RaftLog::load(&db, kv).unwrap();
+        assert_eq!((log.first_index(), log.last_index()), (2, 5));
+        assert_eq!(log.hard_state(), hs);
+    }
+
+    /// A snapshot whose state machine commit reached the disk but whose log reset did
+    /// not: the log restarts at the snapshot.
+    #[test]
+    fn a_snapshot_without_its_log_reset_is_completed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::storage::open_database(dir.path()).unwrap();
+        let kv = Arc::new(KvStore::open(db.clone()).unwrap());
+        let log = RaftLog::load(&db, kv.clone()).unwrap();
+        log.append(&[entry(1), entry(2)]);
+        log.sync().unwrap();
+        let meta = SnapshotMetadata {
+            index: 9,
+            term: 4,
+            ..Default::default()
+        };
+        let mut batch = kv.begin().unwrap();
+        batch.set_applied_index(9);
+        log.apply_snapshot(batch.write_txn(), &meta).unwrap();
+        batch.commit(true).unwrap();
+        // No log.sync(): the process dies here.
+        drop(log);
+        let log = RaftLog::load(&db, kv).unwrap();
+        assert_eq!((log.first_index(), log.last_index()), (10, 9));
+        assert_eq!(raft::Storage::term(&log, 9).unwrap(), 4);
     }
 }

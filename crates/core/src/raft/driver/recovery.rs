@@ -178,6 +178,7 @@ impl Driver {
             .map_err(|e| failed("reading the raft log", e.into()))?;
         crate::lease::load(&self.lessor, &self.kv)
             .map_err(|e| failed("reading the leases", DriverError::Apply(e)))?;
+        self.durable_applied = self.kv.applied_index();
         self.raw = new_raw_node(&self.cfg, self.log.clone(), self.kv.applied_index())
             .map_err(NotYet::Fatal)?;
         self.refresh_peers();

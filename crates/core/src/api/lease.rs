@@ -1,9 +1,11 @@
 //! `etcdserverpb.Lease`: grant, revoke, keep-alive, time-to-live, list.
 //!
 //! Grants and revokes go through Raft. A keep-alive is answered by the leader's lessor
-//! from memory; a follower replicates it instead, so the leader refreshes the lease
-//! when it applies the entry. Time-to-live is the leader's to answer: a follower
-//! forwards the question to the leader's client URL.
+//! from memory: a follower passes its clients' keep-alives to the leader over one
+//! keep-alive stream to the leader's client URL per client stream (as etcd forwards
+//! them to the leader), and only when the leader cannot be reached replicates them
+//! through Raft, so the leader refreshes the lease when it applies the entry.
+//! Time-to-live is the leader's to answer: a follower forwards the question too.
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -122,17 +124,21 @@ impl Lease for LeaseApi {
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
         self.ctx.require_user(req.metadata())?;
+        let forwarded = req.metadata().contains_key(super::FORWARDED);
+        let token = super::caller_token(req.metadata());
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
+            // A stream forwarded to us is never forwarded again.
+            let mut upstream = (!forwarded).then(|| Upstream { token, open: None });
             loop {
                 let msg = tokio::select! {
                     msg = inbound.next() => msg,
                     _ = ctx.stopped() => return,
                 };
                 let Some(Ok(msg)) = msg else { return };
-                let resp = keep_alive(&ctx, msg.id).await;
+                let resp = keep_alive(&ctx, msg.id, upstream.as_mut()).await;
                 let stop = resp.is_err();
                 if tx.send(resp).await.is_err() || stop {
                     return;
@@ -205,10 +211,104 @@ impl Lease for LeaseApi {
     }
 }
 
+/// A follower's keep-alive stream to the leader, opened on first use and again when
+/// the leader changes or the stream fails.
+struct Upstream {
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    open: Option<OpenUpstream>,
+}
+
+struct OpenUpstream {
+    leader: u64,
+    requests: mpsc::Sender<LeaseKeepAliveRequest>,
+    responses: Streaming<LeaseKeepAliveResponse>,
+}
+
+impl Upstream {
+    /// The leader's answer (its TTL), or None when the leader cannot answer now.
+    async fn keep_alive(&mut self, ctx: &ApiContext, id: i64) -> Option<i64> {
+        let leader = ctx.node.status.leader();
+        if leader == 0 {
+            return None;
+        }
+        if self.open.as_ref().is_some_and(|o| o.leader != leader) {
+            self.open = None;
+        }
+        let wait = ctx
+            .lessor
+            .election_timeout()
+            .max(Duration::from_millis(100))
+            * 2;
+        let token = self.token.clone();
+        let open = &mut self.open;
+        let answer = async {
+            match open {
+                Some(o) => o.requests.send(LeaseKeepAliveRequest { id }).await.ok()?,
+                None => *open = Some(connect(ctx, leader, id, token).await?),
+            }
+            let o = open.as_mut()?;
+            o.responses.message().await.ok().flatten()
+        };
+        match tokio::time::timeout(wait, answer).await {
+            Ok(Some(resp)) => Some(resp.ttl),
+            _ => {
+                self.open = None;
+                None
+            }
+        }
+    }
+}
+
+/// Opens a keep-alive stream to `leader` carrying `first` as its first request (sent
+/// before waiting for the call: etcd sends its response headers only with the first
+/// response).
+async fn connect(
+    ctx: &ApiContext,
+    leader: u64,
+    first: i64,
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+) -> Option<OpenUpstream> {
+    let url = super::client_url_of(&ctx.kv, leader).ok()??;
+    let channel = ctx
+        .dialer
+        .endpoint(&url)
+        .ok()?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .ok()?;
+    let (requests, rx) = mpsc::channel(1);
+    requests
+        .send(LeaseKeepAliveRequest { id: first })
+        .await
+        .ok()?;
+    let mut client = LeaseClient::new(channel);
+    let responses = client
+        .lease_keep_alive(super::forwarded(ReceiverStream::new(rx), token))
+        .await
+        .ok()?
+        .into_inner();
+    Some(OpenUpstream {
+        leader,
+        requests,
+        responses,
+    })
+}
+
 /// One keep-alive: TTL 0 when the lease does not exist (etcd's answer on the stream).
-async fn keep_alive(ctx: &ApiContext, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
+async fn keep_alive(
+    ctx: &ApiContext,
+    id: i64,
+    upstream: Option<&mut Upstream>,
+) -> Result<LeaseKeepAliveResponse, Status> {
     let status = &ctx.node.status;
-    let ttl = if status.leader() == status.member_id {
+    let forwarded = match upstream {
+        Some(up) if status.leader() != status.member_id => up.keep_alive(ctx, id).await,
+        _ => None,
+    };
+    let ttl = if let Some(ttl) = forwarded {
+        ttl
+    } else if status.leader() == status.member_id {
         match ctx.lessor.renew(id) {
             Some(ttl) if ctx.kv.lease(id).map_err(kv_status)?.is_some() => ttl,
             _ => 0,

@@ -108,6 +108,7 @@ pub fn spawn_driver(
         reopen_backoff: REOPEN_BACKOFF_MIN,
         durable_applied,
         kv_synced_at: Instant::now(),
+        unsynced_bytes: 0,
     };
     d.refresh_peers();
     std::thread::Builder::new()
@@ -204,12 +205,18 @@ struct Driver {
     /// commit): the Raft log keeps every entry after it.
     durable_applied: u64,
     kv_synced_at: Instant,
+    /// Bytes of entries applied since the keyspace was last committed durably.
+    unsynced_bytes: usize,
 }
 
 /// The keyspace is applied without fsync (the Raft log is the durable record) and
-/// committed durably this often, so a restart replays little and the log can be
-/// compacted.
+/// committed durably this often, or after this many bytes of entries, so a restart
+/// replays little, the log can be compacted, and what the keyspace will need on disk
+/// is claimed before the free-space reserve is spent. Each durable commit writes every
+/// page dirtied since the last one: measured here, every 100 ms cost a third of the
+/// put throughput that every second does (BENCHMARKS.md).
 const KV_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+const KV_SYNC_BYTES: usize = 1 << 20;
 
 impl Driver {
     /// Serves until asked to stop. A failed write does not end it: the member leaves
@@ -239,6 +246,7 @@ impl Driver {
     fn sync_kv(&mut self) -> Result<(), DriverError> {
         let applied = self.kv.applied_index();
         self.kv_synced_at = Instant::now();
+        self.unsynced_bytes = 0;
         if applied == self.durable_applied {
             return Ok(());
         }
@@ -291,7 +299,9 @@ impl Driver {
             self.propose_parked();
             self.issue_reads();
             self.on_ready()?;
-            if self.kv_synced_at.elapsed() >= KV_SYNC_INTERVAL {
+            if self.unsynced_bytes >= KV_SYNC_BYTES
+                || self.kv_synced_at.elapsed() >= KV_SYNC_INTERVAL
+            {
                 self.sync_kv()?;
             }
             self.publish_status();
@@ -592,6 +602,7 @@ impl Driver {
         let mut replies: Vec<(u64, Result<Applied, ProposeError>)> = Vec::new();
         let mut peers_changed = false;
         for e in entries {
+            self.unsynced_bytes += e.data.len();
             let mut ours = None;
             // Entries were checked on receipt (`mesh_transport::well_formed`); a stored one
             // with an unknown type means a damaged log: stop rather than guess.

@@ -132,7 +132,12 @@ impl Wal {
             if let Some(stem) = name.strip_suffix(".wal") {
                 match u64::from_str_radix(stem, 16) {
                     Ok(seq) if stem.len() == 16 => seqs.push(seq),
-                    _ => return Err(corrupt(data_dir, format!("unexpected file {WAL_DIR}/{name}"))),
+                    _ => {
+                        return Err(corrupt(
+                            data_dir,
+                            format!("unexpected file {WAL_DIR}/{name}"),
+                        ))
+                    }
                 }
             } else if name.ends_with(".tmp") {
                 // A segment whose head never became durable: it never held anything.
@@ -141,16 +146,16 @@ impl Wal {
         }
         seqs.sort_unstable();
         if seqs.is_empty() {
-            return Err(corrupt(data_dir, format!("{WAL_DIR}/ holds no log segment")));
+            return Err(corrupt(
+                data_dir,
+                format!("{WAL_DIR}/ holds no log segment"),
+            ));
         }
         for w in seqs.windows(2) {
             if w[1] != w[0] + 1 {
                 return Err(corrupt(
                     data_dir,
-                    format!(
-                        "log segment {} is missing",
-                        segment_name(w[0] + 1)
-                    ),
+                    format!("log segment {} is missing", segment_name(w[0] + 1)),
                 ));
             }
         }
@@ -168,7 +173,10 @@ impl Wal {
                     dropped = bytes.len() - good_len,
                     "raft log: an incomplete record at the end (a write cut short) was dropped"
                 );
-                let f = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io(&path))?;
                 f.set_len(good_len as u64).map_err(io(&path))?;
                 f.sync_all().map_err(io(&path))?;
             }
@@ -403,7 +411,10 @@ fn replay_segment(
     let name = segment_name(seq);
     let bad = |at: usize, what: &str| corrupt(data_dir, format!("{name}: {what} at byte {at}"));
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-        return Err(corrupt(data_dir, format!("{name} is not a meshd log segment")));
+        return Err(corrupt(
+            data_dir,
+            format!("{name} is not a meshd log segment"),
+        ));
     }
     // Where the zeros that run to the end of the file start: a record that fails its
     // checks and reaches into them was never completely written.
@@ -483,13 +494,17 @@ fn replay_segment(
             }
             _ if base.is_none() => return Err(bad(at, "segment does not start with its base")),
             HARD_STATE => {
-                let hs = HardState::decode(body).map_err(|e| bad(at, &format!("hard state: {e}")))?;
+                let hs =
+                    HardState::decode(body).map_err(|e| bad(at, &format!("hard state: {e}")))?;
                 state.as_mut().expect("base seen").hard_state = hs;
             }
             ENTRY => {
                 let e = Entry::decode(body).map_err(|e| bad(at, &format!("entry: {e}")))?;
                 if EntryType::from_i32(e.entry_type).is_none() {
-                    return Err(bad(at, &format!("entry {} has unknown type {}", e.index, e.entry_type)));
+                    return Err(bad(
+                        at,
+                        &format!("entry {} has unknown type {}", e.index, e.entry_type),
+                    ));
                 }
                 let s = state.as_mut().expect("base seen");
                 if e.index <= s.base_index || e.index > s.last().0 + 1 {
@@ -591,7 +606,10 @@ mod tests {
         assert_eq!(wal.segments.len(), 6);
         wal.release(3).unwrap();
         // Segments starting after 3, 4, 5 remain (the one after 3 holds entry 4).
-        assert_eq!(wal.segments.iter().map(|s| s.1).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            wal.segments.iter().map(|s| s.1).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         wal.append(&[entry(6, 1)]);
         wal.sync().unwrap();
         drop(wal);
@@ -624,7 +642,11 @@ mod tests {
                 }
                 std::fs::write(&seg, &bytes).unwrap();
                 let (_, r, _) = Wal::open(dir.path()).unwrap();
-                assert_eq!(indexes(&r), vec![(1, 1), (2, 1)], "cut at {cut} zeros {zeros}");
+                assert_eq!(
+                    indexes(&r),
+                    vec![(1, 1), (2, 1)],
+                    "cut at {cut} zeros {zeros}"
+                );
                 assert_eq!(r.hard_state, hs(1, 2));
                 assert_eq!(std::fs::metadata(&seg).unwrap().len() as usize, before);
             }

@@ -90,12 +90,21 @@ pub struct Wal {
     synced: u64,
     /// Records not yet written.
     buf: Vec<u8>,
-    /// Every segment on disk, oldest first, with the index its `BASE` names.
-    segments: VecDeque<(u64, u64)>,
+    /// Every segment on disk, oldest first.
+    segments: VecDeque<Segment>,
     /// Last index and term and hard state as of the records written or buffered, for
     /// the head of the next segment.
     last: (u64, u64),
     hard_state: HardState,
+}
+
+/// A segment file: its sequence number, the index its `BASE` names, and the lowest
+/// entry index written in it (`u64::MAX` if none).
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    seq: u64,
+    base: u64,
+    min_entry: u64,
 }
 
 fn segment_name(seq: u64) -> String {
@@ -166,7 +175,8 @@ impl Wal {
             let path = dir.join(segment_name(seq));
             let is_last = i + 1 == seqs.len();
             let bytes = std::fs::read(&path).map_err(io(&path))?;
-            let (base, good_len) = replay_segment(data_dir, seq, &bytes, is_last, &mut state)?;
+            let (base, min_entry, good_len) =
+                replay_segment(data_dir, seq, &bytes, is_last, &mut state)?;
             if good_len < bytes.len() {
                 warn!(
                     segment = %path.display(),
@@ -180,7 +190,11 @@ impl Wal {
                 f.set_len(good_len as u64).map_err(io(&path))?;
                 f.sync_all().map_err(io(&path))?;
             }
-            segments.push_back((seq, base));
+            segments.push_back(Segment {
+                seq,
+                base,
+                min_entry,
+            });
             open_len = good_len as u64;
         }
         let replayed = state.expect("at least one segment was read");
@@ -207,6 +221,9 @@ impl Wal {
 
     /// Buffers entries (the first may replace the tail from its index on).
     pub fn append(&mut self, ents: &[Entry]) {
+        if let (Some(first), Some(seg)) = (ents.first(), self.segments.back_mut()) {
+            seg.min_entry = seg.min_entry.min(first.index);
+        }
         for e in ents {
             let at = self.start_record();
             e.encode(&mut self.buf).expect("vec has capacity");
@@ -270,16 +287,35 @@ impl Wal {
         self.seq = seq;
         self.len = segment_head_len(&self.hard_state);
         self.synced = self.len;
-        self.segments.push_back((seq, self.last.0));
+        self.segments.push_back(Segment {
+            seq,
+            base: self.last.0,
+            min_entry: u64::MAX,
+        });
         Ok(())
     }
 
     /// Deletes the segments that hold nothing after `compacted`: every segment whose
-    /// successor starts at or below it.
+    /// successor starts at or below it, provided no later segment rewrites an entry at
+    /// or below that start (a new leader's overwrite of a tail that spanned a segment
+    /// boundary), so that replay can begin at the successor.
     pub fn release(&mut self, compacted: u64) -> Result<(), StorageError> {
+        // Replay may start at segment `k` if compaction passed its base and nothing
+        // from `k` on rewrites an entry at or below that base; keep from the last such.
+        let mut cut = 0;
+        for k in 1..self.segments.len() {
+            let base = self.segments[k].base;
+            if base > compacted {
+                break;
+            }
+            let min_after = self.segments.iter().skip(k).map(|s| s.min_entry).min();
+            if min_after.is_none_or(|m| m > base) {
+                cut = k;
+            }
+        }
         let mut removed = false;
-        while self.segments.len() > 1 && self.segments[1].1 <= compacted {
-            let (seq, _) = self.segments.pop_front().expect("len > 1");
+        for _ in 0..cut {
+            let seq = self.segments.pop_front().expect("cut < len").seq;
             let path = self.dir.join(segment_name(seq));
             std::fs::remove_file(&path).map_err(|source| StorageError::Io { path, source })?;
             removed = true;
@@ -309,9 +345,7 @@ impl Wal {
         let bytes = self
             .segments
             .iter()
-            .map(|(seq, _)| {
-                std::fs::metadata(self.dir.join(segment_name(*seq))).map_or(0, |m| m.len())
-            })
+            .map(|s| std::fs::metadata(self.dir.join(segment_name(s.seq))).map_or(0, |m| m.len()))
             .sum();
         (self.segments.len(), bytes)
     }
@@ -399,15 +433,16 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
         })
 }
 
-/// Replays one segment into `state`. Returns the index its `BASE` names and how many
-/// of its bytes are good (less than all only for a torn end of the last segment).
+/// Replays one segment into `state`. Returns the index its `BASE` names, the lowest
+/// entry index in it, and how many of its bytes are good (less than all only for a
+/// torn end of the last segment).
 fn replay_segment(
     data_dir: &Path,
     seq: u64,
     bytes: &[u8],
     is_last: bool,
     state: &mut Option<Replayed>,
-) -> Result<(u64, usize), StorageError> {
+) -> Result<(u64, u64, usize), StorageError> {
     let name = segment_name(seq);
     let bad = |at: usize, what: &str| corrupt(data_dir, format!("{name}: {what} at byte {at}"));
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
@@ -422,9 +457,10 @@ fn replay_segment(
     let torn = |end: usize| is_last && zeros_from < end;
     let mut at = MAGIC.len();
     let mut base = None;
+    let mut min_entry = u64::MAX;
     while at < bytes.len() {
         let rest = &bytes[at..];
-        let good = (base.unwrap_or(0), at);
+        let good = (base.unwrap_or(0), min_entry, at);
         if rest.len() < HEADER {
             if is_last {
                 return Ok(good);
@@ -518,6 +554,7 @@ fn replay_segment(
                         ),
                     ));
                 }
+                min_entry = min_entry.min(e.index);
                 let keep = (e.index - s.base_index - 1) as usize;
                 s.entries.truncate(keep);
                 s.entries.push_back(e);
@@ -527,7 +564,7 @@ fn replay_segment(
         at += HEADER + len;
     }
     match base {
-        Some(b) => Ok((b, at)),
+        Some(b) => Ok((b, min_entry, at)),
         None => Err(corrupt(data_dir, format!("{name} holds no base record"))),
     }
 }
@@ -549,7 +586,7 @@ mod tests {
         Entry {
             index,
             term,
-            data: vec![index as u8; 40].into(),
+            data: vec![index as u8; 40],
             ..Default::default()
         }
     }
@@ -607,7 +644,7 @@ mod tests {
         wal.release(3).unwrap();
         // Segments starting after 3, 4, 5 remain (the one after 3 holds entry 4).
         assert_eq!(
-            wal.segments.iter().map(|s| s.1).collect::<Vec<_>>(),
+            wal.segments.iter().map(|s| s.base).collect::<Vec<_>>(),
             vec![3, 4, 5]
         );
         wal.append(&[entry(6, 1)]);
@@ -617,6 +654,34 @@ mod tests {
         assert_eq!((r.base_index, r.base_term), (3, 1));
         assert_eq!(indexes(&r), vec![(4, 1), (5, 1), (6, 1)]);
         assert_eq!(r.hard_state, hs(1, 5));
+    }
+
+    /// A new leader's overwrite that reaches back before a segment boundary keeps the
+    /// segment before it until a later boundary: replay must not start after the
+    /// entries the overwrite replaced.
+    #[test]
+    fn an_overwrite_across_a_boundary_keeps_the_segment_it_reaches_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _, _) = Wal::open(dir.path()).unwrap();
+        wal.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]);
+        wal.sync().unwrap();
+        wal.rotate().unwrap(); // segment 2 starts after 3
+        wal.append(&[entry(3, 2), entry(4, 2)]); // overwrites 3
+        wal.sync().unwrap();
+        wal.release(4).unwrap();
+        assert_eq!(wal.segments.len(), 2, "segment 1 must stay");
+        wal.rotate().unwrap(); // segment 3 starts after 4
+        wal.append(&[entry(5, 2)]);
+        wal.sync().unwrap();
+        wal.release(4).unwrap();
+        assert_eq!(
+            wal.segments.iter().map(|s| s.seq).collect::<Vec<_>>(),
+            vec![3]
+        );
+        drop(wal);
+        let (_, r, _) = Wal::open(dir.path()).unwrap();
+        assert_eq!((r.base_index, r.base_term), (4, 2));
+        assert_eq!(indexes(&r), vec![(5, 2)]);
     }
 
     /// Cutting the last segment at every byte of its last record recovers the log up

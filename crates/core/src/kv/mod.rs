@@ -188,7 +188,23 @@ pub struct KvStore {
     auth: std::sync::RwLock<Arc<AuthState>>,
     /// Simple tokens this member knows (in memory only).
     tokens: auth::Tokens,
+    /// The newest revisions' events, shared by the watchers that ask for them.
+    recent_events: std::sync::Mutex<EventCache>,
 }
+
+/// Spans of revisions whose events (every key, with previous values) were read for
+/// one watcher and are kept for the next: a put watched by a thousand watchers is
+/// read from the store once, not a thousand times. Applied revisions never change, so
+/// an entry stays right until compaction removes its revisions or the store is
+/// replaced (a snapshot, a reopen), which clear it.
+#[derive(Default)]
+struct EventCache {
+    spans: std::collections::VecDeque<((i64, i64), Arc<Vec<mvccpb::Event>>)>,
+}
+
+/// Only spans this short are cached (live delivery, not replay of history).
+const EVENT_CACHE_SPAN: i64 = 64;
+const EVENT_CACHE_SPANS: usize = 8;
 
 /// One open write transaction of the Raft driver. Dropping it aborts.
 pub struct ApplyBatch<'a> {
@@ -217,6 +233,7 @@ impl KvStore {
             revision_tx,
             auth: std::sync::RwLock::new(Arc::new(AuthState::default())),
             tokens: auth::Tokens::default(),
+            recent_events: Default::default(),
         };
         store.reload()?;
         Ok(store)
@@ -227,6 +244,7 @@ impl KvStore {
     /// driver applies those entries again. Watchers keep their own next revision, so
     /// the revision going back and forward again sends no event twice.
     pub fn reload(&self) -> Result<(), KvError> {
+        self.clear_event_cache();
         let txn = self.db.begin_read()?;
         let meta = Meta::load(&txn.open_table(META)?)?;
         let nospace = nospace_active(&txn.open_table(ALARMS)?)?;
@@ -335,6 +353,71 @@ impl KvStore {
         prev_kv: bool,
         limit: usize,
     ) -> Result<Vec<mvccpb::Event>, KvError> {
+        // Only applied revisions are cached: later ones may still come.
+        if start <= end
+            && end - start < EVENT_CACHE_SPAN
+            && start >= self.compact_revision()
+            && end <= self.current_revision()
+        {
+            let all = self.all_events(start, end)?;
+            let interval = Interval::new(key, range_end);
+            let mut out = Vec::new();
+            let mut last_main = None;
+            for e in all.iter() {
+                let Some(kv) = &e.kv else { continue };
+                // Whole revisions only, as the store read below.
+                if limit > 0 && out.len() >= limit && last_main != Some(kv.mod_revision) {
+                    break;
+                }
+                if !interval.contains(&kv.key) {
+                    continue;
+                }
+                let mut e = e.clone();
+                if !prev_kv {
+                    e.prev_kv = None;
+                }
+                out.push(e);
+                last_main = Some(kv.mod_revision);
+            }
+            return Ok(out);
+        }
+        self.events_from_store(start, end, &Interval::new(key, range_end), prev_kv, limit)
+    }
+
+    /// Every event of revisions `start..=end`, with previous values, from the cache
+    /// or read once into it.
+    fn all_events(&self, start: i64, end: i64) -> Result<Arc<Vec<mvccpb::Event>>, KvError> {
+        // Held while reading: the watchers that wake together for the same revisions
+        // wait for one read instead of each doing it.
+        let mut cache = self.recent_events.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, hit)) = cache.spans.iter().find(|(span, _)| *span == (start, end)) {
+            return Ok(hit.clone());
+        }
+        let all =
+            Arc::new(self.events_from_store(start, end, &Interval::From(Vec::new()), true, 0)?);
+        if cache.spans.len() >= EVENT_CACHE_SPANS {
+            cache.spans.pop_front();
+        }
+        cache.spans.push_back(((start, end), all.clone()));
+        Ok(all)
+    }
+
+    fn clear_event_cache(&self) {
+        self.recent_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .spans
+            .clear();
+    }
+
+    fn events_from_store(
+        &self,
+        start: i64,
+        end: i64,
+        interval: &Interval,
+        prev_kv: bool,
+        limit: usize,
+    ) -> Result<Vec<mvccpb::Event>, KvError> {
         let txn = self.db.begin_read()?;
         let meta = Meta::load(&txn.open_table(META)?)?;
         if start < meta.compact_revision {
@@ -346,7 +429,7 @@ impl KvStore {
             &txn.open_table(REVLOG)?,
             &txn.open_table(HISTORY)?,
             (start, end),
-            &Interval::new(key, range_end),
+            interval,
             prev_kv,
             limit,
         )
@@ -639,6 +722,7 @@ impl<'a> ApplyBatch<'a> {
 
     /// Replace every kv table's contents with the snapshot's.
     pub fn restore(&mut self, snap: &StoreSnapshot) -> Result<(), KvError> {
+        self.store.clear_event_cache();
         WriteTables::open(&self.txn)?.restore(snap)?;
         let mut members = self.txn.open_table(MEMBERS)?;
         members.retain(|_, _| false)?;

@@ -1080,3 +1080,68 @@ fn a_flipped_byte_in_a_history_record_is_reported_not_served() {
     // HashKV reads every record: it refuses too rather than hash corrupt data.
     assert!(matches!(f.kv.hash_kv(0), Err(KvError::Corrupt { .. })));
 }
+
+/// Watchers read recent revisions through a shared cache: it answers exactly as the
+/// store does, for every key range, prev_kv and limit, and not at all for compacted
+/// revisions.
+#[test]
+fn cached_events_answer_as_the_store() {
+    let f = fixture();
+    put(&f.kv, "a", "1"); // 2
+    let two = pb::TxnRequest {
+        success: vec![
+            op(Request::RequestPut(put_req("a", "2"))),
+            op(Request::RequestPut(put_req("b", "1"))),
+        ],
+        ..Default::default()
+    };
+    apply(&f.kv, |b| b.txn(&two)).unwrap(); // 3
+    del(&f.kv, "a", ""); // 4
+    put(&f.kv, "a", "3"); // 5
+    put(&f.kv, "z", "1"); // 6
+    let ranges: [(&[u8], &[u8]); 5] = [
+        (b"a", b"b\0"),
+        (b"\0", b"\0"),
+        (b"z", b""),
+        (b"a", b""),
+        (b"b", b"\0"),
+    ];
+    for (key, end) in ranges {
+        for prev_kv in [false, true] {
+            for limit in [0, 1, 2] {
+                for (start, stop) in [(2, 6), (3, 5), (4, 4), (6, 9), (7, 9)] {
+                    // Twice: the first call may fill the cache, the second reads it.
+                    for _ in 0..2 {
+                        let cached = f.kv.events(start, stop, key, end, prev_kv, limit).unwrap();
+                        let stored =
+                            f.kv.events_from_store(
+                                start,
+                                stop,
+                                &Interval::new(key, end),
+                                prev_kv,
+                                limit,
+                            )
+                            .unwrap();
+                        assert_eq!(
+                            cached, stored,
+                            "{key:?} {end:?} {prev_kv} {limit} {start}..={stop}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // A span asked for before its revisions exist is not kept for after.
+    assert!(f
+        .kv
+        .events(7, 8, b"\0", b"\0", false, 0)
+        .unwrap()
+        .is_empty());
+    put(&f.kv, "y", "1"); // 7
+    assert_eq!(f.kv.events(7, 8, b"\0", b"\0", false, 0).unwrap().len(), 1);
+    apply(&f.kv, |b| b.compact(5)).unwrap();
+    assert!(matches!(
+        f.kv.events(3, 4, b"\0", b"\0", false, 0),
+        Err(KvError::Compacted { .. })
+    ));
+}

@@ -148,7 +148,8 @@ pub(super) async fn run(
     let (rd, wr) = stream.into_split();
     let reason = tokio::select! {
         r = write_loop(&inner, remote, id, wr, rx, notify, cipher.clone()) => r,
-        r = read_loop(&inner, remote, rd, cipher) => r,
+        // Buffered: a burst of small frames (Raft appends and acks) costs one read.
+        r = read_loop(&inner, remote, tokio::io::BufReader::with_capacity(READ_BUFFER, rd), cipher) => r,
     };
     match reason {
         Ok(()) => tracing::debug!("mesh: connection {direction} {remote_addr} replaced or closed"),
@@ -492,14 +493,52 @@ async fn write_loop(
                 .gossip_bytes_out
                 .fetch_add(frame.len() as u64, Ordering::Relaxed);
         }
-        match &cipher {
-            Some(c) => {
-                let sealed = wire::seal(c, &mut nonce, &frame)?;
-                write_record(inner, &mut wr, &sealed).await?;
+        // Frames queued behind this one go out in the same write.
+        let mut out = Vec::with_capacity(frame.len() + 4);
+        append_record(inner, &cipher, &mut nonce, &mut out, &frame)?;
+        while out.len() < WRITE_BATCH && fault.delay.is_none() {
+            match rx.try_recv() {
+                Ok(more) => {
+                    inner
+                        .counters
+                        .gossip_bytes_out
+                        .fetch_add(more.len() as u64, Ordering::Relaxed);
+                    append_record(inner, &cipher, &mut nonce, &mut out, &more)?;
+                }
+                Err(_) => break,
             }
-            None => write_record(inner, &mut wr, &frame).await?,
         }
+        wr.write_all(&out).await?;
     }
+}
+
+/// Bytes read from a connection at once.
+const READ_BUFFER: usize = 64 * 1024;
+/// Queued frames are joined into one write up to about this many bytes.
+const WRITE_BATCH: usize = 256 * 1024;
+
+/// Appends `frame` to `out` as one record (sealed when the connection is encrypted).
+fn append_record(
+    inner: &Inner,
+    cipher: &Option<Arc<snow::StatelessTransportState>>,
+    nonce: &mut u64,
+    out: &mut Vec<u8>,
+    frame: &[u8],
+) -> Result<(), ConnError> {
+    let sealed;
+    let payload = match cipher {
+        Some(c) => {
+            sealed = wire::seal(c, nonce, frame)?;
+            &sealed[..]
+        }
+        None => frame,
+    };
+    out.extend_from_slice(&wire::with_length_prefix(payload));
+    inner
+        .counters
+        .bytes_out
+        .fetch_add(payload.len() as u64 + 4, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Reads, checks and handles frames until the socket fails, a frame is refused, or no
@@ -507,7 +546,7 @@ async fn write_loop(
 async fn read_loop(
     inner: &Inner,
     remote: PeerName,
-    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut rd: impl AsyncRead + Unpin,
     cipher: Option<Arc<snow::StatelessTransportState>>,
 ) -> Result<(), ConnError> {
     let plain_limit = inner.cfg.max_frame + wire::FRAME_OVERHEAD;

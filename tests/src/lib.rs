@@ -433,6 +433,20 @@ impl ProcessCluster {
     }
 }
 
+/// Copies a directory tree (a data dir with its log directory) into `to`, which exists.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for f in std::fs::read_dir(from).unwrap() {
+        let f = f.unwrap();
+        let target = to.join(f.file_name());
+        if f.file_type().unwrap().is_dir() {
+            std::fs::create_dir(&target).unwrap();
+            copy_dir(&f.path(), &target);
+        } else {
+            std::fs::copy(f.path(), target).unwrap();
+        }
+    }
+}
+
 /// `GET path` over HTTP/1.1 to `addr`: the status code and body, or None when the
 /// connection fails.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {

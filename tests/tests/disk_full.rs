@@ -377,17 +377,3 @@ async fn follower_with_a_full_disk_catches_up_when_space_returns() {
     .await;
     assert_eq!(h0, h2, "p2 differs from p0 at revision {rev}");
 }
-
-/// Copies a data dir (files and the log directory) into `to`, which exists.
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    for f in std::fs::read_dir(from).unwrap() {
-        let f = f.unwrap();
-        let target = to.join(f.file_name());
-        if f.file_type().unwrap().is_dir() {
-            std::fs::create_dir(&target).unwrap();
-            copy_dir(&f.path(), &target);
-        } else {
-            std::fs::copy(f.path(), target).unwrap();
-        }
-    }
-}

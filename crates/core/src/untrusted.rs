@@ -27,10 +27,12 @@ pub enum Decoder {
     HistoryRecord,
     /// The mesh peer-name file of a data dir (disk).
     PeerNameFile,
+    /// A segment of the Raft write-ahead log (disk).
+    WalSegment,
 }
 
 impl Decoder {
-    pub const ALL: [Decoder; 10] = [
+    pub const ALL: [Decoder; 11] = [
         Decoder::MeshHandshake,
         Decoder::MeshFrame,
         Decoder::RaftChannel,
@@ -41,6 +43,7 @@ impl Decoder {
         Decoder::RaftEntry,
         Decoder::HistoryRecord,
         Decoder::PeerNameFile,
+        Decoder::WalSegment,
     ];
 
     /// Decodes `data`; returns whether it was accepted (for statistics only).
@@ -93,6 +96,7 @@ impl Decoder {
                 .ok()
                 .and_then(crate::storage::parse_peer_name)
                 .is_some(),
+            Decoder::WalSegment => crate::storage::wal::replay_untrusted(data),
         }
     }
 }
@@ -153,6 +157,7 @@ mod tests {
                 ..Default::default()
             }),
             b"00000000000000ff\n".to_vec(),
+            wal_segment(),
         ];
         for d in Decoder::ALL {
             for i in 0..3000 {
@@ -173,5 +178,30 @@ mod tests {
                 let _ = d.run(&input);
             }
         }
+    }
+
+    /// A real log segment: a few entries and hard states.
+    fn wal_segment() -> Vec<u8> {
+        use crate::storage::wal::{Wal, WAL_DIR};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _, _) = Wal::open(dir.path()).unwrap();
+        for i in 1..=3u64 {
+            wal.append(&[raft::prelude::Entry {
+                index: i,
+                term: 1,
+                data: vec![1, 2, 3],
+                ..Default::default()
+            }]);
+            wal.set_hard_state(&raft::prelude::HardState {
+                term: 1,
+                vote: 1,
+                commit: i,
+            });
+            wal.sync().unwrap();
+        }
+        let seg = dir.path().join(WAL_DIR).join("0000000000000001.wal");
+        let bytes = std::fs::read(seg).unwrap();
+        assert!(crate::storage::wal::replay_untrusted(&bytes));
+        bytes
     }
 }

@@ -199,8 +199,11 @@ pub struct KvStore {
 /// replaced (a snapshot, a reopen), which clear it.
 #[derive(Default)]
 struct EventCache {
-    spans: std::collections::VecDeque<((i64, i64), Arc<Vec<mvccpb::Event>>)>,
+    /// `((first, last) revision, events)`, oldest first.
+    spans: std::collections::VecDeque<((i64, i64), SharedEvents)>,
 }
+
+type SharedEvents = Arc<Vec<mvccpb::Event>>;
 
 /// Only spans this short are cached (live delivery, not replay of history).
 const EVENT_CACHE_SPAN: i64 = 64;
@@ -386,7 +389,7 @@ impl KvStore {
 
     /// Every event of revisions `start..=end`, with previous values, from the cache
     /// or read once into it.
-    fn all_events(&self, start: i64, end: i64) -> Result<Arc<Vec<mvccpb::Event>>, KvError> {
+    fn all_events(&self, start: i64, end: i64) -> Result<SharedEvents, KvError> {
         // Held while reading: the watchers that wake together for the same revisions
         // wait for one read instead of each doing it.
         let mut cache = self.recent_events.lock().unwrap_or_else(|p| p.into_inner());

@@ -20,6 +20,9 @@ pub(crate) struct Change {
     pub tombstone: bool,
     /// For a tombstone: just the key and the delete's revision.
     pub kv: KeyValue,
+    /// The lease of the key's live version this change replaces (0: none), as this
+    /// request saw it: what the live table holds when the change is stored in order.
+    pub prev_lease: i64,
 }
 
 /// Whether a lease exists, for checking the lease of a Put.
@@ -169,10 +172,14 @@ where
         }
     }
 
-    fn record(&mut self, tombstone: bool, kv: KeyValue) {
+    fn record(&mut self, tombstone: bool, kv: KeyValue, prev_lease: i64) {
         let state = (!tombstone).then(|| kv.clone());
         self.overlay.insert(kv.key.clone(), state);
-        self.changes.push(Change { tombstone, kv });
+        self.changes.push(Change {
+            tombstone,
+            kv,
+            prev_lease,
+        });
     }
 
     pub(crate) fn put(&mut self, req: &pb::PutRequest) -> Result<pb::PutResponse, KvError> {
@@ -206,7 +213,8 @@ where
             },
             lease,
         };
-        self.record(false, kv);
+        let prev_lease = prev.as_ref().map_or(0, |p| p.lease);
+        self.record(false, kv, prev_lease);
         Ok(pb::PutResponse {
             header: Some(header(rev)),
             prev_kv: prev.filter(|_| req.prev_kv),
@@ -226,7 +234,7 @@ where
                 mod_revision: rev,
                 ..Default::default()
             };
-            self.record(true, tombstone);
+            self.record(true, tombstone, kv.lease);
         }
         Ok(pb::DeleteRangeResponse {
             header: Some(header(self.revision())),

@@ -7,7 +7,7 @@ use redb::{ReadableTable, Table};
 
 use super::exec::Change;
 use super::range::{HistoryKey, Interval};
-use super::tables::{decode_kv, decode_record, encode_kv, encode_record, is_tombstone, Record};
+use super::tables::{decode_record, encode_kv, encode_record, is_tombstone, Record};
 use super::KvError;
 use crate::proto::meshpb::{HistoryRecord, StoreSnapshot};
 use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
@@ -38,22 +38,20 @@ impl<'txn> WriteTables<'txn> {
         })
     }
 
-    /// Write one history record and its revlog entry, and update the live key.
+    /// Write one history record and its revlog entry, and update the live key, whose
+    /// live version had lease `old_lease` (0: none or no live version).
     fn put_record(
         &mut self,
         main: i64,
         sub: i64,
         tombstone: bool,
         kv: &KeyValue,
+        old_lease: i64,
     ) -> Result<(), KvError> {
         let key = kv.key.as_slice();
         self.history
             .insert((key, main, sub), encode_record(tombstone, kv).as_slice())?;
         self.revlog.insert((main, sub), key)?;
-        let old_lease = match self.latest.get(key)? {
-            Some(v) => decode_kv(v.value())?.lease,
-            None => 0,
-        };
         let new_lease = if tombstone { 0 } else { kv.lease };
         if old_lease != new_lease {
             if old_lease != 0 {
@@ -74,7 +72,13 @@ impl<'txn> WriteTables<'txn> {
     /// Store the changes of one request at main revision `main`, subs 0, 1, 2, …
     pub(crate) fn apply(&mut self, main: i64, changes: &[Change]) -> Result<(), KvError> {
         for (sub, change) in changes.iter().enumerate() {
-            self.put_record(main, sub as i64, change.tombstone, &change.kv)?;
+            self.put_record(
+                main,
+                sub as i64,
+                change.tombstone,
+                &change.kv,
+                change.prev_lease,
+            )?;
         }
         Ok(())
     }

@@ -115,6 +115,8 @@ async fn health_and_metrics_follow_the_cluster() {
     grew("etcd_server_apply_duration_seconds_count", 10.0);
     grew("etcd_disk_backend_commit_duration_seconds_count", 10.0);
     grew("meshd_raft_log_entries", 10.0);
+    grew("meshd_wal_bytes", 10.0 * 20.0);
+    assert!(after["meshd_wal_segments"] >= 1.0);
     grew("meshd_mesh_sent_bytes_total", 1.0);
     grew(PUT_OK, 10.0);
     grew(&PUT_OK.replace("\"OK\"", "\"InvalidArgument\""), 1.0);

@@ -194,6 +194,17 @@ pub fn metrics_page(src: &Sources) -> String {
         "Entries in the Raft log (not yet compacted into a snapshot).",
         (log.last_index() + 1).saturating_sub(log.first_index()) as f64,
     );
+    let (segments, wal_bytes) = log.disk_usage();
+    e.gauge(
+        "meshd_wal_segments",
+        "Segment files of the Raft write-ahead log.",
+        segments as f64,
+    );
+    e.gauge(
+        "meshd_wal_bytes",
+        "Bytes in the Raft write-ahead log's segment files.",
+        wal_bytes as f64,
+    );
     e.gauge(
         "etcd_mvcc_db_total_size_in_bytes",
         "Total size of the underlying database physically allocated in bytes.",

@@ -26,7 +26,8 @@
 //! Only the end of the last segment can be cut short by a crash (a write that did not
 //! finish): an incomplete record there, or one whose end is zeros up to the end of the
 //! file (blocks allocated but never written), is truncated and the log ends with the
-//! last complete record. Anything else — a checksum or length
+//! last complete record. A segment's head (its base and hard state) is durable before
+//! the segment exists, so a head cut short is damage. Anything else — a checksum or length
 //! that does not match, an entry out of sequence, a segment missing in the middle — is
 //! reported as corruption and the member refuses to start.
 
@@ -197,7 +198,8 @@ impl Wal {
             });
             open_len = good_len as u64;
         }
-        let replayed = state.expect("at least one segment was read");
+        let replayed =
+            state.ok_or_else(|| corrupt(data_dir, "no log segment holds a base record".into()))?;
         let seq = *seqs.last().expect("not empty");
         let path = dir.join(segment_name(seq));
         let file = OpenOptions::new()
@@ -458,12 +460,19 @@ fn replay_segment(
     let mut at = MAGIC.len();
     let mut base = None;
     let mut min_entry = u64::MAX;
+    // Records read; the first two are the head (base and hard state).
+    let mut records = 0;
     while at < bytes.len() {
         let rest = &bytes[at..];
-        let good = (base.unwrap_or(0), min_entry, at);
+        // The log ends here (a torn tail); the segment's head must be whole, since a
+        // segment is renamed into place only once its head is durable.
+        let good = match base {
+            Some(b) if records >= 2 => Ok((b, min_entry, at)),
+            _ => Err(bad(at, "the segment's head is incomplete")),
+        };
         if rest.len() < HEADER {
             if is_last {
-                return Ok(good);
+                return good;
             }
             return Err(bad(at, "incomplete record header"));
         }
@@ -473,24 +482,28 @@ fn replay_segment(
         let len = u32::from_le_bytes(len_bytes) as usize;
         if crc32fast::hash(&len_bytes) != len_crc || len == 0 || len > MAX_RECORD {
             if torn(at + HEADER) {
-                return Ok(good);
+                return good;
             }
             return Err(bad(at, "record header checksum mismatch"));
         }
         if rest.len() < HEADER + len {
             if is_last {
-                return Ok(good);
+                return good;
             }
             return Err(bad(at, "incomplete record"));
         }
         let payload = &rest[HEADER..HEADER + len];
         if crc32fast::hash(payload) != crc {
             if torn(at + HEADER + len) {
-                return Ok(good);
+                return good;
             }
             return Err(bad(at, "record checksum mismatch"));
         }
         let (body, kind) = (&payload[..len - 1], payload[len - 1]);
+        if records == 1 && kind != HARD_STATE {
+            return Err(bad(at, "the segment's head has no hard state"));
+        }
+        records += 1;
         match kind {
             BASE | RESET => {
                 let (index, term) = decode_point(body).ok_or_else(|| bad(at, "bad log point"))?;
@@ -564,7 +577,8 @@ fn replay_segment(
         at += HEADER + len;
     }
     match base {
-        Some(b) => Ok((b, min_entry, at)),
+        Some(b) if records >= 2 => Ok((b, min_entry, at)),
+        Some(_) => Err(bad(at, "the segment's head is incomplete")),
         None => Err(corrupt(data_dir, format!("{name} holds no base record"))),
     }
 }
@@ -726,6 +740,23 @@ mod tests {
         std::fs::write(&seg, &whole).unwrap();
         let (_, r, _) = Wal::open(dir.path()).unwrap();
         assert_eq!(r.entries.len(), 3);
+    }
+
+    /// A segment cut inside its head (which is durable before the segment exists, so
+    /// only damage does this) is refused, at every offset.
+    #[test]
+    fn a_segment_cut_inside_its_head_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Wal::open(dir.path()).unwrap());
+        let seg = dir.path().join(WAL_DIR).join(segment_name(1));
+        let whole = std::fs::read(&seg).unwrap();
+        for cut in 0..whole.len() {
+            std::fs::write(&seg, &whole[..cut]).unwrap();
+            assert!(
+                matches!(Wal::open(dir.path()), Err(StorageError::Corrupt { .. })),
+                "cut at {cut}"
+            );
+        }
     }
 
     /// A flipped byte anywhere in a segment is refused, never served or dropped.

@@ -94,14 +94,15 @@ pub fn spawn_driver(
         status,
         lessor,
         cfg,
-        next_id: 1,
+        next_id: first_proposal_id(),
         pending: HashMap::new(),
         by_index: HashMap::new(),
         parked: Vec::new(),
         reads_new: Vec::new(),
         reads_inflight: HashMap::new(),
         reads_ready: Vec::new(),
-        read_seq: 0,
+        // Random too: a ReadIndex answer meant for the previous run must not match.
+        read_seq: rand::random(),
         transfers: Vec::new(),
         ticks: 0,
         last_leader: 0,
@@ -135,6 +136,11 @@ pub fn spawn_driver(
                 source: e,
             })
         })
+}
+
+/// Where this process's proposal IDs start: random, never 0 (see `Driver::next_id`).
+fn first_proposal_id() -> u64 {
+    rand::random::<u64>().max(1)
 }
 
 /// A RawNode over `log`, with the state machine at `applied`.
@@ -178,8 +184,11 @@ struct Driver {
     /// Told about every applied grant, revoke and keep-alive.
     lessor: Arc<Lessor>,
     cfg: DriverConfig,
-    /// Sequence for this member's proposals (unique per process; with the proposer ID in
-    /// every entry, a reply never goes to the wrong caller).
+    /// Sequence for this member's proposals. With the proposer ID in every entry, a
+    /// reply goes to the caller whose entry applied. It starts at a random point: after a
+    /// restart the member applies again the entries its previous run proposed (those
+    /// after the keyspace's last durable commit), and a count from 1 would hand their
+    /// results to new callers that got the same IDs.
     next_id: u64,
     pending: HashMap<u64, Reply<Applied>>,
     /// Log index of proposals made while leader, to detect a tail overwritten by a new
@@ -317,8 +326,7 @@ impl Driver {
     fn handle(&mut self, m: DriverMsg) -> Result<bool, DriverError> {
         match m {
             DriverMsg::Propose { request, reply } => {
-                let id = self.next_id;
-                self.next_id += 1;
+                let id = self.take_proposal_id();
                 let data = prost::Message::encode_to_vec(&InternalRequest {
                     proposer: self.cfg.member_id,
                     id,
@@ -361,6 +369,16 @@ impl Driver {
             DriverMsg::Shutdown => return Ok(false),
         }
         Ok(true)
+    }
+
+    fn take_proposal_id(&mut self) -> u64 {
+        let id = self.next_id;
+        // 0 means "no caller waits" in a conf change context.
+        self.next_id = match self.next_id.wrapping_add(1) {
+            0 => 1,
+            n => n,
+        };
+        id
     }
 
     fn transfer_leader(&mut self, target: u64, reply: Reply<()>) {
@@ -439,7 +457,7 @@ impl Driver {
         if self.reads_new.is_empty() || !self.leader_known() {
             return;
         }
-        self.read_seq += 1;
+        self.read_seq = self.read_seq.wrapping_add(1);
         let ctx = self.read_seq;
         self.raw.read_index(ctx.to_be_bytes().to_vec());
         let waiters = std::mem::take(&mut self.reads_new);
@@ -724,8 +742,7 @@ impl Driver {
             MemberChange::Promote(id) => (ConfChangeType::AddNode, id, None, true),
             MemberChange::Remove(id) => (ConfChangeType::RemoveNode, id, None, false),
         };
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.take_proposal_id();
         let ctx = ConfChangeContext {
             proposer: self.cfg.member_id,
             id,

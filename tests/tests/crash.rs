@@ -224,7 +224,10 @@ async fn a_restarted_member_answers_new_writes_with_their_own_results() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let new = burst("new").await;
-    assert!(!new.is_empty(), "no write through the restarted member succeeded");
+    assert!(
+        !new.is_empty(),
+        "no write through the restarted member succeeded"
+    );
     wait_for_leader(&addrs).await;
     let mut cl = etcd_client(addrs[(li + 1) % 3]).await;
     for (key, revision) in old.iter().chain(new.iter()) {

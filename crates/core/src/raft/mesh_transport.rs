@@ -81,7 +81,9 @@ impl MeshTransport {
             channel,
             routes,
             driver,
-            next_msg: Mutex::new(0),
+            // Random start: chunks a receiver still holds from this member's previous
+            // run must not be joined with a new message that reuses their number.
+            next_msg: Mutex::new(rand::random()),
         })
     }
 
@@ -92,7 +94,7 @@ impl MeshTransport {
         let data = m.encode_to_vec();
         let msg_id = {
             let mut n = self.next_msg.lock().unwrap_or_else(|p| p.into_inner());
-            *n += 1;
+            *n = n.wrapping_add(1);
             *n
         };
         let chunks: Vec<&[u8]> = if data.is_empty() {

@@ -648,7 +648,27 @@ pub async fn run(cfg: &ChaosConfig) -> RunReport {
         f
     });
     let addrs = pc.addrs();
-    crate::wait_for_leader(&addrs).await;
+    // As `wait_for_leader`, but a cluster that never elects one shows its members' logs
+    // (a member that could not bind its port, say).
+    let elected = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(l) = crate::agreed_leader(&addrs, 0).await {
+                return l;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if elected.is_err() {
+        let logs: Vec<String> = (0..n)
+            .map(|i| format!("--- p{i}:\n{}", pc.log(i)))
+            .collect();
+        panic!(
+            "CHAOS_SEED={}: no leader all members agree on after 30s\n{}",
+            cfg.seed,
+            logs.join("\n")
+        );
+    }
     let mut peer_names = Vec::new();
     for a in &addrs {
         peer_names.push(

@@ -94,19 +94,23 @@ pub async fn wait_for_leader_other_than(addrs: &[SocketAddr], old: u64) -> u64 {
     eventually(
         "a leader all members agree on",
         Duration::from_secs(30),
-        || async {
-            let mut leader = None;
-            for a in addrs {
-                let s = status(*a).await?;
-                if s.leader() == 0 || s.leader() == old || leader.is_some_and(|l| l != s.leader()) {
-                    return None;
-                }
-                leader = Some(s.leader());
-            }
-            leader
-        },
+        || agreed_leader(addrs, old),
     )
     .await
+}
+
+/// The leader every address names right now, if they all answer and agree (and it is
+/// not `old`).
+pub async fn agreed_leader(addrs: &[SocketAddr], old: u64) -> Option<u64> {
+    let mut leader = None;
+    for a in addrs {
+        let s = status(*a).await?;
+        if s.leader() == 0 || s.leader() == old || leader.is_some_and(|l| l != s.leader()) {
+            return None;
+        }
+        leader = Some(s.leader());
+    }
+    leader
 }
 
 /// Puts with retries across a leader change (only retrying errors that say the write

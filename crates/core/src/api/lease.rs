@@ -268,15 +268,7 @@ async fn connect(
     first: i64,
     token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 ) -> Option<OpenUpstream> {
-    let url = super::client_url_of(&ctx.kv, leader).ok()??;
-    let channel = ctx
-        .dialer
-        .endpoint(&url)
-        .ok()?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .ok()?;
+    let channel = leader_endpoint(ctx, leader).ok()?.connect().await.ok()?;
     let (requests, rx) = mpsc::channel(1);
     requests
         .send(LeaseKeepAliveRequest { id: first })
@@ -357,24 +349,27 @@ async fn replicate_keep_alive(ctx: &ApiContext, id: i64) -> Result<i64, ProposeE
     Err(last)
 }
 
+/// Connect (and, for unary calls, request) timeout towards the leader.
+const LEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The client endpoint `leader` published, with a connect timeout.
+fn leader_endpoint(ctx: &ApiContext, leader: u64) -> Result<tonic::transport::Endpoint, Status> {
+    let no_leader = || Status::unavailable("etcdserver: no leader");
+    if leader == 0 {
+        return Err(no_leader());
+    }
+    let url = super::client_url_of(&ctx.kv, leader)?.ok_or_else(no_leader)?;
+    Ok(ctx.dialer.endpoint(&url)?.connect_timeout(LEADER_TIMEOUT))
+}
+
 /// Asks the leader, through its published client URL.
 async fn forward_time_to_live(
     ctx: &ApiContext,
     r: LeaseTimeToLiveRequest,
     token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 ) -> Result<LeaseTimeToLiveResponse, Status> {
-    let leader = ctx.node.status.leader();
-    let no_leader = || Status::unavailable("etcdserver: no leader");
-    if leader == 0 {
-        return Err(no_leader());
-    }
-    let url = super::client_url_of(&ctx.kv, leader)?.ok_or_else(no_leader)?;
-    let timeout = Duration::from_secs(5);
-    let channel = ctx
-        .dialer
-        .endpoint(&url)?
-        .connect_timeout(timeout)
-        .timeout(timeout)
+    let channel = leader_endpoint(ctx, ctx.node.status.leader())?
+        .timeout(LEADER_TIMEOUT)
         .connect()
         .await
         .map_err(|e| Status::unavailable(format!("cannot reach the leader: {e}")))?;

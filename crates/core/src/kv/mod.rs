@@ -356,6 +356,7 @@ impl KvStore {
         prev_kv: bool,
         limit: usize,
     ) -> Result<Vec<mvccpb::Event>, KvError> {
+        let interval = Interval::new(key, range_end);
         // Only applied revisions are cached: later ones may still come.
         if start <= end
             && end - start < EVENT_CACHE_SPAN
@@ -363,7 +364,6 @@ impl KvStore {
             && end <= self.current_revision()
         {
             let all = self.all_events(start, end)?;
-            let interval = Interval::new(key, range_end);
             let mut out = Vec::new();
             let mut last_main = None;
             for e in all.iter() {
@@ -384,7 +384,7 @@ impl KvStore {
             }
             return Ok(out);
         }
-        self.events_from_store(start, end, &Interval::new(key, range_end), prev_kv, limit)
+        self.events_from_store(start, end, &interval, prev_kv, limit)
     }
 
     /// Every event of revisions `start..=end`, with previous values, from the cache

@@ -659,10 +659,9 @@ fn check_txn_rules() {
     assert!(check_txn(&txn(puts(&["a"]), puts(&["a"])), 8).is_ok());
 }
 
-#[test]
-fn events_replay() {
-    let f = fixture();
-    put(&f.kv, "a", "1"); // 2
+/// Revisions 2..=6: put a; a txn putting a and b; delete a; put a; put z.
+fn write_event_history(kv: &KvStore) {
+    put(kv, "a", "1"); // 2
     let two = pb::TxnRequest {
         success: vec![
             op(Request::RequestPut(put_req("a", "2"))),
@@ -670,10 +669,16 @@ fn events_replay() {
         ],
         ..Default::default()
     };
-    apply(&f.kv, |b| b.txn(&two)).unwrap(); // 3
-    del(&f.kv, "a", ""); // 4
-    put(&f.kv, "a", "3"); // 5
-    put(&f.kv, "z", "1"); // 6
+    apply(kv, |b| b.txn(&two)).unwrap(); // 3
+    del(kv, "a", ""); // 4
+    put(kv, "a", "3"); // 5
+    put(kv, "z", "1"); // 6
+}
+
+#[test]
+fn events_replay() {
+    let f = fixture();
+    write_event_history(&f.kv);
 
     let all = f.kv.events(2, 6, b"a", b"b\0", true, 0).unwrap();
     let summary: Vec<_> = all
@@ -1087,18 +1092,7 @@ fn a_flipped_byte_in_a_history_record_is_reported_not_served() {
 #[test]
 fn cached_events_answer_as_the_store() {
     let f = fixture();
-    put(&f.kv, "a", "1"); // 2
-    let two = pb::TxnRequest {
-        success: vec![
-            op(Request::RequestPut(put_req("a", "2"))),
-            op(Request::RequestPut(put_req("b", "1"))),
-        ],
-        ..Default::default()
-    };
-    apply(&f.kv, |b| b.txn(&two)).unwrap(); // 3
-    del(&f.kv, "a", ""); // 4
-    put(&f.kv, "a", "3"); // 5
-    put(&f.kv, "z", "1"); // 6
+    write_event_history(&f.kv);
     let ranges: [(&[u8], &[u8]); 5] = [
         (b"a", b"b\0"),
         (b"\0", b"\0"),

@@ -533,7 +533,7 @@ fn append_record(
         }
         None => frame,
     };
-    out.extend_from_slice(&wire::with_length_prefix(payload));
+    wire::push_length_prefixed(out, payload);
     inner
         .counters
         .bytes_out

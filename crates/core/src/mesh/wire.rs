@@ -139,9 +139,14 @@ fn check_channel_message(m: &MeshChannelMessage) -> Result<(), WireError> {
 /// Prepends the 4-byte big-endian length.
 pub fn with_length_prefix(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 4);
+    push_length_prefixed(&mut out, payload);
+    out
+}
+
+/// Appends `payload` to `out` after its 4-byte big-endian length.
+pub fn push_length_prefixed(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     out.extend_from_slice(payload);
-    out
 }
 
 /// Reads a length prefix and checks it against `max`.

@@ -281,27 +281,23 @@ fn read_core(db: &super::Db, kv: &KvStore) -> Result<(Wal, Core), StorageError> 
     };
     drop(rtx);
 
+    let legacy = legacy_entries.is_some() || legacy_hs.is_some();
     let (mut wal, mut log, created) = Wal::open(&db.dir())?;
-    if created && (legacy_entries.is_some() || legacy_hs.is_some()) {
+    if created && legacy {
         // An older data dir: its log moves into the new write-ahead log.
-        let entries = legacy_entries.clone().unwrap_or_default();
-        wal.reset(snap_index, snap_term);
-        wal.append(&entries);
-        let hs = legacy_hs.clone().unwrap_or_default();
-        wal.set_hard_state(&hs);
-        wal.sync()?;
         log = Replayed {
             base_index: snap_index,
             base_term: snap_term,
-            entries: entries.into(),
-            hard_state: hs,
+            entries: legacy_entries.unwrap_or_default().into(),
+            hard_state: legacy_hs.unwrap_or_default(),
         };
+        wal.rewrite(&log)?;
         info!(
             entries = log.entries.len(),
             "raft log moved from the database into the write-ahead log"
         );
     }
-    if legacy_entries.is_some() || legacy_hs.is_some() {
+    if legacy {
         let txn = db.begin_write().map_err(db_err)?;
         txn.delete_table(LEGACY_LOG).map_err(db_err)?;
         txn.open_table(STATE)
@@ -326,10 +322,7 @@ fn read_core(db: &super::Db, kv: &KvStore) -> Result<(Wal, Core), StorageError> 
         log.base_term = snap_term;
         log.hard_state.term = log.hard_state.term.max(snap_term);
         log.hard_state.commit = log.hard_state.commit.max(snap_index);
-        wal.reset(snap_index, snap_term);
-        wal.append(&Vec::from(log.entries.clone()));
-        wal.set_hard_state(&log.hard_state);
-        wal.sync()?;
+        wal.rewrite(&log)?;
     }
     core.compacted_index = log.base_index;
     core.compacted_term = log.base_term;
@@ -463,13 +456,19 @@ mod tests {
         }
     }
 
+    /// A fresh data dir with its database and keyspace open.
+    fn fresh() -> (tempfile::TempDir, Arc<crate::storage::Db>, Arc<KvStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::storage::open_database(dir.path()).unwrap();
+        let kv = Arc::new(KvStore::open(db.clone()).unwrap());
+        (dir, db, kv)
+    }
+
     /// What the driver does after a failed write: the mirror ran ahead of the disk,
     /// and reopening plus reloading brings back exactly the durable state, writable.
     #[test]
     fn reload_after_reopen_forgets_what_was_never_made_durable() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::storage::open_database(dir.path()).unwrap();
-        let kv = Arc::new(KvStore::open(db.clone()).unwrap());
+        let (_dir, db, kv) = fresh();
         let log = RaftLog::load(&db, kv.clone()).unwrap();
         log.append(&[entry(1), entry(2)]);
         let hs = HardState {
@@ -503,8 +502,7 @@ mod tests {
     /// with the same entries and hard state, and the old tables are gone.
     #[test]
     fn a_log_kept_in_redb_is_converted() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::storage::open_database(dir.path()).unwrap();
+        let (_dir, db, kv) = fresh();
         let hs = HardState {
             term: 3,
             vote: 2,
@@ -525,7 +523,6 @@ mod tests {
         };
         put_state(&txn, COMPACTED, &point).unwrap();
         txn.commit().unwrap();
-        let kv = Arc::new(KvStore::open(db.clone()).unwrap());
         let mut batch = kv.begin().unwrap();
         batch.set_applied_index(1);
         batch.commit(true).unwrap();
@@ -545,9 +542,7 @@ mod tests {
     /// not: the log restarts at the snapshot.
     #[test]
     fn a_snapshot_without_its_log_reset_is_completed_on_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = crate::storage::open_database(dir.path()).unwrap();
-        let kv = Arc::new(KvStore::open(db.clone()).unwrap());
+        let (_dir, db, kv) = fresh();
         let log = RaftLog::load(&db, kv.clone()).unwrap();
         log.append(&[entry(1), entry(2)]);
         log.sync().unwrap();

@@ -81,8 +81,6 @@ impl Replayed {
 /// The open log: appends go to the last segment.
 pub struct Wal {
     dir: PathBuf,
-    /// The data dir, for error messages.
-    data_dir: PathBuf,
     file: File,
     /// Sequence number of the open segment.
     seq: u64,
@@ -208,7 +206,6 @@ impl Wal {
             .map_err(io(&path))?;
         let wal = Wal {
             dir,
-            data_dir: data_dir.to_path_buf(),
             file,
             seq,
             len: open_len,
@@ -227,33 +224,36 @@ impl Wal {
             seg.min_entry = seg.min_entry.min(first.index);
         }
         for e in ents {
-            let at = self.start_record();
-            e.encode(&mut self.buf).expect("vec has capacity");
-            self.finish_record(at, ENTRY);
+            push_record(&mut self.buf, ENTRY, |b| {
+                e.encode(b).expect("vec has capacity")
+            });
             self.last = (e.index, e.term);
         }
     }
 
     /// Buffers a hard state.
     pub fn set_hard_state(&mut self, hs: &HardState) {
-        let at = self.start_record();
-        hs.encode(&mut self.buf).expect("vec has capacity");
-        self.finish_record(at, HARD_STATE);
+        push_record(&mut self.buf, HARD_STATE, |b| {
+            hs.encode(b).expect("vec has capacity")
+        });
         self.hard_state = hs.clone();
     }
 
     /// Buffers a reset: the log is empty after `index` (an installed snapshot).
     pub fn reset(&mut self, index: u64, term: u64) {
-        let at = self.start_record();
-        self.buf.extend_from_slice(&index.to_le_bytes());
-        self.buf.extend_from_slice(&term.to_le_bytes());
-        self.finish_record(at, RESET);
+        push_record(&mut self.buf, RESET, |b| push_point(b, (index, term)));
         self.last = (index, term);
     }
 
-    /// Whether records wait to be written.
-    pub fn dirty(&self) -> bool {
-        !self.buf.is_empty()
+    /// Makes `log` the whole durable log: a reset to its base, its entries and its hard
+    /// state, synced.
+    pub fn rewrite(&mut self, log: &Replayed) -> Result<(), StorageError> {
+        self.reset(log.base_index, log.base_term);
+        let (front, back) = log.entries.as_slices();
+        self.append(front);
+        self.append(back);
+        self.set_hard_state(&log.hard_state);
+        self.sync()
     }
 
     /// Writes what is buffered and waits until it is durable (fdatasync). Starts a new
@@ -280,14 +280,14 @@ impl Wal {
 
     fn rotate(&mut self) -> Result<(), StorageError> {
         let seq = self.seq + 1;
-        let path = write_segment(&self.dir, seq, self.last, &self.hard_state)?;
+        let (path, head_len) = write_segment(&self.dir, seq, self.last, &self.hard_state)?;
         sync_dir(&self.dir)?;
         self.file = OpenOptions::new()
             .append(true)
             .open(&path)
             .map_err(|source| StorageError::Io { path, source })?;
         self.seq = seq;
-        self.len = segment_head_len(&self.hard_state);
+        self.len = head_len;
         self.synced = self.len;
         self.segments.push_back(Segment {
             seq,
@@ -351,27 +351,6 @@ impl Wal {
             .sum();
         (self.segments.len(), bytes)
     }
-
-    fn start_record(&mut self) -> usize {
-        let at = self.buf.len();
-        self.buf.extend_from_slice(&[0u8; HEADER]);
-        at
-    }
-
-    fn finish_record(&mut self, at: usize, kind: u8) {
-        self.buf.push(kind);
-        let len = (self.buf.len() - at - HEADER) as u32;
-        let len_bytes = len.to_le_bytes();
-        let crc = crc32fast::hash(&self.buf[at + HEADER..]);
-        self.buf[at..at + 4].copy_from_slice(&len_bytes);
-        self.buf[at + 4..at + 8].copy_from_slice(&crc32fast::hash(&len_bytes).to_le_bytes());
-        self.buf[at + 8..at + 12].copy_from_slice(&crc.to_le_bytes());
-    }
-
-    /// The data dir this log belongs to.
-    pub fn data_dir(&self) -> &Path {
-        &self.data_dir
-    }
 }
 
 fn corrupt(data_dir: &Path, detail: String) -> StorageError {
@@ -381,49 +360,54 @@ fn corrupt(data_dir: &Path, detail: String) -> StorageError {
     }
 }
 
-fn encode_record(out: &mut Vec<u8>, kind: u8, body: &[u8]) {
-    let len = (body.len() + 1) as u32;
-    let mut payload = Vec::with_capacity(body.len() + 1);
-    payload.extend_from_slice(body);
-    payload.push(kind);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&len.to_le_bytes()).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+/// Appends one record to `out`: the header, then the body `body` writes, then `kind`.
+fn push_record(out: &mut Vec<u8>, kind: u8, body: impl FnOnce(&mut Vec<u8>)) {
+    let at = out.len();
+    out.extend_from_slice(&[0u8; HEADER]);
+    body(out);
+    out.push(kind);
+    let len_bytes = ((out.len() - at - HEADER) as u32).to_le_bytes();
+    let crc = crc32fast::hash(&out[at + HEADER..]);
+    out[at..at + 4].copy_from_slice(&len_bytes);
+    out[at + 4..at + 8].copy_from_slice(&crc32fast::hash(&len_bytes).to_le_bytes());
+    out[at + 8..at + 12].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The body of a `BASE` or `RESET` record (read back by [`decode_point`]).
+fn push_point(out: &mut Vec<u8>, (index, term): (u64, u64)) {
+    out.extend_from_slice(&index.to_le_bytes());
+    out.extend_from_slice(&term.to_le_bytes());
 }
 
 fn segment_head(last: (u64, u64), hs: &HardState) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
-    let mut base = last.0.to_le_bytes().to_vec();
-    base.extend_from_slice(&last.1.to_le_bytes());
-    encode_record(&mut out, BASE, &base);
-    encode_record(&mut out, HARD_STATE, &hs.encode_to_vec());
+    push_record(&mut out, BASE, |b| push_point(b, last));
+    push_record(&mut out, HARD_STATE, |b| {
+        hs.encode(b).expect("vec has capacity")
+    });
     out
 }
 
-fn segment_head_len(hs: &HardState) -> u64 {
-    segment_head((0, 0), hs).len() as u64
-}
-
 /// Writes segment `seq` starting after `last` with hard state `hs`, durable, under a
-/// temporary name renamed into place. Returns its path.
+/// temporary name renamed into place. Returns its path and length.
 fn write_segment(
     dir: &Path,
     seq: u64,
     last: (u64, u64),
     hs: &HardState,
-) -> Result<PathBuf, StorageError> {
+) -> Result<(PathBuf, u64), StorageError> {
     let path = dir.join(segment_name(seq));
     let tmp = dir.join(format!("{}.tmp", segment_name(seq)));
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| StorageError::Io { path: p, source }
     };
+    let head = segment_head(last, hs);
     let mut f = File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(&segment_head(last, hs)).map_err(io(&tmp))?;
+    f.write_all(&head).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
-    Ok(path)
+    Ok((path, head.len() as u64))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StorageError> {

@@ -1,4 +1,4 @@
-//! Executing one request (Put, DeleteRange, Range, Txn) against a view of the tables
+//! Executing one request (Put, DeleteRange, Range, Txn) against a view of the store
 //! plus an in-memory overlay of the request's own writes. Nothing touches the tables
 //! here: the caller flushes the collected changes only if the whole request succeeded,
 //! which is what makes a failed request change nothing.
@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use redb::ReadableTable;
 
-use super::range::{header, scan_history, scan_latest, shape_range, HistoryKey, Interval};
+use super::index::View;
+use super::range::{header, shape_range, Interval};
 use super::KvError;
 use crate::proto::etcdserverpb as pb;
 use crate::proto::mvccpb::KeyValue;
@@ -36,9 +37,8 @@ impl<T: ReadableTable<i64, i64>> LeaseLookup for T {
     }
 }
 
-pub(crate) struct Exec<'t, L, H> {
-    latest: &'t L,
-    history: &'t H,
+pub(crate) struct Exec<'t, R> {
+    view: View<'t, R>,
     /// The lease table; None for read-only execution (which refuses every write).
     leases: Option<&'t dyn LeaseLookup>,
     /// Revision of the tables before this request.
@@ -51,22 +51,19 @@ pub(crate) struct Exec<'t, L, H> {
     changes: Vec<Change>,
 }
 
-impl<'t, L, H> Exec<'t, L, H>
+impl<'t, R> Exec<'t, R>
 where
-    L: ReadableTable<&'static [u8], &'static [u8]>,
-    H: ReadableTable<HistoryKey<'static>, &'static [u8]>,
+    R: ReadableTable<(i64, i64), &'static [u8]>,
 {
     pub(crate) fn new(
-        latest: &'t L,
-        history: &'t H,
+        view: View<'t, R>,
         leases: Option<&'t dyn LeaseLookup>,
         base_revision: i64,
         compact_revision: i64,
         writable: bool,
     ) -> Self {
         Exec {
-            latest,
-            history,
+            view,
             leases,
             base_revision,
             compact_revision,
@@ -118,15 +115,12 @@ where
         if let Some(state) = self.overlay.get(key) {
             return Ok(state.clone());
         }
-        match self.latest.get(key)? {
-            Some(v) => Ok(Some(super::tables::decode_kv(v.value())?)),
-            None => Ok(None),
-        }
+        self.view.get(key)
     }
 
     /// The current keys in `interval`, including this request's writes, in key order.
     fn current(&self, interval: &Interval) -> Result<Vec<KeyValue>, KvError> {
-        let stored = scan_latest(self.latest, interval)?;
+        let stored = self.view.scan(interval, i64::MAX)?;
         if self.overlay.is_empty() {
             return Ok(stored);
         }
@@ -156,7 +150,7 @@ where
             });
         }
         // rev < current ≤ base + 1: this request's writes are not visible there.
-        Ok((scan_history(self.history, interval, rev)?, current))
+        Ok((self.view.scan(interval, rev)?, current))
     }
 
     pub(crate) fn range(&self, req: &pb::RangeRequest) -> Result<pb::RangeResponse, KvError> {

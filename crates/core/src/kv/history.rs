@@ -1,28 +1,25 @@
 //! Work on the MVCC history as a whole: applying a request's changes, compaction,
 //! watch replay (`events`), the consistency hash, and snapshot export/import; every
 //! write also keeps the lease → key attachments in step.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use redb::{ReadableTable, Table};
 
 use super::exec::Change;
-use super::range::{HistoryKey, Interval};
-use super::tables::{decode_record, encode_kv, encode_record, is_tombstone, Record};
+use super::index::View;
+use super::range::Interval;
+use super::tables::{decode_record, encode_record, Record};
 use super::KvError;
 use crate::proto::meshpb::{HistoryRecord, StoreSnapshot};
-use crate::proto::mvccpb::{event::EventType, Event, KeyValue};
+use crate::proto::mvccpb::{event::EventType, Event};
 
-pub(crate) type LatestTable<'txn> = Table<'txn, &'static [u8], &'static [u8]>;
-pub(crate) type HistoryTable<'txn> = Table<'txn, HistoryKey<'static>, &'static [u8]>;
-pub(crate) type RevlogTable<'txn> = Table<'txn, (i64, i64), &'static [u8]>;
+pub(crate) type RevsTable<'txn> = Table<'txn, (i64, i64), &'static [u8]>;
 pub(crate) type LeaseTable<'txn> = Table<'txn, i64, i64>;
 pub(crate) type LeaseKeysTable<'txn> = Table<'txn, (i64, &'static [u8]), ()>;
 
 /// The keyspace tables of one write transaction.
 pub(crate) struct WriteTables<'txn> {
-    pub latest: LatestTable<'txn>,
-    pub history: HistoryTable<'txn>,
-    pub revlog: RevlogTable<'txn>,
+    pub revs: RevsTable<'txn>,
     pub leases: LeaseTable<'txn>,
     pub lease_keys: LeaseKeysTable<'txn>,
 }
@@ -30,99 +27,47 @@ pub(crate) struct WriteTables<'txn> {
 impl<'txn> WriteTables<'txn> {
     pub(crate) fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, KvError> {
         Ok(WriteTables {
-            latest: txn.open_table(super::tables::LATEST)?,
-            history: txn.open_table(super::tables::HISTORY)?,
-            revlog: txn.open_table(super::tables::REVLOG)?,
+            revs: txn.open_table(super::tables::REVS)?,
             leases: txn.open_table(super::tables::LEASES)?,
             lease_keys: txn.open_table(super::tables::LEASE_KEYS)?,
         })
     }
 
-    /// Write one history record and its revlog entry, and update the live key, whose
-    /// live version had lease `old_lease` (0: none or no live version).
-    fn put_record(
-        &mut self,
-        main: i64,
-        sub: i64,
-        tombstone: bool,
-        kv: &KeyValue,
-        old_lease: i64,
-    ) -> Result<(), KvError> {
-        let key = kv.key.as_slice();
-        self.history
-            .insert((key, main, sub), encode_record(tombstone, kv).as_slice())?;
-        self.revlog.insert((main, sub), key)?;
-        let new_lease = if tombstone { 0 } else { kv.lease };
-        if old_lease != new_lease {
-            if old_lease != 0 {
-                self.lease_keys.remove((old_lease, key))?;
-            }
-            if new_lease != 0 {
-                self.lease_keys.insert((new_lease, key), ())?;
-            }
-        }
-        if tombstone {
-            self.latest.remove(key)?;
-        } else {
-            self.latest.insert(key, encode_kv(kv).as_slice())?;
-        }
-        Ok(())
-    }
-
-    /// Store the changes of one request at main revision `main`, subs 0, 1, 2, …
+    /// Store the changes of one request at main revision `main`, subs 0, 1, 2, …, and
+    /// keep the lease attachments in step (the key index is the caller's).
     pub(crate) fn apply(&mut self, main: i64, changes: &[Change]) -> Result<(), KvError> {
         for (sub, change) in changes.iter().enumerate() {
-            self.put_record(
-                main,
-                sub as i64,
-                change.tombstone,
-                &change.kv,
-                change.prev_lease,
+            let kv = &change.kv;
+            self.revs.insert(
+                (main, sub as i64),
+                encode_record(change.tombstone, kv).as_slice(),
             )?;
-        }
-        Ok(())
-    }
-
-    /// Keep each key's latest version ≤ `rev` (unless it is a tombstone) and remove
-    /// every older one; drop revlog entries below `rev`.
-    pub(crate) fn compact(&mut self, rev: i64) -> Result<(), KvError> {
-        // Keys with no revlog entry ≤ rev were last changed before the previous
-        // compaction, which already reduced them to one kept version.
-        let mut keys = BTreeSet::new();
-        for entry in self.revlog.range::<(i64, i64)>(..=(rev, i64::MAX))? {
-            keys.insert(entry?.1.value().to_vec());
-        }
-        for key in keys {
-            let k = key.as_slice();
-            let mut versions = Vec::new();
-            for entry in self
-                .history
-                .range::<HistoryKey<'_>>((k, i64::MIN, i64::MIN)..=(k, rev, i64::MAX))?
-            {
-                let (hk, value) = entry?;
-                let (_, main, sub) = hk.value();
-                versions.push((main, sub, is_tombstone(value.value())));
-            }
-            let keep = match versions.last() {
-                Some(&(main, sub, false)) => Some((main, sub)),
-                _ => None,
-            };
-            for (main, sub, _) in versions {
-                if Some((main, sub)) != keep {
-                    self.history.remove((k, main, sub))?;
+            let key = kv.key.as_slice();
+            let old_lease = change.prev_lease;
+            let new_lease = if change.tombstone { 0 } else { kv.lease };
+            if old_lease != new_lease {
+                if old_lease != 0 {
+                    self.lease_keys.remove((old_lease, key))?;
+                }
+                if new_lease != 0 {
+                    self.lease_keys.insert((new_lease, key), ())?;
                 }
             }
         }
-        self.revlog
-            .retain_in::<(i64, i64), _>(..(rev, i64::MIN), |_, _| false)?;
+        Ok(())
+    }
+
+    /// Remove the records a compaction drops (`KeyIndex::compacted`).
+    pub(crate) fn compact(&mut self, dropped: &[(i64, i64)]) -> Result<(), KvError> {
+        for &rev in dropped {
+            self.revs.remove(rev)?;
+        }
         Ok(())
     }
 
     /// Replace the keyspace and the leases with a snapshot's.
     pub(crate) fn restore(&mut self, snap: &StoreSnapshot) -> Result<(), KvError> {
-        self.latest.retain(|_, _| false)?;
-        self.history.retain(|_, _| false)?;
-        self.revlog.retain(|_, _| false)?;
+        self.revs.retain(|_, _| false)?;
         self.leases.retain(|_, _| false)?;
         self.lease_keys.retain(|_, _| false)?;
         for lease in &snap.leases {
@@ -130,15 +75,10 @@ impl<'txn> WriteTables<'txn> {
         }
         for record in &snap.history {
             let kv = record.kv.clone().unwrap_or_default();
-            let key = kv.key.as_slice();
-            self.history.insert(
-                (key, record.main, record.sub),
+            self.revs.insert(
+                (record.main, record.sub),
                 encode_record(record.tombstone, &kv).as_slice(),
             )?;
-            // The source dropped revlog entries below its compact revision.
-            if record.main >= snap.compact_revision {
-                self.revlog.insert((record.main, record.sub), key)?;
-            }
         }
         // A key is live if its newest record is a put.
         let mut newest: BTreeMap<&[u8], &HistoryRecord> = BTreeMap::new();
@@ -150,12 +90,8 @@ impl<'txn> WriteTables<'txn> {
             }
         }
         for record in newest.into_values().filter(|r| !r.tombstone) {
-            if let Some(kv) = &record.kv {
-                self.latest
-                    .insert(kv.key.as_slice(), encode_kv(kv).as_slice())?;
-                if kv.lease != 0 {
-                    self.lease_keys.insert((kv.lease, kv.key.as_slice()), ())?;
-                }
+            if let Some(kv) = record.kv.as_ref().filter(|kv| kv.lease != 0) {
+                self.lease_keys.insert((kv.lease, kv.key.as_slice()), ())?;
             }
         }
         Ok(())
@@ -163,9 +99,9 @@ impl<'txn> WriteTables<'txn> {
 }
 
 /// Watch replay: see [`super::KvStore::events`].
-pub(crate) fn events<R, H>(
-    revlog: &R,
-    history: &H,
+pub(crate) fn events<R>(
+    view: &View<'_, R>,
+    revs: &R,
     (start, end): (i64, i64),
     interval: &Interval,
     prev_kv: bool,
@@ -173,30 +109,25 @@ pub(crate) fn events<R, H>(
 ) -> Result<Vec<Event>, KvError>
 where
     R: ReadableTable<(i64, i64), &'static [u8]>,
-    H: ReadableTable<HistoryKey<'static>, &'static [u8]>,
 {
     let mut out = Vec::new();
     if end < start {
         return Ok(out);
     }
     let mut last_main = None;
-    for entry in revlog.range::<(i64, i64)>((start, i64::MIN)..=(end, i64::MAX))? {
-        let (rk, key) = entry?;
+    for entry in revs.range::<(i64, i64)>((start, i64::MIN)..=(end, i64::MAX))? {
+        let (rk, raw) = entry?;
         let (main, sub) = rk.value();
-        let key = key.value();
         // Whole revisions only: stop at the first revision past the limit.
         if limit > 0 && out.len() >= limit && last_main != Some(main) {
             break;
         }
-        if !interval.contains(key) {
+        let record = decode_record(raw.value())?;
+        if !interval.contains(&record.kv.key) {
             continue;
         }
-        let Some(raw) = history.get((key, main, sub))? else {
-            continue;
-        };
-        let record = decode_record(raw.value())?;
         let prev_kv = if prev_kv {
-            previous_version(history, key, main, sub)?
+            view.previous(&record.kv.key, main, sub)?
         } else {
             None
         };
@@ -214,59 +145,42 @@ where
     Ok(out)
 }
 
-/// The version of `key` just before (main, sub), if it exists and is not a tombstone.
-fn previous_version<H>(
-    history: &H,
-    key: &[u8],
-    main: i64,
-    sub: i64,
-) -> Result<Option<KeyValue>, KvError>
+/// crc32 over every record with main ≤ `rev`, in revision order.
+pub(crate) fn hash<R>(revs: &R, rev: i64) -> Result<u32, KvError>
 where
-    H: ReadableTable<HistoryKey<'static>, &'static [u8]>,
-{
-    let before = history
-        .range::<HistoryKey<'_>>((key, i64::MIN, i64::MIN)..(key, main, sub))?
-        .next_back()
-        .transpose()?;
-    match before {
-        Some((_, raw)) => {
-            let Record { tombstone, kv } = decode_record(raw.value())?;
-            Ok((!tombstone).then_some(kv))
-        }
-        None => Ok(None),
-    }
-}
-
-/// crc32 over every history record with main ≤ `rev`, in key order.
-pub(crate) fn hash<H>(history: &H, rev: i64) -> Result<u32, KvError>
-where
-    H: ReadableTable<HistoryKey<'static>, &'static [u8]>,
+    R: ReadableTable<(i64, i64), &'static [u8]>,
 {
     let mut hasher = KvHasher::default();
-    for entry in history.range::<HistoryKey<'_>>(..)? {
-        let (hk, raw) = entry?;
-        let (key, main, sub) = hk.value();
-        if main > rev {
-            continue;
-        }
+    for entry in revs.range::<(i64, i64)>(..=(rev, i64::MAX))? {
+        let (rk, raw) = entry?;
+        let (main, sub) = rk.value();
         let record = decode_record(raw.value())?;
-        hasher.record(key, main, sub, record.tombstone, &record.kv.value);
+        hasher.record(
+            &record.kv.key,
+            main,
+            sub,
+            record.tombstone,
+            &record.kv.value,
+        );
     }
     Ok(hasher.finish())
 }
 
 /// The HashKV of a snapshot's history at its own revision: equal to what the source
-/// member answered for HashKV at that revision (records come in the same key order).
+/// member answered for HashKV at that revision. Records are hashed in revision order
+/// (snapshots written before `kv_revs` list them in key order).
 pub(crate) fn hash_records(records: &[HistoryRecord], rev: i64) -> u32 {
+    let mut ordered: Vec<&HistoryRecord> = records.iter().filter(|r| r.main <= rev).collect();
+    ordered.sort_by_key(|r| (r.main, r.sub));
     let mut hasher = KvHasher::default();
-    for r in records.iter().filter(|r| r.main <= rev) {
+    for r in ordered {
         let kv = r.kv.clone().unwrap_or_default();
         hasher.record(&kv.key, r.main, r.sub, r.tombstone, &kv.value);
     }
     hasher.finish()
 }
 
-/// The HashKV checksum: crc32 over history records fed in key order.
+/// The HashKV checksum: crc32 over history records fed in revision order.
 #[derive(Default)]
 pub(crate) struct KvHasher(crc32fast::Hasher);
 
@@ -301,15 +215,15 @@ impl KvHasher {
     }
 }
 
-/// Every history record, for a snapshot.
-pub(crate) fn export<H>(history: &H) -> Result<Vec<HistoryRecord>, KvError>
+/// Every record, in revision order, for a snapshot.
+pub(crate) fn export<R>(revs: &R) -> Result<Vec<HistoryRecord>, KvError>
 where
-    H: ReadableTable<HistoryKey<'static>, &'static [u8]>,
+    R: ReadableTable<(i64, i64), &'static [u8]>,
 {
     let mut out = Vec::new();
-    for entry in history.range::<HistoryKey<'_>>(..)? {
-        let (hk, raw) = entry?;
-        let (_, main, sub) = hk.value();
+    for entry in revs.range::<(i64, i64)>(..)? {
+        let (rk, raw) = entry?;
+        let (main, sub) = rk.value();
         let Record { tombstone, kv } = decode_record(raw.value())?;
         out.push(HistoryRecord {
             main,

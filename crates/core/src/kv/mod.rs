@@ -4,8 +4,12 @@
 //! applies committed entries through one `ApplyBatch` (a redb write transaction) at a
 //! time and commits it together with the applied index.
 //!
+//! As in etcd, records are stored by revision (`kv_revs`) and an index in memory maps
+//! each key to its revisions, so a write appends instead of rewriting random pages.
+//!
 //! Layout:
 //! - `tables`: table definitions, record encoding, meta counters
+//! - `index`: the in-memory key index and the view a read or a batch has of the store
 //! - `range`: key intervals, live and historical scans, shaping Range results
 //! - `exec`: executing Put / DeleteRange / Range / Txn over an overlay of the request's own writes
 //! - `history`: applying changes, compaction, watch replay, hash, snapshot export/import
@@ -13,10 +17,10 @@
 //! - `lease`: the replicated lease table (grant, revoke with its keys, lookups)
 //! - `auth`: the replicated auth store (users, roles, permissions) and simple tokens
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use prost::Message;
-use redb::{Durability, ReadableTable};
+use redb::{Durability, ReadableTable, TableHandle};
 
 use crate::proto::etcdserverpb as pb;
 use crate::proto::meshpb::{MemberRecord, StoreSnapshot};
@@ -27,6 +31,7 @@ mod auth;
 mod check;
 mod exec;
 mod history;
+mod index;
 mod lease;
 mod range;
 mod tables;
@@ -38,9 +43,10 @@ pub use check::{check_txn, is_read_only, validate_delete_range, validate_put, va
 pub use lease::MAX_LEASE_TTL;
 
 use exec::Exec;
-use history::{HistoryTable, LatestTable, WriteTables};
+use history::{RevsTable, WriteTables};
+use index::{KeyIndex, Version, View};
 use range::Interval;
-use tables::{Meta, ALARMS, HISTORY, LATEST, MEMBERS, META, REVLOG};
+use tables::{Meta, ALARMS, MEMBERS, META, REVS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
@@ -100,6 +106,10 @@ pub enum KvError {
     /// `txn_read` was given a Txn that may write.
     #[error("kv: txn_read given a txn that writes")]
     WriteInReadOnlyTxn,
+    /// A read's snapshot and the key index disagreed (a compaction or a restore was
+    /// being committed): the read starts over and callers never see this.
+    #[error("kv: the key index changed during a read")]
+    Stale,
 
     // -- auth (etcd's texts) --
     /// Auth enable without a `root` user.
@@ -190,6 +200,8 @@ pub struct KvStore {
     tokens: auth::Tokens,
     /// The newest revisions' events, shared by the watchers that ask for them.
     recent_events: std::sync::Mutex<EventCache>,
+    /// Every kept version of every key (see `index`).
+    index: RwLock<KeyIndex>,
 }
 
 /// Spans of revisions whose events (every key, with previous values) were read for
@@ -205,6 +217,35 @@ struct EventCache {
 
 type SharedEvents = Arc<Vec<mvccpb::Event>>;
 
+/// Removes from the index the versions a dropped batch added.
+struct IndexRollback<'a> {
+    index: &'a RwLock<KeyIndex>,
+    /// The committed revision the batch started from.
+    base_revision: i64,
+    keys: Vec<Vec<u8>>,
+}
+
+impl Drop for IndexRollback<'_> {
+    fn drop(&mut self) {
+        if !self.keys.is_empty() {
+            write_index(self.index).rollback(&self.keys, self.base_revision);
+        }
+    }
+}
+
+enum IndexEffect {
+    Compact(i64),
+    Replace(KeyIndex),
+}
+
+fn write_index(index: &RwLock<KeyIndex>) -> std::sync::RwLockWriteGuard<'_, KeyIndex> {
+    index.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How many times a read starts over on `KvError::Stale` before it gives up: the
+/// window it waits out is one commit's index update.
+const STALE_RETRIES: u32 = 10_000;
+
 /// Only spans this short are cached (live delivery, not replay of history).
 const EVENT_CACHE_SPAN: i64 = 64;
 const EVENT_CACHE_SPANS: usize = 8;
@@ -213,6 +254,13 @@ const EVENT_CACHE_SPANS: usize = 8;
 pub struct ApplyBatch<'a> {
     store: &'a KvStore,
     txn: redb::WriteTransaction,
+    /// The versions this batch added to the key index, taken back if it is dropped.
+    added: IndexRollback<'a>,
+    /// Index changes that must wait for the commit: older snapshots still need what
+    /// they remove.
+    index_effects: Vec<IndexEffect>,
+    /// A snapshot was restored: the index no longer describes this batch's tables.
+    restored: bool,
     /// The counters as this batch has changed them, written to `kv_meta` on commit.
     meta: Meta,
     /// Whether a NOSPACE alarm is active, as of this batch's own changes.
@@ -226,6 +274,7 @@ pub struct ApplyBatch<'a> {
 impl KvStore {
     pub fn open(db: Arc<Db>) -> Result<KvStore, KvError> {
         create_tables(&db)?;
+        convert_legacy_layout(&db)?;
         let (revision_tx, _) = tokio::sync::watch::channel(0);
         let store = KvStore {
             db,
@@ -237,12 +286,13 @@ impl KvStore {
             auth: std::sync::RwLock::new(Arc::new(AuthState::default())),
             tokens: auth::Tokens::default(),
             recent_events: Default::default(),
+            index: RwLock::new(KeyIndex::default()),
         };
         store.reload()?;
         Ok(store)
     }
 
-    /// Re-reads the counters, alarms and auth store from the database, after it was
+    /// Re-reads the counters, alarms, auth store and key index from the database, after it was
     /// reopened from disk: commits made since the last durable one are gone, and the
     /// driver applies those entries again. Watchers keep their own next revision, so
     /// the revision going back and forward again sends no event twice.
@@ -252,6 +302,7 @@ impl KvStore {
         let meta = Meta::load(&txn.open_table(META)?)?;
         let nospace = nospace_active(&txn.open_table(ALARMS)?)?;
         let auth = AuthState::from_snapshot(&auth::load(&txn.open_table(auth::AUTH)?)?);
+        *write_index(&self.index) = KeyIndex::load(&txn.open_table(REVS)?, meta.index_epoch)?;
         self.applied_index
             .store(meta.applied_index, Ordering::Release);
         self.current_revision
@@ -306,6 +357,13 @@ impl KvStore {
         Ok(ApplyBatch {
             store: self,
             txn,
+            added: IndexRollback {
+                index: &self.index,
+                base_revision: meta.current_revision,
+                keys: Vec::new(),
+            },
+            index_effects: Vec::new(),
+            restored: false,
             meta,
             nospace,
             auth_changed: false,
@@ -313,24 +371,43 @@ impl KvStore {
         })
     }
 
+    /// Run `f` on one consistent read transaction, starting over while the key
+    /// index is being brought in step with a commit.
+    fn snapshot_read<T>(
+        &self,
+        f: impl Fn(View<'_, ReadRevs>, &ReadRevs, &Meta) -> Result<T, KvError>,
+    ) -> Result<T, KvError> {
+        for attempt in 0..STALE_RETRIES {
+            let txn = self.db.begin_read()?;
+            let meta = Meta::load(&txn.open_table(META)?)?;
+            let revs = txn.open_table(REVS)?;
+            let view = View::snapshot(&revs, &self.index, meta.current_revision, meta.index_epoch);
+            match f(view, &revs, &meta) {
+                Err(KvError::Stale) if attempt < 100 => std::thread::yield_now(),
+                Err(KvError::Stale) => std::thread::sleep(std::time::Duration::from_millis(1)),
+                done => return done,
+            }
+        }
+        Err(KvError::Storage(
+            "the key index stayed out of step with the store".into(),
+        ))
+    }
+
     /// Run a read-only request against one consistent read transaction.
     fn read<T>(
         &self,
-        f: impl FnOnce(&mut Exec<'_, ReadLatest, ReadHistory>) -> Result<T, KvError>,
+        f: impl Fn(&mut Exec<'_, ReadRevs>) -> Result<T, KvError>,
     ) -> Result<T, KvError> {
-        let txn = self.db.begin_read()?;
-        let meta = Meta::load(&txn.open_table(META)?)?;
-        let latest = txn.open_table(LATEST)?;
-        let history = txn.open_table(HISTORY)?;
-        let mut exec = Exec::new(
-            &latest,
-            &history,
-            None,
-            meta.current_revision,
-            meta.compact_revision,
-            false,
-        );
-        f(&mut exec)
+        self.snapshot_read(|view, _, meta| {
+            let mut exec = Exec::new(
+                view,
+                None,
+                meta.current_revision,
+                meta.compact_revision,
+                false,
+            );
+            f(&mut exec)
+        })
     }
 
     pub fn range(&self, req: &pb::RangeRequest) -> Result<pb::RangeResponse, KvError> {
@@ -421,21 +498,14 @@ impl KvStore {
         prev_kv: bool,
         limit: usize,
     ) -> Result<Vec<mvccpb::Event>, KvError> {
-        let txn = self.db.begin_read()?;
-        let meta = Meta::load(&txn.open_table(META)?)?;
-        if start < meta.compact_revision {
-            return Err(KvError::Compacted {
-                compact_revision: meta.compact_revision,
-            });
-        }
-        history::events(
-            &txn.open_table(REVLOG)?,
-            &txn.open_table(HISTORY)?,
-            (start, end),
-            interval,
-            prev_kv,
-            limit,
-        )
+        self.snapshot_read(|view, revs, meta| {
+            if start < meta.compact_revision {
+                return Err(KvError::Compacted {
+                    compact_revision: meta.compact_revision,
+                });
+            }
+            history::events(&view, revs, (start, end), interval, prev_kv, limit)
+        })
     }
 
     pub fn members(&self) -> Result<Vec<MemberRecord>, KvError> {
@@ -450,7 +520,7 @@ impl KvStore {
         let snap = StoreSnapshot {
             revision: meta.current_revision,
             compact_revision: meta.compact_revision,
-            history: history::export(&txn.open_table(HISTORY)?)?,
+            history: history::export(&txn.open_table(REVS)?)?,
             members: read_members(&txn.open_table(MEMBERS)?)?,
             alarms: read_alarms(&txn.open_table(ALARMS)?)?,
             leases: lease::export(&txn.open_table(tables::LEASES)?)?,
@@ -472,7 +542,7 @@ impl KvStore {
                 compact_revision: meta.compact_revision,
             });
         }
-        let hash = history::hash(&txn.open_table(HISTORY)?, rev)?;
+        let hash = history::hash(&txn.open_table(REVS)?, rev)?;
         Ok((hash, meta.compact_revision, rev))
     }
 
@@ -493,14 +563,17 @@ impl KvStore {
         let txn = self.db.begin_read()?;
         let meta = Meta::load(&txn.open_table(META)?)?;
         let mut hasher = history::KvHasher::default();
-        for entry in txn
-            .open_table(HISTORY)?
-            .range::<range::HistoryKey<'_>>(..)?
-        {
-            let (hk, raw) = entry?;
-            let (key, main, sub) = hk.value();
+        for entry in txn.open_table(REVS)?.range::<(i64, i64)>(..)? {
+            let (rk, raw) = entry?;
+            let (main, sub) = rk.value();
             let record = tables::decode_record(raw.value())?;
-            hasher.record(key, main, sub, record.tombstone, &record.kv.value);
+            hasher.record(
+                &record.kv.key,
+                main,
+                sub,
+                record.tombstone,
+                &record.kv.value,
+            );
         }
         hasher.extra(&meta.current_revision.to_le_bytes());
         hasher.extra(&meta.compact_revision.to_le_bytes());
@@ -529,19 +602,22 @@ impl SnapshotSummary {
         let mut live = std::collections::BTreeMap::new();
         for r in &snap.history {
             let key = r.kv.as_ref().map_or(&[][..], |kv| kv.key.as_slice());
-            // History comes in key order, versions oldest first: the last one wins.
-            live.insert(key, !r.tombstone);
+            // Each key's newest version decides (snapshots list a key's versions
+            // oldest first, in key or in revision order).
+            let slot = live.entry(key).or_insert((r.main, r.sub, !r.tombstone));
+            if (r.main, r.sub) > (slot.0, slot.1) {
+                *slot = (r.main, r.sub, !r.tombstone);
+            }
         }
         SnapshotSummary {
             hash: history::hash_records(&snap.history, snap.revision),
             revision: snap.revision,
-            total_keys: live.values().filter(|l| **l).count(),
+            total_keys: live.values().filter(|l| l.2).count(),
         }
     }
 }
 
-type ReadLatest = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
-type ReadHistory = redb::ReadOnlyTable<range::HistoryKey<'static>, &'static [u8]>;
+type ReadRevs = redb::ReadOnlyTable<(i64, i64), &'static [u8]>;
 
 fn read_members<T: ReadableTable<u64, &'static [u8]>>(
     table: &T,
@@ -567,9 +643,7 @@ fn read_alarms<T: ReadableTable<(u64, i32), ()>>(
 /// Creates the keyspace's tables in a fresh database (one durable commit).
 fn create_tables(db: &Db) -> Result<(), KvError> {
     let txn = db.begin_write()?;
-    txn.open_table(LATEST)?;
-    txn.open_table(HISTORY)?;
-    txn.open_table(REVLOG)?;
+    txn.open_table(REVS)?;
     txn.open_table(MEMBERS)?;
     txn.open_table(ALARMS)?;
     txn.open_table(tables::LEASES)?;
@@ -577,6 +651,39 @@ fn create_tables(db: &Db) -> Result<(), KvError> {
     txn.open_table(auth::AUTH)?;
     txn.open_table(META)?;
     txn.commit()?;
+    Ok(())
+}
+
+/// Moves a data dir written before `kv_revs` to it (one durable commit): the
+/// versions-by-key table holds every kept version, and the other two are derived.
+fn convert_legacy_layout(db: &Db) -> Result<(), KvError> {
+    use tables::{LEGACY_HISTORY, LEGACY_LATEST, LEGACY_REVLOG};
+    let txn = db.begin_write()?;
+    let legacy = txn
+        .list_tables()?
+        .any(|t| t.name() == LEGACY_HISTORY.name());
+    if !legacy {
+        return Ok(());
+    }
+    let mut versions = 0usize;
+    {
+        let history = txn.open_table(LEGACY_HISTORY)?;
+        let mut revs = txn.open_table(REVS)?;
+        for entry in history.range::<(&[u8], i64, i64)>(..)? {
+            let (hk, raw) = entry?;
+            let (_, main, sub) = hk.value();
+            revs.insert((main, sub), raw.value())?;
+            versions += 1;
+        }
+    }
+    txn.delete_table(LEGACY_HISTORY)?;
+    txn.delete_table(LEGACY_LATEST)?;
+    txn.delete_table(LEGACY_REVLOG)?;
+    txn.commit()?;
+    tracing::info!(
+        versions,
+        "converted the keyspace to the revision-keyed layout"
+    );
     Ok(())
 }
 
@@ -611,13 +718,20 @@ impl<'a> ApplyBatch<'a> {
     /// Execute one write request; store its changes only if all of it succeeded.
     fn apply<T>(
         &mut self,
-        run: impl FnOnce(&mut Exec<'_, LatestTable<'_>, HistoryTable<'_>>) -> Result<T, KvError>,
+        run: impl FnOnce(&mut Exec<'_, RevsTable<'_>>) -> Result<T, KvError>,
     ) -> Result<T, KvError> {
+        if self.restored {
+            // The driver commits a restore on its own; reading through the old index
+            // here would be wrong.
+            return Err(KvError::Storage(
+                "a batch that restored a snapshot must be committed before it applies requests"
+                    .into(),
+            ));
+        }
         let mut tables = WriteTables::open(&self.txn)?;
         let (response, changes) = {
             let mut exec = Exec::new(
-                &tables.latest,
-                &tables.history,
+                View::batch(&tables.revs, &self.store.index),
                 Some(&tables.leases),
                 self.meta.current_revision,
                 self.meta.compact_revision,
@@ -629,6 +743,16 @@ impl<'a> ApplyBatch<'a> {
         if !changes.is_empty() {
             let main = self.meta.current_revision + 1;
             tables.apply(main, &changes)?;
+            let mut index = write_index(&self.store.index);
+            for (sub, change) in changes.into_iter().enumerate() {
+                let version = Version {
+                    main,
+                    sub: sub as i64,
+                    tombstone: change.tombstone,
+                };
+                self.added.keys.push(change.kv.key.clone());
+                index.add(change.kv.key, version);
+            }
             self.meta.current_revision = main;
         }
         Ok(response)
@@ -665,8 +789,16 @@ impl<'a> ApplyBatch<'a> {
                 compact_revision: self.meta.compact_revision,
             });
         }
-        WriteTables::open(&self.txn)?.compact(rev)?;
+        let dropped = self
+            .store
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .compacted(rev);
+        WriteTables::open(&self.txn)?.compact(&dropped)?;
+        self.index_effects.push(IndexEffect::Compact(rev));
         self.meta.compact_revision = rev;
+        self.meta.index_epoch += 1;
         Ok(())
     }
 
@@ -727,6 +859,13 @@ impl<'a> ApplyBatch<'a> {
     pub fn restore(&mut self, snap: &StoreSnapshot) -> Result<(), KvError> {
         self.store.clear_event_cache();
         WriteTables::open(&self.txn)?.restore(snap)?;
+        self.meta.index_epoch += 1;
+        self.index_effects
+            .push(IndexEffect::Replace(KeyIndex::from_records(
+                &snap.history,
+                self.meta.index_epoch,
+            )));
+        self.restored = true;
         let mut members = self.txn.open_table(MEMBERS)?;
         members.retain(|_, _| false)?;
         for m in &snap.members {
@@ -770,6 +909,18 @@ impl<'a> ApplyBatch<'a> {
         })?;
         self.txn.commit()?;
         let store = self.store;
+        // Committed: the batch's versions stay, and what waited for the commit happens.
+        self.added.keys.clear();
+        if !self.index_effects.is_empty() {
+            let mut index = write_index(&store.index);
+            for effect in self.index_effects.drain(..) {
+                match effect {
+                    IndexEffect::Compact(rev) => index.compact(rev),
+                    IndexEffect::Replace(new) => *index = new,
+                }
+            }
+            index.epoch = self.meta.index_epoch;
+        }
         store
             .applied_index
             .store(self.meta.applied_index, Ordering::Release);

@@ -1,12 +1,8 @@
-//! Key intervals with etcd's `range_end` conventions, scans of the live and the
-//! historical keyspace, and shaping a Range result (filters, sort, limit, keys/count only).
+//! Key intervals with etcd's `range_end` conventions, and shaping a Range result
+//! (filters, sort, limit, keys/count only).
 use std::cmp::Ordering;
 use std::ops::Bound;
 
-use redb::ReadableTable;
-
-use super::tables::{decode_kv, decode_record};
-use super::KvError;
 use crate::proto::etcdserverpb as pb;
 use crate::proto::mvccpb::KeyValue;
 use pb::range_request::{SortOrder, SortTarget};
@@ -54,84 +50,10 @@ impl Interval {
             Interval::Between(start, end) => Some((Bound::Included(start), Bound::Excluded(end))),
         }
     }
-
-    /// Bounds on `(key, main, sub)` history keys covering every version of every key.
-    pub(crate) fn history_bounds(&self) -> Option<Bounds<HistoryKey<'_>>> {
-        let (lo, hi) = self.bounds()?;
-        let first = |k| (k, i64::MIN, i64::MIN);
-        let last = |k| (k, i64::MAX, i64::MAX);
-        let lo = match lo {
-            Bound::Included(k) | Bound::Excluded(k) => Bound::Included(first(k)),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let hi = match hi {
-            Bound::Included(k) => Bound::Included(last(k)),
-            Bound::Excluded(k) => Bound::Excluded(first(k)),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        Some((lo, hi))
-    }
 }
 
-pub(crate) type HistoryKey<'k> = (&'k [u8], i64, i64);
-/// A (lower, upper) pair as redb's `range` takes it.
+/// A (lower, upper) pair as `BTreeMap::range` takes it.
 pub(crate) type Bounds<K> = (Bound<K>, Bound<K>);
-
-/// The live keys in `interval`, in key order.
-pub(crate) fn scan_latest<T>(latest: &T, interval: &Interval) -> Result<Vec<KeyValue>, KvError>
-where
-    T: ReadableTable<&'static [u8], &'static [u8]>,
-{
-    let Some(bounds) = interval.bounds() else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    for entry in latest.range::<&[u8]>(bounds)? {
-        let (_, value) = entry?;
-        out.push(decode_kv(value.value())?);
-    }
-    Ok(out)
-}
-
-/// Each key's latest version at or before `rev`, skipping keys whose latest such
-/// version is a tombstone, in key order.
-pub(crate) fn scan_history<T>(
-    history: &T,
-    interval: &Interval,
-    rev: i64,
-) -> Result<Vec<KeyValue>, KvError>
-where
-    T: ReadableTable<HistoryKey<'static>, &'static [u8]>,
-{
-    let Some(bounds) = interval.history_bounds() else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    // The newest qualifying raw record of the key being scanned.
-    let mut pending: Option<(Vec<u8>, Vec<u8>)> = None;
-    let mut finish = |pending: Option<(Vec<u8>, Vec<u8>)>| -> Result<(), KvError> {
-        if let Some((_, raw)) = pending {
-            let record = decode_record(&raw)?;
-            if !record.tombstone {
-                out.push(record.kv);
-            }
-        }
-        Ok(())
-    };
-    for entry in history.range::<HistoryKey<'_>>(bounds)? {
-        let (key, value) = entry?;
-        let (k, main, _) = key.value();
-        if main > rev {
-            continue;
-        }
-        match &mut pending {
-            Some((pk, raw)) if pk.as_slice() == k => *raw = value.value().to_vec(),
-            _ => finish(pending.replace((k.to_vec(), value.value().to_vec())))?,
-        }
-    }
-    finish(pending)?;
-    Ok(out)
-}
 
 /// Apply a RangeRequest's filters, sort, limit and output options to the key-ordered
 /// matches `kvs` read at revision `rev`.

@@ -6,15 +6,17 @@ use redb::{ReadableTable, TableDefinition};
 use super::KvError;
 use crate::proto::mvccpb::KeyValue;
 
-/// Live keys only: key → encoded `KeyValue`, so current reads never scan history.
-pub(crate) const LATEST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv_latest");
-/// Every kept version: (key, main, sub) → tombstone flag byte + encoded `KeyValue`.
-/// Key-major order serves reads at old revisions and per-key compaction.
-pub(crate) const HISTORY: TableDefinition<(&[u8], i64, i64), &[u8]> =
+/// Every kept version, in revision order: (main, sub) → tombstone flag byte + encoded
+/// `KeyValue` (which carries the key). Writes append; the in-memory key index
+/// (`super::index`) finds a key's versions.
+pub(crate) const REVS: TableDefinition<(i64, i64), &[u8]> = TableDefinition::new("kv_revs");
+/// The layout before `kv_revs`, converted on open: live keys (key → `KeyValue`),
+/// versions by key ((key, main, sub) → record) and revision order ((main, sub) → key).
+pub(crate) const LEGACY_LATEST: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv_latest");
+pub(crate) const LEGACY_HISTORY: TableDefinition<(&[u8], i64, i64), &[u8]> =
     TableDefinition::new("kv_history");
-/// Revision order: (main, sub) → key, for watch replay and finding what to compact.
-/// Entries below the compact revision are dropped.
-pub(crate) const REVLOG: TableDefinition<(i64, i64), &[u8]> = TableDefinition::new("kv_revlog");
+pub(crate) const LEGACY_REVLOG: TableDefinition<(i64, i64), &[u8]> =
+    TableDefinition::new("kv_revlog");
 /// Counters that change atomically with the data: see the `META_*` keys.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("kv_meta");
 /// The replicated member table: id → encoded `meshpb::MemberRecord`.
@@ -24,7 +26,7 @@ pub(crate) const MEMBERS: TableDefinition<u64, &[u8]> = TableDefinition::new("kv
 pub(crate) const ALARMS: TableDefinition<(u64, i32), ()> = TableDefinition::new("kv_alarms");
 /// Granted leases: lease ID → granted TTL in seconds.
 pub(crate) const LEASES: TableDefinition<i64, i64> = TableDefinition::new("kv_leases");
-/// Live keys attached to a lease: (lease ID, key) → (). Kept in step with `kv_latest`
+/// Live keys attached to a lease: (lease ID, key) → (). Kept in step with the live keys
 /// by every write, so revoking a lease finds its keys without a scan.
 pub(crate) const LEASE_KEYS: TableDefinition<(i64, &[u8]), ()> =
     TableDefinition::new("kv_lease_keys");
@@ -32,6 +34,7 @@ pub(crate) const LEASE_KEYS: TableDefinition<(i64, &[u8]), ()> =
 const META_CURRENT_REVISION: &str = "current_revision";
 const META_COMPACT_REVISION: &str = "compact_revision";
 const META_APPLIED_INDEX: &str = "applied_index";
+const META_INDEX_EPOCH: &str = "index_epoch";
 
 /// etcd's first revision: an empty store is at revision 1.
 pub(crate) const INITIAL_REVISION: i64 = 1;
@@ -42,6 +45,8 @@ pub(crate) struct Meta {
     pub current_revision: i64,
     pub compact_revision: i64,
     pub applied_index: u64,
+    /// Counts the compactions and restores (see `super::index`).
+    pub index_epoch: u64,
 }
 
 impl Meta {
@@ -54,6 +59,7 @@ impl Meta {
             current_revision: get(META_CURRENT_REVISION)?.map_or(INITIAL_REVISION, |r| r as i64),
             compact_revision: get(META_COMPACT_REVISION)?.map_or(0, |r| r as i64),
             applied_index: get(META_APPLIED_INDEX)?.unwrap_or(0),
+            index_epoch: get(META_INDEX_EPOCH)?.unwrap_or(0),
         })
     }
 
@@ -61,11 +67,12 @@ impl Meta {
         table.insert(META_CURRENT_REVISION, self.current_revision.max(0) as u64)?;
         table.insert(META_COMPACT_REVISION, self.compact_revision.max(0) as u64)?;
         table.insert(META_APPLIED_INDEX, self.applied_index)?;
+        table.insert(META_INDEX_EPOCH, self.index_epoch)?;
         Ok(())
     }
 }
 
-/// One decoded `kv_history` value.
+/// One decoded `kv_revs` value.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Record {
     pub tombstone: bool,
@@ -75,7 +82,7 @@ pub(crate) struct Record {
 const FLAG_PUT: u8 = 0;
 const FLAG_TOMBSTONE: u8 = 1;
 
-/// Every `kv_history` and `kv_latest` value ends with the CRC-32 of what precedes it.
+/// Every `kv_revs` value ends with the CRC-32 of what precedes it.
 /// redb checksums its pages but verifies them only when it repairs a file (or on an
 /// explicit integrity check), not on reads, so a byte flipped on disk after the member
 /// opened its data dir would otherwise be served.
@@ -116,26 +123,12 @@ pub(crate) fn encode_record(tombstone: bool, kv: &KeyValue) -> Vec<u8> {
 }
 
 pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, KvError> {
-    let bytes = unseal("kv_history", bytes)?;
+    let bytes = unseal("kv_revs", bytes)?;
     let (flag, rest) = bytes
         .split_first()
-        .ok_or_else(|| KvError::Storage("empty kv_history record".into()))?;
+        .ok_or_else(|| KvError::Storage("empty kv_revs record".into()))?;
     Ok(Record {
         tombstone: *flag == FLAG_TOMBSTONE,
         kv: KeyValue::decode(rest)?,
     })
-}
-
-/// Whether a raw `kv_history` value is a tombstone, without decoding the KeyValue
-/// (compaction's scan; the checksum is verified wherever the record is decoded).
-pub(crate) fn is_tombstone(bytes: &[u8]) -> bool {
-    bytes.first() == Some(&FLAG_TOMBSTONE)
-}
-
-pub(crate) fn decode_kv(bytes: &[u8]) -> Result<KeyValue, KvError> {
-    Ok(KeyValue::decode(unseal("kv_latest", bytes)?)?)
-}
-
-pub(crate) fn encode_kv(kv: &KeyValue) -> Vec<u8> {
-    seal(kv.encode_to_vec())
 }

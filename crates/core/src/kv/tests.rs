@@ -1001,30 +1001,31 @@ fn leases_attach_move_detach_and_revoke_in_one_revision() {
     assert!(get(&g.kv, "c").is_none());
 }
 
-/// Rewrites one stored value behind the state machine's back with a valid redb
+/// Rewrites one stored record behind the state machine's back with a valid redb
 /// commit (so redb's own page checksums match): only our record checksum can tell.
-fn tamper(
-    f: &Fixture,
-    table: redb::TableDefinition<'static, &'static [u8], &'static [u8]>,
-    key: &[u8],
-) {
+fn tamper(f: &Fixture, rev: i64, at: impl Fn(usize) -> usize, bit: u8) {
     let txn = f.kv.db.begin_write().unwrap();
     {
-        let mut t = txn.open_table(table).unwrap();
-        let mut raw = t.get(key).unwrap().expect("record exists").value().to_vec();
-        let mid = raw.len() / 2;
-        raw[mid] ^= 0x01;
-        t.insert(key, raw.as_slice()).unwrap();
+        let mut t = txn.open_table(tables::REVS).unwrap();
+        let mut raw = t
+            .get((rev, 0))
+            .unwrap()
+            .expect("record exists")
+            .value()
+            .to_vec();
+        let i = at(raw.len());
+        raw[i] ^= bit;
+        t.insert((rev, 0), raw.as_slice()).unwrap();
     }
     txn.commit().unwrap();
 }
 
 #[test]
-fn a_flipped_byte_in_a_latest_record_is_reported_not_served() {
+fn a_flipped_byte_in_a_live_record_is_reported_not_served() {
     let f = fixture();
-    put(&f.kv, "a", "value-a");
+    let rev = put(&f.kv, "a", "value-a").header.unwrap().revision;
     put(&f.kv, "b", "value-b");
-    tamper(&f, tables::LATEST, b"a");
+    tamper(&f, rev, |len| len / 2, 0x01);
     let err =
         f.kv.range(&pb::RangeRequest {
             key: b"a".to_vec(),
@@ -1035,7 +1036,7 @@ fn a_flipped_byte_in_a_latest_record_is_reported_not_served() {
         matches!(
             err,
             KvError::Corrupt {
-                table: "kv_latest",
+                table: "kv_revs",
                 ..
             }
         ),
@@ -1047,24 +1048,17 @@ fn a_flipped_byte_in_a_latest_record_is_reported_not_served() {
     assert_eq!(status.message(), "etcdserver: corrupt cluster");
     // Other keys are still served.
     assert!(get(&f.kv, "b").is_some());
+    // Reopening reads every record into the key index: it refuses the data dir.
+    let err = f.kv.reload().unwrap_err();
+    assert!(matches!(err, KvError::Corrupt { .. }), "{err:?}");
 }
 
 #[test]
-fn a_flipped_byte_in_a_history_record_is_reported_not_served() {
+fn a_flipped_byte_in_an_old_version_is_reported_not_served() {
     let f = fixture();
     let first = put(&f.kv, "a", "old").header.unwrap().revision;
     put(&f.kv, "a", "new");
-    // Tamper with the old version in kv_history.
-    let txn = f.kv.db.begin_write().unwrap();
-    {
-        let mut t = txn.open_table(tables::HISTORY).unwrap();
-        let hk: (&[u8], i64, i64) = (b"a", first, 0);
-        let mut raw = t.get(hk).unwrap().expect("old version").value().to_vec();
-        let last = raw.len() - 1;
-        raw[last] ^= 0x80;
-        t.insert(hk, raw.as_slice()).unwrap();
-    }
-    txn.commit().unwrap();
+    tamper(&f, first, |len| len - 1, 0x80);
     let err =
         f.kv.range(&pb::RangeRequest {
             key: b"a".to_vec(),
@@ -1076,12 +1070,14 @@ fn a_flipped_byte_in_a_history_record_is_reported_not_served() {
         matches!(
             err,
             KvError::Corrupt {
-                table: "kv_history",
+                table: "kv_revs",
                 ..
             }
         ),
         "{err:?}"
     );
+    // The current version is still served.
+    assert_eq!(get(&f.kv, "a").unwrap().value, b"new");
     // HashKV reads every record: it refuses too rather than hash corrupt data.
     assert!(matches!(f.kv.hash_kv(0), Err(KvError::Corrupt { .. })));
 }
@@ -1138,4 +1134,165 @@ fn cached_events_answer_as_the_store() {
         f.kv.events(3, 4, b"\0", b"\0", false, 0),
         Err(KvError::Compacted { .. })
     ));
+}
+
+/// A data dir written before `kv_revs` (versions by key, live keys, revision order)
+/// is converted on open and serves the same current and historical reads.
+#[test]
+fn a_legacy_layout_is_converted_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let kv = |key: &str, value: &str, create: i64, main: i64, version: i64| KeyValue {
+        key: key.into(),
+        value: value.into(),
+        create_revision: create,
+        mod_revision: main,
+        version,
+        lease: 0,
+    };
+    // a@2, b@3, a@4, b deleted @5.
+    let versions = [
+        (false, kv("a", "1", 2, 2, 1)),
+        (false, kv("b", "x", 3, 3, 1)),
+        (false, kv("a", "2", 2, 4, 2)),
+        (true, kv("b", "", 0, 5, 0)),
+    ];
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut history = txn.open_table(tables::LEGACY_HISTORY).unwrap();
+            let mut revlog = txn.open_table(tables::LEGACY_REVLOG).unwrap();
+            let mut latest = txn.open_table(tables::LEGACY_LATEST).unwrap();
+            for (tombstone, kv) in &versions {
+                let record = tables::encode_record(*tombstone, kv);
+                history
+                    .insert((kv.key.as_slice(), kv.mod_revision, 0), record.as_slice())
+                    .unwrap();
+                revlog
+                    .insert((kv.mod_revision, 0), kv.key.as_slice())
+                    .unwrap();
+            }
+            latest.insert(&b"a"[..], &b"unused"[..]).unwrap();
+            let meta = Meta {
+                current_revision: 5,
+                compact_revision: 0,
+                applied_index: 9,
+                index_epoch: 0,
+            };
+            meta.store(&mut txn.open_table(META).unwrap()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let db = Arc::new(crate::storage::Db::new(
+        redb::Database::open(&path).unwrap(),
+        path.clone(),
+    ));
+    let store = KvStore::open(db.clone()).unwrap();
+    assert_eq!(store.current_revision(), 5);
+    assert_eq!(store.applied_index(), 9);
+    let all = store.range(&range_req("\0", "\0")).unwrap();
+    assert_eq!(all.kvs, vec![versions[2].1.clone()]);
+    let at3 = store
+        .range(&pb::RangeRequest {
+            revision: 3,
+            ..range_req("\0", "\0")
+        })
+        .unwrap();
+    assert_eq!(at3.kvs, vec![versions[0].1.clone(), versions[1].1.clone()]);
+    let names: Vec<String> = db
+        .begin_read()
+        .unwrap()
+        .list_tables()
+        .unwrap()
+        .map(|t| t.name().to_string())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "kv_history" || n == "kv_latest" || n == "kv_revlog"),
+        "{names:?}"
+    );
+    // Opening again finds nothing left to convert.
+    drop(store);
+    let store = KvStore::open(db).unwrap();
+    assert_eq!(store.range(&range_req("a", "")).unwrap().kvs[0].value, b"2");
+}
+
+/// A batch dropped without a commit takes its versions out of the key index again:
+/// the entries are applied anew, at the same revisions, after it.
+#[test]
+fn a_dropped_batch_leaves_no_versions_in_the_index() {
+    let f = fixture();
+    put(&f.kv, "a", "1");
+    {
+        let mut batch = f.kv.begin().unwrap();
+        batch.put(&put_req("a", "lost")).unwrap();
+        batch.put(&put_req("b", "lost")).unwrap();
+        // Within the batch its own writes are visible.
+        batch
+            .txn(&pb::TxnRequest {
+                compare: vec![],
+                success: vec![op(Request::RequestRange(range_req("b", "")))],
+                failure: vec![],
+            })
+            .unwrap();
+    }
+    assert_eq!(get(&f.kv, "a").unwrap().value, b"1");
+    assert!(get(&f.kv, "b").is_none());
+    let again = put(&f.kv, "a", "2");
+    let b = put(&f.kv, "b", "2");
+    assert_eq!(
+        again.header.unwrap().revision + 1,
+        b.header.unwrap().revision
+    );
+    assert_eq!(get(&f.kv, "a").unwrap().version, 2);
+    let events = f.kv.events(0, 100, b"\0", b"\0", true, 0).unwrap();
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[1].prev_kv.as_ref().unwrap().value, b"1");
+    // What a reopen sees is what the index had.
+    f.kv.reload().unwrap();
+    assert_eq!(get(&f.kv, "a").unwrap().value, b"2");
+    assert_eq!(f.kv.events(0, 100, b"\0", b"\0", true, 0).unwrap(), events);
+}
+
+/// Reads racing compactions and puts: a compaction removes versions that older
+/// snapshots still need, so a read whose snapshot predates one starts over. Every
+/// read must see every key, each at a value it really had at that revision.
+#[test]
+fn reads_racing_compactions_see_whole_consistent_states() {
+    let f = Arc::new(fixture());
+    const KEYS: usize = 20;
+    for k in 0..KEYS {
+        put(&f.kv, &format!("k{k:02}"), "0");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (f, stop) = (f.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let r = f.kv.range(&range_req("\0", "\0")).unwrap();
+                assert_eq!(r.kvs.len(), KEYS, "a read lost keys");
+                let rev = r.header.unwrap().revision;
+                assert!(r.kvs.iter().all(|kv| kv.mod_revision <= rev));
+                reads += 1;
+            }
+            reads
+        })
+    };
+    // Each compaction leaves only the newest version of the key just written, so a
+    // snapshot from before the put needs the one it removed.
+    for round in 1..=100 {
+        for k in 0..KEYS {
+            put(&f.kv, &format!("k{k:02}"), &round.to_string());
+            let rev = f.kv.current_revision();
+            apply(&f.kv, |b| b.compact(rev)).unwrap();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let reads = reader.join().expect("reader");
+    assert!(reads > 0);
+    let all = f.kv.range(&range_req("\0", "\0")).unwrap();
+    assert!(all.kvs.iter().all(|kv| kv.value == b"100"));
 }

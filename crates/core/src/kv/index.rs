@@ -1,0 +1,332 @@
+//! The key index: which revisions each key has, in memory, as etcd keeps it. The
+//! records themselves live in `kv_revs`, keyed by revision, so a write appends to the
+//! end of one B-tree instead of rewriting a random leaf of a key-ordered table.
+//!
+//! The index is rebuilt from `kv_revs` whenever the store is opened. It may run ahead
+//! of the last commit (an apply batch adds its versions as it goes, and removes them
+//! again if it is dropped), so readers only look at versions up to their snapshot's
+//! revision. Compaction and snapshot restores change what older snapshots would need:
+//! the index applies them only after the commit and bumps an epoch that is also
+//! stored in `kv_meta`, and a reader whose snapshot has another epoch starts over.
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::RwLock;
+
+use redb::ReadableTable;
+
+use super::range::Interval;
+use super::tables::{decode_record, Record};
+use super::KvError;
+use crate::proto::meshpb::HistoryRecord;
+use crate::proto::mvccpb::KeyValue;
+
+/// One version of a key: where its record is in `kv_revs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Version {
+    pub main: i64,
+    pub sub: i64,
+    pub tombstone: bool,
+}
+
+impl Version {
+    fn rev(&self) -> (i64, i64) {
+        (self.main, self.sub)
+    }
+}
+
+#[derive(Default, Debug)]
+pub(crate) struct KeyIndex {
+    /// Every kept version of every key, oldest first.
+    keys: BTreeMap<Vec<u8>, Vec<Version>>,
+    /// Bumped by each compaction and restore; see the module docs.
+    pub epoch: u64,
+}
+
+impl KeyIndex {
+    /// Reads every record of `kv_revs` (verifying each one's checksum).
+    pub(crate) fn load<R>(revs: &R, epoch: u64) -> Result<KeyIndex, KvError>
+    where
+        R: ReadableTable<(i64, i64), &'static [u8]>,
+    {
+        let mut index = KeyIndex {
+            keys: BTreeMap::new(),
+            epoch,
+        };
+        for entry in revs.range::<(i64, i64)>(..)? {
+            let (rev, raw) = entry?;
+            let (main, sub) = rev.value();
+            let Record { tombstone, kv } = decode_record(raw.value())?;
+            index.add(
+                kv.key,
+                Version {
+                    main,
+                    sub,
+                    tombstone,
+                },
+            );
+        }
+        Ok(index)
+    }
+
+    /// The index of a snapshot's records (in any order).
+    pub(crate) fn from_records(records: &[HistoryRecord], epoch: u64) -> KeyIndex {
+        let mut ordered: Vec<&HistoryRecord> = records.iter().collect();
+        ordered.sort_by_key(|r| (r.main, r.sub));
+        let mut index = KeyIndex {
+            keys: BTreeMap::new(),
+            epoch,
+        };
+        for r in ordered {
+            let key = r.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default();
+            index.add(
+                key,
+                Version {
+                    main: r.main,
+                    sub: r.sub,
+                    tombstone: r.tombstone,
+                },
+            );
+        }
+        index
+    }
+
+    /// Adds the newest version of `key`.
+    pub(crate) fn add(&mut self, key: Vec<u8>, version: Version) {
+        let versions = self.keys.entry(key).or_default();
+        debug_assert!(versions.last().is_none_or(|v| v.rev() < version.rev()));
+        versions.push(version);
+    }
+
+    /// Removes the versions above revision `main` of each of `keys` (an apply batch
+    /// that was dropped without a commit).
+    pub(crate) fn rollback(&mut self, keys: &[Vec<u8>], main: i64) {
+        for key in keys {
+            if let Some(versions) = self.keys.get_mut(key.as_slice()) {
+                versions.retain(|v| v.main <= main);
+                if versions.is_empty() {
+                    self.keys.remove(key.as_slice());
+                }
+            }
+        }
+    }
+
+    /// The versions that compaction at `rev` removes: of each key's versions at or
+    /// before `rev`, all but the newest, and that one too if it is a tombstone.
+    pub(crate) fn compacted(&self, rev: i64) -> Vec<(i64, i64)> {
+        let mut out = Vec::new();
+        for versions in self.keys.values() {
+            out.extend(
+                versions[..compacted_len(versions, rev)]
+                    .iter()
+                    .map(Version::rev),
+            );
+        }
+        out
+    }
+
+    /// Forgets what [`Self::compacted`] listed.
+    pub(crate) fn compact(&mut self, rev: i64) {
+        self.keys.retain(|_, versions| {
+            versions.drain(..compacted_len(versions, rev));
+            !versions.is_empty()
+        });
+    }
+
+    /// The newest version of `key` at or before `rev`.
+    fn at(&self, key: &[u8], rev: i64) -> Option<Version> {
+        let versions = self.keys.get(key)?;
+        let n = versions.partition_point(|v| v.main <= rev);
+        n.checked_sub(1).map(|i| versions[i])
+    }
+
+    /// For each key in `interval` that is live at `rev` (its newest version at or
+    /// before `rev` is not a tombstone): that version, in key order.
+    fn live(&self, interval: &Interval, rev: i64) -> Vec<(i64, i64)> {
+        let Some((lo, hi)) = interval.bounds() else {
+            return Vec::new();
+        };
+        let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (lo, hi);
+        let mut out = Vec::new();
+        for versions in self.keys.range::<[u8], _>(bounds).map(|(_, v)| v) {
+            let n = versions.partition_point(|v| v.main <= rev);
+            if let Some(v) = n.checked_sub(1).map(|i| versions[i]) {
+                if !v.tombstone {
+                    out.push(v.rev());
+                }
+            }
+        }
+        out
+    }
+
+    /// The version of `key` just before `(main, sub)`.
+    fn before(&self, key: &[u8], main: i64, sub: i64) -> Option<Version> {
+        let versions = self.keys.get(key)?;
+        let n = versions.partition_point(|v| v.rev() < (main, sub));
+        n.checked_sub(1).map(|i| versions[i])
+    }
+
+    /// Number of keys with at least one kept version.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+fn compacted_len(versions: &[Version], rev: i64) -> usize {
+    let n = versions.partition_point(|v| v.main <= rev);
+    match n.checked_sub(1).map(|i| versions[i]) {
+        Some(newest) if !newest.tombstone => n - 1,
+        _ => n,
+    }
+}
+
+/// What one read (or one apply batch) sees: the records of its transaction, found
+/// through the key index.
+pub(crate) struct View<'t, R> {
+    revs: &'t R,
+    index: &'t RwLock<KeyIndex>,
+    /// The newest main revision visible: the snapshot's, or `i64::MAX` in a batch.
+    visible: i64,
+    /// The snapshot's index epoch; None in an apply batch, which is the only writer.
+    epoch: Option<u64>,
+}
+
+impl<R> Clone for View<'_, R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<R> Copy for View<'_, R> {}
+
+impl<'t, R> View<'t, R>
+where
+    R: ReadableTable<(i64, i64), &'static [u8]>,
+{
+    pub(crate) fn snapshot(
+        revs: &'t R,
+        index: &'t RwLock<KeyIndex>,
+        revision: i64,
+        epoch: u64,
+    ) -> Self {
+        View {
+            revs,
+            index,
+            visible: revision,
+            epoch: Some(epoch),
+        }
+    }
+
+    pub(crate) fn batch(revs: &'t R, index: &'t RwLock<KeyIndex>) -> Self {
+        View {
+            revs,
+            index,
+            visible: i64::MAX,
+            epoch: None,
+        }
+    }
+
+    /// Runs `f` on the index, or fails with `Stale` if the index no longer matches
+    /// this view's snapshot.
+    fn locate<T>(&self, f: impl FnOnce(&KeyIndex) -> T) -> Result<T, KvError> {
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        if self.epoch.is_some_and(|e| e != index.epoch) {
+            return Err(KvError::Stale);
+        }
+        Ok(f(&index))
+    }
+
+    fn fetch(&self, (main, sub): (i64, i64)) -> Result<Record, KvError> {
+        match self.revs.get((main, sub))? {
+            Some(raw) => decode_record(raw.value()),
+            None => Err(KvError::Storage(format!(
+                "revision {main}.{sub} is in the key index but not in kv_revs"
+            ))),
+        }
+    }
+
+    fn fetch_live(&self, revs: Vec<(i64, i64)>) -> Result<Vec<KeyValue>, KvError> {
+        revs.into_iter().map(|r| Ok(self.fetch(r)?.kv)).collect()
+    }
+
+    /// The live version of `key`.
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, KvError> {
+        match self.locate(|i| i.at(key, self.visible))? {
+            Some(v) if !v.tombstone => Ok(Some(self.fetch(v.rev())?.kv)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The keys in `interval` live at `rev` (at most this view's revision), in key order.
+    pub(crate) fn scan(&self, interval: &Interval, rev: i64) -> Result<Vec<KeyValue>, KvError> {
+        let rev = rev.min(self.visible);
+        let found = self.locate(|i| i.live(interval, rev))?;
+        self.fetch_live(found)
+    }
+
+    /// The version of `key` just before `(main, sub)`, unless it is a tombstone.
+    pub(crate) fn previous(
+        &self,
+        key: &[u8],
+        main: i64,
+        sub: i64,
+    ) -> Result<Option<KeyValue>, KvError> {
+        match self.locate(|i| i.before(key, main, sub))? {
+            Some(v) if !v.tombstone => Ok(Some(self.fetch(v.rev())?.kv)),
+            _ => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(main: i64, tombstone: bool) -> Version {
+        Version {
+            main,
+            sub: 0,
+            tombstone,
+        }
+    }
+
+    #[test]
+    fn compaction_keeps_the_newest_live_version_at_or_before_the_revision() {
+        let mut index = KeyIndex::default();
+        for (key, main, tomb) in [
+            ("a", 2, false),
+            ("b", 3, false),
+            ("a", 4, false),
+            ("b", 5, true),
+            ("a", 7, false),
+            ("c", 8, false),
+        ] {
+            index.add(key.into(), v(main, tomb));
+        }
+        assert_eq!(index.compacted(5), vec![(2, 0), (3, 0), (5, 0)]);
+        index.compact(5);
+        assert_eq!(
+            index.len(),
+            2,
+            "b's only versions were a put and its delete"
+        );
+        assert_eq!(index.at(b"a", 5), Some(v(4, false)));
+        assert_eq!(index.at(b"a", 9), Some(v(7, false)));
+        assert_eq!(index.at(b"c", 7), None);
+        assert_eq!(index.before(b"a", 7, 0), Some(v(4, false)));
+        let all = Interval::new(b"\0", b"\0");
+        assert_eq!(index.live(&all, 6), vec![(4, 0)]);
+        assert_eq!(index.live(&all, 8), vec![(7, 0), (8, 0)]);
+    }
+
+    #[test]
+    fn rollback_forgets_versions_above_the_revision() {
+        let mut index = KeyIndex::default();
+        index.add(b"a".to_vec(), v(2, false));
+        index.add(b"a".to_vec(), v(3, false));
+        index.add(b"b".to_vec(), v(3, false));
+        index.rollback(&[b"a".to_vec(), b"b".to_vec()], 2);
+        assert_eq!(index.len(), 1);
+        assert_eq!(index.at(b"a", i64::MAX), Some(v(2, false)));
+    }
+}

@@ -203,8 +203,10 @@ async fn disk_full_without_reserve_stops_writes_logs_why_and_keeps_serving_reads
         .get(
             "fill/",
             Some(
+                // Only the count: the values may exceed a response's 4 MiB.
                 etcd_client::GetOptions::new()
                     .with_prefix()
+                    .with_count_only()
                     .with_serializable(),
             ),
         )
@@ -232,8 +234,10 @@ async fn disk_full_writes_recover_when_space_returns() {
         .get(
             "fill/",
             Some(
+                // Only the count: the values may exceed a response's 4 MiB.
                 etcd_client::GetOptions::new()
                     .with_prefix()
+                    .with_count_only()
                     .with_serializable(),
             ),
         )
@@ -265,7 +269,14 @@ async fn disk_full_writes_recover_when_space_returns() {
     );
     let n = f
         .client
-        .get("fill/", Some(etcd_client::GetOptions::new().with_prefix()))
+        .get(
+            "fill/",
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_count_only(),
+            ),
+        )
         .await
         .unwrap()
         .count();

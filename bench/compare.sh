@@ -8,6 +8,7 @@
 #   ROUNDS=3 TOTAL=20000 bench/compare.sh
 #   ONLY='put-1client put-100clients' bench/compare.sh   # a subset of the workloads
 #   BUILD=0 bench/compare.sh         # skip the release build
+#   RATE=4000 bench/compare.sh       # the fixed load of put-100clients-at-rate
 #
 # Single-connection workloads go to each system's current Raft leader (asked with
 # `endpoint status` before every run), so neither pays a forwarding hop.
@@ -19,6 +20,7 @@ TOTAL1=${TOTAL1:-2000}
 WTOTAL=${WTOTAL:-100}   # puts in the watch fan-out (each delivered to 1000 watchers)
 VAL=${VAL:-256}
 ONLY=${ONLY:-}
+RATE=${RATE:-4000}   # req/s of put-100clients-at-rate: below both systems' most, so p99 compares at equal load
 BUILD=${BUILD:-1}   # BUILD=0: use the binaries already in target/release
 command -v etcd >/dev/null || { echo "needs etcd: apt-get install etcd-server" >&2; exit 1; }
 [ "$BUILD" = 0 ] || cargo build --release --bins -q
@@ -97,6 +99,7 @@ for r in $(seq "$ROUNDS"); do
     all_eps=$eps leader=LEADER
     run $sys "$leader" put-1client put --clients 1 --conns 1 --total "$TOTAL1" --val-size "$VAL" --key-space-size 100000
     run $sys "$eps" put-100clients put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL" --key-space-size 100000
+    run $sys "$eps" put-100clients-at-rate put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL" --key-space-size 100000 --rate "$RATE"
     run $sys "$eps" put-seq-100clients put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL" --key-space-size 100000 --sequential-keys
     run $sys "$eps" txn-put-100clients txn-put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL" --key-space-size 100000
     run $sys "$eps" get-l-100clients get --clients 100 --conns 10 --total "$TOTAL" --consistency l

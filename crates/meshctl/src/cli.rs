@@ -519,6 +519,11 @@ pub struct BenchArgs {
     /// Consistency for get: l or s.
     #[arg(long, default_value = "l")]
     pub consistency: String,
+    /// Requests per second across all clients (0: as fast as they go). Request n is
+    /// due n/rate seconds after the start, and its latency counts from then, so time
+    /// spent queued behind slow requests is measured, not hidden.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
 }
 
 // ---- auth commands (etcdctl 3.4's names and arguments) ----

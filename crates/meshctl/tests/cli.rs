@@ -597,6 +597,26 @@ fn bench_json_and_broken_pipe_is_success() {
         ],
     ));
     assert_eq!(v["succeeded"], 200, "{v}");
+    // With --rate, request n is not sent before n/rate seconds: 60 requests at 300/s
+    // cannot finish in less than 59/300 s however fast the server is.
+    let v = json(&ok(
+        &s,
+        &[
+            "bench",
+            "put",
+            "--total",
+            "60",
+            "--clients",
+            "8",
+            "--rate",
+            "300",
+            "-w",
+            "json",
+        ],
+    ));
+    assert_eq!(v["succeeded"], 60, "{v}");
+    assert_eq!(v["rate"], 300, "{v}");
+    assert!(v["elapsed_secs"].as_f64().unwrap() >= 59.0 / 300.0, "{v}");
     // ~165 kB of output into a pipe closed after the first line.
     let mut child = command(&s, &["get", "", "--prefix"])
         .stdout(Stdio::piped())

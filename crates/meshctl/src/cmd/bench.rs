@@ -1,7 +1,8 @@
 //! `bench put|get|txn-put|lease-keepalive|watch|availability`: measurement programs,
 //! not tests. For request workloads `--clients` tasks keep one request each in flight
 //! over `--conns` independent clients (gRPC connections), recording per-request latency
-//! in an HDR histogram; prints throughput, latency percentiles and errors (simple text
+//! in an HDR histogram (with `--rate`, from each request's due time, which is what
+//! "p99 at equal load" needs); prints throughput, latency percentiles and errors (simple text
 //! or `-w json`). `watch` measures fan-out delivery, `availability` the longest write
 //! gap (failover time).
 use std::io::Write;
@@ -55,6 +56,8 @@ struct Plan {
     key_space_size: u64,
     sequential_keys: bool,
     serializable: bool,
+    /// Requests per second across all clients; 0: no limit.
+    rate: u64,
 }
 
 impl Plan {
@@ -88,7 +91,13 @@ impl Plan {
             key_space_size: a.key_space_size,
             sequential_keys: a.sequential_keys,
             serializable: config::parse_serializable(&a.consistency)?,
+            rate: a.rate,
         })
+    }
+
+    /// When request `n` is due, with a `--rate`.
+    fn due(&self, started: Instant, n: u64) -> Option<Instant> {
+        (self.rate > 0).then(|| started + Duration::from_secs_f64(n as f64 / self.rate as f64))
     }
 
     /// The key of request number `n`: a zero-padded decimal index in the key space.
@@ -166,7 +175,13 @@ async fn one_request(
     }
 }
 
-async fn worker(client: Client, plan: Arc<Plan>, next: Arc<AtomicU64>, bar: ProgressBar) -> Tally {
+async fn worker(
+    client: Client,
+    plan: Arc<Plan>,
+    next: Arc<AtomicU64>,
+    bar: ProgressBar,
+    started: Instant,
+) -> Tally {
     let value = vec![b'v'; plan.val_size];
     let mut tally = Tally {
         latencies_us: histogram(),
@@ -186,11 +201,17 @@ async fn worker(client: Client, plan: Arc<Plan>, next: Arc<AtomicU64>, bar: Prog
         if n >= plan.total {
             return tally;
         }
-        let started = Instant::now();
+        let sent = match plan.due(started, n) {
+            Some(due) => {
+                tokio::time::sleep_until(due.into()).await;
+                due
+            }
+            None => Instant::now(),
+        };
         match one_request(&client, &mut session, &plan, n, &value).await {
             Ok(()) => tally
                 .latencies_us
-                .saturating_record(started.elapsed().as_micros().max(1) as u64),
+                .saturating_record(sent.elapsed().as_micros().max(1) as u64),
             Err(e) => {
                 tally.errors += 1;
                 tally.first_error.get_or_insert_with(|| e.to_string());
@@ -205,6 +226,8 @@ struct Report {
     operation: Op,
     clients: usize,
     conns: usize,
+    /// The `--rate` asked for (requests per second; 0: no limit).
+    rate: u64,
     total: u64,
     succeeded: u64,
     errors: u64,
@@ -238,6 +261,7 @@ fn report(
         operation: plan.op,
         clients: plan.clients,
         conns: plan.conns,
+        rate: plan.rate,
         total: plan.total,
         succeeded: h.len(),
         errors,
@@ -263,6 +287,9 @@ fn print_simple(out: &mut dyn Write, r: &Report) -> std::io::Result<()> {
         "  Clients:\t{} over {} connection(s)",
         r.clients, r.conns
     )?;
+    if r.rate > 0 {
+        writeln!(out, "  Rate:\t{} req/s asked", r.rate)?;
+    }
     writeln!(out, "  Total:\t{:.4} secs", r.elapsed_secs)?;
     writeln!(
         out,
@@ -313,6 +340,7 @@ pub async fn run(global: &Global, out: &mut dyn Write, cmd: BenchCommand) -> Res
                 plan.clone(),
                 next.clone(),
                 bar.clone(),
+                started,
             ))
         })
         .collect();
@@ -464,6 +492,7 @@ async fn watch_fanout(global: &Global, out: &mut dyn Write, a: WatchBenchArgs) -
         key_space_size: 1,
         sequential_keys: false,
         serializable: false,
+        rate: 0,
     };
     let mut r = report(&plan, &all, errors, first_error, elapsed);
     if delivered < expected && r.first_error.is_none() {

@@ -518,11 +518,7 @@ impl Driver {
             self.on_read_state(rs);
         }
 
-        // 4. Apply committed entries (raft-rs only hands out entries that are both
-        //    committed by a quorum and persisted here).
-        self.apply(rd.take_committed_entries())?;
-
-        // 5. Append new entries and the hard state to the write-ahead log: one write,
+        // 4. Append new entries and the hard state to the write-ahead log: one write,
         //    one fdatasync. A Ready that only moves the commit index writes nothing:
         //    the commit index is kept in memory and reaches disk with the next hard
         //    state, and a lower commit index after a crash is safe (Raft re-learns it
@@ -540,11 +536,17 @@ impl Driver {
             self.log.set_commit(hs.commit);
         }
 
-        // 6. Messages that may leave only once the above is durable: votes and append
+        // 5. Messages that may leave only once the above is durable: votes and append
         //    responses from followers and candidates.
         if !rd.persisted_messages().is_empty() {
             self.transport.send(rd.take_persisted_messages());
         }
+
+        // 6. Apply committed entries (raft-rs only hands out entries that are both
+        //    committed by a quorum and persisted here). After the append and its
+        //    messages, not before: a follower's append response, and a leader's own
+        //    fsync, then do not wait for the state machine.
+        self.apply(rd.take_committed_entries())?;
 
         // 7. Advance; what became possible now that the Ready is persisted (a leader's
         //    own commit index moving, more entries to apply) comes as a light Ready.

@@ -37,6 +37,15 @@ impl<T: ReadableTable<i64, i64>> LeaseLookup for T {
     }
 }
 
+/// The lease table of a write transaction, opened only when a request names a lease.
+pub(crate) struct TxnLeases<'txn>(pub &'txn redb::WriteTransaction);
+
+impl LeaseLookup for TxnLeases<'_> {
+    fn lease_exists(&self, id: i64) -> Result<bool, KvError> {
+        self.0.open_table(super::tables::LEASES)?.lease_exists(id)
+    }
+}
+
 pub(crate) struct Exec<'t, R> {
     view: View<'t, R>,
     /// The lease table; None for read-only execution (which refuses every write).

@@ -17,25 +17,34 @@ pub(crate) type RevsTable<'txn> = Table<'txn, (i64, i64), &'static [u8]>;
 pub(crate) type LeaseTable<'txn> = Table<'txn, i64, i64>;
 pub(crate) type LeaseKeysTable<'txn> = Table<'txn, (i64, &'static [u8]), ()>;
 
-/// The keyspace tables of one write transaction.
+/// The keyspace tables of one write transaction. Only `kv_revs` is opened up front:
+/// opening a redb table and storing its root back when it is dropped costs as much as
+/// a small insert, and most writes never touch a lease.
 pub(crate) struct WriteTables<'txn> {
+    txn: &'txn redb::WriteTransaction,
     pub revs: RevsTable<'txn>,
-    pub leases: LeaseTable<'txn>,
-    pub lease_keys: LeaseKeysTable<'txn>,
 }
 
 impl<'txn> WriteTables<'txn> {
     pub(crate) fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, KvError> {
         Ok(WriteTables {
+            txn,
             revs: txn.open_table(super::tables::REVS)?,
-            leases: txn.open_table(super::tables::LEASES)?,
-            lease_keys: txn.open_table(super::tables::LEASE_KEYS)?,
         })
+    }
+
+    pub(crate) fn leases(&self) -> Result<LeaseTable<'txn>, KvError> {
+        Ok(self.txn.open_table(super::tables::LEASES)?)
+    }
+
+    pub(crate) fn lease_keys(&self) -> Result<LeaseKeysTable<'txn>, KvError> {
+        Ok(self.txn.open_table(super::tables::LEASE_KEYS)?)
     }
 
     /// Store the changes of one request at main revision `main`, subs 0, 1, 2, …, and
     /// keep the lease attachments in step (the key index is the caller's).
     pub(crate) fn apply(&mut self, main: i64, changes: &[Change]) -> Result<(), KvError> {
+        let mut lease_keys = None;
         for (sub, change) in changes.iter().enumerate() {
             let kv = &change.kv;
             self.revs.insert(
@@ -46,11 +55,15 @@ impl<'txn> WriteTables<'txn> {
             let old_lease = change.prev_lease;
             let new_lease = if change.tombstone { 0 } else { kv.lease };
             if old_lease != new_lease {
+                let table = match &mut lease_keys {
+                    Some(t) => t,
+                    None => lease_keys.insert(self.lease_keys()?),
+                };
                 if old_lease != 0 {
-                    self.lease_keys.remove((old_lease, key))?;
+                    table.remove((old_lease, key))?;
                 }
                 if new_lease != 0 {
-                    self.lease_keys.insert((new_lease, key), ())?;
+                    table.insert((new_lease, key), ())?;
                 }
             }
         }
@@ -68,10 +81,12 @@ impl<'txn> WriteTables<'txn> {
     /// Replace the keyspace and the leases with a snapshot's.
     pub(crate) fn restore(&mut self, snap: &StoreSnapshot) -> Result<(), KvError> {
         self.revs.retain(|_, _| false)?;
-        self.leases.retain(|_, _| false)?;
-        self.lease_keys.retain(|_, _| false)?;
+        let mut leases = self.leases()?;
+        let mut lease_keys = self.lease_keys()?;
+        leases.retain(|_, _| false)?;
+        lease_keys.retain(|_, _| false)?;
         for lease in &snap.leases {
-            self.leases.insert(lease.id, lease.ttl)?;
+            leases.insert(lease.id, lease.ttl)?;
         }
         for record in &snap.history {
             let kv = record.kv.clone().unwrap_or_default();
@@ -91,7 +106,7 @@ impl<'txn> WriteTables<'txn> {
         }
         for record in newest.into_values().filter(|r| !r.tombstone) {
             if let Some(kv) = record.kv.as_ref().filter(|kv| kv.lease != 0) {
-                self.lease_keys.insert((kv.lease, kv.key.as_slice()), ())?;
+                lease_keys.insert((kv.lease, kv.key.as_slice()), ())?;
             }
         }
         Ok(())

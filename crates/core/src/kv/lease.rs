@@ -53,10 +53,10 @@ impl ApplyBatch<'_> {
     pub fn lease_revoke(&mut self, id: i64) -> Result<pb::LeaseRevokeResponse, KvError> {
         let keys = {
             let tables = WriteTables::open(&self.txn)?;
-            if tables.leases.get(id)?.is_none() {
+            if tables.leases()?.get(id)?.is_none() {
                 return Err(KvError::LeaseNotFound);
             }
-            attached_keys(&tables.lease_keys, id)?
+            attached_keys(&tables.lease_keys()?, id)?
         };
         self.apply(|exec| {
             for key in keys {

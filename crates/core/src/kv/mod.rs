@@ -729,10 +729,11 @@ impl<'a> ApplyBatch<'a> {
             ));
         }
         let mut tables = WriteTables::open(&self.txn)?;
+        let leases = exec::TxnLeases(&self.txn);
         let (response, changes) = {
             let mut exec = Exec::new(
                 View::batch(&tables.revs, &self.store.index),
-                Some(&tables.leases),
+                Some(&leases),
                 self.meta.current_revision,
                 self.meta.compact_revision,
                 true,

@@ -17,8 +17,36 @@ use mesh_core::server::{Server, ServerConfig};
 
 /// A loopback address with a port that was free a moment ago.
 pub fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().expect("local addr")
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A loopback port nothing listens on now, below the kernel's ephemeral range. A port
+/// from binding port 0 is an ephemeral one, and any process's outgoing connection can
+/// take it before the member it was handed to binds it: tests failed now and then with
+/// "Address already in use" that way. Ports below the range are only ever taken by
+/// listeners; each test process walks them from its own starting point.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral_low <= LOWEST + 1_000 {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        return l.local_addr().expect("local addr").port();
+    }
+    let span = ephemeral_low - LOWEST;
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOWEST + start.wrapping_add(n) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOWEST}..{ephemeral_low}");
 }
 
 /// Retries `f` until it returns `Some` or `deadline` passes (then panics with `what`).

@@ -26,14 +26,7 @@ impl Drop for Server {
     }
 }
 
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use mesh_tests::free_port;
 
 /// Starts a fresh single-member server and waits until it is healthy.
 fn start_server() -> Server {

@@ -14,7 +14,7 @@ if ! command -v etcdctl >/dev/null 2>&1; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq etcd-client >/dev/null
 fi
-MESHD=${MESHD:-target/debug/meshd}
+MESHD=${MESHD:-${CARGO_TARGET_DIR:-target}/debug/meshd}
 [ -x "$MESHD" ] || { echo "etcdctl-compat: $MESHD is missing (cargo build --workspace --bins)" >&2; exit 1; }
 
 work=$(mktemp -d)

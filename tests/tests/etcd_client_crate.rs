@@ -224,3 +224,112 @@ async fn etcd_errors_and_limits() {
         (&b"4"[..], rev)
     );
 }
+
+async fn next(s: &mut etcd_client::WatchStream) -> etcd_client::WatchResponse {
+    tokio::time::timeout(Duration::from_secs(5), s.message())
+        .await
+        .expect("a watch response within 5 s")
+        .expect("watch stream")
+        .expect("stream open")
+}
+
+/// One Watch stream carrying several watchers, as etcd clients multiplex them: explicit
+/// and chosen IDs, a duplicate ID refused, history replayed after the created response,
+/// a cancel that stops one watcher only, progress on request and on idle, and a watcher
+/// started at a compacted revision canceled with the compact revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_watch_stream_carries_many_watchers() {
+    let (dir, mut configs) = InProcessCluster::configure(1, ClusterOpts::default());
+    configs[0].limits.progress_notify_interval = Duration::from_millis(300);
+    let c = InProcessCluster::start_configured(dir, configs).await;
+    wait_for_leader(&c.live_addrs()).await;
+    let mut kv = etcd_client(c.addr(0)).await;
+
+    let d_rev = kv
+        .put("d", "old", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let mut s = kv.watch("a", None).await.unwrap();
+    let r = next(&mut s).await;
+    assert!(r.created() && !r.canceled());
+    assert_eq!(r.watch_id(), 0);
+
+    s.watch("b", Some(WatchOptions::new().with_watch_id(7)))
+        .await
+        .unwrap();
+    let r = next(&mut s).await;
+    assert!(r.created());
+    assert_eq!(r.watch_id(), 7);
+
+    s.watch("c", Some(WatchOptions::new().with_watch_id(7)))
+        .await
+        .unwrap();
+    let r = next(&mut s).await;
+    assert!(r.created() && r.canceled(), "{r:?}");
+    assert_eq!(r.watch_id(), -1);
+    assert_eq!(r.cancel_reason(), "etcdserver: duplicate watch ID");
+
+    // History first, after the created response; the chosen ID follows the explicit 7.
+    s.watch("d", Some(WatchOptions::new().with_start_revision(d_rev)))
+        .await
+        .unwrap();
+    let r = next(&mut s).await;
+    assert!(r.created());
+    assert_eq!(r.watch_id(), 8);
+    let r = next(&mut s).await;
+    assert_eq!(r.watch_id(), 8);
+    assert_eq!(r.events()[0].kv().unwrap().value(), b"old");
+
+    kv.put("a", "1", None).await.unwrap();
+    kv.put("b", "1", None).await.unwrap();
+    let (r1, r2) = (next(&mut s).await, next(&mut s).await);
+    assert_eq!((r1.watch_id(), r2.watch_id()), (0, 7));
+    assert_eq!(r1.events()[0].kv().unwrap().key(), b"a");
+
+    s.cancel(0).await.unwrap();
+    let r = next(&mut s).await;
+    assert!(r.canceled());
+    assert_eq!(r.watch_id(), 0);
+    kv.put("a", "2", None).await.unwrap();
+    let last = kv
+        .put("b", "2", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    let r = next(&mut s).await;
+    assert_eq!(r.watch_id(), 7, "the canceled watcher sent {r:?}");
+    assert_eq!(r.events()[0].kv().unwrap().value(), b"2");
+
+    s.request_progress().await.unwrap();
+    let r = next(&mut s).await;
+    assert_eq!(r.watch_id(), -1);
+    assert!(r.events().is_empty());
+    assert_eq!(r.header().unwrap().revision(), last);
+
+    // A progress-notify watcher on an idle key hears from the server on its own.
+    s.watch("idle", Some(WatchOptions::new().with_progress_notify()))
+        .await
+        .unwrap();
+    let r = next(&mut s).await;
+    assert!(r.created());
+    let idle = r.watch_id();
+    let r = next(&mut s).await;
+    assert_eq!(r.watch_id(), idle);
+    assert!(r.events().is_empty() && !r.canceled());
+
+    kv.compact(last, None).await.unwrap();
+    s.watch("a", Some(WatchOptions::new().with_start_revision(d_rev)))
+        .await
+        .unwrap();
+    let created = next(&mut s).await;
+    assert!(created.created());
+    let r = next(&mut s).await;
+    assert_eq!(r.watch_id(), created.watch_id());
+    assert!(r.canceled());
+    assert_eq!(r.compact_revision(), last);
+}

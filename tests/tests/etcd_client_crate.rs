@@ -233,6 +233,17 @@ async fn next(s: &mut etcd_client::WatchStream) -> etcd_client::WatchResponse {
         .expect("stream open")
 }
 
+/// Adds a watcher to the stream and returns the stream's next response (its created
+/// response, or the refusal).
+async fn create(
+    s: &mut etcd_client::WatchStream,
+    key: &str,
+    opts: WatchOptions,
+) -> etcd_client::WatchResponse {
+    s.watch(key, Some(opts)).await.unwrap();
+    next(s).await
+}
+
 /// One Watch stream carrying several watchers, as etcd clients multiplex them: explicit
 /// and chosen IDs, a duplicate ID refused, history replayed after the created response,
 /// a cancel that stops one watcher only, progress on request and on idle, and a watcher
@@ -257,26 +268,17 @@ async fn one_watch_stream_carries_many_watchers() {
     assert!(r.created() && !r.canceled());
     assert_eq!(r.watch_id(), 0);
 
-    s.watch("b", Some(WatchOptions::new().with_watch_id(7)))
-        .await
-        .unwrap();
-    let r = next(&mut s).await;
+    let r = create(&mut s, "b", WatchOptions::new().with_watch_id(7)).await;
     assert!(r.created());
     assert_eq!(r.watch_id(), 7);
 
-    s.watch("c", Some(WatchOptions::new().with_watch_id(7)))
-        .await
-        .unwrap();
-    let r = next(&mut s).await;
+    let r = create(&mut s, "c", WatchOptions::new().with_watch_id(7)).await;
     assert!(r.created() && r.canceled(), "{r:?}");
     assert_eq!(r.watch_id(), -1);
     assert_eq!(r.cancel_reason(), "etcdserver: duplicate watch ID");
 
     // History first, after the created response; the chosen ID follows the explicit 7.
-    s.watch("d", Some(WatchOptions::new().with_start_revision(d_rev)))
-        .await
-        .unwrap();
-    let r = next(&mut s).await;
+    let r = create(&mut s, "d", WatchOptions::new().with_start_revision(d_rev)).await;
     assert!(r.created());
     assert_eq!(r.watch_id(), 8);
     let r = next(&mut s).await;
@@ -312,10 +314,7 @@ async fn one_watch_stream_carries_many_watchers() {
     assert_eq!(r.header().unwrap().revision(), last);
 
     // A progress-notify watcher on an idle key hears from the server on its own.
-    s.watch("idle", Some(WatchOptions::new().with_progress_notify()))
-        .await
-        .unwrap();
-    let r = next(&mut s).await;
+    let r = create(&mut s, "idle", WatchOptions::new().with_progress_notify()).await;
     assert!(r.created());
     let idle = r.watch_id();
     let r = next(&mut s).await;
@@ -323,10 +322,7 @@ async fn one_watch_stream_carries_many_watchers() {
     assert!(r.events().is_empty() && !r.canceled());
 
     kv.compact(last, None).await.unwrap();
-    s.watch("a", Some(WatchOptions::new().with_start_revision(d_rev)))
-        .await
-        .unwrap();
-    let created = next(&mut s).await;
+    let created = create(&mut s, "a", WatchOptions::new().with_start_revision(d_rev)).await;
     assert!(created.created());
     let r = next(&mut s).await;
     assert_eq!(r.watch_id(), created.watch_id());

@@ -115,25 +115,24 @@ async fn serve_requests(
         let rev = ctx.kv.current_revision();
         let control = match msg.request_union {
             Some(RequestUnion::CreateRequest(c)) => {
-                if let super::Caller::User(u) = &caller {
-                    let read = crate::proto::authpb::permission::Type::Read;
-                    if ctx
+                let read = crate::proto::authpb::permission::Type::Read;
+                let denied = match &caller {
+                    super::Caller::User(u) => ctx
                         .kv
                         .auth()
                         .check_range(u, &c.key, &c.range_end, read)
-                        .is_err()
-                    {
-                        Control::Send(WatchResponse {
-                            header: ctx.header(rev),
-                            watch_id: c.watch_id,
-                            created: true,
-                            canceled: true,
-                            cancel_reason: WATCH_PERMISSION_DENIED.into(),
-                            ..Default::default()
-                        })
-                    } else {
-                        create(&ctx, c, rev, &mut next_id, &live)
-                    }
+                        .is_err(),
+                    super::Caller::Anyone => false,
+                };
+                if denied {
+                    Control::Send(WatchResponse {
+                        header: ctx.header(rev),
+                        watch_id: c.watch_id,
+                        created: true,
+                        canceled: true,
+                        cancel_reason: WATCH_PERMISSION_DENIED.into(),
+                        ..Default::default()
+                    })
                 } else {
                     create(&ctx, c, rev, &mut next_id, &live)
                 }

@@ -96,15 +96,10 @@ impl<'txn> WriteTables<'txn> {
             )?;
         }
         // A key is live if its newest record is a put.
-        let mut newest: BTreeMap<&[u8], &HistoryRecord> = BTreeMap::new();
-        for record in &snap.history {
-            let key = record.kv.as_ref().map_or(&[][..], |kv| kv.key.as_slice());
-            let slot = newest.entry(key).or_insert(record);
-            if (record.main, record.sub) > (slot.main, slot.sub) {
-                *slot = record;
-            }
-        }
-        for record in newest.into_values().filter(|r| !r.tombstone) {
+        for record in newest_per_key(&snap.history)
+            .into_values()
+            .filter(|r| !r.tombstone)
+        {
             if let Some(kv) = record.kv.as_ref().filter(|kv| kv.lease != 0) {
                 lease_keys.insert((kv.lease, kv.key.as_slice()), ())?;
             }
@@ -116,7 +111,6 @@ impl<'txn> WriteTables<'txn> {
 /// Watch replay: see [`super::KvStore::events`].
 pub(crate) fn events<R>(
     view: &View<'_, R>,
-    revs: &R,
     (start, end): (i64, i64),
     interval: &Interval,
     prev_kv: bool,
@@ -130,7 +124,10 @@ where
         return Ok(out);
     }
     let mut last_main = None;
-    for entry in revs.range::<(i64, i64)>((start, i64::MIN)..=(end, i64::MAX))? {
+    for entry in view
+        .revs()
+        .range::<(i64, i64)>((start, i64::MIN)..=(end, i64::MAX))?
+    {
         let (rk, raw) = entry?;
         let (main, sub) = rk.value();
         // Whole revisions only: stop at the first revision past the limit.
@@ -160,25 +157,18 @@ where
     Ok(out)
 }
 
-/// crc32 over every record with main ≤ `rev`, in revision order.
-pub(crate) fn hash<R>(revs: &R, rev: i64) -> Result<u32, KvError>
-where
-    R: ReadableTable<(i64, i64), &'static [u8]>,
-{
-    let mut hasher = KvHasher::default();
-    for entry in revs.range::<(i64, i64)>(..=(rev, i64::MAX))? {
-        let (rk, raw) = entry?;
-        let (main, sub) = rk.value();
-        let record = decode_record(raw.value())?;
-        hasher.record(
-            &record.kv.key,
-            main,
-            sub,
-            record.tombstone,
-            &record.kv.value,
-        );
+/// Each key's newest record, whatever order the records come in (snapshots list them
+/// in revision order, or in key order if written before `kv_revs`).
+pub(crate) fn newest_per_key(records: &[HistoryRecord]) -> BTreeMap<&[u8], &HistoryRecord> {
+    let mut newest: BTreeMap<&[u8], &HistoryRecord> = BTreeMap::new();
+    for record in records {
+        let key = record.kv.as_ref().map_or(&[][..], |kv| kv.key.as_slice());
+        let slot = newest.entry(key).or_insert(record);
+        if (record.main, record.sub) > (slot.main, slot.sub) {
+            *slot = record;
+        }
     }
-    Ok(hasher.finish())
+    newest
 }
 
 /// The HashKV of a snapshot's history at its own revision: equal to what the source
@@ -217,6 +207,26 @@ impl KvHasher {
         h.update(&[u8::from(tombstone)]);
         h.update(&(value.len() as u64).to_le_bytes());
         h.update(value);
+    }
+
+    /// Feeds every stored record with main ≤ `rev`, in revision order.
+    pub(crate) fn records<R>(&mut self, revs: &R, rev: i64) -> Result<(), KvError>
+    where
+        R: ReadableTable<(i64, i64), &'static [u8]>,
+    {
+        for entry in revs.range::<(i64, i64)>(..=(rev, i64::MAX))? {
+            let (rk, raw) = entry?;
+            let (main, sub) = rk.value();
+            let record = decode_record(raw.value())?;
+            self.record(
+                &record.kv.key,
+                main,
+                sub,
+                record.tombstone,
+                &record.kv.value,
+            );
+        }
+        Ok(())
     }
 
     /// Feeds bytes that are not a history record (Hash covers the whole store).

@@ -10,7 +10,7 @@
 //! stored in `kv_meta`, and a reader whose snapshot has another epoch starts over.
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::ReadableTable;
 
@@ -113,16 +113,20 @@ impl KeyIndex {
         self.order.remove(key);
     }
 
-    /// Removes the versions above revision `main` of each of `keys` (an apply batch
-    /// that was dropped without a commit).
-    pub(crate) fn rollback(&mut self, keys: &[Vec<u8>], main: i64) {
-        for key in keys {
-            if let Some(versions) = self.versions.get_mut(key.as_slice()) {
-                versions.retain(|v| v.main <= main);
-                if versions.is_empty() {
-                    self.remove(key);
-                }
+    /// Removes every version above revision `main` (an apply batch that was dropped
+    /// without a commit). A walk of the whole index, on that rare path, instead of a
+    /// record of the touched keys on every put.
+    pub(crate) fn rollback(&mut self, main: i64) {
+        let mut gone = Vec::new();
+        for (key, versions) in self.versions.iter_mut() {
+            let kept = versions.partition_point(|v| v.main <= main);
+            versions.truncate(kept);
+            if versions.is_empty() {
+                gone.push(key.clone());
             }
+        }
+        for key in gone {
+            self.remove(&key);
         }
     }
 
@@ -196,6 +200,14 @@ impl KeyIndex {
     }
 }
 
+pub(crate) fn read(index: &RwLock<KeyIndex>) -> RwLockReadGuard<'_, KeyIndex> {
+    index.read().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn write(index: &RwLock<KeyIndex>) -> RwLockWriteGuard<'_, KeyIndex> {
+    index.write().unwrap_or_else(|p| p.into_inner())
+}
+
 fn compacted_len(versions: &[Version], rev: i64) -> usize {
     let n = versions.partition_point(|v| v.main <= rev);
     match n.checked_sub(1).map(|i| versions[i]) {
@@ -241,6 +253,11 @@ where
         }
     }
 
+    /// The records this view reads.
+    pub(crate) fn revs(&self) -> &'t R {
+        self.revs
+    }
+
     pub(crate) fn batch(revs: &'t R, index: &'t RwLock<KeyIndex>) -> Self {
         View {
             revs,
@@ -253,7 +270,7 @@ where
     /// Runs `f` on the index, or fails with `Stale` if the index no longer matches
     /// this view's snapshot.
     fn locate<T>(&self, f: impl FnOnce(&KeyIndex) -> T) -> Result<T, KvError> {
-        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let index = read(self.index);
         if self.epoch.is_some_and(|e| e != index.epoch) {
             return Err(KvError::Stale);
         }
@@ -351,7 +368,7 @@ mod tests {
         index.add(b"a".to_vec(), v(2, false));
         index.add(b"a".to_vec(), v(3, false));
         index.add(b"b".to_vec(), v(3, false));
-        index.rollback(&[b"a".to_vec(), b"b".to_vec()], 2);
+        index.rollback(2);
         assert_eq!(index.len(), 1);
         assert_eq!(index.at(b"a", i64::MAX), Some(v(2, false)));
     }

@@ -222,13 +222,14 @@ struct IndexRollback<'a> {
     index: &'a RwLock<KeyIndex>,
     /// The committed revision the batch started from.
     base_revision: i64,
-    keys: Vec<Vec<u8>>,
+    /// Whether the batch added versions that no commit has made permanent.
+    pending: bool,
 }
 
 impl Drop for IndexRollback<'_> {
     fn drop(&mut self) {
-        if !self.keys.is_empty() {
-            write_index(self.index).rollback(&self.keys, self.base_revision);
+        if self.pending {
+            index::write(self.index).rollback(self.base_revision);
         }
     }
 }
@@ -236,10 +237,6 @@ impl Drop for IndexRollback<'_> {
 enum IndexEffect {
     Compact(i64),
     Replace(KeyIndex),
-}
-
-fn write_index(index: &RwLock<KeyIndex>) -> std::sync::RwLockWriteGuard<'_, KeyIndex> {
-    index.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How many times a read starts over on `KvError::Stale` before it gives up: the
@@ -302,7 +299,7 @@ impl KvStore {
         let meta = Meta::load(&txn.open_table(META)?)?;
         let nospace = nospace_active(&txn.open_table(ALARMS)?)?;
         let auth = AuthState::from_snapshot(&auth::load(&txn.open_table(auth::AUTH)?)?);
-        *write_index(&self.index) = KeyIndex::load(&txn.open_table(REVS)?, meta.index_epoch)?;
+        *index::write(&self.index) = KeyIndex::load(&txn.open_table(REVS)?, meta.index_epoch)?;
         self.applied_index
             .store(meta.applied_index, Ordering::Release);
         self.current_revision
@@ -360,7 +357,7 @@ impl KvStore {
             added: IndexRollback {
                 index: &self.index,
                 base_revision: meta.current_revision,
-                keys: Vec::new(),
+                pending: false,
             },
             index_effects: Vec::new(),
             restored: false,
@@ -375,14 +372,14 @@ impl KvStore {
     /// index is being brought in step with a commit.
     fn snapshot_read<T>(
         &self,
-        f: impl Fn(View<'_, ReadRevs>, &ReadRevs, &Meta) -> Result<T, KvError>,
+        f: impl Fn(View<'_, ReadRevs>, &Meta) -> Result<T, KvError>,
     ) -> Result<T, KvError> {
         for attempt in 0..STALE_RETRIES {
             let txn = self.db.begin_read()?;
             let meta = Meta::load(&txn.open_table(META)?)?;
             let revs = txn.open_table(REVS)?;
             let view = View::snapshot(&revs, &self.index, meta.current_revision, meta.index_epoch);
-            match f(view, &revs, &meta) {
+            match f(view, &meta) {
                 Err(KvError::Stale) if attempt < 100 => std::thread::yield_now(),
                 Err(KvError::Stale) => std::thread::sleep(std::time::Duration::from_millis(1)),
                 done => return done,
@@ -398,7 +395,7 @@ impl KvStore {
         &self,
         f: impl Fn(&mut Exec<'_, ReadRevs>) -> Result<T, KvError>,
     ) -> Result<T, KvError> {
-        self.snapshot_read(|view, _, meta| {
+        self.snapshot_read(|view, meta| {
             let mut exec = Exec::new(
                 view,
                 None,
@@ -498,13 +495,13 @@ impl KvStore {
         prev_kv: bool,
         limit: usize,
     ) -> Result<Vec<mvccpb::Event>, KvError> {
-        self.snapshot_read(|view, revs, meta| {
+        self.snapshot_read(|view, meta| {
             if start < meta.compact_revision {
                 return Err(KvError::Compacted {
                     compact_revision: meta.compact_revision,
                 });
             }
-            history::events(&view, revs, (start, end), interval, prev_kv, limit)
+            history::events(&view, (start, end), interval, prev_kv, limit)
         })
     }
 
@@ -542,7 +539,9 @@ impl KvStore {
                 compact_revision: meta.compact_revision,
             });
         }
-        let hash = history::hash(&txn.open_table(REVS)?, rev)?;
+        let mut hasher = history::KvHasher::default();
+        hasher.records(&txn.open_table(REVS)?, rev)?;
+        let hash = hasher.finish();
         Ok((hash, meta.compact_revision, rev))
     }
 
@@ -563,18 +562,7 @@ impl KvStore {
         let txn = self.db.begin_read()?;
         let meta = Meta::load(&txn.open_table(META)?)?;
         let mut hasher = history::KvHasher::default();
-        for entry in txn.open_table(REVS)?.range::<(i64, i64)>(..)? {
-            let (rk, raw) = entry?;
-            let (main, sub) = rk.value();
-            let record = tables::decode_record(raw.value())?;
-            hasher.record(
-                &record.kv.key,
-                main,
-                sub,
-                record.tombstone,
-                &record.kv.value,
-            );
-        }
+        hasher.records(&txn.open_table(REVS)?, i64::MAX)?;
         hasher.extra(&meta.current_revision.to_le_bytes());
         hasher.extra(&meta.compact_revision.to_le_bytes());
         for m in read_members(&txn.open_table(MEMBERS)?)? {
@@ -599,20 +587,13 @@ pub struct SnapshotSummary {
 
 impl SnapshotSummary {
     pub fn of(snap: &StoreSnapshot) -> SnapshotSummary {
-        let mut live = std::collections::BTreeMap::new();
-        for r in &snap.history {
-            let key = r.kv.as_ref().map_or(&[][..], |kv| kv.key.as_slice());
-            // Each key's newest version decides (snapshots list a key's versions
-            // oldest first, in key or in revision order).
-            let slot = live.entry(key).or_insert((r.main, r.sub, !r.tombstone));
-            if (r.main, r.sub) > (slot.0, slot.1) {
-                *slot = (r.main, r.sub, !r.tombstone);
-            }
-        }
         SnapshotSummary {
             hash: history::hash_records(&snap.history, snap.revision),
             revision: snap.revision,
-            total_keys: live.values().filter(|l| l.2).count(),
+            total_keys: history::newest_per_key(&snap.history)
+                .values()
+                .filter(|r| !r.tombstone)
+                .count(),
         }
     }
 }
@@ -720,14 +701,7 @@ impl<'a> ApplyBatch<'a> {
         &mut self,
         run: impl FnOnce(&mut Exec<'_, RevsTable<'_>>) -> Result<T, KvError>,
     ) -> Result<T, KvError> {
-        if self.restored {
-            // The driver commits a restore on its own; reading through the old index
-            // here would be wrong.
-            return Err(KvError::Storage(
-                "a batch that restored a snapshot must be committed before it applies requests"
-                    .into(),
-            ));
-        }
+        self.ensure_index_current()?;
         let mut tables = WriteTables::open(&self.txn)?;
         let leases = exec::TxnLeases(&self.txn);
         let (response, changes) = {
@@ -744,19 +718,32 @@ impl<'a> ApplyBatch<'a> {
         if !changes.is_empty() {
             let main = self.meta.current_revision + 1;
             tables.apply(main, &changes)?;
-            let mut index = write_index(&self.store.index);
+            let mut index = index::write(&self.store.index);
             for (sub, change) in changes.into_iter().enumerate() {
                 let version = Version {
                     main,
                     sub: sub as i64,
                     tombstone: change.tombstone,
                 };
-                self.added.keys.push(change.kv.key.clone());
                 index.add(change.kv.key, version);
             }
+            self.added.pending = true;
             self.meta.current_revision = main;
         }
         Ok(response)
+    }
+
+    /// Requests and compactions read the live key index; after a restore in this
+    /// batch it describes the tables no longer (the driver commits a restore on its
+    /// own, so this never refuses anything it sends).
+    fn ensure_index_current(&self) -> Result<(), KvError> {
+        if self.restored {
+            return Err(KvError::Storage(
+                "a batch that restored a snapshot must be committed before it applies requests"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     pub fn put(&mut self, req: &pb::PutRequest) -> Result<pb::PutResponse, KvError> {
@@ -790,12 +777,8 @@ impl<'a> ApplyBatch<'a> {
                 compact_revision: self.meta.compact_revision,
             });
         }
-        let dropped = self
-            .store
-            .index
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .compacted(rev);
+        self.ensure_index_current()?;
+        let dropped = index::read(&self.store.index).compacted(rev);
         WriteTables::open(&self.txn)?.compact(&dropped)?;
         self.index_effects.push(IndexEffect::Compact(rev));
         self.meta.compact_revision = rev;
@@ -911,9 +894,9 @@ impl<'a> ApplyBatch<'a> {
         self.txn.commit()?;
         let store = self.store;
         // Committed: the batch's versions stay, and what waited for the commit happens.
-        self.added.keys.clear();
+        self.added.pending = false;
         if !self.index_effects.is_empty() {
-            let mut index = write_index(&store.index);
+            let mut index = index::write(&store.index);
             for effect in self.index_effects.drain(..) {
                 match effect {
                     IndexEffect::Compact(rev) => index.compact(rev),

@@ -10,8 +10,11 @@
 #   BUILD=0 bench/compare.sh         # skip the release build
 #   RATE=4000 bench/compare.sh       # the fixed load of put-100clients-at-rate
 #
-# Single-connection workloads go to each system's current Raft leader (asked with
-# `endpoint status` before every run), so neither pays a forwarding hop.
+# Multi-connection workloads spread their connections over all three members (connection
+# i to member i mod 3, as etcd's benchmark does; 12 connections, so each member gets as
+# many clients whichever leads). Single-connection workloads go to each system's current
+# Raft leader, or to a follower where the label says so (asked with `endpoint status`
+# before every run), so both systems' single clients take the same path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}
@@ -19,6 +22,7 @@ TOTAL=${TOTAL:-10000}
 TOTAL1=${TOTAL1:-2000}
 WTOTAL=${WTOTAL:-100}   # puts in the watch fan-out (each delivered to 1000 watchers)
 VAL=${VAL:-256}
+CONNS=${CONNS:-12}   # connections of the 100-client workloads: a multiple of the 3 members
 ONLY=${ONLY:-}
 RATE=${RATE:-4000}   # req/s of put-100clients-at-rate: below both systems' most, so p99 compares at equal load
 BUILD=${BUILD:-1}   # BUILD=0: use the binaries already in target/release
@@ -77,11 +81,16 @@ else:
     sys.exit("no member reports itself as leader")
 '
 }
-run() { # system eps label args...   (eps "LEADER" = the current leader of $all_eps)
+follower_of() { # eps -> the client endpoint of a member that is not the leader
+  local l; l=$(leader_of "$1")
+  tr , '\n' <<<"$1" | grep -vx "$l" | head -1
+}
+run() { # system eps label args...   (eps LEADER / FOLLOWER: a member of $all_eps with that role now)
   local sys=$1 eps=$2 label=$3; shift 3
   local j
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $label "* ]]; then return; fi
   [ "$eps" = LEADER ] && eps=$(leader_of "$all_eps")
+  [ "$eps" = FOLLOWER ] && eps=$(follower_of "$all_eps")
   j=$($MESHCTL --endpoints "$eps" -w json bench "$@" 2>/dev/null)
   python3 - "$sys" "$label" "$j" >>"$results" <<'PY'
 import json, sys
@@ -98,14 +107,15 @@ for r in $(seq "$ROUNDS"); do
     eps=$ETCD_EPS; [ $sys = meshd ] && eps=$MESHD_EPS
     all_eps=$eps leader=LEADER
     run $sys "$leader" put-1client put --clients 1 --conns 1 --total "$TOTAL1" --val-size "$VAL" --key-space-size 100000
-    run $sys "$eps" put-100clients put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL" --key-space-size 100000
-    run $sys "$eps" put-100clients-at-rate put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL" --key-space-size 100000 --rate "$RATE"
-    run $sys "$eps" put-seq-100clients put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL" --key-space-size 100000 --sequential-keys
-    run $sys "$eps" txn-put-100clients txn-put --clients 100 --conns 10 --total "$TOTAL" --val-size "$VAL" --key-space-size 100000
-    run $sys "$eps" get-l-100clients get --clients 100 --conns 10 --total "$TOTAL" --consistency l
-    run $sys "$eps" get-s-100clients get --clients 100 --conns 10 --total "$TOTAL" --consistency s
-    run $sys "$eps" get-l-1client get --clients 1 --conns 1 --total "$TOTAL1" --consistency l
-    run $sys "$eps" lease-keepalive-100 lease-keepalive --clients 100 --conns 10 --total "$TOTAL"
+    run $sys "$eps" put-100clients put --clients 100 --conns "$CONNS" --total "$TOTAL" --val-size "$VAL" --key-space-size 100000
+    run $sys "$eps" put-100clients-at-rate put --clients 100 --conns "$CONNS" --total "$TOTAL" --val-size "$VAL" --key-space-size 100000 --rate "$RATE"
+    run $sys "$eps" put-seq-100clients put --clients 100 --conns "$CONNS" --total "$TOTAL" --val-size "$VAL" --key-space-size 100000 --sequential-keys
+    run $sys "$eps" txn-put-100clients txn-put --clients 100 --conns "$CONNS" --total "$TOTAL" --val-size "$VAL" --key-space-size 100000
+    run $sys "$eps" get-l-100clients get --clients 100 --conns "$CONNS" --total "$TOTAL" --consistency l
+    run $sys "$eps" get-s-100clients get --clients 100 --conns "$CONNS" --total "$TOTAL" --consistency s
+    run $sys "$leader" get-l-1client get --clients 1 --conns 1 --total "$TOTAL1" --consistency l
+    run $sys FOLLOWER get-l-1client-follower get --clients 1 --conns 1 --total "$TOTAL1" --consistency l
+    run $sys "$eps" lease-keepalive-100 lease-keepalive --clients 100 --conns "$CONNS" --total "$TOTAL"
     run $sys "$leader" watch-1000watchers watch --watchers 1000 --conns 10 --total "$WTOTAL"
   done
 done

@@ -469,7 +469,8 @@ pub struct WatchBenchArgs {
     /// Watch streams.
     #[arg(long, default_value_t = 1000)]
     pub watchers: usize,
-    /// gRPC connections the watchers are spread over.
+    /// gRPC connections the watchers are spread over (connection i to endpoint i
+    /// modulo the number of --endpoints).
     #[arg(long, default_value_t = 10)]
     pub conns: usize,
     /// Puts to the watched key (each is delivered to every watcher).
@@ -498,7 +499,8 @@ pub struct BenchArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 1)]
     pub clients: usize,
-    /// gRPC connections (requests are spread over them).
+    /// gRPC connections (requests are spread over them). Connection i goes to
+    /// endpoint i modulo the number of --endpoints, as in etcd's benchmark.
     #[arg(long, default_value_t = 1)]
     pub conns: usize,
     /// Total number of requests.

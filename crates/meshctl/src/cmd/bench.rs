@@ -316,6 +316,21 @@ fn print_simple(out: &mut dyn Write, r: &Report) -> std::io::Result<()> {
     Ok(())
 }
 
+/// `n` clients, each with its own gRPC connection. Connection i goes first to endpoint
+/// i modulo the number of endpoints, as etcd's benchmark hands out its connections, so a
+/// run loads every member the same way whichever of them leads; the others stay in its
+/// list for failover.
+fn connections(global: &Global, n: usize) -> Result<Vec<Client>> {
+    (0..n)
+        .map(|i| {
+            let mut config = global.client.clone();
+            let len = config.endpoints.len().max(1);
+            config.endpoints.rotate_left(i % len);
+            Ok(Client::connect(config)?)
+        })
+        .collect()
+}
+
 pub async fn run(global: &Global, out: &mut dyn Write, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Watch(a) => return watch_fanout(global, out, a).await,
@@ -323,9 +338,7 @@ pub async fn run(global: &Global, out: &mut dyn Write, cmd: BenchCommand) -> Res
         _ => {}
     }
     let plan = Arc::new(Plan::new(cmd)?);
-    let conns = (0..plan.conns)
-        .map(|_| Client::connect(global.client.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let conns = connections(global, plan.conns)?;
     let bar = ProgressBar::new(plan.total);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} [{elapsed_precise}] {per_sec}")
@@ -386,9 +399,7 @@ async fn watch_fanout(global: &Global, out: &mut dyn Write, a: WatchBenchArgs) -
     if a.val_size < 16 {
         bail!("--val-size must be at least 16 (the send time travels in the value)");
     }
-    let conns = (0..a.conns)
-        .map(|_| Client::connect(global.client.clone()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let conns = connections(global, a.conns)?;
     let key = format!("bench-watch-{}", rand::rng().random::<u32>()).into_bytes();
     let expected = a.total * a.watchers as u64;
     let bar = ProgressBar::new(expected);

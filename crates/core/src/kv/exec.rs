@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use redb::ReadableTable;
 
-use super::index::View;
+use super::index::{Meta, View};
 use super::range::{header, shape_range, Interval};
 use super::KvError;
 use crate::proto::etcdserverpb as pb;
@@ -185,13 +185,29 @@ where
         });
     }
 
+    /// What a put needs of the current version of `key`, including this request's
+    /// writes, without reading the stored record.
+    fn meta(&self, key: &[u8]) -> Result<Option<Meta>, KvError> {
+        if let Some(state) = self.overlay.get(key) {
+            return Ok(state.as_ref().map(Meta::of));
+        }
+        self.view.meta(key)
+    }
+
     pub(crate) fn put(&mut self, req: &pb::PutRequest) -> Result<pb::PutResponse, KvError> {
         self.ensure_writable()?;
-        let prev = self.get(&req.key)?;
-        if prev.is_none() && (req.ignore_value || req.ignore_lease) {
+        // The whole previous record only when the request asks for it or keeps its
+        // value; otherwise the key index has what a put needs.
+        let (meta, prev) = if req.prev_kv || req.ignore_value {
+            let prev = self.get(&req.key)?;
+            (prev.as_ref().map(Meta::of), prev)
+        } else {
+            (self.meta(&req.key)?, None)
+        };
+        if meta.is_none() && (req.ignore_value || req.ignore_lease) {
             return Err(KvError::KeyNotFound);
         }
-        let lease = match (&prev, req.ignore_lease) {
+        let lease = match (&meta, req.ignore_lease) {
             (Some(p), true) => p.lease,
             _ => req.lease,
         };
@@ -207,16 +223,16 @@ where
         let rev = self.write_revision();
         let kv = KeyValue {
             key: req.key.clone(),
-            create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+            create_revision: meta.map_or(rev, |p| p.create_revision),
             mod_revision: rev,
-            version: prev.as_ref().map_or(0, |p| p.version) + 1,
+            version: meta.map_or(0, |p| p.version) + 1,
             value: match (&prev, req.ignore_value) {
                 (Some(p), true) => p.value.clone(),
                 _ => req.value.clone(),
             },
             lease,
         };
-        let prev_lease = prev.as_ref().map_or(0, |p| p.lease);
+        let prev_lease = meta.map_or(0, |p| p.lease);
         self.record(false, kv, prev_lease);
         Ok(pb::PutResponse {
             header: Some(header(rev)),

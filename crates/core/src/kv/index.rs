@@ -20,15 +20,52 @@ use super::KvError;
 use crate::proto::meshpb::HistoryRecord;
 use crate::proto::mvccpb::KeyValue;
 
-/// One version of a key: where its record is in `kv_revs`.
+/// One version of a key: where its record is in `kv_revs`, and the fields a put
+/// derives from the version it replaces, so a put reads no record (as etcd's
+/// `keyIndex` and lessor answer it from memory). Reading the previous record from
+/// `kv_revs` was two fifths of a follower's apply (perf, 100-client put benchmark).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Version {
     pub main: i64,
     pub sub: i64,
     pub tombstone: bool,
+    /// The put's key fields (all 0 for a tombstone).
+    pub meta: Meta,
+}
+
+/// What a put needs to know of the live version it replaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub create_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+}
+
+impl Meta {
+    pub(crate) fn of(kv: &KeyValue) -> Meta {
+        Meta {
+            create_revision: kv.create_revision,
+            version: kv.version,
+            lease: kv.lease,
+        }
+    }
 }
 
 impl Version {
+    /// The version stored at `(main, sub)` for a record of `kv`.
+    pub(crate) fn new(main: i64, sub: i64, tombstone: bool, kv: &KeyValue) -> Version {
+        Version {
+            main,
+            sub,
+            tombstone,
+            meta: if tombstone {
+                Meta::default()
+            } else {
+                Meta::of(kv)
+            },
+        }
+    }
+
     fn rev(&self) -> (i64, i64) {
         (self.main, self.sub)
     }
@@ -62,14 +99,8 @@ impl KeyIndex {
             let (rev, raw) = entry?;
             let (main, sub) = rev.value();
             let Record { tombstone, kv } = decode_record(raw.value())?;
-            index.add(
-                kv.key,
-                Version {
-                    main,
-                    sub,
-                    tombstone,
-                },
-            );
+            let version = Version::new(main, sub, tombstone, &kv);
+            index.add(kv.key, version);
         }
         Ok(index)
     }
@@ -83,15 +114,9 @@ impl KeyIndex {
             ..KeyIndex::default()
         };
         for r in ordered {
-            let key = r.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default();
-            index.add(
-                key,
-                Version {
-                    main: r.main,
-                    sub: r.sub,
-                    tombstone: r.tombstone,
-                },
-            );
+            let kv = r.kv.clone().unwrap_or_default();
+            let version = Version::new(r.main, r.sub, r.tombstone, &kv);
+            index.add(kv.key, version);
         }
         index
     }
@@ -305,6 +330,14 @@ where
         self.fetch_live(found)
     }
 
+    /// What a put needs of the live version of `key`, without reading its record.
+    pub(crate) fn meta(&self, key: &[u8]) -> Result<Option<Meta>, KvError> {
+        Ok(self
+            .locate(|i| i.at(key, self.visible))?
+            .filter(|v| !v.tombstone)
+            .map(|v| v.meta))
+    }
+
     /// The version of `key` just before `(main, sub)`, unless it is a tombstone.
     pub(crate) fn previous(
         &self,
@@ -324,11 +357,12 @@ mod tests {
     use super::*;
 
     fn v(main: i64, tombstone: bool) -> Version {
-        Version {
-            main,
-            sub: 0,
-            tombstone,
-        }
+        let kv = KeyValue {
+            create_revision: 1,
+            version: main,
+            ..Default::default()
+        };
+        Version::new(main, 0, tombstone, &kv)
     }
 
     #[test]

@@ -720,11 +720,7 @@ impl<'a> ApplyBatch<'a> {
             tables.apply(main, &changes)?;
             let mut index = index::write(&self.store.index);
             for (sub, change) in changes.into_iter().enumerate() {
-                let version = Version {
-                    main,
-                    sub: sub as i64,
-                    tombstone: change.tombstone,
-                };
+                let version = Version::new(main, sub as i64, change.tombstone, &change.kv);
                 index.add(change.kv.key, version);
             }
             self.added.pending = true;

@@ -119,15 +119,24 @@ async fn a_torn_log_tail_restarts_with_every_earlier_write() {
     std::fs::create_dir(&pristine).unwrap();
     copy_dir(&data, &pristine);
     let seg = |dir: &std::path::Path| dir.join("wal").join("0000000000000001.wal");
-    let whole = std::fs::read(seg(&pristine)).unwrap();
-    // Records follow the 8-byte magic: length (u32 LE), two checksums, payload.
+    let on_disk = std::fs::read(seg(&pristine)).unwrap();
+    // Records follow the 8-byte magic: length (u32 LE), two checksums, payload. Zeros
+    // follow the last record (the log keeps them ahead of its end).
     let mut last = 8;
     let mut at = 8;
-    while at < whole.len() {
+    while at + 4 <= on_disk.len() {
+        let len = u32::from_le_bytes(on_disk[at..at + 4].try_into().unwrap()) as usize;
+        if len == 0 {
+            break;
+        }
         last = at;
-        at += 12 + u32::from_le_bytes(whole[at..at + 4].try_into().unwrap()) as usize;
+        at += 12 + len;
     }
-    assert_eq!(at, whole.len(), "the segment ends with a whole record");
+    assert!(
+        at <= on_disk.len() && on_disk[at..].iter().all(|&b| b == 0),
+        "the segment's records end with a whole record, and zeros follow"
+    );
+    let whole = on_disk[..at].to_vec();
     let mut reported = 0;
     for (cut, zeros) in [
         (last, false),

@@ -22,6 +22,17 @@
 //! A segment is written under a temporary name and renamed once its head is durable,
 //! so a segment either exists whole or not at all.
 //!
+//! # Zeros ahead of the end
+//! The open segment is kept [`ZERO_CHUNK`] bytes longer than what it holds, and those
+//! bytes are zeros that were written (not `fallocate`d). A record then lands in blocks
+//! the file already has, and its `fdatasync` writes the data alone; a write that grows
+//! the file makes every `fdatasync` also write the inode. Measured on this machine's
+//! ext4: 115–125 µs per 8 KiB append + `fdatasync` with the zeros, 190–220 µs growing
+//! (and 50 against 80 µs of CPU). `fallocate` does not help: the first write to an
+//! allocated-but-unwritten block changes the extent tree, and so the inode again.
+//! Replay reads the zeros as the end of the log (see Damage); a segment is cut back to
+//! its records before the next one starts, so only the last one has zeros.
+//!
 //! # Damage
 //! Only the end of the last segment can be cut short by a crash (a write that did not
 //! finish): an incomplete record there, or one whose end is zeros up to the end of the
@@ -34,11 +45,12 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use prost011::Message as _;
 use raft::prelude::{Entry, EntryType, HardState};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::StorageError;
 
@@ -52,6 +64,9 @@ pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// the request size limit).
 const MAX_RECORD: usize = 256 * 1024 * 1024;
 const HEADER: usize = 12;
+/// How far ahead of its records the open segment is zero-filled, and in what steps.
+pub const ZERO_CHUNK: u64 = 1024 * 1024;
+static ZEROS: [u8; ZERO_CHUNK as usize] = [0; ZERO_CHUNK as usize];
 
 const ENTRY: u8 = 0xE1;
 const HARD_STATE: u8 = 0xB2;
@@ -87,6 +102,8 @@ pub struct Wal {
     /// Bytes written to the open segment, and how many of them are known durable.
     len: u64,
     synced: u64,
+    /// The open segment's length on disk: zeros from `len` up to here.
+    zeroed: u64,
     /// Records not yet written.
     buf: Vec<u8>,
     /// Every segment on disk, oldest first.
@@ -169,14 +186,19 @@ impl Wal {
         }
         let mut state: Option<Replayed> = None;
         let mut segments = VecDeque::new();
-        let mut open_len = 0;
+        let (mut open_len, mut zeroed) = (0, 0);
         for (i, &seq) in seqs.iter().enumerate() {
             let path = dir.join(segment_name(seq));
             let is_last = i + 1 == seqs.len();
             let bytes = std::fs::read(&path).map_err(io(&path))?;
             let (base, min_entry, good_len) =
                 replay_segment(data_dir, seq, &bytes, is_last, &mut state)?;
-            if good_len < bytes.len() {
+            zeroed = bytes.len() as u64;
+            if is_last && bytes[good_len..].iter().all(|&b| b == 0) {
+                // The zeros kept ahead of the records (or a record of which nothing
+                // reached the disk): the log ends here, and the zeros stay.
+            } else if good_len < bytes.len() {
+                zeroed = good_len as u64;
                 warn!(
                     segment = %path.display(),
                     dropped = bytes.len() - good_len,
@@ -201,7 +223,7 @@ impl Wal {
         let seq = *seqs.last().expect("not empty");
         let path = dir.join(segment_name(seq));
         let file = OpenOptions::new()
-            .append(true)
+            .write(true)
             .open(&path)
             .map_err(io(&path))?;
         let wal = Wal {
@@ -210,6 +232,7 @@ impl Wal {
             seq,
             len: open_len,
             synced: open_len,
+            zeroed,
             buf: Vec::new(),
             segments,
             last: replayed.last(),
@@ -267,9 +290,11 @@ impl Wal {
             path: path.clone(),
             source,
         };
-        self.file.write_all(&self.buf).map_err(io)?;
+        self.file.write_all_at(&self.buf, self.len).map_err(io)?;
         self.len += self.buf.len() as u64;
+        self.zeroed = self.zeroed.max(self.len);
         self.buf.clear();
+        self.zero_ahead();
         self.file.sync_data().map_err(io)?;
         self.synced = self.len;
         if self.len >= SEGMENT_BYTES {
@@ -278,17 +303,46 @@ impl Wal {
         Ok(())
     }
 
+    /// Keeps at least half a [`ZERO_CHUNK`] of zeros after the records, topping up a
+    /// whole chunk at a time (made durable by the `fdatasync` that follows). Best
+    /// effort: on a full disk the records that fit are written all the same.
+    fn zero_ahead(&mut self) {
+        if self.zeroed - self.len >= ZERO_CHUNK / 2 {
+            return;
+        }
+        match self.file.write_all_at(&ZEROS, self.zeroed) {
+            Ok(()) => self.zeroed += ZERO_CHUNK,
+            Err(e) => {
+                // Part of the chunk may have been written: zeros either way.
+                self.zeroed = self.file.metadata().map_or(self.zeroed, |m| m.len());
+                debug!("raft log: no zeros ahead of the records: {e}");
+            }
+        }
+    }
+
     fn rotate(&mut self) -> Result<(), StorageError> {
+        // Only the last segment may end in zeros: cut this one back to its records.
+        if self.zeroed > self.len {
+            let path = self.dir.join(segment_name(self.seq));
+            let io = |source| StorageError::Io {
+                path: path.clone(),
+                source,
+            };
+            self.file.set_len(self.len).map_err(io)?;
+            self.file.sync_all().map_err(io)?;
+            self.zeroed = self.len;
+        }
         let seq = self.seq + 1;
         let (path, head_len) = write_segment(&self.dir, seq, self.last, &self.hard_state)?;
         sync_dir(&self.dir)?;
         self.file = OpenOptions::new()
-            .append(true)
+            .write(true)
             .open(&path)
             .map_err(|source| StorageError::Io { path, source })?;
         self.seq = seq;
         self.len = head_len;
         self.synced = self.len;
+        self.zeroed = self.len;
         self.segments.push_back(Segment {
             seq,
             base: self.last.0,
@@ -339,6 +393,8 @@ impl Wal {
         };
         self.file.set_len(self.synced).map_err(io)?;
         self.file.sync_all().map_err(io)?;
+        self.len = self.synced;
+        self.zeroed = self.synced;
         Ok(())
     }
 
@@ -701,24 +757,42 @@ mod tests {
         let before = wal.len as usize;
         wal.append(&[entry(3, 1)]);
         wal.sync().unwrap();
+        let end = wal.len as usize;
         drop(wal);
         let seg = dir.path().join(WAL_DIR).join(segment_name(1));
-        let whole = std::fs::read(&seg).unwrap();
+        let on_disk = std::fs::read(&seg).unwrap();
+        assert!(
+            on_disk.len() >= end + ZERO_CHUNK as usize / 2
+                && on_disk[end..].iter().all(|&b| b == 0),
+            "zeros follow the records"
+        );
+        let whole = on_disk[..end].to_vec();
         for cut in before..whole.len() {
             for zeros in [false, true] {
                 let mut bytes = whole[..cut].to_vec();
                 if zeros {
-                    bytes.resize(whole.len(), 0);
+                    bytes.resize(whole.len() + 100, 0);
                 }
                 std::fs::write(&seg, &bytes).unwrap();
-                let (_, r, _) = Wal::open(dir.path()).unwrap();
+                let (mut wal, r, _) = Wal::open(dir.path()).unwrap();
                 assert_eq!(
                     indexes(&r),
                     vec![(1, 1), (2, 1)],
                     "cut at {cut} zeros {zeros}"
                 );
                 assert_eq!(r.hard_state, hs(1, 2));
-                assert_eq!(std::fs::metadata(&seg).unwrap().len() as usize, before);
+                assert_eq!(wal.len as usize, before);
+                // A cut record is removed from the file; zeros alone are kept.
+                let len = std::fs::metadata(&seg).unwrap().len() as usize;
+                if cut > before {
+                    assert_eq!(len, before, "cut at {cut} zeros {zeros}");
+                }
+                // The log goes on after the last whole record.
+                wal.append(&[entry(3, 2)]);
+                wal.sync().unwrap();
+                drop(wal);
+                let (_, r, _) = Wal::open(dir.path()).unwrap();
+                assert_eq!(indexes(&r), vec![(1, 1), (2, 1), (3, 2)]);
             }
         }
         std::fs::write(&seg, &whole).unwrap();
@@ -753,10 +827,15 @@ mod tests {
             wal.set_hard_state(&hs(1, i));
             wal.sync().unwrap();
         }
+        let len = wal.len as usize;
         drop(wal);
         let seg = dir.path().join(WAL_DIR).join(segment_name(1));
         let whole = std::fs::read(&seg).unwrap();
-        for at in 0..whole.len() {
+        // The records, and the last of the zeros after them: garbage where only zeros
+        // were written is damage too. (A byte just after the records reads as the
+        // start of a record cut short, which `a_torn_last_record…` covers.)
+        let zeros = whole.len() - 1;
+        for at in (0..len).chain([zeros]) {
             let mut bytes = whole.clone();
             bytes[at] ^= 0x10;
             std::fs::write(&seg, &bytes).unwrap();
@@ -779,7 +858,7 @@ mod tests {
         // A write that reached the file but whose fdatasync is not known to succeed.
         wal.append(&[entry(2, 1)]);
         let pending = std::mem::take(&mut wal.buf);
-        wal.file.write_all(&pending).unwrap();
+        wal.file.write_all_at(&pending, wal.len).unwrap();
         wal.discard_unsynced().unwrap();
         drop(wal);
         let (_, r, _) = Wal::open(dir.path()).unwrap();

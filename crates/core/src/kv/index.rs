@@ -71,6 +71,14 @@ impl Version {
     }
 }
 
+/// What one compaction removes: the records (by revision), and per key how many of
+/// its oldest versions.
+#[derive(Default, Debug)]
+pub(crate) struct Compaction {
+    pub revs: Vec<(i64, i64)>,
+    pub drains: Vec<(Arc<[u8]>, usize)>,
+}
+
 /// Point lookups (every put, get and compare) go through a hash map; the ordered set
 /// of the same keys serves ranges and changes only when a key comes or goes. With a
 /// B-tree map alone, a follower spent an eighth of its Raft thread comparing keys on
@@ -155,31 +163,32 @@ impl KeyIndex {
         }
     }
 
-    /// The versions that compaction at `rev` removes: of each key's versions at or
-    /// before `rev`, all but the newest, and that one too if it is a tombstone.
-    pub(crate) fn compacted(&self, rev: i64) -> Vec<(i64, i64)> {
-        let mut out = Vec::new();
-        for versions in self.versions.values() {
-            out.extend(
-                versions[..compacted_len(versions, rev)]
-                    .iter()
-                    .map(Version::rev),
-            );
-        }
-        out
-    }
-
-    /// Forgets what [`Self::compacted`] listed.
-    pub(crate) fn compact(&mut self, rev: i64) {
-        let mut gone = Vec::new();
-        for (key, versions) in self.versions.iter_mut() {
-            versions.drain(..compacted_len(versions, rev));
-            if versions.is_empty() {
-                gone.push(key.clone());
+    /// What compaction at `rev` removes: of each key's versions at or before `rev`,
+    /// all but the newest, and that one too if it is a tombstone. One walk of the
+    /// index, under the read lock; [`Self::compact`] then touches only those keys.
+    pub(crate) fn compacted(&self, rev: i64) -> Compaction {
+        let mut c = Compaction::default();
+        for (key, versions) in &self.versions {
+            let n = compacted_len(versions, rev);
+            if n > 0 {
+                c.revs.extend(versions[..n].iter().map(Version::rev));
+                c.drains.push((key.clone(), n));
             }
         }
-        for key in gone {
-            self.remove(&key);
+        c
+    }
+
+    /// Forgets what [`Self::compacted`] listed. Versions added after it was listed are
+    /// newer than any it names, so the oldest `n` of each key are still the ones.
+    pub(crate) fn compact(&mut self, drains: &[(Arc<[u8]>, usize)]) {
+        for (key, n) in drains {
+            let Some(versions) = self.versions.get_mut(key) else {
+                continue;
+            };
+            versions.drain(..(*n).min(versions.len()));
+            if versions.is_empty() {
+                self.remove(key);
+            }
         }
     }
 
@@ -215,6 +224,15 @@ impl KeyIndex {
         let versions = self.versions.get(key)?;
         let n = versions.partition_point(|v| v.rev() < (main, sub));
         n.checked_sub(1).map(|i| versions[i])
+    }
+
+    /// Every key and its versions, in key order.
+    #[cfg(test)]
+    pub(crate) fn dump(&self) -> Vec<(Vec<u8>, Vec<Version>)> {
+        self.order
+            .iter()
+            .map(|k| (k.to_vec(), self.versions[k].clone()))
+            .collect()
     }
 
     /// Number of keys with at least one kept version.
@@ -378,10 +396,15 @@ mod tests {
         ] {
             index.add(key.into(), v(main, tomb));
         }
-        let mut dropped = index.compacted(5);
+        let c = index.compacted(5);
+        let mut dropped = c.revs.clone();
         dropped.sort();
         assert_eq!(dropped, vec![(2, 0), (3, 0), (5, 0)]);
-        index.compact(5);
+        // A version added between listing and forgetting stays.
+        index.add(b"b".to_vec(), v(9, false));
+        index.compact(&c.drains);
+        assert_eq!(index.at(b"b", 9), Some(v(9, false)));
+        index.rollback(8);
         assert_eq!(
             index.len(),
             2,

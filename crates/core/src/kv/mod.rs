@@ -235,7 +235,8 @@ impl Drop for IndexRollback<'_> {
 }
 
 enum IndexEffect {
-    Compact(i64),
+    /// Per key, how many of its oldest versions go.
+    Compact(Vec<(Arc<[u8]>, usize)>),
     Replace(KeyIndex),
 }
 
@@ -774,9 +775,10 @@ impl<'a> ApplyBatch<'a> {
             });
         }
         self.ensure_index_current()?;
-        let dropped = index::read(&self.store.index).compacted(rev);
-        WriteTables::open(&self.txn)?.compact(&dropped)?;
-        self.index_effects.push(IndexEffect::Compact(rev));
+        let compaction = index::read(&self.store.index).compacted(rev);
+        WriteTables::open(&self.txn)?.compact(&compaction.revs)?;
+        self.index_effects
+            .push(IndexEffect::Compact(compaction.drains));
         self.meta.compact_revision = rev;
         self.meta.index_epoch += 1;
         Ok(())
@@ -893,9 +895,20 @@ impl<'a> ApplyBatch<'a> {
         self.added.pending = false;
         if !self.index_effects.is_empty() {
             let mut index = index::write(&store.index);
-            for effect in self.index_effects.drain(..) {
+            // Every compaction of a batch was listed against the index as it was before
+            // the commit, and a later one's list includes an earlier one's: only the
+            // last is applied. (A restore ends a batch's compactions: see
+            // `ensure_index_current`.)
+            let last_compaction = self
+                .index_effects
+                .iter()
+                .rposition(|e| matches!(e, IndexEffect::Compact(_)));
+            for (i, effect) in self.index_effects.drain(..).enumerate() {
                 match effect {
-                    IndexEffect::Compact(rev) => index.compact(rev),
+                    IndexEffect::Compact(drains) if Some(i) == last_compaction => {
+                        index.compact(&drains)
+                    }
+                    IndexEffect::Compact(_) => {}
                     IndexEffect::Replace(new) => *index = new,
                 }
             }

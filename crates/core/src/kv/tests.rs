@@ -822,6 +822,53 @@ fn reopen_restores_counters() {
     assert_eq!(keys(&kv.range(&range_req("\0", "\0")).unwrap()), ["a", "b"]);
 }
 
+/// Compactions in one batch are listed against the index before the commit and applied
+/// to it after: the index must end as a reload from the tables builds it.
+#[test]
+fn compactions_in_one_batch_leave_the_index_a_reload_builds() {
+    let f = fixture();
+    for i in 0..4 {
+        put(&f.kv, "a", &i.to_string());
+        put(&f.kv, "b", &i.to_string());
+    }
+    del(&f.kv, "b", "");
+    put(&f.kv, "c", "1");
+    let rev = f.kv.current_revision();
+    let mut batch = f.kv.begin().unwrap();
+    batch.compact(rev - 6).unwrap();
+    batch.put(&put_req("a", "x")).unwrap();
+    batch.compact(rev - 1).unwrap();
+    batch.put(&put_req("b", "again")).unwrap();
+    batch.compact(rev + 1).unwrap();
+    batch.put(&put_req("d", "1")).unwrap();
+    batch.commit(true).unwrap();
+    let live = index::read(&f.kv.index).dump();
+
+    let Fixture { _dir, path, kv } = f;
+    drop(kv);
+    let db = Arc::new(crate::storage::Db::new(
+        redb::Database::create(&path).unwrap(),
+        path.clone(),
+    ));
+    let kv = KvStore::open(db).unwrap();
+    let reloaded = index::read(&kv.index).dump();
+    assert_eq!(live, reloaded);
+    // a and b: their puts in the batch only (b was deleted before it); c and d.
+    let counts: Vec<(String, usize)> = live
+        .iter()
+        .map(|(k, v)| (String::from_utf8(k.clone()).unwrap(), v.len()))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("a".into(), 1),
+            ("b".into(), 1),
+            ("c".into(), 1),
+            ("d".into(), 1)
+        ]
+    );
+}
+
 #[test]
 fn store_is_shareable_across_tasks() {
     fn assert_send_sync<S: Send + Sync>() {}

@@ -250,6 +250,8 @@ struct ConnHandle {
     address: String,
     outbound: bool,
     tx: mpsc::Sender<Bytes>,
+    /// Where [`Inner::send_to`] writes frames directly.
+    outbox: Arc<conn::Outbox>,
     /// Topology entries to send on this connection at the writer's next turn (coalesced).
     topology_pending: HashSet<PeerName>,
     topology_notify: Arc<Notify>,
@@ -537,15 +539,50 @@ impl Inner {
 
     /// Queues an encoded frame on the direct connection to `peer`.
     fn send_to(&self, peer: PeerName, frame: Bytes) -> Result<(), MeshError> {
-        let tx = self.lock().conns.get(&peer).map(|c| c.tx.clone());
-        let tx = tx.ok_or(MeshError::Unreachable(peer))?;
+        self.send_on(peer, frame, false)
+    }
+
+    /// Sends an encoded frame on the direct connection to `peer`. With `now`, the frame
+    /// is written from this thread when the link has no fault set and nothing waits to
+    /// be written; otherwise (and without `now`) it is queued for the connection's task,
+    /// which joins the frames queued together into one write.
+    fn send_on(&self, peer: PeerName, frame: Bytes, now: bool) -> Result<(), MeshError> {
+        let (tx, outbox, fault) = {
+            let st = self.lock();
+            let c = st.conns.get(&peer).ok_or(MeshError::Unreachable(peer))?;
+            let fault = st.faults.get(&peer).copied().unwrap_or_default();
+            (c.tx.clone(), c.outbox.clone(), fault)
+        };
+        let direct = now && fault == LinkFault::default() && tx.capacity() == tx.max_capacity();
+        let frame = if direct {
+            self.counters
+                .gossip_bytes_out
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+            match outbox.try_send_now(self, frame) {
+                Ok(()) => return Ok(()),
+                Err(frame) => {
+                    self.counters
+                        .gossip_bytes_out
+                        .fetch_sub(frame.len() as u64, Ordering::Relaxed);
+                    frame
+                }
+            }
+        } else {
+            frame
+        };
         tx.try_send(frame).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => MeshError::QueueFull(peer),
             mpsc::error::TrySendError::Closed(_) => MeshError::Unreachable(peer),
         })
     }
 
-    fn send_unicast(&self, channel: &str, dst: PeerName, msg: Vec<u8>) -> Result<(), MeshError> {
+    fn send_unicast(
+        &self,
+        channel: &str,
+        dst: PeerName,
+        msg: Vec<u8>,
+        now: bool,
+    ) -> Result<(), MeshError> {
         if msg.len() > self.cfg.max_frame {
             return Err(MeshError::TooLarge(msg.len(), self.cfg.max_frame));
         }
@@ -568,7 +605,7 @@ impl Inner {
             MAX_TTL,
             msg,
         );
-        self.send_to(hop, frame)
+        self.send_on(hop, frame, now)
     }
 
     /// Sends `part` of a broadcast from `src` to our children in src's broadcast tree

@@ -103,6 +103,20 @@ impl MeshTransport {
             data.chunks(CHUNK_BYTES).collect()
         };
         let total = chunks.len() as u32;
+        // The messages of a ReadIndex round trip are written at once: a linearizable
+        // read waits on each of them, and handing it to the connection's task cost a
+        // thread wake-up per hop. Appends and their answers go through the task, which
+        // joins those queued together (written at once, they cost a quarter more CPU
+        // per put at 100 clients).
+        let now = matches!(
+            MessageType::from_i32(m.msg_type),
+            Some(
+                MessageType::MsgHeartbeat
+                    | MessageType::MsgHeartbeatResponse
+                    | MessageType::MsgReadIndex
+                    | MessageType::MsgReadIndexResp
+            )
+        );
         for (i, chunk) in chunks.into_iter().enumerate() {
             let env = RaftEnvelope {
                 cluster_id: self.cluster_id,
@@ -113,10 +127,13 @@ impl MeshTransport {
                 chunks: total,
                 data: chunk.to_vec(),
             };
-            if let Err(e) = self
-                .channel
-                .send_unicast(peer, prost::Message::encode_to_vec(&env))
-            {
+            let frame = prost::Message::encode_to_vec(&env);
+            let sent = if now {
+                self.channel.send_unicast_now(peer, frame)
+            } else {
+                self.channel.send_unicast(peer, frame)
+            };
+            if let Err(e) = sent {
                 debug!(
                     to = format_args!("{:x}", m.to),
                     "raft message not sent: {e}"

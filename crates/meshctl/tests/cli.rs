@@ -629,6 +629,47 @@ fn bench_json_and_broken_pipe_is_success() {
     assert_eq!(text(&out.stderr), "");
 }
 
+/// `bench` hands its connections out round-robin over `--endpoints`, as etcd's
+/// benchmark does: with two separate servers as the endpoints and two connections,
+/// each server gets writes.
+#[test]
+fn bench_spreads_connections_over_the_endpoints() {
+    let (a, b) = (start_server(), start_server());
+    let out = Command::new(MESHCTL)
+        .arg("--endpoints")
+        .arg(format!("{},{}", a.endpoint, b.endpoint))
+        .args([
+            "bench",
+            "put",
+            "--total",
+            "200",
+            "--clients",
+            "2",
+            "--conns",
+            "2",
+            "-w",
+            "json",
+            "--key-space-size",
+            "1000",
+            "--sequential-keys",
+        ])
+        .env_remove("MESHCTL_ENDPOINTS")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(json(&text(&out.stdout))["succeeded"], 200);
+    let count = |s: &Server| {
+        let v = json(&ok(
+            s,
+            &["get", "", "--prefix", "--count-only", "-w", "json"],
+        ));
+        v["count"].as_i64().unwrap_or(0)
+    };
+    let (na, nb) = (count(&a), count(&b));
+    assert!(na > 0 && nb > 0, "writes per server: {na} and {nb}");
+    assert_eq!(na + nb, 200);
+}
+
 #[test]
 fn help_documents_exit_codes() {
     let out = Command::new(MESHCTL).arg("--help").output().unwrap();

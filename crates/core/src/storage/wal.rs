@@ -27,8 +27,8 @@
 //! bytes are zeros that were written (not `fallocate`d). A record then lands in blocks
 //! the file already has, and its `fdatasync` writes the data alone; a write that grows
 //! the file makes every `fdatasync` also write the inode. Measured on this machine's
-//! ext4: 115–125 µs per 8 KiB append + `fdatasync` with the zeros, 190–220 µs growing
-//! (and 50 against 80 µs of CPU). `fallocate` does not help: the first write to an
+//! ext4 (`bench/fsync-ahead.py`): 115–125 µs per 8 KiB append + `fdatasync` with the
+//! zeros, 190–220 µs growing (and 50 against 80 µs of CPU). `fallocate` does not help: the first write to an
 //! allocated-but-unwritten block changes the extent tree, and so the inode again.
 //! Replay reads the zeros as the end of the log (see Damage); a segment is cut back to
 //! its records before the next one starts, so only the last one has zeros.

@@ -143,7 +143,9 @@ async fn permissions_tokens_lifecycle_and_persistence() {
         "{first:?}"
     );
 
-    // Tokens are known on every member: a token from the leader works on a follower.
+    // Tokens are known on every member: a token from the leader works on a follower,
+    // once the follower has applied the entry that carries it (as in etcd, where each
+    // member learns a simple token when it applies the Authenticate request).
     let token = {
         let c = etcd_client(addr).await;
         c.auth_client()
@@ -154,10 +156,22 @@ async fn permissions_tokens_lifecycle_and_persistence() {
             .to_string()
     };
     let follower = (li + 2) % 3;
-    assert_eq!(
-        raw_get(cluster.addr(follower), Some(&token), b"pub/news").await,
-        Ok(b"hello".to_vec())
-    );
+    let got = eventually(
+        "the follower to know the token",
+        Duration::from_secs(10),
+        || {
+            let token = token.clone();
+            let addr = cluster.addr(follower);
+            async move {
+                match raw_get(addr, Some(&token), b"pub/news").await {
+                    Err((Code::Unauthenticated, _)) => None,
+                    other => Some(other),
+                }
+            }
+        },
+    )
+    .await;
+    assert_eq!(got, Ok(b"hello".to_vec()));
     // An unknown token, then the real one after it expired (TTL 2 s, unused).
     assert_eq!(
         raw_get(addr, Some("bogus.1"), b"pub/news").await,

@@ -546,30 +546,26 @@ impl Inner {
     /// is written from this thread when the link has no fault set and nothing waits to
     /// be written; otherwise (and without `now`) it is queued for the connection's task,
     /// which joins the frames queued together into one write.
-    fn send_on(&self, peer: PeerName, frame: Bytes, now: bool) -> Result<(), MeshError> {
+    fn send_on(&self, peer: PeerName, mut frame: Bytes, now: bool) -> Result<(), MeshError> {
         let (tx, outbox, fault) = {
             let st = self.lock();
             let c = st.conns.get(&peer).ok_or(MeshError::Unreachable(peer))?;
             let fault = st.faults.get(&peer).copied().unwrap_or_default();
             (c.tx.clone(), c.outbox.clone(), fault)
         };
-        let direct = now && fault == LinkFault::default() && tx.capacity() == tx.max_capacity();
-        let frame = if direct {
-            self.counters
-                .gossip_bytes_out
-                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        if now && fault == LinkFault::default() && tx.capacity() == tx.max_capacity() {
+            let len = frame.len() as u64;
             match outbox.try_send_now(self, frame) {
-                Ok(()) => return Ok(()),
-                Err(frame) => {
+                Ok(()) => {
+                    // Counted as the connection's task counts what it takes from the queue.
                     self.counters
                         .gossip_bytes_out
-                        .fetch_sub(frame.len() as u64, Ordering::Relaxed);
-                    frame
+                        .fetch_add(len, Ordering::Relaxed);
+                    return Ok(());
                 }
+                Err(queued) => frame = queued,
             }
-        } else {
-            frame
-        };
+        }
         tx.try_send(frame).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => MeshError::QueueFull(peer),
             mpsc::error::TrySendError::Closed(_) => MeshError::Unreachable(peer),

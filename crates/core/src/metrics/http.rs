@@ -202,7 +202,7 @@ pub fn metrics_page(src: &Sources) -> String {
     );
     e.gauge(
         "meshd_wal_bytes",
-        "Bytes in the Raft write-ahead log's segment files.",
+        "Bytes of records in the Raft write-ahead log's segment files.",
         wal_bytes as f64,
     );
     e.gauge(

@@ -398,12 +398,18 @@ impl Wal {
         Ok(())
     }
 
-    /// Number of segment files and their total size in bytes.
+    /// Number of segment files and the bytes of log they hold (the open segment's
+    /// zeros ahead of its records are not counted).
     pub fn disk_usage(&self) -> (usize, u64) {
         let bytes = self
             .segments
             .iter()
-            .map(|s| std::fs::metadata(self.dir.join(segment_name(s.seq))).map_or(0, |m| m.len()))
+            .map(|s| match s.seq == self.seq {
+                true => self.len,
+                false => {
+                    std::fs::metadata(self.dir.join(segment_name(s.seq))).map_or(0, |m| m.len())
+                }
+            })
             .sum();
         (self.segments.len(), bytes)
     }

@@ -18,14 +18,31 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db.redb");
-    let db = Arc::new(crate::storage::Db::new(
-        redb::Database::create(&path).unwrap(),
-        path.clone(),
-    ));
     Fixture {
-        kv: KvStore::open(db).unwrap(),
+        kv: open_store(&path),
         path,
         _dir: dir,
+    }
+}
+
+fn open_store(path: &std::path::Path) -> KvStore {
+    let db = Arc::new(crate::storage::Db::new(
+        redb::Database::create(path).unwrap(),
+        path.to_path_buf(),
+    ));
+    KvStore::open(db).unwrap()
+}
+
+impl Fixture {
+    /// Closes the store and opens it again from its file.
+    fn reopen(self) -> Fixture {
+        let Fixture { _dir, path, kv } = self;
+        drop(kv);
+        Fixture {
+            kv: open_store(&path),
+            path,
+            _dir,
+        }
     }
 }
 
@@ -804,22 +821,19 @@ fn reopen_restores_counters() {
     drop(batch);
     assert!(!revisions.has_changed().unwrap());
 
-    let Fixture { _dir, path, kv } = f;
-    drop(kv);
-    let db = Arc::new(crate::storage::Db::new(
-        redb::Database::create(&path).unwrap(),
-        path.clone(),
-    ));
-    let kv = KvStore::open(db).unwrap();
+    let f = f.reopen();
     assert_eq!(
         (
-            kv.applied_index(),
-            kv.current_revision(),
-            kv.compact_revision()
+            f.kv.applied_index(),
+            f.kv.current_revision(),
+            f.kv.compact_revision()
         ),
         (9, 3, 0)
     );
-    assert_eq!(keys(&kv.range(&range_req("\0", "\0")).unwrap()), ["a", "b"]);
+    assert_eq!(
+        keys(&f.kv.range(&range_req("\0", "\0")).unwrap()),
+        ["a", "b"]
+    );
 }
 
 /// Compactions in one batch are listed against the index before the commit and applied
@@ -844,14 +858,8 @@ fn compactions_in_one_batch_leave_the_index_a_reload_builds() {
     batch.commit(true).unwrap();
     let live = index::read(&f.kv.index).dump();
 
-    let Fixture { _dir, path, kv } = f;
-    drop(kv);
-    let db = Arc::new(crate::storage::Db::new(
-        redb::Database::create(&path).unwrap(),
-        path.clone(),
-    ));
-    let kv = KvStore::open(db).unwrap();
-    let reloaded = index::read(&kv.index).dump();
+    let f = f.reopen();
+    let reloaded = index::read(&f.kv.index).dump();
     assert_eq!(live, reloaded);
     // a and b: their puts in the batch only (b was deleted before it); c and d.
     let counts: Vec<(String, usize)> = live

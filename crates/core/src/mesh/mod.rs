@@ -547,13 +547,16 @@ impl Inner {
     /// be written; otherwise (and without `now`) it is queued for the connection's task,
     /// which joins the frames queued together into one write.
     fn send_on(&self, peer: PeerName, mut frame: Bytes, now: bool) -> Result<(), MeshError> {
-        let (tx, outbox, fault) = {
+        let (tx, outbox) = {
             let st = self.lock();
             let c = st.conns.get(&peer).ok_or(MeshError::Unreachable(peer))?;
-            let fault = st.faults.get(&peer).copied().unwrap_or_default();
-            (c.tx.clone(), c.outbox.clone(), fault)
+            // The direct path only for a link without faults (the connection's task
+            // applies them) and with nothing queued (which the frame would overtake).
+            let direct =
+                now && !st.faults.contains_key(&peer) && c.tx.capacity() == c.tx.max_capacity();
+            (c.tx.clone(), direct.then(|| c.outbox.clone()))
         };
-        if now && fault == LinkFault::default() && tx.capacity() == tx.max_capacity() {
+        if let Some(outbox) = outbox {
             let len = frame.len() as u64;
             match outbox.try_send_now(self, frame) {
                 Ok(()) => {

@@ -323,14 +323,7 @@ impl Wal {
     fn rotate(&mut self) -> Result<(), StorageError> {
         // Only the last segment may end in zeros: cut this one back to its records.
         if self.zeroed > self.len {
-            let path = self.dir.join(segment_name(self.seq));
-            let io = |source| StorageError::Io {
-                path: path.clone(),
-                source,
-            };
-            self.file.set_len(self.len).map_err(io)?;
-            self.file.sync_all().map_err(io)?;
-            self.zeroed = self.len;
+            self.cut_open_segment(self.len)?;
         }
         let seq = self.seq + 1;
         let (path, head_len) = write_segment(&self.dir, seq, self.last, &self.hard_state)?;
@@ -386,15 +379,21 @@ impl Wal {
     /// open segment back to its last durable length. Reopen with [`Wal::open`] after.
     pub fn discard_unsynced(&mut self) -> Result<(), StorageError> {
         self.buf.clear();
+        self.cut_open_segment(self.synced)
+    }
+
+    /// Cuts the open segment to `len` bytes (records and zeros after them alike),
+    /// durably.
+    fn cut_open_segment(&mut self, len: u64) -> Result<(), StorageError> {
         let path = self.dir.join(segment_name(self.seq));
         let io = |source| StorageError::Io {
             path: path.clone(),
             source,
         };
-        self.file.set_len(self.synced).map_err(io)?;
+        self.file.set_len(len).map_err(io)?;
         self.file.sync_all().map_err(io)?;
-        self.len = self.synced;
-        self.zeroed = self.synced;
+        self.len = len;
+        self.zeroed = len;
         Ok(())
     }
 

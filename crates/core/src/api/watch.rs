@@ -13,12 +13,15 @@
 //! [`Control`] messages, so a watcher's created response always precedes its events.
 
 use std::collections::{HashSet, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_stream::wrappers::WatchStream as RevisionStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -67,17 +70,15 @@ impl Watch for WatchApi {
             live.clone(),
         ));
         let out = Outbound {
-            revisions: self.ctx.kv.subscribe(),
+            applied: self.ctx.kv.subscribe(),
+            moved: RevisionStream::new(self.ctx.kv.subscribe()),
             ctx: self.ctx.clone(),
             control: rx,
             watchers: VecDeque::new(),
             live,
+            progress_timer: None,
         };
-        let stream = futures::stream::unfold(out, |mut out| async move {
-            let resp = out.next_response().await?;
-            Some((Ok(resp), out))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(out)))
     }
 }
 
@@ -210,64 +211,92 @@ fn create(
     Control::Created(created, Box::new(w))
 }
 
-/// The sending half of one Watch stream.
+/// The sending half of one Watch stream, polled by hyper for its next message.
+///
+/// Written as a plain `poll_next` that registers for wake-ups only when it has nothing
+/// to send: a message costs one look at the client's requests, one at the applied
+/// revision and one step per watcher. (An `async` loop moved the whole state in and
+/// out per message.)
 struct Outbound {
     ctx: ApiContext,
-    revisions: tokio::sync::watch::Receiver<i64>,
+    /// The applied revision: events up to it may be read.
+    applied: tokio::sync::watch::Receiver<i64>,
+    /// Wakes the stream when the applied revision moves; polled only before sleeping.
+    moved: RevisionStream<i64>,
     control: mpsc::Receiver<Control>,
     /// Checked in turn; a watcher that answered goes to the back.
     watchers: VecDeque<Box<Watcher>>,
     live: LiveIds,
+    /// Armed only while a watcher asked for progress notifications.
+    progress_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Stream for Outbound {
+    type Item = Result<WatchResponse, Status>;
+
+    /// The stream's next message; None ends the stream (the client stopped sending
+    /// and nothing is left to say, or the node is stopping).
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            // What the client asked for goes first, in its order.
+            match this.control.try_recv() {
+                Ok(c) => return Poll::Ready(Some(Ok(this.take(c)))),
+                Err(mpsc::error::TryRecvError::Empty) => {}
+                Err(mpsc::error::TryRecvError::Disconnected) => return Poll::Ready(None),
+            }
+            let current = *this.applied.borrow_and_update();
+            for _ in 0..this.watchers.len() {
+                let mut w = this.watchers.pop_front().expect("counted");
+                match w.step(&this.ctx, current) {
+                    Step::Idle => this.watchers.push_back(w),
+                    Step::Send(resp) => {
+                        this.watchers.push_back(w);
+                        return Poll::Ready(Some(Ok(resp)));
+                    }
+                    Step::Ended(resp) => {
+                        lock(&this.live).remove(&w.id);
+                        return Poll::Ready(Some(Ok(resp)));
+                    }
+                }
+            }
+            // Nothing to send: register for what can change that, then look again if
+            // something already did.
+            match this.control.poll_recv(cx) {
+                Poll::Ready(Some(c)) => return Poll::Ready(Some(Ok(this.take(c)))),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {}
+            }
+            match Pin::new(&mut this.moved).poll_next(cx) {
+                Poll::Ready(Some(_)) => continue,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {}
+            }
+            let Some(deadline) = this.watchers.iter().filter_map(|w| w.progress_at).min() else {
+                this.progress_timer = None;
+                return Poll::Pending;
+            };
+            let now = Instant::now();
+            for w in this.watchers.iter_mut() {
+                if let Some(resp) = w.progress(&this.ctx, now) {
+                    return Poll::Ready(Some(Ok(resp)));
+                }
+            }
+            let timer = this
+                .progress_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // The deadline passed between the check above and the poll: look again.
+        }
+    }
 }
 
 impl Outbound {
-    /// The stream's next message; None ends the stream (the client stopped sending
-    /// and nothing is left to say, or the node is stopping).
-    async fn next_response(&mut self) -> Option<WatchResponse> {
-        loop {
-            // What the client asked for goes first, in its order.
-            match self.control.try_recv() {
-                Ok(c) => return Some(self.take(c)),
-                Err(mpsc::error::TryRecvError::Empty) => {}
-                Err(mpsc::error::TryRecvError::Disconnected) => return None,
-            }
-            let current = *self.revisions.borrow_and_update();
-            for _ in 0..self.watchers.len() {
-                let mut w = self.watchers.pop_front().expect("counted");
-                match w.step(&self.ctx, current) {
-                    Step::Idle => self.watchers.push_back(w),
-                    Step::Send(resp) => {
-                        self.watchers.push_back(w);
-                        return Some(resp);
-                    }
-                    Step::Ended(resp) => {
-                        lock(&self.live).remove(&w.id);
-                        return Some(resp);
-                    }
-                }
-            }
-            let now = Instant::now();
-            for w in self.watchers.iter_mut() {
-                if let Some(resp) = w.progress(&self.ctx, now) {
-                    return Some(resp);
-                }
-            }
-            let deadline = self.watchers.iter().filter_map(|w| w.progress_at).min();
-            tokio::select! {
-                c = self.control.recv() => match c {
-                    Some(c) => return Some(self.take(c)),
-                    None => return None,
-                },
-                changed = self.revisions.changed() => {
-                    if changed.is_err() {
-                        return None;
-                    }
-                }
-                _ = sleep_until(deadline) => {}
-            }
-        }
-    }
-
     fn take(&mut self, c: Control) -> WatchResponse {
         match c {
             Control::Send(resp) => resp,
@@ -280,13 +309,6 @@ impl Outbound {
                 resp
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -330,6 +330,50 @@ async fn partition_splits_and_heal_rejoins_with_counters_converging() {
     net.shutdown().await;
 }
 
+/// A delay fault holds every frame back by the delay, in order, without spacing them
+/// out: unicasts sent together arrive together, the delay after they were sent. (It
+/// used to sleep the delay before each frame, which throttled the link to one frame
+/// per delay, so its queue grew without bound and Raft saw a partition.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_fault_adds_latency_and_keeps_order() {
+    let net = start_net(2, &[vec![], vec![0]], |_| {}).await;
+    wait_for("pair connected", || {
+        net.converged(&|a, b| a.abs_diff(b) as u32)
+    })
+    .await;
+    let delay = Duration::from_millis(300);
+    let n = 30u8;
+    net.meshes[0].set_link_fault(
+        2,
+        LinkFault {
+            delay: Some(delay),
+            ..Default::default()
+        },
+    );
+    let sent = tokio::time::Instant::now();
+    for i in 0..n {
+        net.channels[0].send_unicast(2, vec![i]).unwrap();
+    }
+    let arrived = |k: usize| net.recorders[1].unicasts.lock().unwrap().len() >= k;
+    wait_for("the first delayed unicast", || arrived(1)).await;
+    let first = sent.elapsed();
+    wait_for("every delayed unicast", || arrived(n.into())).await;
+    let all = sent.elapsed();
+    let got: Vec<u8> = net.recorders[1]
+        .unicasts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, m)| m[0])
+        .collect();
+    assert_eq!(got, (0..n).collect::<Vec<_>>(), "in the order sent");
+    assert!(first >= delay, "held back only {first:?}");
+    // One delay per frame would take at least n delays.
+    assert!(all < delay * n.into(), "spaced out: {all:?} for {n} frames");
+    net.meshes[0].clear_faults();
+    net.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simultaneous_connects_keep_one_connection_per_pair() {
     let edges = vec![vec![1], vec![0]];

@@ -13,7 +13,7 @@ use crate::proto::meshpb::{
 };
 use bytes::Bytes;
 use prost::Message;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -444,10 +444,27 @@ async fn write_loop(
         .clamp(Duration::from_millis(1), Duration::from_millis(100));
     let mut last_topology = Instant::now() - batch;
     let mut topology_due: Option<Instant> = None;
+    // Frames held back by a delay fault, in order, each with the time it may go: a
+    // delay adds latency to every frame, it does not space them out.
+    let mut delayed: VecDeque<(Instant, Bytes)> = VecDeque::new();
     loop {
         let due = topology_due.unwrap_or_else(Instant::now);
+        let release = delayed.front().map(|(at, _)| *at);
         let (frame, is_gossip) = tokio::select! {
             biased;
+            _ = tokio::time::sleep_until(release.unwrap_or_else(Instant::now)), if release.is_some() => {
+                let now = Instant::now();
+                let mut frames = Vec::new();
+                while let Some((at, _)) = delayed.front() {
+                    if *at > now {
+                        break;
+                    }
+                    frames.push(delayed.pop_front().expect("checked").1);
+                }
+                outbox.push(inner, &frames)?;
+                outbox.flush().await?;
+                continue;
+            }
             _ = notify.notified(), if topology_due.is_none() => {
                 topology_due = Some((last_topology + batch).max(Instant::now()));
                 continue;
@@ -496,19 +513,24 @@ async fn write_loop(
         if fault.drop_out {
             continue;
         }
-        if let Some(d) = fault.delay {
-            tokio::time::sleep(d).await;
-        }
         if is_gossip {
             inner
                 .counters
                 .gossip_bytes_out
                 .fetch_add(frame.len() as u64, Ordering::Relaxed);
         }
+        if fault.delay.is_some() || !delayed.is_empty() {
+            // Never before a frame queued earlier, even if the delay just shrank or
+            // was cleared.
+            let at = Instant::now() + fault.delay.unwrap_or_default();
+            let at = delayed.back().map_or(at, |(last, _)| at.max(*last));
+            delayed.push_back((at, frame));
+            continue;
+        }
         // Frames queued behind this one go out in the same write.
         let mut frames = vec![frame];
         let mut bytes = frames[0].len();
-        while bytes < WRITE_BATCH && fault.delay.is_none() {
+        while bytes < WRITE_BATCH {
             match rx.try_recv() {
                 Ok(more) => {
                     inner

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, EventType, Txn, TxnOp, WatchOptions};
 use mesh_core::proto::meshpb::{
-    fault_injection_client::FaultInjectionClient, mesh_client::MeshClient, ClearFaultsRequest,
-    MeshPeersRequest, SetLinkFaultRequest,
+    fault_injection_client::FaultInjectionClient, ClearFaultsRequest, SetLinkFaultRequest,
 };
 
 use crate::linearizability::{self, Input, Op, Output, Verdict};
@@ -406,12 +405,6 @@ impl Cluster {
         self.pc.procs[i].client
     }
 
-    async fn peer_name(addr: SocketAddr) -> Option<u64> {
-        let mut m = MeshClient::connect(format!("http://{addr}")).await.ok()?;
-        let peers = m.peers(MeshPeersRequest {}).await.ok()?.into_inner();
-        peers.peers.iter().find(|p| p.is_self).map(|p| p.name)
-    }
-
     /// (slot of the leader, member ID of every slot) as the members report them.
     async fn roles(&self) -> Option<(usize, Vec<u64>)> {
         let mut ids = Vec::with_capacity(self.n());
@@ -583,7 +576,7 @@ impl Cluster {
         let name_of_new = crate::eventually(
             "the new member's peer name",
             Duration::from_secs(20),
-            || Self::peer_name(client),
+            || crate::mesh_name(client),
         )
         .await;
         self.peer_names[slot] = name_of_new;
@@ -673,7 +666,7 @@ pub async fn run(cfg: &ChaosConfig) -> RunReport {
     for a in &addrs {
         peer_names.push(
             crate::eventually("peer name", Duration::from_secs(10), || {
-                Cluster::peer_name(*a)
+                crate::mesh_name(*a)
             })
             .await,
         );

@@ -156,6 +156,15 @@ pub async fn put_retrying(addrs: &[SocketAddr], key: &str, value: &str) -> i64 {
     .await
 }
 
+/// A member's own name on the mesh, from its client address (link faults name peers
+/// by it); None until the member answers.
+pub async fn mesh_name(addr: SocketAddr) -> Option<u64> {
+    use mesh_core::proto::meshpb::{mesh_client::MeshClient, MeshPeersRequest};
+    let mut m = MeshClient::connect(format!("http://{addr}")).await.ok()?;
+    let peers = m.peers(MeshPeersRequest {}).await.ok()?.into_inner();
+    peers.peers.iter().find(|p| p.is_self).map(|p| p.name)
+}
+
 /// Settings for test clusters: short ticks, small log.
 #[derive(Clone, Debug)]
 pub struct ClusterOpts {

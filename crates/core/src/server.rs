@@ -398,6 +398,10 @@ impl Server {
         }
         let router = builder
             .layer(grpc_metrics.clone())
+            .layer(api::TokenCatchUp {
+                kv: kv.clone(),
+                node: node.clone(),
+            })
             .add_service(
                 kv_server::KvServer::new(api::KvApi::new(ctx.clone()))
                     .max_decoding_message_size(max_msg)

@@ -443,3 +443,84 @@ impl Auth for AuthApi {
         }))
     }
 }
+
+/// A tower layer on the client API: a request whose token this member does not know
+/// waits for ReadIndex before its auth check.
+///
+/// A member learns a simple token when it applies the Authenticate entry that carries
+/// it, as in etcd. Without this, a client that authenticated through one member and
+/// then called another could be refused ("invalid auth token") until that member caught
+/// up. After ReadIndex, every token committed before the request was sent is known
+/// here, so an answer of "invalid auth token" means the token is unknown or expired.
+/// Requests without a token, or with one this member knows, pass straight through.
+#[derive(Clone)]
+pub struct TokenCatchUp {
+    pub kv: std::sync::Arc<crate::kv::KvStore>,
+    pub node: crate::raft::NodeHandle,
+}
+
+impl<S> tower_layer::Layer<S> for TokenCatchUp {
+    type Service = TokenCatchUpService<S>;
+    fn layer(&self, inner: S) -> TokenCatchUpService<S> {
+        TokenCatchUpService {
+            inner,
+            catch_up: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct TokenCatchUpService<S> {
+    inner: S,
+    catch_up: TokenCatchUp,
+}
+
+impl TokenCatchUp {
+    /// Whether the request carries a token this member does not know (with auth on).
+    fn unknown_token(&self, headers: &tonic::codegen::http::HeaderMap) -> bool {
+        let Some(token) = headers
+            .get(TOKEN_METADATA)
+            .or_else(|| headers.get("authorization"))
+            .and_then(|v| v.to_str().ok())
+        else {
+            return false;
+        };
+        self.kv.token_user(token).is_none() && self.kv.auth().enabled
+    }
+}
+
+type CatchUpFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for TokenCatchUpService<S>
+where
+    S: tonic::codegen::Service<tonic::codegen::http::Request<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = futures::future::Either<S::Future, CatchUpFuture<Result<S::Response, S::Error>>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        if !self.catch_up.unknown_token(req.headers()) {
+            return futures::future::Either::Left(self.inner.call(req));
+        }
+        // The service made ready by poll_ready goes with the request (tower's rule);
+        // a clone takes its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let node = self.catch_up.node.clone();
+        futures::future::Either::Right(Box::pin(async move {
+            // If there is no leader to ask, the check below refuses the token as before.
+            let _ = node.read_index().await;
+            inner.call(req).await
+        }))
+    }
+}

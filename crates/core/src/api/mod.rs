@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
-pub use auth::{AuthApi, Caller};
+pub use auth::{AuthApi, Caller, TokenCatchUp};
 pub use cluster::ClusterApi;
 pub use election::ElectionApi;
 pub use fault::FaultInjectionApi;

@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2}
 TOTAL=${TOTAL:-20000}   # requests per 100-client run: about 2 s of puts, so one stall of the host does not decide a median
 TOTAL1=${TOTAL1:-2000}
-WTOTAL=${WTOTAL:-100}   # puts in the watch fan-out (each delivered to 1000 watchers)
+WTOTAL=${WTOTAL:-400}   # puts in the watch fan-out, each delivered to 1000 watchers: 400000 deliveries, 2-4 s
 VAL=${VAL:-256}
 CONNS=${CONNS:-12}   # connections of the 100-client workloads: a multiple of the 3 members
 ONLY=${ONLY:-}

@@ -1011,6 +1011,9 @@ fn mesh_peers_status_and_counters() {
 struct Running {
     child: Child,
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Collects stdout into `lines`; `finish` waits for it, so every line printed before
+    /// the exit is there (the child can exit before this thread has read its last line).
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
@@ -1024,14 +1027,18 @@ impl Running {
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = lines.clone();
         let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
                 sink.lock().unwrap().push(line);
             }
         });
-        Running { child, lines }
+        Running {
+            child,
+            lines,
+            reader: Some(reader),
+        }
     }
 
     /// Waits until at least `n` lines were printed; returns all of them.
@@ -1068,6 +1075,14 @@ impl Running {
 
     fn finish(&mut self) -> (Option<i32>, String) {
         let status = self.child.wait().unwrap();
+        if let Some(reader) = self.reader.take() {
+            // The pipe closes with the child, unless a command it ran still holds it:
+            // wait a while for the last lines, not forever.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !reader.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let mut err = String::new();
         if let Some(mut e) = self.child.stderr.take() {
             e.read_to_string(&mut err).unwrap();

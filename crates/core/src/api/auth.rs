@@ -41,14 +41,18 @@ pub fn caller(kv: &crate::kv::KvStore, md: &MetadataMap) -> Result<Caller, Statu
     if !kv.auth().enabled {
         return Ok(Caller::Anyone);
     }
-    let token = md
-        .get(TOKEN_METADATA)
-        .or_else(|| md.get("authorization"))
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| status(KvError::UserEmpty))?;
+    let token = request_token(md.as_ref()).ok_or_else(|| status(KvError::UserEmpty))?;
     kv.token_user(token)
         .map(Caller::User)
         .ok_or_else(|| status(KvError::InvalidAuthToken))
+}
+
+/// The token a request carries: etcd's `token` metadata, or `authorization`.
+fn request_token(headers: &tonic::codegen::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(TOKEN_METADATA)
+        .or_else(|| headers.get("authorization"))
+        .and_then(|v| v.to_str().ok())
 }
 
 impl ApiContext {
@@ -478,14 +482,8 @@ pub struct TokenCatchUpService<S> {
 impl TokenCatchUp {
     /// Whether the request carries a token this member does not know (with auth on).
     fn unknown_token(&self, headers: &tonic::codegen::http::HeaderMap) -> bool {
-        let Some(token) = headers
-            .get(TOKEN_METADATA)
-            .or_else(|| headers.get("authorization"))
-            .and_then(|v| v.to_str().ok())
-        else {
-            return false;
-        };
-        self.kv.token_user(token).is_none() && self.kv.auth().enabled
+        request_token(headers)
+            .is_some_and(|token| self.kv.token_user(token).is_none() && self.kv.auth().enabled)
     }
 }
 

@@ -370,7 +370,34 @@ async fn a_delay_fault_adds_latency_and_keeps_order() {
     assert!(first >= delay, "held back only {first:?}");
     // One delay per frame would take at least n delays.
     assert!(all < delay * n.into(), "spaced out: {all:?} for {n} frames");
+
+    // Frames still held when the fault is cleared go before a frame written directly.
+    net.meshes[0].set_link_fault(
+        2,
+        LinkFault {
+            delay: Some(delay),
+            ..Default::default()
+        },
+    );
+    for i in n..n + 3 {
+        net.channels[0].send_unicast(2, vec![i]).unwrap();
+    }
+    // Let the connection's task take them from its queue before the fault goes.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     net.meshes[0].clear_faults();
+    net.channels[0].send_unicast_now(2, vec![n + 3]).unwrap();
+    wait_for("the held and the direct unicasts", || {
+        arrived(usize::from(n) + 4)
+    })
+    .await;
+    let got: Vec<u8> = net.recorders[1]
+        .unicasts
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, m)| m[0])
+        .collect();
+    assert_eq!(got, (0..n + 4).collect::<Vec<_>>(), "in the order sent");
     net.shutdown().await;
 }
 

@@ -462,6 +462,9 @@ async fn write_loop(
                     frames.push(delayed.pop_front().expect("checked").1);
                 }
                 outbox.push(inner, &frames)?;
+                if delayed.is_empty() {
+                    outbox.hold(false);
+                }
                 outbox.flush().await?;
                 continue;
             }
@@ -521,9 +524,12 @@ async fn write_loop(
         }
         if fault.delay.is_some() || !delayed.is_empty() {
             // Never before a frame queued earlier, even if the delay just shrank or
-            // was cleared.
+            // was cleared; nor does a direct write go first while frames are held.
             let at = Instant::now() + fault.delay.unwrap_or_default();
             let at = delayed.back().map_or(at, |(last, _)| at.max(*last));
+            if delayed.is_empty() {
+                outbox.hold(true);
+            }
             delayed.push_back((at, frame));
             continue;
         }
@@ -569,6 +575,9 @@ struct OutboxState {
     pending: Vec<u8>,
     /// The socket failed: the connection task ends the connection.
     failed: bool,
+    /// The connection task holds frames back for a delay fault; a direct write would
+    /// overtake them (the fault itself may already be cleared).
+    held: bool,
 }
 
 impl Outbox {
@@ -580,7 +589,7 @@ impl Outbox {
     /// otherwise returns it, for the queue.
     pub(super) fn try_send_now(&self, inner: &Inner, frame: Bytes) -> Result<(), Bytes> {
         let mut st = self.state();
-        if st.failed || !st.pending.is_empty() {
+        if st.failed || st.held || !st.pending.is_empty() {
             return Err(frame);
         }
         if self.seal(inner, &mut st, &[frame]).is_err() {
@@ -588,6 +597,11 @@ impl Outbox {
         }
         self.write_some(&mut st);
         Ok(())
+    }
+
+    /// Whether the connection task holds delayed frames (see [`OutboxState::held`]).
+    fn hold(&self, held: bool) {
+        self.state().held = held;
     }
 
     /// Seals `frames` behind whatever waits, and writes what the socket takes.
@@ -623,7 +637,7 @@ impl Outbox {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => st.failed = true,
         }
-        if st.failed || !st.pending.is_empty() {
+        if st.failed || st.held || !st.pending.is_empty() {
             self.backlog.notify_one();
         }
     }

@@ -403,9 +403,10 @@ impl Wal {
         let bytes = self
             .segments
             .iter()
-            .map(|s| match s.seq == self.seq {
-                true => self.len,
-                false => {
+            .map(|s| {
+                if s.seq == self.seq {
+                    self.len
+                } else {
                     std::fs::metadata(self.dir.join(segment_name(s.seq))).map_or(0, |m| m.len())
                 }
             })

@@ -172,3 +172,49 @@ async fn garbage_on_the_mesh_port_does_not_disturb_the_cluster() {
         b"serving"
     );
 }
+
+/// The leader's view of its voters (what the graceful stop's hand-over and autopilot
+/// decide by) calls a healthy voter active at every moment, including right after a
+/// check-quorum round, where raft-rs clears its own flag until the voter answers
+/// again. A stopping leader that asked then found nobody to hand over to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_voter_stays_active_across_check_quorum_rounds() {
+    let election_ticks = 21;
+    let opts = ClusterOpts {
+        election_ticks,
+        ..ClusterOpts::default()
+    };
+    let tick = opts.tick;
+    let (dir, mut configs) = InProcessCluster::configure(3, opts);
+    // Heartbeats every 4 ticks against an election timeout of 21: each round of the
+    // check falls 0-3 ticks before the next heartbeat, so the gap is there to see.
+    for c in &mut configs {
+        c.heartbeat_ticks = 4;
+    }
+    let c = InProcessCluster::start_configured(dir, configs).await;
+    let mut leader = wait_for_leader(&c.live_addrs()).await;
+
+    let rounds = 4;
+    let end = std::time::Instant::now() + tick * (rounds * election_ticks) as u32;
+    let mut samples = 0;
+    while std::time::Instant::now() < end {
+        let node = c.servers[c.index_of(leader)].as_ref().unwrap().node();
+        let progress = node.progress().await.expect("progress");
+        if progress.is_empty() {
+            // Leadership moved (a stall of the host): sample the new leader.
+            leader = wait_for_leader(&c.live_addrs()).await;
+            continue;
+        }
+        samples += 1;
+        let inactive: Vec<_> = progress.iter().filter(|p| !p.recent_active).collect();
+        assert!(
+            inactive.is_empty(),
+            "sample {samples}: the leader calls healthy voters inactive: {inactive:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        samples > 100,
+        "only {samples} samples of the leader's progress"
+    );
+}

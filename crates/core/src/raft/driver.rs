@@ -105,6 +105,7 @@ pub fn spawn_driver(
         read_seq: rand::random(),
         transfers: Vec::new(),
         ticks: 0,
+        heard_at: HashMap::new(),
         last_leader: 0,
         reopen_backoff: REOPEN_BACKOFF_MIN,
         durable_applied,
@@ -206,6 +207,10 @@ struct Driver {
     /// Leader transfers in progress: target, caller, tick started.
     transfers: Vec<(u64, Reply<()>, u64)>,
     ticks: u64,
+    /// The tick each peer's last Raft message arrived at. raft-rs's own
+    /// `recent_active` is cleared at every check-quorum round, so right after one it
+    /// calls every follower inactive; this is what [`Driver::progress`] reports.
+    heard_at: HashMap<u64, u64>,
     last_leader: u64,
     /// Wait before the next attempt to reopen the database after a failed write;
     /// doubles while the disk stays full, back to the minimum after a durable commit.
@@ -341,6 +346,7 @@ impl Driver {
                 let _ = reply.send(Ok(self.progress()));
             }
             DriverMsg::Raft(msg) => {
+                self.heard_at.insert(msg.from, self.ticks);
                 if let Err(e) = self.raw.step(*msg) {
                     warn!("dropping raft message: {e}");
                 }
@@ -719,7 +725,11 @@ impl Driver {
                 } else {
                     p.matched
                 },
-                recent_active: *id == self.cfg.member_id || p.recent_active,
+                recent_active: *id == self.cfg.member_id
+                    || p.recent_active
+                    || self.heard_at.get(id).is_some_and(|&at| {
+                        self.ticks.saturating_sub(at) <= self.cfg.election_ticks as u64
+                    }),
                 leader_last_index: last,
             })
             .collect()

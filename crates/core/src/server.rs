@@ -860,7 +860,7 @@ fn write_bootstrap(
     identity: &Identity,
     members: &[MemberRecord],
 ) -> Result<(), ServerError> {
-    identity.store(batch.write_txn())?;
+    identity.store(batch.write_txn()?)?;
     let meta = raft::prelude::SnapshotMetadata {
         index: 1,
         term: 1,
@@ -869,7 +869,7 @@ fn write_bootstrap(
             ..Default::default()
         }),
     };
-    log.apply_snapshot(batch.write_txn(), &meta)?;
+    log.apply_snapshot(batch.write_txn()?, &meta)?;
     batch.set_applied_index(1);
     for m in members {
         batch.put_member(m)?;
@@ -910,8 +910,8 @@ fn join_member(
         cluster_id,
         cluster_token: cfg.initial_cluster_token.clone(),
     };
-    let batch = kv.begin()?;
-    identity.store(batch.write_txn())?;
+    let mut batch = kv.begin()?;
+    identity.store(batch.write_txn()?)?;
     batch.commit(true)?;
     Ok(identity)
 }

@@ -249,12 +249,17 @@ pub(crate) enum TokenEffect {
 impl ApplyBatch<'_> {
     /// Applies one auth change with etcd's rules and errors.
     pub fn auth_change(&mut self, change: AuthChange) -> Result<(), KvError> {
-        let mut table = self.txn.open_table(AUTH)?;
-        let mut state = AuthState::from_snapshot(&load(&table)?);
+        // A token (Authenticate) changes no table: only a real change needs the
+        // batch's write transaction.
+        let stored = with_batch_table!(self, AUTH, |table| load(&table))?;
+        let mut state = AuthState::from_snapshot(&stored);
         let effect = apply_change(&mut state, change.change)?;
         if !matches!(effect, TokenEffect::Insert { .. }) {
             state.revision += 1;
-            store(&mut table, &state.to_snapshot())?;
+            store(
+                &mut self.write_txn()?.open_table(AUTH)?,
+                &state.to_snapshot(),
+            )?;
             self.auth_changed = true;
         }
         self.token_effects.push(effect);

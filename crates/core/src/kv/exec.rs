@@ -26,6 +26,22 @@ pub(crate) struct Change {
     pub prev_lease: i64,
 }
 
+impl Change {
+    /// The lease the key is attached to after this change (0: none).
+    pub(crate) fn new_lease(&self) -> i64 {
+        if self.tombstone {
+            0
+        } else {
+            self.kv.lease
+        }
+    }
+
+    /// Whether storing this change moves the key between leases (`kv_lease_keys`).
+    pub(crate) fn moves_lease(&self) -> bool {
+        self.prev_lease != self.new_lease()
+    }
+}
+
 /// Whether a lease exists, for checking the lease of a Put.
 pub(crate) trait LeaseLookup {
     fn lease_exists(&self, id: i64) -> Result<bool, KvError>;
@@ -46,8 +62,18 @@ impl LeaseLookup for TxnLeases<'_> {
     }
 }
 
-pub(crate) struct Exec<'t, R> {
-    view: View<'t, R>,
+/// The committed lease table, for a batch without a write transaction: only a batch
+/// with one changes leases, so in the others the committed table is the batch's.
+pub(crate) struct ReadLeases<'txn>(pub &'txn redb::ReadTransaction);
+
+impl LeaseLookup for ReadLeases<'_> {
+    fn lease_exists(&self, id: i64) -> Result<bool, KvError> {
+        self.0.open_table(super::tables::LEASES)?.lease_exists(id)
+    }
+}
+
+pub(crate) struct Exec<'t> {
+    view: View<'t>,
     /// The lease table; None for read-only execution (which refuses every write).
     leases: Option<&'t dyn LeaseLookup>,
     /// Revision of the tables before this request.
@@ -60,12 +86,9 @@ pub(crate) struct Exec<'t, R> {
     changes: Vec<Change>,
 }
 
-impl<'t, R> Exec<'t, R>
-where
-    R: ReadableTable<(i64, i64), &'static [u8]>,
-{
+impl<'t> Exec<'t> {
     pub(crate) fn new(
-        view: View<'t, R>,
+        view: View<'t>,
         leases: Option<&'t dyn LeaseLookup>,
         base_revision: i64,
         compact_revision: i64,

@@ -3,7 +3,7 @@
 //! write also keeps the lease → key attachments in step.
 use std::collections::BTreeMap;
 
-use redb::{ReadableTable, Table};
+use redb::Table;
 
 use super::exec::Change;
 use super::index::View;
@@ -53,8 +53,8 @@ impl<'txn> WriteTables<'txn> {
             )?;
             let key = kv.key.as_slice();
             let old_lease = change.prev_lease;
-            let new_lease = if change.tombstone { 0 } else { kv.lease };
-            if old_lease != new_lease {
+            let new_lease = change.new_lease();
+            if change.moves_lease() {
                 let table = match &mut lease_keys {
                     Some(t) => t,
                     None => lease_keys.insert(self.lease_keys()?),
@@ -109,34 +109,23 @@ impl<'txn> WriteTables<'txn> {
 }
 
 /// Watch replay: see [`super::KvStore::events`].
-pub(crate) fn events<R>(
-    view: &View<'_, R>,
+pub(crate) fn events(
+    view: &View<'_>,
     (start, end): (i64, i64),
     interval: &Interval,
     prev_kv: bool,
     limit: usize,
-) -> Result<Vec<Event>, KvError>
-where
-    R: ReadableTable<(i64, i64), &'static [u8]>,
-{
+) -> Result<Vec<Event>, KvError> {
     let mut out = Vec::new();
-    if end < start {
-        return Ok(out);
-    }
     let mut last_main = None;
-    for entry in view
-        .revs()
-        .range::<(i64, i64)>((start, i64::MIN)..=(end, i64::MAX))?
-    {
-        let (rk, raw) = entry?;
-        let (main, sub) = rk.value();
+    view.each_record(start, end, |(main, sub), raw| {
         // Whole revisions only: stop at the first revision past the limit.
         if limit > 0 && out.len() >= limit && last_main != Some(main) {
-            break;
+            return Ok(false);
         }
-        let record = decode_record(raw.value())?;
+        let record = decode_record(raw)?;
         if !interval.contains(&record.kv.key) {
-            continue;
+            return Ok(true);
         }
         let prev_kv = if prev_kv {
             view.previous(&record.kv.key, main, sub)?
@@ -153,7 +142,8 @@ where
             prev_kv,
         });
         last_main = Some(main);
-    }
+        Ok(true)
+    })?;
     Ok(out)
 }
 
@@ -210,14 +200,9 @@ impl KvHasher {
     }
 
     /// Feeds every stored record with main ≤ `rev`, in revision order.
-    pub(crate) fn records<R>(&mut self, revs: &R, rev: i64) -> Result<(), KvError>
-    where
-        R: ReadableTable<(i64, i64), &'static [u8]>,
-    {
-        for entry in revs.range::<(i64, i64)>(..=(rev, i64::MAX))? {
-            let (rk, raw) = entry?;
-            let (main, sub) = rk.value();
-            let record = decode_record(raw.value())?;
+    pub(crate) fn records(&mut self, view: &View<'_>, rev: i64) -> Result<(), KvError> {
+        view.each_record(i64::MIN, rev, |(main, sub), raw| {
+            let record = decode_record(raw)?;
             self.record(
                 &record.kv.key,
                 main,
@@ -225,8 +210,8 @@ impl KvHasher {
                 record.tombstone,
                 &record.kv.value,
             );
-        }
-        Ok(())
+            Ok(true)
+        })
     }
 
     /// Feeds bytes that are not a history record (Hash covers the whole store).
@@ -240,22 +225,18 @@ impl KvHasher {
     }
 }
 
-/// Every record, in revision order, for a snapshot.
-pub(crate) fn export<R>(revs: &R) -> Result<Vec<HistoryRecord>, KvError>
-where
-    R: ReadableTable<(i64, i64), &'static [u8]>,
-{
+/// Every record the view sees, in revision order, for a snapshot.
+pub(crate) fn export(view: &View<'_>) -> Result<Vec<HistoryRecord>, KvError> {
     let mut out = Vec::new();
-    for entry in revs.range::<(i64, i64)>(..)? {
-        let (rk, raw) = entry?;
-        let (main, sub) = rk.value();
-        let Record { tombstone, kv } = decode_record(raw.value())?;
+    view.each_record(i64::MIN, i64::MAX, |(main, sub), raw| {
+        let Record { tombstone, kv } = decode_record(raw)?;
         out.push(HistoryRecord {
             main,
             sub,
             tombstone,
             kv: Some(kv),
         });
-    }
+        Ok(true)
+    })?;
     Ok(out)
 }

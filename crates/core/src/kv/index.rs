@@ -14,11 +14,13 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::ReadableTable;
 
+use super::pending::{self, Pending, Revs};
 use super::range::Interval;
-use super::tables::{decode_record, Record};
-use super::KvError;
+use super::tables::{decode_record, Meta as Counters, Record, META, REVS};
+use super::{KvError, ReadRevs};
 use crate::proto::meshpb::HistoryRecord;
 use crate::proto::mvccpb::KeyValue;
+use crate::storage::Db;
 
 /// One version of a key: where its record is in `kv_revs`, and the fields a put
 /// derives from the version it replaces, so a put reads no record (as etcd's
@@ -259,10 +261,18 @@ fn compacted_len(versions: &[Version], rev: i64) -> usize {
     }
 }
 
-/// What one read (or one apply batch) sees: the records of its transaction, found
-/// through the key index.
-pub(crate) struct View<'t, R> {
-    revs: &'t R,
+/// What one read (or one apply batch) sees: the records of its transaction and the
+/// ones still pending (`super::pending`), found through the key index.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'t> {
+    revs: Revs<'t>,
+    /// Every record of a main revision up to this is in `revs`: `pending.flushed` when
+    /// the transaction began, or `i64::MAX` for a batch's write transaction, which the
+    /// pending records were written into.
+    covers: i64,
+    pending: &'t RwLock<Pending>,
+    /// For a record flushed after this view's transaction began.
+    db: &'t Db,
     index: &'t RwLock<KeyIndex>,
     /// The newest main revision visible: the snapshot's, or `i64::MAX` in a batch.
     visible: i64,
@@ -270,41 +280,41 @@ pub(crate) struct View<'t, R> {
     epoch: Option<u64>,
 }
 
-impl<R> Clone for View<'_, R> {
-    fn clone(&self) -> Self {
-        *self
-    }
+/// What a view reads besides its own table.
+#[derive(Clone, Copy)]
+pub(crate) struct Shared<'t> {
+    pub pending: &'t RwLock<Pending>,
+    pub db: &'t Db,
+    pub index: &'t RwLock<KeyIndex>,
 }
 
-impl<R> Copy for View<'_, R> {}
-
-impl<'t, R> View<'t, R>
-where
-    R: ReadableTable<(i64, i64), &'static [u8]>,
-{
+impl<'t> View<'t> {
+    /// A read at `revision`, whose transaction holds the records up to `covers`.
     pub(crate) fn snapshot(
-        revs: &'t R,
-        index: &'t RwLock<KeyIndex>,
+        revs: Revs<'t>,
+        covers: i64,
+        shared: Shared<'t>,
         revision: i64,
         epoch: u64,
     ) -> Self {
         View {
             revs,
-            index,
+            covers,
+            pending: shared.pending,
+            db: shared.db,
+            index: shared.index,
             visible: revision,
             epoch: Some(epoch),
         }
     }
 
-    /// The records this view reads.
-    pub(crate) fn revs(&self) -> &'t R {
-        self.revs
-    }
-
-    pub(crate) fn batch(revs: &'t R, index: &'t RwLock<KeyIndex>) -> Self {
+    pub(crate) fn batch(revs: Revs<'t>, covers: i64, shared: Shared<'t>) -> Self {
         View {
             revs,
-            index,
+            covers,
+            pending: shared.pending,
+            db: shared.db,
+            index: shared.index,
             visible: i64::MAX,
             epoch: None,
         }
@@ -320,17 +330,85 @@ where
         Ok(f(&index))
     }
 
-    fn fetch(&self, (main, sub): (i64, i64)) -> Result<Record, KvError> {
-        match self.revs.get((main, sub))? {
-            Some(raw) => decode_record(raw.value()),
-            None => Err(KvError::Storage(format!(
-                "revision {main}.{sub} is in the key index but not in kv_revs"
-            ))),
+    /// `kv_revs` as committed now, for records flushed after this view began; `Stale`
+    /// if a compaction or restore was committed since.
+    fn committed_now(&self) -> Result<ReadRevs, KvError> {
+        let txn = self.db.begin_read()?;
+        if let Some(epoch) = self.epoch {
+            if Counters::load(&txn.open_table(META)?)?.index_epoch != epoch {
+                return Err(KvError::Stale);
+            }
         }
+        Ok(txn.open_table(REVS)?)
+    }
+
+    fn fetch(&self, rev: (i64, i64)) -> Result<Record, KvError> {
+        let found = if rev.0 <= self.covers {
+            self.revs.record(rev)?
+        } else {
+            let pending = pending::read(self.pending).get(rev).map(decode_record);
+            match pending {
+                Some(record) => Some(record?),
+                None => Revs::Read(&self.committed_now()?).record(rev)?,
+            }
+        };
+        let (main, sub) = rev;
+        found.ok_or_else(|| {
+            KvError::Storage(format!(
+                "revision {main}.{sub} is in the key index but not in kv_revs"
+            ))
+        })
     }
 
     fn fetch_live(&self, revs: Vec<(i64, i64)>) -> Result<Vec<KeyValue>, KvError> {
         revs.into_iter().map(|r| Ok(self.fetch(r)?.kv)).collect()
+    }
+
+    /// Calls `f` on every record with a main revision in `lo..=hi` (at most this
+    /// view's revision), in revision order, until it returns false.
+    pub(crate) fn each_record(
+        &self,
+        lo: i64,
+        hi: i64,
+        mut f: impl FnMut((i64, i64), &[u8]) -> Result<bool, KvError>,
+    ) -> Result<(), KvError> {
+        let hi = hi.min(self.visible);
+        if lo > hi {
+            return Ok(());
+        }
+        // Taken first: a record not pending now was committed before the transaction
+        // that may be opened below.
+        let (boundary, tail) = {
+            let p = pending::read(self.pending);
+            let boundary = if self.covers == i64::MAX {
+                i64::MAX
+            } else {
+                p.flushed
+            };
+            let tail = if boundary < hi {
+                p.rows_in(lo.max(boundary + 1), hi).to_vec()
+            } else {
+                Vec::new()
+            };
+            (boundary, tail)
+        };
+        let upto = hi.min(boundary);
+        if lo <= upto {
+            let more = if upto <= self.covers {
+                self.revs.each(lo, upto, &mut f)?
+            } else {
+                Revs::Read(&self.committed_now()?).each(lo, upto, &mut f)?
+            };
+            if !more {
+                return Ok(());
+            }
+        }
+        for (rev, bytes) in &tail {
+            if !f(*rev, bytes)? {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// The live version of `key`.

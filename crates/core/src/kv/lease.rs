@@ -40,7 +40,7 @@ impl ApplyBatch<'_> {
         if ttl > MAX_LEASE_TTL {
             return Err(KvError::LeaseTtlTooLarge);
         }
-        let mut leases = self.txn.open_table(LEASES)?;
+        let mut leases = self.write_txn()?.open_table(LEASES)?;
         if leases.get(id)?.is_some() {
             return Err(KvError::LeaseExists);
         }
@@ -52,7 +52,7 @@ impl ApplyBatch<'_> {
     /// response header's revision.
     pub fn lease_revoke(&mut self, id: i64) -> Result<pb::LeaseRevokeResponse, KvError> {
         let keys = {
-            let tables = WriteTables::open(&self.txn)?;
+            let tables = WriteTables::open(self.write_txn()?)?;
             if tables.leases()?.get(id)?.is_none() {
                 return Err(KvError::LeaseNotFound);
             }
@@ -67,7 +67,7 @@ impl ApplyBatch<'_> {
             }
             Ok(())
         })?;
-        self.txn.open_table(LEASES)?.remove(id)?;
+        self.write_txn()?.open_table(LEASES)?.remove(id)?;
         Ok(pb::LeaseRevokeResponse {
             header: Some(super::range::header(self.meta.current_revision)),
         })
@@ -75,9 +75,7 @@ impl ApplyBatch<'_> {
 
     /// The granted TTL of lease `id` as of this batch.
     pub fn lease_ttl(&self, id: i64) -> Result<Option<i64>, KvError> {
-        let table = self.txn.open_table(LEASES)?;
-        let ttl = table.get(id)?.map(|g| g.value());
-        Ok(ttl)
+        with_batch_table!(self, LEASES, |table| Ok(table.get(id)?.map(|g| g.value())))
     }
 }
 

@@ -1,8 +1,10 @@
 //! The replicated state machine: etcd v3 MVCC revisions over redb tables.
 //!
 //! `KvStore` serves concurrent reads from redb read transactions; the Raft driver
-//! applies committed entries through one `ApplyBatch` (a redb write transaction) at a
-//! time and commits it together with the applied index.
+//! applies committed entries through one `ApplyBatch` at a time and publishes it
+//! together with the applied index. A batch of plain writes stays in memory (its
+//! records wait in `pending`); one that changes anything else opens a redb write
+//! transaction, writes the pending records first, and commits.
 //!
 //! As in etcd, records are stored by revision (`kv_revs`) and an index in memory maps
 //! each key to its revisions, so a write appends instead of rewriting random pages.
@@ -10,6 +12,7 @@
 //! Layout:
 //! - `tables`: table definitions, record encoding, meta counters
 //! - `index`: the in-memory key index and the view a read or a batch has of the store
+//! - `pending`: records applied but not yet in redb, and the counters readers see
 //! - `range`: key intervals, live and historical scans, shaping Range results
 //! - `exec`: executing Put / DeleteRange / Range / Txn over an overlay of the request's own writes
 //! - `history`: applying changes, compaction, watch replay, hash, snapshot export/import
@@ -27,12 +30,33 @@ use crate::proto::meshpb::{MemberRecord, StoreSnapshot};
 use crate::proto::mvccpb;
 use crate::storage::Db;
 
+/// Evaluates `$body` with `$t` bound to table `$def` as of batch `$batch`: its write
+/// transaction's, or without one the committed table (only a batch with a write
+/// transaction changes a table besides `kv_revs`).
+macro_rules! with_batch_table {
+    ($batch:expr, $def:expr, |$t:ident| $body:expr) => {
+        match &$batch.txn {
+            Some(txn) => {
+                let $t = txn.open_table($def)?;
+                let value = $body;
+                value
+            }
+            None => {
+                let $t = $batch.store.db.begin_read()?.open_table($def)?;
+                let value = $body;
+                value
+            }
+        }
+    };
+}
+
 mod auth;
 mod check;
 mod exec;
 mod history;
 mod index;
 mod lease;
+mod pending;
 mod range;
 mod tables;
 #[cfg(test)]
@@ -43,8 +67,9 @@ pub use check::{check_txn, is_read_only, validate_delete_range, validate_put, va
 pub use lease::MAX_LEASE_TTL;
 
 use exec::Exec;
-use history::{RevsTable, WriteTables};
-use index::{KeyIndex, Version, View};
+use history::WriteTables;
+use index::{KeyIndex, Shared, Version, View};
+use pending::{Pending, Revs};
 use range::Interval;
 use tables::{Meta, ALARMS, MEMBERS, META, REVS};
 
@@ -186,7 +211,7 @@ impl From<prost::DecodeError> for KvError {
 
 pub struct KvStore {
     db: Arc<Db>,
-    /// Last committed values; readers that need consistency read `kv_meta` instead.
+    /// Last published values; readers that need them consistent take `pending.meta`.
     applied_index: AtomicU64,
     current_revision: AtomicI64,
     compact_revision: AtomicI64,
@@ -202,6 +227,8 @@ pub struct KvStore {
     recent_events: std::sync::Mutex<EventCache>,
     /// Every kept version of every key (see `index`).
     index: RwLock<KeyIndex>,
+    /// Records redb does not hold yet, and the published counters (see `pending`).
+    pending: RwLock<Pending>,
 }
 
 /// Spans of revisions whose events (every key, with previous values) were read for
@@ -217,19 +244,20 @@ struct EventCache {
 
 type SharedEvents = Arc<Vec<mvccpb::Event>>;
 
-/// Removes from the index the versions a dropped batch added.
-struct IndexRollback<'a> {
-    index: &'a RwLock<KeyIndex>,
-    /// The committed revision the batch started from.
+/// Removes from the index, and from the pending records, what a dropped batch added.
+struct Rollback<'a> {
+    store: &'a KvStore,
+    /// The published revision the batch started from.
     base_revision: i64,
     /// Whether the batch added versions that no commit has made permanent.
     pending: bool,
 }
 
-impl Drop for IndexRollback<'_> {
+impl Drop for Rollback<'_> {
     fn drop(&mut self) {
         if self.pending {
-            index::write(self.index).rollback(self.base_revision);
+            index::write(&self.store.index).rollback(self.base_revision);
+            pending::write(&self.store.pending).truncate_above(self.base_revision);
         }
     }
 }
@@ -248,12 +276,18 @@ const STALE_RETRIES: u32 = 10_000;
 const EVENT_CACHE_SPAN: i64 = 64;
 const EVENT_CACHE_SPANS: usize = 8;
 
-/// One open write transaction of the Raft driver. Dropping it aborts.
+/// What the Raft driver applies at once, committed or published together. Dropping
+/// it aborts.
 pub struct ApplyBatch<'a> {
     store: &'a KvStore,
-    txn: redb::WriteTransaction,
+    /// redb's write transaction, once the batch needs one (see `pending`); the pending
+    /// records are written into it first.
+    txn: Option<redb::WriteTransaction>,
+    /// Until then, what redb has committed: every record up to `pending.flushed`, and
+    /// the tables only a batch with a write transaction changes.
+    committed: Option<Committed>,
     /// The versions this batch added to the key index, taken back if it is dropped.
-    added: IndexRollback<'a>,
+    added: Rollback<'a>,
     /// Index changes that must wait for the commit: older snapshots still need what
     /// they remove.
     index_effects: Vec<IndexEffect>,
@@ -267,6 +301,23 @@ pub struct ApplyBatch<'a> {
     auth_changed: bool,
     /// Token changes to make once the batch is committed.
     token_effects: Vec<auth::TokenEffect>,
+}
+
+/// A batch's read of what redb has committed.
+struct Committed {
+    txn: redb::ReadTransaction,
+    revs: ReadRevs,
+    /// `pending.flushed` when it began: `revs` holds every record up to this.
+    covers: i64,
+}
+
+impl Committed {
+    fn open(store: &KvStore) -> Result<Committed, KvError> {
+        let covers = pending::read(&store.pending).flushed;
+        let txn = store.db.begin_read()?;
+        let revs = txn.open_table(REVS)?;
+        Ok(Committed { txn, revs, covers })
+    }
 }
 
 impl KvStore {
@@ -285,6 +336,7 @@ impl KvStore {
             tokens: auth::Tokens::default(),
             recent_events: Default::default(),
             index: RwLock::new(KeyIndex::default()),
+            pending: RwLock::new(Pending::new(Meta::default())),
         };
         store.reload()?;
         Ok(store)
@@ -301,6 +353,7 @@ impl KvStore {
         let nospace = nospace_active(&txn.open_table(ALARMS)?)?;
         let auth = AuthState::from_snapshot(&auth::load(&txn.open_table(auth::AUTH)?)?);
         *index::write(&self.index) = KeyIndex::load(&txn.open_table(REVS)?, meta.index_epoch)?;
+        *pending::write(&self.pending) = Pending::new(meta);
         self.applied_index
             .store(meta.applied_index, Ordering::Release);
         self.current_revision
@@ -345,42 +398,103 @@ impl KvStore {
         self.revision_tx.subscribe()
     }
 
-    /// Open the write transaction for applying entries. redb allows one writer at a
-    /// time: this blocks while another batch (or any other writer of the database) is
-    /// open, so the one thread that writes must commit or drop a batch before the next.
+    /// Starts a batch for applying entries. It opens redb's write transaction only
+    /// when it needs one (see `pending`). redb allows one writer at a time: that blocks
+    /// while another batch (or any other writer of the database) holds it, so the one
+    /// thread that writes must commit or drop a batch before the next.
     pub fn begin(&self) -> Result<ApplyBatch<'_>, KvError> {
-        let txn = self.db.begin_write()?;
-        let meta = Meta::load(&txn.open_table(META)?)?;
-        let nospace = nospace_active(&txn.open_table(ALARMS)?)?;
+        // The driver is the only writer: what it published last is the state.
+        let meta = pending::read(&self.pending).meta;
         Ok(ApplyBatch {
             store: self,
-            txn,
-            added: IndexRollback {
-                index: &self.index,
+            txn: None,
+            committed: None,
+            added: Rollback {
+                store: self,
                 base_revision: meta.current_revision,
                 pending: false,
             },
             index_effects: Vec::new(),
             restored: false,
             meta,
-            nospace,
+            nospace: self.nospace(),
             auth_changed: false,
             token_effects: Vec::new(),
         })
     }
 
-    /// Run `f` on one consistent read transaction, starting over while the key
-    /// index is being brought in step with a commit.
+    /// redb's write transaction with the pending records written into it: everything
+    /// applied so far, for a batch that changes more than `kv_revs`.
+    fn begin_write_flushed(&self) -> Result<redb::WriteTransaction, KvError> {
+        let txn = self.db.begin_write()?;
+        {
+            let p = pending::read(&self.pending);
+            if !p.rows().is_empty() {
+                let mut revs = txn.open_table(REVS)?;
+                for (rev, record) in p.rows() {
+                    revs.insert(*rev, record.as_slice())?;
+                }
+            }
+        }
+        Ok(txn)
+    }
+
+    /// How many records wait in memory for a commit (see `pending`).
+    pub fn pending_records(&self) -> usize {
+        pending::read(&self.pending).rows().len()
+    }
+
+    /// Writes the pending records into redb with a commit of their own (fsync'ed only
+    /// if `durable`).
+    pub fn write_pending(&self, durable: bool) -> Result<(), KvError> {
+        let mut batch = self.begin()?;
+        batch.write_txn()?;
+        batch.commit(durable)?;
+        Ok(())
+    }
+
+    /// What a view reads besides its own table.
+    fn shared(&self) -> Shared<'_> {
+        Shared {
+            pending: &self.pending,
+            db: &self.db,
+            index: &self.index,
+        }
+    }
+
+    /// Run `f` on one consistent view (the published counters, a read transaction
+    /// begun after them, and the pending records), starting over while the key index
+    /// is being brought in step with a commit.
     fn snapshot_read<T>(
         &self,
-        f: impl Fn(View<'_, ReadRevs>, &Meta) -> Result<T, KvError>,
+        f: impl Fn(View<'_>, &Meta, &redb::ReadTransaction) -> Result<T, KvError>,
     ) -> Result<T, KvError> {
         for attempt in 0..STALE_RETRIES {
+            let (meta, covers) = {
+                let p = pending::read(&self.pending);
+                (p.meta, p.flushed)
+            };
             let txn = self.db.begin_read()?;
-            let meta = Meta::load(&txn.open_table(META)?)?;
+            let stored = Meta::load(&txn.open_table(META)?)?;
             let revs = txn.open_table(REVS)?;
-            let view = View::snapshot(&revs, &self.index, meta.current_revision, meta.index_epoch);
-            match f(view, &meta) {
+            // A commit between taking the counters and beginning the transaction (one
+            // that compacted, or changed a table only commits change) is published
+            // next: start over with it.
+            let result = if stored.index_epoch != meta.index_epoch
+                || stored.applied_index > meta.applied_index
+            {
+                Err(KvError::Stale)
+            } else {
+                let view = View::snapshot(
+                    Revs::Read(&revs),
+                    covers,
+                    self.shared(),
+                    meta.current_revision,
+                    meta.index_epoch,
+                );
+                f(view, &meta, &txn)
+            };
+            match result {
                 Err(KvError::Stale) if attempt < 100 => std::thread::yield_now(),
                 Err(KvError::Stale) => std::thread::sleep(std::time::Duration::from_millis(1)),
                 done => return done,
@@ -392,11 +506,8 @@ impl KvStore {
     }
 
     /// Run a read-only request against one consistent read transaction.
-    fn read<T>(
-        &self,
-        f: impl Fn(&mut Exec<'_, ReadRevs>) -> Result<T, KvError>,
-    ) -> Result<T, KvError> {
-        self.snapshot_read(|view, meta| {
+    fn read<T>(&self, f: impl Fn(&mut Exec<'_>) -> Result<T, KvError>) -> Result<T, KvError> {
+        self.snapshot_read(|view, meta, _| {
             let mut exec = Exec::new(
                 view,
                 None,
@@ -496,7 +607,7 @@ impl KvStore {
         prev_kv: bool,
         limit: usize,
     ) -> Result<Vec<mvccpb::Event>, KvError> {
-        self.snapshot_read(|view, meta| {
+        self.snapshot_read(|view, meta, _| {
             if start < meta.compact_revision {
                 return Err(KvError::Compacted {
                     compact_revision: meta.compact_revision,
@@ -511,39 +622,38 @@ impl KvStore {
         read_members(&txn.open_table(MEMBERS)?)
     }
 
-    /// The applied index and the whole replicated state, from one read transaction.
+    /// The applied index and the whole replicated state, from one consistent view.
     pub fn snapshot(&self) -> Result<(u64, StoreSnapshot), KvError> {
-        let txn = self.db.begin_read()?;
-        let meta = Meta::load(&txn.open_table(META)?)?;
-        let snap = StoreSnapshot {
-            revision: meta.current_revision,
-            compact_revision: meta.compact_revision,
-            history: history::export(&txn.open_table(REVS)?)?,
-            members: read_members(&txn.open_table(MEMBERS)?)?,
-            alarms: read_alarms(&txn.open_table(ALARMS)?)?,
-            leases: lease::export(&txn.open_table(tables::LEASES)?)?,
-            auth: Some(auth::load(&txn.open_table(auth::AUTH)?)?),
-        };
-        Ok((meta.applied_index, snap))
+        self.snapshot_read(|view, meta, txn| {
+            let snap = StoreSnapshot {
+                revision: meta.current_revision,
+                compact_revision: meta.compact_revision,
+                history: history::export(&view)?,
+                members: read_members(&txn.open_table(MEMBERS)?)?,
+                alarms: read_alarms(&txn.open_table(ALARMS)?)?,
+                leases: lease::export(&txn.open_table(tables::LEASES)?)?,
+                auth: Some(auth::load(&txn.open_table(auth::AUTH)?)?),
+            };
+            Ok((meta.applied_index, snap))
+        })
     }
 
     /// `(hash, compact_revision, hash_revision)` over the history up to `rev` (0 = current).
     pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), KvError> {
-        let txn = self.db.begin_read()?;
-        let meta = Meta::load(&txn.open_table(META)?)?;
-        let rev = if rev <= 0 { meta.current_revision } else { rev };
-        if rev > meta.current_revision {
-            return Err(KvError::FutureRevision);
-        }
-        if rev < meta.compact_revision {
-            return Err(KvError::Compacted {
-                compact_revision: meta.compact_revision,
-            });
-        }
-        let mut hasher = history::KvHasher::default();
-        hasher.records(&txn.open_table(REVS)?, rev)?;
-        let hash = hasher.finish();
-        Ok((hash, meta.compact_revision, rev))
+        self.snapshot_read(|view, meta, _| {
+            let rev = if rev <= 0 { meta.current_revision } else { rev };
+            if rev > meta.current_revision {
+                return Err(KvError::FutureRevision);
+            }
+            if rev < meta.compact_revision {
+                return Err(KvError::Compacted {
+                    compact_revision: meta.compact_revision,
+                });
+            }
+            let mut hasher = history::KvHasher::default();
+            hasher.records(&view, rev)?;
+            Ok((hasher.finish(), meta.compact_revision, rev))
+        })
     }
 
     /// Every active alarm, ordered by member ID then type.
@@ -560,19 +670,19 @@ impl KvStore {
     /// A checksum of the whole replicated state (etcd's Hash): every history record,
     /// the revision counters, the member table and the alarms, from one read txn.
     pub fn hash(&self) -> Result<u32, KvError> {
-        let txn = self.db.begin_read()?;
-        let meta = Meta::load(&txn.open_table(META)?)?;
-        let mut hasher = history::KvHasher::default();
-        hasher.records(&txn.open_table(REVS)?, i64::MAX)?;
-        hasher.extra(&meta.current_revision.to_le_bytes());
-        hasher.extra(&meta.compact_revision.to_le_bytes());
-        for m in read_members(&txn.open_table(MEMBERS)?)? {
-            hasher.extra(&m.encode_to_vec());
-        }
-        for a in read_alarms(&txn.open_table(ALARMS)?)? {
-            hasher.extra(&a.encode_to_vec());
-        }
-        Ok(hasher.finish())
+        self.snapshot_read(|view, meta, txn| {
+            let mut hasher = history::KvHasher::default();
+            hasher.records(&view, i64::MAX)?;
+            hasher.extra(&meta.current_revision.to_le_bytes());
+            hasher.extra(&meta.compact_revision.to_le_bytes());
+            for m in read_members(&txn.open_table(MEMBERS)?)? {
+                hasher.extra(&m.encode_to_vec());
+            }
+            for a in read_alarms(&txn.open_table(ALARMS)?)? {
+                hasher.extra(&a.encode_to_vec());
+            }
+            Ok(hasher.finish())
+        })
     }
 }
 
@@ -599,7 +709,7 @@ impl SnapshotSummary {
     }
 }
 
-type ReadRevs = redb::ReadOnlyTable<(i64, i64), &'static [u8]>;
+pub(crate) type ReadRevs = redb::ReadOnlyTable<(i64, i64), &'static [u8]>;
 
 fn read_members<T: ReadableTable<u64, &'static [u8]>>(
     table: &T,
@@ -692,33 +802,60 @@ fn txn_puts(req: &pb::TxnRequest) -> bool {
 }
 
 impl<'a> ApplyBatch<'a> {
-    /// The write transaction, so the Raft storage can commit its tables with ours.
-    pub fn write_txn(&self) -> &redb::WriteTransaction {
-        &self.txn
+    /// The write transaction, opened now if the batch has none, so the Raft storage
+    /// can commit its tables with ours.
+    pub fn write_txn(&mut self) -> Result<&redb::WriteTransaction, KvError> {
+        self.committed = None;
+        let txn = match &mut self.txn {
+            Some(txn) => txn,
+            slot @ None => slot.insert(self.store.begin_write_flushed()?),
+        };
+        Ok(txn)
     }
 
     /// Execute one write request; store its changes only if all of it succeeded.
     fn apply<T>(
         &mut self,
-        run: impl FnOnce(&mut Exec<'_, RevsTable<'_>>) -> Result<T, KvError>,
+        run: impl FnOnce(&mut Exec<'_>) -> Result<T, KvError>,
     ) -> Result<T, KvError> {
         self.ensure_index_current()?;
-        let mut tables = WriteTables::open(&self.txn)?;
-        let leases = exec::TxnLeases(&self.txn);
-        let (response, changes) = {
-            let mut exec = Exec::new(
-                View::batch(&tables.revs, &self.store.index),
-                Some(&leases),
-                self.meta.current_revision,
-                self.meta.compact_revision,
-                true,
-            );
+        let main = self.meta.current_revision + 1;
+        let (base, compact) = (self.meta.current_revision, self.meta.compact_revision);
+        let shared = self.store.shared();
+        let (response, changes) = if let Some(txn) = &self.txn {
+            let mut tables = WriteTables::open(txn)?;
+            let leases = exec::TxnLeases(txn);
+            let (response, changes) = {
+                let view = View::batch(Revs::Write(&tables.revs), i64::MAX, shared);
+                let mut exec = Exec::new(view, Some(&leases), base, compact, true);
+                let response = run(&mut exec)?;
+                (response, exec.into_changes())
+            };
+            tables.apply(main, &changes)?;
+            (response, changes)
+        } else {
+            let c = match &mut self.committed {
+                Some(c) => c,
+                slot @ None => slot.insert(Committed::open(self.store)?),
+            };
+            let leases = exec::ReadLeases(&c.txn);
+            let view = View::batch(Revs::Read(&c.revs), c.covers, shared);
+            let mut exec = Exec::new(view, Some(&leases), base, compact, true);
             let response = run(&mut exec)?;
-            (response, exec.into_changes())
+            let changes = exec.into_changes();
+            if changes.iter().any(exec::Change::moves_lease) {
+                // The lease attachments are a table: this batch needs its transaction.
+                WriteTables::open(self.write_txn()?)?.apply(main, &changes)?;
+            } else if !changes.is_empty() {
+                let mut p = pending::write(&self.store.pending);
+                for (sub, change) in changes.iter().enumerate() {
+                    let record = tables::encode_record(change.tombstone, &change.kv);
+                    p.push((main, sub as i64), record);
+                }
+            }
+            (response, changes)
         };
         if !changes.is_empty() {
-            let main = self.meta.current_revision + 1;
-            tables.apply(main, &changes)?;
             let mut index = index::write(&self.store.index);
             for (sub, change) in changes.into_iter().enumerate() {
                 let version = Version::new(main, sub as i64, change.tombstone, &change.kv);
@@ -776,7 +913,7 @@ impl<'a> ApplyBatch<'a> {
         }
         self.ensure_index_current()?;
         let compaction = index::read(&self.store.index).compacted(rev);
-        WriteTables::open(&self.txn)?.compact(&compaction.revs)?;
+        WriteTables::open(self.write_txn()?)?.compact(&compaction.revs)?;
         self.index_effects
             .push(IndexEffect::Compact(compaction.drains));
         self.meta.compact_revision = rev;
@@ -786,23 +923,21 @@ impl<'a> ApplyBatch<'a> {
 
     /// A member record as of this batch (including its own changes).
     pub fn member(&self, id: u64) -> Result<Option<MemberRecord>, KvError> {
-        let table = self.txn.open_table(MEMBERS)?;
-        let found = table.get(id)?;
-        Ok(match found {
-            Some(v) => Some(MemberRecord::decode(v.value())?),
-            None => None,
+        with_batch_table!(self, MEMBERS, |table| match table.get(id)? {
+            Some(v) => Ok(Some(MemberRecord::decode(v.value())?)),
+            None => Ok(None),
         })
     }
 
     pub fn put_member(&mut self, m: &MemberRecord) -> Result<(), KvError> {
-        self.txn
+        self.write_txn()?
             .open_table(MEMBERS)?
             .insert(m.id, m.encode_to_vec().as_slice())?;
         Ok(())
     }
 
     pub fn remove_member(&mut self, id: u64) -> Result<(), KvError> {
-        self.txn.open_table(MEMBERS)?.remove(id)?;
+        self.write_txn()?.open_table(MEMBERS)?.remove(id)?;
         Ok(())
     }
 
@@ -823,13 +958,18 @@ impl<'a> ApplyBatch<'a> {
             member_id: req.member_id,
             alarm: req.alarm,
         };
-        let mut table = self.txn.open_table(ALARMS)?;
-        let changed = match AlarmAction::try_from(req.action) {
-            Ok(AlarmAction::Activate) => table.insert((req.member_id, req.alarm), ())?.is_none(),
-            Ok(AlarmAction::Deactivate) => table.remove((req.member_id, req.alarm))?.is_some(),
-            _ => return Err(KvError::InvalidAlarm),
+        let (changed, nospace) = {
+            let mut table = self.write_txn()?.open_table(ALARMS)?;
+            let changed = match AlarmAction::try_from(req.action) {
+                Ok(AlarmAction::Activate) => {
+                    table.insert((req.member_id, req.alarm), ())?.is_none()
+                }
+                Ok(AlarmAction::Deactivate) => table.remove((req.member_id, req.alarm))?.is_some(),
+                _ => return Err(KvError::InvalidAlarm),
+            };
+            (changed, nospace_active(&table)?)
         };
-        self.nospace = nospace_active(&table)?;
+        self.nospace = nospace;
         Ok(if changed || req.action == AlarmAction::Activate as i32 {
             vec![member]
         } else {
@@ -840,7 +980,25 @@ impl<'a> ApplyBatch<'a> {
     /// Replace every kv table's contents with the snapshot's.
     pub fn restore(&mut self, snap: &StoreSnapshot) -> Result<(), KvError> {
         self.store.clear_event_cache();
-        WriteTables::open(&self.txn)?.restore(snap)?;
+        let txn = self.write_txn()?;
+        WriteTables::open(txn)?.restore(snap)?;
+        let mut members = txn.open_table(MEMBERS)?;
+        members.retain(|_, _| false)?;
+        for m in &snap.members {
+            members.insert(m.id, m.encode_to_vec().as_slice())?;
+        }
+        let mut alarms = txn.open_table(ALARMS)?;
+        alarms.retain(|_, _| false)?;
+        for a in &snap.alarms {
+            alarms.insert((a.member_id, a.alarm), ())?;
+        }
+        let nospace = nospace_active(&alarms)?;
+        auth::store(
+            &mut txn.open_table(auth::AUTH)?,
+            &snap.auth.clone().unwrap_or_default(),
+        )?;
+        drop((members, alarms));
+        self.nospace = nospace;
         self.meta.index_epoch += 1;
         self.index_effects
             .push(IndexEffect::Replace(KeyIndex::from_records(
@@ -848,21 +1006,6 @@ impl<'a> ApplyBatch<'a> {
                 self.meta.index_epoch,
             )));
         self.restored = true;
-        let mut members = self.txn.open_table(MEMBERS)?;
-        members.retain(|_, _| false)?;
-        for m in &snap.members {
-            members.insert(m.id, m.encode_to_vec().as_slice())?;
-        }
-        let mut alarms = self.txn.open_table(ALARMS)?;
-        alarms.retain(|_, _| false)?;
-        for a in &snap.alarms {
-            alarms.insert((a.member_id, a.alarm), ())?;
-        }
-        self.nospace = nospace_active(&alarms)?;
-        auth::store(
-            &mut self.txn.open_table(auth::AUTH)?,
-            &snap.auth.clone().unwrap_or_default(),
-        )?;
         self.auth_changed = true;
         // Tokens are not part of a snapshot: the ones this member knew may be stale.
         self.token_effects.push(auth::TokenEffect::Clear);
@@ -882,14 +1025,28 @@ impl<'a> ApplyBatch<'a> {
 
     /// Commit (fsync'd only if `durable`: the Raft log is the durable record, and a
     /// later durable commit makes this one durable too), then publish the new state.
-    pub fn commit(mut self, durable: bool) -> Result<(), KvError> {
-        self.meta.store(&mut self.txn.open_table(META)?)?;
-        self.txn.set_durability(if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })?;
-        self.txn.commit()?;
+    ///
+    /// A batch without a write transaction is only published: its records wait in
+    /// `pending`. A durable commit opens one, so everything applied reaches the disk.
+    /// Returns whether redb committed (false: only published).
+    pub fn commit(mut self, durable: bool) -> Result<bool, KvError> {
+        if durable {
+            self.write_txn()?;
+        }
+        self.committed = None;
+        let flushed = match self.txn.take() {
+            Some(mut txn) => {
+                self.meta.store(&mut txn.open_table(META)?)?;
+                txn.set_durability(if durable {
+                    Durability::Immediate
+                } else {
+                    Durability::None
+                })?;
+                txn.commit()?;
+                true
+            }
+            None => false,
+        };
         let store = self.store;
         // Committed: the batch's versions stay, and what waited for the commit happens.
         self.added.pending = false;
@@ -913,6 +1070,13 @@ impl<'a> ApplyBatch<'a> {
                 }
             }
             index.epoch = self.meta.index_epoch;
+        }
+        {
+            let mut p = pending::write(&store.pending);
+            if flushed {
+                p.flushed_through(self.meta.current_revision);
+            }
+            p.meta = self.meta;
         }
         store
             .applied_index
@@ -938,6 +1102,6 @@ impl<'a> ApplyBatch<'a> {
             }
         }
         store.revision_tx.send_replace(self.meta.current_revision);
-        Ok(())
+        Ok(flushed)
     }
 }

@@ -49,17 +49,32 @@ pub(crate) struct Meta {
     pub index_epoch: u64,
 }
 
+/// The counters of an empty store (what `load` reads from an empty table).
+impl Default for Meta {
+    fn default() -> Self {
+        Meta {
+            current_revision: INITIAL_REVISION,
+            compact_revision: 0,
+            applied_index: 0,
+            index_epoch: 0,
+        }
+    }
+}
+
 impl Meta {
     pub(crate) fn load<T: ReadableTable<&'static str, u64>>(table: &T) -> Result<Meta, KvError> {
         let get = |name: &str| -> Result<Option<u64>, KvError> {
             Ok(table.get(name)?.map(|guard| guard.value()))
         };
         // Revisions are never negative, so storing them as u64 loses nothing.
+        let empty = Meta::default();
         Ok(Meta {
-            current_revision: get(META_CURRENT_REVISION)?.map_or(INITIAL_REVISION, |r| r as i64),
-            compact_revision: get(META_COMPACT_REVISION)?.map_or(0, |r| r as i64),
-            applied_index: get(META_APPLIED_INDEX)?.unwrap_or(0),
-            index_epoch: get(META_INDEX_EPOCH)?.unwrap_or(0),
+            current_revision: get(META_CURRENT_REVISION)?
+                .map_or(empty.current_revision, |r| r as i64),
+            compact_revision: get(META_COMPACT_REVISION)?
+                .map_or(empty.compact_revision, |r| r as i64),
+            applied_index: get(META_APPLIED_INDEX)?.unwrap_or(empty.applied_index),
+            index_epoch: get(META_INDEX_EPOCH)?.unwrap_or(empty.index_epoch),
         })
     }
 

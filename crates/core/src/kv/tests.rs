@@ -81,6 +81,11 @@ fn apply<T>(
     out
 }
 
+/// The driver's durable commit: what was applied, pending records included, reaches redb.
+fn flush(kv: &KvStore) {
+    kv.write_pending(true).unwrap();
+}
+
 fn put(kv: &KvStore, k: &str, v: &str) -> pb::PutResponse {
     apply(kv, |b| b.put(&put_req(k, v))).unwrap()
 }
@@ -1059,6 +1064,7 @@ fn leases_attach_move_detach_and_revoke_in_one_revision() {
 /// Rewrites one stored record behind the state machine's back with a valid redb
 /// commit (so redb's own page checksums match): only our record checksum can tell.
 fn tamper(f: &Fixture, rev: i64, at: impl Fn(usize) -> usize, bit: u8) {
+    flush(&f.kv);
     let txn = f.kv.db.begin_write().unwrap();
     {
         let mut t = txn.open_table(tables::REVS).unwrap();
@@ -1306,6 +1312,7 @@ fn a_dropped_batch_leaves_no_versions_in_the_index() {
     assert_eq!(events.len(), 3);
     assert_eq!(events[1].prev_kv.as_ref().unwrap().value, b"1");
     // What a reopen sees is what the index had.
+    flush(&f.kv);
     f.kv.reload().unwrap();
     assert_eq!(get(&f.kv, "a").unwrap().value, b"2");
     assert_eq!(f.kv.events(0, 100, b"\0", b"\0", true, 0).unwrap(), events);
@@ -1350,4 +1357,116 @@ fn reads_racing_compactions_see_whole_consistent_states() {
     assert!(reads > 0);
     let all = f.kv.range(&range_req("\0", "\0")).unwrap();
     assert!(all.kvs.iter().all(|kv| kv.value == b"100"));
+}
+
+// -- records applied to memory (`pending`) --
+
+/// Plain writes wait in memory; redb gets them with the next batch that has a write
+/// transaction, and a reader whose transaction began before that flush still finds
+/// them although they have left `pending`.
+#[test]
+fn a_read_begun_before_a_flush_finds_the_records_it_moved() {
+    let f = fixture();
+    put(&f.kv, "a", "1");
+    put(&f.kv, "b", "2");
+    del(&f.kv, "a", "");
+    let in_redb = |kv: &KvStore| {
+        let txn = kv.db.begin_read().unwrap();
+        let t = txn.open_table(tables::REVS).unwrap();
+        use redb::ReadableTableMetadata;
+        t.len().unwrap()
+    };
+    assert_eq!(in_redb(&f.kv), 0, "plain writes are not in redb yet");
+    assert_eq!(pending::read(&f.kv.pending).rows().len(), 3);
+    let events_before = f.kv.events(0, 100, b"\0", b"\0", true, 0).unwrap();
+
+    let (value, events, hash) =
+        f.kv.snapshot_read(|view, meta, _| {
+            // The flush commits and empties `pending` while this read's
+            // transaction still shows redb without the records.
+            flush(&f.kv);
+            assert!(pending::read(&f.kv.pending).rows().is_empty());
+            let value = view.get(b"b")?.map(|kv| kv.value);
+            let events = history::events(&view, (0, 100), &Interval::new(b"\0", b"\0"), true, 0)?;
+            let mut hasher = history::KvHasher::default();
+            hasher.records(&view, meta.current_revision)?;
+            Ok((value, events, hasher.finish()))
+        })
+        .unwrap();
+    assert_eq!(value.as_deref(), Some(&b"2"[..]));
+    assert_eq!(events, events_before);
+    assert_eq!(in_redb(&f.kv), 3);
+    assert_eq!(hash, f.kv.hash_kv(0).unwrap().0);
+    // And after a reopen from the file, the same history.
+    f.kv.reload().unwrap();
+    assert_eq!(f.kv.events(0, 100, b"\0", b"\0", true, 0).unwrap(), events);
+}
+
+/// What a batch applies is not visible before it is published: not to point reads,
+/// scans of the history, the hash or a snapshot, though its records are already
+/// pending.
+#[test]
+fn an_unpublished_batch_is_invisible_to_readers() {
+    let f = fixture();
+    put(&f.kv, "a", "1");
+    let hash = f.kv.hash_kv(0).unwrap();
+    let (_, snap) = f.kv.snapshot().unwrap();
+    let mut batch = f.kv.begin().unwrap();
+    batch.put(&put_req("a", "2")).unwrap();
+    batch.put(&put_req("b", "2")).unwrap();
+    assert_eq!(pending::read(&f.kv.pending).rows().len(), 3);
+    assert_eq!(get(&f.kv, "a").unwrap().value, b"1");
+    assert!(get(&f.kv, "b").is_none());
+    assert_eq!(
+        f.kv.events(0, 100, b"\0", b"\0", false, 0).unwrap().len(),
+        1
+    );
+    assert_eq!(f.kv.hash_kv(0).unwrap(), hash);
+    assert_eq!(f.kv.snapshot().unwrap().1, snap);
+    batch.commit(false).unwrap();
+    assert_eq!(get(&f.kv, "b").unwrap().value, b"2");
+    assert_eq!(
+        f.kv.events(0, 100, b"\0", b"\0", false, 0).unwrap().len(),
+        3
+    );
+}
+
+/// A batch that starts with plain writes and then needs a write transaction (a lease)
+/// writes the earlier ones into it first: nothing is lost, reordered or doubled, and
+/// the lease attachments are in the table.
+#[test]
+fn a_batch_that_opens_its_transaction_midway_keeps_its_earlier_writes() {
+    let f = fixture();
+    put(&f.kv, "a", "1");
+    let mut batch = f.kv.begin().unwrap();
+    batch.put(&put_req("b", "1")).unwrap();
+    batch.lease_grant(3, 60).unwrap();
+    batch
+        .put(&pb::PutRequest {
+            key: b"c".to_vec(),
+            value: b"1".to_vec(),
+            lease: 3,
+            ..Default::default()
+        })
+        .unwrap();
+    batch.put(&put_req("d", "1")).unwrap();
+    batch.commit(false).unwrap();
+    assert!(pending::read(&f.kv.pending).rows().is_empty());
+    assert_eq!(
+        pending::read(&f.kv.pending).flushed,
+        f.kv.current_revision()
+    );
+    assert_eq!(f.kv.lease_keys(3).unwrap(), vec![b"c".to_vec()]);
+    let revs: Vec<i64> =
+        f.kv.events(0, 100, b"\0", b"\0", false, 0)
+            .unwrap()
+            .iter()
+            .map(|e| e.kv.as_ref().unwrap().mod_revision)
+            .collect();
+    assert_eq!(revs, vec![2, 3, 4, 5]);
+    // Writes after it wait in memory again, on top of what redb holds.
+    put(&f.kv, "e", "1");
+    assert_eq!(pending::read(&f.kv.pending).rows().len(), 1);
+    let all = f.kv.range(&range_req("\0", "\0")).unwrap();
+    assert_eq!(keys(&all), vec!["a", "b", "c", "d", "e"]);
 }

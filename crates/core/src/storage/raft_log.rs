@@ -553,7 +553,8 @@ mod tests {
         };
         let mut batch = kv.begin().unwrap();
         batch.set_applied_index(9);
-        log.apply_snapshot(batch.write_txn(), &meta).unwrap();
+        log.apply_snapshot(batch.write_txn().unwrap(), &meta)
+            .unwrap();
         batch.commit(true).unwrap();
         // No log.sync(): the process dies here.
         drop(log);

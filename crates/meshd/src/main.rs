@@ -12,6 +12,12 @@ use clap::{CommandFactory, FromArgMatches};
 use config::{Cli, Command, ConfigCommand};
 use mesh_core::server::Lifecycle;
 
+/// jemalloc, not glibc's malloc: measured 5-7 % more put throughput at 6-8 % less CPU
+/// (see the workspace Cargo.toml).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     if let Some(code) = cli_docs::hidden_command::<config::Cli>("meshd", "8") {
         return code;

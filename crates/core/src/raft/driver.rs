@@ -270,12 +270,7 @@ impl Driver {
         if applied == self.durable_applied {
             return Ok(());
         }
-        let started = Instant::now();
-        self.kv.write_pending(true).map_err(DriverError::Apply)?;
-        self.status
-            .metrics
-            .backend_commit
-            .observe(started.elapsed());
+        self.commit_kv(true)?;
         self.durable_applied = applied;
         Ok(())
     }
@@ -287,8 +282,13 @@ impl Driver {
         if self.kv.pending_records() < KV_WRITE_RECORDS {
             return Ok(());
         }
+        self.commit_kv(false)
+    }
+
+    /// One commit of the keyspace with what is pending, counted as a backend commit.
+    fn commit_kv(&self, durable: bool) -> Result<(), DriverError> {
         let started = Instant::now();
-        self.kv.write_pending(false).map_err(DriverError::Apply)?;
+        self.kv.write_pending(durable).map_err(DriverError::Apply)?;
         self.status
             .metrics
             .backend_commit

@@ -3,6 +3,7 @@
 //! STOPPING) to a fake `$NOTIFY_SOCKET`. Plus configuration precedence through the
 //! real binary (flag > environment > file).
 
+use std::io::BufRead;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -82,12 +83,41 @@ fn config_check(file: &Path) -> (Option<i32>, String, String) {
 
 #[test]
 fn example_and_default_configs_pass_config_check() {
-    let example = dist("meshd.yaml");
+    // The example names the key file a real member has; check it with one.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("mesh.key");
+    let keygen = Command::new(binary("meshd"))
+        .arg("keygen")
+        .output()
+        .unwrap();
+    assert!(keygen.status.success());
+    assert_eq!(
+        keygen.stdout.len(),
+        45,
+        "44 base64 characters and a newline"
+    );
+    std::fs::write(&key, &keygen.stdout).unwrap();
+    let yaml = std::fs::read_to_string(dist("meshd.yaml")).unwrap();
+    assert!(yaml.contains("password-file: /etc/meshd/mesh.key\n"));
+    let example = dir.path().join("meshd.yaml");
+    std::fs::write(
+        &example,
+        yaml.replace("/etc/meshd/mesh.key", key.to_str().unwrap()),
+    )
+    .unwrap();
     let (code, stdout, stderr) = config_check(&example);
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(stdout, format!("{}: ok\n", example.display()));
+    // Without the key, the example's non-loopback mesh listener is refused.
+    std::fs::write(
+        &example,
+        yaml.replace("password-file: /etc/meshd/mesh.key\n", ""),
+    )
+    .unwrap();
+    let (code, _, stderr) = config_check(&example);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("meshd keygen > mesh.key"), "{stderr}");
 
-    let dir = tempfile::tempdir().unwrap();
     let default = Command::new(binary("meshd"))
         .args(["config", "default"])
         .output()
@@ -135,6 +165,49 @@ fn flag_beats_environment_beats_file() {
     std::fs::write(&f, "name: a\ntick: 10ms\n").unwrap();
     let err = refused(&["run", "--config", fs], &[("MESHD_TICK", "0ms")]);
     assert_eq!(err, "meshd: MESHD_TICK (environment): must be positive\n");
+}
+
+#[test]
+fn a_network_mesh_listener_needs_a_key_or_an_explicit_insecure_mode() {
+    let err = refused(&["--listen-mesh=0.0.0.0:0"], &[]);
+    assert!(
+        err.starts_with("meshd: --listen-mesh 0.0.0.0:0 is reachable from other hosts")
+            && err.contains("--password-file mesh.key")
+            && err.contains("--insecure-mesh"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("m.yaml");
+    std::fs::write(&f, "listen-mesh: 0.0.0.0:0\n").unwrap();
+    let err = refused(&["--config", f.to_str().unwrap()], &[]);
+    assert!(err.contains("is reachable from other hosts"), "{err}");
+    // The explicit insecure mode starts, and says what it means at every start.
+    for (args, env) in [
+        (vec!["--insecure-mesh"], vec![]),
+        (vec![], vec![("MESHD_INSECURE_MESH", "true")]),
+    ] {
+        let data = tempfile::tempdir().unwrap();
+        let mut child = Command::new(binary("meshd"))
+            .arg(format!("--data-dir={}", data.path().display()))
+            .arg(format!("--listen-client={}", free_addr()))
+            .arg("--listen-mesh=0.0.0.0:0")
+            .arg("--listen-metrics=off")
+            .args(args)
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let warned = lines.any(|l| {
+            let l = l.unwrap();
+            l.contains("WARN") && l.contains("--insecure-mesh") && l.contains("read every key")
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(warned, "no warning about the insecure mesh");
+    }
 }
 
 #[test]

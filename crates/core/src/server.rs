@@ -18,7 +18,7 @@ use crate::membership::autopilot::{Autopilot, AutopilotConfig};
 use crate::membership::bootstrap::{self, Outcome};
 use crate::membership::join::{JoinChannel, JOIN_CHANNEL};
 use crate::membership::{self, refresh_routes, token_hash, LocalMeta};
-use crate::mesh::{Mesh, MeshConfig};
+use crate::mesh::{KeySource, Mesh, MeshConfig, MeshKey};
 use crate::proto::etcdserverpb::{
     auth_server, cluster_server, kv_server, lease_server, maintenance_server, watch_server,
 };
@@ -55,8 +55,12 @@ pub struct ServerConfig {
     pub peers: Vec<String>,
     /// Form a new cluster once this many empty server nodes see each other.
     pub bootstrap_expect: Option<u32>,
-    /// Mesh password: every mesh connection is authenticated and encrypted with it.
+    /// Mesh secret: a key from `meshd keygen` or a password (see [`MeshKey::from_secret`]).
+    /// Every mesh connection is then authenticated and encrypted with the key.
     pub password: Option<Vec<u8>>,
+    /// Allow a mesh listener on a non-loopback address without a mesh secret: anyone who
+    /// reaches the port can join the cluster and read every key. Warned at every start.
+    pub insecure_mesh: bool,
     /// Growth and healing of the voter set.
     pub autopilot: AutopilotConfig,
     /// Mesh heartbeat and anti-entropy interval (shorter in tests).
@@ -96,14 +100,14 @@ const QUOTA_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 
 impl ServerConfig {
     /// The defaults of a single node named `name`: client API on 127.0.0.1:2379, peers on
-    /// 0.0.0.0:6783, data in `./<name>.meshd`.
+    /// 127.0.0.1:6783, data in `./<name>.meshd`.
     pub fn new(name: &str) -> ServerConfig {
         ServerConfig {
             name: name.to_string(),
             data_dir: PathBuf::from(format!("{name}.meshd")),
             listen_client: "127.0.0.1:2379".parse().expect("valid"),
             advertise_client: None,
-            listen_mesh: "0.0.0.0:6783".parse().expect("valid"),
+            listen_mesh: "127.0.0.1:6783".parse().expect("valid"),
             advertise_mesh: None,
             listen_metrics: None,
             initial_cluster: None,
@@ -111,6 +115,7 @@ impl ServerConfig {
             peers: Vec::new(),
             bootstrap_expect: None,
             password: None,
+            insecure_mesh: false,
             autopilot: AutopilotConfig::default(),
             mesh_heartbeat: Duration::from_secs(1),
             mesh_gossip_interval: Duration::from_secs(1),
@@ -127,6 +132,24 @@ impl ServerConfig {
             min_free_disk_bytes: DEFAULT_MIN_FREE_DISK_BYTES,
             unsafe_fault_injection: false,
         }
+    }
+}
+
+impl ServerConfig {
+    /// Refuses an unauthenticated mesh listener that other hosts can reach: on a
+    /// network, only holders of the mesh key may join (and so read every key). The
+    /// error names the flags that fix it.
+    pub fn check_mesh_security(&self) -> Result<(), ServerError> {
+        if self.password.is_some() || self.insecure_mesh || self.listen_mesh.ip().is_loopback() {
+            return Ok(());
+        }
+        Err(ServerError::Config(format!(
+            "--listen-mesh {} is reachable from other hosts, but the mesh has no key: anyone \
+             who reaches it could join the cluster and read every key. Create a key with \
+             `meshd keygen > mesh.key` (mode 0600) and start every member with \
+             --password-file mesh.key, or pass --insecure-mesh to run without one",
+            self.listen_mesh
+        )))
     }
 }
 
@@ -215,6 +238,7 @@ pub struct Server {
 impl Server {
     /// Opens the data dir, binds the listeners and starts serving.
     pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
+        cfg.check_mesh_security()?;
         // Bad TLS files fail the start, before anything is opened.
         let tls_err = |e: crate::tls::TlsError| ServerError::Config(e.to_string());
         let client_tls = cfg
@@ -260,7 +284,24 @@ impl Server {
                     .map(|(_, a)| a.clone()),
             );
         }
-        mesh_cfg.password = cfg.password.clone();
+        mesh_cfg.key = cfg.password.as_ref().map(|secret| {
+            let (key, source) = MeshKey::from_secret(secret, &cfg.initial_cluster_token);
+            match source {
+                KeySource::Generated => tracing::info!("mesh: encrypted with a generated key"),
+                KeySource::Password => tracing::info!(
+                    "mesh: encrypted with a key stretched from a password (Argon2id); \
+                     `meshd keygen` makes a random key"
+                ),
+            }
+            key
+        });
+        if mesh_cfg.key.is_none() && cfg.insecure_mesh {
+            tracing::warn!(
+                listen = %mesh_addr,
+                "mesh: --insecure-mesh: the mesh is neither authenticated nor encrypted; \
+                 anyone who reaches {mesh_addr} can join the cluster and read every key"
+            );
+        }
         mesh_cfg.heartbeat = cfg.mesh_heartbeat;
         mesh_cfg.dead_after = cfg.mesh_heartbeat * 4;
         mesh_cfg.gossip_interval = cfg.mesh_gossip_interval;
@@ -345,13 +386,8 @@ impl Server {
         let status = Arc::new(NodeStatus::new(identity.member_id, identity.cluster_id));
         let routes = Arc::new(MemberRoutes::default());
         refresh_routes(&mesh, identity.cluster_id, &routes);
-        let transport = MeshTransport::start(
-            mesh.clone(),
-            identity.member_id,
-            identity.cluster_id,
-            routes.clone(),
-            tx.clone(),
-        );
+        let transport =
+            MeshTransport::start(mesh.clone(), status.clone(), routes.clone(), tx.clone());
         let driver = spawn_driver(
             DriverConfig {
                 member_id: identity.member_id,
@@ -441,6 +477,7 @@ impl Server {
                 warn!("serving the test-only fault injection service (--unsafe-fault-injection)");
                 fault_injection_server::FaultInjectionServer::new(api::FaultInjectionApi {
                     mesh: mesh.clone(),
+                    node: node.clone(),
                 })
             }));
         // Small request/response pairs must not wait for Nagle and delayed ACKs.
@@ -1017,8 +1054,7 @@ async fn follow_mesh(
 ) {
     let status = node.status.clone();
     let mut changes = mesh.changes();
-    let removal = join.await_removal_notice(status.cluster_id);
-    tokio::pin!(removal);
+    let mut removal = Box::pin(join.await_removal_notice(status.cluster_id));
     loop {
         refresh_routes(&mesh, status.cluster_id, &routes);
         let removed = status.is_removed();
@@ -1031,10 +1067,21 @@ async fn follow_mesh(
         tokio::select! {
             _ = changes.changed() => {}
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = &mut removal => {
-                warn!("the leader reports that this member was removed from the cluster");
-                status.mark_removed();
-                node.shutdown();
+            src = &mut removal => {
+                join.clear();
+                removal = Box::pin(join.await_removal_notice(status.cluster_id));
+                let conf = node.log.conf_state();
+                if crate::membership::is_published_leader(&mesh, status.cluster_id, &conf, src) {
+                    warn!("the leader reports that this member was removed from the cluster");
+                    status.mark_removed();
+                    node.shutdown();
+                } else {
+                    status.metrics.count_refusal(crate::raft::validate::Refusal::NonMember);
+                    warn!(
+                        peer = %crate::mesh::peer_name_string(src),
+                        "removal notice refused: the sender is not this cluster's leader"
+                    );
+                }
             }
         }
     }

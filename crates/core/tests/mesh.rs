@@ -3,7 +3,7 @@
 //! accept-rate limiting, tie-breaks and discovery.
 use mesh_core::crdt::CounterGossiper;
 use mesh_core::mesh::{
-    GossipData, GossipError, Gossiper, LinkFault, Mesh, MeshConfig, MeshError, PeerName,
+    GossipData, GossipError, Gossiper, LinkFault, Mesh, MeshConfig, MeshError, MeshKey, PeerName,
 };
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeSet, HashMap};
@@ -25,6 +25,11 @@ fn fast_config(name: PeerName, addr: &str) -> MeshConfig {
     cfg.target_degree = 0;
     cfg.accept_per_sec = 1000;
     cfg
+}
+
+/// The mesh key a password stretches to (as meshd derives it).
+fn key(password: &str) -> MeshKey {
+    MeshKey::from_secret(password.as_bytes(), "test-token").0
 }
 
 async fn bind() -> (TcpListener, String) {
@@ -515,21 +520,21 @@ async fn passwords_must_match_on_both_sides() {
     let _guard = logs.install();
     let (la, a) = bind().await;
     let mut ca = fast_config(1, &a);
-    ca.password = Some(b"sesame".to_vec());
+    ca.key = Some(key("sesame"));
     let ma = Mesh::start(ca, la);
     let ra = Arc::new(Recorder::default());
     let cha = ma.register("test", ra.clone());
 
     // Wrong password, and no password at all: both refused, on both sides.
-    for (name, pw) in [(2u64, Some(b"wrong".to_vec())), (3, None)] {
+    for (name, pw) in [(2u64, Some(key("wrong"))), (3, None)] {
         let (l, addr) = bind().await;
         let mut c = fast_config(name, &addr);
         c.seeds = vec![a.clone()];
-        c.password = pw;
+        c.key = pw;
         let m = Mesh::start(c, l);
         wait_for("both sides refuse", || m.stats().handshakes_refused >= 2).await;
         let refused_to =
-            format!("refused connection to {a}: authentication failed (wrong or missing password)");
+            format!("refused connection to {a}: authentication failed (wrong or missing mesh key)");
         wait_for("log lines name the remote address", || {
             let t = logs.text();
             t.contains(&refused_to)
@@ -553,7 +558,7 @@ async fn passwords_must_match_on_both_sides() {
     let plain = Mesh::start(fast_config(4, &p), lp);
     let (l5, a5) = bind().await;
     let mut c5 = fast_config(5, &a5);
-    c5.password = Some(b"sesame".to_vec());
+    c5.key = Some(key("sesame"));
     c5.seeds = vec![p.clone()];
     let m5 = Mesh::start(c5, l5);
     wait_for("plain node refuses an encrypted one", || {
@@ -567,7 +572,7 @@ async fn passwords_must_match_on_both_sides() {
     // The right password connects, and data flows encrypted (both directions, big frames).
     let (lb, b) = bind().await;
     let mut cb = fast_config(6, &b);
-    cb.password = Some(b"sesame".to_vec());
+    cb.key = Some(key("sesame"));
     cb.seeds = vec![a.clone()];
     let mb = Mesh::start(cb, lb);
     let rb = Arc::new(Recorder::default());
@@ -594,8 +599,8 @@ async fn raw_handshake(addr: &str, name: PeerName) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let hs = MeshHandshake {
         protocol: "meshd-mesh".into(),
-        min_version: 1,
-        max_version: 1,
+        min_version: mesh_core::mesh::wire::MIN_VERSION,
+        max_version: mesh_core::mesh::wire::MAX_VERSION,
         name,
         nickname: "raw".into(),
         uid: 1,
@@ -870,4 +875,118 @@ fn own_version(m: &Mesh) -> u64 {
         .find(|p| p.is_self)
         .map(|p| p.version)
         .unwrap_or(0)
+}
+
+async fn write_rec(s: &mut TcpStream, payload: &[u8]) {
+    s.write_all(&(payload.len() as u32).to_be_bytes())
+        .await
+        .unwrap();
+    s.write_all(payload).await.unwrap();
+}
+
+async fn read_rec(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await?;
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+fn encrypted_hello(name: PeerName, uid: u64) -> Vec<u8> {
+    use mesh_core::proto::meshpb::MeshHandshake;
+    use prost::Message;
+    MeshHandshake {
+        protocol: mesh_core::mesh::wire::PROTOCOL.into(),
+        min_version: mesh_core::mesh::wire::MIN_VERSION,
+        max_version: mesh_core::mesh::wire::MAX_VERSION,
+        name,
+        nickname: "fake".into(),
+        uid,
+        address: String::new(),
+        encrypted: true,
+    }
+    .encode_to_vec()
+}
+
+/// A fake peer holding the key dials `addr` as (`name`, `uid`) and completes the
+/// encrypted handshake with its confirmation. Returns the socket, its transport
+/// state, and the two records it sent before the key exchange finished (to replay).
+async fn encrypted_dial(
+    addr: &str,
+    k: &MeshKey,
+    name: PeerName,
+    uid: u64,
+) -> (TcpStream, snow::StatelessTransportState, [Vec<u8>; 2]) {
+    use mesh_core::mesh::wire;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let hello = encrypted_hello(name, uid);
+    write_rec(&mut s, &hello).await;
+    let theirs = read_rec(&mut s).await.unwrap();
+    let mut prologue = wire::with_length_prefix(&hello);
+    prologue.extend_from_slice(&wire::with_length_prefix(&theirs));
+    let mut hs = snow::Builder::new(wire::NOISE_PARAMS.parse().unwrap())
+        .psk(0, k.bytes())
+        .unwrap()
+        .prologue(&prologue)
+        .unwrap()
+        .build_initiator()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = hs.write_message(&[], &mut buf).unwrap();
+    let first = buf[..n].to_vec();
+    write_rec(&mut s, &first).await;
+    let reply = read_rec(&mut s).await.unwrap();
+    hs.read_message(&reply, &mut buf).unwrap();
+    let cipher = hs.into_stateless_transport_mode().unwrap();
+    let mut nonce = 0;
+    let confirm = wire::seal(&cipher, &mut nonce, wire::CONFIRM).unwrap();
+    write_rec(&mut s, &confirm).await;
+    (s, cipher, [hello, first])
+}
+
+/// A captured handshake replayed later (after its peer came back under a new uid) is
+/// answered, but never registered: it cannot confirm, so the live connection stays.
+#[tokio::test(flavor = "current_thread")]
+async fn a_replayed_handshake_never_replaces_a_live_connection() {
+    let (la, a) = bind().await;
+    let mut ca = fast_config(1, &a);
+    ca.key = Some(key("sesame"));
+    // The fake peers send no heartbeats: give them time.
+    ca.dead_after = Duration::from_secs(30);
+    let ma = Mesh::start(ca, la);
+    let k = key("sesame");
+
+    // The first session, captured by an eavesdropper, then closed.
+    let (first, _, captured) = encrypted_dial(&a, &k, 2, 5).await;
+    wait_for("first session registered", || ma.stats().connections == 1).await;
+    drop(first);
+    wait_for("first session gone", || ma.stats().connections == 0).await;
+
+    // The peer's live session, under a new uid.
+    let (mut live, cipher, _) = encrypted_dial(&a, &k, 2, 6).await;
+    wait_for("live session registered", || ma.stats().connections == 1).await;
+    let refused = ma.stats().handshakes_refused;
+
+    // The replay: the same two records; the member answers the key exchange but the
+    // replayer cannot seal the confirmation.
+    let mut replay = TcpStream::connect(&a).await.unwrap();
+    write_rec(&mut replay, &captured[0]).await;
+    read_rec(&mut replay).await.unwrap();
+    write_rec(&mut replay, &captured[1]).await;
+    read_rec(&mut replay).await.unwrap();
+    write_rec(&mut replay, &[0u8; 34]).await;
+    closed_by_peer(&mut replay).await;
+    wait_for("replay refused", || ma.stats().handshakes_refused > refused).await;
+
+    // The live session still carries the member's frames (heartbeats every 50 ms).
+    assert_eq!(ma.stats().connections, 1);
+    let mut nonce = 0;
+    for _ in 0..20 {
+        let record = tokio::time::timeout(DEADLINE, read_rec(&mut live))
+            .await
+            .expect("a frame from the member")
+            .expect("the live connection is still open");
+        mesh_core::mesh::wire::open(&cipher, &mut nonce, &record).expect("decrypts");
+    }
+    ma.shutdown().await;
 }

@@ -17,7 +17,11 @@ const CLI_AFTER_HELP: &str = "\
 Every flag is also an environment variable (--data-dir: MESHD_DATA_DIR) and a key of the \
 YAML file given by --config (data-dir: ...). Precedence: flag > environment > file > \
 default. `meshd config default` prints every key with its default; `meshd config check \
-FILE` validates a file. MESHD_PASSWORD gives the mesh password itself.
+FILE` validates a file. MESHD_PASSWORD gives the mesh key or password itself.
+
+Mesh security: a mesh listener on a non-loopback address needs a mesh key: `meshd keygen \
+> mesh.key` once, then --password-file mesh.key on every member. --insecure-mesh runs \
+without one (anyone who reaches the port can join and read every key).
 
 SIGTERM or SIGINT stops meshd gracefully: a leader first hands leadership to the most \
 caught-up voter, then in-flight requests finish. Under systemd (Type=notify) meshd \
@@ -55,6 +59,8 @@ pub enum Command {
     /// Check or print configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print a new random mesh key (256 bits, base64) for --password-file.
+    Keygen,
 }
 
 #[derive(Subcommand, Debug)]
@@ -71,7 +77,7 @@ pub enum ConfigCommand {
 /// The server's settings.
 ///
 /// With no flags at all, runs a single-node cluster named `default` serving clients on
-/// 127.0.0.1:2379, peers on 0.0.0.0:6783, data in ./default.meshd.
+/// 127.0.0.1:2379, peers on 127.0.0.1:6783, data in ./default.meshd.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// YAML file with any of the settings below (keys as the long flag names).
@@ -114,10 +120,15 @@ pub struct Args {
     /// (instead of --initial-cluster). Give every initial node the same number.
     #[arg(long, env = "MESHD_BOOTSTRAP_EXPECT")]
     pub bootstrap_expect: Option<u32>,
-    /// File holding the mesh password: every mesh connection is then mutually
-    /// authenticated and encrypted. MESHD_PASSWORD gives the password itself.
+    /// File holding the mesh key (`meshd keygen > mesh.key`) or a password: every mesh
+    /// connection is then mutually authenticated and encrypted. MESHD_PASSWORD gives
+    /// the key or password itself. Required when --listen-mesh is not a loopback address.
     #[arg(long, env = "MESHD_PASSWORD_FILE")]
     pub password_file: Option<PathBuf>,
+    /// UNSAFE on a network: allow --listen-mesh on a non-loopback address without a
+    /// mesh key. Anyone who reaches the port can then join and read every key.
+    #[arg(long, env = "MESHD_INSECURE_MESH")]
+    pub insecure_mesh: bool,
     /// Voters the leader keeps by adding and promoting learners (3 or 5).
     #[arg(long, env = "MESHD_VOTERS")]
     pub voters: Option<usize>,
@@ -216,6 +227,7 @@ struct FileConfig {
     peer: Option<Vec<String>>,
     bootstrap_expect: Option<u32>,
     password_file: Option<PathBuf>,
+    insecure_mesh: Option<bool>,
     voters: Option<usize>,
     #[serde(default, with = "humantime_serde_opt")]
     dead_voter_timeout: Option<Duration>,
@@ -483,6 +495,9 @@ pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
         (None, Ok(p)) if !p.is_empty() => Some(p.into_bytes()),
         _ => None,
     };
+    cfg.insecure_mesh = args.insecure_mesh || file.insecure_mesh.unwrap_or(false);
+    cfg.check_mesh_security()
+        .map_err(|e| anyhow!("{}", e.to_string().trim_start_matches("configuration: ")))?;
     if let Some(n) = args.voters.or(file.voters) {
         if !(1..=7).contains(&n) {
             bail!(
@@ -666,6 +681,7 @@ fn default_yaml(key: &str) -> Option<String> {
         "quota-backend-bytes" => d.quota_backend_bytes.to_string(),
         "log-format" => quoted("text".into()),
         "client-cert-auth" => "false".into(),
+        "insecure-mesh" => "false".into(),
         "min-free-disk-bytes" => d.min_free_disk_bytes.to_string(),
         "auth-token" => quoted("simple".into()),
         "auth-token-ttl" => d.auth_token_ttl.as_secs().to_string(),

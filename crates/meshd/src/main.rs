@@ -19,6 +19,15 @@ use mesh_core::server::Lifecycle;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
+    // A panic in any thread ends the process (after the usual message), so the service
+    // manager restarts it: a member whose Raft driver or a runtime thread died must not
+    // linger, answering some requests and none that need Raft.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("meshd: a thread panicked; aborting so that the service manager restarts meshd");
+        std::process::abort();
+    }));
     if let Some(code) = cli_docs::hidden_command::<config::Cli>("meshd", "8") {
         return code;
     }
@@ -30,6 +39,10 @@ fn main() -> ExitCode {
     let (args, run_matches) = match cli.command {
         None => (cli.run, &matches),
         Some(Command::Run(args)) => (*args, matches.subcommand_matches("run").expect("run")),
+        Some(Command::Keygen) => {
+            println!("{}", mesh_core::mesh::MeshKey::generate().to_base64());
+            return ExitCode::SUCCESS;
+        }
         Some(Command::Config(ConfigCommand::Default)) => {
             print!("{}", config::default_file());
             return ExitCode::SUCCESS;
@@ -79,13 +92,23 @@ fn main() -> ExitCode {
         let sent = match event {
             Lifecycle::Serving(server) => {
                 if let Some(every) = systemd::watchdog_interval() {
-                    // Pings stop when the Raft driver does: systemd then restarts us.
+                    // Pings come from the runtime, and only while the Raft driver's loop
+                    // keeps turning: a stuck driver or runtime lets systemd restart us.
                     let status = server.node().status.clone();
                     let n = n.clone();
                     tokio::spawn(async move {
                         let mut tick = tokio::time::interval(every);
+                        let mut turns = None;
                         while status.is_running() {
                             tick.tick().await;
+                            let now = status.driver_turns();
+                            if turns == Some(now) {
+                                tracing::warn!(
+                                    "the Raft driver made no progress: no watchdog ping"
+                                );
+                                continue;
+                            }
+                            turns = Some(now);
                             if let Err(e) = n.notify("WATCHDOG=1") {
                                 tracing::warn!("systemd watchdog ping: {e}");
                             }

@@ -1,5 +1,6 @@
 //! `meshpb.FaultInjection`: test-only control over the mesh's link faults, so a
-//! harness driving spawned `meshd` processes can partition, drop and delay links.
+//! harness driving spawned `meshd` processes can partition, drop and delay links, and
+//! a panic in the Raft driver.
 //! Registered only with `--unsafe-fault-injection`; answers loopback callers only.
 
 use std::sync::Arc;
@@ -9,9 +10,10 @@ use tonic::{Request, Response, Status};
 
 use crate::mesh::{LinkFault, Mesh};
 use crate::proto::meshpb::{
-    fault_injection_server, ClearFaultsRequest, ClearFaultsResponse, SetLinkFaultRequest,
-    SetLinkFaultResponse,
+    fault_injection_server, ClearFaultsRequest, ClearFaultsResponse, PanicDriverRequest,
+    PanicDriverResponse, SetLinkFaultRequest, SetLinkFaultResponse,
 };
+use crate::raft::NodeHandle;
 
 /// Longest delay accepted: long enough for any test, short enough that a typo (a
 /// value in microseconds) does not wedge a link for hours.
@@ -19,6 +21,7 @@ const MAX_DELAY_MS: u32 = 60_000;
 
 pub struct FaultInjectionApi {
     pub mesh: Arc<Mesh>,
+    pub node: NodeHandle,
 }
 
 /// Refuses callers that are not on this machine: the service can cut the node off.
@@ -69,5 +72,15 @@ impl fault_injection_server::FaultInjection for FaultInjectionApi {
         tracing::warn!("mesh link faults cleared");
         self.mesh.clear_faults();
         Ok(Response::new(ClearFaultsResponse {}))
+    }
+
+    async fn panic_driver(
+        &self,
+        req: Request<PanicDriverRequest>,
+    ) -> Result<Response<PanicDriverResponse>, Status> {
+        check_loopback(&req)?;
+        tracing::warn!("fault injected: the Raft driver thread panics");
+        self.node.inject_panic();
+        Ok(Response::new(PanicDriverResponse {}))
     }
 }

@@ -127,7 +127,7 @@ impl mesh_server::Mesh for MeshApi {
             bytes_out: stats.bytes_out,
             gossip_bytes_in: stats.gossip_bytes_in,
             gossip_bytes_out: stats.gossip_bytes_out,
-            encrypted: self.mesh.config().password.is_some(),
+            encrypted: self.mesh.config().key.is_some(),
             frames_rejected: stats.frames_rejected,
             handshakes_refused: stats.handshakes_refused,
         }))

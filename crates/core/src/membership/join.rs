@@ -16,6 +16,7 @@ pub const JOIN_CHANNEL: &str = "join";
 pub struct JoinChannel {
     channel: Arc<GossipChannel>,
     received: watch::Receiver<Option<(PeerName, JoinWelcome)>>,
+    sent: watch::Sender<Option<(PeerName, JoinWelcome)>>,
 }
 
 struct Receiver {
@@ -37,14 +38,23 @@ impl Gossiper for Receiver {
 impl JoinChannel {
     pub fn register(mesh: &Mesh) -> JoinChannel {
         let (tx, received) = watch::channel(None);
-        let channel = mesh.register(JOIN_CHANNEL, Arc::new(Receiver { tx }));
-        JoinChannel { channel, received }
+        let channel = mesh.register(JOIN_CHANNEL, Arc::new(Receiver { tx: tx.clone() }));
+        JoinChannel {
+            channel,
+            received,
+            sent: tx,
+        }
     }
 
     /// Sends a welcome (or, with member ID 0, a removal notice) to `peer`.
     pub fn send(&self, peer: PeerName, welcome: &JoinWelcome) -> Result<(), MeshError> {
         self.channel
             .send_unicast(peer, prost::Message::encode_to_vec(welcome))
+    }
+
+    /// Forgets the last message received, so the next wait looks at newer ones only.
+    pub fn clear(&self) {
+        self.sent.send_replace(None);
     }
 
     /// Waits for a welcome for a cluster with `token`.
@@ -68,13 +78,14 @@ impl JoinChannel {
         }
     }
 
-    /// Resolves when the leader says this node's member ID was removed.
-    pub async fn await_removal_notice(&self, cluster_id: u64) {
+    /// Resolves with the sender of a notice that this node's member ID was removed
+    /// from `cluster_id`; the caller checks that the sender is the leader.
+    pub async fn await_removal_notice(&self, cluster_id: u64) -> PeerName {
         let mut rx = self.received.clone();
         loop {
-            if let Some((_, w)) = rx.borrow_and_update().clone() {
+            if let Some((src, w)) = rx.borrow_and_update().clone() {
                 if w.member_id == 0 && w.cluster_id == cluster_id {
-                    return;
+                    return src;
                 }
             }
             if rx.changed().await.is_err() {

@@ -89,6 +89,25 @@ pub fn refresh_routes(mesh: &Mesh, cluster_id: u64, routes: &MemberRoutes) {
     routes.replace(map);
 }
 
+/// Whether mesh peer `src` is the leader of `cluster_id` as far as this member can
+/// tell: it publishes itself as that cluster's leader, under a member ID that is a
+/// voter of `conf`. Only such a peer's removal notice is believed.
+pub fn is_published_leader(
+    mesh: &Mesh,
+    cluster_id: u64,
+    conf: &raft::prelude::ConfState,
+    src: PeerName,
+) -> bool {
+    nodes(mesh).into_iter().any(|n| {
+        n.peer.name == src
+            && !n.peer.is_self
+            && n.meta.cluster_id == cluster_id
+            && n.meta.leader
+            && n.state() == State::Member
+            && conf.voters.contains(&n.meta.member_id)
+    })
+}
+
 /// Client URL of a member of a cluster with this token, the leader when known: where a
 /// node that is not a member forwards client requests.
 pub fn member_client_url(mesh: &Mesh, token_hash: u64) -> Option<String> {

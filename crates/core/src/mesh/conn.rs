@@ -1,5 +1,5 @@
 //! One mesh connection from TCP connect/accept to close: the versioned handshake, the
-//! Noise NNpsk0 key exchange when a password is set, registration (one connection per
+//! Noise NNpsk0 key exchange and its confirmation when a key is set, registration (one connection per
 //! peer pair), then the writer (queue, coalesced topology, heartbeats, faults) and the
 //! reader (dead-peer timeout, frame limits, delivery and relaying).
 use super::topology::{EntryConnection, Received};
@@ -22,17 +22,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-/// Noise pattern of encrypted connections: no static keys, both sides prove knowledge
-/// of the PSK (BLAKE2s of the password) in the first two messages.
-pub(super) const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
-
 #[derive(Debug, thiserror::Error)]
 enum HandshakeError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Wire(#[from] WireError),
-    #[error("authentication failed (wrong or missing password)")]
+    #[error("authentication failed (wrong or missing mesh key)")]
     Auth,
     #[error("connected to ourselves")]
     SelfConnection,
@@ -89,7 +85,7 @@ pub(super) async fn run(
     .unwrap_or(Err(HandshakeError::Timeout));
     inner.lock().handshaking.remove(&id);
     let direction = if outbound { "to" } else { "from" };
-    let (hello, cipher) = match result {
+    let (hello, sealed) = match result {
         Ok(x) => x,
         Err(e) => {
             inner
@@ -120,12 +116,18 @@ pub(super) async fn run(
         }
     };
     let remote = hello.name;
-    let cipher = cipher.map(Arc::new);
+    let (cipher, send_nonce, recv_nonce) = match sealed {
+        Some(s) => (Some(Arc::new(s.cipher)), s.send_nonce, s.recv_nonce),
+        None => (None, 0, 0),
+    };
     let (rd, wr) = stream.into_split();
     let outbox = Arc::new(Outbox {
         wr,
         cipher,
-        state: std::sync::Mutex::new(OutboxState::default()),
+        state: std::sync::Mutex::new(OutboxState {
+            nonce: send_nonce,
+            ..OutboxState::default()
+        }),
         backlog: Notify::new(),
     });
     let (rx, notify) = match register(&inner, id, &hello, outbound, outbox.clone()) {
@@ -156,7 +158,7 @@ pub(super) async fn run(
     let reason = tokio::select! {
         r = write_loop(&inner, remote, id, &outbox, rx, notify) => r,
         // Buffered: a burst of small frames (Raft appends and acks) costs one read.
-        r = read_loop(&inner, remote, tokio::io::BufReader::with_capacity(READ_BUFFER, rd), cipher) => r,
+        r = read_loop(&inner, remote, tokio::io::BufReader::with_capacity(READ_BUFFER, rd), cipher, recv_nonce) => r,
     };
     match reason {
         Ok(()) => tracing::debug!("mesh: connection {direction} {remote_addr} replaced or closed"),
@@ -177,11 +179,19 @@ pub(super) async fn run(
     deregister(&inner, remote, id);
 }
 
+/// The Noise transport state of an encrypted connection, with the nonce each direction
+/// continues from after the handshake's confirmation record.
+struct Sealed {
+    cipher: snow::StatelessTransportState,
+    send_nonce: u64,
+    recv_nonce: u64,
+}
+
 async fn handshake(
     inner: &Inner,
     stream: &mut TcpStream,
     outbound: bool,
-) -> Result<(MeshHandshake, Option<snow::StatelessTransportState>), HandshakeError> {
+) -> Result<(MeshHandshake, Option<Sealed>), HandshakeError> {
     let ours = MeshHandshake {
         protocol: wire::PROTOCOL.into(),
         min_version: wire::MIN_VERSION,
@@ -213,7 +223,7 @@ async fn handshake(
     };
     let mut prologue = wire::with_length_prefix(first);
     prologue.extend_from_slice(&wire::with_length_prefix(second));
-    let params = NOISE_PARAMS.parse().expect("valid noise params");
+    let params = wire::NOISE_PARAMS.parse().expect("valid noise params");
     let builder = snow::Builder::new(params)
         .psk(0, psk)
         .and_then(|b| b.prologue(&prologue))
@@ -252,7 +262,35 @@ async fn handshake(
     let cipher = hs
         .into_stateless_transport_mode()
         .map_err(|_| HandshakeError::Auth)?;
-    Ok((hello, Some(cipher)))
+    let mut nonce = 0;
+    if outbound {
+        let sealed = wire::seal(&cipher, &mut nonce, wire::CONFIRM)?;
+        write_record(inner, stream, &sealed).await?;
+        Ok((
+            hello,
+            Some(Sealed {
+                cipher,
+                send_nonce: nonce,
+                recv_nonce: 0,
+            }),
+        ))
+    } else {
+        let record = read_record(inner, stream, wire::sealed_len(wire::CONFIRM.len()))
+            .await
+            .map_err(|_| HandshakeError::Auth)?;
+        let plain = wire::open(&cipher, &mut nonce, &record).map_err(|_| HandshakeError::Auth)?;
+        if plain != wire::CONFIRM {
+            return Err(HandshakeError::Auth);
+        }
+        Ok((
+            hello,
+            Some(Sealed {
+                cipher,
+                send_nonce: 0,
+                recv_nonce: nonce,
+            }),
+        ))
+    }
 }
 
 async fn write_record(
@@ -707,6 +745,7 @@ async fn read_loop(
     remote: PeerName,
     mut rd: impl AsyncRead + Unpin,
     cipher: Option<Arc<snow::StatelessTransportState>>,
+    mut nonce: u64,
 ) -> Result<(), ConnError> {
     let plain_limit = inner.cfg.max_frame + wire::FRAME_OVERHEAD;
     let limit = if cipher.is_some() {
@@ -715,7 +754,6 @@ async fn read_loop(
         plain_limit
     };
     let mut last_good = Instant::now();
-    let mut nonce = 0u64;
     loop {
         let deadline = last_good + inner.cfg.dead_after;
         let record = read_frame_record(inner, &mut rd, limit, deadline).await?;
@@ -738,6 +776,14 @@ async fn read_loop(
         last_good = Instant::now();
         handle_frame(inner, remote, frame, len);
     }
+}
+
+/// Whether a unicast that arrived from neighbour `from` can have come from `src`: the
+/// neighbour itself, or a peer further away that it relays for. A claimed source that
+/// is this node, or a direct neighbour (which would have sent it on its own
+/// connection), is forged.
+fn plausible_source(inner: &Inner, from: PeerName, src: PeerName) -> bool {
+    src == from || (src != inner.cfg.name && !inner.lock().conns.contains_key(&src))
 }
 
 fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrameIn, len: usize) {
@@ -834,6 +880,20 @@ fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrameIn, len: usize) {
                             tracing::debug!(channel = m.channel, "mesh: gossip rejected: {e}");
                         }
                     }
+                }
+                MeshMessageKind::Unicast
+                    if m.dst == own && !plausible_source(inner, from, m.src) =>
+                {
+                    inner
+                        .counters
+                        .unicasts_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        channel = m.channel,
+                        via = %super::peer_name_string(from),
+                        claimed = %super::peer_name_string(m.src),
+                        "mesh: unicast refused: its claimed source is this node or a direct neighbour that did not send it"
+                    );
                 }
                 MeshMessageKind::Unicast if m.dst == own => match ch {
                     Some(ch) => {

@@ -13,11 +13,13 @@
 //!
 //! # Wire
 //! Each side sends a length-prefixed `MeshHandshake` (protocol "meshd-mesh", version
-//! range, name, nickname, uid, advertised address, whether it has a password). With a
-//! password, a Noise `NNpsk0_25519_ChaChaPoly_BLAKE2s` exchange follows (PSK = BLAKE2s
-//! of the password, the two handshake records as prologue, so identities are bound to
-//! the key exchange though sent in clear); a peer with another password, or with a
-//! password facing one without, is refused on both sides. Then `MeshFrame`s, each a
+//! range, name, nickname, uid, advertised address, whether it has a key). With a
+//! key, a Noise `NNpsk0_25519_ChaChaPoly_BLAKE2s` exchange follows (PSK = the mesh key,
+//! see [`MeshKey`]; the two handshake records as prologue, so identities are bound to
+//! the key exchange though sent in clear), and the dialing side then sends a sealed
+//! confirmation: the accepting side registers the connection only once it has
+//! decrypted it, so a replayed first message never replaces a live connection. A peer
+//! with another key, or with a key facing one without, is refused on both sides. Then `MeshFrame`s, each a
 //! 4-byte big-endian length and the frame (sealed in ≤ 64 KiB Noise messages when
 //! encrypted): heartbeats, topology deltas and digests, channel messages.
 //!
@@ -76,11 +78,13 @@
 //! ```
 mod conn;
 mod gossip;
+mod key;
 mod tasks;
 mod topology;
 pub mod wire;
 
 pub use gossip::{GossipChannel, GossipData, GossipError, Gossiper};
+pub use key::{KeySource, MeshKey};
 pub use wire::{decode_frame, decode_handshake, WireError};
 
 use crate::proto::meshpb::{
@@ -116,9 +120,9 @@ pub struct MeshConfig {
     pub advertise: String,
     /// Addresses we keep connected to (retried with backoff for as long as we run).
     pub seeds: Vec<String>,
-    /// With a password every connection is authenticated and encrypted (Noise NNpsk0);
-    /// peers without the same password are refused.
-    pub password: Option<Vec<u8>>,
+    /// With a key every connection is authenticated and encrypted (Noise NNpsk0);
+    /// peers without the same key are refused.
+    pub key: Option<MeshKey>,
     /// Dial peers learned from the topology until we have this many connections
     /// (0: only seeds and [`Mesh::connect`]).
     pub target_degree: usize,
@@ -144,7 +148,7 @@ impl MeshConfig {
             nickname: nickname.to_string(),
             advertise: advertise.to_string(),
             seeds: Vec::new(),
-            password: None,
+            key: None,
             target_degree: 4,
             max_connections: 100,
             max_frame: 8 << 20,
@@ -209,6 +213,9 @@ pub struct MeshStats {
     pub gossip_bytes_out: u64,
     pub frames_rejected: u64,
     pub handshakes_refused: u64,
+    /// Unicasts for this node dropped because their claimed source cannot have sent
+    /// them along the connection they came on.
+    pub unicasts_refused: u64,
 }
 
 /// Errors of the mesh API.
@@ -241,6 +248,7 @@ struct Counters {
     gossip_bytes_out: AtomicU64,
     frames_rejected: AtomicU64,
     handshakes_refused: AtomicU64,
+    unicasts_refused: AtomicU64,
 }
 
 /// A registered, handshaken connection.
@@ -312,12 +320,7 @@ impl Mesh {
     /// inside a tokio runtime.
     pub fn start(cfg: MeshConfig, listener: tokio::net::TcpListener) -> Arc<Mesh> {
         let uid: u64 = rand::random();
-        let psk = cfg.password.as_ref().map(|p| {
-            use blake2::Digest;
-            let mut k = [0u8; 32];
-            k.copy_from_slice(&blake2::Blake2s256::digest(p));
-            k
-        });
+        let psk = cfg.key.as_ref().map(|k| *k.bytes());
         let own = Entry::new(cfg.name, cfg.nickname.clone(), uid, cfg.advertise.clone());
         let inner = Arc::new(Inner {
             uid,
@@ -492,6 +495,7 @@ impl Mesh {
             gossip_bytes_in: c.gossip_bytes_in.load(Ordering::Relaxed),
             gossip_bytes_out: c.gossip_bytes_out.load(Ordering::Relaxed),
             frames_rejected: c.frames_rejected.load(Ordering::Relaxed),
+            unicasts_refused: c.unicasts_refused.load(Ordering::Relaxed),
             handshakes_refused: c.handshakes_refused.load(Ordering::Relaxed),
         }
     }

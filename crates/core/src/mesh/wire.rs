@@ -9,10 +9,19 @@ use prost::Message;
 
 /// Protocol name both sides must send in their handshake.
 pub const PROTOCOL: &str = "meshd-mesh";
-/// Lowest protocol version this build speaks.
-pub const MIN_VERSION: u32 = 1;
+/// Lowest protocol version this build speaks (2: the dialing side confirms the Noise
+/// handshake with a sealed record before either side registers the connection).
+pub const MIN_VERSION: u32 = 2;
 /// Highest protocol version this build speaks.
-pub const MAX_VERSION: u32 = 1;
+pub const MAX_VERSION: u32 = 2;
+/// Noise pattern of encrypted connections: no static keys, both sides prove knowledge
+/// of the PSK (the mesh key) in the first two messages.
+pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+/// Plaintext of the record the dialing side seals right after the Noise handshake. The
+/// accepting side registers nothing before it has opened it: NNpsk0's first message
+/// can be replayed by anyone who captured it, but only the holder of that exchange's
+/// ephemeral key can seal this.
+pub const CONFIRM: &[u8] = b"meshd-mesh confirm";
 /// Largest handshake record accepted (before anything is authenticated).
 pub const MAX_HANDSHAKE: usize = 4096;
 /// Longest channel name.
@@ -217,8 +226,8 @@ mod tests {
     fn sample_handshake() -> Vec<u8> {
         MeshHandshake {
             protocol: PROTOCOL.into(),
-            min_version: 1,
-            max_version: 1,
+            min_version: MIN_VERSION,
+            max_version: MAX_VERSION,
             name: 7,
             nickname: "n1".into(),
             uid: 9,
@@ -362,7 +371,7 @@ mod tests {
 
     #[test]
     fn seal_open_round_trip_across_chunks() {
-        let params: snow::params::NoiseParams = super::super::conn::NOISE_PARAMS.parse().unwrap();
+        let params: snow::params::NoiseParams = NOISE_PARAMS.parse().unwrap();
         let psk = [7u8; 32];
         let mut i = snow::Builder::new(params.clone())
             .psk(0, &psk)

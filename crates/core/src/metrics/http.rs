@@ -168,6 +168,16 @@ pub fn metrics_page(src: &Sources) -> String {
         "The total number of failed proposals seen.",
         m.proposals_failed.load(Ordering::Relaxed),
     );
+    let refused: Vec<_> = crate::raft::validate::Refusal::ALL
+        .iter()
+        .zip(&m.peer_messages_refused)
+        .map(|(r, n)| (vec![("reason", r.label())], n.load(Ordering::Relaxed)))
+        .collect();
+    e.labelled_counter(
+        "meshd_raft_peer_messages_refused_total",
+        "Raft messages from peers dropped before Raft saw them, by reason.",
+        &refused,
+    );
     e.gauge(
         "etcd_server_proposals_pending",
         "The current number of pending proposals to commit.",

@@ -106,6 +106,7 @@ pub fn spawn_driver(
         transfers: Vec::new(),
         ticks: 0,
         heard_at: HashMap::new(),
+        removed: Default::default(),
         last_leader: 0,
         reopen_backoff: REOPEN_BACKOFF_MIN,
         durable_applied,
@@ -211,6 +212,9 @@ struct Driver {
     /// `recent_active` is cleared at every check-quorum round, so right after one it
     /// calls every follower inactive; this is what [`Driver::progress`] reports.
     heard_at: HashMap<u64, u64>,
+    /// Members this member saw removed from the configuration: their Raft messages
+    /// are refused (as etcd's transport refuses removed members).
+    removed: std::collections::HashSet<u64>,
     last_leader: u64,
     /// Wait before the next attempt to reopen the database after a failed write;
     /// doubles while the disk stays full, back to the minimum after a durable commit.
@@ -321,6 +325,7 @@ impl Driver {
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             }
+            self.status.driver_turned();
             let now = Instant::now();
             if now >= next_tick {
                 self.raw.tick();
@@ -369,6 +374,17 @@ impl Driver {
                 let _ = reply.send(Ok(self.progress()));
             }
             DriverMsg::Raft(msg) => {
+                if let Err(why) = super::validate::check(&self.raw.raft, &self.removed, &msg) {
+                    self.status.metrics.count_refusal(why);
+                    warn!(
+                        from = format_args!("{:x}", msg.from),
+                        kind = msg.msg_type,
+                        term = msg.term,
+                        reason = why.label(),
+                        "raft message from a peer refused"
+                    );
+                    return Ok(true);
+                }
                 self.heard_at.insert(msg.from, self.ticks);
                 if let Err(e) = self.raw.step(*msg) {
                     warn!("dropping raft message: {e}");
@@ -396,6 +412,7 @@ impl Driver {
                 let _ = reply.send(result);
             }
             DriverMsg::Shutdown => return Ok(false),
+            DriverMsg::InjectedPanic => panic!("injected fault: the Raft driver panics"),
         }
         Ok(true)
     }
@@ -654,7 +671,7 @@ impl Driver {
         for e in entries {
             self.unsynced_bytes += e.data.len();
             let mut ours = None;
-            // Entries were checked on receipt (`mesh_transport::well_formed`); a stored one
+            // Entries were checked on receipt (`validate::well_formed`); a stored one
             // with an unknown type means a damaged log: stop rather than guess.
             let kind = EntryType::from_i32(e.entry_type).ok_or_else(|| {
                 DriverError::BadSnapshot(format!(
@@ -931,6 +948,12 @@ impl Driver {
             learners = ?cs.learners,
             "membership changed"
         );
+        if kind == Some(ConfChangeType::RemoveNode) {
+            self.removed.insert(cc.node_id);
+            self.heard_at.remove(&cc.node_id);
+        } else {
+            self.removed.remove(&cc.node_id);
+        }
         if kind == Some(ConfChangeType::RemoveNode) && cc.node_id == self.cfg.member_id {
             self.status
                 .removed

@@ -14,7 +14,8 @@ use raft::prelude::{Message, MessageType};
 use tracing::{debug, warn};
 
 use super::transport::Transport;
-use super::DriverMsg;
+use super::validate::Refusal;
+use super::{DriverMsg, NodeStatus};
 use crate::mesh::{GossipChannel, GossipError, Gossiper, Mesh, PeerName};
 use crate::proto::meshpb::RaftEnvelope;
 
@@ -62,14 +63,16 @@ impl MeshTransport {
     /// go to the driver.
     pub fn start(
         mesh: Arc<Mesh>,
-        member_id: u64,
-        cluster_id: u64,
+        status: Arc<NodeStatus>,
         routes: Arc<MemberRoutes>,
         driver: std_mpsc::Sender<DriverMsg>,
     ) -> Arc<MeshTransport> {
+        let (member_id, cluster_id) = (status.member_id, status.cluster_id);
         let receiver = Arc::new(RaftReceiver {
             member_id,
             cluster_id,
+            routes: routes.clone(),
+            status,
             driver: driver.clone(),
             partial: Mutex::new(HashMap::new()),
         });
@@ -179,11 +182,16 @@ impl Transport for MeshTransport {
 /// and Raft message decoding. Returns how many messages reached the driver.
 pub fn receive_untrusted(frames: &[&[u8]]) -> usize {
     let first: Option<RaftEnvelope> = frames.first().and_then(|f| prost::Message::decode(*f).ok());
-    let (cluster_id, member_id) = first.map_or((0, 0), |e| (e.cluster_id, e.to));
+    let (cluster_id, member_id, from) = first.map_or((0, 0, 0), |e| (e.cluster_id, e.to, e.from));
     let (tx, rx) = std_mpsc::channel();
+    // The sender is published on peer 1, where the frames come from.
+    let routes = MemberRoutes::default();
+    routes.replace(HashMap::from([(from, 1)]));
     let receiver = RaftReceiver {
         member_id,
         cluster_id,
+        routes: Arc::new(routes),
+        status: Arc::new(NodeStatus::new(member_id, cluster_id)),
         driver: tx,
         partial: Mutex::new(HashMap::new()),
     };
@@ -192,16 +200,6 @@ pub fn receive_untrusted(frames: &[&[u8]]) -> usize {
     }
     drop(receiver);
     rx.into_iter().count()
-}
-
-/// raft-rs panics on enum values it does not know (`get_msg_type`, `get_entry_type`):
-/// such a message never reaches it.
-pub fn well_formed(m: &Message) -> bool {
-    use raft::prelude::EntryType;
-    MessageType::from_i32(m.msg_type).is_some()
-        && m.entries
-            .iter()
-            .all(|e| EntryType::from_i32(e.entry_type).is_some())
 }
 
 struct Partial {
@@ -214,22 +212,39 @@ struct Partial {
 struct RaftReceiver {
     member_id: u64,
     cluster_id: u64,
+    /// Where each member is published on the mesh: a message must come from the peer
+    /// its sender is published on.
+    routes: Arc<MemberRoutes>,
+    status: Arc<NodeStatus>,
     driver: std_mpsc::Sender<DriverMsg>,
     partial: Mutex<HashMap<(u64, u64), Partial>>,
 }
 
 impl RaftReceiver {
-    fn deliver(&self, data: &[u8]) {
+    fn refuse(&self, why: Refusal, src: PeerName, what: &str) {
+        self.status.metrics.count_refusal(why);
+        warn!(
+            peer = format_args!("{src:016x}"),
+            reason = why.label(),
+            "raft message dropped: {what}"
+        );
+    }
+
+    fn deliver(&self, src: PeerName, sender: u64, data: &[u8]) {
         match Message::decode(data) {
-            Ok(m) if !well_formed(&m) => warn!(
-                from = format_args!("{:x}", m.from),
-                "raft message with an unknown message or entry type dropped"
+            Ok(m) if !super::validate::well_formed(&m) => {
+                self.refuse(Refusal::Malformed, src, "unknown message or entry type")
+            }
+            Ok(m) if m.from != sender => self.refuse(
+                Refusal::ForgedSender,
+                src,
+                "the message names another sender than its envelope",
             ),
             Ok(m) if m.to == self.member_id => {
                 let _ = self.driver.send(DriverMsg::Raft(Box::new(m)));
             }
             Ok(m) => debug!(to = m.to, "raft message for another member dropped"),
-            Err(e) => warn!("undecodable raft message dropped: {e}"),
+            Err(e) => self.refuse(Refusal::Malformed, src, &format!("undecodable: {e}")),
         }
     }
 }
@@ -251,8 +266,19 @@ impl Gossiper for RaftReceiver {
             );
             return Ok(());
         }
+        if self.routes.get(env.from) != Some(src) {
+            self.refuse(
+                Refusal::ForgedSender,
+                src,
+                &format!(
+                    "the mesh peer is not where member {:x} is published",
+                    env.from
+                ),
+            );
+            return Ok(());
+        }
         if env.chunks <= 1 {
-            self.deliver(&env.data);
+            self.deliver(src, env.from, &env.data);
             return Ok(());
         }
         if env.chunk >= env.chunks
@@ -288,7 +314,7 @@ impl Gossiper for RaftReceiver {
                 whole.extend_from_slice(&c);
             }
             drop(partial);
-            self.deliver(&whole);
+            self.deliver(src, env.from, &whole);
         }
         Ok(())
     }

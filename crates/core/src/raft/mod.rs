@@ -9,6 +9,7 @@
 mod driver;
 pub mod mesh_transport;
 pub mod transport;
+pub mod validate;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
@@ -67,6 +68,8 @@ pub enum DriverMsg {
     },
     /// Stop after the current Ready.
     Shutdown,
+    /// Panic (test-only fault injection).
+    InjectedPanic,
 }
 
 /// The result of applying one replicated request on this member.
@@ -192,6 +195,9 @@ pub struct NodeStatus {
     /// A write to the database failed and the driver is out of Raft until it has
     /// reopened the database from disk.
     storage_failed: AtomicBool,
+    /// Turns of the driver's loop (at least one per tick while it runs): the systemd
+    /// watchdog is fed only while this moves.
+    driver_turns: AtomicU64,
     /// Instruments the driver and handle update, read by `/metrics`.
     pub metrics: RaftMetrics,
 }
@@ -209,6 +215,17 @@ pub struct RaftMetrics {
     pub proposals_failed: AtomicU64,
     /// Proposals from this member waiting to be applied.
     pub proposals_pending: AtomicU64,
+    /// Raft messages from peers dropped before raft-rs saw them, by
+    /// [`validate::Refusal`] (in the order of [`validate::Refusal::ALL`]).
+    pub peer_messages_refused: [AtomicU64; validate::Refusal::ALL.len()],
+}
+
+impl RaftMetrics {
+    pub fn count_refusal(&self, r: validate::Refusal) {
+        if let Some(i) = validate::Refusal::ALL.iter().position(|x| *x == r) {
+            self.peer_messages_refused[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl NodeStatus {
@@ -249,6 +266,14 @@ impl NodeStatus {
     /// waiting to reopen its database: writes are refused, serializable reads served.
     pub fn storage_failed(&self) -> bool {
         self.storage_failed.load(Ordering::Acquire)
+    }
+    /// Records one turn of the driver's loop.
+    pub fn driver_turned(&self) {
+        self.driver_turns.fetch_add(1, Ordering::Relaxed);
+    }
+    /// How many turns the driver's loop has made (see [`NodeStatus::driver_turned`]).
+    pub fn driver_turns(&self) -> u64 {
+        self.driver_turns.load(Ordering::Relaxed)
     }
     /// False once the driver thread has exited (shutdown or a fatal storage error).
     pub fn is_running(&self) -> bool {
@@ -338,6 +363,11 @@ impl NodeHandle {
     /// Compacts the database file; returns its size before and after.
     pub async fn defragment(&self) -> Result<(u64, u64), ProposeError> {
         self.call(|reply| DriverMsg::Defragment { reply }).await
+    }
+
+    /// Makes the driver thread panic (the test-only fault of `meshpb.FaultInjection`).
+    pub fn inject_panic(&self) {
+        let _ = self.tx.send(DriverMsg::InjectedPanic);
     }
 
     /// Asks the driver to stop.

@@ -98,6 +98,7 @@ impl Driver {
             self.reopen_backoff = (self.reopen_backoff * 2).min(REOPEN_BACKOFF_MAX);
             loop {
                 let wait = next_attempt.saturating_duration_since(Instant::now());
+                self.status.driver_turned();
                 match rx.recv_timeout(wait) {
                     Ok(m) => {
                         if !refuse_while_recovering(m, refuse) {
@@ -217,6 +218,7 @@ fn refuse_while_recovering(m: DriverMsg, refuse: RefuseAs) -> bool {
         }
         DriverMsg::Raft(_) | DriverMsg::Unreachable(_) | DriverMsg::SnapshotStatus(..) => {}
         DriverMsg::Shutdown => return false,
+        DriverMsg::InjectedPanic => panic!("injected fault: the Raft driver panics"),
     }
     true
 }

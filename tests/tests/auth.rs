@@ -342,3 +342,87 @@ async fn raw_get(
         Err(s) => Err((s.code(), s.message().to_string())),
     }
 }
+
+fn for_member(id: u64) -> Option<etcd_client::AlarmOptions> {
+    let mut o = etcd_client::AlarmOptions::new();
+    o.with_member(id);
+    Some(o)
+}
+
+/// A non-root user can neither raise nor clear alarms, nor list key names of a lease
+/// it may not read (etcd's CVE-2023-32082 fix); failed logins for one user are
+/// limited, and the limit does not touch other users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_root_users_cannot_raise_alarms_read_lease_keys_or_guess_passwords() {
+    use etcd_client::{AlarmAction, AlarmType, LeaseTimeToLiveOptions, PutOptions};
+    let cluster = InProcessCluster::start(1, ClusterOpts::default()).await;
+    let addr = cluster.addr(0);
+    let me = wait_for_leader(&[addr]).await;
+    set_up_auth(addr).await;
+    let mut root = as_user(addr, "root", "root-secret").await;
+    let mut alice = as_user(addr, "alice", "alice-secret").await;
+
+    for action in [AlarmAction::Activate, AlarmAction::Deactivate] {
+        assert_status(
+            alice
+                .alarm(action, AlarmType::Nospace, for_member(me))
+                .await,
+            Code::PermissionDenied,
+            "etcdserver: permission denied",
+        );
+    }
+    assert!(alice
+        .alarm(AlarmAction::Get, AlarmType::None, None)
+        .await
+        .unwrap()
+        .alarms()
+        .is_empty());
+    // Root may; the alarm then stops alice's writes too, until root clears it.
+    root.alarm(AlarmAction::Activate, AlarmType::Nospace, for_member(me))
+        .await
+        .unwrap();
+    root.alarm(AlarmAction::Deactivate, AlarmType::Nospace, for_member(me))
+        .await
+        .unwrap();
+
+    let lease = root.lease_grant(600, None).await.unwrap().id();
+    let opts = || Some(PutOptions::new().with_lease(lease));
+    root.put("alice/mine", "1", opts()).await.unwrap();
+    let with_keys = || Some(LeaseTimeToLiveOptions::new().with_keys());
+    let keys = alice.lease_time_to_live(lease, with_keys()).await.unwrap();
+    assert_eq!(keys.keys(), [b"alice/mine".to_vec()]);
+    root.put("secret/other", "2", opts()).await.unwrap();
+    assert_status(
+        alice.lease_time_to_live(lease, with_keys()).await,
+        Code::PermissionDenied,
+        "etcdserver: permission denied",
+    );
+    // Without key names, the lease's TTL is anyone's to read.
+    assert!(alice.lease_time_to_live(lease, None).await.unwrap().ttl() > 0);
+    let root_keys = root.lease_time_to_live(lease, with_keys()).await.unwrap();
+    assert_eq!(root_keys.keys().len(), 2);
+
+    // Wrong passwords for alice: five are checked, then alice is refused unchecked.
+    let login = |password: &'static str| async move {
+        etcd_client::Client::connect(
+            [format!("http://{addr}")],
+            Some(ConnectOptions::new().with_user("alice", password)),
+        )
+        .await
+        .map(|_| ())
+    };
+    for _ in 0..5 {
+        assert_status(
+            login("guess").await,
+            Code::InvalidArgument,
+            "etcdserver: authentication failed, invalid user ID or password",
+        );
+    }
+    assert_status(
+        login("alice-secret").await,
+        Code::ResourceExhausted,
+        "etcdserver: too many failed authentication attempts for this user; retry later",
+    );
+    // Another user is not affected.
+    as_user(addr, "root", "root-secret").await;
+}

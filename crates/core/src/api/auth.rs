@@ -8,6 +8,8 @@
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use rand::distr::{Alphanumeric, SampleString};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
@@ -129,9 +131,59 @@ fn check_txn(a: &AuthState, u: &str, t: &pb::TxnRequest) -> Result<(), KvError> 
     Ok(())
 }
 
+/// Argon2 runs (hashing a new password, checking one at Authenticate) at most this
+/// many at once: each takes tens of milliseconds of a core and 19 MiB.
+const KDF_CONCURRENCY: usize = 2;
+static KDF_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(KDF_CONCURRENCY);
+/// How long a request waits for a free Argon2 slot before it is refused.
+const KDF_QUEUE_WAIT: Duration = Duration::from_secs(5);
+/// Largest Argon2 cost a stored hash may ask for (a hash given to UserAdd is refused
+/// above it): 64 MiB, 16 passes, 4 lanes.
+const MAX_KDF_MEMORY_KIB: u32 = 64 * 1024;
+const MAX_KDF_PASSES: u32 = 16;
+const MAX_KDF_LANES: u32 = 4;
+
+/// Runs `f` (an Argon2 computation) on a blocking thread once one of the
+/// [`KDF_CONCURRENCY`] slots is free.
+async fn with_kdf_slot<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    let busy = || Status::resource_exhausted("etcdserver: too many requests");
+    let permit = tokio::time::timeout(KDF_QUEUE_WAIT, KDF_SLOTS.acquire())
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| busy())?;
+    tokio::task::spawn_blocking(move || {
+        let out = f();
+        drop(permit);
+        out
+    })
+    .await
+    .map_err(|e| Status::internal(format!("password hash: {e}")))
+}
+
+/// Whether a PHC string is an Argon2 hash within the cost bounds.
+fn bounded_hash(parsed: &PasswordHash<'_>) -> bool {
+    argon2::Params::try_from(parsed).is_ok_and(|p| {
+        p.m_cost() <= MAX_KDF_MEMORY_KIB
+            && p.t_cost() <= MAX_KDF_PASSES
+            && p.p_cost() <= MAX_KDF_LANES
+    }) && argon2::Algorithm::try_from(parsed.algorithm).is_ok()
+}
+
+/// Checks a password hash given to UserAdd: our own format, within the cost bounds.
+fn check_given_hash(phc: &str) -> Result<(), Status> {
+    match PasswordHash::new(phc) {
+        Ok(parsed) if bounded_hash(&parsed) => Ok(()),
+        _ => Err(Status::invalid_argument(
+            "etcdserver: invalid password hash",
+        )),
+    }
+}
+
 /// Hashes a password as an Argon2id PHC string (salted; slow on purpose).
 async fn hash_password(password: String) -> Result<String, Status> {
-    tokio::task::spawn_blocking(move || {
+    with_kdf_slot(move || {
         let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())
             .map_err(|e| Status::internal(format!("password salt: {e}")))?;
         Argon2::default()
@@ -139,33 +191,78 @@ async fn hash_password(password: String) -> Result<String, Status> {
             .map(|h| h.to_string())
             .map_err(|e| Status::internal(format!("password hash: {e}")))
     })
-    .await
-    .map_err(|e| Status::internal(format!("password hash: {e}")))?
+    .await?
 }
 
-async fn verify_password(password: String, phc: Vec<u8>) -> bool {
-    tokio::task::spawn_blocking(move || {
+async fn verify_password(password: String, phc: Vec<u8>) -> Result<bool, Status> {
+    with_kdf_slot(move || {
         let Ok(phc) = std::str::from_utf8(&phc) else {
             return false;
         };
         let Ok(parsed) = PasswordHash::new(phc) else {
             return false;
         };
-        Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok()
+        bounded_hash(&parsed)
+            && Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
     })
     .await
-    .unwrap_or(false)
+}
+
+/// Failed Authenticate calls a user may have in one [`FAILURE_WINDOW`]; more are
+/// refused without checking the password until the window ends.
+const MAX_FAILURES: u32 = 5;
+const FAILURE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Failed authentications per existing user (so the map is bounded by the users).
+#[derive(Default)]
+struct FailureLimiter {
+    failures: std::sync::Mutex<HashMap<String, (u32, Instant)>>,
+}
+
+impl FailureLimiter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u32, Instant)>> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refuses `user` while it has [`MAX_FAILURES`] failures in the current window.
+    fn check(&self, user: &str) -> Result<(), Status> {
+        let mut map = self.lock();
+        match map.get(user) {
+            Some((_, since)) if since.elapsed() >= FAILURE_WINDOW => {
+                map.remove(user);
+                Ok(())
+            }
+            Some((n, _)) if *n >= MAX_FAILURES => Err(Status::resource_exhausted(
+                "etcdserver: too many failed authentication attempts for this user; retry later",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn failed(&self, user: &str) {
+        let mut map = self.lock();
+        let e = map.entry(user.to_string()).or_insert((0, Instant::now()));
+        e.0 += 1;
+    }
+
+    fn succeeded(&self, user: &str) {
+        self.lock().remove(user);
+    }
 }
 
 pub struct AuthApi {
     ctx: ApiContext,
+    failures: FailureLimiter,
 }
 
 impl AuthApi {
     pub fn new(ctx: ApiContext) -> AuthApi {
-        AuthApi { ctx }
+        AuthApi {
+            ctx,
+            failures: FailureLimiter::default(),
+        }
     }
 
     fn header(&self) -> Option<pb::ResponseHeader> {
@@ -238,9 +335,15 @@ impl Auth for AuthApi {
         let no_password = user
             .as_ref()
             .is_none_or(|u| u.options.is_some_and(|o| o.no_password) || u.password.is_empty());
-        if no_password || !verify_password(r.password, user.expect("checked").password).await {
+        if no_password {
             return Err(status(KvError::AuthFailed));
         }
+        self.failures.check(&r.name)?;
+        if !verify_password(r.password, user.expect("checked").password).await? {
+            self.failures.failed(&r.name);
+            return Err(status(KvError::AuthFailed));
+        }
+        self.failures.succeeded(&r.name);
         // etcd's simple token: 16 random letters, a dot, a sequence number.
         let token = format!(
             "{}.{}",
@@ -271,9 +374,8 @@ impl Auth for AuthApi {
         r.hashed_password = if no_password {
             String::new()
         } else if !r.hashed_password.is_empty() {
-            // Only our own hash format is accepted from clients.
-            PasswordHash::new(&r.hashed_password)
-                .map_err(|_| Status::invalid_argument("etcdserver: invalid password hash"))?;
+            // Only our own hash format, within the cost bounds, is accepted from clients.
+            check_given_hash(&r.hashed_password)?;
             r.hashed_password
         } else {
             hash_password(std::mem::take(&mut r.password)).await?

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{kv_status, propose_status, unexpected, ApiContext};
 use crate::kv::{KvError, MAX_LEASE_TTL};
+use crate::proto::authpb::permission::Type as PermType;
 use crate::proto::etcdserverpb::{
     lease_client::LeaseClient, lease_server::Lease, LeaseGrantRequest, LeaseGrantResponse,
     LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse,
@@ -152,7 +153,7 @@ impl Lease for LeaseApi {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        self.ctx.require_user(req.metadata())?;
+        let caller = self.ctx.require_user(req.metadata())?;
         let forwarded = req.metadata().contains_key(super::FORWARDED);
         let token = super::caller_token(req.metadata());
         let r = req.into_inner();
@@ -161,6 +162,7 @@ impl Lease for LeaseApi {
             if forwarded {
                 return Err(Status::unavailable("etcdserver: not leader"));
             }
+            // The leader checks the caller's rights on the keys with the same token.
             return forward_time_to_live(&self.ctx, r, token)
                 .await
                 .map(Response::new);
@@ -177,7 +179,17 @@ impl Lease for LeaseApi {
         };
         let ttl = self.ctx.lessor.remaining(id).unwrap_or(granted);
         let keys = if with_keys {
-            self.ctx.kv.lease_keys(id).map_err(kv_status)?
+            let keys = self.ctx.kv.lease_keys(id).map_err(kv_status)?;
+            // As etcd since CVE-2023-32082: key names only for a caller who may read
+            // every one of them.
+            if let super::auth::Caller::User(u) = &caller {
+                let auth = self.ctx.kv.auth();
+                for k in &keys {
+                    auth.check_range(u, k, &[], PermType::Read)
+                        .map_err(kv_status)?;
+                }
+            }
+            keys
         } else {
             Vec::new()
         };

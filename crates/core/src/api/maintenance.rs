@@ -97,6 +97,13 @@ impl Maintenance for MaintenanceApi {
     }
 
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        // Listing alarms needs an authenticated user; raising or clearing one (which
+        // stops or resumes writes cluster-wide) needs root.
+        if req.get_ref().action == AlarmAction::Get as i32 {
+            self.ctx.require_user(req.metadata())?;
+        } else {
+            self.ctx.require_admin(req.metadata())?;
+        }
         let req = req.into_inner();
         let alarms = match AlarmAction::try_from(req.action) {
             Ok(AlarmAction::Get) => {

@@ -11,6 +11,7 @@
 //! - [`kv`]: the state machine: MVCC revisions, ranges, txns, compaction, events.
 //! - [`lease`]: the lessor: lease deadlines, expiry decided by the leader.
 //! - [`raft`]: the driver thread around raft-rs `RawNode`, and Raft over mesh unicast.
+//! - [`corruption`]: the periodic HashKV comparison and the CORRUPT alarm.
 //! - [`membership`]: Raft membership driven from the mesh: routes, bootstrap-expect,
 //!   joining, growth and healing (reachability never changes the voter set by itself).
 //! - [`api`]: gRPC services (`etcdserverpb` KV, Watch, Cluster, Maintenance; `meshpb`
@@ -24,6 +25,7 @@
 //! - [`proto`]: generated wire types.
 pub mod api;
 pub mod client;
+pub mod corruption;
 pub mod crdt;
 pub mod kv;
 pub mod lease;

@@ -83,10 +83,17 @@ pub struct ServerConfig {
     /// Free space the data dir's filesystem must keep: below it, client writes that add
     /// data are refused with NOSPACE (and accepted again once space returns).
     pub min_free_disk_bytes: u64,
+    /// How often the leader compares every member's HashKV (etcd's corruption check);
+    /// zero turns the check off.
+    pub corrupt_check_interval: Duration,
     /// Serve the test-only `meshpb.FaultInjection` service (loopback callers only).
     /// Never on in production: it lets a local caller cut this member off.
     pub unsafe_fault_injection: bool,
 }
+
+/// Default period of the corruption check: each round reads every member's whole
+/// history once.
+pub const DEFAULT_CORRUPT_CHECK_INTERVAL: Duration = Duration::from_secs(300);
 
 /// etcd's default space quota: 2 GiB.
 pub const DEFAULT_QUOTA_BACKEND_BYTES: u64 = 2 * 1024 * 1024 * 1024;
@@ -131,6 +138,7 @@ impl ServerConfig {
             auth_token_ttl: crate::kv::DEFAULT_TOKEN_TTL,
             min_free_disk_bytes: DEFAULT_MIN_FREE_DISK_BYTES,
             unsafe_fault_injection: false,
+            corrupt_check_interval: DEFAULT_CORRUPT_CHECK_INTERVAL,
         }
     }
 }
@@ -438,6 +446,7 @@ impl Server {
                 kv: kv.clone(),
                 node: node.clone(),
             })
+            .layer(api::CorruptGate { node: node.clone() })
             .add_service(
                 kv_server::KvServer::new(api::KvApi::new(ctx.clone()))
                     .max_decoding_message_size(max_msg)
@@ -478,6 +487,7 @@ impl Server {
                 fault_injection_server::FaultInjectionServer::new(api::FaultInjectionApi {
                     mesh: mesh.clone(),
                     node: node.clone(),
+                    kv: kv.clone(),
                 })
             }));
         // Small request/response pairs must not wait for Nagle and delayed ACKs.
@@ -514,6 +524,13 @@ impl Server {
             cfg.name.clone(),
             advertise_client,
         ));
+        let corruption_check = crate::corruption::spawn(
+            &mesh,
+            kv.clone(),
+            node.clone(),
+            routes.clone(),
+            cfg.corrupt_check_interval,
+        );
         let watch_mesh = tokio::spawn(follow_mesh(
             mesh.clone(),
             meta,
@@ -553,6 +570,7 @@ impl Server {
                     autopilot,
                     tokio::spawn(watch_quota(ctx)),
                     expiry,
+                    corruption_check,
                 ])
                 .collect(),
             mesh,

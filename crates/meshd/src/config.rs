@@ -179,6 +179,10 @@ pub struct Args {
     /// are refused with NOSPACE until space returns (default 64 MiB).
     #[arg(long, env = "MESHD_MIN_FREE_DISK_BYTES")]
     pub min_free_disk_bytes: Option<u64>,
+    /// How often the leader compares every member's HashKV and raises a CORRUPT alarm
+    /// naming a member whose data differs, e.g. 5m; 0s turns the check off.
+    #[arg(long, env = "MESHD_CORRUPT_CHECK_TIME", value_parser = humantime::parse_duration)]
+    pub corrupt_check_time: Option<Duration>,
     /// FOR TESTS ONLY: serve meshpb.FaultInjection (cut, drop or delay mesh links) to
     /// loopback callers. Off by default; never enable it on a real member.
     #[arg(long, hide_short_help = true)]
@@ -251,6 +255,8 @@ struct FileConfig {
     quota_backend_bytes: Option<u64>,
     log_format: Option<String>,
     min_free_disk_bytes: Option<u64>,
+    #[serde(default, with = "humantime_serde_opt")]
+    corrupt_check_time: Option<Duration>,
     // client-API TLS
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
@@ -581,6 +587,9 @@ pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
         None => {}
     }
     cfg.unsafe_fault_injection = args.unsafe_fault_injection;
+    if let Some(t) = args.corrupt_check_time.or(file.corrupt_check_time) {
+        cfg.corrupt_check_interval = t;
+    }
     if let Some(n) = args.min_free_disk_bytes.or(file.min_free_disk_bytes) {
         cfg.min_free_disk_bytes = n;
     }
@@ -683,6 +692,7 @@ fn default_yaml(key: &str) -> Option<String> {
         "client-cert-auth" => "false".into(),
         "insecure-mesh" => "false".into(),
         "min-free-disk-bytes" => d.min_free_disk_bytes.to_string(),
+        "corrupt-check-time" => duration(d.corrupt_check_interval),
         "auth-token" => quoted("simple".into()),
         "auth-token-ttl" => d.auth_token_ttl.as_secs().to_string(),
         _ => return None,

@@ -10,8 +10,9 @@ use tonic::{Request, Response, Status};
 
 use crate::mesh::{LinkFault, Mesh};
 use crate::proto::meshpb::{
-    fault_injection_server, ClearFaultsRequest, ClearFaultsResponse, PanicDriverRequest,
-    PanicDriverResponse, SetLinkFaultRequest, SetLinkFaultResponse,
+    fault_injection_server, ClearFaultsRequest, ClearFaultsResponse, CorruptRecordRequest,
+    CorruptRecordResponse, PanicDriverRequest, PanicDriverResponse, SetLinkFaultRequest,
+    SetLinkFaultResponse,
 };
 use crate::raft::NodeHandle;
 
@@ -22,6 +23,7 @@ const MAX_DELAY_MS: u32 = 60_000;
 pub struct FaultInjectionApi {
     pub mesh: Arc<Mesh>,
     pub node: NodeHandle,
+    pub kv: Arc<crate::kv::KvStore>,
 }
 
 /// Refuses callers that are not on this machine: the service can cut the node off.
@@ -82,5 +84,30 @@ impl fault_injection_server::FaultInjection for FaultInjectionApi {
         tracing::warn!("fault injected: the Raft driver thread panics");
         self.node.inject_panic();
         Ok(Response::new(PanicDriverResponse {}))
+    }
+
+    async fn corrupt_record(
+        &self,
+        req: Request<CorruptRecordRequest>,
+    ) -> Result<Response<CorruptRecordResponse>, Status> {
+        check_loopback(&req)?;
+        let key = req.into_inner().key;
+        let found = self
+            .kv
+            .range(&crate::proto::etcdserverpb::RangeRequest {
+                key,
+                ..Default::default()
+            })
+            .map_err(super::kv_status)?;
+        let revision = found
+            .kvs
+            .first()
+            .map(|kv| kv.mod_revision)
+            .ok_or_else(|| Status::not_found("no such key on this member"))?;
+        self.node
+            .inject_corruption(revision)
+            .await
+            .map_err(super::propose_status)?;
+        Ok(Response::new(CorruptRecordResponse { revision }))
     }
 }

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::{kv_status, propose_status, ApiContext, ETCD_API_VERSION};
+use super::{kv_status, propose_status, ApiContext, ERR_CORRUPT, ETCD_API_VERSION};
 use crate::proto::etcdserverpb::{
     alarm_request::AlarmAction, maintenance_server::Maintenance, AlarmMember, AlarmRequest,
     AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse,
@@ -73,6 +73,9 @@ impl Maintenance for MaintenanceApi {
             errors.push("storage write failed; reopening the database".to_string());
         } else if s.leader() == 0 {
             errors.push("etcdserver: no leader".to_string());
+        }
+        if let Some(why) = s.corruption() {
+            errors.push(format!("{ERR_CORRUPT}: {why}"));
         }
         errors.extend(
             self.ctx

@@ -453,6 +453,27 @@ impl KvStore {
         Ok(())
     }
 
+    /// Test-only fault (`meshpb.FaultInjection`): flips one byte of the stored record of
+    /// revision `rev` behind the state machine's back, with a valid database commit, as
+    /// a disk that returns other bytes than it was given would. Only the record's own
+    /// checksum can tell. Must run on the thread that writes the database.
+    pub fn inject_corruption(&self, rev: i64) -> Result<(), KvError> {
+        self.write_pending(true)?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(REVS)?;
+            let mut raw = match t.get((rev, 0))? {
+                Some(v) => v.value().to_vec(),
+                None => return Err(KvError::FutureRevision),
+            };
+            let at = raw.len() / 2;
+            raw[at] ^= 0x01;
+            t.insert((rev, 0), raw.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     /// What a view reads besides its own table.
     fn shared(&self) -> Shared<'_> {
         Shared {

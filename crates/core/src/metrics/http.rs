@@ -114,6 +114,9 @@ pub async fn health(src: &Sources) -> Result<(), String> {
     if status.storage_failed() {
         return Err("STORAGE WRITE FAILED: reopening the database".into());
     }
+    if let Some(why) = status.corruption() {
+        return Err(format!("CORRUPT: {why}"));
+    }
     if status.leader() == 0 {
         return Err("RAFT NO LEADER".into());
     }

@@ -62,6 +62,10 @@ pub enum DriverError {
     /// A snapshot from the leader did not decode.
     #[error("snapshot from the leader is undecodable: {0}")]
     BadSnapshot(String),
+    /// A stored record failed its checksum while applying: this member's state machine
+    /// is corrupt. It stops applying (never skips an entry the others applied).
+    #[error("state machine corrupt: {0}")]
+    Corrupt(String),
 }
 
 /// How long defragmenting waits for read transactions already open to finish.
@@ -107,6 +111,8 @@ pub fn spawn_driver(
         ticks: 0,
         heard_at: HashMap::new(),
         removed: Default::default(),
+        corrupt: false,
+        corrupt_alarm_committed: false,
         last_leader: 0,
         reopen_backoff: REOPEN_BACKOFF_MIN,
         durable_applied,
@@ -215,6 +221,10 @@ struct Driver {
     /// Members this member saw removed from the configuration: their Raft messages
     /// are refused (as etcd's transport refuses removed members).
     removed: std::collections::HashSet<u64>,
+    /// The state machine failed a checksum: nothing is applied any more.
+    corrupt: bool,
+    /// This member's CORRUPT alarm reached the log (committed).
+    corrupt_alarm_committed: bool,
     last_leader: u64,
     /// Wait before the next attempt to reopen the database after a failed write;
     /// doubles while the disk stays full, back to the minimum after a durable commit.
@@ -254,14 +264,63 @@ impl Driver {
                     }
                 }
                 Ok(()) => {
+                    if self.corrupt {
+                        return Ok(());
+                    }
                     // Stopping: what was applied need not be replayed at the next start.
                     if let Err(e) = self.sync_kv() {
                         warn!("committing the keyspace at stop: {e}");
                     }
                     return Ok(());
                 }
+                Err(DriverError::Corrupt(why))
+                | Err(DriverError::Apply(KvError::Corrupt { detail: why, .. })) => {
+                    self.quarantine(&why)
+                }
                 other => return other,
             }
+        }
+    }
+
+    /// Stops applying for good (until an operator repairs the member): the log keeps
+    /// being replicated and persisted here, but the corrupt state machine is neither
+    /// written nor served, and the cluster is told with a CORRUPT alarm naming this
+    /// member.
+    fn quarantine(&mut self, why: &str) {
+        error!("{why}: this member stops applying and serving; the others carry on");
+        self.corrupt = true;
+        self.status.mark_corrupt(why);
+        self.raise_corrupt_alarm();
+        // A leader that no longer applies would answer no reads: hand leadership to
+        // the most caught-up other voter.
+        let r = &self.raw.raft;
+        if r.state == StateRole::Leader {
+            let me = self.cfg.member_id;
+            let target = r
+                .prs()
+                .iter()
+                .filter(|(id, _)| **id != me && r.prs().conf().voters().contains(**id))
+                .max_by_key(|(_, p)| p.matched)
+                .map(|(id, _)| *id);
+            if let Some(t) = target {
+                self.raw.transfer_leader(t);
+            }
+        }
+    }
+
+    /// Proposes the CORRUPT alarm for this member (again, until it is seen committed:
+    /// a proposal made without a leader is dropped).
+    fn raise_corrupt_alarm(&mut self) {
+        if self.corrupt_alarm_committed || !self.leader_known() {
+            return;
+        }
+        let data = prost::Message::encode_to_vec(&InternalRequest {
+            proposer: self.cfg.member_id,
+            id: 0,
+            request: Some(Request::Alarm(corrupt_alarm(self.cfg.member_id))),
+        });
+        if let Err(e) = self.raw.propose(vec![], data) {
+            warn!("cannot raise the CORRUPT alarm yet: {e}");
         }
     }
 
@@ -413,6 +472,16 @@ impl Driver {
             }
             DriverMsg::Shutdown => return Ok(false),
             DriverMsg::InjectedPanic => panic!("injected fault: the Raft driver panics"),
+            DriverMsg::InjectCorruption { revision, reply } => {
+                warn!(revision, "fault injected: a stored record is altered");
+                let _ = reply.send(
+                    self.kv
+                        .inject_corruption(revision)
+                        .map_err(ProposeError::Kv),
+                );
+            }
+            DriverMsg::Corrupt(why) if !self.corrupt => return Err(DriverError::Corrupt(why)),
+            DriverMsg::Corrupt(_) => {}
         }
         Ok(true)
     }
@@ -521,6 +590,9 @@ impl Driver {
             w.retain(|tx| !tx.is_closed());
             !w.is_empty()
         });
+        if self.corrupt && self.ticks.is_multiple_of(self.cfg.election_ticks as u64) {
+            self.raise_corrupt_alarm();
+        }
         // raft-rs drops a ReadIndex silently when there is no leader or the leader has
         // not yet committed in its term; ask again after an election timeout.
         if self.leader_known() {
@@ -661,6 +733,15 @@ impl Driver {
 
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), DriverError> {
         if entries.is_empty() {
+            return Ok(());
+        }
+        if self.corrupt {
+            // Nothing is applied; only watch for our own alarm to stop proposing it.
+            let ours = corrupt_alarm(self.cfg.member_id);
+            self.corrupt_alarm_committed |= entries.iter().any(|e| {
+                <InternalRequest as prost::Message>::decode(e.data.as_slice())
+                    .is_ok_and(|r| r.request == Some(Request::Alarm(ours)))
+            });
             return Ok(());
         }
         let apply_started = Instant::now();
@@ -1028,6 +1109,16 @@ impl Driver {
     }
 }
 
+/// The request that raises the CORRUPT alarm for `member`.
+fn corrupt_alarm(member: u64) -> crate::proto::etcdserverpb::AlarmRequest {
+    use crate::proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
+    AlarmRequest {
+        action: AlarmAction::Activate as i32,
+        member_id: member,
+        alarm: AlarmType::Corrupt as i32,
+    }
+}
+
 /// Peer URLs may carry a scheme (as etcd's do); the transport wants `host:port`.
 fn strip_scheme(url: &str) -> String {
     url.split_once("://")
@@ -1079,6 +1170,8 @@ fn apply_request(
     };
     match result {
         Err(e @ (KvError::Storage(_) | KvError::Io(_))) => Err(DriverError::Apply(e)),
+        // Refusing the request here would skip an entry the other members applied.
+        Err(e @ KvError::Corrupt { .. }) => Err(DriverError::Corrupt(e.to_string())),
         Ok(kind) => Ok(Ok(Applied {
             revision: batch.revision(),
             kind,

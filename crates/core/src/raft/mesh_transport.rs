@@ -337,15 +337,56 @@ mod tests {
         })
     }
 
+    /// An envelope from member 1 counts only from the mesh peer member 1 is published on.
     #[test]
-    fn messages_raft_rs_would_panic_on_are_dropped() {
+    fn a_message_from_another_mesh_peer_than_its_sender_is_dropped() {
+        let (tx, rx) = std_mpsc::channel();
+        let routes = MemberRoutes::default();
+        routes.replace(HashMap::from([(1, 0xaa)]));
+        let receiver = RaftReceiver {
+            member_id: 2,
+            cluster_id: 9,
+            routes: Arc::new(routes),
+            status: Arc::new(NodeStatus::new(2, 9)),
+            driver: tx,
+            partial: Mutex::new(HashMap::new()),
+        };
+        let m = Message {
+            from: 1,
+            to: 2,
+            msg_type: MessageType::MsgHeartbeat as i32,
+            ..Default::default()
+        };
+        receiver.on_unicast(0xbb, &envelope(&m)).unwrap();
+        assert!(rx.try_recv().is_err(), "delivered from the wrong peer");
+        let forged = &receiver.status.metrics.peer_messages_refused;
+        assert_eq!(
+            forged
+                .iter()
+                .map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
+                .sum::<u64>(),
+            1
+        );
+        receiver.on_unicast(0xaa, &envelope(&m)).unwrap();
+        assert!(rx.try_recv().is_ok(), "not delivered from the right peer");
+    }
+
+    #[test]
+    fn unknown_types_and_forged_senders_are_dropped() {
         let good = Message {
+            from: 1,
             to: 2,
             msg_type: MessageType::MsgAppend as i32,
             entries: vec![Entry::default()],
             ..Default::default()
         };
         assert_eq!(receive_untrusted(&[&envelope(&good)]), 1);
+        // A message naming another sender than its envelope.
+        let forged = Message {
+            from: 7,
+            ..good.clone()
+        };
+        assert_eq!(receive_untrusted(&[&envelope(&forged)]), 0);
         let bad_entry = Message {
             entries: vec![Entry {
                 entry_type: 42,

@@ -70,6 +70,14 @@ pub enum DriverMsg {
     Shutdown,
     /// Panic (test-only fault injection).
     InjectedPanic,
+    /// Alter the stored record of a revision (test-only fault injection).
+    InjectCorruption {
+        revision: i64,
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
+    /// The state machine was found corrupt outside the driver (serving a read,
+    /// hashing): stop applying and raise the CORRUPT alarm.
+    Corrupt(String),
 }
 
 /// The result of applying one replicated request on this member.
@@ -195,6 +203,12 @@ pub struct NodeStatus {
     /// A write to the database failed and the driver is out of Raft until it has
     /// reopened the database from disk.
     storage_failed: AtomicBool,
+    /// Why this member's state machine is corrupt, once it found out (a record failed
+    /// its checksum while applying or hashing); it then applies and serves nothing.
+    corrupt: std::sync::Mutex<Option<String>>,
+    corrupt_flag: AtomicBool,
+    /// A CORRUPT alarm naming this member is active in the cluster.
+    corrupt_alarm: AtomicBool,
     /// Turns of the driver's loop (at least one per tick while it runs): the systemd
     /// watchdog is fed only while this moves.
     driver_turns: AtomicU64,
@@ -266,6 +280,36 @@ impl NodeStatus {
     /// waiting to reopen its database: writes are refused, serializable reads served.
     pub fn storage_failed(&self) -> bool {
         self.storage_failed.load(Ordering::Acquire)
+    }
+    /// Records that this member's state machine is corrupt (the first reason stays).
+    pub fn mark_corrupt(&self, why: &str) {
+        let mut c = self.corrupt.lock().unwrap_or_else(|p| p.into_inner());
+        if c.is_none() {
+            *c = Some(why.to_string());
+        }
+        self.corrupt_flag.store(true, Ordering::Release);
+    }
+    /// Sets whether an active CORRUPT alarm names this member.
+    pub fn set_corrupt_alarm(&self, active: bool) {
+        self.corrupt_alarm.store(active, Ordering::Release);
+    }
+    /// True when this member must not serve data: it found its state machine corrupt,
+    /// or the cluster raised a CORRUPT alarm naming it.
+    pub fn is_corrupt(&self) -> bool {
+        self.corrupt_flag.load(Ordering::Acquire) || self.corrupt_alarm.load(Ordering::Acquire)
+    }
+    /// Why this member is corrupt, when it is.
+    pub fn corruption(&self) -> Option<String> {
+        let local = self
+            .corrupt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        local.or_else(|| {
+            self.corrupt_alarm
+                .load(Ordering::Acquire)
+                .then(|| "a CORRUPT alarm names this member".to_string())
+        })
     }
     /// Records one turn of the driver's loop.
     pub fn driver_turned(&self) {
@@ -363,6 +407,22 @@ impl NodeHandle {
     /// Compacts the database file; returns its size before and after.
     pub async fn defragment(&self) -> Result<(u64, u64), ProposeError> {
         self.call(|reply| DriverMsg::Defragment { reply }).await
+    }
+
+    /// Reports that this member's state machine is corrupt: it stops serving data at
+    /// once, and the driver stops applying and raises the CORRUPT alarm.
+    pub fn report_corrupt(&self, why: &str) {
+        if !self.status.is_corrupt() {
+            self.status.mark_corrupt(why);
+            let _ = self.tx.send(DriverMsg::Corrupt(why.to_string()));
+        }
+    }
+
+    /// Alters the stored record of `revision` from the driver thread (the test-only
+    /// fault of `meshpb.FaultInjection`).
+    pub async fn inject_corruption(&self, revision: i64) -> Result<(), ProposeError> {
+        self.call(|reply| DriverMsg::InjectCorruption { revision, reply })
+            .await
     }
 
     /// Makes the driver thread panic (the test-only fault of `meshpb.FaultInjection`).

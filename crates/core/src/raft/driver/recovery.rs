@@ -216,9 +216,17 @@ fn refuse_while_recovering(m: DriverMsg, refuse: RefuseAs) -> bool {
                 "the database is closed after a failed write".into(),
             )));
         }
-        DriverMsg::Raft(_) | DriverMsg::Unreachable(_) | DriverMsg::SnapshotStatus(..) => {}
+        // A corrupt state machine is reported again by whatever reads it after the
+        // database is reopened.
+        DriverMsg::Raft(_)
+        | DriverMsg::Unreachable(_)
+        | DriverMsg::SnapshotStatus(..)
+        | DriverMsg::Corrupt(_) => {}
         DriverMsg::Shutdown => return false,
         DriverMsg::InjectedPanic => panic!("injected fault: the Raft driver panics"),
+        DriverMsg::InjectCorruption { reply, .. } => {
+            let _ = reply.send(Err(ProposeError::Stopped));
+        }
     }
     true
 }

@@ -426,3 +426,76 @@ async fn non_root_users_cannot_raise_alarms_read_lease_keys_or_guess_passwords()
     // Another user is not affected.
     as_user(addr, "root", "root-secret").await;
 }
+
+/// Permissions are checked again when a write applies, with the auth store as of its
+/// place in the log: a write a lagging member let through (its copy of the auth store
+/// still granted it) is refused once the revocation before it applies, on every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_role_cannot_write_through_a_lagging_member() {
+    let (dir, mut configs) = InProcessCluster::configure(3, ClusterOpts::default());
+    for c in &mut configs {
+        c.unsafe_fault_injection = true;
+    }
+    let cluster = InProcessCluster::start_configured(dir, configs).await;
+    let addrs = cluster.live_addrs();
+    let leader = wait_for_leader(&addrs).await;
+    let li = cluster.index_of(leader);
+    let lagging = (li + 1) % 3;
+    let mut names = Vec::new();
+    for a in &addrs {
+        names.push(eventually("mesh name", Duration::from_secs(10), || mesh_name(*a)).await);
+    }
+    set_up_auth(addrs[li]).await;
+    let mut alice = as_user(addrs[lagging], "alice", "alice-secret").await;
+    alice.put("alice/before", "1", None).await.unwrap();
+
+    // The lagging member hears nothing from the others (its own messages still go out).
+    let mut faults = FaultInjectionClient::connect(format!("http://{}", addrs[lagging]))
+        .await
+        .unwrap();
+    for (i, name) in names.iter().enumerate() {
+        if i != lagging {
+            faults
+                .set_link_fault(SetLinkFaultRequest {
+                    peer: *name,
+                    drop_in: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let mut root = as_user(addrs[li], "root", "root-secret").await;
+    root.user_revoke_role("alice", "reader").await.unwrap();
+    let after_revoke = status(addrs[li]).await.unwrap().raft_index();
+
+    // alice writes through the lagging member, whose auth store still grants it.
+    let write = tokio::spawn(async move { alice.put("alice/after", "2", None).await });
+    eventually(
+        "the write reaches the log",
+        Duration::from_secs(10),
+        || async { (status(addrs[li]).await?.raft_index() > after_revoke).then_some(()) },
+    )
+    .await;
+    faults.clear_faults(ClearFaultsRequest {}).await.unwrap();
+    assert_status(
+        write.await.unwrap(),
+        Code::PermissionDenied,
+        "etcdserver: permission denied",
+    );
+    // No member applied it.
+    for a in &addrs {
+        let opts = GetOptions::new().with_serializable();
+        let r = as_user(*a, "root", "root-secret").await;
+        eventually("the member caught up", Duration::from_secs(10), || {
+            let (mut r, opts) = (r.clone(), opts.clone());
+            async move {
+                let got = r.get("alice/before", Some(opts)).await.ok()?;
+                (got.count() == 1).then_some(())
+            }
+        })
+        .await;
+        let got = r.clone().get("alice/after", Some(opts)).await.unwrap();
+        assert_eq!(got.count(), 0, "member {a} applied the refused write");
+    }
+}

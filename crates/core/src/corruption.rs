@@ -82,9 +82,9 @@ pub fn judge(own: (u64, u32, i64), answers: &[HashCheck]) -> Verdict {
     v
 }
 
-/// Receives the `hashkv` channel: answers the leader's requests, hands answers to the
-/// round in progress.
-struct Receiver {
+/// What the check's loop owns. The mesh holds only a [`Receiver`] (a weak reference),
+/// so a stopped member's store is not kept open by its mesh.
+struct Shared {
     kv: Arc<KvStore>,
     node: NodeHandle,
     routes: Arc<MemberRoutes>,
@@ -95,7 +95,20 @@ struct Receiver {
     round: Mutex<Option<(u64, mpsc::Sender<HashCheck>)>>,
 }
 
+/// Receives the `hashkv` channel: answers the leader's requests, hands answers to the
+/// round in progress (while the check's loop runs).
+struct Receiver(std::sync::Weak<Shared>);
+
 impl Gossiper for Receiver {
+    fn on_unicast(&self, src: PeerName, msg: &[u8]) -> Result<(), GossipError> {
+        match self.0.upgrade() {
+            Some(shared) => shared.on_unicast(src, msg),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Shared {
     fn on_unicast(&self, src: PeerName, msg: &[u8]) -> Result<(), GossipError> {
         let Ok(m) = <HashCheck as prost::Message>::decode(msg) else {
             warn!(peer = %crate::mesh::peer_name_string(src), "undecodable hash check dropped");
@@ -177,7 +190,7 @@ pub fn spawn(
     routes: Arc<MemberRoutes>,
     interval: Duration,
 ) -> tokio::task::JoinHandle<()> {
-    let receiver = Arc::new(Receiver {
+    let shared = Arc::new(Shared {
         kv,
         node,
         routes,
@@ -185,12 +198,13 @@ pub fn spawn(
         hashing: Arc::new(AtomicBool::new(false)),
         round: Mutex::new(None),
     });
-    let channel = mesh.register(HASHKV_CHANNEL, receiver.clone());
-    let _ = receiver.channel.set(channel);
-    tokio::spawn(run(receiver, interval))
+    let receiver = Arc::new(Receiver(Arc::downgrade(&shared)));
+    let channel = mesh.register(HASHKV_CHANNEL, receiver);
+    let _ = shared.channel.set(channel);
+    tokio::spawn(run(shared, interval))
 }
 
-async fn run(r: Arc<Receiver>, interval: Duration) {
+async fn run(r: Arc<Shared>, interval: Duration) {
     let status = r.node.status.clone();
     let me = status.member_id;
     let mut next_round = tokio::time::Instant::now() + interval;
@@ -217,7 +231,7 @@ async fn run(r: Arc<Receiver>, interval: Duration) {
 }
 
 /// One round, run by the leader.
-async fn check_round(r: &Receiver, round: u64) {
+async fn check_round(r: &Shared, round: u64) {
     let status = &r.node.status;
     let me = status.member_id;
     let rev = r.kv.current_revision();

@@ -16,9 +16,9 @@ use tonic::{Request, Response, Status};
 use super::{kv_status, propose_status, unexpected, ApiContext};
 use crate::kv::{AuthState, KvError};
 use crate::proto::authpb::permission::Type as PermType;
-use crate::proto::etcdserverpb::{self as pb, auth_server::Auth, request_op::Request as Op};
+use crate::proto::etcdserverpb::{self as pb, auth_server::Auth};
 use crate::proto::meshpb::{auth_change::Change, internal_request::Request as Internal};
-use crate::proto::meshpb::{AuthChange, AuthToken};
+use crate::proto::meshpb::{AuthChange, AuthToken, RequestAuth};
 use crate::raft::AppliedKind;
 
 /// The gRPC metadata key clients put their token in (etcd's).
@@ -101,34 +101,30 @@ impl ApiContext {
     /// Every permission a txn needs: READ for compares and ranges, WRITE for puts and
     /// deletes (and READ too when they return previous values), recursively.
     pub fn require_txn(&self, md: &MetadataMap, t: &pb::TxnRequest) -> Result<Caller, Status> {
-        self.with_user(md, |a, u| check_txn(a, u, t))
+        self.with_user(md, |a, u| a.check_txn(u, t))
     }
-}
 
-fn check_txn(a: &AuthState, u: &str, t: &pb::TxnRequest) -> Result<(), KvError> {
-    for c in &t.compare {
-        a.check_range(u, &c.key, &c.range_end, PermType::Read)?;
-    }
-    for op in t.success.iter().chain(&t.failure) {
-        match &op.request {
-            Some(Op::RequestRange(r)) => a.check_range(u, &r.key, &r.range_end, PermType::Read)?,
-            Some(Op::RequestPut(p)) => {
-                a.check_range(u, &p.key, &[], PermType::Write)?;
-                if p.prev_kv {
-                    a.check_range(u, &p.key, &[], PermType::Read)?;
-                }
-            }
-            Some(Op::RequestDeleteRange(d)) => {
-                a.check_range(u, &d.key, &d.range_end, PermType::Write)?;
-                if d.prev_kv {
-                    a.check_range(u, &d.key, &d.range_end, PermType::Read)?;
-                }
-            }
-            Some(Op::RequestTxn(n)) => check_txn(a, u, n)?,
-            None => {}
+    /// Checks a client write with `check` and returns what its proposal carries so
+    /// every member checks it again when applying: the user and the auth revision the
+    /// check used (`None` with auth disabled).
+    pub fn require_write(
+        &self,
+        md: &MetadataMap,
+        check: impl FnOnce(&AuthState, &str) -> Result<(), KvError>,
+    ) -> Result<Option<RequestAuth>, Status> {
+        let state = self.kv.auth();
+        if !state.enabled {
+            return Ok(None);
         }
+        let Caller::User(user) = self.caller(md)? else {
+            return Ok(None);
+        };
+        check(&state, &user).map_err(status)?;
+        Ok(Some(RequestAuth {
+            username: user,
+            auth_revision: state.revision,
+        }))
     }
-    Ok(())
 }
 
 /// Argon2 runs (hashing a new password, checking one at Authenticate) at most this

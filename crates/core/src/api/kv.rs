@@ -3,6 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::{kv_status, propose_status, require_key, unexpected, ApiContext};
+use crate::kv::{AuthState, KvError};
 use crate::proto::authpb::permission::Type as Perm;
 use crate::proto::etcdserverpb::{
     self as pb, kv_server::Kv, request_op::Request as Op, CompactionRequest, CompactionResponse,
@@ -10,7 +11,8 @@ use crate::proto::etcdserverpb::{
     TxnRequest, TxnResponse,
 };
 use crate::proto::meshpb::internal_request::Request as Internal;
-use crate::raft::{Applied, AppliedKind};
+use crate::raft::{Applied, AppliedKind, ProposeError};
+use tonic::metadata::MetadataMap;
 
 pub struct KvApi {
     ctx: ApiContext,
@@ -24,7 +26,33 @@ impl KvApi {
     async fn propose(&self, req: Internal) -> Result<Applied, Status> {
         self.ctx.node.propose(req).await.map_err(propose_status)
     }
+
+    /// Proposes a client write checked by `check`, carrying the user and auth revision
+    /// of the check. If the auth store changed before the write applied, every member
+    /// refused it unapplied: check again (this member has now applied the change) and
+    /// propose again.
+    async fn propose_write(
+        &self,
+        md: &MetadataMap,
+        req: Internal,
+        check: impl Fn(&AuthState, &str) -> Result<(), KvError>,
+    ) -> Result<Applied, Status> {
+        let mut attempts = 0;
+        loop {
+            let auth = self.ctx.require_write(md, &check)?;
+            match self.ctx.node.propose_as(req.clone(), auth).await {
+                Err(ProposeError::Kv(KvError::AuthOldRevision)) if attempts < AUTH_RETRIES => {
+                    attempts += 1;
+                }
+                r => return r.map_err(propose_status),
+            }
+        }
+    }
 }
+
+/// How often a write is checked and proposed again after the auth store changed under
+/// it (each attempt sees at least the change that refused the one before).
+const AUTH_RETRIES: usize = 8;
 
 fn check_put(p: &PutRequest) -> Result<(), Status> {
     crate::kv::validate_put(p).map_err(kv_status)
@@ -91,12 +119,12 @@ impl Kv for KvApi {
         let (md, _, r) = req.into_parts();
         self.ctx.check_size(&r)?;
         check_put(&r)?;
-        self.ctx.require_range(&md, &r.key, &[], Perm::Write)?;
-        if r.prev_kv {
-            self.ctx.require_range(&md, &r.key, &[], Perm::Read)?;
-        }
+        self.ctx.require_write(&md, |a, u| a.check_put(u, &r))?;
         self.ctx.check_disk_space()?;
-        let applied = self.propose(Internal::Put(r)).await?;
+        let check = |a: &AuthState, u: &str| a.check_put(u, &r);
+        let applied = self
+            .propose_write(&md, Internal::Put(r.clone()), check)
+            .await?;
         match applied.kind {
             AppliedKind::Put(mut resp) => {
                 self.ctx.stamp(&mut resp.header, applied.revision);
@@ -113,13 +141,10 @@ impl Kv for KvApi {
         let (md, _, r) = req.into_parts();
         self.ctx.check_size(&r)?;
         require_key(&r.key)?;
-        self.ctx
-            .require_range(&md, &r.key, &r.range_end, Perm::Write)?;
-        if r.prev_kv {
-            self.ctx
-                .require_range(&md, &r.key, &r.range_end, Perm::Read)?;
-        }
-        let applied = self.propose(Internal::DeleteRange(r)).await?;
+        let check = |a: &AuthState, u: &str| a.check_delete(u, &r);
+        let applied = self
+            .propose_write(&md, Internal::DeleteRange(r.clone()), check)
+            .await?;
         match applied.kind {
             AppliedKind::DeleteRange(mut resp) => {
                 self.ctx.stamp(&mut resp.header, applied.revision);
@@ -145,7 +170,10 @@ impl Kv for KvApi {
             return Ok(Response::new(resp));
         }
         self.ctx.check_disk_space()?;
-        let applied = self.propose(Internal::Txn(r)).await?;
+        let check = |a: &AuthState, u: &str| a.check_txn(u, &r);
+        let applied = self
+            .propose_write(&md, Internal::Txn(r.clone()), check)
+            .await?;
         match applied.kind {
             AppliedKind::Txn(mut resp) => {
                 self.ctx.stamp(&mut resp.header, applied.revision);

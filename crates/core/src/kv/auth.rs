@@ -12,6 +12,7 @@ use redb::{ReadableTable, TableDefinition};
 
 use super::{ApplyBatch, KvError};
 use crate::proto::authpb::{permission::Type as PermType, Permission, Role, User};
+use crate::proto::etcdserverpb as pb;
 use crate::proto::meshpb::{auth_change::Change, AuthChange, AuthSnapshot};
 
 /// The whole auth store: "store" → encoded `meshpb::AuthSnapshot`.
@@ -69,6 +70,45 @@ impl AuthState {
             return Ok(());
         }
         Err(KvError::PermissionDenied)
+    }
+
+    /// Every permission a put needs: WRITE on its key, and READ too for `prev_kv`.
+    pub fn check_put(&self, user: &str, p: &pb::PutRequest) -> Result<(), KvError> {
+        self.check_range(user, &p.key, &[], PermType::Write)?;
+        if p.prev_kv {
+            self.check_range(user, &p.key, &[], PermType::Read)?;
+        }
+        Ok(())
+    }
+
+    /// Every permission a delete needs: WRITE on its range, and READ too for `prev_kv`.
+    pub fn check_delete(&self, user: &str, d: &pb::DeleteRangeRequest) -> Result<(), KvError> {
+        self.check_range(user, &d.key, &d.range_end, PermType::Write)?;
+        if d.prev_kv {
+            self.check_range(user, &d.key, &d.range_end, PermType::Read)?;
+        }
+        Ok(())
+    }
+
+    /// Every permission a txn needs: READ for compares and ranges, and what each put
+    /// and delete needs, recursively.
+    pub fn check_txn(&self, user: &str, t: &pb::TxnRequest) -> Result<(), KvError> {
+        use pb::request_op::Request as Op;
+        for c in &t.compare {
+            self.check_range(user, &c.key, &c.range_end, PermType::Read)?;
+        }
+        for op in t.success.iter().chain(&t.failure) {
+            match &op.request {
+                Some(Op::RequestRange(r)) => {
+                    self.check_range(user, &r.key, &r.range_end, PermType::Read)?
+                }
+                Some(Op::RequestPut(p)) => self.check_put(user, p)?,
+                Some(Op::RequestDeleteRange(d)) => self.check_delete(user, d)?,
+                Some(Op::RequestTxn(n)) => self.check_txn(user, n)?,
+                None => {}
+            }
+        }
+        Ok(())
     }
 
     /// Whether `user` may access [key, range_end) (etcd's encoding: empty range_end is
@@ -247,6 +287,15 @@ pub(crate) enum TokenEffect {
 }
 
 impl ApplyBatch<'_> {
+    /// The auth store as of this point of the batch (its own changes included).
+    pub fn auth_now(&mut self) -> Result<std::sync::Arc<AuthState>, KvError> {
+        if !self.auth_changed {
+            return Ok(self.store.auth());
+        }
+        let stored = with_batch_table!(self, AUTH, |table| load(&table))?;
+        Ok(std::sync::Arc::new(AuthState::from_snapshot(&stored)))
+    }
+
     /// Applies one auth change with etcd's rules and errors.
     pub fn auth_change(&mut self, change: AuthChange) -> Result<(), KvError> {
         // A token (Authenticate) changes no table: only a real change needs the

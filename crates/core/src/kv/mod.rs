@@ -131,6 +131,10 @@ pub enum KvError {
     /// `txn_read` was given a Txn that may write.
     #[error("kv: txn_read given a txn that writes")]
     WriteInReadOnlyTxn,
+    /// The auth store changed between the permission check of a write and its apply:
+    /// the proposer checks again and proposes again (clients do not see it).
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
     /// A read's snapshot and the key index disagreed (a compaction or a restore was
     /// being committed): the read starts over and callers never see this.
     #[error("kv: the key index changed during a read")]

@@ -24,7 +24,8 @@ use super::{Applied, AppliedKind, DriverMsg, MemberChange, NodeStatus, ProposeEr
 use crate::kv::{ApplyBatch, KvError, KvStore};
 use crate::lease::Lessor;
 use crate::proto::meshpb::{
-    internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, StoreSnapshot,
+    internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, RequestAuth,
+    StoreSnapshot,
 };
 use crate::storage::{Db, RaftLog, StorageError};
 
@@ -318,6 +319,7 @@ impl Driver {
             proposer: self.cfg.member_id,
             id: 0,
             request: Some(Request::Alarm(corrupt_alarm(self.cfg.member_id))),
+            auth_info: None,
         });
         if let Err(e) = self.raw.propose(vec![], data) {
             warn!("cannot raise the CORRUPT alarm yet: {e}");
@@ -417,12 +419,17 @@ impl Driver {
     /// Returns false when asked to stop.
     fn handle(&mut self, m: DriverMsg) -> Result<bool, DriverError> {
         match m {
-            DriverMsg::Propose { request, reply } => {
+            DriverMsg::Propose {
+                request,
+                auth,
+                reply,
+            } => {
                 let id = self.take_proposal_id();
                 let data = prost::Message::encode_to_vec(&InternalRequest {
                     proposer: self.cfg.member_id,
                     id,
                     request: Some(request),
+                    auth_info: auth,
                 });
                 self.pending.insert(id, reply);
                 self.parked.push((id, data));
@@ -767,7 +774,12 @@ impl Driver {
                 EntryType::EntryNormal => {
                     match <InternalRequest as prost::Message>::decode(e.data.as_slice()) {
                         Ok(req) => {
-                            let result = apply_request(&mut batch, &self.lessor, req.request)?;
+                            let result = apply_request(
+                                &mut batch,
+                                &self.lessor,
+                                req.auth_info.as_ref(),
+                                req.request,
+                            )?;
                             if req.proposer == self.cfg.member_id {
                                 ours = Some(req.id);
                                 replies.push((req.id, result.map_err(ProposeError::Kv)));
@@ -1132,9 +1144,59 @@ fn strip_scheme(url: &str) -> String {
 fn apply_request(
     batch: &mut ApplyBatch<'_>,
     lessor: &Lessor,
+    auth: Option<&RequestAuth>,
     request: Option<Request>,
 ) -> Result<Result<Applied, KvError>, DriverError> {
-    let result = match request {
+    let result = match permitted(batch, auth, &request) {
+        Err(e) => Err(e),
+        Ok(()) => execute(batch, lessor, request),
+    };
+    match result {
+        Err(e @ (KvError::Storage(_) | KvError::Io(_))) => Err(DriverError::Apply(e)),
+        // Refusing the request here would skip an entry the other members applied.
+        Err(e @ KvError::Corrupt { .. }) => Err(DriverError::Corrupt(e.to_string())),
+        Ok(kind) => Ok(Ok(Applied {
+            revision: batch.revision(),
+            kind,
+        })),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+/// The apply-time permission check of a client write, as etcd makes it: with the
+/// auth store as of this entry (the same on every member), refused unapplied if the
+/// store changed since the proposer's check, or if the user may not do it now.
+fn permitted(
+    batch: &mut ApplyBatch<'_>,
+    auth: Option<&RequestAuth>,
+    request: &Option<Request>,
+) -> Result<(), KvError> {
+    let Some(a) = auth else {
+        return Ok(());
+    };
+    let state = batch.auth_now()?;
+    if !state.enabled {
+        return Ok(());
+    }
+    if a.auth_revision < state.revision {
+        return Err(KvError::AuthOldRevision);
+    }
+    let user = a.username.as_str();
+    match request {
+        Some(Request::Put(r)) => state.check_put(user, r),
+        Some(Request::DeleteRange(r)) => state.check_delete(user, r),
+        Some(Request::Txn(r)) => state.check_txn(user, r),
+        _ => Ok(()),
+    }
+}
+
+/// Executes one replicated request on the batch.
+fn execute(
+    batch: &mut ApplyBatch<'_>,
+    lessor: &Lessor,
+    request: Option<Request>,
+) -> Result<AppliedKind, KvError> {
+    match request {
         Some(Request::Put(r)) => batch.put(&r).map(AppliedKind::Put),
         Some(Request::DeleteRange(r)) => batch.delete_range(&r).map(AppliedKind::DeleteRange),
         Some(Request::Txn(r)) => batch.txn(&r).map(AppliedKind::Txn),
@@ -1167,16 +1229,6 @@ fn apply_request(
         },
         Some(Request::Auth(change)) => batch.auth_change(change).map(|()| AppliedKind::Auth),
         None => Ok(AppliedKind::Nothing),
-    };
-    match result {
-        Err(e @ (KvError::Storage(_) | KvError::Io(_))) => Err(DriverError::Apply(e)),
-        // Refusing the request here would skip an entry the other members applied.
-        Err(e @ KvError::Corrupt { .. }) => Err(DriverError::Corrupt(e.to_string())),
-        Ok(kind) => Ok(Ok(Applied {
-            revision: batch.revision(),
-            kind,
-        })),
-        Err(e) => Ok(Err(e)),
     }
 }
 

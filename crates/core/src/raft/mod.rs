@@ -24,7 +24,7 @@ use crate::kv::KvError;
 use crate::metrics::Histogram;
 use crate::proto::etcdserverpb as pb;
 use crate::proto::meshpb::internal_request::Request;
-use crate::proto::meshpb::MemberRecord;
+use crate::proto::meshpb::{MemberRecord, RequestAuth};
 use crate::storage::RaftLog;
 
 /// What the driver thread is told.
@@ -32,6 +32,8 @@ pub enum DriverMsg {
     /// Replicate a request; the reply comes when this member applies it.
     Propose {
         request: Request,
+        /// The user and auth revision a client write was checked with.
+        auth: Option<RequestAuth>,
         reply: oneshot::Sender<Result<Applied, ProposeError>>,
     },
     /// Confirm leadership and wait until the local state has caught up with the
@@ -369,8 +371,22 @@ impl NodeHandle {
 
     /// Replicates `request` and returns what applying it produced on this member.
     pub async fn propose(&self, request: Request) -> Result<Applied, ProposeError> {
+        self.propose_as(request, None).await
+    }
+
+    /// [`NodeHandle::propose`] for a client write checked for a user: every member
+    /// checks the user's permission again when applying it (see [`RequestAuth`]).
+    pub async fn propose_as(
+        &self,
+        request: Request,
+        auth: Option<RequestAuth>,
+    ) -> Result<Applied, ProposeError> {
         let r = self
-            .call(|reply| DriverMsg::Propose { request, reply })
+            .call(|reply| DriverMsg::Propose {
+                request,
+                auth,
+                reply,
+            })
             .await;
         if matches!(&r, Err(e) if !matches!(e, ProposeError::Kv(_))) {
             self.status

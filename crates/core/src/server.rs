@@ -436,7 +436,11 @@ impl Server {
         let max_msg = cfg.limits.max_request_bytes + api::GRPC_OVERHEAD_BYTES;
         let (grpc_stop, stop_rx) = oneshot::channel::<()>();
         let grpc_metrics = crate::metrics::grpc::GrpcMetrics::default();
-        let mut builder = tonic::transport::Server::builder();
+        // Dead or silent clients are found by HTTP/2 pings and TCP keepalive.
+        let mut builder = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_keepalive(Some(Duration::from_secs(60)));
         if let Some((tls, _)) = client_tls {
             builder = builder.tls_config(tls)?;
         }

@@ -57,16 +57,28 @@ pub async fn serve(
                 let dialer = dialer.clone();
                 async move { Ok::<_, Infallible>(forward(req, &pick, &dialer, &channels).await) }
             });
-            let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            // A client that stops answering pings is dropped; so is one that never
+            // finishes its TLS handshake.
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Some(KEEPALIVE_INTERVAL))
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .max_header_list_size(MAX_HEADER_LIST_BYTES);
             let served = match acceptor {
                 None => builder.serve_connection(TokioIo::new(stream), svc).await,
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(tls) => builder.serve_connection(TokioIo::new(tls), svc).await,
-                    Err(e) => {
-                        debug!("proxied connection: TLS handshake: {e}");
-                        return;
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                        .await
+                        .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+                    {
+                        Ok(tls) => builder.serve_connection(TokioIo::new(tls), svc).await,
+                        Err(e) => {
+                            debug!("proxied connection: TLS handshake: {e}");
+                            return;
+                        }
                     }
-                },
+                }
             };
             if let Err(e) = served {
                 debug!("proxied connection: {e}");
@@ -74,6 +86,14 @@ pub async fn serve(
         });
     }
 }
+
+/// HTTP/2 pings of an idle proxied connection, and how long an answer may take.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a client may take to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest request header block accepted.
+const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
 async fn forward(
     req: hyper::Request<Incoming>,

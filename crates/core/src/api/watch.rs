@@ -100,6 +100,10 @@ fn lock(live: &LiveIds) -> std::sync::MutexGuard<'_, HashSet<i64>> {
     live.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Most watchers one Watch stream may hold at once: each holds a position in the
+/// history and a share of the stream's buffer.
+pub const MAX_WATCHERS_PER_STREAM: usize = 10_000;
+
 /// What etcd puts in `cancel_reason` when the caller may not read the watched range.
 const WATCH_PERMISSION_DENIED: &str =
     "rpc error: code = PermissionDenied desc = etcdserver: permission denied";
@@ -176,6 +180,18 @@ fn create(
     live: &LiveIds,
 ) -> Control {
     let mut ids = lock(live);
+    if ids.len() >= MAX_WATCHERS_PER_STREAM {
+        return Control::Send(WatchResponse {
+            header: ctx.header(rev),
+            watch_id: if c.watch_id != 0 { c.watch_id } else { -1 },
+            created: true,
+            canceled: true,
+            cancel_reason: format!(
+                "etcdserver: too many watchers on this stream (limit {MAX_WATCHERS_PER_STREAM}); open another stream"
+            ),
+            ..Default::default()
+        });
+    }
     let id = if c.watch_id != 0 {
         if ids.contains(&c.watch_id) {
             return Control::Send(WatchResponse {

@@ -144,6 +144,11 @@ pub struct CounterSet {
 
 /// Names per encoded message, so a large set travels as several frames.
 const NAMES_PER_MESSAGE: usize = 1000;
+/// Most counters a set holds, longest name, and most peers one counter holds entries
+/// for: merging a peer's state never grows memory past them.
+pub const MAX_COUNTERS: usize = 10_000;
+pub const MAX_NAME_BYTES: usize = 256;
+pub const MAX_PEERS_PER_COUNTER: usize = 1024;
 
 impl CounterSet {
     pub fn decode(bytes: &[u8]) -> Result<CounterSet, prost::DecodeError> {
@@ -159,10 +164,28 @@ impl CounterSet {
         Ok(set)
     }
 
-    /// Merges `other`, returning what was new here (`None`: nothing).
+    /// Merges `other`, returning what was new here (`None`: nothing). Counters past
+    /// the caps ([`MAX_COUNTERS`], [`MAX_NAME_BYTES`], [`MAX_PEERS_PER_COUNTER`]) are
+    /// left out.
     pub fn merge_delta(&mut self, other: &CounterSet) -> Option<CounterSet> {
         let mut delta = CounterSet::default();
         for (name, c) in &other.counters {
+            let existing = self.counters.get(name);
+            let room = existing.is_some() || self.counters.len() < MAX_COUNTERS;
+            // Peers the merged counter would hold entries for.
+            let union = |a: Option<&GCounter>, b: &GCounter| {
+                a.map_or(0, |a| a.entries.len())
+                    + b.entries
+                        .keys()
+                        .filter(|k| a.is_none_or(|a| !a.entries.contains_key(k)))
+                        .count()
+            };
+            let peers = union(existing.map(|e| &e.increments), &c.increments)
+                .max(union(existing.map(|e| &e.decrements), &c.decrements));
+            if !room || name.len() > MAX_NAME_BYTES || peers > MAX_PEERS_PER_COUNTER {
+                tracing::debug!(counter = %name.escape_debug(), "counter over a cap left out");
+                continue;
+            }
             if let Some(d) = self
                 .counters
                 .entry(name.clone())
@@ -297,6 +320,32 @@ mod tests {
             increments,
             decrements,
         })
+    }
+
+    #[test]
+    fn merging_never_grows_past_the_caps() {
+        let mut set = CounterSet::default();
+        let many = CounterSet {
+            counters: (0..MAX_COUNTERS + 10)
+                .map(|i| {
+                    let mut c = PNCounter::default();
+                    c.add(1, 1);
+                    (format!("c{i}"), c)
+                })
+                .collect(),
+        };
+        set.merge_delta(&many);
+        assert_eq!(set.counters.len(), MAX_COUNTERS);
+        let mut wide = PNCounter::default();
+        for peer in 0..=MAX_PEERS_PER_COUNTER as u64 {
+            wide.add(peer + 100, 1);
+        }
+        let long = "x".repeat(MAX_NAME_BYTES + 1);
+        let mut small = CounterSet::default();
+        small.merge_delta(&CounterSet {
+            counters: BTreeMap::from([("wide".to_string(), wide), (long, PNCounter::default())]),
+        });
+        assert!(small.counters.is_empty());
     }
 
     fn merged<T: GossipData + Clone>(a: &T, b: &T) -> T {

@@ -216,6 +216,8 @@ pub struct MeshStats {
     /// Unicasts for this node dropped because their claimed source cannot have sent
     /// them along the connection they came on.
     pub unicasts_refused: u64,
+    /// Topology entries refused for breaking a cap (peer count, entry size).
+    pub topology_refused: u64,
 }
 
 /// Errors of the mesh API.
@@ -497,6 +499,7 @@ impl Mesh {
             frames_rejected: c.frames_rejected.load(Ordering::Relaxed),
             unicasts_refused: c.unicasts_refused.load(Ordering::Relaxed),
             handshakes_refused: c.handshakes_refused.load(Ordering::Relaxed),
+            topology_refused: st.topology.refused,
         }
     }
 

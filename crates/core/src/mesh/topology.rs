@@ -163,6 +163,13 @@ impl Received {
     }
 }
 
+/// Most peers a topology holds: an entry for a new name beyond it is refused.
+pub const MAX_PEERS: usize = 16_384;
+/// Largest encoded entry accepted (name, address, connections, metadata).
+pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
+/// Most connections one entry may list.
+pub const MAX_ENTRY_CONNECTIONS: usize = 1024;
+
 /// Everything a peer knows about the mesh, and the routes computed from it.
 #[derive(Debug)]
 pub struct Topology {
@@ -182,6 +189,9 @@ pub struct Topology {
     summary: Cell<Option<u64>>,
     /// Consecutive GC ticks a peer has been unreachable.
     unreachable_ticks: NameMap<u32>,
+    /// Received entries refused for breaking a cap ([`MAX_PEERS`], [`MAX_ENTRY_BYTES`],
+    /// [`MAX_ENTRY_CONNECTIONS`]).
+    pub refused: u64,
     /// (version, uid) of collected peers. A copy of such an entry still circulating
     /// (a zombie) is not forwarded until it is reachable; otherwise peers that
     /// collected it late would keep handing it back to those that collected it.
@@ -216,6 +226,7 @@ impl Topology {
             lazy_min,
             summary: Cell::new(None),
             unreachable_ticks: NameMap::default(),
+            refused: 0,
             collected: NameMap::default(),
             held: NameSet::default(),
         }
@@ -321,6 +332,18 @@ impl Topology {
     /// forwarded to other neighbours); our own name is in it when a stale entry of ours
     /// (for example from before a restart) forced a version bump. A collected entry
     /// coming back is kept but held back from forwarding until it is reachable.
+    /// Counts a refused entry; logs the first and then every power of two.
+    fn refuse(&mut self, name: PeerName, why: &str) {
+        self.refused += 1;
+        if self.refused.is_power_of_two() {
+            tracing::warn!(
+                peer = %super::peer_name_string(name),
+                refused = self.refused,
+                "mesh: topology entry refused: {why}"
+            );
+        }
+    }
+
     pub fn merge(&mut self, received: Vec<Received>) -> Vec<PeerName> {
         let mut changed = Vec::new();
         let mut inserted = false;
@@ -345,6 +368,11 @@ impl Topology {
                     continue;
                 }
             }
+            let new_name = !self.entries.contains_key(&r.name);
+            if r.bytes.len() > MAX_ENTRY_BYTES || (new_name && self.entries.len() >= MAX_PEERS) {
+                self.refuse(r.name, "over the size or peer-count cap");
+                continue;
+            }
             let e = match Entry::decode(r.bytes) {
                 Ok(e) => e,
                 Err(err) => {
@@ -352,6 +380,10 @@ impl Topology {
                     continue;
                 }
             };
+            if e.connections.len() > MAX_ENTRY_CONNECTIONS {
+                self.refuse(e.name, "too many connections");
+                continue;
+            }
             if self.collected.get(&e.name) == Some(&(e.version, e.uid)) {
                 self.held.insert(e.name);
             } else {

@@ -36,7 +36,17 @@ pub struct Sources {
 }
 
 /// Serves `listener` until `stop` turns true.
+/// A client must send its request headers within this long.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A connection is closed after this long, idle or not (scrapers reconnect).
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(120);
+/// Connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 64;
+/// Largest request head buffered.
+const MAX_BUF_BYTES: usize = 64 * 1024;
+
 pub async fn serve(listener: TcpListener, src: Sources, mut stop: watch::Receiver<bool>) {
+    let open = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -48,6 +58,10 @@ pub async fn serve(listener: TcpListener, src: Sources, mut stop: watch::Receive
             },
             _ = stop.changed() => return,
         };
+        let Ok(slot) = open.clone().try_acquire_owned() else {
+            debug!("metrics: too many open connections, one refused");
+            continue;
+        };
         let src = src.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
@@ -55,10 +69,16 @@ pub async fn serve(listener: TcpListener, src: Sources, mut stop: watch::Receive
                 async move { Ok::<_, Infallible>(route(&src, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_BUF_BYTES)
                 .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
-                debug!("metrics connection: {e}");
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Err(e)) => debug!("metrics connection: {e}"),
+                Err(_) => debug!("metrics connection closed after {CONNECTION_LIFETIME:?}"),
+                Ok(Ok(())) => {}
             }
+            drop(slot);
         });
     }
 }
@@ -263,6 +283,16 @@ pub fn metrics_page(src: &Sources) -> String {
         "meshd_mesh_handshakes_refused_total",
         "Mesh connections refused at the handshake (wrong password, version, identity).",
         mesh.handshakes_refused,
+    );
+    e.counter(
+        "meshd_mesh_unicasts_refused_total",
+        "Unicasts dropped because their claimed source cannot have sent them on the connection they came on.",
+        mesh.unicasts_refused,
+    );
+    e.counter(
+        "meshd_mesh_topology_entries_refused_total",
+        "Gossiped topology entries refused for breaking a cap (peer count, entry size, connections).",
+        mesh.topology_refused,
     );
     let handled = src.grpc.handled();
     let series: Vec<(Vec<(&str, &str)>, u64)> = handled

@@ -25,6 +25,8 @@ pub const RAFT_CHANNEL: &str = "raft";
 pub const CHUNK_BYTES: usize = 1024 * 1024;
 /// Largest reassembled message accepted (a snapshot of the whole store).
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024 * 1024;
+/// Messages one sender may have in reassembly at once.
+const MAX_PARTIAL_PER_SENDER: usize = 2;
 /// A partly received message is dropped after this long (Raft resends).
 const REASSEMBLY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -282,6 +284,7 @@ impl Gossiper for RaftReceiver {
             return Ok(());
         }
         if env.chunk >= env.chunks
+            || env.data.len() > CHUNK_BYTES
             || (env.chunks as usize).saturating_mul(CHUNK_BYTES) > MAX_MESSAGE_BYTES
         {
             warn!(
@@ -293,6 +296,20 @@ impl Gossiper for RaftReceiver {
         let mut partial = self.partial.lock().unwrap_or_else(|p| p.into_inner());
         partial.retain(|_, p| p.started.elapsed() < REASSEMBLY_TIMEOUT);
         let key = (env.from, env.msg_id);
+        if !partial.contains_key(&key) {
+            // A sender has at most this many messages in reassembly: a new one replaces
+            // its oldest (Raft sends it again if it still matters).
+            let mine: Vec<((u64, u64), Instant)> = partial
+                .iter()
+                .filter(|(k, _)| k.0 == env.from)
+                .map(|(k, p)| (*k, p.started))
+                .collect();
+            if mine.len() >= MAX_PARTIAL_PER_SENDER {
+                if let Some((oldest, _)) = mine.iter().min_by_key(|(_, t)| *t) {
+                    partial.remove(oldest);
+                }
+            }
+        }
         let p = partial.entry(key).or_insert_with(|| Partial {
             started: Instant::now(),
             chunks: vec![None; env.chunks as usize],

@@ -136,12 +136,14 @@ pub fn check<S: Storage>(
     }
     if !members(&conf).contains(&m.from) {
         // A member that has not applied the change adding the sender still hears from
-        // a leader or candidate of the newer configuration; a member not yet
-        // initialized (joining) hears only from a leader.
+        // a leader or candidate of the newer configuration, once it has lost touch with
+        // the leader it knows (as check-quorum's lease does for votes); a member not
+        // yet initialized (joining) hears only from a leader.
+        let in_lease = raft.leader_id != 0 && raft.election_elapsed < raft.election_timeout();
         let allowed = if uninitialized {
             matches!(kind, MsgAppend | MsgHeartbeat | MsgSnapshot)
         } else {
-            from_leader_or_candidate
+            from_leader_or_candidate && !in_lease
         };
         if !allowed {
             return Err(Refusal::NonMember);
@@ -342,13 +344,18 @@ mod tests {
             Err(Refusal::NonMember),
             "a removed member"
         );
-        // A leader of a configuration not applied here yet may append and campaign.
+        // A leader of a configuration not applied here yet may append and campaign,
+        // but not while this member still hears from the leader it knows.
         let append = msg(MsgAppend, 3, |m| {
             m.from = 9;
             m.index = 5;
             m.log_term = 2;
         });
         assert_eq!(check_on(&node, &append), Ok(()));
+        let mut led = follower();
+        led.step(msg(MsgHeartbeat, 2, |m| m.commit = 3)).unwrap();
+        assert_eq!(led.raft.leader_id, 2);
+        assert_eq!(check_on(&led, &append), Err(Refusal::NonMember));
         let ack = msg(MsgAppendResponse, 3, |m| m.from = 9);
         assert_eq!(check_on(&node, &ack), Err(Refusal::NonMember));
         // Addressing and terms.

@@ -4,6 +4,7 @@
 //! Scenarios wait on observable state with a deadline, never on fixed sleeps.
 
 pub mod chaos;
+pub mod hostile_peer;
 pub mod linearizability;
 
 use std::future::Future;

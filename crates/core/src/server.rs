@@ -454,12 +454,12 @@ impl Server {
             .add_service(
                 kv_server::KvServer::new(api::KvApi::new(ctx.clone()))
                     .max_decoding_message_size(max_msg)
-                    .max_encoding_message_size(usize::MAX),
+                    .max_encoding_message_size(api::MAX_RESPONSE_BYTES),
             )
             .add_service(
                 watch_server::WatchServer::new(api::WatchApi::new(ctx.clone()))
                     .max_decoding_message_size(max_msg)
-                    .max_encoding_message_size(usize::MAX),
+                    .max_encoding_message_size(api::MAX_RESPONSE_BYTES),
             )
             .add_service(cluster_server::ClusterServer::new(api::ClusterApi::new(
                 ctx.clone(),

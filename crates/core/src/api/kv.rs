@@ -110,6 +110,7 @@ impl Kv for KvApi {
             self.ctx.linearize().await?;
         }
         let mut resp = self.ctx.kv.range(&r).map_err(kv_status)?;
+        self.ctx.check_response_size(&resp)?;
         self.ctx
             .stamp(&mut resp.header, self.ctx.kv.current_revision());
         Ok(Response::new(resp))
@@ -165,6 +166,7 @@ impl Kv for KvApi {
                 self.ctx.linearize().await?;
             }
             let mut resp = self.ctx.kv.txn_read(&r).map_err(kv_status)?;
+            self.ctx.check_response_size(&resp)?;
             self.ctx
                 .stamp(&mut resp.header, self.ctx.kv.current_revision());
             return Ok(Response::new(resp));
@@ -176,6 +178,7 @@ impl Kv for KvApi {
             .await?;
         match applied.kind {
             AppliedKind::Txn(mut resp) => {
+                self.ctx.check_response_size(&resp)?;
                 self.ctx.stamp(&mut resp.header, applied.revision);
                 Ok(Response::new(resp))
             }

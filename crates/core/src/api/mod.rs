@@ -44,6 +44,9 @@ use crate::raft::{NodeHandle, ProposeError};
 
 /// etcd's default limit on one request (`--max-request-bytes`).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1536 * 1024;
+/// Largest response sent, as etcd's gRPC server (math.MaxInt32): a Range or Txn whose
+/// answer would be larger is refused; ask for less with a limit or a smaller range.
+pub const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 /// etcd's default limit on operations in one txn (`--max-txn-ops`).
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 /// gRPC messages may exceed the request limit by this much before the transport
@@ -148,6 +151,18 @@ impl ApiContext {
     /// Waits until a read served locally afterwards is linearizable.
     pub async fn linearize(&self) -> Result<(), Status> {
         self.node.read_index().await.map_err(propose_status)
+    }
+
+    /// Refuses a response larger than [`MAX_RESPONSE_BYTES`] with the error etcd's
+    /// gRPC server gives (ResourceExhausted), rather than sending it.
+    pub fn check_response_size(&self, msg: &impl prost::Message) -> Result<(), Status> {
+        let len = msg.encoded_len();
+        if len > MAX_RESPONSE_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "grpc: trying to send message larger than max ({len} vs. {MAX_RESPONSE_BYTES})"
+            )));
+        }
+        Ok(())
     }
 
     pub fn check_size(&self, msg: &impl prost::Message) -> Result<(), Status> {

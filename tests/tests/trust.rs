@@ -136,6 +136,32 @@ async fn refuses_data(addr: std::net::SocketAddr, key: &str) {
     }
 }
 
+/// Alters the stored record of `key` on a follower: returns its index, its member
+/// ID and the other members' addresses.
+async fn corrupt_a_follower(
+    addrs: &[std::net::SocketAddr],
+    key: &str,
+) -> (usize, u64, Vec<std::net::SocketAddr>) {
+    let leader = wait_for_leader(addrs).await;
+    let mut ids = Vec::new();
+    for a in addrs {
+        ids.push(member_id(*a).await);
+    }
+    let victim = ids.iter().position(|id| *id != leader).unwrap();
+    let healthy = (0..addrs.len())
+        .filter(|i| *i != victim)
+        .map(|i| addrs[i])
+        .collect();
+    faults(addrs[victim])
+        .await
+        .corrupt_record(CorruptRecordRequest {
+            key: key.as_bytes().to_vec(),
+        })
+        .await
+        .unwrap();
+    (victim, ids[victim], healthy)
+}
+
 /// A follower whose record fails its checksum while it applies a write (the put asks
 /// for the previous value) stops applying instead of skipping the entry, and raises
 /// CORRUPT naming itself; it serves no data; the two others keep serving.
@@ -143,20 +169,10 @@ async fn refuses_data(addr: std::net::SocketAddr, key: &str) {
 async fn a_checksum_failure_while_applying_stops_that_member_and_raises_corrupt() {
     let c = cluster_with_faults("0s");
     let addrs = c.addrs();
-    let leader = wait_for_leader(&addrs).await;
+    wait_for_leader(&addrs).await;
     put_retrying(&addrs, "k", "v1").await;
     everywhere(&addrs, "k", "v1").await;
-    let mut ids = Vec::new();
-    for a in &addrs {
-        ids.push(member_id(*a).await);
-    }
-    let victim = ids.iter().position(|id| *id != leader).unwrap();
-    let healthy: Vec<_> = (0..3).filter(|i| *i != victim).map(|i| addrs[i]).collect();
-    faults(addrs[victim])
-        .await
-        .corrupt_record(CorruptRecordRequest { key: b"k".to_vec() })
-        .await
-        .unwrap();
+    let (victim, victim_id, healthy) = corrupt_a_follower(&addrs, "k").await;
 
     let mut client = etcd_client(healthy[0]).await;
     let put = client
@@ -168,7 +184,7 @@ async fn a_checksum_failure_while_applying_stops_that_member_and_raises_corrupt(
         .await
         .unwrap();
     assert_eq!(put.prev_key().unwrap().value(), b"v1");
-    corrupt_alarm_names(healthy[0], ids[victim]).await;
+    corrupt_alarm_names(healthy[0], victim_id).await;
     refuses_data(addrs[victim], "k").await;
     refuses_data(addrs[victim], "anything").await;
     let st = status(addrs[victim])
@@ -195,24 +211,12 @@ async fn a_checksum_failure_while_applying_stops_that_member_and_raises_corrupt(
 async fn the_periodic_hash_check_finds_an_altered_record_nobody_read() {
     let c = cluster_with_faults("1s");
     let addrs = c.addrs();
-    let leader = wait_for_leader(&addrs).await;
+    wait_for_leader(&addrs).await;
     put_retrying(&addrs, "quiet", "v").await;
     put_retrying(&addrs, "other", "w").await;
     everywhere(&addrs, "other", "w").await;
-    let mut ids = Vec::new();
-    for a in &addrs {
-        ids.push(member_id(*a).await);
-    }
-    let victim = ids.iter().position(|id| *id != leader).unwrap();
-    let healthy: Vec<_> = (0..3).filter(|i| *i != victim).map(|i| addrs[i]).collect();
-    faults(addrs[victim])
-        .await
-        .corrupt_record(CorruptRecordRequest {
-            key: b"quiet".to_vec(),
-        })
-        .await
-        .unwrap();
-    corrupt_alarm_names(healthy[0], ids[victim]).await;
+    let (victim, victim_id, healthy) = corrupt_a_follower(&addrs, "quiet").await;
+    corrupt_alarm_names(healthy[0], victim_id).await;
     refuses_data(addrs[victim], "other").await;
     put_retrying(&healthy, "after", "1").await;
     everywhere(&healthy, "after", "1").await;

@@ -69,17 +69,6 @@ pub fn well_formed(m: &Message) -> bool {
             .all(|e| EntryType::from_i32(e.entry_type).is_some())
 }
 
-/// Members of `cs`, voters and learners, outgoing ones included.
-fn members(cs: &ConfState) -> HashSet<u64> {
-    cs.voters
-        .iter()
-        .chain(&cs.learners)
-        .chain(&cs.voters_outgoing)
-        .chain(&cs.learners_next)
-        .copied()
-        .collect()
-}
-
 /// Whether raft-rs can restore `cs` (its `confchange::restore` panics otherwise): some
 /// voter, no ID twice in a list, no voter also a learner.
 pub fn restorable(cs: &ConfState) -> bool {
@@ -124,9 +113,9 @@ pub fn check<S: Storage>(
         return Err(Refusal::Misaddressed);
     }
 
-    // Who may send what.
-    let conf = raft.prs().conf().to_conf_state();
-    let uninitialized = conf.voters.is_empty() && conf.learners.is_empty();
+    // Who may send what. raft-rs tracks the progress of every voter and learner of
+    // the configuration (outgoing ones included): a lookup, no allocation per message.
+    let uninitialized = raft.prs().iter().len() == 0;
     let from_leader_or_candidate = matches!(
         kind,
         MsgAppend | MsgHeartbeat | MsgSnapshot | MsgRequestVote | MsgRequestPreVote
@@ -134,7 +123,7 @@ pub fn check<S: Storage>(
     if removed.contains(&m.from) {
         return Err(Refusal::NonMember);
     }
-    if !members(&conf).contains(&m.from) {
+    if raft.prs().get(m.from).is_none() {
         // A member that has not applied the change adding the sender still hears from
         // a leader or candidate of the newer configuration, once it has lost touch with
         // the leader it knows (as check-quorum's lease does for votes); a member not

@@ -115,6 +115,22 @@ impl KeyIndex {
         Ok(index)
     }
 
+    /// An index without keys, at `epoch` (filled with [`KeyIndex::add`]).
+    pub(crate) fn empty(epoch: u64) -> KeyIndex {
+        KeyIndex {
+            epoch,
+            ..KeyIndex::default()
+        }
+    }
+
+    /// `(lease, key)` of every key whose newest version is a put with a lease.
+    pub(crate) fn live_leases(&self) -> impl Iterator<Item = (i64, &[u8])> {
+        self.versions.iter().filter_map(|(key, versions)| {
+            let v = versions.last()?;
+            (!v.tombstone && v.meta.lease != 0).then_some((v.meta.lease, &key[..]))
+        })
+    }
+
     /// The index of a snapshot's records (in any order).
     pub(crate) fn from_records(records: &[HistoryRecord], epoch: u64) -> KeyIndex {
         let mut ordered: Vec<&HistoryRecord> = records.iter().collect();

@@ -58,6 +58,7 @@ mod index;
 mod lease;
 mod pending;
 mod range;
+pub mod snapfile;
 mod tables;
 #[cfg(test)]
 mod tests;

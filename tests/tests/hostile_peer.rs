@@ -1,7 +1,8 @@
 //! A hostile peer against a three-member cluster with a mesh key: it joins without the
 //! key and with a wrong one, then, holding the key, forges sources and senders, poses
 //! as a member and as the leader, sends Raft messages raft-rs would panic on, removal
-//! notices, endless chunk streams and oversized topology. Each attack is refused and
+//! notices, endless chunk streams, snapshot transfers that do not fit or do not match
+//! their hash, and oversized topology. Each attack is refused and
 //! counted, no member process dies, and every member keeps applying and serving.
 
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use mesh_core::mesh::MeshKey;
 use mesh_core::proto::meshpb::{
     node_meta::State, JoinWelcome, MeshPeerConnection, MeshPeerEntry, NodeMeta, RaftEnvelope,
+    SnapshotChunk,
 };
 use mesh_tests::hostile_peer::HostilePeer;
 use mesh_tests::*;
@@ -39,6 +41,13 @@ where
         }
     })
     .await;
+}
+
+fn rand_stream() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 fn refused(reason: &str) -> String {
@@ -255,6 +264,64 @@ async fn a_hostile_peer_is_refused_and_the_cluster_keeps_serving() {
             .await
             .unwrap();
     }
+
+    // Snapshot transfers from the intruder: one announcing more than the disk holds,
+    // one whose bytes do not match the hash it announced.
+    let snapshot_msg = |len: u64| {
+        let r = mesh_core::proto::meshpb::SnapshotRef {
+            len,
+            sha256: vec![7; 32],
+            path: "/etc/passwd".into(),
+        };
+        raft_msg(MessageType::MsgSnapshot, intruder, target, term, |m| {
+            m.snapshot = Some(raft::prelude::Snapshot {
+                data: r.encode_to_vec(),
+                metadata: None,
+            });
+        })
+    };
+    let chunk = |stream: u64, message: Vec<u8>, offset: u64, data: Vec<u8>| SnapshotChunk {
+        cluster_id,
+        from: intruder,
+        to: target,
+        stream,
+        message,
+        offset,
+        data,
+        ..Default::default()
+    };
+    let bad = metric(metrics, &refused("bad_snapshot")).await;
+    let huge = prost011::Message::encode_to_vec(&snapshot_msg(u64::MAX / 4));
+    counted(metrics, &refused("bad_snapshot"), bad, || async {
+        p.unicast(
+            "raft-snapshot",
+            p.name,
+            chunk(1, huge.clone(), 0, vec![]).encode_to_vec(),
+        )
+        .await
+        .unwrap();
+    })
+    .await;
+    let bad = metric(metrics, &refused("bad_snapshot")).await;
+    let small = prost011::Message::encode_to_vec(&snapshot_msg(4));
+    counted(metrics, &refused("bad_snapshot"), bad, || async {
+        let stream = rand_stream();
+        p.unicast(
+            "raft-snapshot",
+            p.name,
+            chunk(stream, small.clone(), 0, vec![]).encode_to_vec(),
+        )
+        .await
+        .unwrap();
+        p.unicast(
+            "raft-snapshot",
+            p.name,
+            chunk(stream, vec![], 0, vec![1, 2, 3, 4]).encode_to_vec(),
+        )
+        .await
+        .unwrap();
+    })
+    .await;
 
     // An oversized topology entry.
     counted(

@@ -458,7 +458,8 @@ async fn a_snapshot_larger_than_a_mesh_chunk_reaches_a_member_across_hops() {
     let c_name = c.servers[2].as_ref().unwrap().mesh().name();
     c.stop(2).await;
     let mut cl = etcd_client(c.addr(0)).await;
-    let big = "x".repeat(20_000);
+    // More than the snapshot stream's window: it only completes as C acknowledges.
+    let big = "x".repeat(100_000);
     for i in 0..120 {
         cl.put(format!("big{i:03}"), big.clone(), None)
             .await
@@ -467,7 +468,7 @@ async fn a_snapshot_larger_than_a_mesh_chunk_reaches_a_member_across_hops() {
     let first = c.servers[0].as_ref().unwrap().node().log.first_index();
     assert!(first > 60, "A compacted its log (first index {first})");
 
-    // A and C never talk directly: the 2.4 MB snapshot travels in chunks through B.
+    // A and C never talk directly: the 12 MB snapshot file streams through B.
     let cut = LinkFault {
         drop_out: true,
         drop_in: true,
@@ -505,4 +506,26 @@ async fn a_snapshot_larger_than_a_mesh_chunk_reaches_a_member_across_hops() {
     .await;
     let via = a.peers().into_iter().find(|p| p.name == c_name).unwrap();
     assert_eq!(via.hops, Some(2), "C is reached through B: {via:?}");
+    // A keeps the file it built (for the next follower that needs it); C removed the
+    // one it received once installed.
+    let files = |i: usize| -> Vec<String> {
+        let dir = mesh_core::storage::snapshot_dir(&c.configs[i].data_dir);
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let built = files(0);
+    assert!(
+        built.len() == 1 && built[0].ends_with(".snap") && !built[0].starts_with("incoming"),
+        "{built:?}"
+    );
+    eventually(
+        "C removed the received file",
+        Duration::from_secs(10),
+        || async { files(2).is_empty().then_some(()) },
+    )
+    .await;
 }

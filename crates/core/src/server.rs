@@ -394,8 +394,13 @@ impl Server {
         let status = Arc::new(NodeStatus::new(identity.member_id, identity.cluster_id));
         let routes = Arc::new(MemberRoutes::default());
         refresh_routes(&mesh, identity.cluster_id, &routes);
-        let transport =
-            MeshTransport::start(mesh.clone(), status.clone(), routes.clone(), tx.clone());
+        let transport = MeshTransport::start(
+            mesh.clone(),
+            status.clone(),
+            routes.clone(),
+            tx.clone(),
+            storage::snapshot_dir(&cfg.data_dir),
+        );
         let driver = spawn_driver(
             DriverConfig {
                 member_id: identity.member_id,
@@ -407,6 +412,7 @@ impl Server {
                 catch_up_entries: cfg.catch_up_entries,
                 max_size_per_msg: 1024 * 1024,
                 max_inflight_msgs: 256,
+                snapshot_dir: storage::snapshot_dir(&cfg.data_dir),
             },
             log.clone(),
             kv.clone(),

@@ -25,7 +25,7 @@ use crate::kv::{ApplyBatch, KvError, KvStore};
 use crate::lease::Lessor;
 use crate::proto::meshpb::{
     internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, RequestAuth,
-    StoreSnapshot,
+    SnapshotRef,
 };
 use crate::storage::{Db, RaftLog, StorageError};
 
@@ -46,6 +46,9 @@ pub struct DriverConfig {
     pub catch_up_entries: u64,
     pub max_size_per_msg: u64,
     pub max_inflight_msgs: usize,
+    /// Where snapshot files received from the leader are (the only place an installed
+    /// snapshot may come from).
+    pub snapshot_dir: std::path::PathBuf,
 }
 
 /// Why the driver stopped on its own.
@@ -715,16 +718,25 @@ impl Driver {
 
     fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), DriverError> {
         let meta = snap.metadata.clone().unwrap_or_default();
-        let data: StoreSnapshot = prost::Message::decode(snap.data.as_slice())
+        let file: SnapshotRef = prost::Message::decode(snap.data.as_slice())
             .map_err(|e| DriverError::BadSnapshot(e.to_string()))?;
+        let path = std::path::PathBuf::from(&file.path);
+        if path.parent() != Some(self.cfg.snapshot_dir.as_path()) {
+            return Err(DriverError::BadSnapshot(format!(
+                "snapshot file {} is not in {}",
+                path.display(),
+                self.cfg.snapshot_dir.display()
+            )));
+        }
         info!(
             index = meta.index,
             term = meta.term,
+            bytes = file.len,
             "installing snapshot from the leader"
         );
         let kv = self.kv.clone();
         let mut batch = kv.begin().map_err(DriverError::Apply)?;
-        batch.restore(&data).map_err(DriverError::Apply)?;
+        batch.restore_file(&path).map_err(DriverError::Apply)?;
         batch.set_applied_index(meta.index);
         self.log
             .apply_snapshot(batch.write_txn().map_err(DriverError::Apply)?, &meta)?;
@@ -733,6 +745,7 @@ impl Driver {
         // Only now that the state machine is durable at the snapshot may the log
         // forget what came before it.
         self.log.sync()?;
+        let _ = std::fs::remove_file(&path);
         crate::lease::load(&self.lessor, &self.kv).map_err(DriverError::Apply)?;
         self.refresh_peers();
         Ok(())

@@ -13,6 +13,7 @@ use prost011::Message as _;
 use raft::prelude::{Message, MessageType};
 use tracing::{debug, warn};
 
+use super::snapshot_stream::SnapshotStreams;
 use super::transport::Transport;
 use super::validate::Refusal;
 use super::{DriverMsg, NodeStatus};
@@ -58,6 +59,8 @@ pub struct MeshTransport {
     routes: Arc<MemberRoutes>,
     driver: std_mpsc::Sender<DriverMsg>,
     next_msg: Mutex<u64>,
+    /// Snapshot messages go as streamed files, not inline.
+    snapshots: Arc<SnapshotStreams>,
 }
 
 impl MeshTransport {
@@ -68,7 +71,15 @@ impl MeshTransport {
         status: Arc<NodeStatus>,
         routes: Arc<MemberRoutes>,
         driver: std_mpsc::Sender<DriverMsg>,
+        snapshot_dir: std::path::PathBuf,
     ) -> Arc<MeshTransport> {
+        let snapshots = SnapshotStreams::start(
+            &mesh,
+            status.clone(),
+            routes.clone(),
+            driver.clone(),
+            snapshot_dir,
+        );
         let (member_id, cluster_id) = (status.member_id, status.cluster_id);
         let receiver = Arc::new(RaftReceiver {
             member_id,
@@ -89,6 +100,7 @@ impl MeshTransport {
             // Random start: chunks a receiver still holds from this member's previous
             // run must not be joined with a new message that reuses their number.
             next_msg: Mutex::new(rand::random()),
+            snapshots,
         })
     }
 
@@ -154,13 +166,13 @@ impl Transport for MeshTransport {
     fn send(&self, msgs: Vec<Message>) {
         for m in msgs {
             let to = m.to;
-            let is_snapshot = m.msg_type == MessageType::MsgSnapshot as i32;
-            let sent = self.send_one(m);
-            if !sent {
-                let _ = self.driver.send(DriverMsg::Unreachable(to));
+            if m.msg_type == MessageType::MsgSnapshot as i32 {
+                // Reports its outcome to the driver when the transfer ends.
+                self.snapshots.send(m);
+                continue;
             }
-            if is_snapshot {
-                let _ = self.driver.send(DriverMsg::SnapshotStatus(to, sent));
+            if !self.send_one(m) {
+                let _ = self.driver.send(DriverMsg::Unreachable(to));
             }
         }
     }
@@ -237,6 +249,11 @@ impl RaftReceiver {
             Ok(m) if !super::validate::well_formed(&m) => {
                 self.refuse(Refusal::Malformed, src, "unknown message or entry type")
             }
+            Ok(m) if m.msg_type == MessageType::MsgSnapshot as i32 => self.refuse(
+                Refusal::Malformed,
+                src,
+                "a snapshot message outside a snapshot transfer",
+            ),
             Ok(m) if m.from != sender => self.refuse(
                 Refusal::ForgedSender,
                 src,

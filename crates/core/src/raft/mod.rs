@@ -8,6 +8,7 @@
 
 mod driver;
 pub mod mesh_transport;
+pub mod snapshot_stream;
 pub mod transport;
 pub mod validate;
 

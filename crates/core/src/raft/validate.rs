@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use raft::prelude::{ConfState, EntryType, Message, MessageType};
 use raft::{Raft, Storage};
 
-use crate::proto::meshpb::StoreSnapshot;
+use crate::proto::meshpb::SnapshotRef;
 
 /// Why a peer's Raft message was dropped (the `reason` label of
 /// `meshd_raft_peer_messages_refused_total`).
@@ -33,7 +33,8 @@ pub enum Refusal {
     /// Indexes that do not fit this member's log (commit or acknowledgement beyond its
     /// end, entries that are not consecutive).
     BadIndex,
-    /// A snapshot whose configuration cannot be restored or whose data does not decode.
+    /// A snapshot whose configuration cannot be restored, whose data does not name a
+    /// received file, or whose file failed its checks.
     BadSnapshot,
 }
 
@@ -186,7 +187,9 @@ pub fn check<S: Storage>(
                 return Err(Refusal::BadSnapshot);
             };
             let meta = snap.metadata.clone().unwrap_or_default();
-            let decodes = <StoreSnapshot as prost::Message>::decode(snap.data.as_slice()).is_ok();
+            // The data names the file the snapshot stream wrote here.
+            let decodes = <SnapshotRef as prost::Message>::decode(snap.data.as_slice())
+                .is_ok_and(|r| !r.path.is_empty());
             if meta.index == 0
                 || meta.term == 0
                 || meta.term > m.term
@@ -399,7 +402,11 @@ mod tests {
         ] {
             assert!(check_on(&node, &append(bad.clone())).is_err(), "{bad:?}");
         }
-        let data = prost::Message::encode_to_vec(&StoreSnapshot::default());
+        let data = prost::Message::encode_to_vec(&SnapshotRef {
+            len: 1,
+            sha256: vec![0; 32],
+            path: "/data/snap/incoming-2-1.snap".into(),
+        });
         let snapshot = |cs: ConfState, data: Vec<u8>| {
             msg(MsgSnapshot, 3, |m| {
                 m.snapshot = Some(Snapshot {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 pub use db::Db;
 pub use identity::{stable_id as identity_stable_id, Identity};
-pub use raft_log::RaftLog;
+pub use raft_log::{snapshot_dir, RaftLog};
 
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "meshd.redb";

@@ -12,6 +12,7 @@
 //! `raft_state`) are converted on first open.
 
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use prost011::Message as _;
@@ -23,6 +24,7 @@ use tracing::info;
 use super::wal::{Replayed, Wal};
 use super::{db_err, StorageError};
 use crate::kv::KvStore;
+use crate::proto::meshpb::SnapshotRef;
 
 /// The log as kept in redb before the write-ahead log; read once to convert.
 const LEGACY_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -71,16 +73,95 @@ pub struct RaftLog {
     core: Arc<RwLock<Core>>,
     wal: Arc<Mutex<Wal>>,
     kv: Arc<KvStore>,
+    snapshots: Arc<Snapshots>,
+}
+
+/// The snapshot files this member builds for followers, in the data dir's `snap/`.
+/// One is kept and offered for as long as the log still continues from it, so a
+/// follower that needs a snapshot again does not make the leader build one again.
+struct Snapshots {
+    dir: PathBuf,
+    state: Mutex<SnapState>,
+}
+
+#[derive(Default)]
+struct SnapState {
+    built: Option<(SnapshotMetadata, SnapshotRef)>,
+    building: bool,
+}
+
+/// Where a member keeps snapshot files (built here, or received from the leader).
+pub fn snapshot_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("snap")
+}
+
+impl Snapshots {
+    /// Opens `dir`, removing what an earlier run left there.
+    fn open(dir: PathBuf) -> Result<Snapshots, StorageError> {
+        let io = |source| StorageError::Io {
+            path: dir.clone(),
+            source,
+        };
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io)?;
+        }
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        Ok(Snapshots {
+            dir,
+            state: Mutex::new(SnapState::default()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SnapState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the state `txn` holds as the snapshot at `meta` (on its own thread).
+    fn build(&self, txn: redb::ReadTransaction, meta: SnapshotMetadata) {
+        let path = self.dir.join(format!("{:020}.snap", meta.index));
+        let started = std::time::Instant::now();
+        let written = crate::kv::snapfile::write_snapshot(&txn, &path);
+        drop(txn);
+        let mut st = self.lock();
+        st.building = false;
+        match written {
+            Ok(file) => {
+                info!(
+                    index = meta.index,
+                    bytes = file.len,
+                    took = ?started.elapsed(),
+                    "snapshot built for followers"
+                );
+                if let Some((_, old)) = st.built.take() {
+                    if old.path != path.to_string_lossy() {
+                        let _ = std::fs::remove_file(&old.path);
+                    }
+                }
+                let r = SnapshotRef {
+                    len: file.len,
+                    sha256: file.sha256.to_vec(),
+                    path: path.to_string_lossy().into_owned(),
+                };
+                st.built = Some((meta, r));
+            }
+            Err(e) => {
+                tracing::warn!(index = meta.index, "building a snapshot failed: {e}");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
 }
 
 impl RaftLog {
     /// Loads the log of `db`'s data dir. A fresh data dir yields an empty log.
     pub fn load(db: &super::Db, kv: Arc<KvStore>) -> Result<RaftLog, StorageError> {
         let (wal, core) = read_core(db, &kv)?;
+        let snapshots = Snapshots::open(snapshot_dir(&db.dir()))?;
         Ok(RaftLog {
             core: Arc::new(RwLock::new(core)),
             wal: Arc::new(Mutex::new(wal)),
             kv,
+            snapshots: Arc::new(snapshots),
         })
     }
 
@@ -418,29 +499,53 @@ impl raft::Storage for RaftLog {
         Ok(self.rl().last_index())
     }
 
-    /// Builds a snapshot of the state machine as applied right now. Called on the driver
-    /// thread, which is also the only thread that applies, so the state, its applied
-    /// index and the conf state all describe the same point.
+    /// A snapshot for a follower: the state machine as applied, in a file (see
+    /// [`Snapshots`]); `Snapshot.data` is a [`SnapshotRef`] to it. Called on the driver
+    /// thread, which is also the only thread that applies, so the read transaction
+    /// taken here, its applied index and the conf state describe the same point. The
+    /// file is written on a thread of its own; until it is, raft-rs hears "temporarily
+    /// unavailable" and asks again later.
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let (applied, data) = self
+        let unavailable = || raft::Error::Store(RaftStorageError::SnapshotTemporarilyUnavailable);
+        let mut st = self.snapshots.lock();
+        let first = self.rl().first_index();
+        if let Some((meta, r)) = &st.built {
+            if meta.index >= request_index && meta.index + 1 >= first {
+                return Ok(Snapshot {
+                    data: prost::Message::encode_to_vec(r),
+                    metadata: Some(meta.clone()),
+                });
+            }
+        }
+        if st.building {
+            return Err(unavailable());
+        }
+        let (applied, txn) = self
             .kv
-            .snapshot()
+            .snapshot_txn()
             .map_err(|e| raft::Error::Store(RaftStorageError::Other(Box::new(e))))?;
         if applied < request_index {
-            return Err(raft::Error::Store(
-                RaftStorageError::SnapshotTemporarilyUnavailable,
-            ));
+            return Err(unavailable());
         }
-        let core = self.rl();
-        let term = core.term(applied)?;
-        Ok(Snapshot {
-            data: prost::Message::encode_to_vec(&data),
-            metadata: Some(SnapshotMetadata {
+        let meta = {
+            let core = self.rl();
+            SnapshotMetadata {
                 conf_state: Some(core.conf_state.clone()),
                 index: applied,
-                term,
-            }),
-        })
+                term: core.term(applied)?,
+            }
+        };
+        st.building = true;
+        drop(st);
+        let snapshots = self.snapshots.clone();
+        let spawned = std::thread::Builder::new()
+            .name("snapshot".into())
+            .spawn(move || snapshots.build(txn, meta));
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start building a snapshot: {e}");
+            self.snapshots.lock().building = false;
+        }
+        Err(unavailable())
     }
 }
 
@@ -500,6 +605,65 @@ mod tests {
 
     /// A data dir whose log lives in redb tables (before the write-ahead log) opens
     /// with the same entries and hard state, and the old tables are gone.
+    /// A follower's snapshot is built once, off the driver thread, and offered again
+    /// while the log continues from it; a file left by an earlier run is removed.
+    #[test]
+    fn a_snapshot_is_built_in_the_background_and_reused() {
+        use raft::Storage;
+        let (dir, db, kv) = fresh();
+        let stale = snapshot_dir(dir.path()).join("00000000000000000001.snap");
+        std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+        std::fs::write(&stale, b"old").unwrap();
+        let log = RaftLog::load(&db, kv.clone()).unwrap();
+        assert!(!stale.exists());
+        log.append(&[entry(1), entry(2)]);
+        log.sync().unwrap();
+        let mut batch = kv.begin().unwrap();
+        batch
+            .put(&crate::proto::etcdserverpb::PutRequest {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })
+            .unwrap();
+        batch.set_applied_index(2);
+        batch.commit(false).unwrap();
+
+        let unavailable = |r: raft::Result<Snapshot>| {
+            matches!(
+                r,
+                Err(raft::Error::Store(
+                    RaftStorageError::SnapshotTemporarilyUnavailable
+                ))
+            )
+        };
+        assert!(
+            unavailable(log.snapshot(2, 9)),
+            "the first request starts a build"
+        );
+        let start = std::time::Instant::now();
+        let snap = loop {
+            match log.snapshot(2, 9) {
+                Ok(s) => break s,
+                Err(e) => assert!(
+                    unavailable(Err(e)) && start.elapsed() < std::time::Duration::from_secs(60),
+                    "the build finishes"
+                ),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        let meta = snap.metadata.clone().unwrap();
+        assert_eq!((meta.index, meta.term), (2, 1));
+        let r: SnapshotRef = prost::Message::decode(snap.data.as_slice()).unwrap();
+        assert_eq!(std::fs::metadata(&r.path).unwrap().len(), r.len);
+        // Asked again (another follower, or a retry): the same file, not a new build.
+        let again = log.snapshot(1, 8).unwrap();
+        assert_eq!(again.data, snap.data);
+        assert!(!log.snapshots.lock().building);
+        // A request beyond what is applied waits for the state machine.
+        assert!(unavailable(log.snapshot(3, 9)));
+    }
+
     #[test]
     fn a_log_kept_in_redb_is_converted() {
         let (_dir, db, kv) = fresh();

@@ -1,0 +1,414 @@
+//! Raft snapshots over the mesh, of any size: the leader streams the snapshot file on
+//! the `raft-snapshot` channel with at most [`WINDOW_BYTES`] unacknowledged, and the
+//! member writes it to its data dir as it arrives (memory: one chunk), checks its
+//! length, hash and contents, and only then hands the snapshot message to its driver.
+//! The leader reports the outcome to raft-rs when the member confirms or the transfer
+//! stalls.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost011::Message as _;
+use raft::prelude::{Message, MessageType};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::mesh_transport::MemberRoutes;
+use super::validate::Refusal;
+use super::{DriverMsg, NodeStatus};
+use crate::mesh::{GossipChannel, GossipError, Gossiper, MeshError, PeerName};
+use crate::proto::meshpb::{SnapshotChunk, SnapshotRef};
+
+/// Name of the mesh channel that carries snapshot files.
+pub const SNAPSHOT_CHANNEL: &str = "raft-snapshot";
+/// Bytes of file per chunk.
+pub const CHUNK_BYTES: usize = 1 << 20;
+/// Bytes the leader sends ahead of the member's acknowledgements.
+pub const WINDOW_BYTES: u64 = 8 << 20;
+/// A transfer without progress for this long is given up (raft-rs then retries).
+const STALL: Duration = Duration::from_secs(30);
+
+/// Both ends of snapshot transfers on one member.
+pub struct SnapshotStreams {
+    member_id: u64,
+    cluster_id: u64,
+    /// Where received files are written (`snap/` in the data dir).
+    dir: PathBuf,
+    routes: Arc<MemberRoutes>,
+    status: Arc<NodeStatus>,
+    driver: std_mpsc::Sender<DriverMsg>,
+    channel: std::sync::OnceLock<Arc<GossipChannel>>,
+    /// Outgoing transfers waiting for acknowledgements, by stream number.
+    outgoing: Mutex<HashMap<u64, mpsc::UnboundedSender<SnapshotChunk>>>,
+    /// The transfer being received from each sender (one per sender).
+    incoming: Mutex<HashMap<u64, Incoming>>,
+    rt: tokio::runtime::Handle,
+}
+
+struct Incoming {
+    stream: u64,
+    msg: Message,
+    snap: SnapshotRef,
+    path: PathBuf,
+    file: std::fs::File,
+    written: u64,
+    hash: Sha256,
+    last: Instant,
+}
+
+/// Receives the `raft-snapshot` channel.
+struct Receiver(std::sync::Weak<SnapshotStreams>);
+
+impl Gossiper for Receiver {
+    fn on_unicast(&self, src: PeerName, msg: &[u8]) -> Result<(), GossipError> {
+        if let Some(s) = self.0.upgrade() {
+            s.on_chunk(src, msg);
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SnapshotStreams {
+    /// Registers the channel. Must be called inside a tokio runtime.
+    pub fn start(
+        mesh: &crate::mesh::Mesh,
+        status: Arc<NodeStatus>,
+        routes: Arc<MemberRoutes>,
+        driver: std_mpsc::Sender<DriverMsg>,
+        dir: PathBuf,
+    ) -> Arc<SnapshotStreams> {
+        let s = Arc::new(SnapshotStreams {
+            member_id: status.member_id,
+            cluster_id: status.cluster_id,
+            dir,
+            routes,
+            status,
+            driver,
+            channel: std::sync::OnceLock::new(),
+            outgoing: Mutex::new(HashMap::new()),
+            incoming: Mutex::new(HashMap::new()),
+            rt: tokio::runtime::Handle::current(),
+        });
+        let channel = mesh.register(SNAPSHOT_CHANNEL, Arc::new(Receiver(Arc::downgrade(&s))));
+        let _ = s.channel.set(channel);
+        s
+    }
+
+    fn send_to(&self, peer: PeerName, c: &SnapshotChunk) -> Result<(), MeshError> {
+        match self.channel.get() {
+            Some(ch) => ch.send_unicast(peer, prost::Message::encode_to_vec(c)),
+            None => Err(MeshError::Shutdown),
+        }
+    }
+
+    fn refuse(&self, why: Refusal, src: PeerName, what: &str) {
+        self.status.metrics.count_refusal(why);
+        warn!(
+            peer = format_args!("{src:016x}"),
+            reason = why.label(),
+            "snapshot chunk dropped: {what}"
+        );
+    }
+
+    /// Streams the snapshot file named by `m`'s data to `m.to` (from the driver
+    /// thread); the driver hears the outcome as a `SnapshotStatus`.
+    pub fn send(self: &Arc<Self>, m: Message) {
+        let to = m.to;
+        let snap: Option<SnapshotRef> = m
+            .snapshot
+            .as_ref()
+            .and_then(|s| prost::Message::decode(s.data.as_slice()).ok());
+        let (Some(snap), Some(peer)) = (snap, self.routes.get(to)) else {
+            let _ = self.driver.send(DriverMsg::SnapshotStatus(to, false));
+            return;
+        };
+        let stream: u64 = rand::random();
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.outgoing).insert(stream, tx);
+        let this = self.clone();
+        self.rt.spawn(async move {
+            let ok = match this.stream_file(peer, stream, m, &snap, rx).await {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(to = format_args!("{to:x}"), "snapshot transfer failed: {e}");
+                    false
+                }
+            };
+            lock(&this.outgoing).remove(&stream);
+            let _ = this.driver.send(DriverMsg::SnapshotStatus(to, ok));
+        });
+    }
+
+    async fn stream_file(
+        &self,
+        peer: PeerName,
+        stream: u64,
+        m: Message,
+        snap: &SnapshotRef,
+        mut acks: mpsc::UnboundedReceiver<SnapshotChunk>,
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let to = m.to;
+        let mut file = std::fs::File::open(&snap.path).map_err(|e| e.to_string())?;
+        let header = |offset, data| SnapshotChunk {
+            cluster_id: self.cluster_id,
+            from: self.member_id,
+            to,
+            stream,
+            offset,
+            data,
+            ..Default::default()
+        };
+        let mut first = header(0, Vec::new());
+        first.message = m.encode_to_vec();
+        self.send_to(peer, &first).map_err(|e| e.to_string())?;
+        let (mut sent, mut acked) = (0u64, 0u64);
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        loop {
+            while sent < snap.len && sent - acked < WINDOW_BYTES {
+                let n = (snap.len - sent).min(CHUNK_BYTES as u64) as usize;
+                file.read_exact(&mut buf[..n]).map_err(|e| e.to_string())?;
+                let chunk = header(sent, buf[..n].to_vec());
+                // A full queue to the next hop waits for room, not for a retry of the
+                // whole transfer.
+                loop {
+                    match self.send_to(peer, &chunk) {
+                        Ok(()) => break,
+                        Err(MeshError::QueueFull(_)) => {
+                            tokio::time::sleep(Duration::from_millis(5)).await
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                sent += n as u64;
+            }
+            let ack = match tokio::time::timeout(STALL, acks.recv()).await {
+                Ok(Some(a)) => a,
+                Ok(None) => return Err("stopped".into()),
+                Err(_) => return Err(format!("no progress for {STALL:?} at byte {acked}")),
+            };
+            if !ack.error.is_empty() {
+                return Err(format!("the member refused it: {}", ack.error));
+            }
+            if ack.done {
+                info!(
+                    to = format_args!("{to:x}"),
+                    bytes = snap.len,
+                    took = ?started.elapsed(),
+                    "snapshot delivered"
+                );
+                return Ok(());
+            }
+            acked = acked.max(ack.offset.min(sent));
+        }
+    }
+
+    fn on_chunk(self: &Arc<Self>, src: PeerName, bytes: &[u8]) {
+        let Ok(c) = <SnapshotChunk as prost::Message>::decode(bytes) else {
+            self.refuse(Refusal::Malformed, src, "undecodable");
+            return;
+        };
+        if c.cluster_id != self.cluster_id || c.to != self.member_id {
+            return;
+        }
+        if self.routes.get(c.from) != Some(src) {
+            self.refuse(
+                Refusal::ForgedSender,
+                src,
+                "the mesh peer is not where its sender is published",
+            );
+            return;
+        }
+        if c.ack || c.done || !c.error.is_empty() {
+            if let Some(tx) = lock(&self.outgoing).get(&c.stream) {
+                let _ = tx.send(c);
+            }
+            return;
+        }
+        let reply = |offset: u64, done: bool, error: String| SnapshotChunk {
+            cluster_id: self.cluster_id,
+            from: self.member_id,
+            to: c.from,
+            stream: c.stream,
+            offset,
+            ack: true,
+            done,
+            error,
+            ..Default::default()
+        };
+        if !c.message.is_empty() {
+            match self.begin(&c) {
+                Ok(()) => {}
+                Err(e) => {
+                    self.refuse(Refusal::BadSnapshot, src, &e);
+                    let _ = self.send_to(src, &reply(0, false, e));
+                }
+            }
+            return;
+        }
+        let mut incoming = lock(&self.incoming);
+        let Some(inc) = incoming.get_mut(&c.from) else {
+            return;
+        };
+        if inc.stream != c.stream || c.offset != inc.written {
+            // Out of order (a route changed): the sender stalls and raft-rs retries.
+            return;
+        }
+        if inc.written + c.data.len() as u64 > inc.snap.len {
+            let e = "more bytes than announced".to_string();
+            self.refuse(Refusal::BadSnapshot, src, &e);
+            if let Some(inc) = incoming.remove(&c.from) {
+                let _ = std::fs::remove_file(&inc.path);
+            }
+            let _ = self.send_to(src, &reply(0, false, e));
+            return;
+        }
+        if let Err(e) = inc.file.write_all(&c.data) {
+            let e = format!("writing {}: {e}", inc.path.display());
+            warn!("{e}");
+            if let Some(inc) = incoming.remove(&c.from) {
+                let _ = std::fs::remove_file(&inc.path);
+            }
+            let _ = self.send_to(src, &reply(0, false, e));
+            return;
+        }
+        inc.hash.update(&c.data);
+        inc.written += c.data.len() as u64;
+        inc.last = Instant::now();
+        let _ = self.send_to(src, &reply(inc.written, false, String::new()));
+        if inc.written < inc.snap.len {
+            return;
+        }
+        let inc = incoming.remove(&c.from).expect("present");
+        drop(incoming);
+        let this = self.clone();
+        let (from, stream) = (c.from, c.stream);
+        self.rt.spawn(async move {
+            let path = inc.path.clone();
+            let checked = tokio::task::spawn_blocking(move || finish(inc))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            let mut done = reply_to(&this, from, stream);
+            match checked {
+                Ok(msg) => {
+                    done.done = true;
+                    let _ = this.driver.send(DriverMsg::Raft(Box::new(msg)));
+                }
+                Err(e) => {
+                    warn!(from = format_args!("{from:x}"), "snapshot refused: {e}");
+                    this.status.metrics.count_refusal(Refusal::BadSnapshot);
+                    let _ = std::fs::remove_file(&path);
+                    done.error = e;
+                }
+            }
+            let _ = this.send_to(src, &done);
+        });
+    }
+
+    /// Starts receiving the transfer whose first chunk is `c`: one per sender, a new
+    /// one replacing an older.
+    fn begin(&self, c: &SnapshotChunk) -> Result<(), String> {
+        let msg = Message::decode(c.message.as_slice()).map_err(|e| e.to_string())?;
+        if msg.msg_type != MessageType::MsgSnapshot as i32
+            || msg.from != c.from
+            || msg.to != self.member_id
+        {
+            return Err("the first chunk does not carry this sender's snapshot message".into());
+        }
+        let snap: SnapshotRef = msg
+            .snapshot
+            .as_ref()
+            .and_then(|s| prost::Message::decode(s.data.as_slice()).ok())
+            .ok_or("the snapshot message names no snapshot file")?;
+        if snap.sha256.len() != 32 {
+            return Err("the snapshot's hash is not a SHA-256".into());
+        }
+        // The file, and the database it is restored into (about as large), must fit.
+        if let Some(free) = crate::storage::disk_free_bytes(&self.dir) {
+            if snap.len.saturating_mul(2) > free {
+                return Err(format!(
+                    "a snapshot of {} bytes does not fit in the {free} bytes free",
+                    snap.len
+                ));
+            }
+        }
+        let path = self
+            .dir
+            .join(format!("incoming-{:x}-{:x}.snap", c.from, c.stream));
+        let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut incoming = lock(&self.incoming);
+        if let Some(old) = incoming.remove(&c.from) {
+            let _ = std::fs::remove_file(&old.path);
+        }
+        // Transfers from other senders that stopped long ago go too.
+        incoming.retain(|_, i| {
+            let keep = i.last.elapsed() < STALL * 2;
+            if !keep {
+                let _ = std::fs::remove_file(&i.path);
+            }
+            keep
+        });
+        debug!(
+            from = format_args!("{:x}", c.from),
+            bytes = snap.len,
+            "receiving a snapshot"
+        );
+        incoming.insert(
+            c.from,
+            Incoming {
+                stream: c.stream,
+                msg,
+                snap,
+                path,
+                file,
+                written: 0,
+                hash: Sha256::new(),
+                last: Instant::now(),
+            },
+        );
+        Ok(())
+    }
+}
+
+fn reply_to(s: &SnapshotStreams, to: u64, stream: u64) -> SnapshotChunk {
+    SnapshotChunk {
+        cluster_id: s.cluster_id,
+        from: s.member_id,
+        to,
+        stream,
+        ack: true,
+        ..Default::default()
+    }
+}
+
+/// Checks a fully received file (hash, then every element decodes) and returns the
+/// snapshot message for the driver, its data naming the local file.
+fn finish(inc: Incoming) -> Result<Message, String> {
+    let Incoming {
+        mut msg,
+        mut snap,
+        path,
+        file,
+        hash,
+        ..
+    } = inc;
+    file.sync_data().map_err(|e| e.to_string())?;
+    if hash.finalize().as_slice() != snap.sha256.as_slice() {
+        return Err("SHA-256 mismatch".into());
+    }
+    let reader = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+    crate::kv::snapfile::read_snapshot(reader, |_| Ok(())).map_err(|e| e.to_string())?;
+    snap.path = path.to_string_lossy().into_owned();
+    if let Some(s) = msg.snapshot.as_mut() {
+        s.data = prost::Message::encode_to_vec(&snap);
+    }
+    Ok(msg)
+}

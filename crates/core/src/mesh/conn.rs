@@ -779,11 +779,20 @@ async fn read_loop(
 }
 
 /// Whether a unicast that arrived from neighbour `from` can have come from `src`: the
-/// neighbour itself, or a peer further away that it relays for. A claimed source that
-/// is this node, or a direct neighbour (which would have sent it on its own
-/// connection), is forged.
+/// neighbour itself, or a peer it relays for. A claimed source that is this node is
+/// forged, and so is a direct neighbour we route to directly (it would have used its
+/// own connection); one whose direct link the routes avoid (a link losing frames)
+/// may reach us through others.
 fn plausible_source(inner: &Inner, from: PeerName, src: PeerName) -> bool {
-    src == from || (src != inner.cfg.name && !inner.lock().conns.contains_key(&src))
+    if src == from {
+        return true;
+    }
+    if src == inner.cfg.name {
+        return false;
+    }
+    let st = inner.lock();
+    let direct = st.conns.contains_key(&src) && st.topology.route(src).map(|r| r.0) == Some(src);
+    !direct
 }
 
 fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFrameIn, len: usize) {

@@ -508,9 +508,18 @@ impl raft::Storage for RaftLog {
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let unavailable = || raft::Error::Store(RaftStorageError::SnapshotTemporarilyUnavailable);
         let mut st = self.snapshots.lock();
-        let first = self.rl().first_index();
+        let (first, conf) = {
+            let core = self.rl();
+            (core.first_index(), core.conf_state.clone())
+        };
         if let Some((meta, r)) = &st.built {
-            if meta.index >= request_index && meta.index + 1 >= first {
+            // Reused while the log continues from it and the membership has not changed
+            // since (a member added later is not in its configuration, and raft-rs
+            // ignores a snapshot that does not name the member receiving it).
+            if meta.index >= request_index
+                && meta.index + 1 >= first
+                && meta.conf_state.as_ref() == Some(&conf)
+            {
                 return Ok(Snapshot {
                     data: prost::Message::encode_to_vec(r),
                     metadata: Some(meta.clone()),
@@ -606,7 +615,8 @@ mod tests {
     /// A data dir whose log lives in redb tables (before the write-ahead log) opens
     /// with the same entries and hard state, and the old tables are gone.
     /// A follower's snapshot is built once, off the driver thread, and offered again
-    /// while the log continues from it; a file left by an earlier run is removed.
+    /// while the log continues from it and the membership is the same; a file left by
+    /// an earlier run is removed.
     #[test]
     fn a_snapshot_is_built_in_the_background_and_reused() {
         use raft::Storage;
@@ -662,6 +672,13 @@ mod tests {
         assert!(!log.snapshots.lock().building);
         // A request beyond what is applied waits for the state machine.
         assert!(unavailable(log.snapshot(3, 9)));
+        // After a membership change the old file is not offered: it names the old
+        // configuration (a new member would ignore it).
+        let txn = db.begin_write().unwrap();
+        log.set_conf_state(&txn, &ConfState::from((vec![1, 9], vec![])))
+            .unwrap();
+        txn.commit().unwrap();
+        assert!(unavailable(log.snapshot(1, 9)), "a new build starts");
     }
 
     #[test]

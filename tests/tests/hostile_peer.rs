@@ -1,5 +1,5 @@
 //! A hostile peer against a three-member cluster with a mesh key: it joins without the
-//! key and with a wrong one, then, holding the key, forges sources and senders, poses
+//! key and with a wrong one, then, holding the key, forges its source and senders, poses
 //! as a member and as the leader, sends Raft messages raft-rs would panic on, removal
 //! notices, endless chunk streams, snapshot transfers that do not fit or do not match
 //! their hash, and oversized topology. Each attack is refused and
@@ -145,7 +145,7 @@ async fn a_hostile_peer_is_refused_and_the_cluster_keeps_serving() {
         })
     };
 
-    // A unicast claiming to come from the leader, a direct neighbour of the target.
+    // A unicast claiming to come from the target itself.
     let env = RaftEnvelope {
         cluster_id,
         from: leader,
@@ -156,7 +156,7 @@ async fn a_hostile_peer_is_refused_and_the_cluster_keeps_serving() {
         data: prost011::Message::encode_to_vec(&heartbeat(leader)),
     };
     counted(metrics, "meshd_mesh_unicasts_refused_total", 0, || async {
-        p.unicast("raft", names[li], env.encode_to_vec())
+        p.unicast("raft", names[t], env.encode_to_vec())
             .await
             .unwrap();
     })

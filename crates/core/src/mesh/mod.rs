@@ -213,8 +213,7 @@ pub struct MeshStats {
     pub gossip_bytes_out: u64,
     pub frames_rejected: u64,
     pub handshakes_refused: u64,
-    /// Unicasts for this node dropped because their claimed source cannot have sent
-    /// them along the connection they came on.
+    /// Unicasts for this node dropped because they claim to come from this node.
     pub unicasts_refused: u64,
     /// Topology entries refused for breaking a cap (peer count, entry size).
     pub topology_refused: u64,

@@ -286,7 +286,7 @@ pub fn metrics_page(src: &Sources) -> String {
     );
     e.counter(
         "meshd_mesh_unicasts_refused_total",
-        "Unicasts dropped because their claimed source cannot have sent them on the connection they came on.",
+        "Unicasts dropped because they claim to come from this node.",
         mesh.unicasts_refused,
     );
     e.counter(

@@ -1,7 +1,8 @@
 //! The trust boundary, end to end: a member whose Raft driver panics ends (so its
 //! service manager restarts it) and rejoins; a member whose stored record fails its
-//! checksum (while applying, or found by the periodic HashKV comparison) stops applying
-//! and serving, the cluster raises CORRUPT naming it, and the others keep serving.
+//! checksum (while applying, found by the periodic HashKV comparison, or on disk at
+//! start) stops applying and serving, the cluster raises CORRUPT naming it, and the
+//! others keep serving.
 
 use std::time::Duration;
 
@@ -136,12 +137,8 @@ async fn refuses_data(addr: std::net::SocketAddr, key: &str) {
     }
 }
 
-/// Alters the stored record of `key` on a follower: returns its index, its member
-/// ID and the other members' addresses.
-async fn corrupt_a_follower(
-    addrs: &[std::net::SocketAddr],
-    key: &str,
-) -> (usize, u64, Vec<std::net::SocketAddr>) {
+/// A follower: its index, its member ID and the other members' addresses.
+async fn pick_follower(addrs: &[std::net::SocketAddr]) -> (usize, u64, Vec<std::net::SocketAddr>) {
     let leader = wait_for_leader(addrs).await;
     let mut ids = Vec::new();
     for a in addrs {
@@ -152,14 +149,36 @@ async fn corrupt_a_follower(
         .filter(|i| *i != victim)
         .map(|i| addrs[i])
         .collect();
-    faults(addrs[victim])
+    (victim, ids[victim], healthy)
+}
+
+/// Alters the stored record of `key` on a follower (see [`pick_follower`]).
+async fn corrupt_a_follower(
+    addrs: &[std::net::SocketAddr],
+    key: &str,
+) -> (usize, u64, Vec<std::net::SocketAddr>) {
+    let picked = pick_follower(addrs).await;
+    faults(addrs[picked.0])
         .await
         .corrupt_record(CorruptRecordRequest {
             key: key.as_bytes().to_vec(),
         })
         .await
         .unwrap();
-    (victim, ids[victim], healthy)
+    picked
+}
+
+/// The cluster (asked through a healthy member) names the victim in a CORRUPT alarm,
+/// the victim refuses to serve `key`, and the healthy members keep serving writes.
+async fn quarantined(
+    addrs: &[std::net::SocketAddr],
+    (victim, victim_id, healthy): &(usize, u64, Vec<std::net::SocketAddr>),
+    key: &str,
+) {
+    corrupt_alarm_names(healthy[0], *victim_id).await;
+    refuses_data(addrs[*victim], key).await;
+    put_retrying(healthy, "after", "1").await;
+    everywhere(healthy, "after", "1").await;
 }
 
 /// A follower whose record fails its checksum while it applies a write (the put asks
@@ -172,7 +191,8 @@ async fn a_checksum_failure_while_applying_stops_that_member_and_raises_corrupt(
     wait_for_leader(&addrs).await;
     put_retrying(&addrs, "k", "v1").await;
     everywhere(&addrs, "k", "v1").await;
-    let (victim, victim_id, healthy) = corrupt_a_follower(&addrs, "k").await;
+    let picked = corrupt_a_follower(&addrs, "k").await;
+    let (victim, _, healthy) = &picked;
 
     let mut client = etcd_client(healthy[0]).await;
     let put = client
@@ -184,10 +204,9 @@ async fn a_checksum_failure_while_applying_stops_that_member_and_raises_corrupt(
         .await
         .unwrap();
     assert_eq!(put.prev_key().unwrap().value(), b"v1");
-    corrupt_alarm_names(healthy[0], victim_id).await;
-    refuses_data(addrs[victim], "k").await;
-    refuses_data(addrs[victim], "anything").await;
-    let st = status(addrs[victim])
+    quarantined(&addrs, &picked, "k").await;
+    refuses_data(addrs[*victim], "anything").await;
+    let st = status(addrs[*victim])
         .await
         .expect("Maintenance still answers");
     assert!(
@@ -195,13 +214,10 @@ async fn a_checksum_failure_while_applying_stops_that_member_and_raises_corrupt(
         "{:?}",
         st.errors()
     );
-    // The healthy majority keeps serving reads and writes.
-    put_retrying(&healthy, "after", "1").await;
-    everywhere(&healthy, "after", "1").await;
     assert!(
-        c.log(victim).contains("stops applying"),
+        c.log(*victim).contains("stops applying"),
         "{}",
-        c.log(victim)
+        c.log(*victim)
     );
 }
 
@@ -215,9 +231,41 @@ async fn the_periodic_hash_check_finds_an_altered_record_nobody_read() {
     put_retrying(&addrs, "quiet", "v").await;
     put_retrying(&addrs, "other", "w").await;
     everywhere(&addrs, "other", "w").await;
-    let (victim, victim_id, healthy) = corrupt_a_follower(&addrs, "quiet").await;
-    corrupt_alarm_names(healthy[0], victim_id).await;
-    refuses_data(addrs[victim], "other").await;
-    put_retrying(&healthy, "after", "1").await;
-    everywhere(&healthy, "after", "1").await;
+    let picked = corrupt_a_follower(&addrs, "quiet").await;
+    quarantined(&addrs, &picked, "other").await;
+}
+
+/// A record altered on disk while a follower was down: the member starts anyway,
+/// quarantined (it builds no key index from corrupt data and applies nothing), raises
+/// CORRUPT naming itself and serves no data; the two others keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_corrupted_at_rest_quarantines_its_member_at_start() {
+    let mut c = cluster_with_faults("0s");
+    let addrs = c.addrs();
+    wait_for_leader(&addrs).await;
+    put_retrying(&addrs, "k", "v").await;
+    everywhere(&addrs, "k", "v").await;
+    let picked = pick_follower(&addrs).await;
+    let victim = picked.0;
+    assert!(c.procs[victim].terminate().unwrap().success());
+    // The store's own test-only fault alters the record on disk, as a disk would.
+    let dir = c.dir.path().join(&c.procs[victim].name);
+    {
+        let db = mesh_core::storage::open_database(&dir).unwrap();
+        let kv = mesh_core::kv::KvStore::open(db).unwrap();
+        let found = kv
+            .range(&mesh_core::proto::etcdserverpb::RangeRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            })
+            .unwrap();
+        kv.inject_corruption(found.kvs[0].mod_revision).unwrap();
+    }
+    c.restart(victim);
+    quarantined(&addrs, &picked, "k").await;
+    assert!(
+        c.log(victim).contains("stops applying"),
+        "{}",
+        c.log(victim)
+    );
 }

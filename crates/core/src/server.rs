@@ -262,7 +262,7 @@ impl Server {
             "http"
         };
         let db = storage::open_database(&cfg.data_dir)?;
-        let kv = Arc::new(KvStore::open(db.clone())?);
+        let kv = Arc::new(KvStore::open_for_raft(db.clone())?);
         kv.set_token_ttl(cfg.auth_token_ttl);
         let log = RaftLog::load(&db, kv.clone())?;
 
@@ -392,6 +392,10 @@ impl Server {
 
         let (tx, rx) = std_mpsc::channel();
         let status = Arc::new(NodeStatus::new(identity.member_id, identity.cluster_id));
+        if let Some(why) = kv.corrupt_at_open() {
+            // Serves no data from the first request on; the driver raises the alarm.
+            status.mark_corrupt(&why);
+        }
         let routes = Arc::new(MemberRoutes::default());
         refresh_routes(&mesh, identity.cluster_id, &routes);
         let transport = MeshTransport::start(
@@ -413,6 +417,7 @@ impl Server {
                 max_size_per_msg: 1024 * 1024,
                 max_inflight_msgs: 256,
                 snapshot_dir: storage::snapshot_dir(&cfg.data_dir),
+                corrupt_at_start: kv.corrupt_at_open(),
             },
             log.clone(),
             kv.clone(),

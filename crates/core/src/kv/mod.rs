@@ -234,6 +234,8 @@ pub struct KvStore {
     index: RwLock<KeyIndex>,
     /// Records redb does not hold yet, and the published counters (see `pending`).
     pending: RwLock<Pending>,
+    /// A record failed its checksum when the store was opened for Raft.
+    corrupt_at_open: std::sync::Mutex<Option<String>>,
 }
 
 /// Spans of revisions whose events (every key, with previous values) were read for
@@ -326,7 +328,22 @@ impl Committed {
 }
 
 impl KvStore {
+    /// [`KvStore::open`] for a member: a record that fails its checksum while the key
+    /// index is built does not stop the open; the store then holds no keys and
+    /// [`KvStore::corrupt_at_open`] says why, and the member must serve nothing from it.
+    pub fn open_for_raft(db: Arc<Db>) -> Result<KvStore, KvError> {
+        let store = KvStore::new(db)?;
+        store.load(true)?;
+        Ok(store)
+    }
+
     pub fn open(db: Arc<Db>) -> Result<KvStore, KvError> {
+        let store = KvStore::new(db)?;
+        store.reload()?;
+        Ok(store)
+    }
+
+    fn new(db: Arc<Db>) -> Result<KvStore, KvError> {
         create_tables(&db)?;
         convert_legacy_layout(&db)?;
         let (revision_tx, _) = tokio::sync::watch::channel(0);
@@ -342,8 +359,8 @@ impl KvStore {
             recent_events: Default::default(),
             index: RwLock::new(KeyIndex::default()),
             pending: RwLock::new(Pending::new(Meta::default())),
+            corrupt_at_open: std::sync::Mutex::new(None),
         };
-        store.reload()?;
         Ok(store)
     }
 
@@ -352,12 +369,38 @@ impl KvStore {
     /// driver applies those entries again. Watchers keep their own next revision, so
     /// the revision going back and forward again sends no event twice.
     pub fn reload(&self) -> Result<(), KvError> {
+        self.load(false)
+    }
+
+    /// What made [`KvStore::open_for_raft`] find the store corrupt, if it did.
+    pub fn corrupt_at_open(&self) -> Option<String> {
+        self.corrupt_at_open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn load(&self, lenient: bool) -> Result<(), KvError> {
         self.clear_event_cache();
         let txn = self.db.begin_read()?;
         let meta = Meta::load(&txn.open_table(META)?)?;
         let nospace = nospace_active(&txn.open_table(ALARMS)?)?;
         let auth = AuthState::from_snapshot(&auth::load(&txn.open_table(auth::AUTH)?)?);
-        *index::write(&self.index) = KeyIndex::load(&txn.open_table(REVS)?, meta.index_epoch)?;
+        let loaded = KeyIndex::load(&txn.open_table(REVS)?, meta.index_epoch);
+        let loaded = match (loaded, lenient) {
+            (Ok(index), _) => index,
+            // Opening for Raft: the member starts quarantined instead of not at all,
+            // so the cluster hears about it (see `KvStore::corrupt_at_open`).
+            (Err(e @ KvError::Corrupt { .. }), true) => {
+                *self
+                    .corrupt_at_open
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                KeyIndex::default()
+            }
+            (Err(e), _) => return Err(e),
+        };
+        *index::write(&self.index) = loaded;
         *pending::write(&self.pending) = Pending::new(meta);
         self.applied_index
             .store(meta.applied_index, Ordering::Release);

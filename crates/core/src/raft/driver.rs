@@ -49,6 +49,9 @@ pub struct DriverConfig {
     /// Where snapshot files received from the leader are (the only place an installed
     /// snapshot may come from).
     pub snapshot_dir: std::path::PathBuf,
+    /// The state machine was found corrupt when it was opened: the driver starts
+    /// quarantined (see [`Driver::quarantine`]).
+    pub corrupt_at_start: Option<String>,
 }
 
 /// Why the driver stopped on its own.
@@ -260,6 +263,9 @@ impl Driver {
     /// Serves until asked to stop. A failed write does not end it: the member leaves
     /// Raft, reopens the database from disk once it can write again, and resumes.
     fn run(&mut self, rx: std_mpsc::Receiver<DriverMsg>) -> Result<(), DriverError> {
+        if let Some(why) = self.cfg.corrupt_at_start.clone() {
+            self.quarantine(&why);
+        }
         loop {
             match self.serve(&rx) {
                 Err(e) if e.is_failed_write() => {

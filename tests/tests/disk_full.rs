@@ -53,16 +53,11 @@ impl Full {
     }
 }
 
-async fn fill_up(reserve: u64) -> Option<Full> {
+async fn fill_up(reserve: u64) -> Full {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("small");
-    let fs = match Tmpfs::mount(&mnt, "24m") {
-        Ok(fs) => fs,
-        Err(e) => {
-            eprintln!("SKIPPED: cannot mount a small tmpfs (needs root): {e}");
-            return None;
-        }
-    };
+    let fs = Tmpfs::mount(&mnt, "24m")
+        .unwrap_or_else(|e| panic!("a small tmpfs is needed (root, as CI runs): {e}"));
     // Space to give back later.
     let filler = mnt.join("filler");
     std::fs::write(&filler, vec![0u8; 8 << 20]).unwrap();
@@ -93,14 +88,14 @@ async fn fill_up(reserve: u64) -> Option<Full> {
     let value = vec![b'x'; 16 * 1024];
     for i in 0..2000 {
         if let Err(error) = c.put(format!("fill/{i:03}"), value.clone(), None).await {
-            return Some(Full {
+            return Full {
                 dir,
                 _fs: fs,
                 filler,
                 p,
                 client: c,
                 error,
-            });
+            };
         }
     }
     panic!("24 MiB never filled up");
@@ -110,9 +105,7 @@ async fn fill_up(reserve: u64) -> Option<Full> {
 async fn disk_nearly_full_refuses_writes_keeps_reads_and_recovers() {
     // The reserve must cover what is written before the keyspace claims its pages (up
     // to a megabyte of entries, several times that in redb pages not yet reusable).
-    let Some(mut f) = fill_up(6 << 20).await else {
-        return;
-    };
+    let mut f = fill_up(6 << 20).await;
     let err = f.error.to_string();
     eprintln!("write on a nearly full disk: {err}");
     assert!(
@@ -158,9 +151,7 @@ async fn disk_nearly_full_refuses_writes_keeps_reads_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_without_reserve_stops_writes_logs_why_and_keeps_serving_reads() {
-    let Some(mut f) = fill_up(0).await else {
-        return;
-    };
+    let mut f = fill_up(0).await;
     let err = f.error.to_string();
     eprintln!("write on a full disk: {err}");
     // The write in flight when the disk filled up fails as the member leaves Raft
@@ -226,9 +217,7 @@ async fn disk_full_without_reserve_stops_writes_logs_why_and_keeps_serving_reads
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_writes_recover_when_space_returns() {
-    let Some(mut f) = fill_up(0).await else {
-        return;
-    };
+    let mut f = fill_up(0).await;
     let acknowledged = f
         .client
         .get(
@@ -297,13 +286,8 @@ async fn disk_full_writes_recover_when_space_returns() {
 async fn follower_with_a_full_disk_catches_up_when_space_returns() {
     let scratch = tempfile::tempdir().unwrap();
     let mnt = scratch.path().join("small");
-    let _fs = match Tmpfs::mount(&mnt, "8m") {
-        Ok(fs) => fs,
-        Err(e) => {
-            eprintln!("SKIPPED: cannot mount a small tmpfs (needs root): {e}");
-            return;
-        }
-    };
+    let _fs = Tmpfs::mount(&mnt, "8m")
+        .unwrap_or_else(|e| panic!("a small tmpfs is needed (root, as CI runs): {e}"));
     let filler = mnt.join("filler");
     std::fs::write(&filler, vec![0u8; 3 << 20]).unwrap();
     let mut c = ProcessCluster::start(3, ClusterOpts::default());

@@ -256,7 +256,7 @@ const KV_SYNC_BYTES: usize = 1 << 20;
 /// the keyspace in one commit, not fsync'ed. Left for the durable commit, a second's
 /// records made it a 4-16 ms stall and raised the p99 at 4000 puts/s from 7-8 ms to
 /// 10-11.6 ms; at 128 it was 5.8-6.3 ms, at 512 6.4-7.2 ms, with the same throughput
-/// (BENCHMARKS.md, session 8).
+/// (BENCHMARKS.md).
 const KV_WRITE_RECORDS: usize = 128;
 
 impl Driver {

@@ -329,3 +329,28 @@ async fn one_watch_stream_carries_many_watchers() {
     assert!(r.canceled());
     assert_eq!(r.compact_revision(), last);
 }
+
+/// A Watch stream holds at most 10000 watchers; the next one is answered created and
+/// canceled with the reason, and the stream's other watchers keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_stream_holds_at_most_ten_thousand_watchers() {
+    let c = InProcessCluster::start(1, ClusterOpts::default()).await;
+    wait_for_leader(&c.live_addrs()).await;
+    let mut kv = etcd_client(c.addr(0)).await;
+    let mut s = kv.watch("w0", None).await.unwrap();
+    assert!(next(&mut s).await.created());
+    for i in 1..10_000 {
+        s.watch(format!("w{i}"), None).await.unwrap();
+    }
+    for _ in 1..10_000 {
+        let r = next(&mut s).await;
+        assert!(r.created() && !r.canceled(), "{r:?}");
+    }
+    let r = create(&mut s, "one-too-many", WatchOptions::new()).await;
+    assert!(r.created() && r.canceled(), "{r:?}");
+    assert!(r.cancel_reason().contains("too many watchers"), "{r:?}");
+    kv.put("w0", "still watched", None).await.unwrap();
+    let r = next(&mut s).await;
+    assert_eq!(r.watch_id(), 0);
+    assert_eq!(r.events()[0].kv().unwrap().value(), b"still watched");
+}

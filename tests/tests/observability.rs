@@ -191,3 +191,34 @@ fn json_logs_name_the_member_and_term_of_an_election() {
     assert!(v["fields"]["term"].as_u64().is_some_and(|t| t >= 1), "{v}");
     assert_eq!(v["fields"]["is_me"], true, "{v}");
 }
+
+/// A client that connects to the metrics port and never sends its request headers is
+/// disconnected (slowloris), and the port keeps answering others meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_http_client_is_disconnected() {
+    use tokio::io::AsyncReadExt;
+    let c = InProcessCluster::start(
+        1,
+        ClusterOpts {
+            metrics: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_for_leader(&c.live_addrs()).await;
+    let addr = c.servers[0].as_ref().unwrap().metrics_addr().unwrap();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (code, _) = http_get(addr, "/health").await.unwrap();
+    assert_eq!(code, 200);
+    let mut buf = [0u8; 512];
+    let closed = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the silent connection was kept open");
+}

@@ -156,13 +156,7 @@ impl ApiContext {
     /// Refuses a response larger than [`MAX_RESPONSE_BYTES`] with the error etcd's
     /// gRPC server gives (ResourceExhausted), rather than sending it.
     pub fn check_response_size(&self, msg: &impl prost::Message) -> Result<(), Status> {
-        let len = msg.encoded_len();
-        if len > MAX_RESPONSE_BYTES {
-            return Err(Status::resource_exhausted(format!(
-                "grpc: trying to send message larger than max ({len} vs. {MAX_RESPONSE_BYTES})"
-            )));
-        }
-        Ok(())
+        response_fits(msg.encoded_len(), MAX_RESPONSE_BYTES)
     }
 
     pub fn check_size(&self, msg: &impl prost::Message) -> Result<(), Status> {
@@ -171,6 +165,28 @@ impl ApiContext {
         }
         Ok(())
     }
+}
+
+/// A response of `len` bytes under a limit of `max`, or gRPC's refusal (etcd's text).
+fn response_fits(len: usize, max: usize) -> Result<(), Status> {
+    if len > max {
+        return Err(Status::resource_exhausted(format!(
+            "grpc: trying to send message larger than max ({len} vs. {max})"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[test]
+fn a_response_over_the_limit_gets_grpcs_text() {
+    assert!(response_fits(10, 10).is_ok());
+    let e = response_fits(11, 10).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(
+        e.message(),
+        "grpc: trying to send message larger than max (11 vs. 10)"
+    );
 }
 
 /// etcd's text for a member that found its data corrupt (with code DataLoss).

@@ -98,12 +98,6 @@ impl ApiContext {
         self.with_user(md, |a, u| a.check_range(u, key, range_end, perm))
     }
 
-    /// Every permission a txn needs: READ for compares and ranges, WRITE for puts and
-    /// deletes (and READ too when they return previous values), recursively.
-    pub fn require_txn(&self, md: &MetadataMap, t: &pb::TxnRequest) -> Result<Caller, Status> {
-        self.with_user(md, |a, u| a.check_txn(u, t))
-    }
-
     /// Checks a client write with `check` and returns what its proposal carries so
     /// every member checks it again when applying: the user and the auth revision the
     /// check used (`None` with auth disabled).

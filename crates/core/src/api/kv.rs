@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::{kv_status, propose_status, require_key, unexpected, ApiContext};
-use crate::kv::{AuthState, KvError};
+use crate::kv::KvError;
 use crate::proto::authpb::permission::Type as Perm;
 use crate::proto::etcdserverpb::{
     self as pb, kv_server::Kv, request_op::Request as Op, CompactionRequest, CompactionResponse,
@@ -11,6 +11,7 @@ use crate::proto::etcdserverpb::{
     TxnRequest, TxnResponse,
 };
 use crate::proto::meshpb::internal_request::Request as Internal;
+use crate::proto::meshpb::RequestAuth;
 use crate::raft::{Applied, AppliedKind, ProposeError};
 use tonic::metadata::MetadataMap;
 
@@ -27,26 +28,34 @@ impl KvApi {
         self.ctx.node.propose(req).await.map_err(propose_status)
     }
 
-    /// Proposes a client write checked by `check`, carrying the user and auth revision
-    /// of the check. If the auth store changed before the write applied, every member
-    /// refused it unapplied: check again (this member has now applied the change) and
-    /// propose again.
+    /// Proposes a client write whose permission check gave `auth` (the user and auth
+    /// revision it carries, `None` with auth disabled). If the auth store changed
+    /// before the write applied, every member refused it unapplied: check again (this
+    /// member has now applied the change) and propose again.
     async fn propose_write(
         &self,
         md: &MetadataMap,
         req: Internal,
-        check: impl Fn(&AuthState, &str) -> Result<(), KvError>,
+        mut auth: Option<RequestAuth>,
     ) -> Result<Applied, Status> {
         let mut attempts = 0;
-        loop {
-            let auth = self.ctx.require_write(md, &check)?;
+        while auth.is_some() && attempts < AUTH_RETRIES {
             match self.ctx.node.propose_as(req.clone(), auth).await {
-                Err(ProposeError::Kv(KvError::AuthOldRevision)) if attempts < AUTH_RETRIES => {
+                Err(ProposeError::Kv(KvError::AuthOldRevision)) => {
                     attempts += 1;
+                    auth = self
+                        .ctx
+                        .require_write(md, |a, u| a.check_request(u, &req))?;
                 }
                 r => return r.map_err(propose_status),
             }
         }
+        // Without auth nothing is refused for an old auth revision: no copy to keep.
+        self.ctx
+            .node
+            .propose_as(req, auth)
+            .await
+            .map_err(propose_status)
     }
 }
 
@@ -120,12 +129,9 @@ impl Kv for KvApi {
         let (md, _, r) = req.into_parts();
         self.ctx.check_size(&r)?;
         check_put(&r)?;
-        self.ctx.require_write(&md, |a, u| a.check_put(u, &r))?;
+        let auth = self.ctx.require_write(&md, |a, u| a.check_put(u, &r))?;
         self.ctx.check_disk_space()?;
-        let check = |a: &AuthState, u: &str| a.check_put(u, &r);
-        let applied = self
-            .propose_write(&md, Internal::Put(r.clone()), check)
-            .await?;
+        let applied = self.propose_write(&md, Internal::Put(r), auth).await?;
         match applied.kind {
             AppliedKind::Put(mut resp) => {
                 self.ctx.stamp(&mut resp.header, applied.revision);
@@ -142,9 +148,9 @@ impl Kv for KvApi {
         let (md, _, r) = req.into_parts();
         self.ctx.check_size(&r)?;
         require_key(&r.key)?;
-        let check = |a: &AuthState, u: &str| a.check_delete(u, &r);
+        let auth = self.ctx.require_write(&md, |a, u| a.check_delete(u, &r))?;
         let applied = self
-            .propose_write(&md, Internal::DeleteRange(r.clone()), check)
+            .propose_write(&md, Internal::DeleteRange(r), auth)
             .await?;
         match applied.kind {
             AppliedKind::DeleteRange(mut resp) => {
@@ -160,7 +166,7 @@ impl Kv for KvApi {
         self.ctx.check_size(&r)?;
         check_txn_shape(&r)?;
         crate::kv::check_txn(&r, self.ctx.limits.max_txn_ops).map_err(kv_status)?;
-        self.ctx.require_txn(&md, &r)?;
+        let auth = self.ctx.require_write(&md, |a, u| a.check_txn(u, &r))?;
         if crate::kv::is_read_only(&r) {
             if !all_serializable(&r) {
                 self.ctx.linearize().await?;
@@ -172,10 +178,7 @@ impl Kv for KvApi {
             return Ok(Response::new(resp));
         }
         self.ctx.check_disk_space()?;
-        let check = |a: &AuthState, u: &str| a.check_txn(u, &r);
-        let applied = self
-            .propose_write(&md, Internal::Txn(r.clone()), check)
-            .await?;
+        let applied = self.propose_write(&md, Internal::Txn(r), auth).await?;
         match applied.kind {
             AppliedKind::Txn(mut resp) => {
                 self.ctx.check_response_size(&resp)?;

@@ -111,6 +111,22 @@ impl AuthState {
         Ok(())
     }
 
+    /// Every permission a replicated client write needs (Put, DeleteRange, Txn; other
+    /// requests are checked where they arrive).
+    pub fn check_request(
+        &self,
+        user: &str,
+        request: &crate::proto::meshpb::internal_request::Request,
+    ) -> Result<(), KvError> {
+        use crate::proto::meshpb::internal_request::Request;
+        match request {
+            Request::Put(r) => self.check_put(user, r),
+            Request::DeleteRange(r) => self.check_delete(user, r),
+            Request::Txn(r) => self.check_txn(user, r),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether `user` may access [key, range_end) (etcd's encoding: empty range_end is
     /// the one key, "\0" every key from `key` on) with `perm` (READ or WRITE).
     pub fn check_range(

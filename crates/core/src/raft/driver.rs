@@ -1200,12 +1200,9 @@ fn permitted(
     if a.auth_revision < state.revision {
         return Err(KvError::AuthOldRevision);
     }
-    let user = a.username.as_str();
     match request {
-        Some(Request::Put(r)) => state.check_put(user, r),
-        Some(Request::DeleteRange(r)) => state.check_delete(user, r),
-        Some(Request::Txn(r)) => state.check_txn(user, r),
-        _ => Ok(()),
+        Some(r) => state.check_request(&a.username, r),
+        None => Ok(()),
     }
 }
 

@@ -236,12 +236,7 @@ struct RaftReceiver {
 
 impl RaftReceiver {
     fn refuse(&self, why: Refusal, src: PeerName, what: &str) {
-        self.status.metrics.count_refusal(why);
-        warn!(
-            peer = format_args!("{src:016x}"),
-            reason = why.label(),
-            "raft message dropped: {what}"
-        );
+        super::validate::refuse_from_peer(&self.status, "raft message", why, src, what);
     }
 
     fn deliver(&self, src: PeerName, sender: u64, data: &[u8]) {

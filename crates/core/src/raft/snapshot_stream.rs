@@ -110,12 +110,22 @@ impl SnapshotStreams {
     }
 
     fn refuse(&self, why: Refusal, src: PeerName, what: &str) {
-        self.status.metrics.count_refusal(why);
-        warn!(
-            peer = format_args!("{src:016x}"),
-            reason = why.label(),
-            "snapshot chunk dropped: {what}"
-        );
+        super::validate::refuse_from_peer(&self.status, "snapshot chunk", why, src, what);
+    }
+
+    /// This member's acknowledgement of `offset` bytes of transfer `stream` from `to`
+    /// (or, with an `error`, its refusal).
+    fn ack(&self, to: u64, stream: u64, offset: u64, error: String) -> SnapshotChunk {
+        SnapshotChunk {
+            cluster_id: self.cluster_id,
+            from: self.member_id,
+            to,
+            stream,
+            offset,
+            ack: true,
+            error,
+            ..Default::default()
+        }
     }
 
     /// Streams the snapshot file named by `m`'s data to `m.to` (from the driver
@@ -233,23 +243,13 @@ impl SnapshotStreams {
             }
             return;
         }
-        let reply = |offset: u64, done: bool, error: String| SnapshotChunk {
-            cluster_id: self.cluster_id,
-            from: self.member_id,
-            to: c.from,
-            stream: c.stream,
-            offset,
-            ack: true,
-            done,
-            error,
-            ..Default::default()
-        };
+        let reply = |offset: u64, error: String| self.ack(c.from, c.stream, offset, error);
         if !c.message.is_empty() {
             match self.begin(&c) {
                 Ok(()) => {}
                 Err(e) => {
                     self.refuse(Refusal::BadSnapshot, src, &e);
-                    let _ = self.send_to(src, &reply(0, false, e));
+                    let _ = self.send_to(src, &reply(0, e));
                 }
             }
             return;
@@ -268,7 +268,7 @@ impl SnapshotStreams {
             if let Some(inc) = incoming.remove(&c.from) {
                 let _ = std::fs::remove_file(&inc.path);
             }
-            let _ = self.send_to(src, &reply(0, false, e));
+            let _ = self.send_to(src, &reply(0, e));
             return;
         }
         if let Err(e) = inc.file.write_all(&c.data) {
@@ -277,13 +277,13 @@ impl SnapshotStreams {
             if let Some(inc) = incoming.remove(&c.from) {
                 let _ = std::fs::remove_file(&inc.path);
             }
-            let _ = self.send_to(src, &reply(0, false, e));
+            let _ = self.send_to(src, &reply(0, e));
             return;
         }
         inc.hash.update(&c.data);
         inc.written += c.data.len() as u64;
         inc.last = Instant::now();
-        let _ = self.send_to(src, &reply(inc.written, false, String::new()));
+        let _ = self.send_to(src, &reply(inc.written, String::new()));
         if inc.written < inc.snap.len {
             return;
         }
@@ -296,7 +296,7 @@ impl SnapshotStreams {
             let checked = tokio::task::spawn_blocking(move || finish(inc))
                 .await
                 .unwrap_or_else(|e| Err(e.to_string()));
-            let mut done = reply_to(&this, from, stream);
+            let mut done = this.ack(from, stream, 0, String::new());
             match checked {
                 Ok(msg) => {
                     done.done = true;
@@ -375,17 +375,6 @@ impl SnapshotStreams {
             },
         );
         Ok(())
-    }
-}
-
-fn reply_to(s: &SnapshotStreams, to: u64, stream: u64) -> SnapshotChunk {
-    SnapshotChunk {
-        cluster_id: s.cluster_id,
-        from: s.member_id,
-        to,
-        stream,
-        ack: true,
-        ..Default::default()
     }
 }
 

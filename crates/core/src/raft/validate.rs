@@ -62,6 +62,23 @@ impl Refusal {
     }
 }
 
+/// Counts a refused `kind` ("raft message", "snapshot chunk") from mesh peer `src` in
+/// `status` and logs why.
+pub(crate) fn refuse_from_peer(
+    status: &super::NodeStatus,
+    kind: &str,
+    why: Refusal,
+    src: crate::mesh::PeerName,
+    what: &str,
+) {
+    status.metrics.count_refusal(why);
+    tracing::warn!(
+        peer = format_args!("{src:016x}"),
+        reason = why.label(),
+        "{kind} dropped: {what}"
+    );
+}
+
 /// raft-rs panics on enum values it does not know (`get_msg_type`, `get_entry_type`).
 pub fn well_formed(m: &Message) -> bool {
     MessageType::from_i32(m.msg_type).is_some()

@@ -217,7 +217,8 @@ async fn membership_changes_are_checked() {
     cl.member_update(voter, [new_addr.clone()]).await.unwrap();
     let r = cl.member_list().await.unwrap();
     let m = r.members().iter().find(|m| m.id() == voter).unwrap();
-    assert_eq!(m.peer_urls(), [new_addr]);
+    // Stored as host:port, answered as a URL, as etcd does.
+    assert_eq!(m.peer_urls(), [format!("http://{new_addr}")]);
 
     // With one of three voters down, a fourth voter that has not started would leave
     // 2 of 4 started, not a quorum: refused with etcd's error.

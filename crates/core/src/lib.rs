@@ -25,6 +25,7 @@
 //! - [`proto`]: generated wire types.
 pub mod api;
 pub mod client;
+pub mod compactor;
 pub mod corruption;
 pub mod crdt;
 pub mod kv;
@@ -45,20 +46,25 @@ pub mod untrusted;
 pub mod proto {
     pub mod mvccpb {
         tonic::include_proto!("mvccpb");
+        include!(concat!(env!("OUT_DIR"), "/mvccpb.serde.rs"));
     }
     pub mod authpb {
         tonic::include_proto!("authpb");
+        include!(concat!(env!("OUT_DIR"), "/authpb.serde.rs"));
     }
     pub mod etcdserverpb {
         tonic::include_proto!("etcdserverpb");
+        include!(concat!(env!("OUT_DIR"), "/etcdserverpb.serde.rs"));
     }
     pub mod meshpb {
         tonic::include_proto!("meshpb");
     }
     pub mod v3lockpb {
         tonic::include_proto!("v3lockpb");
+        include!(concat!(env!("OUT_DIR"), "/v3lockpb.serde.rs"));
     }
     pub mod v3electionpb {
         tonic::include_proto!("v3electionpb");
+        include!(concat!(env!("OUT_DIR"), "/v3electionpb.serde.rs"));
     }
 }

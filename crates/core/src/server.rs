@@ -86,6 +86,9 @@ pub struct ServerConfig {
     /// How often the leader compares every member's HashKV (etcd's corruption check);
     /// zero turns the check off.
     pub corrupt_check_interval: Duration,
+    /// Auto-compaction (`--auto-compaction-mode`/`-retention`); off when `None`, as
+    /// etcd's default.
+    pub auto_compaction: Option<crate::compactor::AutoCompaction>,
     /// Serve the test-only `meshpb.FaultInjection` service (loopback callers only).
     /// Never on in production: it lets a local caller cut this member off.
     pub unsafe_fault_injection: bool,
@@ -139,6 +142,7 @@ impl ServerConfig {
             min_free_disk_bytes: DEFAULT_MIN_FREE_DISK_BYTES,
             unsafe_fault_injection: false,
             corrupt_check_interval: DEFAULT_CORRUPT_CHECK_INTERVAL,
+            auto_compaction: None,
         }
     }
 }
@@ -252,7 +256,7 @@ impl Server {
         let client_tls = cfg
             .client_tls
             .as_ref()
-            .map(|t| t.server_config().map(|c| (c, t)))
+            .map(|t| t.client_port_config().map(|c| (c, t)))
             .transpose()
             .map_err(tls_err)?;
         let dialer = crate::tls::MemberDialer::new(cfg.client_tls.as_ref()).map_err(tls_err)?;
@@ -443,25 +447,17 @@ impl Server {
             dialer,
             disk_low: Default::default(),
             min_free_disk_bytes: cfg.min_free_disk_bytes,
+            peer_scheme: if cfg.password.is_some() {
+                "https"
+            } else {
+                "http"
+            },
         };
         let max_msg = cfg.limits.max_request_bytes + api::GRPC_OVERHEAD_BYTES;
         let (grpc_stop, stop_rx) = oneshot::channel::<()>();
         let grpc_metrics = crate::metrics::grpc::GrpcMetrics::default();
-        // Dead or silent clients are found by HTTP/2 pings and TCP keepalive.
-        let mut builder = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .tcp_keepalive(Some(Duration::from_secs(60)));
-        if let Some((tls, _)) = client_tls {
-            builder = builder.tls_config(tls)?;
-        }
-        let router = builder
-            .layer(grpc_metrics.clone())
-            .layer(api::TokenCatchUp {
-                kv: kv.clone(),
-                node: node.clone(),
-            })
-            .layer(api::CorruptGate { node: node.clone() })
+        let mut grpc_routes = tonic::service::RoutesBuilder::default();
+        grpc_routes
             .add_service(
                 kv_server::KvServer::new(api::KvApi::new(ctx.clone()))
                     .max_decoding_message_size(max_msg)
@@ -496,38 +492,71 @@ impl Server {
             .add_service(election_server::ElectionServer::new(api::ElectionApi::new(
                 ctx.clone(),
             )))
-            .add_service(auth_server::AuthServer::new(api::AuthApi::new(ctx.clone())))
-            .add_optional_service(cfg.unsafe_fault_injection.then(|| {
-                warn!("serving the test-only fault injection service (--unsafe-fault-injection)");
-                fault_injection_server::FaultInjectionServer::new(api::FaultInjectionApi {
+            .add_service(auth_server::AuthServer::new(api::AuthApi::new(ctx.clone())));
+        if cfg.unsafe_fault_injection {
+            warn!("serving the test-only fault injection service (--unsafe-fault-injection)");
+            grpc_routes.add_service(fault_injection_server::FaultInjectionServer::new(
+                api::FaultInjectionApi {
                     mesh: mesh.clone(),
                     node: node.clone(),
                     kv: kv.clone(),
-                })
-            }));
+                },
+            ));
+        }
+        // Every gRPC call, from a gRPC client or through the JSON gateway, passes the
+        // same layers: metrics, auth token catch-up, the corruption gate.
+        let layered = {
+            use tower_layer::Layer;
+            let svc = grpc_routes.routes().prepare();
+            let svc = api::CorruptGate { node: node.clone() }.layer(svc);
+            let svc = api::TokenCatchUp {
+                kv: kv.clone(),
+                node: node.clone(),
+            }
+            .layer(svc);
+            grpc_metrics.clone().layer(svc)
+        };
+        let probes = crate::metrics::http::Sources {
+            node: node.clone(),
+            kv: kv.clone(),
+            db: db.clone(),
+            mesh: mesh.clone(),
+            grpc: grpc_metrics.clone(),
+            watchers: ctx.watchers.clone(),
+        };
+        let port = api::http::ClientPort::new(
+            api::gateway::Grpc::new(layered),
+            cfg.limits.max_request_bytes,
+            probes.clone(),
+        );
+        // Dead or silent clients are found by HTTP/2 pings and TCP keepalive.
+        let router = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_routes(api::http::routes(port));
         // Small request/response pairs must not wait for Nagle and delayed ACKs.
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(client_listener).with_nodelay(Some(true));
-        let grpc = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let tcp = tonic::transport::server::TcpIncoming::from(client_listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(60)));
+        let shutdown = async {
             let _ = stop_rx.await;
-        }));
-        info!(%client_addr, %mesh_addr, "serving");
+        };
+        let grpc = match client_tls {
+            Some((tls, _)) => tokio::spawn(
+                router.serve_with_incoming_shutdown(api::http::tls_incoming(tcp, tls), shutdown),
+            ),
+            None => tokio::spawn(router.serve_with_incoming_shutdown(tcp, shutdown)),
+        };
+        info!(%client_addr, %mesh_addr, "serving gRPC and HTTP");
         let mut metrics_addr = None;
         let mut background = Vec::new();
         if let Some((listener, addr)) = metrics_listener {
             metrics_addr = Some(addr);
-            let sources = crate::metrics::http::Sources {
-                node: node.clone(),
-                kv: kv.clone(),
-                db: db.clone(),
-                mesh: mesh.clone(),
-                grpc: grpc_metrics,
-                watchers: ctx.watchers.clone(),
-            };
             info!(%addr, "serving /metrics and /health");
             background.push(tokio::spawn(crate::metrics::http::serve(
                 listener,
-                sources,
+                probes,
                 stopping.subscribe(),
             )));
         }
@@ -569,6 +598,9 @@ impl Server {
             node.clone(),
             cfg.tick.max(Duration::from_millis(20)),
         ));
+        if let Some(mode) = cfg.auto_compaction {
+            background.push(crate::compactor::spawn(mode, kv.clone(), node.clone()));
+        }
         Ok(Server {
             client_addr,
             mesh_addr,

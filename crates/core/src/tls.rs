@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_rustls::rustls;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// A TLS file could not be read or does not hold what it should.
 #[derive(Debug, thiserror::Error)]
@@ -110,19 +110,6 @@ impl ServerTls {
         ))
     }
 
-    /// The configuration tonic serves the client API with.
-    pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
-        self.check()?;
-        let mut cfg = ServerTlsConfig::new().identity(self.identity()?);
-        if self.client_cert_auth {
-            let ca = self.trusted_ca_file.as_ref().expect("checked");
-            cfg = cfg
-                .client_ca_root(Certificate::from_pem(read("trusted CA file", ca)?))
-                .client_auth_optional(false);
-        }
-        Ok(cfg)
-    }
-
     /// How this member dials another member's client URL.
     pub fn member_client_config(&self) -> Result<ClientTlsConfig, TlsError> {
         let mut cfg = ClientTlsConfig::new();
@@ -136,8 +123,22 @@ impl ServerTls {
         Ok(cfg)
     }
 
-    /// The same server configuration for a hand-made (non-tonic) acceptor.
+    /// The client port's configuration: gRPC clients negotiate HTTP/2, HTTP clients
+    /// (the JSON gateway, probes, curl) may ask for HTTP/1.1.
+    pub fn client_port_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let mut cfg = self.rustls_config()?;
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// The configuration of the non-member proxy, which forwards gRPC only.
     pub fn rustls_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let mut cfg = self.rustls_config()?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    fn rustls_config(&self) -> Result<rustls::ServerConfig, TlsError> {
         let chain = certs("cert file", &self.cert_file)?;
         let key = private_key(&self.key_file)?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())
@@ -163,11 +164,9 @@ impl ServerTls {
         } else {
             builder.with_no_client_auth()
         };
-        let mut cfg = builder
+        builder
             .with_single_cert(chain, key)
-            .map_err(|e| pem_error("cert file", &self.cert_file, e))?;
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        Ok(Arc::new(cfg))
+            .map_err(|e| pem_error("cert file", &self.cert_file, e))
     }
 }
 

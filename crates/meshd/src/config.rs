@@ -101,7 +101,8 @@ pub struct Args {
     /// Address peers use to reach this member (default <listen-mesh>).
     #[arg(long, env = "MESHD_ADVERTISE_MESH")]
     pub advertise_mesh: Option<String>,
-    /// Address for HTTP /metrics (Prometheus) and /health; "off" disables it.
+    /// A separate address for HTTP /metrics (Prometheus), /health, /livez and /readyz
+    /// (the client port serves them too); "off", the default, serves none.
     #[arg(long, env = "MESHD_LISTEN_METRICS")]
     pub listen_metrics: Option<String>,
     /// Initial members, `name1=host:port,name2=host:port,...` (mesh addresses). Used
@@ -183,6 +184,15 @@ pub struct Args {
     /// naming a member whose data differs, e.g. 5m; 0s turns the check off.
     #[arg(long, env = "MESHD_CORRUPT_CHECK_TIME", value_parser = humantime::parse_duration)]
     pub corrupt_check_time: Option<Duration>,
+    /// How --auto-compaction-retention is read: "periodic" (keep that much time of
+    /// history) or "revision" (keep that many revisions).
+    #[arg(long, env = "MESHD_AUTO_COMPACTION_MODE", value_parser = ["periodic", "revision"])]
+    pub auto_compaction_mode: Option<String>,
+    /// History auto-compaction keeps: periodic mode takes a duration ("1h", "30m"; a
+    /// bare number is hours, as etcd), revision mode a number of revisions. "0", the
+    /// default, turns auto-compaction off.
+    #[arg(long, env = "MESHD_AUTO_COMPACTION_RETENTION")]
+    pub auto_compaction_retention: Option<String>,
     /// FOR TESTS ONLY: serve meshpb.FaultInjection (cut, drop or delay mesh links) to
     /// loopback callers. Off by default; never enable it on a real member.
     #[arg(long, hide_short_help = true)]
@@ -257,6 +267,8 @@ struct FileConfig {
     min_free_disk_bytes: Option<u64>,
     #[serde(default, with = "humantime_serde_opt")]
     corrupt_check_time: Option<Duration>,
+    auto_compaction_mode: Option<String>,
+    auto_compaction_retention: Option<serde_yaml_ng::Value>,
     // client-API TLS
     cert_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
@@ -293,7 +305,7 @@ pub struct Resolved {
 }
 
 /// meshd's documented default for `--listen-metrics`.
-pub const DEFAULT_LISTEN_METRICS: &str = "127.0.0.1:2381";
+pub const DEFAULT_LISTEN_METRICS: &str = "off";
 
 /// Where each setting came from, to name it in errors as the operator wrote it.
 struct Origins<'a> {
@@ -590,6 +602,25 @@ pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
     if let Some(t) = args.corrupt_check_time.or(file.corrupt_check_time) {
         cfg.corrupt_check_interval = t;
     }
+    let mode = args
+        .auto_compaction_mode
+        .or(file.auto_compaction_mode)
+        .unwrap_or_else(|| "periodic".into());
+    let retention = match (
+        args.auto_compaction_retention,
+        file.auto_compaction_retention,
+    ) {
+        (Some(r), _) => r,
+        (None, Some(serde_yaml_ng::Value::String(r))) => r,
+        (None, Some(serde_yaml_ng::Value::Number(n))) => n.to_string(),
+        (None, Some(other)) => bail!(
+            "{}: expected a duration or a number, not {other:?}",
+            o.of("auto-compaction-retention")
+        ),
+        (None, None) => "0".into(),
+    };
+    cfg.auto_compaction = auto_compaction(&mode, &retention)
+        .map_err(|e| anyhow!("{}: {e}", o.of("auto-compaction-retention")))?;
     if let Some(n) = args.min_free_disk_bytes.or(file.min_free_disk_bytes) {
         cfg.min_free_disk_bytes = n;
     }
@@ -661,6 +692,41 @@ pub fn keys() -> Vec<(String, String)> {
         .collect()
 }
 
+/// etcd's reading of `--auto-compaction-retention`: in periodic mode a duration, or a
+/// bare number of hours; in revision mode a number of revisions; zero is off.
+fn auto_compaction(
+    mode: &str,
+    retention: &str,
+) -> Result<Option<mesh_core::compactor::AutoCompaction>, String> {
+    use mesh_core::compactor::AutoCompaction;
+    let retention = retention.trim();
+    match mode {
+        "revision" => match retention.parse::<i64>() {
+            Ok(0) => Ok(None),
+            Ok(n) if n > 0 => Ok(Some(AutoCompaction::Revision(n))),
+            _ => Err(format!(
+                "'{retention}' is not a number of revisions (revision mode)"
+            )),
+        },
+        "periodic" => {
+            let d = match retention.parse::<u64>() {
+                Ok(hours) => Duration::from_secs(hours.saturating_mul(3600)),
+                Err(_) => humantime::parse_duration(retention).map_err(|e| {
+                    format!("'{retention}' is not a duration or a number of hours: {e}")
+                })?,
+            };
+            if d.is_zero() {
+                Ok(None)
+            } else if d < Duration::from_secs(1) {
+                Err(format!("'{retention}' is shorter than a second"))
+            } else {
+                Ok(Some(AutoCompaction::Periodic(d)))
+            }
+        }
+        other => Err(format!("unknown mode {other:?}")),
+    }
+}
+
 /// The default of `key` as YAML, or `None` when it has no fixed default (it is
 /// derived from other settings, or unset means "not used").
 fn default_yaml(key: &str) -> Option<String> {
@@ -693,6 +759,8 @@ fn default_yaml(key: &str) -> Option<String> {
         "insecure-mesh" => "false".into(),
         "min-free-disk-bytes" => d.min_free_disk_bytes.to_string(),
         "corrupt-check-time" => duration(d.corrupt_check_interval),
+        "auto-compaction-mode" => quoted("periodic".into()),
+        "auto-compaction-retention" => quoted("0".into()),
         "auth-token" => quoted("simple".into()),
         "auth-token-ttl" => d.auth_token_ttl.as_secs().to_string(),
         _ => return None,
@@ -744,6 +812,38 @@ mod tests {
         let m = Cli::command().try_get_matches_from(argv)?;
         let cli = Cli::from_arg_matches(&m)?;
         Ok(resolve(cli.run, &m)?.server)
+    }
+
+    #[test]
+    fn auto_compaction_reads_retention_as_etcd() {
+        use mesh_core::compactor::AutoCompaction::{Periodic, Revision};
+        let h = Duration::from_secs(3600);
+        assert_eq!(auto_compaction("periodic", "0"), Ok(None));
+        assert_eq!(auto_compaction("periodic", "1"), Ok(Some(Periodic(h))));
+        assert_eq!(
+            auto_compaction("periodic", "30m"),
+            Ok(Some(Periodic(h / 2)))
+        );
+        assert_eq!(
+            auto_compaction("revision", "1000"),
+            Ok(Some(Revision(1000)))
+        );
+        assert_eq!(auto_compaction("revision", "0"), Ok(None));
+        assert!(auto_compaction("revision", "1h").is_err());
+        assert!(auto_compaction("periodic", "soon").is_err());
+        assert!(auto_compaction("periodic", "10ms").is_err());
+        let cfg = resolve_argv(&[
+            "meshd",
+            "--auto-compaction-mode=revision",
+            "--auto-compaction-retention=500",
+        ])
+        .unwrap();
+        assert_eq!(cfg.auto_compaction, Some(Revision(500)));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "auto-compaction-retention: 2\n").unwrap();
+        let cfg = resolve_argv(&["meshd", "--config", f.to_str().unwrap()]).unwrap();
+        assert_eq!(cfg.auto_compaction, Some(Periodic(2 * h)));
     }
 
     #[test]
@@ -807,7 +907,8 @@ mod tests {
             cfg.quota_backend_bytes,
             mesh_core::server::DEFAULT_QUOTA_BACKEND_BYTES
         );
-        assert_eq!(cfg.listen_metrics, Some("127.0.0.1:2381".parse().unwrap()));
+        assert_eq!(cfg.listen_metrics, None, "off unless asked for");
+        assert_eq!(cfg.auto_compaction, None, "off unless asked for");
 
         std::fs::write(
             &f,

@@ -137,9 +137,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// What is logged when RUST_LOG does not say: meshd's and raft's events at INFO;
+/// rustls only at ERROR, since its warnings are about clients (an IP address sent as
+/// SNI, a closed connection without close_notify) and would fill the journal.
+const DEFAULT_LOG_FILTER: &str = "info,rustls=error";
+
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

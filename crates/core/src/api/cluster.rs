@@ -37,7 +37,7 @@ impl ClusterApi {
             .members()
             .map_err(kv_status)?
             .into_iter()
-            .map(member_pb)
+            .map(|m| member_pb(m, self.ctx.peer_scheme))
             .collect())
     }
 
@@ -100,11 +100,22 @@ fn forwarded_call<T>(req: Request<T>) -> Request<T> {
     forwarded(req.into_inner(), token)
 }
 
-fn member_pb(m: MemberRecord) -> Member {
+/// A member as etcd answers it: peer URLs with a scheme (members store `host:port`).
+fn member_pb(m: MemberRecord, scheme: &str) -> Member {
     Member {
         id: m.id,
         name: m.name,
-        peer_ur_ls: m.peer_urls,
+        peer_ur_ls: m
+            .peer_urls
+            .into_iter()
+            .map(|u| {
+                if u.contains("://") {
+                    u
+                } else {
+                    format!("{scheme}://{u}")
+                }
+            })
+            .collect(),
         client_ur_ls: m.client_urls,
         is_learner: m.is_learner,
     }
@@ -203,7 +214,7 @@ impl Cluster for ClusterApi {
             .await?;
         Ok(Response::new(MemberAddResponse {
             header,
-            member: Some(member_pb(member)),
+            member: Some(member_pb(member, self.ctx.peer_scheme)),
             members,
         }))
     }

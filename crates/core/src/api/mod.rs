@@ -12,6 +12,8 @@ mod concurrency;
 mod election;
 mod fault;
 mod gate;
+pub mod gateway;
+pub mod http;
 mod kv;
 mod lease;
 mod lock;
@@ -54,6 +56,8 @@ pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
 /// The etcd API version meshd speaks, reported by Status.
 pub const ETCD_API_VERSION: &str = "3.5.0";
+/// The cluster version `/version` reports (etcd's major.minor.0).
+pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
 
 /// Limits applied to client requests.
 #[derive(Clone, Debug)]
@@ -97,6 +101,9 @@ pub struct ApiContext {
     pub watchers: crate::metrics::Gauge,
     /// How to reach another member's client API (plain or TLS) when forwarding.
     pub dialer: crate::tls::MemberDialer,
+    /// The scheme of peer URLs in answers: `https` when the mesh is encrypted with a
+    /// key, `http` when it runs without one.
+    pub peer_scheme: &'static str,
 }
 
 impl ApiContext {
@@ -161,7 +168,7 @@ impl ApiContext {
 
     pub fn check_size(&self, msg: &impl prost::Message) -> Result<(), Status> {
         if msg.encoded_len() > self.limits.max_request_bytes {
-            return Err(Status::invalid_argument("etcdserver: request is too large"));
+            return Err(Status::invalid_argument(ERR_REQUEST_TOO_LARGE));
         }
         Ok(())
     }
@@ -189,6 +196,8 @@ fn a_response_over_the_limit_gets_grpcs_text() {
     );
 }
 
+/// etcd's answer to a request over `--max-request-bytes`.
+pub const ERR_REQUEST_TOO_LARGE: &str = "etcdserver: request is too large";
 /// etcd's text for a member that found its data corrupt (with code DataLoss).
 pub const ERR_CORRUPT: &str = "etcdserver: corrupt cluster";
 

@@ -1,5 +1,7 @@
-//! The HTTP endpoint for operators: `/metrics` (Prometheus text format) and `/health`
-//! (etcd's JSON body: 200 only when this member has a leader and applies entries).
+//! The HTTP endpoints for operators: `/metrics` (Prometheus text format), `/health`
+//! (etcd's JSON body: 200 only when this member has a leader and applies entries),
+//! `/livez`, `/readyz` and `/version`. The client port serves them; `--listen-metrics`
+//! serves them on a port of their own.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -84,14 +86,46 @@ pub async fn serve(listener: TcpListener, src: Sources, mut stop: watch::Receive
 }
 
 async fn route(src: &Sources, req: http::Request<Incoming>) -> http::Response<String> {
-    let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        (&http::Method::GET, "/metrics") => (
+    probe(src, req.method(), req.uri()).await
+}
+
+/// Answers the operator endpoints, on the metrics port and on the client port:
+/// `/metrics`, `/health` (etcd's JSON; `?serializable=true` skips the quorum round,
+/// `?exclude=NOSPACE` ignores that alarm), `/livez` and `/readyz` (plain `ok`, 503 with
+/// the failed check otherwise) and `/version`.
+pub async fn probe(
+    src: &Sources,
+    method: &http::Method,
+    uri: &http::Uri,
+) -> http::Response<String> {
+    let query = uri.query().unwrap_or("");
+    let params: Vec<(&str, &str)> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .collect();
+    let serializable = params
+        .iter()
+        .any(|(k, v)| *k == "serializable" && *v == "true");
+    let exclude: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| *k == "exclude")
+        .map(|(_, v)| *v)
+        .collect();
+    let get = method == http::Method::GET || method == http::Method::HEAD;
+    let (status, content_type, body) = match uri.path() {
+        "/metrics" | "/health" | "/livez" | "/readyz" | "/version" if !get => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "Method Not Allowed\n".into(),
+        ),
+        "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
             metrics_page(src),
         ),
-        (&http::Method::GET, "/health") => {
-            let (ok, reason) = match health(src).await {
+        "/health" => {
+            let (ok, reason) = match health(src, serializable, &exclude).await {
                 Ok(()) => (true, String::new()),
                 Err(reason) => (false, reason),
             };
@@ -107,12 +141,41 @@ async fn route(src: &Sources, req: http::Request<Incoming>) -> http::Response<St
             };
             (status, "application/json", body)
         }
-        (_, "/metrics" | "/health") => (
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "method not allowed\n".into(),
+        "/livez" => match live(src) {
+            Ok(()) => (StatusCode::OK, "text/plain; charset=utf-8", "ok".into()),
+            Err(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                format!("[-]raft failed: {reason}\nlivez check failed"),
+            ),
+        },
+        "/readyz" => match health(src, serializable, &exclude).await {
+            Ok(()) => (StatusCode::OK, "text/plain; charset=utf-8", "ok".into()),
+            Err(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                format!("[-]read failed: {reason}\nreadyz check failed"),
+            ),
+        },
+        "/version" => (
+            StatusCode::OK,
+            "application/json",
+            serde_json::json!({
+                "etcdserver": crate::api::ETCD_API_VERSION,
+                "etcdcluster": crate::api::ETCD_CLUSTER_VERSION,
+            })
+            .to_string(),
         ),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "404 page not found\n".into(),
+        ),
+    };
+    let body = if method == http::Method::HEAD {
+        String::new()
+    } else {
+        body
     };
     let mut resp = http::Response::new(body);
     *resp.status_mut() = status;
@@ -123,10 +186,23 @@ async fn route(src: &Sources, req: http::Request<Incoming>) -> http::Response<St
     resp
 }
 
-/// `Ok` when this member has a leader, no alarm is raised, and a ReadIndex round
-/// completes (quorum reachable, entries applied); otherwise the reason, in etcd's words
-/// where etcd has them.
-pub async fn health(src: &Sources) -> Result<(), String> {
+/// `Ok` while this member's Raft loop runs and its storage works: a restart would not
+/// help otherwise-healthy members that only lack a quorum.
+fn live(src: &Sources) -> Result<(), String> {
+    let status = &src.node.status;
+    if !status.is_running() {
+        return Err("RAFT STOPPED".into());
+    }
+    if status.storage_failed() {
+        return Err("STORAGE WRITE FAILED".into());
+    }
+    Ok(())
+}
+
+/// `Ok` when this member has a leader, no alarm is raised (but those in `exclude`),
+/// and, unless `serializable`, a ReadIndex round completes (quorum reachable, entries
+/// applied); otherwise the reason, in etcd's words where etcd has them.
+pub async fn health(src: &Sources, serializable: bool, exclude: &[&str]) -> Result<(), String> {
     let status = &src.node.status;
     if !status.is_running() {
         return Err("RAFT STOPPED".into());
@@ -137,15 +213,20 @@ pub async fn health(src: &Sources) -> Result<(), String> {
     if let Some(why) = status.corruption() {
         return Err(format!("CORRUPT: {why}"));
     }
-    if status.leader() == 0 {
-        return Err("RAFT NO LEADER".into());
-    }
     if let Ok(alarms) = src.kv.alarms() {
-        if let Some(a) = alarms.first() {
+        for a in alarms {
             let name = crate::proto::etcdserverpb::AlarmType::try_from(a.alarm)
                 .map_or("UNKNOWN", |t| t.as_str_name());
-            return Err(format!("ALARM {name}"));
+            if !exclude.contains(&name) {
+                return Err(format!("ALARM {name}"));
+            }
         }
+    }
+    if serializable {
+        return Ok(());
+    }
+    if status.leader() == 0 {
+        return Err("RAFT NO LEADER".into());
     }
     match tokio::time::timeout(HEALTH_READ_TIMEOUT, src.node.read_index()).await {
         Ok(Ok(())) => Ok(()),

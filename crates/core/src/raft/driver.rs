@@ -179,7 +179,7 @@ fn new_raw_node(
         ..Default::default()
     };
     raft_cfg.validate()?;
-    let logger = slog::Logger::root(tracing_slog::TracingSlogDrain, slog::o!());
+    let logger = slog::Logger::root(super::logging::RaftLogDrain::new(cfg.member_id), slog::o!());
     let conf = log.conf_state();
     let mut raw = RawNode::new(&raft_cfg, log, &logger)?;
     if conf.voters == [cfg.member_id] && conf.learners.is_empty() {

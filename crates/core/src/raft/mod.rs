@@ -7,6 +7,7 @@
 //! through a [`transport::Transport`].
 
 mod driver;
+pub mod logging;
 pub mod mesh_transport;
 pub mod snapshot_stream;
 pub mod transport;

@@ -196,7 +196,13 @@ pub fn member_added(
         .members
         .iter()
         .filter(|m| m.id != id)
-        .flat_map(|m| m.peer_ur_ls.clone())
+        .flat_map(|m| m.peer_ur_ls.iter())
+        // --peer takes mesh addresses; members answer peer URLs.
+        .map(|u| {
+            u.split_once("://")
+                .map_or(u.as_str(), |(_, a)| a)
+                .to_string()
+        })
         .collect();
     writeln!(out, "MESHD_NAME=\"{name}\"")?;
     writeln!(out, "MESHD_ADVERTISE_MESH=\"{mesh_addr}\"")?;

@@ -235,6 +235,66 @@ pub async fn health(src: &Sources, serializable: bool, exclude: &[&str]) -> Resu
     }
 }
 
+/// The standard `process_*` series (as Prometheus' Go client exports them, which
+/// tools such as `etcdctl check datascale` read), from `/proc/self` on Linux.
+fn process_metrics(e: &mut Exposition) {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf only reads a system constant.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK) as f64,
+            libc::sysconf(libc::_SC_PAGESIZE) as f64,
+        )
+    };
+    // Indices are the stat(5) field numbers minus 3 (pid and comm come first).
+    let (utime, stime, start, vsize, rss) = (num(11), num(12), num(19), num(20), num(21));
+    if ticks > 0.0 {
+        e.gauge(
+            "process_cpu_seconds_total",
+            "Total user and system CPU time spent in seconds.",
+            (utime + stime) / ticks,
+        );
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("btime "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0);
+        e.gauge(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            boot + start / ticks,
+        );
+    }
+    e.gauge(
+        "process_resident_memory_bytes",
+        "Resident memory size in bytes.",
+        rss * page,
+    );
+    e.gauge(
+        "process_virtual_memory_bytes",
+        "Virtual memory size in bytes.",
+        vsize,
+    );
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        e.gauge(
+            "process_open_fds",
+            "Number of open file descriptors.",
+            fds.count() as f64,
+        );
+    }
+}
+
 /// The Prometheus page.
 pub fn metrics_page(src: &Sources) -> String {
     let s = &src.node.status;
@@ -375,6 +435,7 @@ pub fn metrics_page(src: &Sources) -> String {
         "Gossiped topology entries refused for breaking a cap (peer count, entry size, connections).",
         mesh.topology_refused,
     );
+    process_metrics(&mut e);
     let handled = src.grpc.handled();
     let series: Vec<(Vec<(&str, &str)>, u64)> = handled
         .iter()

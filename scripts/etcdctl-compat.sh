@@ -148,6 +148,9 @@ check_re "endpoint health (all members)" "127\.0\.0\.1:[0-9]+ is healthy: succes
 check "snapshot save" "Snapshot saved at $work/backup.db" "$(ctl snapshot save "$work/backup.db" 2>/dev/null)"
 size=$(stat -c %s "$work/backup.db")
 check "snapshot file is whole (512-byte blocks + sha256)" "32" "$((size % 512))"
+# The file is etcd's own format: etcdctl reads its database.
+check_re "snapshot status" '[0-9a-f]+, [0-9]+, [0-9]+, [0-9.]+ [kM]?B' \
+  "$(etcdctl snapshot status "$work/backup.db" 2>/dev/null)"
 
 # --- checks etcdctl runs against a cluster (smallest load) ---------------------------
 # datascale reads process_resident_memory_bytes from the client URL's /metrics.

@@ -597,3 +597,75 @@ impl TestCerts {
         v
     }
 }
+
+/// The directory of the official etcd 3.5.1 binaries (etcd, etcdctl, etcdutl), fetched
+/// by `scripts/etcd-3.5.1` on first use.
+pub fn etcd_351_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    let out = Command::new(root.join("scripts/etcd-3.5.1"))
+        .current_dir(root)
+        .output()
+        .expect("run scripts/etcd-3.5.1");
+    assert!(
+        out.status.success(),
+        "scripts/etcd-3.5.1 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
+}
+
+/// A real single-member etcd (Debian's 3.4 `etcd` from PATH, or another binary) on
+/// free loopback ports, killed on drop.
+pub struct RealEtcd {
+    pub client: SocketAddr,
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl RealEtcd {
+    /// Starts `binary` on a fresh data dir and waits until it answers Status.
+    pub async fn start(binary: &Path) -> RealEtcd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        RealEtcd::start_in(binary, dir, "e").await
+    }
+
+    /// Starts `binary` named `name` on the data dir `dir/data` (restored or fresh).
+    pub async fn start_in(binary: &Path, dir: tempfile::TempDir, name: &str) -> RealEtcd {
+        let client = free_addr();
+        let peer = free_addr();
+        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("log");
+        let child = Command::new(binary)
+            .arg(format!("--name={name}"))
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls=http://{client}"))
+            .arg(format!("--advertise-client-urls=http://{client}"))
+            .arg(format!("--listen-peer-urls=http://{peer}"))
+            .arg(format!("--initial-advertise-peer-urls=http://{peer}"))
+            .arg(format!("--initial-cluster={name}=http://{peer}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
+        let etcd = RealEtcd { client, child, dir };
+        eventually("etcd to serve", Duration::from_secs(30), || async {
+            status(client).await
+        })
+        .await;
+        etcd
+    }
+
+    /// What etcd logged so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for RealEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

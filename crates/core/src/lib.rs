@@ -24,10 +24,12 @@
 //! - [`untrusted`]: every decoder of network or disk bytes behind one entry point (fuzzing).
 //! - [`proto`]: generated wire types.
 pub mod api;
+pub mod bolt;
 pub mod client;
 pub mod compactor;
 pub mod corruption;
 pub mod crdt;
+pub mod etcd_db;
 pub mod kv;
 pub mod lease;
 pub mod membership;

@@ -1,12 +1,16 @@
 //! The snapshot file: what the Maintenance Snapshot RPC streams, `meshctl snapshot
 //! save` writes, and restore reads.
 //!
-//! Format: the content, then 32 bytes: the SHA-256 of the content, as etcd ends its
-//! snapshot stream. The content is the magic `MESHSNAP`, the length of the payload as
-//! a little-endian u64, the payload (the protobuf encoding of one `meshpb.StoreSnapshot`,
-//! the record a leader sends a lagging follower: history, revision counters, members,
-//! alarms), and zero padding to a multiple of 512 bytes, because etcdctl only accepts a
-//! stream whose length is a multiple of 512 plus the 32-byte checksum.
+//! Format, as etcd's: the content, then 32 bytes, the SHA-256 of the content. The
+//! content is etcd's backend database, a bbolt file in etcd's bucket layout
+//! ([`crate::etcd_db`]), so `etcdctl snapshot status` and `etcdutl snapshot restore`
+//! take a meshd snapshot, and meshd restores a snapshot saved from etcd 3.4 or 3.5.
+//!
+//! Read also: an etcd database without the trailer (the `member/snap/db` of an etcd
+//! data dir; bbolt's own consistency check stands in for the digest), and the format of
+//! earlier meshd versions: the magic `MESHSNAP`, the payload length as a little-endian
+//! u64, one protobuf `meshpb.StoreSnapshot`, zero padding to a multiple of 512, the
+//! trailer.
 
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -32,13 +36,27 @@ pub enum SnapshotError {
     /// The checksum matched but the content is not a meshd store snapshot.
     #[error("not a meshd snapshot: {0}")]
     Format(String),
+    /// The content is not a readable etcd database.
+    #[error("not an etcd snapshot: {0}")]
+    Etcd(#[from] crate::etcd_db::EtcdDbError),
+    /// The database could not be written.
+    #[error("writing the snapshot database: {0}")]
+    Write(#[from] crate::bolt::BoltError),
     /// The checksum matched but the payload does not decode.
     #[error("snapshot content does not decode: {0}")]
     Decode(#[from] prost::DecodeError),
 }
 
-/// The bytes of a snapshot file for `snap`, trailer included.
-pub fn encode(snap: &StoreSnapshot) -> Vec<u8> {
+/// The bytes of a snapshot file for `snap` (etcd's database and the trailer).
+pub fn encode(snap: &StoreSnapshot) -> Result<Vec<u8>, SnapshotError> {
+    let mut out = crate::etcd_db::write(snap)?;
+    let digest = Sha256::digest(&out);
+    out.extend_from_slice(&digest);
+    Ok(out)
+}
+
+/// A snapshot file in the format of earlier meshd versions (tests of reading them).
+pub fn encode_legacy(snap: &StoreSnapshot) -> Vec<u8> {
     let payload = snap.encode_to_vec();
     let mut out = Vec::with_capacity(16 + payload.len() + ALIGN + TRAILER_LEN);
     out.extend_from_slice(MAGIC);
@@ -95,9 +113,16 @@ impl Verifier {
     }
 }
 
-/// Verifies and decodes a whole snapshot file.
+/// Verifies and decodes a whole snapshot file: etcd's database with or without its
+/// trailer, or the format of earlier meshd versions.
 pub fn decode(bytes: &[u8]) -> Result<StoreSnapshot, SnapshotError> {
+    if !crate::bolt::has_trailer_len(bytes.len() as u64) && is_bolt(bytes) {
+        return Ok(crate::etcd_db::read(std::io::Cursor::new(bytes))?);
+    }
     let content = verify(bytes)?;
+    if is_bolt(content) {
+        return Ok(crate::etcd_db::read(std::io::Cursor::new(content))?);
+    }
     let bad = |what: &str| SnapshotError::Format(what.to_string());
     let rest = content
         .strip_prefix(MAGIC.as_slice())
@@ -112,6 +137,14 @@ pub fn decode(bytes: &[u8]) -> Result<StoreSnapshot, SnapshotError> {
     Ok(StoreSnapshot::decode(payload)?)
 }
 
+/// Whether `bytes` start like a bbolt file: page 0 is a meta page with bbolt's magic.
+fn is_bolt(bytes: &[u8]) -> bool {
+    // The page header is 16 bytes (id, flags, count, overflow); the meta's magic follows.
+    bytes
+        .get(16..20)
+        .is_some_and(|m| u32::from_le_bytes(m.try_into().expect("4 bytes")) == crate::bolt::MAGIC)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -124,11 +157,17 @@ mod tests {
     fn snapshot_round_trips_and_rejects_damage() {
         let snap = StoreSnapshot {
             revision: 7,
-            compact_revision: 3,
+            compact_revision: 7,
+            auth: Some(Default::default()),
             ..Default::default()
         };
-        let mut bytes = encode(&snap);
+        let mut bytes = encode(&snap).unwrap();
         assert_eq!(decode(&bytes).unwrap(), snap);
+        // The database alone (an etcd data dir's member/snap/db) reads too.
+        let db = &bytes[..bytes.len() - TRAILER_LEN];
+        assert_eq!(decode(db).unwrap(), snap);
+        // So does the format earlier meshd versions wrote.
+        assert_eq!(decode(&encode_legacy(&snap)).unwrap(), snap);
         assert_eq!(bytes.len() % 512, TRAILER_LEN, "etcdctl's length check");
         bytes[0] ^= 1;
         assert!(matches!(

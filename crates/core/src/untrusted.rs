@@ -148,7 +148,8 @@ mod tests {
                 member_id: 7,
                 ..Default::default()
             }),
-            crate::snapshot::encode(&meshpb::StoreSnapshot::default()),
+            crate::snapshot::encode(&meshpb::StoreSnapshot::default())
+                .expect("an empty store encodes"),
             prost::Message::encode_to_vec(&meshpb::RaftEnvelope {
                 cluster_id: 1,
                 to: 2,

@@ -184,11 +184,26 @@ async fn hash_password(password: String) -> Result<String, Status> {
     .await?
 }
 
+/// Highest bcrypt cost verified (etcd's default is 10; each step doubles the work).
+const MAX_BCRYPT_COST: u32 = 14;
+
+/// The cost of an etcd bcrypt hash (`$2a$10$...`), or None when `hash` is not one.
+fn bcrypt_cost(hash: &str) -> Option<u32> {
+    let rest = ["$2a$", "$2b$", "$2y$"]
+        .iter()
+        .find_map(|p| hash.strip_prefix(p))?;
+    rest.get(..2)?.parse().ok()
+}
+
 async fn verify_password(password: String, phc: Vec<u8>) -> Result<bool, Status> {
     with_kdf_slot(move || {
         let Ok(phc) = std::str::from_utf8(&phc) else {
             return false;
         };
+        if let Some(cost) = bcrypt_cost(phc) {
+            // A user restored from an etcd snapshot.
+            return cost <= MAX_BCRYPT_COST && bcrypt::verify(&password, phc).unwrap_or(false);
+        }
         let Ok(parsed) = PasswordHash::new(phc) else {
             return false;
         };

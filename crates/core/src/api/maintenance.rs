@@ -189,12 +189,13 @@ impl Maintenance for MaintenanceApi {
         let kv = self.ctx.kv.clone();
         // Reading and encoding the whole store is blocking work.
         let (revision, bytes) = tokio::task::spawn_blocking(move || {
-            kv.snapshot()
-                .map(|(_, snap)| (snap.revision, crate::snapshot::encode(&snap)))
+            let (_, snap) = kv.snapshot().map_err(kv_status)?;
+            let bytes = crate::snapshot::encode(&snap)
+                .map_err(|e| Status::internal(format!("snapshot: {e}")))?;
+            Ok::<_, Status>((snap.revision, bytes))
         })
         .await
-        .map_err(|e| Status::internal(format!("snapshot task: {e}")))?
-        .map_err(kv_status)?;
+        .map_err(|e| Status::internal(format!("snapshot task: {e}")))??;
         let chunks = snapshot_chunks(&bytes, self.ctx.header(revision));
         Ok(Response::new(Box::pin(tokio_stream::iter(
             chunks.into_iter().map(Ok),

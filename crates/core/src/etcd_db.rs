@@ -1,0 +1,468 @@
+//! etcd's backend database layout (docs/etcd-snapshot-format.md), over the bbolt file
+//! format of [`crate::bolt`]: meshd's replicated state written as the database etcd
+//! would hold for it, and read back from one that etcd 3.4 or 3.5 wrote.
+//!
+//! - `key`: one entry per history record, keyed by its revision (8-byte big-endian
+//!   main, `_`, 8-byte big-endian sub, `t` appended for a deletion), valued by the
+//!   `mvccpb.KeyValue`.
+//! - `lease`: lease ID (8 bytes big-endian) to `leasepb.Lease{ID, TTL}`.
+//! - `auth`: `authEnabled` (one byte) and `authRevision` (u64 big-endian); `authUsers`
+//!   and `authRoles`: name to `authpb.User` / `authpb.Role` (etcd keeps the built-in
+//!   `root` role out of `authRoles`).
+//! - `members`: member ID in hex to etcd's member JSON; `members_removed` empty.
+//! - `alarm`: an `etcdserverpb.AlarmMember` as the key, an empty value.
+//! - `meta`: `consistent_index` and `term` (etcd's restore rewrites both), and the
+//!   compaction as `scheduledCompactRev`/`finishedCompactRev`.
+//! - `cluster`: `clusterVersion`.
+//!
+//! Passwords: meshd stores Argon2id hashes and etcd bcrypt hashes. A user carried from
+//! etcd keeps its bcrypt hash, which meshd verifies; a user carried to etcd keeps its
+//! Argon2id hash, which etcd cannot verify (set its password again there).
+
+use std::io::{Cursor, Read, Seek};
+
+use prost::Message;
+
+use crate::bolt::{self, BoltError, Reader, Value};
+use crate::proto::authpb::{Role, User};
+use crate::proto::etcdserverpb::AlarmMember;
+use crate::proto::meshpb::{AuthSnapshot, HistoryRecord, LeaseRecord, MemberRecord, StoreSnapshot};
+use crate::proto::mvccpb::KeyValue;
+
+/// etcd's lease record (`leasepb.Lease`).
+#[derive(Clone, PartialEq, prost::Message)]
+struct Lease {
+    #[prost(int64, tag = "1")]
+    id: i64,
+    #[prost(int64, tag = "2")]
+    ttl: i64,
+    #[prost(int64, tag = "3")]
+    remaining_ttl: i64,
+}
+
+/// etcd's member record in the `members` bucket.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MemberJson {
+    id: u64,
+    #[serde(rename = "peerURLs", default)]
+    peer_urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    name: String,
+    #[serde(rename = "clientURLs", default, skip_serializing_if = "Vec::is_empty")]
+    client_urls: Vec<String>,
+    #[serde(
+        rename = "isLearner",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    is_learner: bool,
+}
+
+/// A bucket's entries, key-ordered.
+type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The cluster version written to `cluster/clusterVersion`.
+const CLUSTER_VERSION: &str = "3.5.0";
+
+/// A revision key: 17 bytes, 18 with the tombstone mark.
+fn revision_key(main: i64, sub: i64, tombstone: bool) -> Vec<u8> {
+    let mut k = Vec::with_capacity(18);
+    k.extend_from_slice(&main.to_be_bytes());
+    k.push(b'_');
+    k.extend_from_slice(&sub.to_be_bytes());
+    if tombstone {
+        k.push(b't');
+    }
+    k
+}
+
+/// Why an etcd database could not be read as meshd state.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdDbError {
+    #[error("{0}")]
+    Bolt(#[from] BoltError),
+    #[error("bucket {bucket}: {what}")]
+    Layout { bucket: &'static str, what: String },
+}
+
+fn layout(bucket: &'static str, what: impl Into<String>) -> EtcdDbError {
+    EtcdDbError::Layout {
+        bucket,
+        what: what.into(),
+    }
+}
+
+/// Writes `snap` as an etcd backend database (no trailer).
+pub fn write(snap: &StoreSnapshot) -> Result<Vec<u8>, BoltError> {
+    let mut buckets: Vec<(&[u8], Entries)> = Vec::new();
+
+    let mut alarm: Entries = snap
+        .alarms
+        .iter()
+        .map(|a| (a.encode_to_vec(), Vec::new()))
+        .collect();
+    alarm.sort();
+    alarm.dedup();
+    buckets.push((b"alarm", alarm));
+
+    let auth = snap.auth.clone().unwrap_or_default();
+    buckets.push((
+        b"auth",
+        vec![
+            (b"authEnabled".to_vec(), vec![u8::from(auth.enabled)]),
+            (
+                b"authRevision".to_vec(),
+                auth.revision.to_be_bytes().to_vec(),
+            ),
+        ],
+    ));
+    let mut roles: Vec<_> = auth
+        .roles
+        .iter()
+        .filter(|r| r.name != b"root")
+        .map(|r| (r.name.clone(), r.encode_to_vec()))
+        .collect();
+    roles.sort();
+    buckets.push((b"authRoles", roles));
+    let mut users: Vec<_> = auth
+        .users
+        .iter()
+        .map(|u| (u.name.clone(), u.encode_to_vec()))
+        .collect();
+    users.sort();
+    buckets.push((b"authUsers", users));
+
+    buckets.push((
+        b"cluster",
+        vec![(
+            b"clusterVersion".to_vec(),
+            CLUSTER_VERSION.as_bytes().to_vec(),
+        )],
+    ));
+
+    let mut keys: Vec<_> = snap
+        .history
+        .iter()
+        .map(|h| {
+            let kv = h.kv.clone().unwrap_or_default();
+            let value = if h.tombstone {
+                // etcd's tombstone carries the user key only.
+                KeyValue {
+                    key: kv.key,
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            } else {
+                kv.encode_to_vec()
+            };
+            (revision_key(h.main, h.sub, h.tombstone), value)
+        })
+        .collect();
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    buckets.push((b"key", keys));
+
+    let mut leases: Vec<_> = snap
+        .leases
+        .iter()
+        .map(|l| {
+            let rec = Lease {
+                id: l.id,
+                ttl: l.ttl,
+                remaining_ttl: 0,
+            };
+            (l.id.to_be_bytes().to_vec(), rec.encode_to_vec())
+        })
+        .collect();
+    leases.sort();
+    buckets.push((b"lease", leases));
+
+    let mut members: Vec<_> = snap
+        .members
+        .iter()
+        .map(|m| {
+            let json = MemberJson {
+                id: m.id,
+                peer_urls: m
+                    .peer_urls
+                    .iter()
+                    .map(|u| {
+                        if u.contains("://") {
+                            u.clone()
+                        } else {
+                            format!("http://{u}")
+                        }
+                    })
+                    .collect(),
+                name: m.name.clone(),
+                client_urls: m.client_urls.clone(),
+                is_learner: m.is_learner,
+            };
+            (
+                format!("{:x}", m.id).into_bytes(),
+                serde_json::to_vec(&json).unwrap_or_default(),
+            )
+        })
+        .collect();
+    members.sort();
+    buckets.push((b"members", members));
+    buckets.push((b"members_removed", Vec::new()));
+
+    let mut meta = vec![
+        // etcd's restore sets both; a plausible value keeps `snapshot status` readers
+        // that look at them content.
+        (
+            b"consistent_index".to_vec(),
+            (snap.revision.max(0) as u64).to_be_bytes().to_vec(),
+        ),
+        (b"term".to_vec(), 1u64.to_be_bytes().to_vec()),
+    ];
+    if snap.compact_revision > 0 {
+        let rev = revision_key(snap.compact_revision, 0, false);
+        meta.push((b"finishedCompactRev".to_vec(), rev.clone()));
+        meta.push((b"scheduledCompactRev".to_vec(), rev));
+    }
+    meta.sort();
+    buckets.push((b"meta", meta));
+
+    let (out, _) = bolt::write_buckets(Cursor::new(Vec::new()), buckets)?;
+    Ok(out.into_inner())
+}
+
+/// Reads an etcd backend database (no trailer) as meshd state.
+pub fn read<R: Read + Seek>(src: R) -> Result<StoreSnapshot, EtcdDbError> {
+    let mut rd = Reader::open(src)?;
+    // bbolt's own consistency check first: every page reachable once, trees ordered.
+    rd.check()?;
+    let mut snap = StoreSnapshot::default();
+
+    for (k, v) in bucket(&mut rd, "key")? {
+        let (main, sub, tombstone) = match k.len() {
+            17 | 18 if k[8] == b'_' && (k.len() == 17 || k[17] == b't') => (
+                i64::from_be_bytes(k[..8].try_into().expect("8 bytes")),
+                i64::from_be_bytes(k[9..17].try_into().expect("8 bytes")),
+                k.len() == 18,
+            ),
+            _ => return Err(layout("key", format!("{} is not a revision", hex(&k)))),
+        };
+        if main <= 0 || sub < 0 {
+            return Err(layout("key", format!("revision {main}_{sub} out of range")));
+        }
+        let mut kv = KeyValue::decode(v.as_slice())
+            .map_err(|e| layout("key", format!("revision {main}: {e}")))?;
+        if kv.key.is_empty() {
+            return Err(layout("key", format!("revision {main} has no key")));
+        }
+        if tombstone {
+            kv = KeyValue {
+                key: kv.key,
+                mod_revision: main,
+                ..Default::default()
+            };
+        } else if kv.mod_revision != main {
+            return Err(layout(
+                "key",
+                format!("revision {main} holds mod_revision {}", kv.mod_revision),
+            ));
+        }
+        snap.revision = snap.revision.max(main);
+        snap.history.push(HistoryRecord {
+            main,
+            sub,
+            tombstone,
+            kv: Some(kv),
+        });
+    }
+
+    for (k, v) in bucket(&mut rd, "meta")? {
+        if k == b"finishedCompactRev" {
+            let rev = v
+                .get(..8)
+                .ok_or_else(|| layout("meta", "finishedCompactRev is short"))?;
+            snap.compact_revision = i64::from_be_bytes(rev.try_into().expect("8 bytes"));
+        }
+    }
+    if snap.compact_revision > snap.revision {
+        // A compaction at the last revision whose records were all removed.
+        snap.revision = snap.compact_revision;
+    }
+
+    for (k, v) in bucket(&mut rd, "lease")? {
+        let l = Lease::decode(v.as_slice()).map_err(|e| layout("lease", e.to_string()))?;
+        if k.as_slice() != l.id.to_be_bytes() || l.id == 0 {
+            return Err(layout(
+                "lease",
+                format!("key {} holds lease {}", hex(&k), l.id),
+            ));
+        }
+        snap.leases.push(LeaseRecord {
+            id: l.id,
+            ttl: l.ttl,
+        });
+    }
+
+    let mut auth = AuthSnapshot::default();
+    for (k, v) in bucket(&mut rd, "auth")? {
+        match k.as_slice() {
+            b"authEnabled" => auth.enabled = v.first() == Some(&1),
+            b"authRevision" => {
+                let rev = v
+                    .get(..8)
+                    .ok_or_else(|| layout("auth", "authRevision is short"))?;
+                auth.revision = u64::from_be_bytes(rev.try_into().expect("8 bytes"));
+            }
+            _ => {}
+        }
+    }
+    for (_, v) in bucket(&mut rd, "authUsers")? {
+        auth.users
+            .push(User::decode(v.as_slice()).map_err(|e| layout("authUsers", e.to_string()))?);
+    }
+    for (_, v) in bucket(&mut rd, "authRoles")? {
+        auth.roles
+            .push(Role::decode(v.as_slice()).map_err(|e| layout("authRoles", e.to_string()))?);
+    }
+    snap.auth = Some(auth);
+
+    for (_, v) in bucket(&mut rd, "members")? {
+        let m: MemberJson =
+            serde_json::from_slice(&v).map_err(|e| layout("members", e.to_string()))?;
+        snap.members.push(MemberRecord {
+            id: m.id,
+            name: m.name,
+            peer_urls: m.peer_urls,
+            client_urls: m.client_urls,
+            is_learner: m.is_learner,
+        });
+    }
+    for (k, _) in bucket(&mut rd, "alarm")? {
+        snap.alarms
+            .push(AlarmMember::decode(k.as_slice()).map_err(|e| layout("alarm", e.to_string()))?);
+    }
+    Ok(snap)
+}
+
+/// The key/values of a top-level bucket; empty when the bucket is absent (etcd creates
+/// missing buckets at start).
+fn bucket<R: Read + Seek>(
+    rd: &mut Reader<R>,
+    name: &'static str,
+) -> Result<Entries, EtcdDbError> {
+    let Some(b) = rd.bucket(&[name.as_bytes()])? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for entry in rd.entries(&b) {
+        let entry = entry?;
+        match entry.value {
+            Value::Data(v) => out.push((entry.key, v)),
+            Value::Bucket(_) => {
+                return Err(layout(name, format!("nested bucket {}", hex(&entry.key))))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::authpb::Permission;
+
+    fn kv(key: &str, value: &str, create: i64, rev: i64, version: i64, lease: i64) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.into(),
+            create_revision: create,
+            mod_revision: rev,
+            version,
+            lease,
+        }
+    }
+
+    fn sample() -> StoreSnapshot {
+        let put = |main, sub, kv| HistoryRecord {
+            main,
+            sub,
+            tombstone: false,
+            kv: Some(kv),
+        };
+        StoreSnapshot {
+            revision: 5,
+            compact_revision: 2,
+            history: vec![
+                put(2, 0, kv("a", "1", 2, 2, 1, 0)),
+                put(3, 0, kv("a", "2", 2, 3, 2, 0)),
+                put(3, 1, kv("b", "x", 3, 3, 1, 7)),
+                HistoryRecord {
+                    main: 5,
+                    sub: 0,
+                    tombstone: true,
+                    kv: Some(KeyValue {
+                        key: b"a".to_vec(),
+                        mod_revision: 5,
+                        ..Default::default()
+                    }),
+                },
+            ],
+            members: vec![MemberRecord {
+                id: 0xabc,
+                name: "m0".into(),
+                peer_urls: vec!["127.0.0.1:6783".into()],
+                client_urls: vec!["http://127.0.0.1:2379".into()],
+                is_learner: false,
+            }],
+            alarms: vec![AlarmMember {
+                member_id: 0xabc,
+                alarm: 1,
+            }],
+            leases: vec![LeaseRecord { id: 7, ttl: 60 }],
+            auth: Some(AuthSnapshot {
+                enabled: true,
+                revision: 4,
+                users: vec![User {
+                    name: b"root".to_vec(),
+                    password: b"$argon2id$...".to_vec(),
+                    roles: vec!["root".into()],
+                    options: None,
+                }],
+                roles: vec![Role {
+                    name: b"reader".to_vec(),
+                    key_permission: vec![Permission {
+                        perm_type: 0,
+                        key: b"a".to_vec(),
+                        range_end: b"b".to_vec(),
+                    }],
+                }],
+            }),
+        }
+    }
+
+    #[test]
+    fn meshd_state_round_trips_through_etcds_layout() {
+        let snap = sample();
+        let bytes = write(&snap).unwrap();
+        let back = read(Cursor::new(bytes)).unwrap();
+        assert_eq!(back.revision, 5);
+        assert_eq!(back.compact_revision, 2);
+        assert_eq!(back.history, snap.history);
+        assert_eq!(back.leases, snap.leases);
+        assert_eq!(back.auth, snap.auth);
+        assert_eq!(back.alarms, snap.alarms);
+        assert_eq!(back.members[0].peer_urls, ["http://127.0.0.1:6783"]);
+        assert_eq!(back.members[0].client_urls, snap.members[0].client_urls);
+    }
+
+    #[test]
+    fn a_broken_layout_is_refused_with_the_bucket_named() {
+        let mut snap = sample();
+        snap.history[1].kv.as_mut().unwrap().mod_revision = 9;
+        let e = read(Cursor::new(write(&snap).unwrap())).unwrap_err();
+        assert!(e.to_string().starts_with("bucket key:"), "{e}");
+        let e = read(Cursor::new(b"not a database".to_vec())).unwrap_err();
+        assert!(matches!(e, EtcdDbError::Bolt(_)), "{e}");
+    }
+}

@@ -285,3 +285,86 @@ fn command_extraction_understands_quotes_vars_and_sudo() {
     ])
     .is_none());
 }
+
+/// `expected` is part of `actual`: every field shown has the value shown (recursively;
+/// arrays element by element, with the same length).
+fn json_contains(actual: &serde_json::Value, expected: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (actual, expected) {
+        (Value::Object(a), Value::Object(e)) => e
+            .iter()
+            .all(|(k, ev)| a.get(k).is_some_and(|av| json_contains(av, ev))),
+        (Value::Array(a), Value::Array(e)) => {
+            a.len() == e.len() && a.iter().zip(e).all(|(av, ev)| json_contains(av, ev))
+        }
+        _ => actual == expected,
+    }
+}
+
+/// The README's curl examples, run in order against a fresh member on a free port;
+/// a `# ...` line under a command is the answer it must give (JSON: the fields shown;
+/// otherwise the text). Streaming examples (`--max-time`) are judged by their first
+/// line and may end by timing out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_curl_examples_answer_as_shown() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let c = mesh_tests::InProcessCluster::start(1, mesh_tests::ClusterOpts::default()).await;
+    let addr = c.addr(0);
+    mesh_tests::wait_for_leader(&[addr]).await;
+    let mut examples: Vec<(String, Option<String>)> = Vec::new();
+    for block in sh_blocks(&readme) {
+        for line in block {
+            if line.starts_with("curl ") {
+                examples.push((line, None));
+            } else if let (Some(expect), Some(last)) =
+                (line.strip_prefix("# "), examples.last_mut())
+            {
+                if last.1.is_none() {
+                    last.1 = Some(expect.to_string());
+                }
+            }
+        }
+    }
+    let api: Vec<_> = examples
+        .iter()
+        .filter(|(l, _)| l.contains("/v3/"))
+        .collect();
+    assert!(
+        api.len() >= 5,
+        "the README shows the JSON gateway with curl"
+    );
+    let mut failures = Vec::new();
+    for (line, expect) in &examples {
+        if line.contains("127.0.0.1:2381") || !line.contains("127.0.0.1:2379") {
+            continue;
+        }
+        let cmd = line.replace("127.0.0.1:2379", &addr.to_string());
+        let out = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&cmd)
+            .output()
+            .await
+            .unwrap();
+        let streaming = cmd.contains("--max-time");
+        let code = out.status.code();
+        if !(code == Some(0) || (streaming && code == Some(28))) {
+            failures.push(format!("{line}: exit {code:?}"));
+            continue;
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let Some(expect) = expect else { continue };
+        let got = if streaming {
+            text.lines().next().unwrap_or("").to_string()
+        } else {
+            text.trim().to_string()
+        };
+        let ok = match serde_json::from_str::<serde_json::Value>(expect) {
+            Ok(e) => serde_json::from_str(&got).is_ok_and(|g| json_contains(&g, &e)),
+            Err(_) => got == *expect,
+        };
+        if !ok {
+            failures.push(format!("{line}\n  expected: {expect}\n  got:      {got}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

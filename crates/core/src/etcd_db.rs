@@ -343,10 +343,7 @@ pub fn read<R: Read + Seek>(src: R) -> Result<StoreSnapshot, EtcdDbError> {
 
 /// The key/values of a top-level bucket; empty when the bucket is absent (etcd creates
 /// missing buckets at start).
-fn bucket<R: Read + Seek>(
-    rd: &mut Reader<R>,
-    name: &'static str,
-) -> Result<Entries, EtcdDbError> {
+fn bucket<R: Read + Seek>(rd: &mut Reader<R>, name: &'static str) -> Result<Entries, EtcdDbError> {
     let Some(b) = rd.bucket(&[name.as_bytes()])? else {
         return Ok(Vec::new());
     };

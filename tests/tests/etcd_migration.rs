@@ -58,6 +58,17 @@ async fn populate(c: &mut Client, auth: bool) -> i64 {
     lease
 }
 
+/// The history [`populate`] leaves above its compaction: `b` put at revision 4,
+/// deleted at 5.
+async fn history_is_whole(c: &mut Client) {
+    let at = |rev| Some(GetOptions::new().with_revision(rev));
+    let r = c.get("b", at(4)).await.unwrap();
+    assert_eq!(r.kvs()[0].value_str().unwrap(), "x");
+    assert!(c.get("b", at(5)).await.unwrap().kvs().is_empty());
+    let r = c.get("a", at(3)).await.unwrap();
+    assert_eq!(r.kvs()[0].value_str().unwrap(), "2");
+}
+
 async fn as_root(addr: SocketAddr) -> Client {
     Client::connect(
         [addr.to_string()],
@@ -142,6 +153,10 @@ async fn etcd_snapshot_restores_into_meshd(etcd_bin: PathBuf, etcdctl_bin: PathB
         .await
         .unwrap_err();
     assert!(err.to_string().contains("compacted"), "{err}");
+    // History above the compaction came along: b was put at 4 and deleted at 5.
+    history_is_whole(&mut c).await;
+    let ttl = c.lease_time_to_live(lease, None).await.unwrap();
+    assert_eq!(ttl.granted_ttl(), 600);
     let leases = c.leases().await.unwrap();
     assert_eq!(
         leases.leases().iter().map(|l| l.id()).collect::<Vec<_>>(),
@@ -233,6 +248,9 @@ async fn a_meshd_snapshot_is_an_etcd_snapshot() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("compacted"), "{err}");
+    history_is_whole(&mut e).await;
+    let ttl = e.lease_time_to_live(lease, None).await.unwrap();
+    assert_eq!(ttl.granted_ttl(), 600);
 }
 
 #[tokio::test]

@@ -235,7 +235,8 @@ async fn bad_http_input_gets_an_answer_and_the_member_keeps_serving() {
         serde_json::from_str::<Value>(&body).unwrap()["error"],
         "etcdserver: request is too large"
     );
-    // The same, chunked (no Content-Length): refused once the limit is passed.
+    // The same, chunked (no Content-Length): refused once the limit is passed, with
+    // etcd's text (the gRPC transport's own limit would answer differently).
     let (code, body) = curl(&[
         "-X",
         "POST",
@@ -247,6 +248,25 @@ async fn bad_http_input_gets_an_answer_and_the_member_keeps_serving() {
     ])
     .await;
     assert_eq!(code, 400, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"],
+        "etcdserver: request is too large"
+    );
+    // Headers announcing a huge body, and no body: the answer comes without it.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("POST /v3/kv/put HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 100000000000\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut head))
+        .await
+        .expect("an answer before any of the body was sent")
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..n]);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
 
     // Garbage that is not HTTP at all: the connection closes, nothing else happens.
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -324,7 +344,14 @@ async fn streams_watch_keepalive_and_snapshot_as_json_lines() {
         }
     }
     assert_eq!(seen, ["1", "2"]);
+    // The client leaving ends the watch on the server: the watcher is gone.
     drop(watch);
+    eventually("the watcher to go", Duration::from_secs(20), || async {
+        let (_, page) = curl(&[&format!("{base}/metrics")]).await;
+        page.contains("\netcd_debugging_mvcc_watcher_total 0\n")
+            .then_some(())
+    })
+    .await;
 
     // Lease: grant, one keep-alive per request body (the answer ends with it), TTL.
     let (_, grant) = post(&base, "/v3/lease/grant", json!({"TTL": 60}), None).await;
@@ -370,9 +397,11 @@ async fn streams_watch_keepalive_and_snapshot_as_json_lines() {
         &json!({"ID": id}).to_string(),
     ])
     .await;
+    // etcd answers a keep-alive of an unknown lease with its ID and no TTL.
     let line: Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(line["result"]["ID"], id.as_str(), "{line}");
     assert!(
-        line["result"]["TTL"].is_null() || line["error"].is_object(),
+        line["result"]["TTL"].is_null(),
         "a revoked lease is not kept alive: {line}"
     );
 
@@ -502,6 +531,68 @@ async fn auth_tokens_travel_in_the_authorization_header() {
 }
 
 #[tokio::test]
+async fn a_follower_forwards_gateway_calls_with_the_authorization_token() {
+    let c = InProcessCluster::start(3, ClusterOpts::default()).await;
+    let leader = wait_for_leader(&c.live_addrs()).await;
+    let follower = c.addr((c.index_of(leader) + 1) % 3);
+    let base = format!("http://{follower}");
+    for (path, body) in [
+        (
+            "/v3/auth/user/add",
+            json!({"name": "root", "password": "rootpw"}),
+        ),
+        (
+            "/v3/auth/user/grant",
+            json!({"user": "root", "role": "root"}),
+        ),
+        ("/v3/auth/enable", json!({})),
+    ] {
+        let (code, v) = post(&base, path, body, None).await;
+        assert_eq!(code, 200, "{path}: {v}");
+    }
+    let (_, t) = post(
+        &base,
+        "/v3/auth/authenticate",
+        json!({"name": "root", "password": "rootpw"}),
+        None,
+    )
+    .await;
+    let token = t["token"].as_str().unwrap().to_string();
+    // Calls a follower hands to the leader: keep-alive, time-to-live, member add.
+    let (code, grant) = post(&base, "/v3/lease/grant", json!({"TTL": 60}), Some(&token)).await;
+    assert_eq!(code, 200, "{grant}");
+    let id = grant["ID"].as_str().unwrap().to_string();
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        &format!("{base}/v3/lease/keepalive"),
+        "-H",
+        &format!("Authorization: {token}"),
+        "-d",
+        &json!({"ID": id}).to_string(),
+    ])
+    .await;
+    assert_eq!(code, 200);
+    let ka: Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(ka["result"]["TTL"], "60", "{ka}");
+    let (code, ttl) = post(
+        &base,
+        "/v3/lease/timetolive",
+        json!({"ID": id}),
+        Some(&token),
+    )
+    .await;
+    assert_eq!(
+        (code, ttl["grantedTTL"].clone()),
+        (200, json!("60")),
+        "{ttl}"
+    );
+    let (code, members) = post(&base, "/v3/cluster/member/list", json!({}), Some(&token)).await;
+    assert_eq!(code, 200, "{members}");
+    assert_eq!(members["members"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test]
 async fn tls_with_client_certificates_covers_both_protocols() {
     let certs = TestCerts::generate();
     let opts = ClusterOpts {
@@ -540,8 +631,16 @@ async fn tls_with_client_certificates_covers_both_protocols() {
     .await;
     assert!(probe.contains("\"health\":\"true\""), "{probe}");
     // HTTP/2 negotiated by ALPN reaches the HTTP side too.
-    let (code, body) = run(with_cert("--http2", "/version")).await;
-    assert_eq!(code, 200, "{body}");
+    let mut args = with_cert("--http2", "/version");
+    args.extend([
+        "-o".into(),
+        "/dev/null".into(),
+        // Replaces curl()'s own -w: the version, then the status where curl() reads it.
+        "-w".into(),
+        "%{http_version}\n%{http_code}".into(),
+    ]);
+    let (code, version) = run(args).await;
+    assert_eq!((code, version.trim()), (200, "2"));
     // Without a client certificate the handshake fails: curl gets no HTTP status.
     let (code, _) = curl(&["--cacert", &ca, &format!("{base}/version")]).await;
     assert_eq!(code, 0, "no client certificate, no answer");

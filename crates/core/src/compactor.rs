@@ -1,8 +1,7 @@
 //! Auto-compaction, with etcd's two modes (`--auto-compaction-mode`):
 //!
-//! - `periodic`: keep `retention` of history. The revision is sampled every tenth of the
-//!   retention (at most every hour); once the samples span the retention, each sample
-//!   compacts to the revision sampled `retention` earlier.
+//! - `periodic`: keep `retention` of history. Every `min(retention, 1h)` the history is
+//!   compacted to the revision of `retention` ago, which is sampled ten times as often.
 //! - `revision`: keep the last `retention` revisions, checked every five minutes.
 //!
 //! Every member samples (revisions are the same on all of them), only the leader
@@ -39,12 +38,17 @@ impl AutoCompaction {
     /// How often the mode samples the revision.
     pub fn interval(&self) -> Duration {
         match self {
-            AutoCompaction::Periodic(retention) => (*retention / 10)
-                .min(MAX_PERIODIC_INTERVAL)
-                .max(Duration::from_millis(100)),
+            AutoCompaction::Periodic(retention) => {
+                (compact_interval(*retention) / 10).max(Duration::from_millis(100))
+            }
             AutoCompaction::Revision(_) => REVISION_CHECK,
         }
     }
+}
+
+/// How often periodic mode compacts: the retention, at most hourly.
+fn compact_interval(retention: Duration) -> Duration {
+    retention.min(MAX_PERIODIC_INTERVAL)
 }
 
 /// Periodic mode's samples.
@@ -53,6 +57,8 @@ pub struct Periodic {
     retention: Duration,
     /// `(time, revision)`, oldest first, spanning at most the retention.
     samples: VecDeque<(Duration, i64)>,
+    /// When the last compaction was decided (the start before the first).
+    last: Duration,
 }
 
 impl Periodic {
@@ -60,11 +66,13 @@ impl Periodic {
         Periodic {
             retention,
             samples: VecDeque::new(),
+            last: Duration::ZERO,
         }
     }
 
-    /// Records `revision` at `now`; the revision to compact to once the samples reach
-    /// back `retention`: the newest one at least that old.
+    /// Records `revision` at `now`; once the samples reach back `retention` and a
+    /// compaction interval has passed since the last one, the revision to compact to:
+    /// the newest sample at least `retention` old.
     pub fn sample(&mut self, now: Duration, revision: i64) -> Option<i64> {
         self.samples.push_back((now, revision));
         let mut target = None;
@@ -81,7 +89,12 @@ impl Periodic {
             self.samples
                 .push_front((now.saturating_sub(self.retention), rev));
         }
-        target
+        if now.saturating_sub(self.last) < compact_interval(self.retention) {
+            return None;
+        }
+        let target = target?;
+        self.last = now;
+        Some(target)
     }
 }
 
@@ -91,20 +104,26 @@ pub fn revision_target(current: i64, retention: i64) -> Option<i64> {
     (target > 0).then_some(target)
 }
 
-/// Runs auto-compaction until the task is aborted.
+/// Runs auto-compaction until the task is aborted. `revision_check` is how often
+/// revision mode looks ([`REVISION_CHECK`], etcd's period, outside tests).
 pub fn spawn(
     mode: AutoCompaction,
+    revision_check: Duration,
     kv: Arc<KvStore>,
     node: NodeHandle,
 ) -> tokio::task::JoinHandle<()> {
-    info!(?mode, every = ?mode.interval(), "auto-compaction on");
+    let every = match mode {
+        AutoCompaction::Periodic(_) => mode.interval(),
+        AutoCompaction::Revision(_) => revision_check,
+    };
+    info!(?mode, ?every, "auto-compaction on");
     tokio::spawn(async move {
         let start = tokio::time::Instant::now();
         let mut periodic = match mode {
             AutoCompaction::Periodic(r) => Some(Periodic::new(r)),
             AutoCompaction::Revision(_) => None,
         };
-        let mut tick = tokio::time::interval(mode.interval());
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
@@ -144,36 +163,61 @@ mod tests {
     const MIN: Duration = Duration::from_secs(60);
 
     #[test]
-    fn periodic_compacts_to_the_revision_one_retention_ago() {
+    fn periodic_compacts_every_retention_to_the_revision_one_retention_ago() {
         let mut p = Periodic::new(10 * MIN);
         // Sampled every minute (a tenth of the retention), 100 revisions a minute.
         let mut out = Vec::new();
-        for m in 0..=13u32 {
+        for m in 0..=30u32 {
             out.push(p.sample(MIN * m, 1 + 100 * i64::from(m)));
         }
-        assert!(out[..10].iter().all(Option::is_none), "{out:?}");
-        assert_eq!(out[10], Some(1), "at 10 min: the revision of minute 0");
-        assert_eq!(out[11], Some(101));
-        assert_eq!(out[13], Some(301));
+        let done: Vec<(usize, i64)> = out
+            .iter()
+            .enumerate()
+            .filter_map(|(m, t)| t.map(|r| (m, r)))
+            .collect();
+        // At 10, 20 and 30 minutes, each to the revision of ten minutes before.
+        assert_eq!(done, [(10, 1), (20, 1001), (30, 2001)]);
+    }
+
+    #[test]
+    fn periodic_keeps_hourly_compactions_for_long_retentions() {
+        let h = 60 * MIN;
+        let mut p = Periodic::new(72 * h);
+        let step = AutoCompaction::Periodic(72 * h).interval();
+        assert_eq!(step, 6 * MIN, "a tenth of an hour");
+        let mut done = Vec::new();
+        let mut t = Duration::ZERO;
+        while t <= 75 * h {
+            if let Some(r) = p.sample(t, t.as_secs() as i64) {
+                done.push((t, r));
+            }
+            t += step;
+        }
+        let times: Vec<u64> = done.iter().map(|(t, _)| t.as_secs() / 3600).collect();
+        assert_eq!(times, [72, 73, 74, 75]);
+        assert!(done
+            .iter()
+            .all(|(t, r)| t.as_secs() as i64 - r >= 72 * 3600));
+        assert!(p.samples.len() <= 72 * 10 + 2, "{}", p.samples.len());
     }
 
     #[test]
     fn periodic_keeps_the_old_target_when_writes_stop() {
         let mut p = Periodic::new(10 * MIN);
-        for m in 0..=10u32 {
+        for m in 0..10u32 {
             p.sample(MIN * m, 50);
         }
-        assert_eq!(p.sample(11 * MIN, 50), Some(50));
+        assert_eq!(p.sample(10 * MIN, 50), Some(50));
         assert!(p.samples.len() <= 12);
     }
 
     #[test]
-    fn periodic_interval_is_a_tenth_capped_at_an_hour() {
+    fn sampling_is_a_tenth_of_the_compaction_interval() {
         assert_eq!(
             AutoCompaction::Periodic(30 * MIN).interval(),
             Duration::from_secs(180)
         );
-        assert_eq!(AutoCompaction::Periodic(72 * 60 * MIN).interval(), 60 * MIN);
+        assert_eq!(AutoCompaction::Periodic(72 * 60 * MIN).interval(), 6 * MIN);
         assert_eq!(AutoCompaction::Revision(1000).interval(), REVISION_CHECK);
     }
 

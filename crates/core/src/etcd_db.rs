@@ -264,6 +264,16 @@ pub fn read<R: Read + Seek>(src: R) -> Result<StoreSnapshot, EtcdDbError> {
                 format!("revision {main} holds mod_revision {}", kv.mod_revision),
             ));
         }
+        if snap
+            .history
+            .last()
+            .is_some_and(|h| (h.main, h.sub) == (main, sub))
+        {
+            return Err(layout(
+                "key",
+                format!("revision {main}_{sub} appears twice"),
+            ));
+        }
         snap.revision = snap.revision.max(main);
         snap.history.push(HistoryRecord {
             main,
@@ -273,13 +283,25 @@ pub fn read<R: Read + Seek>(src: R) -> Result<StoreSnapshot, EtcdDbError> {
         });
     }
 
+    // etcd records a compaction as scheduled, deletes the old records in batches,
+    // then records it as finished: a file taken in between holds a partly compacted
+    // history, which is finished here as etcd finishes it when it loads the file.
+    let mut scheduled = 0;
+    let mut finished = 0;
     for (k, v) in bucket(&mut rd, "meta")? {
-        if k == b"finishedCompactRev" {
-            let rev = v
-                .get(..8)
-                .ok_or_else(|| layout("meta", "finishedCompactRev is short"))?;
-            snap.compact_revision = i64::from_be_bytes(rev.try_into().expect("8 bytes"));
-        }
+        let which = match k.as_slice() {
+            b"finishedCompactRev" => &mut finished,
+            b"scheduledCompactRev" => &mut scheduled,
+            _ => continue,
+        };
+        let rev = v
+            .get(..8)
+            .ok_or_else(|| layout("meta", "a compaction revision is short"))?;
+        *which = i64::from_be_bytes(rev.try_into().expect("8 bytes"));
+    }
+    snap.compact_revision = finished.max(scheduled).max(0);
+    if snap.compact_revision > 0 {
+        compact(&mut snap.history, snap.compact_revision);
     }
     if snap.compact_revision > snap.revision {
         // A compaction at the last revision whose records were all removed.
@@ -293,6 +315,9 @@ pub fn read<R: Read + Seek>(src: R) -> Result<StoreSnapshot, EtcdDbError> {
                 "lease",
                 format!("key {} holds lease {}", hex(&k), l.id),
             ));
+        }
+        if !(1..=crate::kv::MAX_LEASE_TTL).contains(&l.ttl) {
+            return Err(layout("lease", format!("lease {} has TTL {}", l.id, l.ttl)));
         }
         snap.leases.push(LeaseRecord {
             id: l.id,
@@ -339,6 +364,26 @@ pub fn read<R: Read + Seek>(src: R) -> Result<StoreSnapshot, EtcdDbError> {
             .push(AlarmMember::decode(k.as_slice()).map_err(|e| layout("alarm", e.to_string()))?);
     }
     Ok(snap)
+}
+
+/// Drops what a compaction at `rev` removes: of each key's records at or below `rev`,
+/// all but the newest, and that one too when it is a deletion. `history` is in
+/// revision order.
+fn compact(history: &mut Vec<HistoryRecord>, rev: i64) {
+    use std::collections::HashMap;
+    let key = |h: &HistoryRecord| h.kv.as_ref().map(|kv| kv.key.clone()).unwrap_or_default();
+    let mut newest: HashMap<Vec<u8>, usize> = HashMap::new();
+    for (i, h) in history.iter().enumerate() {
+        if h.main <= rev {
+            newest.insert(key(h), i);
+        }
+    }
+    let mut i = 0;
+    history.retain(|h| {
+        let keep = h.main > rev || (newest.get(&key(h)) == Some(&i) && !h.tombstone);
+        i += 1;
+        keep
+    });
 }
 
 /// The key/values of a top-level bucket; empty when the bucket is absent (etcd creates
@@ -451,6 +496,33 @@ mod tests {
         assert_eq!(back.alarms, snap.alarms);
         assert_eq!(back.members[0].peer_urls, ["http://127.0.0.1:6783"]);
         assert_eq!(back.members[0].client_urls, snap.members[0].client_urls);
+    }
+
+    #[test]
+    fn a_compaction_scheduled_but_not_finished_is_finished_on_reading() {
+        // A compaction at 3 is recorded while a@2, which it removes, is still in the
+        // file (as in a file taken while etcd was deleting the old records).
+        let mut snap = sample();
+        snap.compact_revision = 3;
+        let back = read(Cursor::new(write(&snap).unwrap())).unwrap();
+        assert_eq!(back.compact_revision, 3);
+        let revs: Vec<(i64, i64)> = back.history.iter().map(|h| (h.main, h.sub)).collect();
+        // a@2 is superseded by a@3 (kept, newest at or below 3); b@3 kept; a's
+        // deletion at 5 is above the compaction.
+        assert_eq!(revs, [(3, 0), (3, 1), (5, 0)]);
+    }
+
+    #[test]
+    fn absurd_lease_ttls_and_repeated_revisions_are_refused() {
+        let mut snap = sample();
+        snap.leases[0].ttl = i64::MAX;
+        let e = read(Cursor::new(write(&snap).unwrap())).unwrap_err();
+        assert!(e.to_string().contains("TTL"), "{e}");
+        let mut snap = sample();
+        snap.history.push(snap.history[3].clone());
+        snap.history[4].tombstone = false;
+        let e = read(Cursor::new(write(&snap).unwrap())).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub struct ServerConfig {
     /// Auto-compaction (`--auto-compaction-mode`/`-retention`); off when `None`, as
     /// etcd's default.
     pub auto_compaction: Option<crate::compactor::AutoCompaction>,
+    /// How often revision-mode auto-compaction looks (etcd's five minutes; shorter in
+    /// tests).
+    pub auto_compaction_revision_check: Duration,
     /// Serve the test-only `meshpb.FaultInjection` service (loopback callers only).
     /// Never on in production: it lets a local caller cut this member off.
     pub unsafe_fault_injection: bool,
@@ -143,6 +146,7 @@ impl ServerConfig {
             unsafe_fault_injection: false,
             corrupt_check_interval: DEFAULT_CORRUPT_CHECK_INTERVAL,
             auto_compaction: None,
+            auto_compaction_revision_check: crate::compactor::REVISION_CHECK,
         }
     }
 }
@@ -599,7 +603,12 @@ impl Server {
             cfg.tick.max(Duration::from_millis(20)),
         ));
         if let Some(mode) = cfg.auto_compaction {
-            background.push(crate::compactor::spawn(mode, kv.clone(), node.clone()));
+            background.push(crate::compactor::spawn(
+                mode,
+                cfg.auto_compaction_revision_check,
+                kv.clone(),
+                node.clone(),
+            ));
         }
         Ok(Server {
             client_addr,
@@ -1033,9 +1042,14 @@ pub struct Restored {
 /// for the same name, `--initial-cluster`, token and mesh address, so every member of
 /// the new cluster restored from the same file starts as one cluster. The source's
 /// alarms are dropped (they name the old cluster's members). Refuses a non-empty data
-/// dir and a snapshot whose checksum does not match.
-pub fn restore(cfg: &ServerConfig, snapshot_file: &[u8]) -> Result<Restored, ServerError> {
-    let mut snap = crate::snapshot::decode(snapshot_file)?;
+/// dir and a snapshot whose checksum does not match (or is missing, unless
+/// `skip_hash_check`, etcd's `--skip-hash-check`).
+pub fn restore(
+    cfg: &ServerConfig,
+    snapshot_file: &[u8],
+    skip_hash_check: bool,
+) -> Result<Restored, ServerError> {
+    let mut snap = crate::snapshot::decode_with(snapshot_file, skip_hash_check)?;
     let dir = &cfg.data_dir;
     let not_empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
     if not_empty {

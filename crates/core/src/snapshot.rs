@@ -6,9 +6,9 @@
 //! ([`crate::etcd_db`]), so `etcdctl snapshot status` and `etcdutl snapshot restore`
 //! take a meshd snapshot, and meshd restores a snapshot saved from etcd 3.4 or 3.5.
 //!
-//! Read also: an etcd database without the trailer (the `member/snap/db` of an etcd
-//! data dir; bbolt's own consistency check stands in for the digest), and the format of
-//! earlier meshd versions: the magic `MESHSNAP`, the payload length as a little-endian
+//! Read also, as etcd's `--skip-hash-check` allows: an etcd database without the
+//! trailer (the `member/snap/db` of an etcd data dir; bbolt's own consistency check
+//! stands in for the digest). And the format of earlier meshd versions: the magic `MESHSNAP`, the payload length as a little-endian
 //! u64, one protobuf `meshpb.StoreSnapshot`, zero padding to a multiple of 512, the
 //! trailer.
 
@@ -27,6 +27,9 @@ const ALIGN: usize = 512;
 /// Why a snapshot file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// A database without the trailer, read without `skip_hash_check`.
+    #[error("snapshot missing hash but --skip-hash-check=false")]
+    MissingHash,
     /// Shorter than the trailer: not a snapshot at all.
     #[error("snapshot is truncated ({0} bytes)")]
     Truncated(usize),
@@ -113,13 +116,28 @@ impl Verifier {
     }
 }
 
-/// Verifies and decodes a whole snapshot file: etcd's database with or without its
-/// trailer, or the format of earlier meshd versions.
+/// Verifies and decodes a whole snapshot file: etcd's database and its trailer, or the
+/// format of earlier meshd versions.
 pub fn decode(bytes: &[u8]) -> Result<StoreSnapshot, SnapshotError> {
-    if !crate::bolt::has_trailer_len(bytes.len() as u64) && is_bolt(bytes) {
+    decode_with(bytes, false)
+}
+
+/// [`decode`]; with `skip_hash_check`, as etcd's flag of that name, the trailer is not
+/// verified (only removed when the length says there is one), so an etcd database
+/// without one is read too.
+pub fn decode_with(bytes: &[u8], skip_hash_check: bool) -> Result<StoreSnapshot, SnapshotError> {
+    let has_trailer = crate::bolt::has_trailer_len(bytes.len() as u64);
+    if !has_trailer && is_bolt(bytes) {
+        if !skip_hash_check {
+            return Err(SnapshotError::MissingHash);
+        }
         return Ok(crate::etcd_db::read(std::io::Cursor::new(bytes))?);
     }
-    let content = verify(bytes)?;
+    let content = if skip_hash_check && has_trailer {
+        &bytes[..bytes.len() - TRAILER_LEN]
+    } else {
+        verify(bytes)?
+    };
     if is_bolt(content) {
         return Ok(crate::etcd_db::read(std::io::Cursor::new(content))?);
     }
@@ -163,9 +181,10 @@ mod tests {
         };
         let mut bytes = encode(&snap).unwrap();
         assert_eq!(decode(&bytes).unwrap(), snap);
-        // The database alone (an etcd data dir's member/snap/db) reads too.
+        // The database alone (an etcd data dir's member/snap/db) reads only when asked.
         let db = &bytes[..bytes.len() - TRAILER_LEN];
-        assert_eq!(decode(db).unwrap(), snap);
+        assert!(matches!(decode(db), Err(SnapshotError::MissingHash)));
+        assert_eq!(decode_with(db, true).unwrap(), snap);
         // So does the format earlier meshd versions wrote.
         assert_eq!(decode(&encode_legacy(&snap)).unwrap(), snap);
         assert_eq!(bytes.len() % 512, TRAILER_LEN, "etcdctl's length check");

@@ -433,6 +433,10 @@ pub struct RestoreArgs {
     /// This member's mesh address, without --initial-cluster (as meshd's --advertise-mesh).
     #[arg(long, visible_alias = "initial-advertise-peer-urls")]
     pub mesh_addr: Option<String>,
+    /// Do not verify the SHA-256 trailer; also restores an etcd database file without
+    /// one (an etcd data dir's member/snap/db), checked by its structure only.
+    #[arg(long)]
+    pub skip_hash_check: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -440,17 +440,20 @@ impl Gateway {
             Shape::Bidi { hold_open } => {
                 let (tx, rx) = mpsc::channel::<Bytes>(16);
                 let (bad_tx, bad_rx) = oneshot::channel();
+                // Dropped with the answer (the client went away or the call ended):
+                // the request stream ends then, and the call with it.
+                let (answer_open, answer_gone) = oneshot::channel::<()>();
                 tokio::spawn(read_stream::<Req>(
                     call.body,
                     self.max_json_bytes,
                     tx,
                     bad_tx,
-                    hold_open,
+                    hold_open.then_some(answer_gone),
                 ));
                 let frames = tokio_stream::wrappers::ReceiverStream::new(rx);
                 match self.grpc_call(target.grpc_path, call.parts, frames).await {
                     Err(status) => status_response(&status),
-                    Ok(reader) => stream_response::<Resp>(reader, Some(bad_rx)),
+                    Ok(reader) => stream_response::<Resp>(reader, Some((bad_rx, answer_open))),
                 }
             }
         }
@@ -557,38 +560,39 @@ fn bad_json(e: &serde_json::Error) -> Status {
 
 /// Reads a stream of JSON messages from `body` and sends each as a gRPC frame. A bad
 /// message or an oversized one is reported on `bad` and ends the stream. With
-/// `hold_open`, the request stream stays open after the body ends until the call is
-/// over.
+/// `hold_open`, the request stream stays open after the body ends, until the answer is
+/// gone.
 async fn read_stream<M: prost::Message + DeserializeOwned>(
     mut body: Body,
     limit: usize,
     tx: mpsc::Sender<Bytes>,
     bad: oneshot::Sender<Status>,
-    hold_open: bool,
+    hold_open: Option<oneshot::Receiver<()>>,
 ) {
     let mut buf = BytesMut::new();
+    let mut scan = ValueScanner::default();
     let fail = |status: Status| {
         let _ = bad.send(status);
     };
     loop {
-        // Every complete message in the buffer goes out first.
-        loop {
-            let mut de = serde_json::Deserializer::from_slice(&buf).into_iter::<M>();
-            match de.next() {
-                Some(Ok(msg)) => {
-                    let used = de.byte_offset();
+        // Every complete message in the buffer goes out first; each byte is scanned
+        // once, and only a whole value is parsed.
+        while let Some(end) = scan.complete(&buf) {
+            let value = buf.split_to(end);
+            scan = ValueScanner::default();
+            match serde_json::from_slice::<M>(&value) {
+                Ok(msg) => {
                     if tx.send(frame(&msg)).await.is_err() {
                         return;
                     }
-                    buf.advance(used);
                 }
-                Some(Err(e)) if e.is_eof() => break,
-                Some(Err(e)) => return fail(bad_json(&e)),
-                None => {
-                    buf.clear();
-                    break;
-                }
+                Err(e) => return fail(bad_json(&e)),
             }
+        }
+        if let Some(e) = scan.error.take() {
+            return fail(Status::invalid_argument(format!(
+                "invalid JSON request: {e}"
+            )));
         }
         match body.frame().await {
             Some(Ok(f)) => {
@@ -612,8 +616,80 @@ async fn read_stream<M: prost::Message + DeserializeOwned>(
             "invalid JSON request: the body ends inside a message",
         ));
     }
-    if hold_open {
-        tx.closed().await;
+    if let Some(answer_gone) = hold_open {
+        let _ = answer_gone.await;
+    }
+}
+
+/// Finds where the first JSON object of a buffer ends, scanning each byte once across
+/// calls as the buffer grows: depth of braces and brackets, strings and escapes.
+#[derive(Default)]
+struct ValueScanner {
+    /// Bytes of the buffer already scanned.
+    pos: usize,
+    depth: usize,
+    started: bool,
+    in_string: bool,
+    escaped: bool,
+    /// Something other than an object where a message should start.
+    error: Option<String>,
+}
+
+/// Deepest nesting scanned (serde_json refuses deeper values anyway).
+const MAX_JSON_DEPTH: usize = 128;
+
+impl ValueScanner {
+    /// The length of the first complete object in `buf` (leading whitespace included),
+    /// or `None` while it is incomplete or on an error (then `error` says why).
+    fn complete(&mut self, buf: &[u8]) -> Option<usize> {
+        while self.pos < buf.len() {
+            let b = buf[self.pos];
+            self.pos += 1;
+            if !self.started {
+                match b {
+                    b' ' | b'\t' | b'\r' | b'\n' => continue,
+                    b'{' => {
+                        self.started = true;
+                        self.depth = 1;
+                        continue;
+                    }
+                    other => {
+                        self.error = Some(format!(
+                            "expected a JSON object, found {:?}",
+                            char::from(other)
+                        ));
+                        return None;
+                    }
+                }
+            }
+            if self.in_string {
+                match (self.escaped, b) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    if self.depth > MAX_JSON_DEPTH {
+                        self.error = Some("nested too deeply".into());
+                        return None;
+                    }
+                }
+                b'}' | b']' => {
+                    self.depth -= 1;
+                    if self.depth == 0 {
+                        return Some(self.pos);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
     }
 }
 
@@ -677,7 +753,7 @@ impl FrameReader {
 /// call (or the request stream, reported on `bad`) fails.
 fn stream_response<Resp>(
     reader: FrameReader,
-    bad: Option<oneshot::Receiver<Status>>,
+    request_side: Option<(oneshot::Receiver<Status>, oneshot::Sender<()>)>,
 ) -> http::Response<Body>
 where
     Resp: prost::Message + Serialize + Default + Send + 'static,
@@ -685,12 +761,16 @@ where
     struct State {
         reader: FrameReader,
         bad: Option<oneshot::Receiver<Status>>,
+        /// Held while the answer is alive (see [`read_stream`]).
+        _open: Option<oneshot::Sender<()>>,
         over: bool,
     }
+    let (bad, open) = request_side.map_or((None, None), |(b, o)| (Some(b), Some(o)));
     let lines = futures::stream::unfold(
         State {
             reader,
             bad,
+            _open: open,
             over: false,
         },
         |mut st| async move {
@@ -782,15 +862,15 @@ fn too_large() -> http::Response<Body> {
     resp
 }
 
-/// The HTTP status etcd's gateway answers a gRPC code with.
+/// The HTTP status etcd's gateway (grpc-gateway v1, in etcd 3.4 and 3.5) answers a
+/// gRPC code with.
 pub fn http_status(code: Code) -> StatusCode {
     match code {
         Code::Ok => StatusCode::OK,
-        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::REQUEST_TIMEOUT),
+        Code::Cancelled => StatusCode::REQUEST_TIMEOUT,
         Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-            StatusCode::BAD_REQUEST
-        }
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
@@ -868,7 +948,33 @@ mod tests {
     }
 
     #[test]
+    fn the_scanner_finds_whole_objects_across_chunks() {
+        let text = br#" {"a":"}\"{","b":[1,{"c":2}]}{"x":1}"#;
+        let first = text.iter().position(|&b| b == b'{').unwrap();
+        let end = text.len() - br#"{"x":1}"#.len();
+        let mut scan = ValueScanner::default();
+        // Fed a byte at a time, it reports the end only once the object is complete.
+        for n in 0..end {
+            assert_eq!(scan.complete(&text[..n]), None, "{n}");
+        }
+        assert_eq!(scan.complete(&text[..end]), Some(end));
+        assert!(end > first);
+        let mut scan = ValueScanner::default();
+        assert_eq!(scan.complete(b"[1]"), None);
+        assert!(scan.error.is_some(), "a message is an object");
+        let mut scan = ValueScanner::default();
+        let deep = "{\"a\":".to_string() + &"[".repeat(200);
+        assert_eq!(scan.complete(deep.as_bytes()), None);
+        assert_eq!(scan.error.as_deref(), Some("nested too deeply"));
+    }
+
+    #[test]
     fn codes_map_to_etcds_http_statuses() {
+        assert_eq!(
+            http_status(Code::FailedPrecondition),
+            StatusCode::PRECONDITION_FAILED
+        );
+        assert_eq!(http_status(Code::Cancelled), StatusCode::REQUEST_TIMEOUT);
         assert_eq!(http_status(Code::InvalidArgument), StatusCode::BAD_REQUEST);
         assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
         assert_eq!(http_status(Code::NotFound), StatusCode::NOT_FOUND);

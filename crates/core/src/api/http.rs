@@ -117,7 +117,9 @@ where
             let stream = match conn {
                 Some(Ok(s)) => s,
                 Some(Err(e)) => {
+                    // Out of descriptors, say: pause rather than spin.
                     debug!("client port accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
                 None => return,

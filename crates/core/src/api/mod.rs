@@ -263,11 +263,14 @@ pub(crate) fn forwarded<T>(
     out
 }
 
-/// The caller's auth token, to forward with its request.
+/// The caller's auth token, to forward with its request (as `token`, whichever header
+/// the caller used: `token`, or `Authorization` from the JSON gateway).
 pub(crate) fn caller_token(
     md: &tonic::metadata::MetadataMap,
 ) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
-    md.get(auth::TOKEN_METADATA).cloned()
+    md.get(auth::TOKEN_METADATA)
+        .or_else(|| md.get("authorization"))
+        .cloned()
 }
 
 /// The client URL member `id` published (none until it has published its attributes).

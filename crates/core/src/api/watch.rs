@@ -116,7 +116,14 @@ async fn serve_requests(
     live: LiveIds,
 ) {
     let mut next_id: i64 = 0;
-    while let Some(Ok(msg)) = inbound.next().await {
+    loop {
+        // The stream's answer side gone (the client left) ends this task too, even
+        // while the client's request side stays open.
+        let msg = tokio::select! {
+            m = inbound.next() => m,
+            _ = tx.closed() => break,
+        };
+        let Some(Ok(msg)) = msg else { break };
         let rev = ctx.kv.current_revision();
         let control = match msg.request_union {
             Some(RequestUnion::CreateRequest(c)) => {

@@ -200,10 +200,13 @@ fn id_suffix_start() -> u64 {
 }
 
 fn deadline(now: Instant, ttl: i64, extra: Duration) -> Deadline {
-    Deadline {
-        ttl,
-        expires: now + Duration::from_secs(ttl.max(0) as u64) + extra,
-    }
+    // A TTL from a restored file may be absurd: such a lease never expires rather than
+    // overflowing the clock.
+    let expires = now
+        .checked_add(Duration::from_secs(ttl.max(0) as u64))
+        .and_then(|t| t.checked_add(extra))
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
+    Deadline { ttl, expires }
 }
 
 /// Loads the lessor from the replicated lease table.

@@ -29,6 +29,13 @@ impl GrpcMetrics {
     }
 
     fn record(&self, service: String, method: String, code: tonic::Code) {
+        // A path that names no served method: one series for all of them, so callers
+        // cannot add label values without bound.
+        let (service, method) = if code == tonic::Code::Unimplemented {
+            ("unknown".to_string(), "unknown".to_string())
+        } else {
+            (service, method)
+        };
         let mut map = self.handled.lock().unwrap_or_else(|e| e.into_inner());
         *map.entry((service, method, code_name(code))).or_default() += 1;
     }

@@ -149,7 +149,15 @@ pub async fn probe(
                 format!("[-]raft failed: {reason}\nlivez check failed"),
             ),
         },
-        "/readyz" => match health(src, serializable, &exclude).await {
+        // Ready means serving reads with intact data: a NOSPACE alarm (writes refused
+        // until an operator frees space) must not take every member out of service.
+        "/readyz" => match health(
+            src,
+            serializable,
+            &[exclude.as_slice(), &["NOSPACE"]].concat(),
+        )
+        .await
+        {
             Ok(()) => (StatusCode::OK, "text/plain; charset=utf-8", "ok".into()),
             Err(reason) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -257,7 +265,7 @@ fn process_metrics(e: &mut Exposition) {
     // Indices are the stat(5) field numbers minus 3 (pid and comm come first).
     let (utime, stime, start, vsize, rss) = (num(11), num(12), num(19), num(20), num(21));
     if ticks > 0.0 {
-        e.gauge(
+        e.counter_f64(
             "process_cpu_seconds_total",
             "Total user and system CPU time spent in seconds.",
             (utime + stime) / ticks,

@@ -87,6 +87,12 @@ impl Exposition {
         let _ = writeln!(self.text, "{name} {value}");
     }
 
+    /// A counter of a continuous quantity (seconds).
+    pub fn counter_f64(&mut self, name: &str, help: &str, value: f64) {
+        self.header(name, "counter", help);
+        let _ = writeln!(self.text, "{name} {value}");
+    }
+
     /// A counter with one series per label set.
     pub fn labelled_counter(
         &mut self,

@@ -54,6 +54,19 @@ impl Drain for RaftLogDrain {
     type Err = slog::Never;
 
     fn log(&self, record: &Record, values: &OwnedKVList) -> Result<(), slog::Never> {
+        // Format nothing for a level nobody logs (raft-rs writes debug records often).
+        let enabled = match record.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::enabled!(target: "raft", tracing::Level::ERROR)
+            }
+            slog::Level::Warning => tracing::enabled!(target: "raft", tracing::Level::WARN),
+            slog::Level::Info => tracing::enabled!(target: "raft", tracing::Level::INFO),
+            slog::Level::Debug => tracing::enabled!(target: "raft", tracing::Level::DEBUG),
+            slog::Level::Trace => tracing::enabled!(target: "raft", tracing::Level::TRACE),
+        };
+        if !enabled {
+            return Ok(());
+        }
         let mut v = Values::default();
         // The record's own values first: they are the most specific.
         let _ = record.kv().serialize(record, &mut v);

@@ -93,7 +93,7 @@ pub fn restore(out: &mut dyn Write, a: &RestoreArgs) -> Result<()> {
         .map(server::parse_initial_cluster)
         .transpose()?;
     cfg.advertise_mesh = a.mesh_addr.clone();
-    let r = server::restore(&cfg, &bytes)?;
+    let r = server::restore(&cfg, &bytes, a.skip_hash_check)?;
     writeln!(
         out,
         "Restored snapshot {} (revision {}) into {}: member {:x} of new cluster {:x}",

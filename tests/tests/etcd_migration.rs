@@ -219,6 +219,17 @@ async fn a_meshd_snapshot_is_an_etcd_snapshot() {
     run(Command::new(d.join("etcdctl"))
         .args(["snapshot", "status"])
         .arg(&file));
+    // meshctl saves the same format.
+    let saved = dir.path().join("meshctl.db");
+    run(Command::new(binary("meshctl"))
+        .arg(format!("--endpoints={addr}"))
+        .args(["snapshot", "save"])
+        .arg(&saved));
+    let status = run(Command::new(d.join("etcdutl"))
+        .args(["snapshot", "status", "-w", "json"])
+        .arg(&saved));
+    let v: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+    assert_eq!(v["revision"], want.0, "{status}");
 
     // etcdutl restores it; etcd 3.5.1 serves the same keyspace.
     let etcd_dir = tempfile::tempdir().unwrap();

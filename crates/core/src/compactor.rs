@@ -6,7 +6,7 @@
 //!
 //! Every member samples (revisions are the same on all of them), only the leader
 //! proposes, so a new leader continues where the old one stopped. [`Periodic`] and
-//! [`Revisions`] decide (pure, on the time and revision they are given); [`spawn`] runs
+//! [`revision_target`] decide (pure, on the time and revision they are given); [`spawn`] runs
 //! them on the clock and proposes the compactions.
 
 use std::collections::VecDeque;

@@ -12,6 +12,9 @@
 //! - [`process`]: `run` and `reboot`: commands run while holding a slot, signals.
 //! - [`daemon`]: the systemd daemon (release at start, need-reboot, window, reboot).
 //! - [`cli`] the clap definitions; [`commands`] settings and the short commands.
+// Doc comments of the clap definitions are the help text, where `<name>` is a
+// placeholder, not HTML.
+#![allow(rustdoc::invalid_html_tags)]
 pub mod cas;
 pub mod cli;
 pub mod commands;

@@ -1,6 +1,9 @@
 //! meshd: a member of a meshd cluster. Parses flags (or runs a `config` subcommand),
 //! sets up logging, runs the server until SIGTERM or SIGINT, and tells systemd about
 //! it when started by it.
+// Doc comments of the clap definitions are the help text, where `<name>` is a
+// placeholder, not HTML.
+#![allow(rustdoc::invalid_html_tags)]
 
 mod config;
 mod systemd;
@@ -12,8 +15,8 @@ use clap::{CommandFactory, FromArgMatches};
 use config::{Cli, Command, ConfigCommand};
 use mesh_core::server::Lifecycle;
 
-/// jemalloc, not glibc's malloc: measured 6-14 % more put throughput at 8-14 % less
-/// server CPU (see the workspace Cargo.toml).
+/// jemalloc, not glibc's malloc: glibc's free path was a large share of a member's CPU
+/// under many small requests (BENCHMARKS.md has the profile and the A/B).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

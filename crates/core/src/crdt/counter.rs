@@ -165,7 +165,7 @@ impl CounterSet {
     }
 
     /// Merges `other`, returning what was new here (`None`: nothing). Counters past
-    /// the caps ([`MAX_COUNTERS`], [`MAX_NAME_BYTES`], [`MAX_PEERS_PER_COUNTER`]) are
+    /// the caps (`MAX_COUNTERS`, `MAX_NAME_BYTES`, `MAX_PEERS_PER_COUNTER`) are
     /// left out.
     pub fn merge_delta(&mut self, other: &CounterSet) -> Option<CounterSet> {
         let mut delta = CounterSet::default();

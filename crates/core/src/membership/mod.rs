@@ -1,5 +1,6 @@
 //! Raft membership driven from the mesh, without ever letting reachability change the
-//! voter set by itself (DESIGN.md, "Membership: mesh ≠ Raft").
+//! voter set by itself: mesh membership (who is reachable) is not Raft membership (who
+//! votes); only a committed configuration change alters the latter.
 //!
 //! Every node publishes a [`NodeMeta`] in its mesh metadata. From those: the routes
 //! from Raft member IDs to mesh peers ([`refresh_routes`]), the `--bootstrap-expect`

@@ -50,7 +50,7 @@ pub struct DriverConfig {
     /// snapshot may come from).
     pub snapshot_dir: std::path::PathBuf,
     /// The state machine was found corrupt when it was opened: the driver starts
-    /// quarantined (see [`Driver::quarantine`]).
+    /// quarantined (see `Driver::quarantine`).
     pub corrupt_at_start: Option<String>,
 }
 
@@ -248,15 +248,14 @@ struct Driver {
 /// committed durably this often, or after this many bytes of entries, so a restart
 /// replays little, the log can be compacted, and what the keyspace will need on disk
 /// is claimed before the free-space reserve is spent. Each durable commit writes every
-/// page dirtied since the last one: measured here, every 100 ms cost a third of the
-/// put throughput that every second does (BENCHMARKS.md).
+/// page dirtied since the last one, so committing more often costs throughput
+/// (BENCHMARKS.md has the A/B).
 const KV_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 const KV_SYNC_BYTES: usize = 1 << 20;
 /// Records of plain writes wait in memory (`kv::pending`) until this many, then go to
 /// the keyspace in one commit, not fsync'ed. Left for the durable commit, a second's
-/// records made it a 4-16 ms stall and raised the p99 at 4000 puts/s from 7-8 ms to
-/// 10-11.6 ms; at 128 it was 5.8-6.3 ms, at 512 6.4-7.2 ms, with the same throughput
-/// (BENCHMARKS.md).
+/// records make that commit a stall that shows in the tail latency; small batches
+/// spread the work (BENCHMARKS.md has the thresholds compared).
 const KV_WRITE_RECORDS: usize = 128;
 
 impl Driver {

@@ -500,7 +500,7 @@ impl raft::Storage for RaftLog {
     }
 
     /// A snapshot for a follower: the state machine as applied, in a file (see
-    /// [`Snapshots`]); `Snapshot.data` is a [`SnapshotRef`] to it. Called on the driver
+    /// `Snapshots`); `Snapshot.data` is a [`SnapshotRef`] to it. Called on the driver
     /// thread, which is also the only thread that applies, so the read transaction
     /// taken here, its applied index and the conf state describe the same point. The
     /// file is written on a thread of its own; until it is, raft-rs hears "temporarily

@@ -2,8 +2,8 @@
 //! `<data-dir>/wal/`, one `write` and one `fdatasync` per Ready.
 //!
 //! Why not redb: a redb durable commit also writes every keyspace page dirtied since
-//! the last one and copies B-tree pages on write; measured here it took ~3 ms per
-//! Ready against ~0.25 ms for an append plus `fdatasync` of the same bytes (BENCHMARKS.md).
+//! the last one and copies B-tree pages on write, an order of magnitude slower per
+//! Ready than an append plus `fdatasync` of the same bytes (BENCHMARKS.md).
 //!
 //! # Format
 //! A segment is `{seq:016x}.wal`: the magic [`MAGIC`], then records. A record is a

@@ -78,7 +78,7 @@ pub(super) async fn target(global: &Global, cluster: bool) -> Result<Client> {
 }
 
 /// Pairs each endpoint with its answer; reports the ones that failed (etcdctl's
-/// "Failed to get the <what> of endpoint" line) and counts them.
+/// "Failed to get the `<what>` of endpoint" line) and counts them.
 pub(super) fn answered<T>(
     endpoints: Vec<String>,
     results: Vec<Result<T, mesh_core::client::ClientError>>,

@@ -203,6 +203,7 @@ pub const ERR_CORRUPT: &str = "etcdserver: corrupt cluster";
 
 /// The gRPC status etcd returns for a state-machine refusal.
 pub fn kv_status(e: KvError) -> Status {
+    // Every variant named: a new one must be given its code here.
     let code = match &e {
         KvError::Compacted { .. } | KvError::FutureRevision => Code::OutOfRange,
         KvError::NoSpace => Code::ResourceExhausted,
@@ -225,7 +226,23 @@ pub fn kv_status(e: KvError) -> Status {
         | KvError::AuthNotEnabled => Code::FailedPrecondition,
         KvError::PermissionDenied => Code::PermissionDenied,
         KvError::InvalidAuthToken => Code::Unauthenticated,
-        _ => Code::InvalidArgument,
+        KvError::KeyNotFound
+        | KvError::EmptyKey
+        | KvError::ValueProvided
+        | KvError::LeaseProvided
+        | KvError::InvalidSortOption
+        | KvError::TooManyOps
+        | KvError::DuplicateKey
+        | KvError::InvalidAlarm
+        | KvError::AuthOldRevision
+        | KvError::UserEmpty
+        | KvError::RoleEmpty
+        | KvError::AuthFailed
+        | KvError::PermissionNotGiven
+        | KvError::InvalidAuthMgmt => Code::InvalidArgument,
+        // Internal signals that callers handle before answering; one that escapes is
+        // a bug in this server, not the client's mistake.
+        KvError::WriteInReadOnlyTxn | KvError::Stale => Code::Internal,
     };
     Status::new(code, e.to_string())
 }
@@ -236,7 +253,17 @@ pub fn propose_status(e: ProposeError) -> Status {
         ProposeError::Kv(k) => kv_status(k),
         ProposeError::BadLeaderTransferee => Status::failed_precondition(e.to_string()),
         ProposeError::Defragment(_) => Status::internal(e.to_string()),
-        other => Status::unavailable(other.to_string()),
+        ProposeError::NoLeader
+        | ProposeError::Timeout
+        | ProposeError::TimeoutLeaderFail
+        | ProposeError::LeaderChanged
+        | ProposeError::LeaderTransferTimeout
+        | ProposeError::Stopped
+        | ProposeError::NotLeader
+        | ProposeError::NotEnoughStarted
+        | ProposeError::ChangeInProgress
+        | ProposeError::LearnerNotReady
+        | ProposeError::Membership(_) => Status::unavailable(e.to_string()),
     }
 }
 

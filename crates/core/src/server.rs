@@ -28,8 +28,9 @@ use crate::proto::v3electionpb::election_server;
 use crate::proto::v3lockpb::lock_server;
 use crate::raft::mesh_transport::{MemberRoutes, MeshTransport, RAFT_CHANNEL};
 use crate::raft::transport::Transport;
+use crate::raft::RaftLog;
 use crate::raft::{spawn_driver, DriverConfig, DriverError, NodeHandle, NodeStatus};
-use crate::storage::{self, Identity, RaftLog, StorageError};
+use crate::storage::{self, Identity, StorageError};
 
 /// Mesh channel of the gossiped PN-counters (`meshctl counter`).
 pub const COUNTER_CHANNEL: &str = "counters";
@@ -597,7 +598,7 @@ impl Server {
             }
             .run(),
         );
-        let expiry = tokio::spawn(crate::lease::run_expiry(
+        let expiry = tokio::spawn(crate::raft::lease_expiry::run(
             lessor,
             node.clone(),
             cfg.tick.max(Duration::from_millis(20)),

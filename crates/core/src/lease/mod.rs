@@ -1,6 +1,7 @@
 //! The lessor: when leases expire. Owns the in-memory deadline of every lease on this
-//! member; only while this member is the Raft leader does it act on them, by proposing
-//! a `LeaseRevoke` through Raft for each expired lease.
+//! member; only while this member is the Raft leader are they acted on, by proposing a
+//! `LeaseRevoke` through Raft for each expired lease (`crate::raft::lease_expiry`, so
+//! this module does not depend on Raft).
 //!
 //! Every member keeps deadlines, refreshed when it applies a grant or a replicated
 //! keep-alive, so a new leader starts from recent values; on promotion it still
@@ -11,12 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::kv::{KvError, KvStore};
-use crate::proto::etcdserverpb::LeaseRevokeRequest;
-use crate::proto::meshpb::{internal_request::Request as Internal, LeaseRecord};
-use crate::raft::{NodeHandle, ProposeError};
+use crate::proto::meshpb::LeaseRecord;
 
 /// A lease as the lessor tracks it.
 #[derive(Clone, Copy, Debug)]
@@ -148,7 +147,7 @@ impl Lessor {
 
     /// This member is leader in `term`: the first time for a term, give every lease a
     /// full TTL plus an election timeout from now.
-    fn promote(&self, term: u64) {
+    pub(crate) fn promote(&self, term: u64) {
         let now = Instant::now();
         let mut s = self.state();
         if s.leader_term == term {
@@ -162,12 +161,12 @@ impl Lessor {
         info!(term, leases = s.deadlines.len(), "lessor promoted");
     }
 
-    fn demote(&self) {
+    pub(crate) fn demote(&self) {
         self.state().leader_term = 0;
     }
 
     /// Expired leases whose revoke is not already in flight; marks them in flight.
-    fn take_expired(&self) -> Vec<i64> {
+    pub(crate) fn take_expired(&self) -> Vec<i64> {
         let now = Instant::now();
         let mut s = self.state();
         let State {
@@ -213,37 +212,6 @@ fn deadline(now: Instant, ttl: i64, extra: Duration) -> Deadline {
 pub fn load(lessor: &Lessor, kv: &KvStore) -> Result<(), KvError> {
     lessor.reset(&kv.leases()?);
     Ok(())
-}
-
-/// The expiry task: every `interval`, while this member leads, revoke expired leases
-/// through Raft. Runs until aborted.
-pub async fn run_expiry(lessor: Arc<Lessor>, node: NodeHandle, interval: Duration) {
-    let me = node.status.member_id;
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        if node.status.leader() != me {
-            lessor.demote();
-            continue;
-        }
-        lessor.promote(node.status.term());
-        for id in lessor.take_expired() {
-            debug!(lease = format_args!("{id:x}"), "lease expired");
-            let node = node.clone();
-            tokio::spawn(async move {
-                let req = Internal::LeaseRevoke(LeaseRevokeRequest { id });
-                match node.propose(req).await {
-                    Ok(_) | Err(ProposeError::Kv(KvError::LeaseNotFound)) => {}
-                    // Retried after REVOKE_RETRY while still leader.
-                    Err(e) => warn!(
-                        lease = format_args!("{id:x}"),
-                        "revoking expired lease: {e}"
-                    ),
-                }
-            });
-        }
-    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ mod recovery;
 use recovery::REOPEN_BACKOFF_MIN;
 
 use super::transport::Transport;
+use super::RaftLog;
 use super::{Applied, AppliedKind, DriverMsg, MemberChange, NodeStatus, ProposeError};
 use crate::kv::{ApplyBatch, KvError, KvStore};
 use crate::lease::Lessor;
@@ -27,7 +28,7 @@ use crate::proto::meshpb::{
     internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, RequestAuth,
     SnapshotRef,
 };
-use crate::storage::{Db, RaftLog, StorageError};
+use crate::storage::{Db, StorageError};
 
 /// Raft timing and log-retention settings.
 #[derive(Clone, Debug)]

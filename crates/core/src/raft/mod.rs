@@ -7,6 +7,8 @@
 //! through a [`transport::Transport`].
 
 mod driver;
+pub mod lease_expiry;
+mod log_store;
 pub mod logging;
 pub mod mesh_transport;
 pub mod snapshot_stream;
@@ -27,7 +29,7 @@ use crate::metrics::Histogram;
 use crate::proto::etcdserverpb as pb;
 use crate::proto::meshpb::internal_request::Request;
 use crate::proto::meshpb::{MemberRecord, RequestAuth};
-use crate::storage::RaftLog;
+pub use log_store::RaftLog;
 
 /// What the driver thread is told.
 pub enum DriverMsg {

@@ -1,16 +1,15 @@
 //! The on-disk engine: one redb database per data dir.
 //!
-//! Owns opening the data dir (identity, corruption and ownership checks) and the Raft
-//! log ([`RaftLog`]). The MVCC keyspace lives in the database (tables owned by
-//! [`crate::kv`]); the log's entries and hard state live in a write-ahead log
-//! ([`wal`]) next to it. Every Ready's entries and hard state are made durable with
+//! Owns opening the data dir (identity, corruption and ownership checks) and the
+//! write-ahead log ([`wal`]) that holds the Raft log's entries and hard state; the MVCC
+//! keyspace lives in the database, in tables the keyspace module owns. Raft's view of
+//! both together is `crate::raft::RaftLog`. Every Ready's entries and hard state are made durable with
 //! one append and fdatasync before anything that depends on them leaves the node; the
 //! keyspace is committed durably now and then, and the log keeps every entry the
 //! durable keyspace has not applied.
 
 mod db;
 mod identity;
-mod raft_log;
 pub mod wal;
 
 use std::path::{Path, PathBuf};
@@ -18,7 +17,11 @@ use std::sync::Arc;
 
 pub use db::Db;
 pub use identity::{stable_id as identity_stable_id, Identity};
-pub use raft_log::{snapshot_dir, RaftLog};
+
+/// Where a member keeps snapshot files (built here, or received from the leader).
+pub fn snapshot_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("snap")
+}
 
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "meshd.redb";

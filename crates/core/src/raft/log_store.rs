@@ -1,5 +1,5 @@
 //! The Raft log of this member: entries and hard state in the write-ahead log
-//! ([`super::wal`], one append and fdatasync per Ready); conf state and the point of
+//! ([`crate::storage::wal`], one append and fdatasync per Ready); conf state and the point of
 //! the last installed snapshot in redb, committed with the state machine they belong
 //! to. An in-memory mirror serves raft-rs's `Storage` reads.
 //!
@@ -12,7 +12,7 @@
 //! `raft_state`) are converted on first open.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 
 use prost011::Message as _;
@@ -21,10 +21,10 @@ use raft::{GetEntriesContext, RaftState, StorageError as RaftStorageError};
 use redb::TableDefinition;
 use tracing::info;
 
-use super::wal::{Replayed, Wal};
-use super::{db_err, StorageError};
 use crate::kv::KvStore;
 use crate::proto::meshpb::SnapshotRef;
+use crate::storage::wal::{Replayed, Wal};
+use crate::storage::{db_err, snapshot_dir, Db, StorageError};
 
 /// The log as kept in redb before the write-ahead log; read once to convert.
 const LEGACY_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -90,11 +90,6 @@ struct SnapState {
     building: bool,
 }
 
-/// Where a member keeps snapshot files (built here, or received from the leader).
-pub fn snapshot_dir(data_dir: &Path) -> PathBuf {
-    data_dir.join("snap")
-}
-
 impl Snapshots {
     /// Opens `dir`, removing what an earlier run left there.
     fn open(dir: PathBuf) -> Result<Snapshots, StorageError> {
@@ -154,7 +149,7 @@ impl Snapshots {
 
 impl RaftLog {
     /// Loads the log of `db`'s data dir. A fresh data dir yields an empty log.
-    pub fn load(db: &super::Db, kv: Arc<KvStore>) -> Result<RaftLog, StorageError> {
+    pub fn load(db: &Db, kv: Arc<KvStore>) -> Result<RaftLog, StorageError> {
         let (wal, core) = read_core(db, &kv)?;
         let snapshots = Snapshots::open(snapshot_dir(&db.dir()))?;
         Ok(RaftLog {
@@ -169,7 +164,7 @@ impl RaftLog {
     /// disk: after a failed write, the mirror and the log file may hold entries that
     /// were never made durable. Call after reopening the database and reloading the
     /// state machine (the commit index is checked against its applied index).
-    pub fn reload(&self, db: &super::Db) -> Result<(), StorageError> {
+    pub fn reload(&self, db: &Db) -> Result<(), StorageError> {
         let mut wal = self.wal();
         wal.discard_unsynced()?;
         let (new_wal, core) = read_core(db, &self.kv)?;
@@ -320,7 +315,7 @@ impl RaftLog {
 
 /// Opens the write-ahead log and reads the conf state and snapshot point from `db`,
 /// converting a log kept in redb by an older version.
-fn read_core(db: &super::Db, kv: &KvStore) -> Result<(Wal, Core), StorageError> {
+fn read_core(db: &Db, kv: &KvStore) -> Result<(Wal, Core), StorageError> {
     let mut core = Core::default();
     let mut legacy_hs = None;
     let (mut snap_index, mut snap_term) = (0, 0);

@@ -368,3 +368,32 @@ async fn readme_curl_examples_answer_as_shown() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// docs/ARCHITECTURE.md stays true about where things are: every path it names in
+/// backticks exists.
+#[test]
+fn architecture_doc_names_only_existing_paths() {
+    let doc = std::fs::read_to_string(repo().join("docs/ARCHITECTURE.md")).unwrap();
+    let mut named = 0;
+    let mut missing = Vec::new();
+    for (i, part) in doc.split('`').enumerate() {
+        // Odd parts are inside backticks.
+        let looks_like_path = i % 2 == 1
+            && part.contains('/')
+            && !part.contains(' ')
+            && !part.starts_with('/')
+            && !part.contains("://");
+        if !looks_like_path {
+            continue;
+        }
+        named += 1;
+        if !repo().join(part).exists() {
+            missing.push(part.to_string());
+        }
+    }
+    assert!(named > 20, "the map names the files it describes");
+    assert!(
+        missing.is_empty(),
+        "docs/ARCHITECTURE.md names missing paths: {missing:?}"
+    );
+}

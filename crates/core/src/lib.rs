@@ -7,22 +7,32 @@
 //! # Layout
 //! - [`mesh`]: the gossip mesh: peers, encrypted connections, topology, routes, channels.
 //! - [`crdt`]: convergent counters gossiped over mesh channels.
-//! - [`storage`]: the redb database of a data dir, its identity, the Raft log tables.
+//! - [`storage`]: the redb database of a data dir, its identity, the write-ahead log.
 //! - [`kv`]: the state machine: MVCC revisions, ranges, txns, compaction, events.
 //! - [`lease`]: the lessor: lease deadlines, expiry decided by the leader.
-//! - [`raft`]: the driver thread around raft-rs `RawNode`, and Raft over mesh unicast.
+//! - [`raft`]: the driver thread around raft-rs `RawNode`, raft-rs's `Storage` over the
+//!   WAL and the keyspace, lease expiry on the leader, and Raft over mesh unicast.
+//! - [`compactor`]: auto-compaction (etcd's periodic and revision modes).
 //! - [`corruption`]: the periodic HashKV comparison and the CORRUPT alarm.
 //! - [`membership`]: Raft membership driven from the mesh: routes, bootstrap-expect,
 //!   joining, growth and healing (reachability never changes the voter set by itself).
-//! - [`api`]: gRPC services (`etcdserverpb` KV, Watch, Cluster, Maintenance; `meshpb`
-//!   Mesh).
-//! - [`metrics`]: Prometheus `/metrics`, `/health`, the gRPC request counter.
+//! - [`api`]: gRPC services (etcd's KV, Watch, Lease, Cluster, Maintenance, Auth, Lock,
+//!   Election; `meshpb` Mesh), the client port's HTTP side and etcd's JSON gateway.
+//! - [`metrics`]: Prometheus `/metrics`, `/health`, `/livez`, `/readyz`, `/version`, the
+//!   gRPC request counter.
 //! - [`server`]: one member wired together, with a graceful stop; snapshot restore.
-//! - [`snapshot`]: the snapshot file format (store snapshot + SHA-256 trailer).
+//! - [`snapshot`]: the snapshot file: etcd's backend database ([`etcd_db`] over the
+//!   bbolt format of [`bolt`]) and its SHA-256.
 //! - [`tls`]: client-API TLS from etcd-style PEM file options.
 //! - [`client`]: the typed client meshctl uses, with endpoint failover.
 //! - [`untrusted`]: every decoder of network or disk bytes behind one entry point (fuzzing).
 //! - [`proto`]: generated wire types.
+
+/// The etcd API version meshd speaks, reported by Status and `/version`.
+pub const ETCD_API_VERSION: &str = "3.5.0";
+/// The cluster version `/version` reports (etcd's major.minor.0).
+pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
+
 pub mod api;
 pub mod bolt;
 pub mod client;

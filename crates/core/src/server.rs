@@ -485,8 +485,10 @@ impl Server {
                 kv: kv.clone(),
                 channels: vec![
                     RAFT_CHANNEL.to_string(),
+                    crate::raft::snapshot_stream::SNAPSHOT_CHANNEL.to_string(),
                     JOIN_CHANNEL.to_string(),
                     COUNTER_CHANNEL.to_string(),
+                    crate::corruption::HASHKV_CHANNEL.to_string(),
                 ],
                 cluster_id: identity.cluster_id,
             }))

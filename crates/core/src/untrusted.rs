@@ -29,10 +29,19 @@ pub enum Decoder {
     PeerNameFile,
     /// A segment of the Raft write-ahead log (disk).
     WalSegment,
+    /// An etcd backend database (a snapshot being restored, disk): bbolt pages and
+    /// etcd's buckets.
+    EtcdDatabase,
+    /// A chunk of a Raft snapshot file on the `raft-snapshot` channel (network).
+    SnapshotChunk,
+    /// An answer on the corruption check's `hashkv` channel (network).
+    HashCheck,
+    /// A JSON request body on the client port's gateway (network).
+    GatewayJson,
 }
 
 impl Decoder {
-    pub const ALL: [Decoder; 11] = [
+    pub const ALL: [Decoder; 15] = [
         Decoder::MeshHandshake,
         Decoder::MeshFrame,
         Decoder::RaftChannel,
@@ -44,6 +53,10 @@ impl Decoder {
         Decoder::HistoryRecord,
         Decoder::PeerNameFile,
         Decoder::WalSegment,
+        Decoder::EtcdDatabase,
+        Decoder::SnapshotChunk,
+        Decoder::HashCheck,
+        Decoder::GatewayJson,
     ];
 
     /// Decodes `data`; returns whether it was accepted (for statistics only).
@@ -97,6 +110,14 @@ impl Decoder {
                 .and_then(crate::storage::parse_peer_name)
                 .is_some(),
             Decoder::WalSegment => crate::storage::wal::replay_untrusted(data),
+            Decoder::EtcdDatabase => crate::etcd_db::read(std::io::Cursor::new(data)).is_ok(),
+            Decoder::SnapshotChunk => meshpb::SnapshotChunk::decode(data).is_ok(),
+            Decoder::HashCheck => meshpb::HashCheck::decode(data).is_ok(),
+            Decoder::GatewayJson => {
+                use crate::proto::etcdserverpb as pb;
+                serde_json::from_slice::<pb::TxnRequest>(data).is_ok()
+                    | serde_json::from_slice::<pb::WatchRequest>(data).is_ok()
+            }
         }
     }
 }
@@ -159,6 +180,23 @@ mod tests {
             }),
             b"00000000000000ff\n".to_vec(),
             wal_segment(),
+            crate::etcd_db::write(&meshpb::StoreSnapshot {
+                revision: 3,
+                history: vec![meshpb::HistoryRecord {
+                    main: 2,
+                    sub: 0,
+                    tombstone: false,
+                    kv: Some(crate::proto::mvccpb::KeyValue {
+                        key: b"k".to_vec(),
+                        mod_revision: 2,
+                        ..Default::default()
+                    }),
+                }],
+                leases: vec![meshpb::LeaseRecord { id: 1, ttl: 5 }],
+                ..Default::default()
+            })
+            .expect("a small store encodes"),
+            br#"{"compare":[{"key":"Zm9v","target":"VALUE","result":"EQUAL","value":"YmFy"}],"success":[{"request_put":{"key":"Zm9v","value":"YmF6","lease":"5"}}]}"#.to_vec(),
         ];
         for d in Decoder::ALL {
             for i in 0..3000 {

@@ -54,10 +54,7 @@ pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 /// gRPC messages may exceed the request limit by this much before the transport
 /// itself refuses them (as etcd allows), so the API can answer with etcd's own error.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
-/// The etcd API version meshd speaks, reported by Status.
-pub const ETCD_API_VERSION: &str = "3.5.0";
-/// The cluster version `/version` reports (etcd's major.minor.0).
-pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
+pub use crate::{ETCD_API_VERSION, ETCD_CLUSTER_VERSION};
 
 /// Limits applied to client requests.
 #[derive(Clone, Debug)]

@@ -169,8 +169,8 @@ pub async fn probe(
             StatusCode::OK,
             "application/json",
             serde_json::json!({
-                "etcdserver": crate::api::ETCD_API_VERSION,
-                "etcdcluster": crate::api::ETCD_CLUSTER_VERSION,
+                "etcdserver": crate::ETCD_API_VERSION,
+                "etcdcluster": crate::ETCD_CLUSTER_VERSION,
             })
             .to_string(),
         ),

@@ -1,0 +1,8 @@
+//! Any bytes given as a Raft snapshot chunk from a peer yield a value or an error, never a panic.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use mesh_core::untrusted::Decoder;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = Decoder::SnapshotChunk.run(data);
+});

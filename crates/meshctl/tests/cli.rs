@@ -991,7 +991,7 @@ fn mesh_peers_status_and_counters() {
     );
     let status = ok(&s, &["mesh", "status"]);
     assert!(
-        status.contains("channels: raft, join, counters"),
+        status.contains("channels: raft, raft-snapshot, join, counters, hashkv"),
         "{status}"
     );
     assert!(status.contains("encryption: off"), "{status}");

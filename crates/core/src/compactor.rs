@@ -6,7 +6,7 @@
 //!
 //! Every member samples (revisions are the same on all of them), only the leader
 //! proposes, so a new leader continues where the old one stopped. [`Periodic`] and
-//! [`revision_target`] decide (pure, on the time and revision they are given); [`spawn`] runs
+//! [`revision_target`] decide (pure, on the time and revision they are given); [`task`] runs
 //! them on the clock and proposes the compactions.
 
 use std::collections::VecDeque;
@@ -104,20 +104,20 @@ pub fn revision_target(current: i64, retention: i64) -> Option<i64> {
     (target > 0).then_some(target)
 }
 
-/// Runs auto-compaction until the task is aborted. `revision_check` is how often
+/// Auto-compaction, as a task that runs until dropped. `revision_check` is how often
 /// revision mode looks ([`REVISION_CHECK`], etcd's period, outside tests).
-pub fn spawn(
+pub fn task(
     mode: AutoCompaction,
     revision_check: Duration,
     kv: Arc<KvStore>,
     node: NodeHandle,
-) -> tokio::task::JoinHandle<()> {
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let every = match mode {
         AutoCompaction::Periodic(_) => mode.interval(),
         AutoCompaction::Revision(_) => revision_check,
     };
     info!(?mode, ?every, "auto-compaction on");
-    tokio::spawn(async move {
+    async move {
         let start = tokio::time::Instant::now();
         let mut periodic = match mode {
             AutoCompaction::Periodic(r) => Some(Periodic::new(r)),
@@ -153,7 +153,7 @@ pub fn spawn(
                 Err(e) => warn!(revision = target, "auto-compaction failed: {e}"),
             }
         }
-    })
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! their checksums. A member named by a CORRUPT alarm stops serving data
 //! ([`crate::api::CorruptGate`]); unlike etcd, the healthy members keep serving.
 //!
-//! [`judge`] decides from the answers (pure); [`spawn`] runs the rounds and keeps
+//! [`judge`] decides from the answers (pure); [`task`] runs the rounds and keeps
 //! [`crate::raft::NodeStatus`] in step with the alarms.
 
 use std::collections::{HashMap, HashSet};
@@ -183,13 +183,13 @@ async fn hash_at(kv: &Arc<KvStore>, rev: i64) -> Result<(u32, i64), KvError> {
 
 /// Registers the `hashkv` channel and starts the loop: every `interval` (zero: never)
 /// the leader runs a round; every member follows the CORRUPT alarms naming it.
-pub fn spawn(
+pub fn task(
     mesh: &Mesh,
     kv: Arc<KvStore>,
     node: NodeHandle,
     routes: Arc<MemberRoutes>,
     interval: Duration,
-) -> tokio::task::JoinHandle<()> {
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let shared = Arc::new(Shared {
         kv,
         node,
@@ -201,7 +201,7 @@ pub fn spawn(
     let receiver = Arc::new(Receiver(Arc::downgrade(&shared)));
     let channel = mesh.register(HASHKV_CHANNEL, receiver);
     let _ = shared.channel.set(channel);
-    tokio::spawn(run(shared, interval))
+    run(shared, interval)
 }
 
 async fn run(r: Arc<Shared>, interval: Duration) {

@@ -138,9 +138,7 @@ pub fn spawn_driver(
             );
             let _entered = span.enter();
             let r = d.run(rx);
-            d.status
-                .stopped
-                .store(true, std::sync::atomic::Ordering::Release);
+            d.status.mark_stopped();
             if let Err(e) = &r {
                 error!("raft driver stopped: {e}");
             }

@@ -206,6 +206,8 @@ pub struct NodeStatus {
     is_learner: AtomicBool,
     removed: AtomicBool,
     stopped: AtomicBool,
+    /// Woken when the driver thread exits.
+    stopped_notify: tokio::sync::Notify,
     /// A write to the database failed and the driver is out of Raft until it has
     /// reopened the database from disk.
     storage_failed: AtomicBool,
@@ -328,6 +330,24 @@ impl NodeStatus {
     /// False once the driver thread has exited (shutdown or a fatal storage error).
     pub fn is_running(&self) -> bool {
         !self.stopped.load(Ordering::Acquire)
+    }
+    /// Called by the driver thread as it exits.
+    pub(crate) fn mark_stopped(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.stopped_notify.notify_waiters();
+    }
+    /// Resolves once the driver thread has exited.
+    pub async fn wait_stopped(&self) {
+        loop {
+            let notified = self.stopped_notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an exit in between still wakes us.
+            notified.as_mut().enable();
+            if !self.is_running() {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 

@@ -256,6 +256,8 @@ pub struct Server {
     grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     driver: Option<std::thread::JoinHandle<Result<(), DriverError>>>,
     background: Vec<tokio::task::JoinHandle<()>>,
+    /// Turned true to end the background tasks.
+    background_stop: tokio::sync::watch::Sender<bool>,
     mesh: Arc<Mesh>,
     metrics_addr: Option<SocketAddr>,
 }
@@ -325,6 +327,7 @@ impl Server {
             mesh_addr = %listeners.mesh_addr,
             "serving gRPC and HTTP"
         );
+        let (background_stop, background_stop_rx) = tokio::sync::watch::channel(false);
         let mut background = Vec::new();
         let metrics_addr = listeners.metrics.as_ref().map(|(_, addr)| *addr);
         if let Some((listener, addr)) = listeners.metrics {
@@ -344,6 +347,7 @@ impl Server {
             &raft,
             ctx,
             listeners.advertise_client,
+            &background_stop_rx,
         ));
         Ok(Server {
             client_addr: listeners.client_addr,
@@ -354,6 +358,7 @@ impl Server {
             grpc: api.task,
             driver: Some(raft.driver),
             background,
+            background_stop,
             mesh: raft.mesh,
             metrics_addr,
         })
@@ -381,9 +386,7 @@ impl Server {
 
     /// Resolves when the Raft driver has stopped on its own (a fatal storage error).
     pub async fn driver_stopped(&self) {
-        while self.node.status.is_running() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        self.node.status.wait_stopped().await;
     }
 
     /// Graceful stop: hand leadership to a caught-up voter (so the cluster does not
@@ -404,8 +407,17 @@ impl Server {
             Err(_) => warn!("in-flight requests did not finish within 10s"),
             _ => {}
         }
-        for t in &self.background {
-            t.abort();
+        // The background loops end at their next await; each reports its end.
+        self.background_stop.send_replace(true);
+        for t in std::mem::take(&mut self.background) {
+            let abort = t.abort_handle();
+            match tokio::time::timeout(Duration::from_secs(5), t).await {
+                Ok(_) => {}
+                Err(_) => {
+                    warn!("a background task did not stop within 5s");
+                    abort.abort();
+                }
+            }
         }
         self.node.shutdown();
         let driver = self.driver.take();
@@ -475,6 +487,8 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stopping.send_replace(true);
         self.grpc.abort();
+        // Dropped without shutdown (a test, a failed start): nothing waits here.
+        self.background_stop.send_replace(true);
         for t in &self.background {
             t.abort();
         }

@@ -420,7 +420,8 @@ pub(super) fn serve_api(
 }
 
 /// The member's loops: publishing its client URL, following the mesh, autopilot, the
-/// quota watch, lease expiry, the corruption check and auto-compaction.
+/// quota watch, lease expiry, the corruption check and auto-compaction. Each runs
+/// until `stop` turns true, and its handle reports its end.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn spawn_background(
     cfg: &ServerConfig,
@@ -431,25 +432,33 @@ pub(super) fn spawn_background(
     raft: &RaftParts,
     ctx: ApiContext,
     advertise_client: String,
+    stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let node = &raft.node;
     let kv = &store.kv;
     let mut tasks = vec![
-        tokio::spawn(publish_attributes(
-            node.clone(),
-            kv.clone(),
-            identity.member_id,
-            cfg.name.clone(),
-            advertise_client,
-        )),
-        tokio::spawn(follow_mesh(
-            mesh.mesh.clone(),
-            meta,
-            raft.routes.clone(),
-            node.clone(),
-            mesh.join.clone(),
-        )),
-        tokio::spawn(
+        spawn_until(
+            stop,
+            publish_attributes(
+                node.clone(),
+                kv.clone(),
+                identity.member_id,
+                cfg.name.clone(),
+                advertise_client,
+            ),
+        ),
+        spawn_until(
+            stop,
+            follow_mesh(
+                mesh.mesh.clone(),
+                meta,
+                raft.routes.clone(),
+                node.clone(),
+                mesh.join.clone(),
+            ),
+        ),
+        spawn_until(
+            stop,
             Autopilot {
                 cfg: cfg.autopilot.clone(),
                 mesh: mesh.mesh.clone(),
@@ -460,29 +469,55 @@ pub(super) fn spawn_background(
             }
             .run(),
         ),
-        tokio::spawn(watch_quota(ctx)),
-        tokio::spawn(crate::raft::lease_expiry::run(
-            raft.lessor.clone(),
-            node.clone(),
-            cfg.tick.max(Duration::from_millis(20)),
-        )),
-        crate::corruption::spawn(
-            &mesh.mesh,
-            kv.clone(),
-            node.clone(),
-            raft.routes.clone(),
-            cfg.corrupt_check_interval,
+        spawn_until(stop, watch_quota(ctx)),
+        spawn_until(
+            stop,
+            crate::raft::lease_expiry::run(
+                raft.lessor.clone(),
+                node.clone(),
+                cfg.tick.max(Duration::from_millis(20)),
+            ),
+        ),
+        spawn_until(
+            stop,
+            crate::corruption::task(
+                &mesh.mesh,
+                kv.clone(),
+                node.clone(),
+                raft.routes.clone(),
+                cfg.corrupt_check_interval,
+            ),
         ),
     ];
     if let Some(mode) = cfg.auto_compaction {
-        tasks.push(crate::compactor::spawn(
-            mode,
-            cfg.auto_compaction_revision_check,
-            kv.clone(),
-            node.clone(),
+        tasks.push(spawn_until(
+            stop,
+            crate::compactor::task(
+                mode,
+                cfg.auto_compaction_revision_check,
+                kv.clone(),
+                node.clone(),
+            ),
         ));
     }
     tasks
+}
+
+/// Runs `task` until it ends or `stop` turns true (then it ends at its next await).
+pub(super) fn spawn_until<F>(
+    stop: &tokio::sync::watch::Receiver<bool>,
+    task: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = task => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+    })
 }
 
 /// Binds a listener and reports the address it got (port 0 picks one).

@@ -28,6 +28,15 @@
 //! - [`untrusted`]: every decoder of network or disk bytes behind one entry point (fuzzing).
 //! - [`proto`]: generated wire types.
 
+/// Where time-based rules (lease and token expiry) read the time: the monotonic clock,
+/// or a test's, so the rules are tested without waiting.
+pub type Clock = std::sync::Arc<dyn Fn() -> std::time::Instant + Send + Sync>;
+
+/// The monotonic clock.
+pub fn system_clock() -> Clock {
+    std::sync::Arc::new(std::time::Instant::now)
+}
+
 /// The etcd API version meshd speaks, reported by Status and `/version`.
 pub const ETCD_API_VERSION: &str = "3.5.0";
 /// The cluster version `/version` reports (etcd's major.minor.0).

@@ -216,22 +216,33 @@ impl Interval {
 /// Simple tokens: token → (user, deadline). Learned by every member when it applies
 /// the token's Raft entry; forgotten on expiry, when auth is disabled, or when the user
 /// is deleted or changes password.
-#[derive(Debug)]
 pub(crate) struct Tokens {
     ttl: Mutex<Duration>,
     map: Mutex<HashMap<String, (String, Instant)>>,
+    clock: crate::Clock,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens").field("ttl", &self.ttl()).finish()
+    }
 }
 
 impl Default for Tokens {
     fn default() -> Self {
-        Tokens {
-            ttl: Mutex::new(DEFAULT_TOKEN_TTL),
-            map: Mutex::default(),
-        }
+        Tokens::with_clock(crate::system_clock())
     }
 }
 
 impl Tokens {
+    pub(crate) fn with_clock(clock: crate::Clock) -> Tokens {
+        Tokens {
+            ttl: Mutex::new(DEFAULT_TOKEN_TTL),
+            map: Mutex::default(),
+            clock,
+        }
+    }
+
     pub(crate) fn set_ttl(&self, ttl: Duration) {
         *self.ttl.lock().unwrap_or_else(|p| p.into_inner()) = ttl;
     }
@@ -241,9 +252,10 @@ impl Tokens {
     }
 
     pub(crate) fn insert(&self, token: String, user: String) {
-        let deadline = Instant::now() + self.ttl();
+        let now = (self.clock)();
+        let deadline = now + self.ttl();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.retain(|_, (_, d)| *d > Instant::now());
+        map.retain(|_, (_, d)| *d > now);
         map.insert(token, (user, deadline));
     }
 
@@ -251,7 +263,7 @@ impl Tokens {
     pub(crate) fn user(&self, token: &str) -> Option<String> {
         let ttl = self.ttl();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
+        let now = (self.clock)();
         match map.get_mut(token) {
             Some((user, deadline)) if *deadline > now => {
                 *deadline = now + ttl;
@@ -478,6 +490,27 @@ fn grant(perms: &mut Vec<Permission>, perm: Permission) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_token_lives_its_ttl_after_its_last_use() {
+        use std::sync::Arc;
+        let now = Arc::new(Mutex::new(Instant::now()));
+        let read = now.clone();
+        let tokens = Tokens::with_clock(Arc::new(move || *read.lock().unwrap()));
+        let advance = |d: Duration| *now.lock().unwrap() += d;
+        tokens.set_ttl(Duration::from_secs(300));
+        tokens.insert("t1".into(), "alice".into());
+        advance(Duration::from_secs(299));
+        assert_eq!(tokens.user("t1").as_deref(), Some("alice"), "and refreshed");
+        advance(Duration::from_secs(299));
+        assert_eq!(tokens.user("t1").as_deref(), Some("alice"));
+        advance(Duration::from_secs(300));
+        assert_eq!(tokens.user("t1"), None, "expired after a TTL unused");
+        tokens.insert("t2".into(), "bob".into());
+        tokens.forget_user("bob");
+        assert_eq!(tokens.user("t2"), None, "a deleted user's tokens go");
+    }
+
     use super::*;
 
     fn perm(t: PermType, key: &str, end: &str) -> Permission {

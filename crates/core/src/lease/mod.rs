@@ -38,9 +38,13 @@ struct State {
 /// How long to wait before proposing the revoke of an expired lease again.
 const REVOKE_RETRY: Duration = Duration::from_secs(3);
 
+pub use crate::Clock;
+
 /// Lease deadlines of one member. Shared by the Raft driver (apply), the Lease API
-/// (keep-alives on the leader) and the expiry task.
+/// (keep-alives on the leader) and the expiry task. Every decision reads the time from
+/// its [`Clock`], so the rules are tested without waiting.
 pub struct Lessor {
+    clock: Clock,
     state: Mutex<State>,
     /// Smallest TTL granted, in seconds: a lease must survive a leader election.
     min_ttl: i64,
@@ -59,7 +63,13 @@ impl Lessor {
     }
 
     pub fn new(min_ttl: i64, extend: Duration) -> Arc<Lessor> {
+        Lessor::with_clock(min_ttl, extend, crate::system_clock())
+    }
+
+    /// [`Lessor::new`] on `clock`.
+    pub fn with_clock(min_ttl: i64, extend: Duration, clock: Clock) -> Arc<Lessor> {
         Arc::new(Lessor {
+            clock,
             state: Mutex::new(State::default()),
             min_ttl: min_ttl.max(1),
             extend,
@@ -101,7 +111,7 @@ impl Lessor {
 
     /// Forget every deadline and start each lease afresh (start-up, snapshot install).
     pub fn reset(&self, leases: &[LeaseRecord]) {
-        let now = Instant::now();
+        let now = (self.clock)();
         let mut s = self.state();
         s.deadlines = leases
             .iter()
@@ -114,7 +124,7 @@ impl Lessor {
     pub fn granted(&self, id: i64, ttl: i64) {
         self.state()
             .deadlines
-            .insert(id, deadline(Instant::now(), ttl, Duration::ZERO));
+            .insert(id, deadline((self.clock)(), ttl, Duration::ZERO));
     }
 
     /// A revoke was applied.
@@ -127,7 +137,7 @@ impl Lessor {
     /// Restart the lease's TTL; returns it, or None if the lease is unknown or has
     /// already expired (its revoke is on the way).
     pub fn renew(&self, id: i64) -> Option<i64> {
-        let now = Instant::now();
+        let now = (self.clock)();
         let mut s = self.state();
         let d = s.deadlines.get_mut(&id)?;
         if d.expires <= now {
@@ -141,14 +151,14 @@ impl Lessor {
     pub fn remaining(&self, id: i64) -> Option<i64> {
         let s = self.state();
         let d = s.deadlines.get(&id)?;
-        let left = d.expires.saturating_duration_since(Instant::now());
+        let left = d.expires.saturating_duration_since((self.clock)());
         Some(left.as_secs() as i64 + i64::from(left.subsec_nanos() > 0))
     }
 
     /// This member is leader in `term`: the first time for a term, give every lease a
     /// full TTL plus an election timeout from now.
     pub(crate) fn promote(&self, term: u64) {
-        let now = Instant::now();
+        let now = (self.clock)();
         let mut s = self.state();
         if s.leader_term == term {
             return;
@@ -167,7 +177,7 @@ impl Lessor {
 
     /// Expired leases whose revoke is not already in flight; marks them in flight.
     pub(crate) fn take_expired(&self) -> Vec<i64> {
-        let now = Instant::now();
+        let now = (self.clock)();
         let mut s = self.state();
         let State {
             deadlines,
@@ -217,6 +227,90 @@ pub fn load(lessor: &Lessor, kv: &KvStore) -> Result<(), KvError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lessor on a clock the test moves.
+    fn lessor_at(extend: Duration) -> (Arc<Lessor>, impl Fn(Duration)) {
+        let now = Arc::new(Mutex::new(Instant::now()));
+        let read = now.clone();
+        let clock: Clock = Arc::new(move || *read.lock().unwrap());
+        let l = Lessor::with_clock(1, extend, clock);
+        let advance = move |d: Duration| *now.lock().unwrap() += d;
+        (l, advance)
+    }
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_lease_expires_at_its_ttl_and_not_before() {
+        let (l, advance) = lessor_at(SEC);
+        l.granted(7, 10);
+        assert_eq!(l.remaining(7), Some(10));
+        advance(9 * SEC + SEC / 2);
+        assert_eq!(l.remaining(7), Some(1), "rounded up");
+        assert!(l.take_expired().is_empty(), "never earlier than the TTL");
+        advance(SEC / 2);
+        assert_eq!(l.take_expired(), [7]);
+        assert_eq!(l.renew(7), None, "an expired lease is not renewed");
+    }
+
+    #[test]
+    fn a_keep_alive_restarts_the_ttl() {
+        let (l, advance) = lessor_at(SEC);
+        l.granted(7, 10);
+        advance(8 * SEC);
+        assert_eq!(l.renew(7), Some(10));
+        advance(8 * SEC);
+        assert!(l.take_expired().is_empty());
+        advance(2 * SEC);
+        assert_eq!(l.take_expired(), [7]);
+    }
+
+    #[test]
+    fn a_revoke_is_proposed_again_only_after_the_retry_interval() {
+        let (l, advance) = lessor_at(SEC);
+        l.granted(7, 1);
+        advance(SEC);
+        assert_eq!(l.take_expired(), [7]);
+        advance(REVOKE_RETRY - SEC / 10);
+        assert!(l.take_expired().is_empty(), "its revoke is in flight");
+        advance(SEC / 10);
+        assert_eq!(l.take_expired(), [7], "the proposal may have been lost");
+        l.revoked(7);
+        advance(REVOKE_RETRY);
+        assert!(l.take_expired().is_empty());
+        assert_eq!(l.remaining(7), None);
+    }
+
+    #[test]
+    fn promotion_gives_every_lease_a_full_ttl_plus_an_election_once_per_term() {
+        let (l, advance) = lessor_at(2 * SEC);
+        l.granted(7, 10);
+        advance(9 * SEC);
+        l.promote(3);
+        // Keep-alives the old leader answered were never replicated: start afresh.
+        advance(11 * SEC);
+        assert!(l.take_expired().is_empty(), "10 s + one election timeout");
+        l.promote(3);
+        advance(SEC);
+        assert_eq!(l.take_expired(), [7], "the same term does not extend again");
+        l.demote();
+        l.promote(4);
+        assert!(
+            l.take_expired().is_empty(),
+            "a new term does, and clears revokes"
+        );
+    }
+
+    #[test]
+    fn reset_starts_every_lease_afresh() {
+        let (l, advance) = lessor_at(SEC);
+        l.granted(1, 5);
+        advance(4 * SEC);
+        l.reset(&[LeaseRecord { id: 1, ttl: 5 }, LeaseRecord { id: 2, ttl: 3 }]);
+        advance(3 * SEC);
+        assert_eq!(l.take_expired(), [2]);
+        assert_eq!(l.remaining(1), Some(2));
+    }
 
     #[test]
     fn min_ttl_is_rounded_up_to_whole_seconds() {

@@ -1,0 +1,151 @@
+//! Proposals: IDs, the queue parked while no leader is known, and membership changes
+//! with their safety rules.
+
+use super::*;
+
+impl Driver {
+    pub(super) fn take_proposal_id(&mut self) -> u64 {
+        let id = self.next_id;
+        // 0 means "no caller waits" in a conf change context.
+        self.next_id = match self.next_id.wrapping_add(1) {
+            0 => 1,
+            n => n,
+        };
+        id
+    }
+
+    pub(super) fn propose_parked(&mut self) {
+        if self.parked.is_empty() || !self.leader_known() {
+            return;
+        }
+        for (id, data) in std::mem::take(&mut self.parked) {
+            match self.raw.propose(vec![], data) {
+                Ok(()) => {
+                    if self.raw.raft.state == StateRole::Leader {
+                        self.by_index
+                            .insert(self.raw.raft.raft_log.last_index(), id);
+                    }
+                }
+                Err(e) => {
+                    let err = match e {
+                        raft::Error::ProposalDropped => ProposeError::NoLeader,
+                        other => {
+                            warn!("proposal refused: {other}");
+                            ProposeError::NoLeader
+                        }
+                    };
+                    if let Some(tx) = self.pending.remove(&id) {
+                        let _ = tx.send(Err(err));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks a membership change against the leader's view and proposes it.
+    pub(super) fn change_members(&mut self, change: MemberChange, reply: Reply<Applied>) {
+        use raft::prelude::ConfChangeType;
+        if let Err(e) = self.check_change(&change) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let (change_type, node_id, member, promote) = match change {
+            MemberChange::Add { member, learner } => {
+                let t = if learner {
+                    ConfChangeType::AddLearnerNode
+                } else {
+                    ConfChangeType::AddNode
+                };
+                (t, member.id, Some(member), false)
+            }
+            MemberChange::Promote(id) => (ConfChangeType::AddNode, id, None, true),
+            MemberChange::Remove(id) => (ConfChangeType::RemoveNode, id, None, false),
+        };
+        let id = self.take_proposal_id();
+        let ctx = ConfChangeContext {
+            proposer: self.cfg.member_id,
+            id,
+            member,
+            promote,
+        };
+        let cc = ConfChange {
+            change_type: change_type as i32,
+            node_id,
+            context: prost::Message::encode_to_vec(&ctx),
+            ..Default::default()
+        };
+        match self.raw.propose_conf_change(vec![], cc) {
+            Ok(()) => {
+                self.pending.insert(id, reply);
+                self.by_index
+                    .insert(self.raw.raft.raft_log.last_index(), id);
+            }
+            Err(raft::Error::ProposalDropped) => {
+                let _ = reply.send(Err(ProposeError::ChangeInProgress));
+            }
+            Err(e) => {
+                warn!("membership change refused: {e}");
+                let _ = reply.send(Err(ProposeError::ChangeInProgress));
+            }
+        }
+    }
+
+    /// etcd's safety rules for a change, judged with the leader's progress view: one
+    /// change at a time, never fewer started voters than a quorum, promote only a
+    /// learner that has caught up.
+    pub(super) fn check_change(&self, change: &MemberChange) -> Result<(), ProposeError> {
+        let r = &self.raw.raft;
+        if r.state != StateRole::Leader {
+            return Err(ProposeError::NotLeader);
+        }
+        if r.has_pending_conf() {
+            return Err(ProposeError::ChangeInProgress);
+        }
+        let me = self.cfg.member_id;
+        let conf = r.prs().conf();
+        let voters: Vec<u64> = conf.voters().ids().iter().collect();
+        // Started: heard from within an election timeout and reachable on the mesh now.
+        let started = |id: &u64| {
+            *id == me
+                || (r.prs().get(*id).is_some_and(|p| p.recent_active)
+                    && self.transport.is_reachable(*id))
+        };
+        let quorum = |n: usize| n / 2 + 1;
+        match change {
+            MemberChange::Add { learner: true, .. } => Ok(()),
+            MemberChange::Add { .. } => {
+                // The new voter has not started yet. Like etcd, a single member may add
+                // a second (the way to grow a cluster restored from a snapshot).
+                let up = voters.iter().filter(|id| started(id)).count();
+                if up < quorum(voters.len() + 1) && !(up == 1 && voters.len() == 1) {
+                    return Err(ProposeError::NotEnoughStarted);
+                }
+                Ok(())
+            }
+            MemberChange::Promote(id) => {
+                if !conf.learners().contains(id) {
+                    return Err(ProposeError::Membership(
+                        "etcdserver: can only promote a learner member",
+                    ));
+                }
+                let leader_match = r.raft_log.last_index();
+                let learner_match = r.prs().get(*id).map_or(0, |p| p.matched);
+                if (learner_match as f64) < (leader_match as f64) * 0.9 {
+                    return Err(ProposeError::LearnerNotReady);
+                }
+                Ok(())
+            }
+            MemberChange::Remove(id) => {
+                if !voters.contains(id) {
+                    return Ok(());
+                }
+                let rest: Vec<u64> = voters.iter().copied().filter(|v| v != id).collect();
+                let up = rest.iter().filter(|v| started(v)).count();
+                if rest.is_empty() || up < quorum(rest.len()) {
+                    return Err(ProposeError::NotEnoughStarted);
+                }
+                Ok(())
+            }
+        }
+    }
+}

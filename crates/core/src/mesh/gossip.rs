@@ -1,6 +1,6 @@
 //! Gossip channels (weave mesh's model): the `GossipData` / `Gossiper` traits a user
 //! implements, and the `GossipChannel` handle through which they send unicasts and
-//! broadcasts. Delivery and anti-entropy live in `mod.rs` and `conn.rs`.
+//! broadcasts. Delivery and anti-entropy live in `mod.rs` and `conn/`.
 use super::{Inner, MeshError, PeerName};
 use std::sync::{Arc, Weak};
 

@@ -6,7 +6,8 @@
 //! - `mod.rs` (this file): [`MeshConfig`], [`Mesh`] (the public handle), shared state,
 //!   sending, relaying and anti-entropy rounds.
 //! - `tasks.rs`: the background loops: accept (rate limited), dial (backoff), gossip.
-//! - `conn.rs`: one connection: handshake, Noise encryption, heartbeats, frame loops.
+//! - `conn/`: one connection: `handshake.rs` (versions, Noise encryption), `io.rs`
+//!   (writer and reader loops, heartbeats), `dispatch.rs` (what a received frame does).
 //! - `wire.rs`: length prefix, handshake and frame decoders, Noise chunking (pure).
 //! - `topology.rs`: the topology CRDT, routes and broadcast trees (sans-IO).
 //! - `gossip.rs`: the [`GossipData`] / [`Gossiper`] traits and [`GossipChannel`].

@@ -6,6 +6,7 @@
 //! calls [`crate::storage`] for the log and [`crate::kv`] to apply; peers are reached
 //! through a [`transport::Transport`].
 
+pub mod conf_rules;
 mod driver;
 pub mod lease_expiry;
 mod log_store;

@@ -90,62 +90,35 @@ impl Driver {
         }
     }
 
-    /// etcd's safety rules for a change, judged with the leader's progress view: one
-    /// change at a time, never fewer started voters than a quorum, promote only a
-    /// learner that has caught up.
+    /// Whether `change` may be proposed now ([`crate::raft::conf_rules`]), on the view
+    /// raft-rs and the mesh give.
     pub(super) fn check_change(&self, change: &MemberChange) -> Result<(), ProposeError> {
         let r = &self.raw.raft;
-        if r.state != StateRole::Leader {
-            return Err(ProposeError::NotLeader);
-        }
-        if r.has_pending_conf() {
-            return Err(ProposeError::ChangeInProgress);
-        }
         let me = self.cfg.member_id;
         let conf = r.prs().conf();
         let voters: Vec<u64> = conf.voters().ids().iter().collect();
+        let learners: Vec<u64> = conf.learners().iter().copied().collect();
         // Started: heard from within an election timeout and reachable on the mesh now.
-        let started = |id: &u64| {
-            *id == me
-                || (r.prs().get(*id).is_some_and(|p| p.recent_active)
-                    && self.transport.is_reachable(*id))
+        let started = voters
+            .iter()
+            .chain(&learners)
+            .copied()
+            .filter(|id| {
+                *id == me
+                    || (r.prs().get(*id).is_some_and(|p| p.recent_active)
+                        && self.transport.is_reachable(*id))
+            })
+            .collect();
+        let matched = r.prs().iter().map(|(id, p)| (*id, p.matched)).collect();
+        let view = super::super::conf_rules::ChangeView {
+            is_leader: r.state == StateRole::Leader,
+            change_pending: r.has_pending_conf(),
+            voters,
+            learners,
+            started,
+            leader_last_index: r.raft_log.last_index(),
+            matched,
         };
-        let quorum = |n: usize| n / 2 + 1;
-        match change {
-            MemberChange::Add { learner: true, .. } => Ok(()),
-            MemberChange::Add { .. } => {
-                // The new voter has not started yet. Like etcd, a single member may add
-                // a second (the way to grow a cluster restored from a snapshot).
-                let up = voters.iter().filter(|id| started(id)).count();
-                if up < quorum(voters.len() + 1) && !(up == 1 && voters.len() == 1) {
-                    return Err(ProposeError::NotEnoughStarted);
-                }
-                Ok(())
-            }
-            MemberChange::Promote(id) => {
-                if !conf.learners().contains(id) {
-                    return Err(ProposeError::Membership(
-                        "etcdserver: can only promote a learner member",
-                    ));
-                }
-                let leader_match = r.raft_log.last_index();
-                let learner_match = r.prs().get(*id).map_or(0, |p| p.matched);
-                if (learner_match as f64) < (leader_match as f64) * 0.9 {
-                    return Err(ProposeError::LearnerNotReady);
-                }
-                Ok(())
-            }
-            MemberChange::Remove(id) => {
-                if !voters.contains(id) {
-                    return Ok(());
-                }
-                let rest: Vec<u64> = voters.iter().copied().filter(|v| v != id).collect();
-                let up = rest.iter().filter(|v| started(v)).count();
-                if rest.is_empty() || up < quorum(rest.len()) {
-                    return Err(ProposeError::NotEnoughStarted);
-                }
-                Ok(())
-            }
-        }
+        super::super::conf_rules::check(&view, change)
     }
 }

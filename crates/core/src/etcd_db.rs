@@ -185,13 +185,7 @@ pub fn write(snap: &StoreSnapshot) -> Result<Vec<u8>, BoltError> {
                 peer_urls: m
                     .peer_urls
                     .iter()
-                    .map(|u| {
-                        if u.contains("://") {
-                            u.clone()
-                        } else {
-                            format!("http://{u}")
-                        }
-                    })
+                    .map(|u| crate::membership::peer_url(u, "http"))
                     .collect(),
                 name: m.name.clone(),
                 client_urls: m.client_urls.clone(),

@@ -107,14 +107,8 @@ fn member_pb(m: MemberRecord, scheme: &str) -> Member {
         name: m.name,
         peer_ur_ls: m
             .peer_urls
-            .into_iter()
-            .map(|u| {
-                if u.contains("://") {
-                    u
-                } else {
-                    format!("{scheme}://{u}")
-                }
-            })
+            .iter()
+            .map(|u| crate::membership::peer_url(u, scheme))
             .collect(),
         client_ur_ls: m.client_urls,
         is_learner: m.is_learner,

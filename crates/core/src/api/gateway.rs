@@ -35,9 +35,13 @@ use crate::proto::{v3electionpb as election, v3lockpb as lock};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// An answer of the gRPC stack: errors are already gRPC statuses in the response, so
+/// the error type is `Infallible`, as the client port's service needs.
+pub type GrpcFuture = BoxFuture<Result<http::Response<Body>, Infallible>>;
+
 /// The gRPC service stack, callable in-process with a gRPC request.
 #[derive(Clone)]
-pub struct Grpc(Arc<dyn Fn(http::Request<Body>) -> BoxFuture<http::Response<Body>> + Send + Sync>);
+pub struct Grpc(Arc<dyn Fn(http::Request<Body>) -> GrpcFuture + Send + Sync>);
 
 impl Grpc {
     pub fn new<S, B>(svc: S) -> Grpc
@@ -55,19 +59,19 @@ impl Grpc {
         Grpc(Arc::new(move |req| {
             let mut svc = svc.clone();
             Box::pin(async move {
-                let fail = |e: S::Error| Status::internal(e.to_string()).into_http();
+                let fail = |e: S::Error| Ok(Status::internal(e.to_string()).into_http());
                 if let Err(e) = poll_fn(|cx| svc.poll_ready(cx)).await {
                     return fail(e);
                 }
                 match svc.call(req).await {
-                    Ok(resp) => resp.map(Body::new),
+                    Ok(resp) => Ok(resp.map(Body::new)),
                     Err(e) => fail(e),
                 }
             })
         }))
     }
 
-    pub fn call(&self, req: http::Request<Body>) -> BoxFuture<http::Response<Body>> {
+    pub fn call(&self, req: http::Request<Body>) -> GrpcFuture {
         (self.0)(req)
     }
 }
@@ -88,10 +92,12 @@ enum Shape {
 
 type Handler = fn(&Gateway, Call) -> BoxFuture<http::Response<Body>>;
 
-/// One request as the gateway received it.
+/// One request as the gateway received it, and the route it resolved to.
 pub struct Call {
     parts: http::request::Parts,
     body: Body,
+    grpc_path: &'static str,
+    shape: Shape,
 }
 
 /// The gateway's routes: HTTP path, gRPC path, how it streams, its typed handler.
@@ -398,9 +404,14 @@ impl Gateway {
                 StatusCode::METHOD_NOT_ALLOWED,
             );
         }
-        let (mut parts, body) = req.into_parts();
-        parts.extensions.insert(Target { grpc_path, shape });
-        handler(self, Call { parts, body }).await
+        let (parts, body) = req.into_parts();
+        let call = Call {
+            parts,
+            body,
+            grpc_path,
+            shape,
+        };
+        handler(self, call).await
     }
 
     async fn serve<Req, Resp>(self, call: Call) -> http::Response<Body>
@@ -408,26 +419,20 @@ impl Gateway {
         Req: prost::Message + DeserializeOwned + Default + Send + 'static,
         Resp: prost::Message + Serialize + Default + Send + 'static,
     {
-        let Some(target) = call.parts.extensions.get::<Target>().copied() else {
-            return error_response(
-                &Status::internal("gateway route lost"),
-                StatusCode::INTERNAL_SERVER_ERROR,
-            );
-        };
         if let Some(len) = content_length(&call.parts.headers) {
             if len > self.max_json_bytes as u64 {
                 return too_large();
             }
         }
-        match target.shape {
+        match call.shape {
             Shape::Unary | Shape::ServerStream => {
                 let msg = match read_one::<Req>(call.body, self.max_json_bytes).await {
                     Ok(m) => m,
                     Err(resp) => return resp,
                 };
                 let frames = futures::stream::iter([frame(&msg)]);
-                let answer = self.grpc_call(target.grpc_path, call.parts, frames).await;
-                match (target.shape, answer) {
+                let answer = self.grpc_call(call.grpc_path, call.parts, frames).await;
+                match (call.shape, answer) {
                     (_, Err(status)) => status_response(&status),
                     (Shape::Unary, Ok(mut reader)) => match reader.next_message::<Resp>().await {
                         Ok(Some(resp)) => json_response(StatusCode::OK, &resp),
@@ -451,7 +456,7 @@ impl Gateway {
                     hold_open.then_some(answer_gone),
                 ));
                 let frames = tokio_stream::wrappers::ReceiverStream::new(rx);
-                match self.grpc_call(target.grpc_path, call.parts, frames).await {
+                match self.grpc_call(call.grpc_path, call.parts, frames).await {
                     Err(status) => status_response(&status),
                     Ok(reader) => stream_response::<Resp>(reader, Some((bad_rx, answer_open))),
                 }
@@ -493,7 +498,7 @@ impl Gateway {
                 headers.insert(name, v.clone());
             }
         }
-        let resp = self.grpc.call(req).await;
+        let Ok(resp) = self.grpc.call(req).await;
         if let Some(status) = Status::from_header_map(resp.headers()) {
             if status.code() != Code::Ok {
                 return Err(status);
@@ -505,13 +510,6 @@ impl Gateway {
             done: false,
         })
     }
-}
-
-/// The route a request resolved to, carried to its typed handler.
-#[derive(Clone, Copy)]
-struct Target {
-    grpc_path: &'static str,
-    shape: Shape,
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {

@@ -72,8 +72,7 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let req = req.map(Body::new);
         if is_grpc(req.headers()) {
-            let fut = self.grpc.call(req);
-            return Box::pin(async move { Ok(fut.await) });
+            return self.grpc.call(req);
         }
         let this = self.clone();
         Box::pin(async move { Ok(this.http(req).await) })

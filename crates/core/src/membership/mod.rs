@@ -127,3 +127,12 @@ pub fn member_client_url(mesh: &Mesh, token_hash: u64) -> Option<String> {
         .or_else(|| members.first())
         .map(|n| n.meta.client_url.clone())
 }
+/// A member's peer URL as etcd answers it: members store `host:port`; `scheme` is
+/// added unless the stored value already has one.
+pub fn peer_url(stored: &str, scheme: &str) -> String {
+    if stored.contains("://") {
+        stored.to_string()
+    } else {
+        format!("{scheme}://{stored}")
+    }
+}

@@ -68,7 +68,7 @@ pub async fn serve(listener: TcpListener, src: Sources, mut stop: watch::Receive
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                 let src = src.clone();
-                async move { Ok::<_, Infallible>(route(&src, req).await) }
+                async move { Ok::<_, Infallible>(probe(&src, req.method(), req.uri()).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -83,10 +83,6 @@ pub async fn serve(listener: TcpListener, src: Sources, mut stop: watch::Receive
             drop(slot);
         });
     }
-}
-
-async fn route(src: &Sources, req: http::Request<Incoming>) -> http::Response<String> {
-    probe(src, req.method(), req.uri()).await
 }
 
 /// Answers the operator endpoints, on the metrics port and on the client port:

@@ -584,6 +584,28 @@ impl TestCerts {
         }
     }
 
+    /// An etcd-client over TLS to `addr`, trusting the test CA, with the client
+    /// certificate if `with_cert`.
+    pub async fn etcd_client(&self, addr: SocketAddr, with_cert: bool) -> etcd_client::Client {
+        use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+        let mut tls = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(&self.ca).unwrap()))
+            .domain_name("localhost");
+        if with_cert {
+            tls = tls.identity(Identity::from_pem(
+                std::fs::read(&self.client_cert).unwrap(),
+                std::fs::read(&self.client_key).unwrap(),
+            ));
+        }
+        let opts = ConnectOptions::new()
+            .with_timeout(Duration::from_secs(5))
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_tls(tls);
+        etcd_client::Client::connect([format!("https://{addr}")], Some(opts))
+            .await
+            .expect("etcd-client connects (lazily)")
+    }
+
     /// meshd's flags for [`TestCerts::server_tls`].
     pub fn meshd_flags(&self, client_cert_auth: bool) -> Vec<String> {
         let mut v = vec![

@@ -58,15 +58,28 @@ async fn populate(c: &mut Client, auth: bool) -> i64 {
     lease
 }
 
-/// The history [`populate`] leaves above its compaction: `b` put at revision 4,
-/// deleted at 5.
-async fn history_is_whole(c: &mut Client) {
+/// What [`populate`] left, as a restored member must serve it: the compaction at 3,
+/// the history above it (`b` put at revision 4, deleted at 5), and `lease`, alone, with
+/// its granted TTL.
+async fn restored_as_populated(c: &mut Client, lease: i64) {
+    let err = c
+        .get("a", Some(GetOptions::new().with_revision(2)))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("compacted"), "{err}");
     let at = |rev| Some(GetOptions::new().with_revision(rev));
     let r = c.get("b", at(4)).await.unwrap();
     assert_eq!(r.kvs()[0].value_str().unwrap(), "x");
     assert!(c.get("b", at(5)).await.unwrap().kvs().is_empty());
     let r = c.get("a", at(3)).await.unwrap();
     assert_eq!(r.kvs()[0].value_str().unwrap(), "2");
+    let ttl = c.lease_time_to_live(lease, None).await.unwrap();
+    assert_eq!(ttl.granted_ttl(), 600);
+    let leases = c.leases().await.unwrap();
+    assert_eq!(
+        leases.leases().iter().map(|l| l.id()).collect::<Vec<_>>(),
+        [lease]
+    );
 }
 
 async fn as_root(addr: SocketAddr) -> Client {
@@ -148,20 +161,7 @@ async fn etcd_snapshot_restores_into_meshd(etcd_bin: PathBuf, etcdctl_bin: PathB
     // The user and its password (etcd's bcrypt hash) came along; so did auth.
     let mut c = as_root(addr).await;
     assert_eq!(keyspace(&mut c).await, want);
-    let err = c
-        .get("a", Some(GetOptions::new().with_revision(2)))
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("compacted"), "{err}");
-    // History above the compaction came along: b was put at 4 and deleted at 5.
-    history_is_whole(&mut c).await;
-    let ttl = c.lease_time_to_live(lease, None).await.unwrap();
-    assert_eq!(ttl.granted_ttl(), 600);
-    let leases = c.leases().await.unwrap();
-    assert_eq!(
-        leases.leases().iter().map(|l| l.id()).collect::<Vec<_>>(),
-        [lease]
-    );
+    restored_as_populated(&mut c, lease).await;
     let wrong = Client::connect(
         [addr.to_string()],
         Some(ConnectOptions::new().with_user("root", "wrong")),
@@ -249,19 +249,7 @@ async fn a_meshd_snapshot_is_an_etcd_snapshot() {
     assert_eq!(users.users(), ["root"]);
     let (_, kvs) = keyspace(&mut e).await;
     assert_eq!(kvs, want.1, "{}", etcd.log());
-    let leases = e.leases().await.unwrap();
-    assert_eq!(
-        leases.leases().iter().map(|l| l.id()).collect::<Vec<_>>(),
-        [lease]
-    );
-    let err = e
-        .get("a", Some(GetOptions::new().with_revision(2)))
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("compacted"), "{err}");
-    history_is_whole(&mut e).await;
-    let ttl = e.lease_time_to_live(lease, None).await.unwrap();
-    assert_eq!(ttl.granted_ttl(), 600);
+    restored_as_populated(&mut e, lease).await;
 }
 
 #[tokio::test]

@@ -57,6 +57,25 @@ async fn post(base: &str, path: &str, body: Value, token: Option<&str>) -> (u16,
     (code, v)
 }
 
+/// Adds `root` (password `rootpw`) with the root role and turns auth on, through the
+/// gateway.
+async fn enable_root_auth(base: &str) {
+    for (path, body) in [
+        (
+            "/v3/auth/user/add",
+            json!({"name": "root", "password": "rootpw"}),
+        ),
+        (
+            "/v3/auth/user/grant",
+            json!({"user": "root", "role": "root"}),
+        ),
+        ("/v3/auth/enable", json!({})),
+    ] {
+        let (code, v) = post(base, path, body, None).await;
+        assert_eq!(code, 200, "{path}: {v}");
+    }
+}
+
 async fn single_member() -> (InProcessCluster, SocketAddr, String) {
     let c = InProcessCluster::start(1, ClusterOpts::default()).await;
     let addr = c.addr(0);
@@ -357,16 +376,9 @@ async fn streams_watch_keepalive_and_snapshot_as_json_lines() {
     let (_, grant) = post(&base, "/v3/lease/grant", json!({"TTL": 60}), None).await;
     let id = grant["ID"].as_str().unwrap().to_string();
     assert_eq!(grant["TTL"], "60");
-    let (code, body) = curl(&[
-        "-X",
-        "POST",
-        &format!("{base}/v3/lease/keepalive"),
-        "-d",
-        &json!({"ID": id}).to_string(),
-    ])
-    .await;
+    // One keep-alive per request body: the answer is its one line, then ends.
+    let (code, ka) = post(&base, "/v3/lease/keepalive", json!({"ID": id}), None).await;
     assert_eq!(code, 200);
-    let ka: Value = serde_json::from_str(body.trim()).unwrap();
     assert_eq!(ka["result"]["ID"], id.as_str());
     assert_eq!(ka["result"]["TTL"], "60");
     post(
@@ -389,16 +401,8 @@ async fn streams_watch_keepalive_and_snapshot_as_json_lines() {
     let (code, _) = post(&base, "/v3/lease/revoke", json!({"ID": id}), None).await;
     assert_eq!(code, 200);
     // Keep-alive of a lease that is gone: the stream's error line.
-    let (_, body) = curl(&[
-        "-X",
-        "POST",
-        &format!("{base}/v3/lease/keepalive"),
-        "-d",
-        &json!({"ID": id}).to_string(),
-    ])
-    .await;
     // etcd answers a keep-alive of an unknown lease with its ID and no TTL.
-    let line: Value = serde_json::from_str(body.trim()).unwrap();
+    let (_, line) = post(&base, "/v3/lease/keepalive", json!({"ID": id}), None).await;
     assert_eq!(line["result"]["ID"], id.as_str(), "{line}");
     assert!(
         line["result"]["TTL"].is_null(),
@@ -428,20 +432,7 @@ async fn streams_watch_keepalive_and_snapshot_as_json_lines() {
 #[tokio::test]
 async fn auth_tokens_travel_in_the_authorization_header() {
     let (_c, _addr, base) = single_member().await;
-    for (path, body) in [
-        (
-            "/v3/auth/user/add",
-            json!({"name": "root", "password": "rootpw"}),
-        ),
-        (
-            "/v3/auth/user/grant",
-            json!({"user": "root", "role": "root"}),
-        ),
-        ("/v3/auth/enable", json!({})),
-    ] {
-        let (code, v) = post(&base, path, body, None).await;
-        assert_eq!(code, 200, "{path}: {v}");
-    }
+    enable_root_auth(&base).await;
     // Without a token: etcd's refusal.
     let (code, e) = post(
         &base,
@@ -536,20 +527,7 @@ async fn a_follower_forwards_gateway_calls_with_the_authorization_token() {
     let leader = wait_for_leader(&c.live_addrs()).await;
     let follower = c.addr((c.index_of(leader) + 1) % 3);
     let base = format!("http://{follower}");
-    for (path, body) in [
-        (
-            "/v3/auth/user/add",
-            json!({"name": "root", "password": "rootpw"}),
-        ),
-        (
-            "/v3/auth/user/grant",
-            json!({"user": "root", "role": "root"}),
-        ),
-        ("/v3/auth/enable", json!({})),
-    ] {
-        let (code, v) = post(&base, path, body, None).await;
-        assert_eq!(code, 200, "{path}: {v}");
-    }
+    enable_root_auth(&base).await;
     let (_, t) = post(
         &base,
         "/v3/auth/authenticate",
@@ -558,22 +536,18 @@ async fn a_follower_forwards_gateway_calls_with_the_authorization_token() {
     )
     .await;
     let token = t["token"].as_str().unwrap().to_string();
-    // Calls a follower hands to the leader: keep-alive, time-to-live, member add.
+    // Calls a follower hands to the leader: keep-alive, time-to-live, member list.
     let (code, grant) = post(&base, "/v3/lease/grant", json!({"TTL": 60}), Some(&token)).await;
     assert_eq!(code, 200, "{grant}");
     let id = grant["ID"].as_str().unwrap().to_string();
-    let (code, body) = curl(&[
-        "-X",
-        "POST",
-        &format!("{base}/v3/lease/keepalive"),
-        "-H",
-        &format!("Authorization: {token}"),
-        "-d",
-        &json!({"ID": id}).to_string(),
-    ])
+    let (code, ka) = post(
+        &base,
+        "/v3/lease/keepalive",
+        json!({"ID": id}),
+        Some(&token),
+    )
     .await;
     assert_eq!(code, 200);
-    let ka: Value = serde_json::from_str(body.trim()).unwrap();
     assert_eq!(ka["result"]["TTL"], "60", "{ka}");
     let (code, ttl) = post(
         &base,
@@ -645,19 +619,6 @@ async fn tls_with_client_certificates_covers_both_protocols() {
     let (code, _) = curl(&["--cacert", &ca, &format!("{base}/version")]).await;
     assert_eq!(code, 0, "no client certificate, no answer");
     // gRPC with the certificate still works on the same port.
-    let tls = etcd_client::TlsOptions::new()
-        .ca_certificate(etcd_client::Certificate::from_pem(
-            std::fs::read(&certs.ca).unwrap(),
-        ))
-        .identity(etcd_client::Identity::from_pem(
-            std::fs::read(&certs.client_cert).unwrap(),
-            std::fs::read(&certs.client_key).unwrap(),
-        ));
-    let mut client = etcd_client::Client::connect(
-        [format!("https://{addr}")],
-        Some(etcd_client::ConnectOptions::new().with_tls(tls)),
-    )
-    .await
-    .unwrap();
+    let mut client = certs.etcd_client(addr, true).await;
     client.put("over", "tls", None).await.unwrap();
 }

@@ -6,34 +6,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 use mesh_tests::*;
-
-async fn tls_client(certs: &TestCerts, addr: SocketAddr, with_cert: bool) -> etcd_client::Client {
-    let mut tls = TlsOptions::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(&certs.ca).unwrap()))
-        .domain_name("localhost");
-    if with_cert {
-        tls = tls.identity(Identity::from_pem(
-            std::fs::read(&certs.client_cert).unwrap(),
-            std::fs::read(&certs.client_key).unwrap(),
-        ));
-    }
-    let opts = ConnectOptions::new()
-        .with_timeout(Duration::from_secs(5))
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_tls(tls);
-    etcd_client::Client::connect([format!("https://{addr}")], Some(opts))
-        .await
-        .expect("etcd-client connects (lazily)")
-}
 
 /// Waits until every member answers over TLS and all agree on a leader.
 async fn tls_leader(certs: &TestCerts, addrs: &[SocketAddr]) -> u64 {
     eventually("a leader over TLS", Duration::from_secs(20), || async {
         let mut leaders = Vec::new();
         for a in addrs {
-            let mut c = tls_client(certs, *a, true).await;
+            let mut c = certs.etcd_client(*a, true).await;
             leaders.push(c.status().await.ok()?.leader());
         }
         (leaders[0] != 0 && leaders.iter().all(|l| *l == leaders[0])).then_some(leaders[0])
@@ -90,7 +70,7 @@ async fn client_certificate_auth_with_three_members() {
     let leader = tls_leader(&certs, &addrs).await;
 
     // Members advertise https client URLs.
-    let mut c = tls_client(&certs, addrs[0], true).await;
+    let mut c = certs.etcd_client(addrs[0], true).await;
     let members = c.member_list().await.unwrap();
     for m in members.members() {
         assert!(
@@ -109,14 +89,14 @@ async fn client_certificate_auth_with_three_members() {
     let follower = (0..3)
         .find(|&i| cluster.servers[i].as_ref().unwrap().node().status.member_id != leader)
         .unwrap();
-    let mut f = tls_client(&certs, addrs[follower], true).await;
+    let mut f = certs.etcd_client(addrs[follower], true).await;
     let lease = f.lease_grant(60, None).await.unwrap().id();
     let ttl = f.lease_time_to_live(lease, None).await.unwrap();
     assert_eq!(ttl.id(), lease);
     assert!(ttl.ttl() > 0 && ttl.ttl() <= 60, "ttl {}", ttl.ttl());
 
     // Without a client certificate: refused.
-    let mut no_cert = tls_client(&certs, addrs[0], false).await;
+    let mut no_cert = certs.etcd_client(addrs[0], false).await;
     assert!(no_cert.get("tls/a", None).await.is_err());
     // Plaintext: refused.
     let mut plain = etcd_client(addrs[0]).await;
@@ -154,7 +134,7 @@ async fn server_tls_without_client_certificates() {
     // No client certificate needed, but the server must be verified with the CA.
     let (okay, out) = meshctl(&certs, addr, false, &["put", "k", "v"]);
     assert!(okay, "{out}");
-    let mut c = tls_client(&certs, addr, false).await;
+    let mut c = certs.etcd_client(addr, false).await;
     assert_eq!(c.get("k", None).await.unwrap().kvs()[0].value(), b"v");
     // A plaintext client is refused.
     let mut plain = etcd_client(addr).await;

@@ -790,7 +790,7 @@ where
                 None => st.reader.next_message::<Resp>().await,
             };
             let line = match next {
-                Ok(Some(msg)) => json_line(&serde_json::json!({ "result": msg })),
+                Ok(Some(msg)) => json_line(&ResultLine { result: &msg }),
                 Ok(None) => return None,
                 Err(status) => {
                     st.over = true;
@@ -814,7 +814,13 @@ where
     resp
 }
 
-fn json_line(v: &serde_json::Value) -> Bytes {
+/// One message of a streamed answer, serialized as is (no intermediate JSON value).
+#[derive(Serialize)]
+struct ResultLine<'a, T> {
+    result: &'a T,
+}
+
+fn json_line<T: Serialize>(v: &T) -> Bytes {
     let mut out = serde_json::to_vec(v).unwrap_or_default();
     out.push(b'\n');
     Bytes::from(out)

@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::kv::{KvError, KvStore};
+use crate::kv::{KvError, KvStore, StoreError};
 use crate::mesh::{GossipChannel, GossipError, Gossiper, Mesh, PeerName};
 use crate::proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
 use crate::proto::meshpb::internal_request::Request as Internal;
@@ -158,7 +158,7 @@ impl Shared {
                     reply.compact_revision = compact;
                 }
                 Err(e) => {
-                    reply.corrupt = matches!(e, KvError::Corrupt { .. });
+                    reply.corrupt = matches!(e, KvError::Store(StoreError::Corrupt { .. }));
                     if reply.corrupt {
                         node.report_corrupt(&e.to_string());
                     }
@@ -177,7 +177,7 @@ async fn hash_at(kv: &Arc<KvStore>, rev: i64) -> Result<(u32, i64), KvError> {
     let kv = kv.clone();
     tokio::task::spawn_blocking(move || kv.hash_kv(rev))
         .await
-        .map_err(|e| KvError::Storage(format!("hash task: {e}")))?
+        .map_err(|e| KvError::Store(StoreError::Inconsistent(format!("hash task: {e}"))))?
         .map(|(hash, compact, _)| (hash, compact))
 }
 
@@ -237,7 +237,7 @@ async fn check_round(r: &Shared, round: u64) {
     let rev = r.kv.current_revision();
     let (own_hash, own_compact) = match hash_at(&r.kv, rev).await {
         Ok(x) => x,
-        Err(e @ KvError::Corrupt { .. }) => {
+        Err(e @ KvError::Store(StoreError::Corrupt { .. })) => {
             r.node.report_corrupt(&e.to_string());
             return;
         }

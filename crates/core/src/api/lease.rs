@@ -26,7 +26,7 @@ use crate::proto::etcdserverpb::{
     LeaseTimeToLiveResponse,
 };
 use crate::proto::meshpb::internal_request::Request as Internal;
-use crate::raft::{AppliedKind, ProposeError};
+use crate::raft::{Applied, AppliedKind, ProposeError};
 
 /// Marks a request forwarded by a follower, so it is never forwarded twice.
 /// Keep-alive responses buffered per stream.
@@ -319,7 +319,10 @@ async fn keep_alive(
         }
     } else {
         match replicate_keep_alive(ctx, id).await {
-            Ok(ttl) => ttl,
+            Ok(applied) => match applied.kind {
+                AppliedKind::LeaseKeepAlive { ttl } => ttl,
+                other => return Err(unexpected(other)),
+            },
             Err(ProposeError::Kv(KvError::LeaseNotFound)) => 0,
             Err(e) => return Err(propose_status(e)),
         }
@@ -335,7 +338,7 @@ async fn keep_alive(
 /// just failed is lost without an answer; a keep-alive is idempotent, so it is sent
 /// again after each election timeout rather than after the whole request timeout,
 /// which may well exceed the lease's TTL.
-async fn replicate_keep_alive(ctx: &ApiContext, id: i64) -> Result<i64, ProposeError> {
+async fn replicate_keep_alive(ctx: &ApiContext, id: i64) -> Result<Applied, ProposeError> {
     let attempt = ctx
         .lessor
         .election_timeout()
@@ -345,14 +348,7 @@ async fn replicate_keep_alive(ctx: &ApiContext, id: i64) -> Result<i64, ProposeE
     for _ in 0..10 {
         let req = Internal::LeaseKeepAlive(LeaseKeepAliveRequest { id });
         match tokio::time::timeout(attempt, ctx.node.propose(req)).await {
-            Ok(Ok(applied)) => {
-                return match applied.kind {
-                    AppliedKind::LeaseKeepAlive { ttl } => Ok(ttl),
-                    _ => Err(ProposeError::Kv(KvError::Storage(
-                        "keep-alive applied as another request".into(),
-                    ))),
-                }
-            }
+            Ok(Ok(applied)) => return Ok(applied),
             Ok(Err(e @ ProposeError::Kv(_))) | Ok(Err(e @ ProposeError::Stopped)) => return Err(e),
             Ok(Err(e)) => last = e,
             Err(_) => last = ProposeError::Timeout,

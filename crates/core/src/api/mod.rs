@@ -39,7 +39,7 @@ pub use maintenance::MaintenanceApi;
 pub use mesh::MeshApi;
 pub use watch::WatchApi;
 
-use crate::kv::{KvError, KvStore};
+use crate::kv::{KvError, KvStore, StoreError};
 use crate::lease::Lessor;
 use crate::proto::etcdserverpb::ResponseHeader;
 use crate::raft::{NodeHandle, ProposeError};
@@ -204,11 +204,17 @@ pub fn kv_status(e: KvError) -> Status {
     let code = match &e {
         KvError::Compacted { .. } | KvError::FutureRevision => Code::OutOfRange,
         KvError::NoSpace => Code::ResourceExhausted,
-        KvError::Storage(_) | KvError::Io(_) => Code::Internal,
-        KvError::Corrupt { .. } => {
+        KvError::Store(StoreError::Corrupt { .. }) => {
             tracing::error!("{e}: refusing to serve it");
             return Status::data_loss(ERR_CORRUPT);
         }
+        KvError::Store(
+            StoreError::Io(_)
+            | StoreError::Engine(_)
+            | StoreError::Decode(_)
+            | StoreError::File(_)
+            | StoreError::Inconsistent(_),
+        ) => Code::Internal,
         KvError::LeaseNotFound => Code::NotFound,
         KvError::LeaseExists => Code::FailedPrecondition,
         KvError::LeaseTtlTooLarge => Code::OutOfRange,

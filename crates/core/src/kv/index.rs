@@ -17,7 +17,7 @@ use redb::ReadableTable;
 use super::pending::{self, Pending, Revs};
 use super::range::Interval;
 use super::tables::{decode_record, Meta as Counters, Record, META, REVS};
-use super::{KvError, ReadRevs};
+use super::{KvError, ReadRevs, StoreError};
 use crate::proto::meshpb::HistoryRecord;
 use crate::proto::mvccpb::KeyValue;
 use crate::storage::Db;
@@ -370,9 +370,9 @@ impl<'t> View<'t> {
         };
         let (main, sub) = rev;
         found.ok_or_else(|| {
-            KvError::Storage(format!(
+            KvError::Store(StoreError::Inconsistent(format!(
                 "revision {main}.{sub} is in the key index but not in kv_revs"
-            ))
+            )))
         })
     }
 

@@ -50,6 +50,7 @@ macro_rules! with_batch_table {
     };
 }
 
+mod apply;
 mod auth;
 mod check;
 mod exec;
@@ -63,6 +64,7 @@ mod tables;
 #[cfg(test)]
 mod tests;
 
+pub use apply::{Applied, AppliedKind, Effect, Outcome};
 pub use auth::{AuthState, DEFAULT_TOKEN_TTL, ROOT};
 pub use check::{check_txn, is_read_only, validate_delete_range, validate_put, validate_range};
 pub use lease::MAX_LEASE_TTL;
@@ -85,17 +87,9 @@ pub enum KvError {
     /// ignore_value / ignore_lease on a missing key, or an empty op in a txn.
     #[error("etcdserver: key not found")]
     KeyNotFound,
-    /// The disk engine failed or holds something undecodable.
-    #[error("storage: {0}")]
-    Storage(String),
-    /// A read or write of the disk failed (the disk, not the data, is the problem:
-    /// e.g. it is full). The Raft driver recovers by reopening the database.
-    #[error("storage: {0}")]
-    Io(String),
-    /// A stored record failed its checksum: the data dir is corrupt and the record is
-    /// not served. Clients get etcd's corruption error (DataLoss); the log gets this.
-    #[error("data dir is corrupt: {detail} in {table}")]
-    Corrupt { table: &'static str, detail: String },
+    /// The store itself failed: never the request's fault, and fatal to applying.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// A request without a key.
     #[error("etcdserver: key is not provided")]
     EmptyKey,
@@ -184,6 +178,41 @@ pub enum KvError {
     InvalidAuthMgmt,
 }
 
+impl KvError {
+    /// A failure of the store itself (the disk, the engine, a record that fails its
+    /// checksum), as opposed to an answer about the request.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, KvError::Store(_))
+    }
+}
+
+/// A failure of the store itself: the disk, the engine, or data that does not decode
+/// or fails its checksum. The source error is kept for the log.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A read or write of the disk failed (the disk, not the data, is the problem:
+    /// e.g. it is full). The Raft driver recovers by reopening the database.
+    #[error("storage: {0}")]
+    Io(#[source] redb::Error),
+    /// The engine failed otherwise (e.g. it found its own file damaged).
+    #[error("storage: {0}")]
+    Engine(#[source] redb::Error),
+    /// A stored record does not decode.
+    #[error("storage: undecodable record: {0}")]
+    Decode(#[source] prost::DecodeError),
+    /// A snapshot file could not be read or written.
+    #[error("storage: snapshot file: {0}")]
+    File(#[source] std::io::Error),
+    /// Stored data contradicts itself (a snapshot file's framing, the key index
+    /// against its table).
+    #[error("storage: {0}")]
+    Inconsistent(String),
+    /// A stored record failed its checksum: the data dir is corrupt and the record is
+    /// not served. Clients get etcd's corruption error (DataLoss); the log gets this.
+    #[error("data dir is corrupt: {detail} in {table}")]
+    Corrupt { table: &'static str, detail: String },
+}
+
 /// Every redb error becomes `Io` (the disk failed) or `Storage` (anything else).
 macro_rules! storage_error_from {
     ($($t:ty),* $(,)?) => {$(
@@ -191,9 +220,9 @@ macro_rules! storage_error_from {
             fn from(e: $t) -> Self {
                 match redb::Error::from(e) {
                     e @ (redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed) => {
-                        KvError::Io(e.to_string())
+                        KvError::Store(StoreError::Io(e))
                     }
-                    e => KvError::Storage(e.to_string()),
+                    e => KvError::Store(StoreError::Engine(e)),
                 }
             }
         }
@@ -210,7 +239,7 @@ storage_error_from!(
 
 impl From<prost::DecodeError> for KvError {
     fn from(e: prost::DecodeError) -> Self {
-        KvError::Storage(e.to_string())
+        KvError::Store(StoreError::Decode(e))
     }
 }
 
@@ -391,7 +420,7 @@ impl KvStore {
             (Ok(index), _) => index,
             // Opening for Raft: the member starts quarantined instead of not at all,
             // so the cluster hears about it (see `KvStore::corrupt_at_open`).
-            (Err(e @ KvError::Corrupt { .. }), true) => {
+            (Err(e @ KvError::Store(StoreError::Corrupt { .. })), true) => {
                 *self
                     .corrupt_at_open
                     .lock()
@@ -569,9 +598,9 @@ impl KvStore {
                 done => return done,
             }
         }
-        Err(KvError::Storage(
+        Err(KvError::Store(StoreError::Inconsistent(
             "the key index stayed out of step with the store".into(),
-        ))
+        )))
     }
 
     /// Run a read-only request against one consistent read transaction.
@@ -871,9 +900,14 @@ fn txn_puts(req: &pb::TxnRequest) -> bool {
 }
 
 impl<'a> ApplyBatch<'a> {
-    /// The write transaction, opened now if the batch has none, so the Raft storage
-    /// can commit its tables with ours.
-    pub fn write_txn(&mut self) -> Result<&redb::WriteTransaction, KvError> {
+    /// The records kept beside the keyspace (the Raft log's point and conf state, the
+    /// member identity), written in this batch's transaction to commit with it.
+    pub fn side(&mut self) -> Result<crate::storage::SideTxn<'_>, KvError> {
+        Ok(crate::storage::SideTxn::new(self.write_txn()?))
+    }
+
+    /// The write transaction, opened now if the batch has none.
+    pub(crate) fn write_txn(&mut self) -> Result<&redb::WriteTransaction, KvError> {
         self.committed = None;
         let txn = match &mut self.txn {
             Some(txn) => txn,
@@ -941,10 +975,10 @@ impl<'a> ApplyBatch<'a> {
     /// own, so this never refuses anything it sends).
     fn ensure_index_current(&self) -> Result<(), KvError> {
         if self.restored {
-            return Err(KvError::Storage(
+            return Err(KvError::Store(StoreError::Inconsistent(
                 "a batch that restored a snapshot must be committed before it applies requests"
                     .into(),
-            ));
+            )));
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use super::tables::{
     self, decode_record, encode_record, Meta, Record, ALARMS, MEMBERS, META, REVS,
 };
-use super::{auth, ApplyBatch, IndexEffect, KvError, KvStore};
+use super::{auth, ApplyBatch, IndexEffect, KvError, KvStore, StoreError};
 use crate::proto::etcdserverpb as pb;
 use crate::proto::meshpb::{AuthSnapshot, HistoryRecord, LeaseRecord, MemberRecord};
 
@@ -79,7 +79,7 @@ impl<W: Write> Sink<W> {
 }
 
 fn io(e: std::io::Error) -> KvError {
-    KvError::Io(e.to_string())
+    KvError::Store(StoreError::File(e))
 }
 
 impl KvStore {
@@ -172,9 +172,9 @@ fn read_varint(r: &mut impl Read) -> Result<Option<u64>, KvError> {
         match r.read(&mut b) {
             Ok(0) if i == 0 => return Ok(None),
             Ok(0) => {
-                return Err(KvError::Storage(
+                return Err(KvError::Store(StoreError::Inconsistent(
                     "snapshot file ends inside a varint".into(),
-                ))
+                )))
             }
             Ok(_) => {}
             Err(e) => return Err(io(e)),
@@ -185,9 +185,9 @@ fn read_varint(r: &mut impl Read) -> Result<Option<u64>, KvError> {
             return decode_varint(&mut slice).map(Some).map_err(KvError::from);
         }
     }
-    Err(KvError::Storage(
+    Err(KvError::Store(StoreError::Inconsistent(
         "snapshot file holds an overlong varint".into(),
-    ))
+    )))
 }
 
 /// Reads the elements of a snapshot file (or any reader of one) in order, handing each
@@ -198,7 +198,8 @@ pub fn read_snapshot(
     mut on: impl FnMut(Element) -> Result<(), KvError>,
 ) -> Result<(), KvError> {
     let mut r = BufReader::with_capacity(1 << 20, r);
-    let bad = |what: &str| KvError::Storage(format!("snapshot file: {what}"));
+    let bad =
+        |what: &str| KvError::Store(StoreError::Inconsistent(format!("snapshot file: {what}")));
     let mut payload = Vec::new();
     while let Some(key) = read_varint(&mut r)? {
         let (field, wire) = ((key >> 3) as u32, key & 7);

@@ -3,7 +3,7 @@
 use prost::Message;
 use redb::{ReadableTable, TableDefinition};
 
-use super::KvError;
+use super::{KvError, StoreError};
 use crate::proto::mvccpb::KeyValue;
 
 /// Every kept version, in revision order: (main, sub) → tombstone flag byte + encoded
@@ -109,9 +109,9 @@ fn seal(mut buf: Vec<u8>) -> Vec<u8> {
     buf
 }
 
-/// The payload of a sealed value, or `KvError::Corrupt` naming the table.
+/// The payload of a sealed value, or `StoreError::Corrupt` naming the table.
 fn unseal<'a>(table: &'static str, bytes: &'a [u8]) -> Result<&'a [u8], KvError> {
-    let corrupt = |detail: String| KvError::Corrupt { table, detail };
+    let corrupt = |detail: String| KvError::Store(StoreError::Corrupt { table, detail });
     if bytes.len() < CRC_LEN {
         return Err(corrupt(format!(
             "record of {} bytes is too short",
@@ -141,7 +141,7 @@ pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, KvError> {
     let bytes = unseal("kv_revs", bytes)?;
     let (flag, rest) = bytes
         .split_first()
-        .ok_or_else(|| KvError::Storage("empty kv_revs record".into()))?;
+        .ok_or_else(|| KvError::Store(StoreError::Inconsistent("empty kv_revs record".into())))?;
     Ok(Record {
         tombstone: *flag == FLAG_TOMBSTONE,
         kv: KeyValue::decode(rest)?,

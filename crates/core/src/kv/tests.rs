@@ -1096,10 +1096,10 @@ fn a_flipped_byte_in_a_live_record_is_reported_not_served() {
     assert!(
         matches!(
             err,
-            KvError::Corrupt {
+            KvError::Store(StoreError::Corrupt {
                 table: "kv_revs",
                 ..
-            }
+            })
         ),
         "{err:?}"
     );
@@ -1111,7 +1111,10 @@ fn a_flipped_byte_in_a_live_record_is_reported_not_served() {
     assert!(get(&f.kv, "b").is_some());
     // Reopening reads every record into the key index: it refuses the data dir.
     let err = f.kv.reload().unwrap_err();
-    assert!(matches!(err, KvError::Corrupt { .. }), "{err:?}");
+    assert!(
+        matches!(err, KvError::Store(StoreError::Corrupt { .. })),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -1130,17 +1133,20 @@ fn a_flipped_byte_in_an_old_version_is_reported_not_served() {
     assert!(
         matches!(
             err,
-            KvError::Corrupt {
+            KvError::Store(StoreError::Corrupt {
                 table: "kv_revs",
                 ..
-            }
+            })
         ),
         "{err:?}"
     );
     // The current version is still served.
     assert_eq!(get(&f.kv, "a").unwrap().value, b"new");
     // HashKV reads every record: it refuses too rather than hash corrupt data.
-    assert!(matches!(f.kv.hash_kv(0), Err(KvError::Corrupt { .. })));
+    assert!(matches!(
+        f.kv.hash_kv(0),
+        Err(KvError::Store(StoreError::Corrupt { .. }))
+    ));
 }
 
 /// Watchers read recent revisions through a shared cache: it answers exactly as the

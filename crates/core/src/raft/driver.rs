@@ -31,11 +31,10 @@ use recovery::REOPEN_BACKOFF_MIN;
 use super::transport::Transport;
 use super::RaftLog;
 use super::{Applied, AppliedKind, DriverMsg, MemberChange, NodeStatus, ProposeError};
-use crate::kv::{ApplyBatch, KvError, KvStore};
+use crate::kv::{ApplyBatch, Effect, KvError, KvStore, StoreError};
 use crate::lease::Lessor;
 use crate::proto::meshpb::{
-    internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, RequestAuth,
-    SnapshotRef,
+    internal_request::Request, ConfChangeContext, InternalRequest, MemberRecord, SnapshotRef,
 };
 use crate::storage::{Db, StorageError};
 
@@ -70,9 +69,13 @@ pub enum DriverError {
     /// The disk failed; the member must not continue.
     #[error(transparent)]
     Storage(#[from] StorageError),
-    /// The state machine reported a storage failure while applying.
+    /// The store failed while applying (the disk, or data that does not decode).
     #[error("applying committed entries failed: {0}")]
-    Apply(KvError),
+    Apply(StoreError),
+    /// The state machine refused a write the driver made itself (a member record, a
+    /// restore): the driver's own writes are valid by construction, so this is a bug.
+    #[error("the state machine refused the driver's own write: {0}")]
+    Refused(KvError),
     /// raft-rs refused the configuration or a step.
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
@@ -83,6 +86,20 @@ pub enum DriverError {
     /// is corrupt. It stops applying (never skips an entry the others applied).
     #[error("state machine corrupt: {0}")]
     Corrupt(String),
+}
+
+/// A failure of the state machine while applying: a corrupt record stops this
+/// member's applying for good; any other failure of the store is the disk's.
+impl From<KvError> for DriverError {
+    fn from(e: KvError) -> DriverError {
+        match e {
+            KvError::Store(StoreError::Corrupt { table, detail }) => {
+                DriverError::Corrupt(format!("{detail} in {table}"))
+            }
+            KvError::Store(store) => DriverError::Apply(store),
+            refused => DriverError::Refused(refused),
+        }
+    }
 }
 
 /// How long defragmenting waits for read transactions already open to finish.
@@ -291,7 +308,7 @@ impl Driver {
                     return Ok(());
                 }
                 Err(DriverError::Corrupt(why))
-                | Err(DriverError::Apply(KvError::Corrupt { detail: why, .. })) => {
+                | Err(DriverError::Apply(StoreError::Corrupt { detail: why, .. })) => {
                     self.quarantine(&why)
                 }
                 other => return other,
@@ -369,7 +386,7 @@ impl Driver {
     /// One commit of the keyspace with what is pending, counted as a backend commit.
     fn commit_kv(&self, durable: bool) -> Result<(), DriverError> {
         let started = Instant::now();
-        self.kv.write_pending(durable).map_err(DriverError::Apply)?;
+        self.kv.write_pending(durable).map_err(DriverError::from)?;
         self.status
             .metrics
             .backend_commit

@@ -24,11 +24,11 @@ use tracing::info;
 use crate::kv::KvStore;
 use crate::proto::meshpb::SnapshotRef;
 use crate::storage::wal::{Replayed, Wal};
-use crate::storage::{db_err, snapshot_dir, Db, StorageError};
+use crate::storage::{db_err, snapshot_dir, Db, SideTxn, StorageError};
 
 /// The log as kept in redb before the write-ahead log; read once to convert.
 const LEGACY_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
-const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_state");
+use crate::storage::RAFT_STATE as STATE;
 
 const LEGACY_HARD_STATE: &str = "hard_state";
 const CONF_STATE: &str = "conf_state";
@@ -247,11 +247,7 @@ impl RaftLog {
     }
 
     /// Records the conf state in `txn` (with the state machine it belongs to).
-    pub fn set_conf_state(
-        &self,
-        txn: &redb::WriteTransaction,
-        cs: &ConfState,
-    ) -> Result<(), StorageError> {
+    pub fn set_conf_state(&self, txn: &SideTxn<'_>, cs: &ConfState) -> Result<(), StorageError> {
         put_state(txn, CONF_STATE, cs)?;
         self.wl().conf_state = cs.clone();
         Ok(())
@@ -263,7 +259,7 @@ impl RaftLog {
     /// point the state machine on disk has not reached could not be replayed.
     pub fn apply_snapshot(
         &self,
-        txn: &redb::WriteTransaction,
+        txn: &SideTxn<'_>,
         meta: &SnapshotMetadata,
     ) -> Result<(), StorageError> {
         let point = SnapshotMetadata {
@@ -433,14 +429,11 @@ fn read_core(db: &Db, kv: &KvStore) -> Result<(Wal, Core), StorageError> {
 }
 
 fn put_state(
-    txn: &redb::WriteTransaction,
+    txn: &SideTxn<'_>,
     key: &str,
     record: &impl prost011::Message,
 ) -> Result<(), StorageError> {
-    let mut t = txn.open_table(STATE).map_err(db_err)?;
-    t.insert(key, record.encode_to_vec().as_slice())
-        .map_err(db_err)?;
-    Ok(())
+    txn.put_raft_state(key, &record.encode_to_vec())
 }
 
 impl raft::Storage for RaftLog {
@@ -669,10 +662,13 @@ mod tests {
         assert!(unavailable(log.snapshot(3, 9)));
         // After a membership change the old file is not offered: it names the old
         // configuration (a new member would ignore it).
-        let txn = db.begin_write().unwrap();
-        log.set_conf_state(&txn, &ConfState::from((vec![1, 9], vec![])))
-            .unwrap();
-        txn.commit().unwrap();
+        let mut batch = kv.begin().unwrap();
+        log.set_conf_state(
+            &batch.side().unwrap(),
+            &ConfState::from((vec![1, 9], vec![])),
+        )
+        .unwrap();
+        batch.commit(true).unwrap();
         assert!(unavailable(log.snapshot(1, 9)), "a new build starts");
     }
 
@@ -691,13 +687,14 @@ mod tests {
                 t.insert(i, entry(i).encode_to_vec().as_slice()).unwrap();
             }
         }
-        put_state(&txn, LEGACY_HARD_STATE, &hs).unwrap();
+        let side = SideTxn::new(&txn);
+        put_state(&side, LEGACY_HARD_STATE, &hs).unwrap();
         let point = SnapshotMetadata {
             index: 1,
             term: 1,
             ..Default::default()
         };
-        put_state(&txn, COMPACTED, &point).unwrap();
+        put_state(&side, COMPACTED, &point).unwrap();
         txn.commit().unwrap();
         let mut batch = kv.begin().unwrap();
         batch.set_applied_index(1);
@@ -729,8 +726,7 @@ mod tests {
         };
         let mut batch = kv.begin().unwrap();
         batch.set_applied_index(9);
-        log.apply_snapshot(batch.write_txn().unwrap(), &meta)
-            .unwrap();
+        log.apply_snapshot(&batch.side().unwrap(), &meta).unwrap();
         batch.commit(true).unwrap();
         // No log.sync(): the process dies here.
         drop(log);

@@ -26,8 +26,9 @@ use tokio::sync::oneshot;
 pub use driver::{spawn_driver, DriverConfig, DriverError};
 
 use crate::kv::KvError;
+/// The state machine's result of one replicated request, as proposers receive it.
+pub use crate::kv::{Applied, AppliedKind};
 use crate::metrics::Histogram;
-use crate::proto::etcdserverpb as pb;
 use crate::proto::meshpb::internal_request::Request;
 use crate::proto::meshpb::{MemberRecord, RequestAuth};
 pub use log_store::RaftLog;
@@ -86,15 +87,6 @@ pub enum DriverMsg {
     /// hashing): stop applying and raise the CORRUPT alarm.
     Corrupt(String),
 }
-
-/// The result of applying one replicated request on this member.
-#[derive(Debug)]
-pub struct Applied {
-    /// Store revision right after this request applied.
-    pub revision: i64,
-    pub kind: AppliedKind,
-}
-
 /// Replication progress of one member, as the leader sees it.
 #[derive(Clone, Debug)]
 pub struct PeerProgress {
@@ -117,32 +109,6 @@ pub enum MemberChange {
     Promote(u64),
     /// Remove a member (voter or learner).
     Remove(u64),
-}
-
-#[derive(Debug)]
-pub enum AppliedKind {
-    Put(pb::PutResponse),
-    DeleteRange(pb::DeleteRangeResponse),
-    Txn(pb::TxnResponse),
-    Compaction,
-    MemberAttributes,
-    /// A configuration change or member update applied.
-    Membership,
-    /// The alarms an AlarmRequest raised or cleared.
-    Alarm(Vec<pb::AlarmMember>),
-    /// A lease was granted with this ID and TTL.
-    LeaseGrant {
-        id: i64,
-        ttl: i64,
-    },
-    LeaseRevoke(pb::LeaseRevokeResponse),
-    /// A replicated keep-alive refreshed a lease whose granted TTL is `ttl`.
-    LeaseKeepAlive {
-        ttl: i64,
-    },
-    /// An auth store change (or a token) applied.
-    Auth,
-    Nothing,
 }
 
 /// Why a proposal, read or driver request did not complete. `NoLeader`, `Timeout*`,

@@ -148,7 +148,7 @@ pub(super) fn write_bootstrap(
     identity: &Identity,
     members: &[MemberRecord],
 ) -> Result<(), ServerError> {
-    identity.store(batch.write_txn()?)?;
+    batch.side()?.put_identity(identity)?;
     let meta = raft::prelude::SnapshotMetadata {
         index: 1,
         term: 1,
@@ -157,7 +157,7 @@ pub(super) fn write_bootstrap(
             ..Default::default()
         }),
     };
-    log.apply_snapshot(batch.write_txn()?, &meta)?;
+    log.apply_snapshot(&batch.side()?, &meta)?;
     batch.set_applied_index(1);
     for m in members {
         batch.put_member(m)?;
@@ -199,7 +199,7 @@ pub(super) fn join_member(
         cluster_token: cfg.initial_cluster_token.clone(),
     };
     let mut batch = kv.begin()?;
-    identity.store(batch.write_txn()?)?;
+    batch.side()?.put_identity(&identity)?;
     batch.commit(true)?;
     Ok(identity)
 }

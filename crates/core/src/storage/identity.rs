@@ -50,7 +50,7 @@ impl Identity {
     }
 
     /// Records the identity inside `txn` (the transaction that bootstraps the member).
-    pub fn store(&self, txn: &redb::WriteTransaction) -> Result<(), StorageError> {
+    pub(super) fn store(&self, txn: &redb::WriteTransaction) -> Result<(), StorageError> {
         let mut t = txn.open_table(IDENTITY).map_err(db_err)?;
         t.insert("name", self.name.as_str()).map_err(db_err)?;
         t.insert("member_id", format!("{:x}", self.member_id).as_str())

@@ -23,6 +23,37 @@ pub fn snapshot_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("snap")
 }
 
+/// Records kept beside the state machine, written in the state machine's own
+/// transaction so that they commit atomically with it: the Raft log's snapshot point
+/// and conf state (`crate::raft::RaftLog`) and the member identity. The keyspace's
+/// apply batch hands one out; nothing outside the storage and keyspace modules sees
+/// the database transaction itself.
+pub struct SideTxn<'a> {
+    txn: &'a redb::WriteTransaction,
+}
+
+/// The table of the Raft log's own records (snapshot point, conf state).
+pub(crate) const RAFT_STATE: redb::TableDefinition<&str, &[u8]> =
+    redb::TableDefinition::new("raft_state");
+
+impl<'a> SideTxn<'a> {
+    pub(crate) fn new(txn: &'a redb::WriteTransaction) -> SideTxn<'a> {
+        SideTxn { txn }
+    }
+
+    /// Stores one of the Raft log's records under `key` in [`RAFT_STATE`].
+    pub fn put_raft_state(&self, key: &str, record: &[u8]) -> Result<(), StorageError> {
+        let mut t = self.txn.open_table(RAFT_STATE).map_err(db_err)?;
+        t.insert(key, record).map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Records the member identity (once, when the member is created).
+    pub fn put_identity(&self, identity: &Identity) -> Result<(), StorageError> {
+        identity.store(self.txn)
+    }
+}
+
 /// File name of the database inside the data dir.
 pub const DB_FILE: &str = "meshd.redb";
 

@@ -19,7 +19,7 @@ impl Driver {
         }
         let apply_started = Instant::now();
         let kv = self.kv.clone();
-        let mut batch = kv.begin().map_err(DriverError::Apply)?;
+        let mut batch = kv.begin().map_err(DriverError::from)?;
         let mut replies: Vec<(u64, Result<Applied, ProposeError>)> = Vec::new();
         let mut peers_changed = false;
         for e in entries {
@@ -40,15 +40,13 @@ impl Driver {
                 EntryType::EntryNormal => {
                     match <InternalRequest as prost::Message>::decode(e.data.as_slice()) {
                         Ok(req) => {
-                            let result = apply_request(
-                                &mut batch,
-                                &self.lessor,
-                                req.auth_info.as_ref(),
-                                req.request,
-                            )?;
+                            let outcome = batch
+                                .apply_request(req.auth_info.as_ref(), req.request)
+                                .map_err(DriverError::from)?;
+                            peers_changed |= self.carry_out(outcome.effect);
                             if req.proposer == self.cfg.member_id {
                                 ours = Some(req.id);
-                                replies.push((req.id, result.map_err(ProposeError::Kv)));
+                                replies.push((req.id, outcome.result.map_err(ProposeError::Kv)));
                             }
                         }
                         // Every member fails the same way on the same bytes, so skipping
@@ -79,7 +77,7 @@ impl Driver {
                         .map_err(|x| DriverError::BadSnapshot(format!("conf change: {x}")))?;
                     let cs = self.raw.apply_conf_change(&cc)?;
                     self.log
-                        .set_conf_state(batch.write_txn().map_err(DriverError::Apply)?, &cs)?;
+                        .set_conf_state(&batch.side().map_err(DriverError::from)?, &cs)?;
                     peers_changed = true;
                 }
             }
@@ -95,7 +93,7 @@ impl Driver {
         // atomically, so a crash only means re-applying from the log. A batch of plain
         // writes is only published (its records wait in memory for the next commit).
         let commit_started = Instant::now();
-        let committed = batch.commit(false).map_err(DriverError::Apply)?;
+        let committed = batch.commit(false).map_err(DriverError::from)?;
         let metrics = &self.status.metrics;
         if committed {
             metrics.backend_commit.observe(commit_started.elapsed());
@@ -110,6 +108,27 @@ impl Driver {
             self.refresh_peers();
         }
         Ok(())
+    }
+
+    /// Carries out what an applied request asks of the world outside the state
+    /// machine; true when the peer set must be refreshed after the commit.
+    fn carry_out(&self, effect: Effect) -> bool {
+        match effect {
+            Effect::None => false,
+            Effect::LeaseGranted { id, ttl } => {
+                self.lessor.granted(id, ttl);
+                false
+            }
+            Effect::LeaseRevoked(id) => {
+                self.lessor.revoked(id);
+                false
+            }
+            Effect::LeaseRenewed(id) => {
+                self.lessor.renew(id);
+                false
+            }
+            Effect::MembersChanged => true,
+        }
     }
 
     pub(super) fn install_snapshot(&mut self, snap: &Snapshot) -> Result<(), DriverError> {
@@ -131,18 +150,18 @@ impl Driver {
             "installing snapshot from the leader"
         );
         let kv = self.kv.clone();
-        let mut batch = kv.begin().map_err(DriverError::Apply)?;
-        batch.restore_file(&path).map_err(DriverError::Apply)?;
+        let mut batch = kv.begin().map_err(DriverError::from)?;
+        batch.restore_file(&path).map_err(DriverError::from)?;
         batch.set_applied_index(meta.index);
         self.log
-            .apply_snapshot(batch.write_txn().map_err(DriverError::Apply)?, &meta)?;
-        batch.commit(true).map_err(DriverError::Apply)?;
+            .apply_snapshot(&batch.side().map_err(DriverError::from)?, &meta)?;
+        batch.commit(true).map_err(DriverError::from)?;
         self.durable_applied = meta.index;
         // Only now that the state machine is durable at the snapshot may the log
         // forget what came before it.
         self.log.sync()?;
         let _ = std::fs::remove_file(&path);
-        crate::lease::load(&self.lessor, &self.kv).map_err(DriverError::Apply)?;
+        crate::lease::load(&self.lessor, &self.kv).map_err(DriverError::from)?;
         self.refresh_peers();
         Ok(())
     }
@@ -157,7 +176,7 @@ impl Driver {
         ctx: &ConfChangeContext,
     ) -> Result<Result<(), ProposeError>, DriverError> {
         use raft::prelude::ConfChangeType;
-        let existing = batch.member(cc.node_id).map_err(DriverError::Apply)?;
+        let existing = batch.member(cc.node_id).map_err(DriverError::from)?;
         let kind = ConfChangeType::from_i32(cc.change_type);
         let refusal = match (kind, &existing) {
             (Some(ConfChangeType::AddNode), Some(m)) if ctx.promote && !m.is_learner => {
@@ -184,7 +203,7 @@ impl Driver {
         }
         let cs = self.raw.apply_conf_change(cc)?;
         self.log
-            .set_conf_state(batch.write_txn().map_err(DriverError::Apply)?, &cs)?;
+            .set_conf_state(&batch.side().map_err(DriverError::from)?, &cs)?;
         let r = match kind {
             Some(ConfChangeType::RemoveNode) => batch.remove_member(cc.node_id),
             _ => {
@@ -199,7 +218,7 @@ impl Driver {
                 batch.put_member(&m)
             }
         };
-        r.map_err(DriverError::Apply)?;
+        r.map_err(DriverError::from)?;
         info!(
             node = format_args!("{:x}", cc.node_id),
             term = self.raw.raft.term,
@@ -239,119 +258,4 @@ pub(super) fn strip_scheme(url: &str) -> String {
         .map_or(url, |(_, rest)| rest)
         .trim_end_matches('/')
         .to_string()
-}
-
-/// Applies one replicated request. `Err` only for storage failures (fatal); refusals
-/// by the state machine are the inner `Err`, a result like any other.
-pub(super) fn apply_request(
-    batch: &mut ApplyBatch<'_>,
-    lessor: &Lessor,
-    auth: Option<&RequestAuth>,
-    request: Option<Request>,
-) -> Result<Result<Applied, KvError>, DriverError> {
-    let result = match permitted(batch, auth, &request) {
-        Err(e) => Err(e),
-        Ok(()) => execute(batch, lessor, request),
-    };
-    match result {
-        Err(e @ (KvError::Storage(_) | KvError::Io(_))) => Err(DriverError::Apply(e)),
-        // Refusing the request here would skip an entry the other members applied.
-        Err(e @ KvError::Corrupt { .. }) => Err(DriverError::Corrupt(e.to_string())),
-        Ok(kind) => Ok(Ok(Applied {
-            revision: batch.revision(),
-            kind,
-        })),
-        Err(e) => Ok(Err(e)),
-    }
-}
-
-/// The apply-time permission check of a client write, as etcd makes it: with the
-/// auth store as of this entry (the same on every member), refused unapplied if the
-/// store changed since the proposer's check, or if the user may not do it now.
-pub(super) fn permitted(
-    batch: &mut ApplyBatch<'_>,
-    auth: Option<&RequestAuth>,
-    request: &Option<Request>,
-) -> Result<(), KvError> {
-    let Some(a) = auth else {
-        return Ok(());
-    };
-    let state = batch.auth_now()?;
-    if !state.enabled {
-        return Ok(());
-    }
-    if a.auth_revision < state.revision {
-        return Err(KvError::AuthOldRevision);
-    }
-    match request {
-        Some(r) => state.check_request(&a.username, r),
-        None => Ok(()),
-    }
-}
-
-/// Executes one replicated request on the batch.
-pub(super) fn execute(
-    batch: &mut ApplyBatch<'_>,
-    lessor: &Lessor,
-    request: Option<Request>,
-) -> Result<AppliedKind, KvError> {
-    match request {
-        Some(Request::Put(r)) => batch.put(&r).map(AppliedKind::Put),
-        Some(Request::DeleteRange(r)) => batch.delete_range(&r).map(AppliedKind::DeleteRange),
-        Some(Request::Txn(r)) => batch.txn(&r).map(AppliedKind::Txn),
-        Some(Request::Compaction(r)) => batch.compact(r.revision).map(|()| AppliedKind::Compaction),
-        Some(Request::MemberAttributes(a)) => {
-            update_attributes(batch, a).map(|()| AppliedKind::MemberAttributes)
-        }
-        Some(Request::MemberUpdate(u)) => {
-            update_peer_urls(batch, u).map(|()| AppliedKind::Membership)
-        }
-        Some(Request::Alarm(a)) => batch.alarm(&a).map(AppliedKind::Alarm),
-        Some(Request::LeaseGrant(g)) => batch.lease_grant(g.id, g.ttl).map(|()| {
-            lessor.granted(g.id, g.ttl);
-            AppliedKind::LeaseGrant {
-                id: g.id,
-                ttl: g.ttl,
-            }
-        }),
-        Some(Request::LeaseRevoke(r)) => batch.lease_revoke(r.id).map(|resp| {
-            lessor.revoked(r.id);
-            AppliedKind::LeaseRevoke(resp)
-        }),
-        Some(Request::LeaseKeepAlive(k)) => match batch.lease_ttl(k.id) {
-            Ok(Some(ttl)) => {
-                lessor.renew(k.id);
-                Ok(AppliedKind::LeaseKeepAlive { ttl })
-            }
-            Ok(None) => Err(KvError::LeaseNotFound),
-            Err(e) => Err(e),
-        },
-        Some(Request::Auth(change)) => batch.auth_change(change).map(|()| AppliedKind::Auth),
-        None => Ok(AppliedKind::Nothing),
-    }
-}
-
-pub(super) fn update_peer_urls(
-    batch: &mut ApplyBatch<'_>,
-    u: crate::proto::meshpb::MemberUpdate,
-) -> Result<(), KvError> {
-    // The API checked that the member exists; a removal in between makes this a no-op.
-    let Some(mut m) = batch.member(u.id)? else {
-        return Ok(());
-    };
-    m.peer_urls = u.peer_urls;
-    batch.put_member(&m)
-}
-
-pub(super) fn update_attributes(
-    batch: &mut ApplyBatch<'_>,
-    a: crate::proto::meshpb::MemberAttributes,
-) -> Result<(), KvError> {
-    let Some(mut m) = batch.member(a.id)? else {
-        // Attributes of a member that was removed meanwhile.
-        return Ok(());
-    };
-    m.name = a.name;
-    m.client_urls = a.client_urls;
-    batch.put_member(&m)
 }

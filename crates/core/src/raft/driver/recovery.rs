@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 use super::{new_raw_node, Driver, DriverError};
-use crate::kv::KvError;
+use crate::kv::{KvError, StoreError};
 use crate::raft::{DriverMsg, ProposeError};
 use crate::storage::StorageError;
 
@@ -34,9 +34,8 @@ impl DriverError {
     /// Undecodable or corrupt data is not: reopening would find it again.
     pub(super) fn is_failed_write(&self) -> bool {
         match self {
-            DriverError::Storage(StorageError::Io { .. }) | DriverError::Apply(KvError::Io(_)) => {
-                true
-            }
+            DriverError::Storage(StorageError::Io { .. })
+            | DriverError::Apply(StoreError::Io(_)) => true,
             DriverError::Storage(StorageError::Db(e)) => matches!(
                 e,
                 redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed
@@ -173,12 +172,12 @@ impl Driver {
         }
         self.kv
             .reload()
-            .map_err(|e| failed("reading the keyspace", DriverError::Apply(e)))?;
+            .map_err(|e| failed("reading the keyspace", DriverError::from(e)))?;
         self.log
             .reload(&self.db)
             .map_err(|e| failed("reading the raft log", e.into()))?;
         crate::lease::load(&self.lessor, &self.kv)
-            .map_err(|e| failed("reading the leases", DriverError::Apply(e)))?;
+            .map_err(|e| failed("reading the leases", DriverError::from(e)))?;
         self.durable_applied = self.kv.applied_index();
         self.raw = new_raw_node(&self.cfg, self.log.clone(), self.kv.applied_index())
             .map_err(NotYet::Fatal)?;
@@ -252,8 +251,11 @@ mod tests {
         assert!(io.is_failed_write());
         assert!(DriverError::Storage(StorageError::Db(redb::Error::PreviousIo)).is_failed_write());
         let commit: KvError = redb::CommitError::Storage(redb::StorageError::Io(enospc())).into();
-        assert!(matches!(commit, KvError::Io(_)), "{commit:?}");
-        assert!(DriverError::Apply(commit).is_failed_write());
+        assert!(
+            matches!(commit, KvError::Store(StoreError::Io(_))),
+            "{commit:?}"
+        );
+        assert!(DriverError::from(commit).is_failed_write());
         assert!(is_no_space(&enospc()));
 
         let corrupt = DriverError::Storage(StorageError::Db(redb::Error::Corrupted("x".into())));
@@ -263,10 +265,10 @@ mod tests {
                 .unwrap_err()
                 .into();
         assert!(
-            matches!(undecodable, KvError::Storage(_)),
+            matches!(undecodable, KvError::Store(StoreError::Decode(_))),
             "{undecodable:?}"
         );
-        assert!(!DriverError::Apply(undecodable).is_failed_write());
+        assert!(!DriverError::from(undecodable).is_failed_write());
         assert!(!DriverError::BadSnapshot("x".into()).is_failed_write());
     }
 }

@@ -36,6 +36,27 @@ impl Node {
     }
 }
 
+/// A node as `nodes` would list it, for unit tests of the decisions over nodes.
+#[cfg(test)]
+pub(crate) fn test_node(peer: PeerName, meta: NodeMeta, is_self: bool) -> Node {
+    Node {
+        peer: PeerInfo {
+            name: peer,
+            nickname: meta.name.clone(),
+            uid: peer,
+            version: 1,
+            address: meta.mesh_addr.clone(),
+            connections: Vec::new(),
+            reachable: true,
+            next_hop: None,
+            hops: Some(1),
+            meta: Vec::new(),
+            is_self,
+        },
+        meta,
+    }
+}
+
 /// Every reachable peer (and this node) that publishes meshd metadata.
 pub fn nodes(mesh: &Mesh) -> Vec<Node> {
     mesh.peers()

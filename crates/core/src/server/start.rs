@@ -466,6 +466,7 @@ pub(super) fn spawn_background(
                 kv: kv.clone(),
                 join: mesh.join,
                 token: cfg.initial_cluster_token.clone(),
+                clock: crate::system_clock(),
             }
             .run(),
         ),

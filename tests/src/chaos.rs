@@ -17,7 +17,7 @@ use mesh_core::proto::meshpb::{
 };
 
 use crate::linearizability::{self, Input, Op, Output, Verdict};
-use crate::{etcd_client, status, ClusterOpts, Process, ProcessCluster};
+use crate::{etcd_client, status, Cluster as _, ClusterOpts, Process, ProcessCluster};
 
 /// What one run does.
 #[derive(Clone, Debug)]
@@ -370,7 +370,7 @@ const FAULTS: &[Fault] = &[
 ];
 
 /// The cluster side of a run: processes, their peer names, and what is broken now.
-struct Cluster {
+struct ChaosCluster {
     pc: ProcessCluster,
     opts_args: Vec<String>,
     peer_names: Vec<u64>,
@@ -396,7 +396,7 @@ fn mesh_addr_of(p: &Process) -> String {
         .to_string()
 }
 
-impl Cluster {
+impl ChaosCluster {
     fn n(&self) -> usize {
         self.pc.procs.len()
     }
@@ -451,26 +451,6 @@ impl Cluster {
         }
     }
 
-    fn kill(&mut self, i: usize) {
-        self.pc.procs[i].kill9();
-        self.killed.push(i);
-    }
-
-    /// Undoes every fault: restarts killed members, resumes paused ones, clears links.
-    async fn heal(&mut self) {
-        for i in std::mem::take(&mut self.paused) {
-            signal(&self.pc.procs[i], "CONT");
-        }
-        for i in std::mem::take(&mut self.killed) {
-            self.pc.restart(i);
-        }
-        for i in 0..self.n() {
-            if let Some(mut f) = self.fault_client(i).await {
-                let _ = f.clear_faults(ClearFaultsRequest {}).await;
-            }
-        }
-    }
-
     /// Applies `fault`; returns a description (or None if it did not apply now).
     async fn inject(&mut self, fault: Fault, rng: &mut Rng, sh: &Shared) -> Option<String> {
         let n = self.n();
@@ -478,11 +458,11 @@ impl Cluster {
         let follower = (leader + 1 + rng.below(n as u64 - 1) as usize) % n;
         Some(match fault {
             Fault::KillFollower => {
-                self.kill(follower);
+                self.kill(follower).await;
                 format!("SIGKILL follower slot {follower}")
             }
             Fault::KillLeader => {
-                self.kill(leader);
+                self.kill(leader).await;
                 format!("SIGKILL leader slot {leader}")
             }
             Fault::KillQuorum => {
@@ -490,13 +470,13 @@ impl Cluster {
                 let first = rng.below(n as u64) as usize;
                 let slots: Vec<usize> = (0..q).map(|j| (first + j) % n).collect();
                 for &s in &slots {
-                    self.kill(s);
+                    self.kill(s).await;
                 }
                 format!("SIGKILL quorum {slots:?}")
             }
             Fault::KillAll => {
                 for s in 0..n {
-                    self.kill(s);
+                    self.kill(s).await;
                 }
                 "SIGKILL all".to_string()
             }
@@ -508,10 +488,7 @@ impl Cluster {
             }
             Fault::Isolate => {
                 let s = if rng.below(2) == 0 { leader } else { follower };
-                for o in (0..n).filter(|o| *o != s) {
-                    self.set_fault(s, o, true, true, 0).await;
-                    self.set_fault(o, s, true, true, 0).await;
-                }
+                self.partition(s).await;
                 format!("partition: slot {s} isolated (leader was {leader})")
             }
             Fault::OneWay => {
@@ -611,6 +588,55 @@ impl Cluster {
     }
 }
 
+impl crate::Cluster for ChaosCluster {
+    fn size(&self) -> usize {
+        self.pc.procs.len()
+    }
+
+    fn endpoint(&self, i: usize) -> SocketAddr {
+        self.addr(i)
+    }
+
+    fn is_up(&self, i: usize) -> bool {
+        self.pc.procs[i].child.is_some()
+    }
+
+    async fn stop(&mut self, i: usize) {
+        crate::Cluster::stop(&mut self.pc, i).await
+    }
+
+    /// SIGKILL, remembered so that `heal` restarts it.
+    async fn kill(&mut self, i: usize) {
+        self.pc.procs[i].kill9();
+        self.killed.push(i);
+    }
+
+    async fn restart(&mut self, i: usize) {
+        self.pc.restart(i)
+    }
+
+    /// Undoes every fault: resumes paused members, restarts killed ones, clears links.
+    async fn heal(&mut self) {
+        for i in std::mem::take(&mut self.paused) {
+            signal(&self.pc.procs[i], "CONT");
+        }
+        for i in std::mem::take(&mut self.killed) {
+            self.pc.restart(i);
+        }
+        for i in 0..self.n() {
+            if let Some(mut f) = self.fault_client(i).await {
+                let _ = f.clear_faults(ClearFaultsRequest {}).await;
+            }
+        }
+    }
+
+    /// The names learned at start and after each replacement: a paused member
+    /// could not be asked.
+    async fn mesh_names(&self) -> Vec<u64> {
+        self.peer_names.clone()
+    }
+}
+
 /// Runs one seeded chaos run and checks everything it recorded.
 pub async fn run(cfg: &ChaosConfig) -> RunReport {
     eprintln!(
@@ -671,7 +697,7 @@ pub async fn run(cfg: &ChaosConfig) -> RunReport {
             .await,
         );
     }
-    let mut cluster = Cluster {
+    let mut cluster = ChaosCluster {
         pc,
         opts_args,
         peer_names,

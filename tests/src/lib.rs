@@ -1,9 +1,11 @@
 //! Harness for cluster-level tests: real members on loopback with their own data dirs,
 //! in-process ([`InProcessCluster`]) or as spawned `meshd` processes
-//! ([`ProcessCluster`]), reached through the independent `etcd-client` crate.
+//! ([`ProcessCluster`]), both behind the [`Cluster`] trait, reached through the
+//! independent `etcd-client` crate.
 //! Scenarios wait on observable state with a deadline, never on fixed sleeps.
 
 pub mod chaos;
+pub mod cluster;
 pub mod hostile_peer;
 pub mod linearizability;
 
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use mesh_core::membership::autopilot::AutopilotConfig;
 use mesh_core::server::{Server, ServerConfig};
+
+pub use cluster::Cluster;
 
 /// A loopback address with a port that was free a moment ago.
 pub fn free_addr() -> SocketAddr {
@@ -181,6 +185,8 @@ pub struct ClusterOpts {
     pub client_tls: Option<mesh_core::tls::ServerTls>,
     /// Serve `/metrics` and `/health` (off by default: one port fewer to race for).
     pub metrics: bool,
+    /// Serve the test-only FaultInjection service ([`Cluster::partition`] needs it).
+    pub fault_injection: bool,
 }
 
 impl Default for ClusterOpts {
@@ -200,6 +206,7 @@ impl Default for ClusterOpts {
             password: None,
             client_tls: None,
             metrics: false,
+            fault_injection: false,
         }
     }
 }
@@ -221,6 +228,7 @@ impl ClusterOpts {
         c.autopilot = self.autopilot.clone();
         c.password = self.password.clone();
         c.client_tls = self.client_tls.clone();
+        c.unsafe_fault_injection = self.fault_injection;
         c.mesh_heartbeat = Duration::from_millis(100);
         c.mesh_gossip_interval = Duration::from_millis(100);
         c
@@ -445,6 +453,9 @@ impl ProcessCluster {
                 "--mesh-heartbeat=100ms".to_string(),
                 "--mesh-gossip-interval=100ms".to_string(),
             ];
+            if opts.fault_injection {
+                args.push("--unsafe-fault-injection".to_string());
+            }
             args.extend(cluster_flags(i, &mesh));
             let mut p = Process {
                 log: dir.path().join(format!("{name}.log")),

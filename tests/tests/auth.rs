@@ -189,19 +189,23 @@ async fn permissions_tokens_lifecycle_and_persistence() {
             "etcdserver: invalid auth token".into()
         ))
     );
-    eventually("token expiry", Duration::from_secs(10), || {
-        let token = token.clone();
-        async move {
-            tokio::time::sleep(Duration::from_millis(2500)).await;
-            (raw_get(addr, Some(&token), b"pub/news").await
-                == Err((
-                    Code::Unauthenticated,
-                    "etcdserver: invalid auth token".into(),
-                )))
-            .then_some(())
-        }
+    // Any use would refresh it: wait until the member holds no live token.
+    // (No handle on the member's store is kept: it restarts below.)
+    let no_live_tokens = |c: &InProcessCluster| {
+        let kv = c.servers[li].as_ref().expect("leader runs").kv();
+        (kv.live_tokens() == 0).then_some(())
+    };
+    eventually("token expiry", Duration::from_secs(10), || async {
+        no_live_tokens(&cluster)
     })
     .await;
+    assert_eq!(
+        raw_get(addr, Some(&token), b"pub/news").await,
+        Err((
+            Code::Unauthenticated,
+            "etcdserver: invalid auth token".into(),
+        ))
+    );
     // meshd's own client authenticates again when its token expired.
     let mc = mesh_core::client::Client::connect(mesh_core::client::ClientConfig {
         endpoints: vec![addr.to_string()],
@@ -210,7 +214,10 @@ async fn permissions_tokens_lifecycle_and_persistence() {
     })
     .unwrap();
     assert!(mc.get("pub/news").await.unwrap().is_some());
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    eventually("token expiry", Duration::from_secs(10), || async {
+        no_live_tokens(&cluster)
+    })
+    .await;
     assert!(mc.get("pub/news").await.unwrap().is_some());
     // meshd's own Mesh service wants a token too.
     assert!(mc.mesh_peers().await.is_ok());

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,13 +30,18 @@ async fn members(addr: SocketAddr) -> Option<Vec<(u64, String, bool)>> {
     Some(v)
 }
 
-/// Writes keys w0, w1, ... through any live member until stopped; returns the keys
-/// whose put was acknowledged.
+/// Writes keys w0, w1, ... through any live member until stopped; counts the
+/// acknowledged puts as they happen and returns their keys.
 fn start_writer(
     addrs: Arc<Mutex<Vec<SocketAddr>>>,
-) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Vec<String>>) {
+) -> (
+    Arc<AtomicBool>,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<Vec<String>>,
+) {
     let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
+    let acks = Arc::new(AtomicUsize::new(0));
+    let (stop2, acks2) = (stop.clone(), acks.clone());
     let task = tokio::spawn(async move {
         let mut acked = Vec::new();
         let mut i = 0;
@@ -47,6 +52,7 @@ fn start_writer(
                 let mut c = etcd_client(a).await;
                 if c.put(key.as_str(), "v", None).await.is_ok() {
                     acked.push(key.clone());
+                    acks2.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
             }
@@ -55,7 +61,7 @@ fn start_writer(
         }
         acked
     });
-    (stop, task)
+    (stop, acks, task)
 }
 
 async fn assert_all_present(addr: SocketAddr, keys: &[String]) {
@@ -130,7 +136,7 @@ async fn member_add_promote_remove_under_write_load_loses_nothing() {
     let mut c = InProcessCluster::start(3, opts.clone()).await;
     wait_for_leader(&c.live_addrs()).await;
     let addrs = Arc::new(Mutex::new(c.live_addrs()));
-    let (stop, writer) = start_writer(addrs.clone());
+    let (stop, acks, writer) = start_writer(addrs.clone());
 
     // Add a learner for a node that is not running yet, then start it through --peer.
     let mut cfg = opts.config("m3", c.dir.path());
@@ -177,7 +183,14 @@ async fn member_add_promote_remove_under_write_load_loses_nothing() {
     })
     .await;
     addrs.lock().unwrap().retain(|a| *a != c.addr(2));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Writes go on in the new configuration before the writer stops.
+    let before = acks.load(Ordering::Relaxed);
+    eventually(
+        "writes after the removal",
+        Duration::from_secs(20),
+        || async { (acks.load(Ordering::Relaxed) >= before + 20).then_some(()) },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     let acked = writer.await.unwrap();
     assert!(!acked.is_empty(), "the writer made progress");
@@ -279,12 +292,36 @@ async fn growth_adds_a_learner_and_healing_replaces_a_dead_voter() {
         .unwrap();
     assert_eq!(got.kvs()[0].value(), b"yes");
 
-    // A voter down for less than the dead time stays a voter.
+    // A voter down for less than the dead time, and back, stays a voter. (The
+    // timer's rules are unit-tested in `autopilot::tests`; this is the whole path.)
     let victim = c.servers[2].as_ref().unwrap().node().status.member_id;
     c.stop(2).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let leader = wait_for_leader(&[c.addr(0), c.addr(1), c.addr(spare)]).await;
+    let node = c.servers[c.index_of(leader)]
+        .as_ref()
+        .unwrap()
+        .node()
+        .clone();
+    let victim_progress = |node: mesh_core::raft::NodeHandle| async move {
+        let all = node.progress().await.ok()?;
+        all.into_iter().find(|p| p.id == victim)
+    };
+    eventually(
+        "the leader sees the voter gone",
+        Duration::from_secs(10),
+        || async { (!victim_progress(node.clone()).await?.recent_active).then_some(()) },
+    )
+    .await;
     c.restart(2).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    eventually(
+        "the voter back and caught up",
+        Duration::from_secs(20),
+        || async {
+            let p = victim_progress(node.clone()).await?;
+            (p.recent_active && p.matched >= p.leader_last_index).then_some(())
+        },
+    )
+    .await;
     let ms = members(c.addr(0)).await.unwrap();
     assert!(ms.iter().any(|m| m.0 == victim && !m.2), "{ms:?}");
     assert!(ms.iter().any(|m| m.0 == spare_id && m.2), "{ms:?}");
@@ -339,7 +376,12 @@ async fn wrong_mesh_password_is_refused_and_learns_nothing() {
         (mesh.stats().handshakes_refused > 0).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // It keeps trying and keeps being refused.
+    let refused = mesh.stats().handshakes_refused;
+    eventually("another refusal", Duration::from_secs(10), || async {
+        (mesh.stats().handshakes_refused > refused).then_some(())
+    })
+    .await;
     assert!(!attempt.is_finished(), "the intruder was not admitted");
     attempt.abort();
     assert_eq!(members(c.addr(0)).await.unwrap().len(), 1);

@@ -277,6 +277,13 @@ impl Tokens {
         }
     }
 
+    /// How many tokens are live now (none is refreshed by counting).
+    pub(crate) fn live(&self) -> usize {
+        let now = (self.clock)();
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        map.values().filter(|(_, deadline)| *deadline > now).count()
+    }
+
     pub(crate) fn forget_user(&self, user: &str) {
         self.map
             .lock()

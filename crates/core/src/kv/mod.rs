@@ -453,6 +453,11 @@ impl KvStore {
         self.tokens.user(token)
     }
 
+    /// How many simple tokens this member holds live now (counting refreshes none).
+    pub fn live_tokens(&self) -> usize {
+        self.tokens.live()
+    }
+
     /// How long a simple token lives after its last use (`--auth-token-ttl`).
     pub fn set_token_ttl(&self, ttl: std::time::Duration) {
         self.tokens.set_ttl(ttl);

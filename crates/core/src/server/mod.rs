@@ -259,6 +259,7 @@ pub struct Server {
     /// Turned true to end the background tasks.
     background_stop: tokio::sync::watch::Sender<bool>,
     mesh: Arc<Mesh>,
+    kv: Arc<KvStore>,
     metrics_addr: Option<SocketAddr>,
 }
 
@@ -360,6 +361,7 @@ impl Server {
             background,
             background_stop,
             mesh: raft.mesh,
+            kv: store.kv.clone(),
             metrics_addr,
         })
     }
@@ -380,6 +382,11 @@ impl Server {
         &self.node
     }
     /// This node's mesh (peers, routes, and the fault controls tests use).
+    /// The member's state machine (read-only uses: tests, diagnostics).
+    pub fn kv(&self) -> &Arc<KvStore> {
+        &self.kv
+    }
+
     pub fn mesh(&self) -> &Arc<Mesh> {
         &self.mesh
     }

@@ -24,6 +24,12 @@ pub fn hidden_command<C: Parser>(bin: &str, section: &str) -> Option<ExitCode> {
     )
 }
 
+/// [`hidden_command`] for a command built at run time (e.g. with arguments added to
+/// the derived ones).
+pub fn hidden_command_of(bin: &str, section: &str, cmd: clap::Command) -> Option<ExitCode> {
+    run(bin, section, cmd, std::env::args_os().skip(1).collect())
+}
+
 fn run(bin: &str, section: &str, cmd: clap::Command, args: Vec<OsString>) -> Option<ExitCode> {
     let mut args = args.into_iter();
     let first = args.next()?;

@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args as _, FromArgMatches, Parser, Subcommand};
+use clap::{ArgMatches, Args as _, CommandFactory, FromArgMatches, Parser, Subcommand};
 use mesh_core::server::ServerConfig;
-use serde::Deserialize;
 
 const CLI_AFTER_HELP: &str = "\
 Every flag is also an environment variable (--data-dir: MESHD_DATA_DIR) and a key of the \
@@ -81,214 +80,148 @@ pub enum ConfigCommand {
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// YAML file with any of the settings below (keys as the long flag names).
-    #[arg(long, env = "MESHD_CONFIG")]
+    #[arg(long)]
     pub config: Option<PathBuf>,
     /// Human-readable member name, unique in the cluster.
-    #[arg(long, env = "MESHD_NAME")]
+    #[arg(long)]
     pub name: Option<String>,
     /// Data directory (default ./<name>.meshd).
-    #[arg(long, env = "MESHD_DATA_DIR")]
+    #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Address for the client API (etcd v3 gRPC).
-    #[arg(long, env = "MESHD_LISTEN_CLIENT")]
+    #[arg(long)]
     pub listen_client: Option<SocketAddr>,
     /// Client URL published in the member list (default http://<listen-client>).
-    #[arg(long, env = "MESHD_ADVERTISE_CLIENT")]
+    #[arg(long)]
     pub advertise_client: Option<String>,
     /// Address for peer (mesh) connections.
-    #[arg(long, env = "MESHD_LISTEN_MESH")]
+    #[arg(long)]
     pub listen_mesh: Option<SocketAddr>,
     /// Address peers use to reach this member (default <listen-mesh>).
-    #[arg(long, env = "MESHD_ADVERTISE_MESH")]
+    #[arg(long)]
     pub advertise_mesh: Option<String>,
     /// A separate address for HTTP /metrics (Prometheus), /health, /livez and /readyz
     /// (the client port serves them too); "off", the default, serves none.
-    #[arg(long, env = "MESHD_LISTEN_METRICS")]
+    #[arg(long)]
     pub listen_metrics: Option<String>,
     /// Initial members, `name1=host:port,name2=host:port,...` (mesh addresses). Used
     /// when the data dir is new; checked against the data dir otherwise.
-    #[arg(long, env = "MESHD_INITIAL_CLUSTER")]
+    #[arg(long)]
     pub initial_cluster: Option<String>,
     /// Token that makes the IDs of this cluster differ from another cluster's with the
     /// same member names and addresses.
-    #[arg(long, env = "MESHD_INITIAL_CLUSTER_TOKEN")]
+    #[arg(long)]
     pub initial_cluster_token: Option<String>,
     /// Mesh address of a peer to join through (repeatable, or comma-separated in the
     /// environment); the mesh discovers every other peer from it.
-    #[arg(long = "peer", env = "MESHD_PEER", value_delimiter = ',')]
+    #[arg(long = "peer", value_delimiter = ',')]
     pub peers: Vec<String>,
     /// Form a new cluster once this many empty server nodes see each other on the mesh
     /// (instead of --initial-cluster). Give every initial node the same number.
-    #[arg(long, env = "MESHD_BOOTSTRAP_EXPECT")]
+    #[arg(long)]
     pub bootstrap_expect: Option<u32>,
     /// File holding the mesh key (`meshd keygen > mesh.key`) or a password: every mesh
     /// connection is then mutually authenticated and encrypted. MESHD_PASSWORD gives
     /// the key or password itself. Required when --listen-mesh is not a loopback address.
-    #[arg(long, env = "MESHD_PASSWORD_FILE")]
+    #[arg(long)]
     pub password_file: Option<PathBuf>,
     /// UNSAFE on a network: allow --listen-mesh on a non-loopback address without a
     /// mesh key. Anyone who reaches the port can then join and read every key.
-    #[arg(long, env = "MESHD_INSECURE_MESH")]
+    #[arg(long)]
     pub insecure_mesh: bool,
     /// Voters the leader keeps by adding and promoting learners (3 or 5).
-    #[arg(long, env = "MESHD_VOTERS")]
+    #[arg(long)]
     pub voters: Option<usize>,
     /// How long a voter must be unreachable before the leader replaces it, e.g. 5m.
-    #[arg(long, env = "MESHD_DEAD_VOTER_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub dead_voter_timeout: Option<Duration>,
     /// How long a learner must stay caught up before it is promoted, e.g. 10s.
-    #[arg(long, env = "MESHD_STABILIZATION_TIME", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub stabilization_time: Option<Duration>,
     /// Automatic growth and healing of the voter set: true or false.
-    #[arg(long, env = "MESHD_AUTOPILOT")]
+    #[arg(long)]
     pub autopilot: Option<bool>,
     /// Interval of mesh heartbeats; a connection silent for 4 of them is dead.
-    #[arg(long, env = "MESHD_MESH_HEARTBEAT", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub mesh_heartbeat: Option<Duration>,
     /// Interval of mesh anti-entropy gossip to random neighbours.
-    #[arg(long, env = "MESHD_MESH_GOSSIP_INTERVAL", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub mesh_gossip_interval: Option<Duration>,
     /// Length of one Raft tick, e.g. 100ms.
-    #[arg(long, env = "MESHD_TICK", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub tick: Option<Duration>,
     /// Ticks without a leader before a follower campaigns.
-    #[arg(long, env = "MESHD_ELECTION_TICKS")]
+    #[arg(long)]
     pub election_ticks: Option<usize>,
     /// Ticks between leader heartbeats.
-    #[arg(long, env = "MESHD_HEARTBEAT_TICKS")]
+    #[arg(long)]
     pub heartbeat_ticks: Option<usize>,
     /// Applied entries kept in the Raft log before it is compacted.
-    #[arg(long, env = "MESHD_SNAPSHOT_COUNT")]
+    #[arg(long)]
     pub snapshot_count: Option<u64>,
     /// Entries kept behind the applied index when compacting, for slow followers.
-    #[arg(long, env = "MESHD_CATCH_UP_ENTRIES")]
+    #[arg(long)]
     pub catch_up_entries: Option<u64>,
     /// How long a client request may wait for Raft, e.g. 7s.
-    #[arg(long, env = "MESHD_REQUEST_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub request_timeout: Option<Duration>,
     /// Largest client request accepted, in bytes (etcd's default 1.5 MiB).
-    #[arg(long, env = "MESHD_MAX_REQUEST_BYTES")]
+    #[arg(long)]
     pub max_request_bytes: Option<usize>,
     /// Most operations accepted in one txn (etcd's default 128).
-    #[arg(long, env = "MESHD_MAX_TXN_OPS")]
+    #[arg(long)]
     pub max_txn_ops: Option<usize>,
     /// Database size in bytes above which the member raises a NOSPACE alarm and
     /// refuses writes that add data (etcd's default 2 GiB; 0 means the default).
-    #[arg(long, env = "MESHD_QUOTA_BACKEND_BYTES")]
+    #[arg(long)]
     pub quota_backend_bytes: Option<u64>,
     /// Free bytes the data dir's filesystem must keep; below it, writes that add data
     /// are refused with NOSPACE until space returns (default 64 MiB).
-    #[arg(long, env = "MESHD_MIN_FREE_DISK_BYTES")]
+    #[arg(long)]
     pub min_free_disk_bytes: Option<u64>,
     /// How often the leader compares every member's HashKV and raises a CORRUPT alarm
     /// naming a member whose data differs, e.g. 5m; 0s turns the check off.
-    #[arg(long, env = "MESHD_CORRUPT_CHECK_TIME", value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub corrupt_check_time: Option<Duration>,
     /// How --auto-compaction-retention is read: "periodic" (keep that much time of
     /// history) or "revision" (keep that many revisions).
-    #[arg(long, env = "MESHD_AUTO_COMPACTION_MODE", value_parser = ["periodic", "revision"])]
+    #[arg(long, value_parser = ["periodic", "revision"])]
     pub auto_compaction_mode: Option<String>,
     /// History auto-compaction keeps: periodic mode takes a duration ("1h", "30m"; a
     /// bare number is hours, as etcd), revision mode a number of revisions. "0", the
     /// default, turns auto-compaction off.
-    #[arg(long, env = "MESHD_AUTO_COMPACTION_RETENTION")]
+    #[arg(long)]
     pub auto_compaction_retention: Option<String>,
     /// FOR TESTS ONLY: serve meshpb.FaultInjection (cut, drop or delay mesh links) to
     /// loopback callers. Off by default; never enable it on a real member.
     #[arg(long, hide_short_help = true)]
     pub unsafe_fault_injection: bool,
     /// Log format: text or json. RUST_LOG selects what is logged.
-    #[arg(long, env = "MESHD_LOG_FORMAT", value_parser = ["text", "json"])]
+    #[arg(long, value_parser = ["text", "json"])]
     pub log_format: Option<String>,
 
     // -- client-API TLS (etcd's flag names) --
     /// Certificate (PEM) the client API is served with; TLS on the client API needs
     /// both --cert-file and --key-file.
-    #[arg(long, env = "MESHD_CERT_FILE")]
+    #[arg(long)]
     pub cert_file: Option<PathBuf>,
     /// Private key (PEM) of --cert-file.
-    #[arg(long, env = "MESHD_KEY_FILE")]
+    #[arg(long)]
     pub key_file: Option<PathBuf>,
     /// Refuse clients without a certificate signed by --trusted-ca-file.
-    #[arg(long, env = "MESHD_CLIENT_CERT_AUTH")]
+    #[arg(long)]
     pub client_cert_auth: bool,
     /// CA (PEM) that signs client certificates; also trusted when forwarding to members.
-    #[arg(long, env = "MESHD_TRUSTED_CA_FILE")]
+    #[arg(long)]
     pub trusted_ca_file: Option<PathBuf>,
 
     // -- auth --
     /// Auth token type: only etcd's default, `simple`, is supported.
-    #[arg(long, env = "MESHD_AUTH_TOKEN")]
+    #[arg(long)]
     pub auth_token: Option<String>,
     /// Seconds a simple token lives after its last use (etcd's default 300).
-    #[arg(long, env = "MESHD_AUTH_TOKEN_TTL")]
+    #[arg(long)]
     pub auth_token_ttl: Option<u64>,
-}
-
-/// The YAML file: the same settings, keys spelled as the long flags.
-#[derive(Deserialize, Debug, Default)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileConfig {
-    name: Option<String>,
-    data_dir: Option<PathBuf>,
-    listen_client: Option<SocketAddr>,
-    advertise_client: Option<String>,
-    listen_mesh: Option<SocketAddr>,
-    advertise_mesh: Option<String>,
-    listen_metrics: Option<String>,
-    initial_cluster: Option<String>,
-    initial_cluster_token: Option<String>,
-    peer: Option<Vec<String>>,
-    bootstrap_expect: Option<u32>,
-    password_file: Option<PathBuf>,
-    insecure_mesh: Option<bool>,
-    voters: Option<usize>,
-    #[serde(default, with = "humantime_serde_opt")]
-    dead_voter_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    stabilization_time: Option<Duration>,
-    autopilot: Option<bool>,
-    #[serde(default, with = "humantime_serde_opt")]
-    mesh_heartbeat: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    mesh_gossip_interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
-    tick: Option<Duration>,
-    election_ticks: Option<usize>,
-    heartbeat_ticks: Option<usize>,
-    snapshot_count: Option<u64>,
-    catch_up_entries: Option<u64>,
-    #[serde(default, with = "humantime_serde_opt")]
-    request_timeout: Option<Duration>,
-    max_request_bytes: Option<usize>,
-    max_txn_ops: Option<usize>,
-    quota_backend_bytes: Option<u64>,
-    log_format: Option<String>,
-    min_free_disk_bytes: Option<u64>,
-    #[serde(default, with = "humantime_serde_opt")]
-    corrupt_check_time: Option<Duration>,
-    auto_compaction_mode: Option<String>,
-    auto_compaction_retention: Option<serde_yaml_ng::Value>,
-    // client-API TLS
-    cert_file: Option<PathBuf>,
-    key_file: Option<PathBuf>,
-    client_cert_auth: Option<bool>,
-    trusted_ca_file: Option<PathBuf>,
-    // auth
-    auth_token: Option<String>,
-    auth_token_ttl: Option<u64>,
-}
-
-mod humantime_serde_opt {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s: Option<String> = Option::deserialize(d)?;
-        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
-            .transpose()
-    }
 }
 
 /// Parses `name1=host:port,name2=host:port`.
@@ -351,38 +284,112 @@ fn key_of_line(line: &str) -> Option<&str> {
     (!line.starts_with([' ', '\t', '#', '-']) && !trimmed.is_empty()).then_some(trimmed)
 }
 
-/// Reads and parses a configuration file. Errors say `FILE:LINE: key: problem`.
-fn load_file(path: &Path) -> Result<(FileConfig, String)> {
+/// The command line as meshd parses it: the derived flags, each also read from its
+/// environment variable ([`env_name`]). Flags, variables, YAML keys, `config default`
+/// and the man page all come from this one definition.
+pub fn command() -> clap::Command {
+    with_env(Cli::command()).mut_subcommand("run", with_env)
+}
+
+fn with_env(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| match a.get_long() {
+        Some(long) if !FLAG_ONLY.contains(&long) => {
+            let env = env_name(long);
+            a.env(env)
+        }
+        _ => a,
+    })
+}
+
+/// Settings given only as flags: never from the environment or a file.
+const FLAG_ONLY: [&str; 1] = ["unsafe-fault-injection"];
+
+/// The settings of the YAML file at `path`, parsed by the same definitions (and value
+/// parsers) as the flags: each key is a long flag name, and its value is what the
+/// flag would take. Returns them with the text (for line numbers in errors). Errors
+/// say `FILE:LINE: key: problem`.
+fn load_file(path: &Path) -> Result<(Args, ArgMatches, String)> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    match serde_yaml_ng::from_str::<Option<FileConfig>>(&text) {
-        Ok(f) => Ok((f.unwrap_or_default(), text)),
-        Err(e) => {
-            let Some(line) = e.location().map(|l| l.line()) else {
-                bail!("{}: {e}", path.display());
-            };
-            // The key is the one on the line the error points at (or the key above a
-            // list item).
-            let upto: Vec<&str> = text.lines().take(line).collect();
-            let key = upto
-                .iter()
-                .rev()
-                .find_map(|l| key_of_line(l))
-                .unwrap_or("?");
-            let problem = e.to_string();
-            let problem = problem
-                .split(", expected one of")
-                .next()
-                .unwrap_or(&problem)
-                .trim_end_matches(&format!(
-                    " at line {line} column {}",
-                    e.location().map_or(0, |l| l.column())
-                ));
-            // It does name the key of a wrong type at the top level: once is enough.
-            let problem = problem.strip_prefix(&format!("{key}: ")).unwrap_or(problem);
-            Err(anyhow!("{}:{line}: {key}: {problem}", path.display()))
+    let at = |key: &str| match line_of_key(&text, key) {
+        Some(line) => format!("{}:{line}: {key}", path.display()),
+        None => format!("{}: {key}", path.display()),
+    };
+    let doc: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).map_err(|e| match e.location() {
+            Some(l) => anyhow!("{}:{}: {e}", path.display(), l.line()),
+            None => anyhow!("{}: {e}", path.display()),
+        })?;
+    let map = match doc {
+        serde_yaml_ng::Value::Mapping(m) => m,
+        serde_yaml_ng::Value::Null => Default::default(),
+        _ => bail!("{}: expected a mapping of settings", path.display()),
+    };
+    // The file layer alone: no environment, no subcommands.
+    let cmd = Args::augment_args(clap::Command::new("meshd")).no_binary_name(true);
+    let mut argv: Vec<String> = Vec::new();
+    for (key, value) in map {
+        let serde_yaml_ng::Value::String(key) = key else {
+            bail!(
+                "{}: keys must be setting names, not {key:?}",
+                path.display()
+            );
+        };
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()))
+            .filter(|_| key != "config" && !FLAG_ONLY.contains(&key.as_str()));
+        let Some(arg) = arg else {
+            bail!("{}: unknown field", at(&key));
+        };
+        let scalar = |v: &serde_yaml_ng::Value| -> Result<String> {
+            match v {
+                serde_yaml_ng::Value::String(s) => Ok(s.clone()),
+                serde_yaml_ng::Value::Number(n) => Ok(n.to_string()),
+                serde_yaml_ng::Value::Bool(b) => Ok(b.to_string()),
+                other => bail!(
+                    "{}: invalid type: expected a value, found {other:?}",
+                    at(&key)
+                ),
+            }
+        };
+        let values = match &value {
+            serde_yaml_ng::Value::Null => continue,
+            serde_yaml_ng::Value::Sequence(items) => {
+                items.iter().map(scalar).collect::<Result<Vec<_>>>()?
+            }
+            v => vec![scalar(v)?],
+        };
+        let mut one = Vec::new();
+        if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+            match values.as_slice() {
+                [v] if v == "true" => one.push(format!("--{key}")),
+                [v] if v == "false" => {}
+                _ => bail!("{}: invalid type: expected true or false", at(&key)),
+            }
+        } else {
+            one.extend(values.iter().map(|v| format!("--{key}={v}")));
         }
+        // Each key alone first, so that an error names its line.
+        if let Err(e) = cmd.clone().try_get_matches_from(&one) {
+            let msg = e.to_string();
+            let first = msg.lines().next().unwrap_or_default();
+            let first = first.trim_start_matches("error: ");
+            // "invalid value 'x' for '--key <KEY>': why" names the flag; the file
+            // names the key already.
+            let problem = match first.split_once(" for '--") {
+                Some((head, tail)) => match tail.split_once("':") {
+                    Some((_, why)) => format!("{head}:{why}"),
+                    None => first.to_string(),
+                },
+                None => first.to_string(),
+            };
+            bail!("{}: {problem}", at(&key));
+        }
+        argv.extend(one);
     }
+    let matches = cmd.try_get_matches_from(&argv)?;
+    Ok((Args::from_arg_matches(&matches)?, matches, text))
 }
 
 /// Checks a configuration file on its own, as `meshd config check` does (flags and
@@ -400,14 +407,11 @@ pub fn check_file(path: &Path) -> Result<Resolved> {
 /// are the ones `args` came from (they tell a flag from an environment variable).
 /// Client-API TLS from the flags and the file: both files or neither; client
 /// certificate authentication needs TLS and a trusted CA.
-fn client_tls(args: &Args, file: &FileConfig) -> Result<Option<mesh_core::tls::ServerTls>> {
-    let cert = args.cert_file.clone().or_else(|| file.cert_file.clone());
-    let key = args.key_file.clone().or_else(|| file.key_file.clone());
-    let client_cert_auth = args.client_cert_auth || file.client_cert_auth.unwrap_or(false);
-    let trusted_ca_file = args
-        .trusted_ca_file
-        .clone()
-        .or_else(|| file.trusted_ca_file.clone());
+fn client_tls(args: &Args) -> Result<Option<mesh_core::tls::ServerTls>> {
+    let cert = args.cert_file.clone();
+    let key = args.key_file.clone();
+    let client_cert_auth = args.client_cert_auth;
+    let trusted_ca_file = args.trusted_ca_file.clone();
     let tls = match (cert, key) {
         (Some(cert_file), Some(key_file)) => mesh_core::tls::ServerTls {
             cert_file,
@@ -426,34 +430,42 @@ fn client_tls(args: &Args, file: &FileConfig) -> Result<Option<mesh_core::tls::S
 }
 
 pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
-    let (file, text) = match &args.config {
-        Some(path) => load_file(path)?,
-        None => (FileConfig::default(), String::new()),
+    let (args, text) = match &args.config {
+        Some(path) => {
+            let (mut merged, _, text) = load_file(path)?;
+            // A flag or variable replaces the file's value. A switch the file turned
+            // on stays on (the command line can only turn one on).
+            let switches = (merged.insecure_mesh, merged.client_cert_auth);
+            merged.update_from_arg_matches(matches)?;
+            merged.insecure_mesh |= switches.0;
+            merged.client_cert_auth |= switches.1;
+            (merged, text)
+        }
+        None => (args, String::new()),
     };
     let o = Origins {
         matches,
         file: args.config.as_deref().map(|p| (p, text.as_str())),
     };
-    let client_tls = client_tls(&args, &file)?;
-    let name = args.name.or(file.name).unwrap_or_else(|| "default".into());
+    let client_tls = client_tls(&args)?;
+    let name = args.name.unwrap_or_else(|| "default".into());
     if name.is_empty() {
         bail!("{}: must not be empty", o.of("name"));
     }
     let mut cfg = ServerConfig::new(&name);
-    if let Some(d) = args.data_dir.or(file.data_dir) {
+    if let Some(d) = args.data_dir {
         cfg.data_dir = d;
     }
-    if let Some(a) = args.listen_client.or(file.listen_client) {
+    if let Some(a) = args.listen_client {
         cfg.listen_client = a;
     }
-    cfg.advertise_client = args.advertise_client.or(file.advertise_client);
-    if let Some(a) = args.listen_mesh.or(file.listen_mesh) {
+    cfg.advertise_client = args.advertise_client;
+    if let Some(a) = args.listen_mesh {
         cfg.listen_mesh = a;
     }
-    cfg.advertise_mesh = args.advertise_mesh.or(file.advertise_mesh);
+    cfg.advertise_mesh = args.advertise_mesh;
     let metrics = args
         .listen_metrics
-        .or(file.listen_metrics)
         .unwrap_or_else(|| DEFAULT_LISTEN_METRICS.into());
     cfg.listen_metrics = match metrics.as_str() {
         "off" | "" => None,
@@ -466,18 +478,13 @@ pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
     };
     cfg.initial_cluster = args
         .initial_cluster
-        .or(file.initial_cluster)
         .map(|s| parse_initial_cluster(&s).with_context(|| o.of("initial-cluster")))
         .transpose()?;
-    if let Some(t) = args.initial_cluster_token.or(file.initial_cluster_token) {
+    if let Some(t) = args.initial_cluster_token {
         cfg.initial_cluster_token = t;
     }
-    cfg.peers = if args.peers.is_empty() {
-        file.peer.unwrap_or_default()
-    } else {
-        args.peers
-    };
-    cfg.bootstrap_expect = args.bootstrap_expect.or(file.bootstrap_expect);
+    cfg.peers = args.peers;
+    cfg.bootstrap_expect = args.bootstrap_expect;
     if cfg.bootstrap_expect == Some(0) {
         bail!("{}: must be at least 1", o.of("bootstrap-expect"));
     }
@@ -488,10 +495,7 @@ pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
             o.of("initial-cluster")
         );
     }
-    cfg.password = match (
-        args.password_file.or(file.password_file),
-        std::env::var("MESHD_PASSWORD"),
-    ) {
+    cfg.password = match (args.password_file, std::env::var("MESHD_PASSWORD")) {
         (Some(path), _) => {
             let text = std::fs::read(&path).with_context(|| {
                 format!(
@@ -513,10 +517,10 @@ pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
         (None, Ok(p)) if !p.is_empty() => Some(p.into_bytes()),
         _ => None,
     };
-    cfg.insecure_mesh = args.insecure_mesh || file.insecure_mesh.unwrap_or(false);
+    cfg.insecure_mesh = args.insecure_mesh;
     cfg.check_mesh_security()
         .map_err(|e| anyhow!("{}", e.to_string().trim_start_matches("configuration: ")))?;
-    if let Some(n) = args.voters.or(file.voters) {
+    if let Some(n) = args.voters {
         if !(1..=7).contains(&n) {
             bail!(
                 "{}: must be between 1 and 7 (3 or 5 recommended), not {n}",
@@ -525,60 +529,57 @@ pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
         }
         cfg.autopilot.voters = n;
     }
-    if let Some(t) = args.dead_voter_timeout.or(file.dead_voter_timeout) {
+    if let Some(t) = args.dead_voter_timeout {
         cfg.autopilot.dead_voter_timeout = t;
     }
-    if let Some(t) = args.stabilization_time.or(file.stabilization_time) {
+    if let Some(t) = args.stabilization_time {
         cfg.autopilot.stabilization = t;
     }
-    if let Some(b) = args.autopilot.or(file.autopilot) {
+    if let Some(b) = args.autopilot {
         cfg.autopilot.growth = b;
     }
-    if let Some(t) = args.mesh_heartbeat.or(file.mesh_heartbeat) {
+    if let Some(t) = args.mesh_heartbeat {
         if t.is_zero() {
             bail!("{}: must be positive", o.of("mesh-heartbeat"));
         }
         cfg.mesh_heartbeat = t;
     }
-    if let Some(t) = args.mesh_gossip_interval.or(file.mesh_gossip_interval) {
+    if let Some(t) = args.mesh_gossip_interval {
         if t.is_zero() {
             bail!("{}: must be positive", o.of("mesh-gossip-interval"));
         }
         cfg.mesh_gossip_interval = t;
     }
-    if let Some(t) = args.tick.or(file.tick) {
+    if let Some(t) = args.tick {
         cfg.tick = t;
     }
-    if let Some(n) = args.election_ticks.or(file.election_ticks) {
+    if let Some(n) = args.election_ticks {
         cfg.election_ticks = n;
     }
-    if let Some(n) = args.heartbeat_ticks.or(file.heartbeat_ticks) {
+    if let Some(n) = args.heartbeat_ticks {
         cfg.heartbeat_ticks = n;
     }
-    if let Some(n) = args.snapshot_count.or(file.snapshot_count) {
+    if let Some(n) = args.snapshot_count {
         cfg.snapshot_count = n;
     }
-    if let Some(n) = args.catch_up_entries.or(file.catch_up_entries) {
+    if let Some(n) = args.catch_up_entries {
         cfg.catch_up_entries = n;
     }
-    if let Some(t) = args.request_timeout.or(file.request_timeout) {
+    if let Some(t) = args.request_timeout {
         cfg.request_timeout = t;
     }
-    if let Some(n) = args.max_request_bytes.or(file.max_request_bytes) {
+    if let Some(n) = args.max_request_bytes {
         cfg.limits.max_request_bytes = n;
     }
-    if let Some(n) = args.max_txn_ops.or(file.max_txn_ops) {
+    if let Some(n) = args.max_txn_ops {
         cfg.limits.max_txn_ops = n;
     }
-    match args.quota_backend_bytes.or(file.quota_backend_bytes) {
+    match args.quota_backend_bytes {
         // etcd treats 0 as "the default quota".
         Some(0) | None => {}
         Some(n) => cfg.quota_backend_bytes = n,
     }
-    let log_format = args
-        .log_format
-        .or(file.log_format)
-        .unwrap_or_else(|| "text".into());
+    let log_format = args.log_format.unwrap_or_else(|| "text".into());
     if !["text", "json"].contains(&log_format.as_str()) {
         bail!(
             "{}: '{log_format}' is neither text nor json",
@@ -586,42 +587,29 @@ pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
         );
     }
     cfg.client_tls = client_tls;
-    match args.auth_token.as_deref().or(file.auth_token.as_deref()) {
+    match args.auth_token.as_deref() {
         None | Some("simple") => {}
         Some(other) => bail!(
             "{}: {other:?}: only \"simple\" tokens are supported",
             o.of("auth-token")
         ),
     }
-    match args.auth_token_ttl.or(file.auth_token_ttl) {
+    match args.auth_token_ttl {
         Some(0) => bail!("{}: must be at least 1 second", o.of("auth-token-ttl")),
         Some(secs) => cfg.auth_token_ttl = Duration::from_secs(secs),
         None => {}
     }
     cfg.unsafe_fault_injection = args.unsafe_fault_injection;
-    if let Some(t) = args.corrupt_check_time.or(file.corrupt_check_time) {
+    if let Some(t) = args.corrupt_check_time {
         cfg.corrupt_check_interval = t;
     }
     let mode = args
         .auto_compaction_mode
-        .or(file.auto_compaction_mode)
         .unwrap_or_else(|| "periodic".into());
-    let retention = match (
-        args.auto_compaction_retention,
-        file.auto_compaction_retention,
-    ) {
-        (Some(r), _) => r,
-        (None, Some(serde_yaml_ng::Value::String(r))) => r,
-        (None, Some(serde_yaml_ng::Value::Number(n))) => n.to_string(),
-        (None, Some(other)) => bail!(
-            "{}: expected a duration or a number, not {other:?}",
-            o.of("auto-compaction-retention")
-        ),
-        (None, None) => "0".into(),
-    };
+    let retention = args.auto_compaction_retention.unwrap_or_else(|| "0".into());
     cfg.auto_compaction = auto_compaction(&mode, &retention)
         .map_err(|e| anyhow!("{}: {e}", o.of("auto-compaction-retention")))?;
-    if let Some(n) = args.min_free_disk_bytes.or(file.min_free_disk_bytes) {
+    if let Some(n) = args.min_free_disk_bytes {
         cfg.min_free_disk_bytes = n;
     }
     if cfg.tick.is_zero() {
@@ -808,8 +796,7 @@ mod tests {
     }
 
     fn resolve_argv(argv: &[&str]) -> Result<ServerConfig> {
-        use clap::CommandFactory;
-        let m = Cli::command().try_get_matches_from(argv)?;
+        let m = command().try_get_matches_from(argv)?;
         let cli = Cli::from_arg_matches(&m)?;
         Ok(resolve(cli.run, &m)?.server)
     }
@@ -934,6 +921,45 @@ mod tests {
     }
 
     #[test]
+    fn lists_and_switches_from_the_file_meet_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("m.yaml");
+        let fs = f.to_str().unwrap();
+        std::fs::write(
+            &f,
+            "peer: [10.0.0.1:6783, 10.0.0.2:6783]\ninsecure-mesh: true\nautopilot: false\n",
+        )
+        .unwrap();
+        let cfg = resolve_argv(&["meshd", "--config", fs]).unwrap();
+        assert_eq!(cfg.peers, ["10.0.0.1:6783", "10.0.0.2:6783"]);
+        assert!(cfg.insecure_mesh, "a switch the file turns on");
+        assert!(!cfg.autopilot.growth);
+        let cfg = resolve_argv(&["meshd", "--config", fs, "--peer=10.0.0.9:6783"]).unwrap();
+        assert_eq!(
+            cfg.peers,
+            ["10.0.0.9:6783"],
+            "the flags' list replaces the file's"
+        );
+        assert!(cfg.insecure_mesh);
+        let cfg = resolve_argv(&["meshd", "--config", fs, "--autopilot=true"]).unwrap();
+        assert!(cfg.autopilot.growth);
+    }
+
+    #[test]
+    fn every_setting_has_its_environment_variable() {
+        let cmd = command();
+        for a in cmd.get_arguments().filter(|a| a.get_long().is_some()) {
+            let long = a.get_long().unwrap();
+            let env = a.get_env().map(|e| e.to_string_lossy().into_owned());
+            if FLAG_ONLY.contains(&long) || ["help", "version"].contains(&long) {
+                assert_eq!(env, None, "{long}");
+            } else {
+                assert_eq!(env, Some(env_name(long)), "{long}");
+            }
+        }
+    }
+
+    #[test]
     fn type_errors_and_combinations_name_file_line_and_key() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("m.yaml");
@@ -945,12 +971,19 @@ mod tests {
             format!("{:#}", resolve_argv(&argv).unwrap_err())
         };
         let e = err("name: a\nsnapshot-count: lots\n", &[]);
-        assert!(
-            e.starts_with(&format!("{fs}:2: snapshot-count: invalid type")),
-            "{e}"
+        assert_eq!(
+            e,
+            format!("{fs}:2: snapshot-count: invalid value 'lots': invalid digit found in string")
         );
         let e = err("# c\npeer:\n  - 1.2.3.4:6783\n  - [x]\n", &[]);
-        assert!(e.starts_with(&format!("{fs}:4: peer: ")), "{e}");
+        assert!(e.starts_with(&format!("{fs}:2: peer: invalid type")), "{e}");
+        let e = err("insecure-mesh: maybe\n", &[]);
+        assert!(
+            e.starts_with(&format!("{fs}:1: insecure-mesh: invalid type")),
+            "{e}"
+        );
+        let e = err("unsafe-fault-injection: true\n", &[]);
+        assert_eq!(e, format!("{fs}:1: unsafe-fault-injection: unknown field"));
         let e = err("tick: soon\n", &[]);
         assert!(e.starts_with(&format!("{fs}:1: tick: ")), "{e}");
         let e = err(

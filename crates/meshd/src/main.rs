@@ -11,7 +11,7 @@ mod systemd;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{CommandFactory, FromArgMatches};
+use clap::FromArgMatches;
 use config::{Cli, Command, ConfigCommand};
 use mesh_core::server::Lifecycle;
 
@@ -31,10 +31,10 @@ fn main() -> ExitCode {
         eprintln!("meshd: a thread panicked; aborting so that the service manager restarts meshd");
         std::process::abort();
     }));
-    if let Some(code) = cli_docs::hidden_command::<config::Cli>("meshd", "8") {
+    if let Some(code) = cli_docs::hidden_command_of("meshd", "8", config::command()) {
         return code;
     }
-    let matches = Cli::command().get_matches();
+    let matches = config::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),

@@ -10,6 +10,7 @@
 //!   (writer and reader loops, heartbeats), `dispatch.rs` (what a received frame does).
 //! - `wire.rs`: length prefix, handshake and frame decoders, Noise chunking (pure).
 //! - `topology.rs`: the topology CRDT, routes and broadcast trees (sans-IO).
+//! - `sync.rs`: topology sync with one neighbour: flooding and anti-entropy (sans-IO).
 //! - `gossip.rs`: the [`GossipData`] / [`Gossiper`] traits and [`GossipChannel`].
 //!
 //! # Wire
@@ -80,6 +81,7 @@
 mod conn;
 mod gossip;
 mod key;
+mod sync;
 mod tasks;
 mod topology;
 pub mod wire;
@@ -262,19 +264,10 @@ struct ConnHandle {
     tx: mpsc::Sender<Bytes>,
     /// Where [`Inner::send_to`] writes frames directly.
     outbox: Arc<conn::Outbox>,
-    /// Topology entries to send on this connection at the writer's next turn (coalesced).
-    topology_pending: HashSet<PeerName>,
+    /// What the neighbour holds of the topology and what it is owed (see `sync`).
+    sync: sync::NeighbourSync,
+    /// Wakes the writer to send what `sync` has queued.
     topology_notify: Arc<Notify>,
-    /// (version, uid) of entries the neighbour is known to hold (it sent them, we sent
-    /// them, or its digest listed them): flooding skips those.
-    remote_knows: HashMap<PeerName, (u64, u64)>,
-}
-
-impl ConnHandle {
-    fn learn_remote_knows(&mut self, name: PeerName, version: (u64, u64)) {
-        let k = self.remote_knows.entry(name).or_insert(version);
-        *k = (*k).max(version);
-    }
 }
 
 /// Per-address dial state (seeds, `connect()` targets, addresses from the topology).
@@ -691,8 +684,7 @@ impl Inner {
 /// Marks `names` for sending on every connection except the one to `except`.
 fn queue_topology(st: &mut State, names: &[PeerName], except: Option<PeerName>) {
     for (peer, c) in st.conns.iter_mut() {
-        if Some(*peer) != except {
-            c.topology_pending.extend(names.iter().copied());
+        if Some(*peer) != except && c.sync.queue(names.iter().copied()) {
             c.topology_notify.notify_one();
         }
     }
@@ -731,9 +723,9 @@ fn topology_frame(st: &State, names: impl IntoIterator<Item = PeerName>) -> Opti
     )
 }
 
-fn digest_frame(st: &State, reply: bool) -> Bytes {
+fn digest_frame(topology: &Topology, reply: bool) -> Bytes {
     encode_digest(MeshTopologyDigest {
-        items: st.topology.digest(),
+        items: topology.digest(),
         reply,
         ..Default::default()
     })

@@ -233,7 +233,7 @@ impl Topology {
     }
 
     #[cfg(test)]
-    fn new_for_test(own: Entry) -> Self {
+    pub(super) fn new_for_test(own: Entry) -> Self {
         Topology::new(own, Duration::ZERO)
     }
 

@@ -2,6 +2,7 @@
 //! heartbeats, after checking who may send it.
 
 use super::*;
+use crate::mesh::sync::Answer;
 
 /// Whether a unicast that arrived from neighbour `from` can have come from `src`. The
 /// mesh authenticates only the neighbour: a relayed message's claimed source cannot be
@@ -34,66 +35,44 @@ pub(in crate::mesh) fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFr
                 .collect();
             let mut st = inner.lock();
             if let Some(c) = st.conns.get_mut(&from) {
-                for e in &entries {
-                    c.learn_remote_knows(e.name, (e.version, e.uid));
-                }
+                c.sync.received(&entries);
             }
             let changed = st.topology.merge(entries);
             if changed.is_empty() {
                 return;
             }
             queue_topology(&mut st, &changed, Some(from));
+            // A stale entry of ours forced a new version: the sender needs it too.
             if changed.contains(&own) {
                 if let Some(c) = st.conns.get_mut(&from) {
-                    c.topology_pending.insert(own);
+                    c.sync.queue([own]);
                     c.topology_notify.notify_one();
                 }
             }
             drop(st);
             inner.bump_changes();
         }
-        Body::Digest(d) if d.summary_only => {
-            let mut st = inner.lock();
-            let same = d.summary == st.topology.summary();
-            let held: HashMap<PeerName, (u64, u64)> = if same {
-                st.topology
-                    .entries()
-                    .map(|e| (e.name, (e.version, e.uid)))
-                    .collect()
-            } else {
-                HashMap::new()
-            };
-            let full = (!same).then(|| crate::mesh::digest_frame(&st, false));
-            if let Some(c) = st.conns.get_mut(&from) {
-                match full {
-                    // It holds exactly what we hold.
-                    None => c.remote_knows = held,
-                    Some(f) => {
-                        let _ = c.tx.try_send(f);
-                    }
-                }
-            }
-        }
         Body::Digest(d) => {
-            let mut st = inner.lock();
-            if let Some(c) = st.conns.get_mut(&from) {
-                // The digest is exactly what it holds now.
-                c.remote_knows = d
-                    .items
-                    .iter()
-                    .map(|i| (i.name, (i.version, i.uid)))
-                    .collect();
+            let mut guard = inner.lock();
+            let st = &mut *guard;
+            let Some(c) = st.conns.get_mut(&from) else {
+                return;
+            };
+            let (wake, answer) = if d.summary_only {
+                (false, c.sync.on_summary(&st.topology, d.summary))
+            } else {
+                c.sync.on_digest(&st.topology, &d.items, d.reply)
+            };
+            if wake {
+                c.topology_notify.notify_one();
             }
-            let (send, they_have_news) = st.topology.diff(&d.items);
-            let reply = (they_have_news && !d.reply).then(|| crate::mesh::digest_frame(&st, true));
-            if let Some(c) = st.conns.get_mut(&from) {
-                if !send.is_empty() {
-                    c.topology_pending.extend(send);
-                    c.topology_notify.notify_one();
-                }
-                if let Some(r) = reply {
-                    let _ = c.tx.try_send(r);
-                }
+            let frame = match answer {
+                Answer::Nothing => None,
+                Answer::Digest => Some(crate::mesh::digest_frame(&st.topology, false)),
+                Answer::DigestReply => Some(crate::mesh::digest_frame(&st.topology, true)),
+            };
+            if let Some(f) = frame {
+                let _ = c.tx.try_send(f);
             }
         }
         Body::Channel(mut m) => {

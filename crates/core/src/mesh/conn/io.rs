@@ -57,28 +57,13 @@ pub(in crate::mesh) async fn write_loop(
             _ = tokio::time::sleep_until(due), if topology_due.is_some() => {
                 topology_due = None;
                 last_topology = Instant::now();
-                let mut st = inner.lock();
+                let mut guard = inner.lock();
+                let st = &mut *guard;
                 let Some(c) = st.conns.get_mut(&remote).filter(|c| c.id == id) else {
                     return Ok(());
                 };
-                let names = std::mem::take(&mut c.topology_pending);
-                let mut knows = std::mem::take(&mut c.remote_knows);
-                // Skip what the neighbour already has (it sent it to us, or we did).
-                let names: Vec<PeerName> = names
-                    .into_iter()
-                    .filter(|n| match st.topology.get(*n) {
-                        Some(e) if knows.get(n).is_none_or(|&k| (e.version, e.uid) > k) => {
-                            knows.insert(*n, (e.version, e.uid));
-                            true
-                        }
-                        _ => false,
-                    })
-                    .collect();
-                let frame = topology_frame(&st, names);
-                if let Some(c) = st.conns.get_mut(&remote) {
-                    c.remote_knows = knows;
-                }
-                match frame {
+                let names = c.sync.take_due(&st.topology);
+                match topology_frame(st, names) {
                     Some(f) => (f, true),
                     None => continue,
                 }

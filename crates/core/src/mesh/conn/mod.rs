@@ -22,7 +22,7 @@ use handshake::*;
 pub(super) use io::Outbox;
 use io::*;
 use prost::Message;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -244,8 +244,7 @@ fn register(
             outbound,
             tx,
             outbox,
-            topology_pending: HashSet::new(),
-            remote_knows: HashMap::new(),
+            sync: Default::default(),
             topology_notify: notify.clone(),
         },
     );

@@ -76,6 +76,27 @@ fn revision_key(main: i64, sub: i64, tombstone: bool) -> Vec<u8> {
     k
 }
 
+/// One history record as etcd's `key` bucket holds it: the revision key, and the
+/// `KeyValue` (a tombstone's carries the user key only). etcd's HashKV hashes exactly
+/// these bytes.
+pub(crate) fn key_bucket_entry(
+    main: i64,
+    sub: i64,
+    tombstone: bool,
+    kv: &KeyValue,
+) -> (Vec<u8>, Vec<u8>) {
+    let value = if tombstone {
+        KeyValue {
+            key: kv.key.clone(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    } else {
+        kv.encode_to_vec()
+    };
+    (revision_key(main, sub, tombstone), value)
+}
+
 /// Why an etcd database could not be read as meshd state.
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdDbError {
@@ -144,18 +165,12 @@ pub fn write(snap: &StoreSnapshot) -> Result<Vec<u8>, BoltError> {
         .history
         .iter()
         .map(|h| {
-            let kv = h.kv.clone().unwrap_or_default();
-            let value = if h.tombstone {
-                // etcd's tombstone carries the user key only.
-                KeyValue {
-                    key: kv.key,
-                    ..Default::default()
-                }
-                .encode_to_vec()
-            } else {
-                kv.encode_to_vec()
-            };
-            (revision_key(h.main, h.sub, h.tombstone), value)
+            key_bucket_entry(
+                h.main,
+                h.sub,
+                h.tombstone,
+                &h.kv.clone().unwrap_or_default(),
+            )
         })
         .collect();
     keys.sort_by(|a, b| a.0.cmp(&b.0));

@@ -47,6 +47,7 @@ pub mod bolt;
 pub mod client;
 pub mod compactor;
 pub mod corruption;
+pub mod crc32c;
 pub mod crdt;
 pub mod etcd_db;
 pub mod kv;

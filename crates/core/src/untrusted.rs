@@ -96,13 +96,11 @@ impl Decoder {
                 }
                 Err(_) => false,
             },
-            Decoder::SnapshotFile => match crate::snapshot::decode(data) {
-                Ok(snap) => {
-                    let _ = crate::kv::SnapshotSummary::of(&snap);
-                    true
-                }
-                Err(_) => false,
-            },
+            Decoder::SnapshotFile => {
+                let decoded = crate::snapshot::decode(data).is_ok();
+                let _ = crate::snapshot::status(data);
+                decoded
+            }
             Decoder::RaftEntry => raft_entry(data),
             Decoder::HistoryRecord => HistoryRecord::decode(data).is_ok(),
             Decoder::PeerNameFile => std::str::from_utf8(data)

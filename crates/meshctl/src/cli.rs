@@ -409,7 +409,7 @@ pub enum SnapshotCommand {
     /// Stream a snapshot from one endpoint into FILE (checksum verified before the
     /// file appears).
     Save { file: std::path::PathBuf },
-    /// Hash (HashKV at its revision), revision, live keys and size of a snapshot file.
+    /// Hash, revision, total keys and size of a snapshot file, computed as etcdctl does.
     Status { file: std::path::PathBuf },
     /// Create the data dir of a member of a NEW cluster from a snapshot file.
     Restore(RestoreArgs),

@@ -161,21 +161,49 @@ pub(crate) fn newest_per_key(records: &[HistoryRecord]) -> BTreeMap<&[u8], &Hist
     newest
 }
 
-/// The HashKV of a snapshot's history at its own revision: equal to what the source
-/// member answered for HashKV at that revision. Records are hashed in revision order
-/// (snapshots written before `kv_revs` list them in key order).
-pub(crate) fn hash_records(records: &[HistoryRecord], rev: i64) -> u32 {
-    let mut ordered: Vec<&HistoryRecord> = records.iter().filter(|r| r.main <= rev).collect();
-    ordered.sort_by_key(|r| (r.main, r.sub));
-    let mut hasher = KvHasher::default();
-    for r in ordered {
-        let kv = r.kv.clone().unwrap_or_default();
-        hasher.record(&kv.key, r.main, r.sub, r.tombstone, &kv.value);
+/// etcd's HashKV: CRC-32C over the bucket name `key`, then every kept history record
+/// up to the revision, in revision order, as etcd's `key` bucket holds it (revision
+/// key, then the `KeyValue`). The same data gives the same hash on meshd and etcd, so
+/// `endpoint hashkv` compares the two across a migration.
+pub(crate) struct HashKv(crate::crc32c::Crc32c);
+
+impl Default for HashKv {
+    fn default() -> Self {
+        let mut c = crate::crc32c::Crc32c::default();
+        c.update(b"key");
+        HashKv(c)
     }
-    hasher.finish()
 }
 
-/// The HashKV checksum: crc32 over history records fed in revision order.
+impl HashKv {
+    pub(crate) fn record(
+        &mut self,
+        main: i64,
+        sub: i64,
+        tombstone: bool,
+        kv: &crate::proto::mvccpb::KeyValue,
+    ) {
+        let (k, v) = crate::etcd_db::key_bucket_entry(main, sub, tombstone, kv);
+        self.0.update(&k);
+        self.0.update(&v);
+    }
+
+    /// Feeds every stored record with main ≤ `rev`, in revision order.
+    pub(crate) fn records(&mut self, view: &View<'_>, rev: i64) -> Result<(), KvError> {
+        view.each_record(i64::MIN, rev, |(main, sub), raw| {
+            let record = decode_record(raw)?;
+            self.record(main, sub, record.tombstone, &record.kv);
+            Ok(true)
+        })
+    }
+
+    pub(crate) fn finish(self) -> u32 {
+        self.0.finish()
+    }
+}
+
+/// The checksum of the whole replicated state (the Hash RPC): crc32 over history
+/// records fed in revision order, then the rest of the state.
 #[derive(Default)]
 pub(crate) struct KvHasher(crc32fast::Hasher);
 

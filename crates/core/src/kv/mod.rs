@@ -753,7 +753,7 @@ impl KvStore {
                     compact_revision: meta.compact_revision,
                 });
             }
-            let mut hasher = history::KvHasher::default();
+            let mut hasher = history::HashKv::default();
             hasher.records(&view, rev)?;
             Ok((hasher.finish(), meta.compact_revision, rev))
         })
@@ -786,29 +786,6 @@ impl KvStore {
             }
             Ok(hasher.finish())
         })
-    }
-}
-
-/// What `snapshot status` reports about a decoded store snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SnapshotSummary {
-    /// HashKV at the snapshot's revision (what the source member answered for it).
-    pub hash: u32,
-    pub revision: i64,
-    /// Keys live at that revision.
-    pub total_keys: usize,
-}
-
-impl SnapshotSummary {
-    pub fn of(snap: &StoreSnapshot) -> SnapshotSummary {
-        SnapshotSummary {
-            hash: history::hash_records(&snap.history, snap.revision),
-            revision: snap.revision,
-            total_keys: history::newest_per_key(&snap.history)
-                .values()
-                .filter(|r| !r.tombstone)
-                .count(),
-        }
     }
 }
 

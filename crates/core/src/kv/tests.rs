@@ -987,21 +987,6 @@ fn nospace_alarm_refuses_only_writes_that_add_data_and_travels_in_snapshots() {
 }
 
 #[test]
-fn snapshot_summary_matches_hash_kv_and_live_keys() {
-    let f = fixture();
-    put(&f.kv, "a", "1");
-    put(&f.kv, "b", "1");
-    put(&f.kv, "a", "2");
-    del(&f.kv, "b", "");
-    put(&f.kv, "c", "1");
-    let (_, snap) = f.kv.snapshot().unwrap();
-    let s = SnapshotSummary::of(&snap);
-    assert_eq!(s.revision, f.kv.current_revision());
-    assert_eq!(s.total_keys, 2);
-    assert_eq!(s.hash, f.kv.hash_kv(0).unwrap().0);
-}
-
-#[test]
 fn leases_attach_move_detach_and_revoke_in_one_revision() {
     let f = fixture();
     let leased = |k: &str, lease: i64| pb::PutRequest {
@@ -1394,7 +1379,7 @@ fn a_read_begun_before_a_flush_finds_the_records_it_moved() {
             assert!(pending::read(&f.kv.pending).rows().is_empty());
             let value = view.get(b"b")?.map(|kv| kv.value);
             let events = history::events(&view, (0, 100), &Interval::new(b"\0", b"\0"), true, 0)?;
-            let mut hasher = history::KvHasher::default();
+            let mut hasher = history::HashKv::default();
             hasher.records(&view, meta.current_revision)?;
             Ok((value, events, hasher.finish()))
         })

@@ -5,7 +5,6 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use mesh_core::client::Client;
-use mesh_core::kv::SnapshotSummary;
 use mesh_core::server::{self, ServerConfig};
 use mesh_core::snapshot::Verifier;
 
@@ -74,10 +73,9 @@ fn progress(total: u64) -> indicatif::ProgressBar {
 
 pub fn status(out: &mut dyn Write, f: Format, file: &Path) -> Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let snap = mesh_core::snapshot::decode(&bytes)
+    let status = mesh_core::snapshot::status(&bytes)
         .with_context(|| format!("{} is not a valid snapshot", file.display()))?;
-    let summary = SnapshotSummary::of(&snap);
-    output::maintenance::snapshot_status(out, f, &summary, bytes.len() as u64)?;
+    output::maintenance::snapshot_status(out, f, &status)?;
     Ok(out.flush()?)
 }
 

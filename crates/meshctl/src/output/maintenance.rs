@@ -1,8 +1,8 @@
 //! Printers of the maintenance commands, in etcdctl 3.4's simple / JSON / table forms.
 use std::io::{self, Write};
 
-use mesh_core::kv::SnapshotSummary;
 use mesh_core::proto::etcdserverpb as pb;
+use mesh_core::snapshot::Status as SnapshotStatus;
 use serde::Serialize;
 
 use super::{json, table, write_json, Format};
@@ -127,12 +127,8 @@ pub fn alarms(out: &mut dyn Write, f: Format, r: &pb::AlarmResponse) -> io::Resu
     }
 }
 
-pub fn snapshot_status(
-    out: &mut dyn Write,
-    f: Format,
-    s: &SnapshotSummary,
-    size: u64,
-) -> io::Result<()> {
+pub fn snapshot_status(out: &mut dyn Write, f: Format, s: &SnapshotStatus) -> io::Result<()> {
+    let size = s.total_size;
     match f {
         Format::Json => {
             #[derive(Serialize)]
@@ -140,7 +136,7 @@ pub fn snapshot_status(
             struct Status {
                 hash: u32,
                 revision: i64,
-                total_key: usize,
+                total_key: u64,
                 total_size: u64,
             }
             write_json(
@@ -148,7 +144,7 @@ pub fn snapshot_status(
                 &Status {
                     hash: s.hash,
                     revision: s.revision,
-                    total_key: s.total_keys,
+                    total_key: s.total_key,
                     total_size: size,
                 },
             )
@@ -158,7 +154,7 @@ pub fn snapshot_status(
             "{:x}, {}, {}, {}",
             s.hash,
             s.revision,
-            s.total_keys,
+            s.total_key,
             table::human_bytes(size as i64)
         ),
         Format::Table => out.write_all(
@@ -167,7 +163,7 @@ pub fn snapshot_status(
                 &[vec![
                     format!("{:x}", s.hash),
                     s.revision.to_string(),
-                    s.total_keys.to_string(),
+                    s.total_key.to_string(),
                     table::human_bytes(size as i64),
                 ]],
             )
@@ -201,13 +197,14 @@ mod tests {
             )),
             "Leadership transferred from 8e9e05c52164694d to 91bc\n"
         );
-        let s = SnapshotSummary {
+        let s = SnapshotStatus {
             hash: 0xfe01cf57,
             revision: 10,
-            total_keys: 7,
+            total_key: 7,
+            total_size: 2_100_000,
         };
         assert_eq!(
-            render(|o| snapshot_status(o, Format::Simple, &s, 2_100_000)),
+            render(|o| snapshot_status(o, Format::Simple, &s)),
             "fe01cf57, 10, 7, 2.1 MB\n"
         );
     }

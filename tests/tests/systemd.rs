@@ -17,6 +17,38 @@ fn dist(file: &str) -> PathBuf {
         .join(file)
 }
 
+/// The units in dist/ and the binary each starts.
+const UNITS: [(&str, &str); 3] = [
+    ("meshd.service", "meshd"),
+    ("locksmith.service", "locksmith"),
+    ("locksmith-fleetlock.service", "locksmith"),
+];
+
+/// `systemd-analyze security`'s overall exposure of each unit is the one the README
+/// records (a hardening change shows up in both, or the test fails).
+#[test]
+fn units_exposure_scores_are_the_readmes() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    for (unit, _) in UNITS {
+        let out = Command::new("systemd-analyze")
+            .args(["security", "--offline=true", "--no-pager"])
+            .arg(dist(unit))
+            .output()
+            .expect("systemd-analyze (installed by scripts/test)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let score = text
+            .lines()
+            .find_map(|l| l.split_once(&format!("exposure level for {unit}: ")))
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no exposure level for {unit}:\n{text}"))
+            .to_string();
+        let row = format!("| `{unit}` | {score} |");
+        assert!(readme.contains(&row), "README lacks the row {row:?}");
+    }
+}
+
 #[test]
 fn units_pass_systemd_analyze_verify() {
     assert!(
@@ -29,10 +61,7 @@ fn units_pass_systemd_analyze_verify() {
     );
     let dir = tempfile::tempdir().unwrap();
     let mut units = Vec::new();
-    for (unit, bin) in [
-        ("meshd.service", "meshd"),
-        ("locksmith.service", "locksmith"),
-    ] {
+    for (unit, bin) in UNITS {
         // verify checks that ExecStart exists: point it at the binaries just built.
         let text = std::fs::read_to_string(dist(unit)).unwrap();
         let text = text.replace(&format!("/usr/bin/{bin}"), binary(bin).to_str().unwrap());

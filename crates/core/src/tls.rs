@@ -88,6 +88,33 @@ fn private_key(path: &Path) -> Result<rustls::pki_types::PrivateKeyDer<'static>,
         .map_err(|e| pem_error("key file", path, e))
 }
 
+/// How an HTTPS client checks servers: against the CA certificates in `ca_file`, or
+/// against the system's roots when there is none.
+pub fn https_client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for c in certs("CA file", path)? {
+                roots.add(c).map_err(|e| pem_error("CA file", path, e))?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                // A system root rustls cannot use is skipped, as browsers do.
+                let _ = roots.add(c);
+            }
+        }
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -128,6 +155,13 @@ impl ServerTls {
     pub fn client_port_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let mut cfg = self.rustls_config()?;
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// The configuration of a plain HTTP/1.1 service (locksmith's FleetLock server).
+    pub fn http1_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let mut cfg = self.rustls_config()?;
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
     }
 

@@ -149,12 +149,82 @@ pub enum Command {
         #[arg(long, env = "LOCKSMITH_POLL_INTERVAL", default_value = "1s",
               value_parser = humantime::parse_duration)]
         poll_interval: Duration,
+        /// Where the semaphore is: `cluster` (--endpoints) or `fleetlock` (a FleetLock
+        /// server at --fleetlock-url, for machines without cluster access).
+        #[arg(long, env = "LOCKSMITH_STRATEGY", value_enum, default_value_t = Strategy::Cluster)]
+        strategy: Strategy,
+        #[command(flatten)]
+        fleetlock: FleetLockClientArgs,
+    },
+    /// Serve the FleetLock protocol (Zincati's reboot coordination) over the cluster's
+    /// semaphores: POST /v1/pre-reboot and /v1/steady-state, GET /-/healthy, /metrics.
+    ///
+    /// A FleetLock group names a locksmith group (`default` is the default semaphore),
+    /// so FleetLock clients and locksmith share the slots.
+    Fleetlock {
+        /// Address to serve on (ip:port).
+        #[arg(long, env = "LOCKSMITH_LISTEN", default_value = "127.0.0.1:3333")]
+        listen: std::net::SocketAddr,
+        /// Groups served, comma separated, each `NAME` or `NAME=MAX` (MAX is set on the
+        /// group's semaphore at start; without it the stored max stays). Requests for
+        /// other groups are refused with `unknown_group`. Default: every valid group.
+        #[arg(long, env = "LOCKSMITH_GROUPS", value_delimiter = ',', value_parser = parse_group_max)]
+        groups: Vec<(String, Option<u32>)>,
+        /// File with a bearer token: lock and unlock then need `Authorization: Bearer
+        /// <token>`.
+        #[arg(long, env = "LOCKSMITH_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Certificate (PEM) to serve HTTPS with; needs --key-file.
+        #[arg(long, env = "LOCKSMITH_CERT_FILE", requires = "key_file")]
+        cert_file: Option<PathBuf>,
+        /// Private key (PEM) of --cert-file.
+        #[arg(long, env = "LOCKSMITH_KEY_FILE", requires = "cert_file")]
+        key_file: Option<PathBuf>,
     },
     /// Tell the daemon that this machine needs a reboot (creates the need-reboot file).
     SendNeedReboot {
         #[command(flatten)]
         need: NeedRebootArgs,
     },
+}
+
+/// Where the daemon's semaphore is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Strategy {
+    /// The cluster at --endpoints.
+    Cluster,
+    /// A FleetLock server at --fleetlock-url.
+    Fleetlock,
+}
+
+/// How the daemon reaches a FleetLock server.
+#[derive(Debug, Args)]
+pub struct FleetLockClientArgs {
+    /// Base URL of the FleetLock server (with --strategy fleetlock), e.g.
+    /// `https://fleetlock.example.com:3333`. The group is --group (default `default`).
+    #[arg(long, env = "LOCKSMITH_FLEETLOCK_URL")]
+    pub fleetlock_url: Option<String>,
+    /// CA (PEM) for an https FleetLock URL (default: the system's roots).
+    #[arg(long, env = "LOCKSMITH_FLEETLOCK_CACERT")]
+    pub fleetlock_cacert: Option<PathBuf>,
+    /// File with the bearer token the FleetLock server wants.
+    #[arg(long, env = "LOCKSMITH_FLEETLOCK_TOKEN_FILE")]
+    pub fleetlock_token_file: Option<PathBuf>,
+}
+
+/// `NAME` or `NAME=MAX`.
+fn parse_group_max(s: &str) -> Result<(String, Option<u32>), String> {
+    let (name, max) = match s.split_once('=') {
+        Some((n, m)) => (
+            n,
+            Some(m.parse::<u32>().map_err(|e| format!("max {m:?}: {e}"))?),
+        ),
+        None => (s, None),
+    };
+    if !crate::fleetlock::valid_group(name) {
+        return Err(format!("group {name:?} does not match ^[a-zA-Z0-9.-]+$"));
+    }
+    Ok((name.to_string(), max))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -8,7 +8,10 @@ use anyhow::{Context, Result};
 use mesh_core::client::{Client, ClientConfig};
 
 use crate::cas::{LockClient, LockError, EXIT_USAGE};
-use crate::cli::{BackoffArgs, Cli, Command, Format, WaitArgs};
+use crate::cli::{BackoffArgs, Cli, Command, Format, Strategy, WaitArgs};
+use crate::daemon::Backend;
+use crate::fleetlock::client::FleetLockClient;
+use crate::fleetlock::{ClientParams, DEFAULT_GROUP};
 use crate::semaphore::{semaphore_key, LockOutcome, Semaphore};
 use crate::wait::{lock_waiting, WaitOptions};
 use crate::window::Window;
@@ -131,8 +134,42 @@ pub async fn run(cli: Cli) -> Result<u8> {
             window_start,
             window_length,
             poll_interval,
+            strategy,
+            fleetlock,
         } => {
             let id = holder_id(cli.id)?;
+            let backend = match strategy {
+                Strategy::Cluster => Backend::Cluster(lc),
+                Strategy::Fleetlock => {
+                    let url = fleetlock.fleetlock_url.ok_or_else(|| {
+                        Usage("--strategy fleetlock needs --fleetlock-url".into())
+                    })?;
+                    let token = fleetlock
+                        .fleetlock_token_file
+                        .as_deref()
+                        .map(read_token)
+                        .transpose()?;
+                    let client = FleetLockClient::new(
+                        &url,
+                        fleetlock.fleetlock_cacert.as_deref(),
+                        token,
+                        cli.request_timeout,
+                    )
+                    .map_err(Usage)?;
+                    let params = ClientParams {
+                        id: id.clone(),
+                        group: cli.group.clone().unwrap_or_else(|| DEFAULT_GROUP.into()),
+                    };
+                    if !crate::fleetlock::valid_group(&params.group) {
+                        return Err(Usage(format!(
+                            "--group {:?}: a FleetLock group must match ^[a-zA-Z0-9.-]+$",
+                            params.group
+                        ))
+                        .into());
+                    }
+                    Backend::FleetLock { client, params }
+                }
+            };
             let window = match (window_start, window_length) {
                 (Some(s), Some(l)) => Some(Window::parse(&s, l).map_err(|e| Usage(e.to_string()))?),
                 _ => None,
@@ -146,11 +183,64 @@ pub async fn run(cli: Cli) -> Result<u8> {
                 poll_interval,
             };
             drop(out);
-            crate::daemon::run(&lc, &settings).await?;
+            crate::daemon::run(&backend, &settings).await?;
+        }
+        Command::Fleetlock {
+            listen,
+            groups,
+            token_file,
+            cert_file,
+            key_file,
+        } => {
+            let token = token_file.as_deref().map(read_token).transpose()?;
+            let tls = match (cert_file, key_file) {
+                (Some(cert_file), Some(key_file)) => {
+                    let tls = mesh_core::tls::ServerTls {
+                        cert_file,
+                        key_file,
+                        client_cert_auth: false,
+                        trusted_ca_file: None,
+                    };
+                    tls.check().map_err(|e| Usage(e.to_string()))?;
+                    Some(tls)
+                }
+                _ => None,
+            };
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            drop(out);
+            let settings = crate::fleetlock::server::Settings {
+                groups: (!groups.is_empty()).then_some(groups),
+                token,
+                tls,
+                retry_for: cli.retry_for,
+            };
+            let mut signals = crate::process::Signals::new()?;
+            let stop = async move {
+                let sig = signals.recv().await;
+                tracing::info!(sig, "stopping");
+            };
+            crate::fleetlock::server::serve(lc.client().clone(), settings, listener, stop).await?;
         }
         Command::SendNeedReboot { need } => send_need_reboot(&need.need_reboot_file)?,
     }
     Ok(0)
+}
+
+/// A bearer token from a file (trailing whitespace dropped; empty is refused).
+fn read_token(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read token file {}", path.display()))?;
+    let token = text.trim_end().to_string();
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        return Err(Usage(format!(
+            "token file {}: empty, or spaces inside the token",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(token)
 }
 
 fn slots(s: &Semaphore) -> String {

@@ -10,7 +10,10 @@
 //! - [`wait`]: waiting for a free slot (watch + exponential backoff, spinner).
 //! - [`window`]: reboot windows ("Thu 23:00" + 1h30m) in local time.
 //! - [`process`]: `run` and `reboot`: commands run while holding a slot, signals.
-//! - [`daemon`]: the systemd daemon (release at start, need-reboot, window, reboot).
+//! - [`daemon`]: the systemd daemon (release at start, need-reboot, window, reboot),
+//!   on the cluster or through a FleetLock server.
+//! - [`fleetlock`]: Zincati's FleetLock protocol: a server over the semaphore and the
+//!   daemon's client.
 //! - [`cli`] the clap definitions; [`commands`] settings and the short commands.
 // Doc comments of the clap definitions are the help text, where `<name>` is a
 // placeholder, not HTML.
@@ -19,6 +22,7 @@ pub mod cas;
 pub mod cli;
 pub mod commands;
 pub mod daemon;
+pub mod fleetlock;
 pub mod process;
 pub mod semaphore;
 pub mod wait;

@@ -91,26 +91,14 @@ async fn locksmith_never_exceeds_max_holders_while_the_leader_is_killed() {
         || async { (version_count(&a).await >= total_writes / 4).then_some(()) },
     )
     .await;
-    let leader = mesh_tests::wait_for_leader(&a).await;
-    let idx = eventually("the leader's index", Duration::from_secs(10), || async {
-        for (i, addr) in a.iter().enumerate() {
-            if mesh_tests::status(*addr).await?.header()?.member_id() == leader {
-                return Some(i);
-            }
-        }
-        None
-    })
-    .await;
-    c.procs[idx].kill9();
+    let (idx, leader) = kill_leader(&mut c).await;
     let running = contenders.iter().filter(|t| !t.is_finished()).count();
     assert!(
         running > 0,
         "the leader was killed while contenders were still cycling"
     );
     eprintln!("killed the leader (member {idx}) with {running} contenders still running");
-    let rest: Vec<SocketAddr> = a.iter().copied().filter(|x| *x != a[idx]).collect();
-    mesh_tests::wait_for_leader_other_than(&rest, leader).await;
-    c.restart(idx);
+    restart_after_failover(&mut c, idx, leader).await;
 
     for (n, t) in contenders.into_iter().enumerate() {
         tokio::time::timeout(Duration::from_secs(180), t)

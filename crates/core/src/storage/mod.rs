@@ -41,7 +41,7 @@ impl<'a> SideTxn<'a> {
         SideTxn { txn }
     }
 
-    /// Stores one of the Raft log's records under `key` in [`RAFT_STATE`].
+    /// Stores one of the Raft log's records under `key` in the `raft_state` table.
     pub fn put_raft_state(&self, key: &str, record: &[u8]) -> Result<(), StorageError> {
         let mut t = self.txn.open_table(RAFT_STATE).map_err(db_err)?;
         t.insert(key, record).map_err(db_err)?;

@@ -111,3 +111,28 @@ pub async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitS
         .expect("locksmith exits after SIGTERM")
         .expect("wait")
 }
+
+/// SIGKILLs the member that leads now; returns its slot and member ID.
+pub async fn kill_leader(c: &mut ProcessCluster) -> (usize, u64) {
+    let a = c.addrs();
+    let leader = mesh_tests::wait_for_leader(&a).await;
+    let idx = eventually("the leader's index", Duration::from_secs(10), || async {
+        for (i, addr) in a.iter().enumerate() {
+            if mesh_tests::status(*addr).await?.header()?.member_id() == leader {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    c.procs[idx].kill9();
+    (idx, leader)
+}
+
+/// Restarts the killed slot `idx` once the others agree on a leader other than `old`.
+pub async fn restart_after_failover(c: &mut ProcessCluster, idx: usize, old: u64) {
+    let a = c.addrs();
+    let rest: Vec<SocketAddr> = a.iter().copied().filter(|x| *x != a[idx]).collect();
+    mesh_tests::wait_for_leader_other_than(&rest, old).await;
+    c.restart(idx);
+}

@@ -765,9 +765,29 @@ fn snapshot_save_status_restore_and_start_the_restored_member() {
         )),
         "{simple}"
     );
+    // The table's columns are as wide as their widest cell (the hash is printed
+    // without leading zeros, as etcdctl prints it).
     let table = ok(&s, &["snapshot", "status", file_s, "-w", "table"]);
-    assert!(
-        table.contains("|   HASH   | REVISION | TOTAL KEYS | TOTAL SIZE |"),
+    let cells = |line: &str| -> Vec<String> {
+        line.split('|')
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .collect()
+    };
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        cells(lines[1]),
+        ["HASH", "REVISION", "TOTAL KEYS", "TOTAL SIZE"],
+        "{table}"
+    );
+    let row = cells(lines[3]);
+    assert_eq!(
+        row[..3],
+        [
+            format!("{:x}", status["hash"].as_u64().unwrap()),
+            rev.to_string(),
+            status["totalKey"].to_string()
+        ],
         "{table}"
     );
 

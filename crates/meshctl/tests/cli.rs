@@ -1390,3 +1390,23 @@ fn bench_txn_put_lease_keepalive_watch_fanout_and_availability() {
     assert_eq!(v["failed"], 0, "{v}");
     assert!(v["max_gap_ms"].as_f64().unwrap() > 0.0, "{v}");
 }
+
+/// A range answer larger than gRPC's default 4 MiB message limit arrives whole, as
+/// with etcdctl (whose client takes up to 2 GiB).
+#[test]
+fn a_range_answer_over_four_mib_is_received() {
+    let s = start_server();
+    let value = "v".repeat(1_000_000);
+    for i in 0..5 {
+        let out = meshctl_stdin(&s, &["put", &format!("big/{i}")], &value);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let all = ok(&s, &["get", "big/", "--prefix", "--print-value-only"]);
+    assert_eq!(
+        all.len(),
+        5 * (value.len() + 1),
+        "five values, one per line"
+    );
+    let j = json(&ok(&s, &["get", "big/", "--prefix", "-w", "json"]));
+    assert_eq!(j["count"], 5);
+}

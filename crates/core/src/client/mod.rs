@@ -25,6 +25,22 @@ use tonic::transport::Channel;
 use crate::proto::etcdserverpb as pb;
 use pb::cluster_client::ClusterClient;
 use pb::kv_client::KvClient;
+
+/// Largest response the client decodes. etcd's clients accept up to 2 GiB
+/// (`MaxCallRecvMsgSize` is `math.MaxInt32`), so a range over a large keyspace works as
+/// it does with etcdctl; the server chosen by the caller is what sends it.
+pub const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
+
+/// A KV client that takes responses up to [`MAX_RESPONSE_BYTES`].
+fn kv_client<T>(ch: T) -> KvClient<T>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    KvClient::new(ch).max_decoding_message_size(MAX_RESPONSE_BYTES)
+}
 use pb::maintenance_client::MaintenanceClient;
 
 use crate::proto::meshpb;
@@ -417,7 +433,7 @@ impl Client {
     pub async fn range(&self, req: pb::RangeRequest) -> Result<pb::RangeResponse, ClientError> {
         self.with_failover(Retry::Idempotent, |ch| {
             let req = req.clone();
-            async move { KvClient::new(ch).range(req).await }
+            async move { kv_client(ch).range(req).await }
         })
         .await
     }
@@ -471,7 +487,7 @@ impl Client {
         };
         self.with_failover(retry, |ch| {
             let req = req.clone();
-            async move { KvClient::new(ch).txn(req).await }
+            async move { kv_client(ch).txn(req).await }
         })
         .await
     }
@@ -705,7 +721,7 @@ impl Client {
         match self
             .call_one(idx, &|ch| {
                 let req = req.clone();
-                async move { KvClient::new(ch).range(req).await }
+                async move { kv_client(ch).range(req).await }
             })
             .await
         {

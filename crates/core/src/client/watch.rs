@@ -76,12 +76,16 @@ pub(super) async fn open(
         timeout,
     };
     let status_err = |s: tonic::Status| ClientError::from_status(&s, &endpoint);
-    let mut responses =
-        tokio::time::timeout(timeout, WatchClient::new(ch).watch(ReceiverStream::new(rx)))
-            .await
-            .map_err(|_| timed_out())?
-            .map_err(status_err)?
-            .into_inner();
+    let mut responses = tokio::time::timeout(
+        timeout,
+        WatchClient::new(ch)
+            .max_decoding_message_size(super::MAX_RESPONSE_BYTES)
+            .watch(ReceiverStream::new(rx)),
+    )
+    .await
+    .map_err(|_| timed_out())?
+    .map_err(status_err)?
+    .into_inner();
     let first = tokio::time::timeout(timeout, responses.message())
         .await
         .map_err(|_| timed_out())?

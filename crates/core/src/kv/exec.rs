@@ -170,8 +170,19 @@ impl<'t> Exec<'t> {
     /// The keys in `interval` as of `rev` (≤ 0: current).
     fn read_at(&self, interval: &Interval, rev: i64) -> Result<(Vec<KeyValue>, i64), KvError> {
         let current = self.revision();
+        match self.read_revision(rev)? {
+            None => Ok((self.current(interval)?, current)),
+            // Before this request: its writes are not visible there.
+            Some(rev) => Ok((self.view.scan(interval, rev)?, current)),
+        }
+    }
+
+    /// A read's revision: `None` for the current state (this request's writes
+    /// included), else an older revision that is neither compacted nor in the future.
+    fn read_revision(&self, rev: i64) -> Result<Option<i64>, KvError> {
+        let current = self.revision();
         if rev <= 0 || rev == current {
-            return Ok((self.current(interval)?, current));
+            return Ok(None);
         }
         if rev > current {
             return Err(KvError::FutureRevision);
@@ -181,12 +192,29 @@ impl<'t> Exec<'t> {
                 compact_revision: self.compact_revision,
             });
         }
-        // rev < current ≤ base + 1: this request's writes are not visible there.
-        Ok((self.view.scan(interval, rev)?, current))
+        Ok(Some(rev))
     }
 
     pub(crate) fn range(&self, req: &pb::RangeRequest) -> Result<pb::RangeResponse, KvError> {
-        let (kvs, _) = self.read_at(&Interval::new(&req.key, &req.range_end), req.revision)?;
+        let interval = Interval::new(&req.key, &req.range_end);
+        // Count-only and keys-only answers need no value: the key index has every
+        // other field, so no record is read (unless this txn wrote, or the keys are
+        // sorted by value).
+        let by_value = req.sort_target == pb::range_request::SortTarget::Value as i32;
+        if self.overlay.is_empty() && (req.count_only || (req.keys_only && !by_value)) {
+            let rev = self.read_revision(req.revision)?.unwrap_or(i64::MAX);
+            if req.count_only {
+                return Ok(pb::RangeResponse {
+                    header: Some(header(self.revision())),
+                    kvs: Vec::new(),
+                    more: false,
+                    count: self.view.count(&interval, rev)?,
+                });
+            }
+            let kvs = self.view.scan_keys(&interval, rev)?;
+            return Ok(shape_range(kvs, req, self.revision()));
+        }
+        let (kvs, _) = self.read_at(&interval, req.revision)?;
         Ok(shape_range(kvs, req, self.revision()))
     }
 

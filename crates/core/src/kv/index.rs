@@ -237,6 +237,48 @@ impl KeyIndex {
         out
     }
 
+    /// How many keys in `interval` are live at `rev`.
+    fn count_live(&self, interval: &Interval, rev: i64) -> i64 {
+        let Some(bounds) = interval.bounds() else {
+            return 0;
+        };
+        let mut n = 0;
+        for key in self.order.range::<[u8], _>(bounds) {
+            let versions = &self.versions[key];
+            let at = versions.partition_point(|v| v.main <= rev);
+            if at.checked_sub(1).is_some_and(|i| !versions[i].tombstone) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The live keys in `interval` at `rev` with every field but the value, which
+    /// the index holds without reading a record.
+    fn live_keys(&self, interval: &Interval, rev: i64) -> Vec<KeyValue> {
+        let Some(bounds) = interval.bounds() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for key in self.order.range::<[u8], _>(bounds) {
+            let versions = &self.versions[key];
+            let at = versions.partition_point(|v| v.main <= rev);
+            if let Some(v) = at.checked_sub(1).map(|i| versions[i]) {
+                if !v.tombstone {
+                    out.push(KeyValue {
+                        key: key.to_vec(),
+                        create_revision: v.meta.create_revision,
+                        mod_revision: v.main,
+                        version: v.meta.version,
+                        lease: v.meta.lease,
+                        value: Vec::new(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// The version of `key` just before `(main, sub)`.
     fn before(&self, key: &[u8], main: i64, sub: i64) -> Option<Version> {
         let versions = self.versions.get(key)?;
@@ -440,6 +482,22 @@ impl<'t> View<'t> {
         let rev = rev.min(self.visible);
         let found = self.locate(|i| i.live(interval, rev))?;
         self.fetch_live(found)
+    }
+
+    /// How many keys in `interval` are live at `rev`, from the index alone.
+    pub(crate) fn count(&self, interval: &Interval, rev: i64) -> Result<i64, KvError> {
+        let rev = rev.min(self.visible);
+        self.locate(|i| i.count_live(interval, rev))
+    }
+
+    /// [`View::scan`] without the values, from the index alone (no record is read).
+    pub(crate) fn scan_keys(
+        &self,
+        interval: &Interval,
+        rev: i64,
+    ) -> Result<Vec<KeyValue>, KvError> {
+        let rev = rev.min(self.visible);
+        self.locate(|i| i.live_keys(interval, rev))
     }
 
     /// What a put needs of the live version of `key`, without reading its record.

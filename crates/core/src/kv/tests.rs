@@ -1552,3 +1552,99 @@ fn a_snapshot_file_restores_what_the_in_memory_snapshot_restores() {
     prost::encoding::encode_varint(super::snapfile::MAX_ELEMENT_BYTES + 1, &mut huge);
     assert!(super::snapfile::read_snapshot(huge.as_slice(), |_| Ok(())).is_err());
 }
+
+/// Count-only and keys-only ranges are answered from the key index; they must equal
+/// the full read with the values dropped, at every revision, for every interval and
+/// filter, and inside a txn that wrote (where the full read is used).
+#[test]
+fn count_and_keys_only_from_the_index_equal_the_full_read() {
+    let f = fixture();
+    apply(&f.kv, |b| b.lease_grant(7, 100)).unwrap();
+    put(&f.kv, "a", "1");
+    put(&f.kv, "b", "1");
+    apply(&f.kv, |b| {
+        b.put(&pb::PutRequest {
+            lease: 7,
+            ..put_req("c", "1")
+        })
+    })
+    .unwrap();
+    put(&f.kv, "a", "2");
+    del(&f.kv, "b", "");
+    put(&f.kv, "d", "1");
+    put(&f.kv, "b", "3");
+    let last = f.kv.current_revision();
+    let intervals = [
+        ("a", ""),
+        ("b", ""),
+        ("a", "c"),
+        ("\0", "\0"),
+        ("c", "\0"),
+        ("z", ""),
+    ];
+    for rev in 0..=last {
+        for (k, end) in intervals {
+            for filter in [0, 3] {
+                let base = pb::RangeRequest {
+                    revision: rev,
+                    min_mod_revision: filter,
+                    ..range_req(k, end)
+                };
+                let full = f.kv.range(&base).unwrap();
+                let keys_only =
+                    f.kv.range(&pb::RangeRequest {
+                        keys_only: true,
+                        ..base.clone()
+                    })
+                    .unwrap();
+                let mut stripped = full.clone();
+                stripped.kvs.iter_mut().for_each(|kv| kv.value.clear());
+                assert_eq!(keys_only, stripped, "keys-only {k:?}..{end:?} at {rev}");
+                let count_only =
+                    f.kv.range(&pb::RangeRequest {
+                        count_only: true,
+                        ..base.clone()
+                    })
+                    .unwrap();
+                assert_eq!(
+                    count_only.count, full.count,
+                    "count {k:?}..{end:?} at {rev}"
+                );
+                assert!(count_only.kvs.is_empty() && !count_only.more);
+                assert_eq!(count_only.header, full.header);
+            }
+        }
+    }
+    // A compacted or future revision is refused the same way.
+    apply(&f.kv, |b| b.compact(3)).unwrap();
+    let at = |revision| pb::RangeRequest {
+        revision,
+        count_only: true,
+        ..range_req("a", "")
+    };
+    assert!(matches!(f.kv.range(&at(2)), Err(KvError::Compacted { .. })));
+    assert!(matches!(
+        f.kv.range(&at(last + 1)),
+        Err(KvError::FutureRevision)
+    ));
+    // Inside a txn that wrote, its own writes count.
+    let txn = pb::TxnRequest {
+        success: vec![
+            pb::RequestOp {
+                request: Some(Request::RequestPut(put_req("e", "1"))),
+            },
+            pb::RequestOp {
+                request: Some(Request::RequestRange(pb::RangeRequest {
+                    count_only: true,
+                    ..range_req("\0", "\0")
+                })),
+            },
+        ],
+        ..Default::default()
+    };
+    let resp = apply(&f.kv, |b| b.txn(&txn)).unwrap();
+    let Some(Response::ResponseRange(r)) = &resp.responses[1].response else {
+        panic!("{resp:?}");
+    };
+    assert_eq!(r.count, 5, "a, b, c, d and the txn's own e");
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Side-by-side: a three-member etcd (Debian etcd-server) and a three-member meshd on
-# loopback on this machine, the same `meshctl bench` workloads against each, in one run,
-# alternating, ROUNDS times. Prints one line per run, a summary table, CPU seconds and
+# Side-by-side: three-member clusters of etcd 3.4.23 (Debian etcd-server), etcd 3.5.1
+# (the official binaries, `scripts/etcd-3.5.1`) and meshd on loopback on this machine,
+# the same `meshctl bench` workloads against each, in one run, alternating, ROUNDS times. Prints one line per run, a summary table, CPU seconds and
 # peak RSS of the servers. (Failover time: bench/failover.sh.)
 #
 #   bench/compare.sh                 # defaults below
@@ -9,6 +9,7 @@
 #   ONLY='put-1client put-100clients' bench/compare.sh   # a subset of the workloads
 #   BUILD=0 bench/compare.sh         # skip the release build
 #   RATE=4000 bench/compare.sh       # the fixed load of put-100clients-at-rate
+#   ETCD35=0 bench/compare.sh        # without etcd 3.5.1 (no download)
 #
 # Multi-connection workloads spread their connections over all three members (connection
 # i to member i mod 3, as etcd's benchmark does; 12 connections, so each member gets as
@@ -26,6 +27,7 @@ CONNS=${CONNS:-12}   # connections of the 100-client workloads: a multiple of th
 ONLY=${ONLY:-}
 RATE=${RATE:-4000}   # req/s of put-100clients-at-rate: below both systems' most, so p99 compares at equal load
 BUILD=${BUILD:-1}   # BUILD=0: use the binaries already in target/release
+ETCD35=${ETCD35:-1}  # ETCD35=0: only Debian's etcd 3.4 as the anchor
 command -v etcd >/dev/null || { echo "needs etcd: apt-get install etcd-server" >&2; exit 1; }
 [ "$BUILD" = 0 ] || cargo build --release --bins -q
 MESHCTL=target/release/meshctl
@@ -35,14 +37,24 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
 
-e_init=e0=http://127.0.0.1:12080,e1=http://127.0.0.1:12180,e2=http://127.0.0.1:12280
-for i in 0 1 2; do
-  etcd --name e$i --data-dir "$work/e$i" \
-    --listen-client-urls http://127.0.0.1:3${i}379 --advertise-client-urls http://127.0.0.1:3${i}379 \
-    --listen-peer-urls http://127.0.0.1:12${i}80 --initial-advertise-peer-urls http://127.0.0.1:12${i}80 \
-    --initial-cluster "$e_init" --initial-cluster-token bench >"$work/e$i.log" 2>&1 &
-  pids+=($!); disown
-done
+start_etcd() { # binary name-prefix client-port-prefix peer-port-prefix
+  local bin=$1 n=$2 cp=$3 pp=$4 init="" i
+  for i in 0 1 2; do init+="${init:+,}$n$i=http://127.0.0.1:${pp}${i}80"; done
+  for i in 0 1 2; do
+    "$bin" --name $n$i --data-dir "$work/$n$i" \
+      --listen-client-urls http://127.0.0.1:${cp}${i}379 --advertise-client-urls http://127.0.0.1:${cp}${i}379 \
+      --listen-peer-urls http://127.0.0.1:${pp}${i}80 --initial-advertise-peer-urls http://127.0.0.1:${pp}${i}80 \
+      --initial-cluster "$init" --initial-cluster-token bench >"$work/$n$i.log" 2>&1 &
+    pids+=($!); disown
+  done
+}
+start_etcd etcd e 3 12
+systems="etcd meshd"
+if [ "$ETCD35" = 1 ]; then
+  etcd35="$(scripts/etcd-3.5.1)/etcd"
+  start_etcd "$etcd35" f 4 13
+  systems="etcd etcd35 meshd"
+fi
 m_init=m0=127.0.0.1:16783,m1=127.0.0.1:16784,m2=127.0.0.1:16785
 for i in 0 1 2; do
   $MESHD --name m$i --data-dir "$work/m$i" --listen-client 127.0.0.1:2${i}379 \
@@ -50,8 +62,10 @@ for i in 0 1 2; do
   pids+=($!); disown
 done
 ETCD_EPS=127.0.0.1:30379,127.0.0.1:31379,127.0.0.1:32379
+ETCD35_EPS=127.0.0.1:40379,127.0.0.1:41379,127.0.0.1:42379
 MESHD_EPS=127.0.0.1:20379,127.0.0.1:21379,127.0.0.1:22379
-for eps in $ETCD_EPS $MESHD_EPS; do
+all_systems_eps=$ETCD_EPS; [ "$ETCD35" = 1 ] && all_systems_eps+=" $ETCD35_EPS"
+for eps in $all_systems_eps $MESHD_EPS; do
   for _ in $(seq 100); do $MESHCTL --endpoints "$eps" endpoint health >/dev/null 2>&1 && break; sleep 0.2; done
   $MESHCTL --endpoints "$eps" endpoint health >/dev/null
 done
@@ -103,8 +117,8 @@ PY
   tail -1 "$results" | awk '{printf "%-6s %-22s %10.0f %9.2f %9.2f %9.2f\n", $1, $2, $3, $4, $5, $6}'
 }
 for r in $(seq "$ROUNDS"); do
-  for sys in etcd meshd; do
-    eps=$ETCD_EPS; [ $sys = meshd ] && eps=$MESHD_EPS
+  for sys in $systems; do
+    case $sys in etcd) eps=$ETCD_EPS ;; etcd35) eps=$ETCD35_EPS ;; meshd) eps=$MESHD_EPS ;; esac
     all_eps=$eps leader=LEADER
     run $sys "$leader" put-1client put --clients 1 --conns 1 --total "$TOTAL1" --val-size "$VAL" --key-space-size 100000
     run $sys "$eps" put-100clients put --clients 100 --conns "$CONNS" --total "$TOTAL" --val-size "$VAL" --key-space-size 100000
@@ -120,10 +134,10 @@ for r in $(seq "$ROUNDS"); do
   done
 done
 echo
-echo "CPU seconds (servers, whole run): etcd $(cpu 'etcd --name e') meshd $(cpu 'meshd --name m')"
-echo "peak RSS (largest member): etcd $(rss 'etcd --name e') meshd $(rss 'meshd --name m')"
+echo "CPU seconds (servers, whole run): etcd $(cpu 'etcd --name e') meshd $(cpu 'meshd --name m')$([ "$ETCD35" = 1 ] && echo " etcd35 $(cpu 'etcd --name f')")"
+echo "peak RSS (largest member): etcd $(rss 'etcd --name e') meshd $(rss 'meshd --name m')$([ "$ETCD35" = 1 ] && echo " etcd35 $(rss 'etcd --name f')")"
 echo
-echo "median over rounds (req/s, p99 ms), ratio meshd/etcd:"
+echo "median over rounds (req/s, p99 ms), ratio meshd/etcd (3.4, and 3.5.1 as etcd35):"
 python3 - "$results" <<'PY'
 import sys, statistics, collections
 rows = collections.defaultdict(list)
@@ -131,10 +145,16 @@ for line in open(sys.argv[1]):
     s, w, rate, p50, p99, mx = line.split()
     rows[(s, w)].append((float(rate), float(p99)))
 for w in sorted({w for _, w in rows}):
-    e = rows[("etcd", w)]; m = rows[("meshd", w)]
-    if not e or not m:
+    m = rows[("meshd", w)]
+    if not m:
         continue
-    er = statistics.median(r for r, _ in e); mr = statistics.median(r for r, _ in m)
-    ep = statistics.median(p for _, p in e); mp = statistics.median(p for _, p in m)
-    print(f"{w:22s} etcd {er:8.0f}/s p99 {ep:7.2f}ms   meshd {mr:8.0f}/s p99 {mp:7.2f}ms   x{mr/er:4.2f}")
+    mr = statistics.median(r for r, _ in m); mp = statistics.median(p for _, p in m)
+    line = f"{w:22s} meshd {mr:8.0f}/s p99 {mp:7.2f}ms"
+    for anchor in ("etcd", "etcd35"):
+        e = rows[(anchor, w)]
+        if not e:
+            continue
+        er = statistics.median(r for r, _ in e); ep = statistics.median(p for _, p in e)
+        line += f"   {anchor} {er:8.0f}/s p99 {ep:7.2f}ms x{mr/er:4.2f}"
+    print(line)
 PY

@@ -10,6 +10,8 @@
 #   BUILD=0 bench/compare.sh         # skip the release build
 #   RATE=4000 bench/compare.sh       # the fixed load of put-100clients-at-rate
 #   ETCD35=0 bench/compare.sh        # without etcd 3.5.1 (no download)
+#   CLIENT=etcd-load bench/compare.sh  # the put workloads through bench/etcd-load, a client
+#                                      # built only on the etcd-client crate, not meshctl
 #
 # Multi-connection workloads spread their connections over all three members (connection
 # i to member i mod 3, as etcd's benchmark does; 12 connections, so each member gets as
@@ -28,8 +30,11 @@ ONLY=${ONLY:-}
 RATE=${RATE:-4000}   # req/s of put-100clients-at-rate: below both systems' most, so p99 compares at equal load
 BUILD=${BUILD:-1}   # BUILD=0: use the binaries already in target/release
 ETCD35=${ETCD35:-1}  # ETCD35=0: only Debian's etcd 3.4 as the anchor
+CLIENT=${CLIENT:-meshctl}  # or etcd-load (put workloads only)
 command -v etcd >/dev/null || { echo "needs etcd: apt-get install etcd-server" >&2; exit 1; }
 [ "$BUILD" = 0 ] || cargo build --release --bins -q
+[ "$BUILD" = 0 ] || [ "$CLIENT" != etcd-load ] || cargo build --release -p etcd-load -q
+ETCDLOAD=target/release/etcd-load
 MESHCTL=target/release/meshctl
 MESHD=target/release/meshd
 work=$(mktemp -d)
@@ -66,7 +71,8 @@ ETCD35_EPS=127.0.0.1:40379,127.0.0.1:41379,127.0.0.1:42379
 MESHD_EPS=127.0.0.1:20379,127.0.0.1:21379,127.0.0.1:22379
 all_systems_eps=$ETCD_EPS; [ "$ETCD35" = 1 ] && all_systems_eps+=" $ETCD35_EPS"
 for eps in $all_systems_eps $MESHD_EPS; do
-  for _ in $(seq 100); do $MESHCTL --endpoints "$eps" endpoint health >/dev/null 2>&1 && break; sleep 0.2; done
+  # Nine members start at once on two cores: allow a minute.
+  for _ in $(seq 300); do $MESHCTL --endpoints "$eps" endpoint health >/dev/null 2>&1 && break; sleep 0.2; done
   $MESHCTL --endpoints "$eps" endpoint health >/dev/null
 done
 
@@ -105,7 +111,14 @@ run() { # system eps label args...   (eps LEADER / FOLLOWER: a member of $all_ep
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $label "* ]]; then return; fi
   [ "$eps" = LEADER ] && eps=$(leader_of "$all_eps")
   [ "$eps" = FOLLOWER ] && eps=$(follower_of "$all_eps")
-  j=$($MESHCTL --endpoints "$eps" -w json bench "$@" 2>/dev/null)
+  if [ "$CLIENT" = etcd-load ]; then
+    # Plain puts only: etcd-load has no rate limit, sequential keys, reads or leases.
+    [ "$1" = put ] || return 0
+    case " $* " in *" --rate "*|*" --sequential-keys "*) return 0 ;; esac
+    j=$($ETCDLOAD --endpoints "$eps" "$@" 2>/dev/null)
+  else
+    j=$($MESHCTL --endpoints "$eps" -w json bench "$@" 2>/dev/null)
+  fi
   python3 - "$sys" "$label" "$j" >>"$results" <<'PY'
 import json, sys
 sysname, label, j = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

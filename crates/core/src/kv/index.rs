@@ -9,7 +9,6 @@
 //! the index applies them only after the commit and bumps an epoch that is also
 //! stored in `kv_meta`, and a reader whose snapshot has another epoch starts over.
 use std::collections::{BTreeSet, HashMap};
-use std::ops::Bound;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::ReadableTable;
@@ -217,66 +216,50 @@ impl KeyIndex {
         n.checked_sub(1).map(|i| versions[i])
     }
 
-    /// For each key in `interval` that is live at `rev` (its newest version at or
-    /// before `rev` is not a tombstone): that version, in key order.
+    /// Each key in `interval` that is live at `rev` (its newest version at or before
+    /// `rev` is not a tombstone), with that version, in key order.
+    fn live_versions<'a>(
+        &'a self,
+        interval: &'a Interval,
+        rev: i64,
+    ) -> impl Iterator<Item = (&'a Arc<[u8]>, Version)> + 'a {
+        interval
+            .bounds()
+            .into_iter()
+            .flat_map(move |bounds| self.order.range::<[u8], _>(bounds))
+            .filter_map(move |key| {
+                let versions = &self.versions[key];
+                let at = versions.partition_point(|v| v.main <= rev);
+                let v = versions[at.checked_sub(1)?];
+                (!v.tombstone).then_some((key, v))
+            })
+    }
+
+    /// The revision of each key's live version (see [`KeyIndex::live_versions`]).
     fn live(&self, interval: &Interval, rev: i64) -> Vec<(i64, i64)> {
-        let Some((lo, hi)) = interval.bounds() else {
-            return Vec::new();
-        };
-        let bounds: (Bound<&[u8]>, Bound<&[u8]>) = (lo, hi);
-        let mut out = Vec::new();
-        for key in self.order.range::<[u8], _>(bounds) {
-            let versions = &self.versions[key];
-            let n = versions.partition_point(|v| v.main <= rev);
-            if let Some(v) = n.checked_sub(1).map(|i| versions[i]) {
-                if !v.tombstone {
-                    out.push(v.rev());
-                }
-            }
-        }
-        out
+        self.live_versions(interval, rev)
+            .map(|(_, v)| v.rev())
+            .collect()
     }
 
     /// How many keys in `interval` are live at `rev`.
     fn count_live(&self, interval: &Interval, rev: i64) -> i64 {
-        let Some(bounds) = interval.bounds() else {
-            return 0;
-        };
-        let mut n = 0;
-        for key in self.order.range::<[u8], _>(bounds) {
-            let versions = &self.versions[key];
-            let at = versions.partition_point(|v| v.main <= rev);
-            if at.checked_sub(1).is_some_and(|i| !versions[i].tombstone) {
-                n += 1;
-            }
-        }
-        n
+        self.live_versions(interval, rev).count() as i64
     }
 
     /// The live keys in `interval` at `rev` with every field but the value, which
     /// the index holds without reading a record.
     fn live_keys(&self, interval: &Interval, rev: i64) -> Vec<KeyValue> {
-        let Some(bounds) = interval.bounds() else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for key in self.order.range::<[u8], _>(bounds) {
-            let versions = &self.versions[key];
-            let at = versions.partition_point(|v| v.main <= rev);
-            if let Some(v) = at.checked_sub(1).map(|i| versions[i]) {
-                if !v.tombstone {
-                    out.push(KeyValue {
-                        key: key.to_vec(),
-                        create_revision: v.meta.create_revision,
-                        mod_revision: v.main,
-                        version: v.meta.version,
-                        lease: v.meta.lease,
-                        value: Vec::new(),
-                    });
-                }
-            }
-        }
-        out
+        self.live_versions(interval, rev)
+            .map(|(key, v)| KeyValue {
+                key: key.to_vec(),
+                create_revision: v.meta.create_revision,
+                mod_revision: v.main,
+                version: v.meta.version,
+                lease: v.meta.lease,
+                value: Vec::new(),
+            })
+            .collect()
     }
 
     /// The version of `key` just before `(main, sub)`.

@@ -5,9 +5,7 @@
 //! and the driver only acts.
 
 use super::{pb, ApplyBatch, KvError};
-use crate::proto::meshpb::{
-    internal_request::Request, MemberAttributes, MemberUpdate, RequestAuth,
-};
+use crate::proto::meshpb::{internal_request::Request, RequestAuth};
 
 /// A replicated request's result on the state machine.
 #[derive(Debug)]
@@ -134,11 +132,14 @@ impl ApplyBatch<'_> {
                 plain(AppliedKind::Compaction)
             }
             Some(Request::MemberAttributes(a)) => {
-                self.update_attributes(a)?;
+                self.update_member(a.id, |m| {
+                    m.name = a.name;
+                    m.client_urls = a.client_urls;
+                })?;
                 plain(AppliedKind::MemberAttributes)
             }
             Some(Request::MemberUpdate(u)) => {
-                self.update_peer_urls(u)?;
+                self.update_member(u.id, |m| m.peer_urls = u.peer_urls)?;
                 (AppliedKind::Membership, Effect::MembersChanged)
             }
             Some(Request::Alarm(a)) => plain(AppliedKind::Alarm(self.alarm(&a)?)),
@@ -174,22 +175,17 @@ impl ApplyBatch<'_> {
         })
     }
 
-    fn update_peer_urls(&mut self, u: MemberUpdate) -> Result<(), KvError> {
-        // The API checked that the member exists; a removal in between makes this a no-op.
-        let Some(mut m) = self.member(u.id)? else {
+    /// Changes a member's record; a member removed meanwhile (the API checked that
+    /// it existed) makes this a no-op.
+    fn update_member(
+        &mut self,
+        id: u64,
+        change: impl FnOnce(&mut crate::proto::meshpb::MemberRecord),
+    ) -> Result<(), KvError> {
+        let Some(mut m) = self.member(id)? else {
             return Ok(());
         };
-        m.peer_urls = u.peer_urls;
-        self.put_member(&m)
-    }
-
-    fn update_attributes(&mut self, a: MemberAttributes) -> Result<(), KvError> {
-        // Attributes of a member that was removed meanwhile change nothing.
-        let Some(mut m) = self.member(a.id)? else {
-            return Ok(());
-        };
-        m.name = a.name;
-        m.client_urls = a.client_urls;
+        change(&mut m);
         self.put_member(&m)
     }
 }

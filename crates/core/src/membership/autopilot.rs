@@ -366,14 +366,10 @@ mod tests {
     const TOKEN: u64 = 0x70;
     const ME: u64 = 1;
 
+    /// The defaults (growth on, 3 voters, 300 s dead-voter timeout, 10 s
+    /// stabilization), which the timings below are written against.
     fn cfg() -> AutopilotConfig {
-        AutopilotConfig {
-            growth: true,
-            voters: 3,
-            dead_voter_timeout: Duration::from_secs(300),
-            stabilization: Duration::from_secs(10),
-            interval: Duration::from_secs(1),
-        }
+        AutopilotConfig::default()
     }
 
     fn member_node(id: u64) -> Node {

@@ -32,13 +32,7 @@ use pb::kv_client::KvClient;
 pub const MAX_RESPONSE_BYTES: usize = i32::MAX as usize;
 
 /// A KV client that takes responses up to [`MAX_RESPONSE_BYTES`].
-fn kv_client<T>(ch: T) -> KvClient<T>
-where
-    T: tonic::client::GrpcService<tonic::body::Body>,
-    T::Error: Into<tonic::codegen::StdError>,
-    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
-    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
-{
+fn kv_client(ch: Conn) -> KvClient<Conn> {
     KvClient::new(ch).max_decoding_message_size(MAX_RESPONSE_BYTES)
 }
 use pb::maintenance_client::MaintenanceClient;

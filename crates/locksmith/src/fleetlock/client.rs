@@ -34,11 +34,11 @@ pub enum ClientError {
 #[derive(Clone)]
 pub struct FleetLockClient {
     url: String,
-    https: bool,
     host: String,
     port: u16,
     /// The base path, without a trailing slash.
     base: String,
+    /// For an `https://` URL.
     tls: Option<Arc<rustls::ClientConfig>>,
     token: Option<String>,
     timeout: Duration,
@@ -92,7 +92,6 @@ impl FleetLockClient {
         };
         Ok(FleetLockClient {
             url: url.to_string(),
-            https,
             port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
             host,
             base: uri.path().trim_end_matches('/').to_string(),
@@ -161,8 +160,8 @@ impl FleetLockClient {
         let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
-        match (&self.tls, self.https) {
-            (Some(cfg), true) => {
+        match &self.tls {
+            Some(cfg) => {
                 let name = rustls::pki_types::ServerName::try_from(self.host.clone())
                     .map_err(|e| format!("server name {}: {e}", self.host))?;
                 let tls = tokio_rustls::TlsConnector::from(cfg.clone())
@@ -171,7 +170,7 @@ impl FleetLockClient {
                     .map_err(|e| format!("TLS: {e}"))?;
                 exchange(TokioIo::new(tls), req).await
             }
-            _ => exchange(TokioIo::new(stream), req).await,
+            None => exchange(TokioIo::new(stream), req).await,
         }
     }
 }

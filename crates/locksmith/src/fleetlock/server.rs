@@ -63,11 +63,7 @@ pub async fn serve(
 ) -> Result<()> {
     for (group, max) in settings.groups.iter().flatten() {
         if let Some(max) = max {
-            let lc = LockClient::new(
-                client.clone(),
-                semaphore_key(locksmith_group(group)),
-                settings.retry_for,
-            );
+            let lc = group_lock(&client, group, settings.retry_for);
             let (old, _) = lc
                 .set_max(i64::from(*max))
                 .await
@@ -251,11 +247,7 @@ async fn lock_or_unlock(state: &State, op: Op, req: Request<Incoming>) -> Result
             ));
         }
     }
-    let lc = LockClient::new(
-        state.client.clone(),
-        semaphore_key(locksmith_group(&params.group)),
-        state.settings.retry_for,
-    );
+    let lc = group_lock(&state.client, &params.group, state.settings.retry_for);
     let result = match op {
         Op::Lock => lc.lock(&params.id).await.map(|(outcome, v)| {
             tracing::info!(id = %params.id, group = %params.group, ?outcome, free = v.semaphore.semaphore, "pre-reboot: lock held");
@@ -306,6 +298,15 @@ fn metrics(state: &State) -> String {
         ));
     }
     out
+}
+
+/// The semaphore of a FleetLock group (see [`locksmith_group`]).
+fn group_lock(client: &Client, group: &str, retry_for: Duration) -> LockClient {
+    LockClient::new(
+        client.clone(),
+        semaphore_key(locksmith_group(group)),
+        retry_for,
+    )
 }
 
 /// Compares without returning early on the first difference (a token check must not

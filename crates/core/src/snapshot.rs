@@ -141,6 +141,11 @@ pub fn decode_with(bytes: &[u8], skip_hash_check: bool) -> Result<StoreSnapshot,
     if is_bolt(content) {
         return Ok(crate::etcd_db::read(std::io::Cursor::new(content))?);
     }
+    decode_legacy(content)
+}
+
+/// The content (trailer removed) of a file in the format of earlier meshd versions.
+fn decode_legacy(content: &[u8]) -> Result<StoreSnapshot, SnapshotError> {
     let bad = |what: &str| SnapshotError::Format(what.to_string());
     let rest = content
         .strip_prefix(MAGIC.as_slice())
@@ -181,7 +186,8 @@ pub fn status(bytes: &[u8]) -> Result<Status, SnapshotError> {
     if is_bolt(content) {
         return bolt_status(content);
     }
-    let db = crate::etcd_db::write(&decode(bytes)?)?;
+    // Verified above: decoded as it stands, not checked a second time.
+    let db = crate::etcd_db::write(&decode_legacy(content)?)?;
     bolt_status(&db)
 }
 

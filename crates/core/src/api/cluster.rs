@@ -124,10 +124,7 @@ fn normalize_peer_urls(urls: &[String]) -> Result<Vec<String>, Status> {
     }
     urls.iter()
         .map(|u| {
-            let hostport = u
-                .split_once("://")
-                .map_or(u.as_str(), |(_, r)| r)
-                .trim_end_matches('/');
+            let hostport = crate::raft::peer_hostport(u);
             match hostport.rsplit_once(':') {
                 Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
                     Ok(hostport.to_string())

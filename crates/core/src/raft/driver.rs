@@ -386,7 +386,7 @@ impl Driver {
     /// One commit of the keyspace with what is pending, counted as a backend commit.
     fn commit_kv(&self, durable: bool) -> Result<(), DriverError> {
         let started = Instant::now();
-        self.kv.write_pending(durable).map_err(DriverError::from)?;
+        self.kv.write_pending(durable)?;
         self.status
             .metrics
             .backend_commit
@@ -686,7 +686,11 @@ impl Driver {
             Ok(members) => self.transport.set_peers(
                 members
                     .into_iter()
-                    .filter_map(|m| m.peer_urls.first().map(|u| (m.id, strip_scheme(u))))
+                    .filter_map(|m| {
+                        m.peer_urls
+                            .first()
+                            .map(|u| (m.id, super::peer_hostport(u).to_string()))
+                    })
                     .collect(),
             ),
             Err(e) => error!("cannot read the member table: {e}"),

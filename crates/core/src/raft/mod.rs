@@ -33,6 +33,14 @@ use crate::proto::meshpb::internal_request::Request;
 use crate::proto::meshpb::{MemberRecord, RequestAuth};
 pub use log_store::RaftLog;
 
+/// The `host:port` of a peer URL, which may carry a scheme and a trailing slash (as
+/// etcd's do); the transport dials `host:port`, and members store it so.
+pub fn peer_hostport(url: &str) -> &str {
+    url.split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .trim_end_matches('/')
+}
+
 /// What the driver thread is told.
 pub enum DriverMsg {
     /// Replicate a request; the reply comes when this member applies it.

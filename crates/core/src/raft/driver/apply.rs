@@ -1,5 +1,6 @@
-//! Applying committed entries and snapshots: requests to the state machine (with
-//! the apply-time permission check), conf changes, member attributes.
+//! Applying committed entries and snapshots: each request goes to the state machine
+//! (`ApplyBatch::apply_request`), whose effect the driver carries out; conf changes
+//! are checked against the member table and applied to raft-rs here.
 
 use super::*;
 
@@ -19,7 +20,7 @@ impl Driver {
         }
         let apply_started = Instant::now();
         let kv = self.kv.clone();
-        let mut batch = kv.begin().map_err(DriverError::from)?;
+        let mut batch = kv.begin()?;
         let mut replies: Vec<(u64, Result<Applied, ProposeError>)> = Vec::new();
         let mut peers_changed = false;
         for e in entries {
@@ -40,9 +41,8 @@ impl Driver {
                 EntryType::EntryNormal => {
                     match <InternalRequest as prost::Message>::decode(e.data.as_slice()) {
                         Ok(req) => {
-                            let outcome = batch
-                                .apply_request(req.auth_info.as_ref(), req.request)
-                                .map_err(DriverError::from)?;
+                            let outcome =
+                                batch.apply_request(req.auth_info.as_ref(), req.request)?;
                             peers_changed |= self.carry_out(outcome.effect);
                             if req.proposer == self.cfg.member_id {
                                 ours = Some(req.id);
@@ -76,8 +76,7 @@ impl Driver {
                     let cc = ConfChangeV2::decode(e.data.as_slice())
                         .map_err(|x| DriverError::BadSnapshot(format!("conf change: {x}")))?;
                     let cs = self.raw.apply_conf_change(&cc)?;
-                    self.log
-                        .set_conf_state(&batch.side().map_err(DriverError::from)?, &cs)?;
+                    self.log.set_conf_state(&batch.side()?, &cs)?;
                     peers_changed = true;
                 }
             }
@@ -93,7 +92,7 @@ impl Driver {
         // atomically, so a crash only means re-applying from the log. A batch of plain
         // writes is only published (its records wait in memory for the next commit).
         let commit_started = Instant::now();
-        let committed = batch.commit(false).map_err(DriverError::from)?;
+        let committed = batch.commit(false)?;
         let metrics = &self.status.metrics;
         if committed {
             metrics.backend_commit.observe(commit_started.elapsed());
@@ -150,18 +149,17 @@ impl Driver {
             "installing snapshot from the leader"
         );
         let kv = self.kv.clone();
-        let mut batch = kv.begin().map_err(DriverError::from)?;
-        batch.restore_file(&path).map_err(DriverError::from)?;
+        let mut batch = kv.begin()?;
+        batch.restore_file(&path)?;
         batch.set_applied_index(meta.index);
-        self.log
-            .apply_snapshot(&batch.side().map_err(DriverError::from)?, &meta)?;
-        batch.commit(true).map_err(DriverError::from)?;
+        self.log.apply_snapshot(&batch.side()?, &meta)?;
+        batch.commit(true)?;
         self.durable_applied = meta.index;
         // Only now that the state machine is durable at the snapshot may the log
         // forget what came before it.
         self.log.sync()?;
         let _ = std::fs::remove_file(&path);
-        crate::lease::load(&self.lessor, &self.kv).map_err(DriverError::from)?;
+        crate::lease::load(&self.lessor, &self.kv)?;
         self.refresh_peers();
         Ok(())
     }
@@ -176,7 +174,7 @@ impl Driver {
         ctx: &ConfChangeContext,
     ) -> Result<Result<(), ProposeError>, DriverError> {
         use raft::prelude::ConfChangeType;
-        let existing = batch.member(cc.node_id).map_err(DriverError::from)?;
+        let existing = batch.member(cc.node_id)?;
         let kind = ConfChangeType::from_i32(cc.change_type);
         let refusal = match (kind, &existing) {
             (Some(ConfChangeType::AddNode), Some(m)) if ctx.promote && !m.is_learner => {
@@ -202,8 +200,7 @@ impl Driver {
             return Ok(Err(ProposeError::Membership(why)));
         }
         let cs = self.raw.apply_conf_change(cc)?;
-        self.log
-            .set_conf_state(&batch.side().map_err(DriverError::from)?, &cs)?;
+        self.log.set_conf_state(&batch.side()?, &cs)?;
         let r = match kind {
             Some(ConfChangeType::RemoveNode) => batch.remove_member(cc.node_id),
             _ => {
@@ -218,7 +215,7 @@ impl Driver {
                 batch.put_member(&m)
             }
         };
-        r.map_err(DriverError::from)?;
+        r?;
         info!(
             node = format_args!("{:x}", cc.node_id),
             term = self.raw.raft.term,
@@ -250,12 +247,4 @@ pub(super) fn corrupt_alarm(member: u64) -> crate::proto::etcdserverpb::AlarmReq
         member_id: member,
         alarm: AlarmType::Corrupt as i32,
     }
-}
-
-/// Peer URLs may carry a scheme (as etcd's do); the transport wants `host:port`.
-pub(super) fn strip_scheme(url: &str) -> String {
-    url.split_once("://")
-        .map_or(url, |(_, rest)| rest)
-        .trim_end_matches('/')
-        .to_string()
 }

@@ -83,5 +83,5 @@ if [ "${ETCD:-0}" = 1 ]; then
   wait_up 127.0.0.1:23792
   "$MESHCTL" --endpoints 127.0.0.1:23792 bench put --total "$N" --clients 100 --conns 10 \
     --val-size "$VAL" --sequential-keys --key-space-size "$N" > "$work/load" 2>&1
-  measure "etcd $(etcd --version | head -1 | awk '{print $3}')" 127.0.0.1:23792
+  measure "etcd $(etcd --version | awk 'NR == 1 {print $3}')" 127.0.0.1:23792
 fi

@@ -10,7 +10,11 @@ deb=$(scripts/package-deb --profile debug)
 fail() { echo "deb-check: FAIL: $*" >&2; exit 1; }
 ok() { echo "ok   $*"; }
 
-dpkg-deb --info "$deb" | grep -q '^ Depends: libc6 (>= 2\.[0-9]*), adduser$' || fail "Depends"
+# Each check reads a command's whole output before matching: `cmd | grep -q` under
+# pipefail fails at random when grep exits first and cmd dies of SIGPIPE.
+has() { grep -q -- "$1" <<<"$2"; }
+info=$(dpkg-deb --info "$deb")
+has '^ Depends: libc6 (>= 2\.[0-9]*), adduser$' "$info" || fail "Depends: $(grep Depends <<<"$info")"
 dpkg -i "$deb" >/dev/null
 ok "dpkg -i $deb"
 for f in /usr/bin/meshd /usr/bin/meshctl /usr/bin/locksmith \
@@ -22,9 +26,9 @@ for f in /usr/bin/meshd /usr/bin/meshctl /usr/bin/locksmith \
   [ -e "$f" ] || fail "$f is not installed"
 done
 ok "binaries, man pages, completions, units and the example config are in place"
-dpkg-query -W -f='${Conffiles}\n' meshd | grep -q '/etc/meshd/meshd.yaml' || fail "meshd.yaml is not a conffile"
+has '/etc/meshd/meshd.yaml' "$(dpkg-query -W -f='${Conffiles}\n' meshd)" || fail "meshd.yaml is not a conffile"
 ok "/etc/meshd/meshd.yaml is a conffile"
-getent passwd meshd | grep -q ':/var/lib/meshd:' || fail "no meshd system user"
+has ':/var/lib/meshd:' "$(getent passwd meshd)" || fail "no meshd system user"
 [ "$(id -u meshd)" -lt 1000 ] || fail "meshd is not a system user"
 ok "the meshd system user exists"
 for u in meshd locksmith locksmith-fleetlock; do
@@ -37,7 +41,7 @@ ok "no unit enabled"
 rm /etc/meshd/mesh.key
 ok "meshd config check /etc/meshd/meshd.yaml (with a key from meshd keygen)"
 man -w meshctl >/dev/null 2>&1 || [ ! -x /usr/bin/man ] || fail "man does not find meshctl(1)"
-/usr/bin/meshctl --version | grep -q "^meshctl " || fail "meshctl --version"
+has "^meshctl " "$(/usr/bin/meshctl --version)" || fail "meshctl --version"
 ok "man -w meshctl; meshctl --version"
 
 dpkg -r meshd >/dev/null

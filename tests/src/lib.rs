@@ -8,6 +8,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod hostile_peer;
 pub mod linearizability;
+pub mod sim;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};

@@ -57,6 +57,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod raft;
 pub mod server;
+pub mod sim;
 pub mod snapshot;
 pub mod storage;
 pub mod tls;

@@ -221,7 +221,7 @@ mod tests {
     fn wal_segment() -> Vec<u8> {
         use crate::storage::wal::{Wal, WAL_DIR};
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _, _) = Wal::open(dir.path()).unwrap();
+        let (mut wal, _, _) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
         for i in 1..=3u64 {
             wal.append(&[raft::prelude::Entry {
                 index: i,

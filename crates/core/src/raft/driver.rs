@@ -8,7 +8,7 @@
 //! and installs snapshots, so the state machine, its applied index and the conf state
 //! always describe the same point when raft-rs asks for a snapshot.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,10 @@ pub struct DriverConfig {
     /// The state machine was found corrupt when it was opened: the driver starts
     /// quarantined (see `Driver::quarantine`).
     pub corrupt_at_start: Option<String>,
+    /// A fixed election timeout in ticks instead of raft-rs's random one in
+    /// `[election_ticks, 2 × election_ticks)`: the simulator draws it per member from
+    /// its seed, since raft-rs draws from a source no seed reaches.
+    pub fixed_election_ticks: Option<usize>,
 }
 
 /// Why the driver stopped on its own.
@@ -121,39 +125,16 @@ pub fn spawn_driver(
     status: Arc<NodeStatus>,
     lessor: Arc<Lessor>,
 ) -> Result<std::thread::JoinHandle<Result<(), DriverError>>, DriverError> {
-    let raw = new_raw_node(&cfg, log.clone(), kv.applied_index())?;
-    let durable_applied = kv.applied_index();
-    let mut d = Driver {
-        raw,
+    let parts = DriverParts {
+        cfg,
         log,
         kv,
         db,
         transport,
         status,
         lessor,
-        cfg,
-        next_id: first_proposal_id(),
-        pending: HashMap::new(),
-        by_index: HashMap::new(),
-        parked: Vec::new(),
-        reads_new: Vec::new(),
-        reads_inflight: HashMap::new(),
-        reads_ready: Vec::new(),
-        // Random too: a ReadIndex answer meant for the previous run must not match.
-        read_seq: rand::random(),
-        transfers: Vec::new(),
-        ticks: 0,
-        heard_at: HashMap::new(),
-        removed: Default::default(),
-        corrupt: false,
-        corrupt_alarm_committed: false,
-        last_leader: 0,
-        reopen_backoff: REOPEN_BACKOFF_MIN,
-        durable_applied,
-        kv_synced_at: Instant::now(),
-        unsynced_bytes: 0,
     };
-    d.refresh_peers();
+    let mut d = Driver::new(parts, &Seeds::random())?;
     std::thread::Builder::new()
         .name("raft-driver".into())
         .spawn(move || {
@@ -176,6 +157,93 @@ pub fn spawn_driver(
                 source: e,
             })
         })
+}
+
+/// What a driver is made of: its settings, the storage it owns and what it shares.
+pub(crate) struct DriverParts {
+    pub cfg: DriverConfig,
+    pub log: RaftLog,
+    pub kv: Arc<KvStore>,
+    pub db: Arc<Db>,
+    pub transport: Arc<dyn Transport>,
+    pub status: Arc<NodeStatus>,
+    pub lessor: Arc<Lessor>,
+}
+
+/// Where a driver's choices that must differ between runs come from: the clock, and
+/// the first proposal ID and ReadIndex context. A member draws them at random and reads
+/// the system clock; the simulator derives them from its seed and its own clock.
+pub(crate) struct Seeds {
+    pub clock: crate::Clock,
+    pub first_id: u64,
+    pub read_seq: u64,
+    /// A planted bug for the simulator to catch: entries already applied are handed
+    /// to the state machine again at start.
+    pub replay_applied: bool,
+}
+
+impl Seeds {
+    fn random() -> Seeds {
+        Seeds {
+            clock: crate::system_clock(),
+            first_id: first_proposal_id(),
+            // Random too: a ReadIndex answer meant for the previous run must not match.
+            read_seq: rand::random(),
+            replay_applied: false,
+        }
+    }
+}
+
+impl Driver {
+    pub(crate) fn new(p: DriverParts, seeds: &Seeds) -> Result<Driver, DriverError> {
+        let DriverParts {
+            cfg,
+            log,
+            kv,
+            db,
+            transport,
+            status,
+            lessor,
+        } = p;
+        let mut applied = kv.applied_index();
+        if seeds.replay_applied {
+            applied = applied.saturating_sub(3).max(log.first_index() - 1);
+        }
+        let raw = new_raw_node(&cfg, log.clone(), applied)?;
+        let durable_applied = kv.applied_index();
+        let mut d = Driver {
+            raw,
+            log,
+            kv,
+            db,
+            transport,
+            status,
+            lessor,
+            cfg,
+            next_id: seeds.first_id.max(1),
+            pending: HashMap::new(),
+            by_index: HashMap::new(),
+            parked: Vec::new(),
+            reads_new: Vec::new(),
+            reads_inflight: BTreeMap::new(),
+            reads_ready: Vec::new(),
+            read_seq: seeds.read_seq,
+            transfers: Vec::new(),
+            ticks: 0,
+            heard_at: HashMap::new(),
+            removed: Default::default(),
+            corrupt: false,
+            corrupt_alarm_committed: false,
+            last_leader: 0,
+            reopen_backoff: REOPEN_BACKOFF_MIN,
+            durable_applied,
+            kv_synced_at: (seeds.clock)(),
+            clock: seeds.clock.clone(),
+            unsynced_bytes: 0,
+        };
+        d.refresh_peers();
+        Ok(d)
+    }
 }
 
 /// Where this process's proposal IDs start: random, never 0 (see `Driver::next_id`).
@@ -201,6 +269,8 @@ fn new_raw_node(
         pre_vote: true,
         check_quorum: true,
         read_only_option: ReadOnlyOption::Safe,
+        min_election_tick: cfg.fixed_election_ticks.unwrap_or(0),
+        max_election_tick: cfg.fixed_election_ticks.map_or(0, |t| t + 1),
         ..Default::default()
     };
     raft_cfg.validate()?;
@@ -214,7 +284,7 @@ fn new_raw_node(
     Ok(raw)
 }
 
-struct Driver {
+pub(crate) struct Driver {
     raw: RawNode<RaftLog>,
     log: RaftLog,
     kv: Arc<KvStore>,
@@ -239,7 +309,7 @@ struct Driver {
     /// Reads not yet sent as a ReadIndex request; all of them share the next one.
     reads_new: Vec<Reply<()>>,
     /// ReadIndex requests in flight, by context, with the tick they were (re)issued.
-    reads_inflight: HashMap<u64, (Vec<Reply<()>>, u64)>,
+    reads_inflight: BTreeMap<u64, (Vec<Reply<()>>, u64)>,
     /// Reads whose index is known, waiting for the apply to reach it.
     reads_ready: Vec<(u64, Vec<Reply<()>>)>,
     read_seq: u64,
@@ -265,6 +335,8 @@ struct Driver {
     /// commit): the Raft log keeps every entry after it.
     durable_applied: u64,
     kv_synced_at: Instant,
+    /// Time as the keyspace's commit policy sees it.
+    clock: crate::Clock,
     /// Bytes of entries applied since the keyspace was last committed durably.
     unsynced_bytes: usize,
 }
@@ -363,7 +435,7 @@ impl Driver {
     /// crash without the log.
     fn sync_kv(&mut self) -> Result<(), DriverError> {
         let applied = self.kv.applied_index();
-        self.kv_synced_at = Instant::now();
+        self.kv_synced_at = (self.clock)();
         self.unsynced_bytes = 0;
         if applied == self.durable_applied {
             return Ok(());
@@ -421,36 +493,48 @@ impl Driver {
             }
             self.status.driver_turned();
             let now = Instant::now();
-            if now >= next_tick {
-                self.raw.tick();
-                self.ticks += 1;
+            let tick = now >= next_tick;
+            if tick {
                 next_tick += self.cfg.tick;
                 if next_tick < now {
                     next_tick = now + self.cfg.tick;
                 }
-                self.on_tick();
             }
-            self.propose_parked();
-            self.issue_reads();
-            self.on_ready()?;
-            if self.unsynced_bytes >= KV_SYNC_BYTES
-                || self.kv_synced_at.elapsed() >= KV_SYNC_INTERVAL
-            {
-                self.sync_kv()?;
-            } else {
-                self.write_pending_kv()?;
-            }
-            self.publish_status();
-            if self.status.is_removed() {
-                warn!("this member was removed from the cluster; its raft node stops");
+            if !self.turn(tick)? {
                 return Ok(());
             }
-            self.check_transfers();
         }
     }
 
+    /// The rest of one turn of the loop, after the messages that arrived: a tick (if
+    /// one is due), parked proposals and reads, the Ready, the keyspace's commit policy
+    /// and status. Returns false once this member is removed from the cluster.
+    pub(crate) fn turn(&mut self, tick: bool) -> Result<bool, DriverError> {
+        if tick {
+            self.raw.tick();
+            self.ticks += 1;
+            self.on_tick();
+        }
+        self.propose_parked();
+        self.issue_reads();
+        self.on_ready()?;
+        let since_sync = (self.clock)().saturating_duration_since(self.kv_synced_at);
+        if self.unsynced_bytes >= KV_SYNC_BYTES || since_sync >= KV_SYNC_INTERVAL {
+            self.sync_kv()?;
+        } else {
+            self.write_pending_kv()?;
+        }
+        self.publish_status();
+        if self.status.is_removed() {
+            warn!("this member was removed from the cluster; its raft node stops");
+            return Ok(false);
+        }
+        self.check_transfers();
+        Ok(true)
+    }
+
     /// Returns false when asked to stop.
-    fn handle(&mut self, m: DriverMsg) -> Result<bool, DriverError> {
+    pub(crate) fn handle(&mut self, m: DriverMsg) -> Result<bool, DriverError> {
         match m {
             DriverMsg::Propose {
                 request,

@@ -23,6 +23,7 @@ use tracing::info;
 
 use crate::kv::KvStore;
 use crate::proto::meshpb::SnapshotRef;
+use crate::storage::vfs::Vfs;
 use crate::storage::wal::{Replayed, Wal};
 use crate::storage::{db_err, snapshot_dir, Db, SideTxn, StorageError};
 
@@ -92,15 +93,15 @@ struct SnapState {
 
 impl Snapshots {
     /// Opens `dir`, removing what an earlier run left there.
-    fn open(dir: PathBuf) -> Result<Snapshots, StorageError> {
+    fn open(vfs: &dyn Vfs, dir: PathBuf) -> Result<Snapshots, StorageError> {
         let io = |source| StorageError::Io {
             path: dir.clone(),
             source,
         };
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io)?;
+        if vfs.exists(&dir) {
+            vfs.remove_dir_all(&dir).map_err(io)?;
         }
-        std::fs::create_dir_all(&dir).map_err(io)?;
+        vfs.create_dir_all(&dir).map_err(io)?;
         Ok(Snapshots {
             dir,
             state: Mutex::new(SnapState::default()),
@@ -151,7 +152,7 @@ impl RaftLog {
     /// Loads the log of `db`'s data dir. A fresh data dir yields an empty log.
     pub fn load(db: &Db, kv: Arc<KvStore>) -> Result<RaftLog, StorageError> {
         let (wal, core) = read_core(db, &kv)?;
-        let snapshots = Snapshots::open(snapshot_dir(&db.dir()))?;
+        let snapshots = Snapshots::open(&**db.vfs(), snapshot_dir(&db.dir()))?;
         Ok(RaftLog {
             core: Arc::new(RwLock::new(core)),
             wal: Arc::new(Mutex::new(wal)),
@@ -354,7 +355,7 @@ fn read_core(db: &Db, kv: &KvStore) -> Result<(Wal, Core), StorageError> {
     drop(rtx);
 
     let legacy = legacy_entries.is_some() || legacy_hs.is_some();
-    let (mut wal, mut log, created) = Wal::open(&db.dir())?;
+    let (mut wal, mut log, created) = Wal::open(db.vfs(), &db.dir())?;
     if created && legacy {
         // An older data dir: its log moves into the new write-ahead log.
         log = Replayed {

@@ -24,6 +24,7 @@ use raft::prelude::Message;
 use tokio::sync::oneshot;
 
 pub use driver::{spawn_driver, DriverConfig, DriverError};
+pub(crate) use driver::{Driver, DriverParts, Seeds};
 
 use crate::kv::KvError;
 /// The state machine's result of one replicated request, as proposers receive it.

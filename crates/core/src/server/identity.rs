@@ -38,7 +38,7 @@ pub(super) fn initial_identity(
     Ok((identity, members))
 }
 
-pub(super) fn voter(id: u64, name: &str, mesh_addr: &str) -> MemberRecord {
+pub(crate) fn voter(id: u64, name: &str, mesh_addr: &str) -> MemberRecord {
     MemberRecord {
         id,
         name: name.to_string(),
@@ -142,7 +142,7 @@ pub(super) fn check_empty(
 /// The initial configuration is a snapshot at index 1, term 1 (as raft-rs's examples
 /// bootstrap): a member added later has an empty log, needs index 1, and so receives a
 /// snapshot that carries the whole configuration and state.
-pub(super) fn write_bootstrap(
+pub(crate) fn write_bootstrap(
     batch: &mut ApplyBatch<'_>,
     log: &RaftLog,
     identity: &Identity,

@@ -34,6 +34,7 @@ use crate::storage::{self, Identity, StorageError};
 
 /// Mesh channel of the gossiped PN-counters (`meshctl counter`).
 mod identity;
+pub(crate) use identity::{voter, write_bootstrap};
 mod restore;
 mod start;
 

@@ -282,6 +282,7 @@ pub(super) fn start_raft(
             max_inflight_msgs: 256,
             snapshot_dir: storage::snapshot_dir(&cfg.data_dir),
             corrupt_at_start: kv.corrupt_at_open(),
+            fixed_election_ticks: None,
         },
         store.log.clone(),
         kv.clone(),

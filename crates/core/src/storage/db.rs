@@ -3,9 +3,10 @@
 //! replaces the handle after a failed write).
 
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use super::vfs::Vfs;
 use super::{db_err, StorageError};
 
 /// One data dir's redb database, shared by the state machine, the Raft log and the
@@ -17,19 +18,32 @@ pub struct Db {
     inner: RwLock<Option<redb::Database>>,
     /// The database file, for its size (Status, quota, defragment).
     path: PathBuf,
+    /// The filesystem the data dir is on.
+    vfs: Arc<dyn Vfs>,
 }
 
 impl Db {
     pub fn new(db: redb::Database, path: PathBuf) -> Db {
+        Db::on(super::vfs::real(), db, path)
+    }
+
+    /// A database on `vfs` (the simulator's disk, or the real one).
+    pub fn on(vfs: Arc<dyn Vfs>, db: redb::Database, path: PathBuf) -> Db {
         Db {
             inner: RwLock::new(Some(db)),
             path,
+            vfs,
         }
+    }
+
+    /// The filesystem of the data dir: the Raft log and snapshots live there too.
+    pub fn vfs(&self) -> &Arc<dyn Vfs> {
+        &self.vfs
     }
 
     /// Size of the database file in bytes (0 if it cannot be read).
     pub fn file_size(&self) -> u64 {
-        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+        self.vfs.file_len(&self.path).unwrap_or(0)
     }
 
     /// The data dir holding the database file.
@@ -79,8 +93,8 @@ impl Db {
                 tracing::warn!("closing the database after a failed write: {e}");
             }
         }
-        drop_cached_pages(&self.path);
-        *db = Some(super::open_redb(&self.path)?);
+        self.vfs.drop_cache(&self.path);
+        *db = Some(super::open_redb(&*self.vfs, &self.path)?);
         Ok(())
     }
 
@@ -115,17 +129,4 @@ impl Db {
 
 fn closed() -> redb::TransactionError {
     redb::TransactionError::Storage(redb::StorageError::DatabaseClosed)
-}
-
-/// Evicts the file's clean pages from the page cache, so that the next open reads what
-/// the disk holds. After a failed writeback Linux may mark the unwritten pages clean
-/// and keep serving them (fsyncgate); evicting them makes a reopen see the disk.
-fn drop_cached_pages(path: &std::path::Path) {
-    use std::os::fd::AsRawFd;
-    if let Ok(f) = std::fs::File::open(path) {
-        // SAFETY: a valid open descriptor; posix_fadvise only advises the kernel.
-        unsafe {
-            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-        }
-    }
 }

@@ -10,6 +10,7 @@
 
 mod db;
 mod identity;
+pub mod vfs;
 pub mod wal;
 
 use std::path::{Path, PathBuf};
@@ -106,28 +107,41 @@ pub(crate) fn db_err<E: Into<redb::Error>>(e: E) -> StorageError {
 
 /// Opens (creating if needed) the database of a data dir.
 pub fn open_database(dir: &Path) -> Result<Arc<Db>, StorageError> {
-    std::fs::create_dir_all(dir).map_err(|source| StorageError::Io {
+    open_database_on(vfs::real(), dir)
+}
+
+/// Opens (creating if needed) the database of a data dir on `vfs`.
+pub fn open_database_on(vfs: Arc<dyn vfs::Vfs>, dir: &Path) -> Result<Arc<Db>, StorageError> {
+    let io = |source| StorageError::Io {
         path: dir.to_path_buf(),
         source,
-    })?;
+    };
+    if !vfs.exists(dir) {
+        vfs.create_dir_all(dir).map_err(io)?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            vfs.sync_dir(parent).map_err(io)?;
+        }
+    }
     let path = dir.join(DB_FILE);
-    let db = open_redb(&path)?;
-    Ok(Arc::new(Db::new(db, path)))
+    let created = !vfs.exists(&path);
+    let db = open_redb(&*vfs, &path)?;
+    if created {
+        // A new file's name is durable only once its directory is synced.
+        vfs.sync_dir(dir).map_err(io)?;
+    }
+    Ok(Arc::new(Db::on(vfs, db, path)))
 }
 
 /// Opens (creating if needed) the database file and verifies it.
-fn open_redb(path: &Path) -> Result<redb::Database, StorageError> {
+fn open_redb(vfs: &dyn vfs::Vfs, path: &Path) -> Result<redb::Database, StorageError> {
     let path = path.to_path_buf();
     // redb can panic on a damaged file (e.g. an index out of range while it walks the
     // allocator state): that is a corrupt data dir to report, not a crash.
-    let opened = std::panic::catch_unwind(|| {
-        let mut db = if path.exists() {
-            redb::Database::open(&path)?
-        } else {
-            redb::Database::create(&path)?
-        };
+    // The filesystem is only read through here; a panic leaves nothing half-changed.
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut db = vfs.open_redb(&path)?;
         Ok((verify(&mut db), db))
-    });
+    }));
     let result = match opened {
         Ok(r) => r,
         Err(panic) => {

@@ -43,15 +43,14 @@
 //! reported as corruption and the member refuses to start.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use prost011::Message as _;
 use raft::prelude::{Entry, EntryType, HardState};
 use tracing::{debug, warn};
 
+use super::vfs::{VFile, Vfs};
 use super::StorageError;
 
 /// Name of the log directory inside the data dir.
@@ -95,8 +94,9 @@ impl Replayed {
 
 /// The open log: appends go to the last segment.
 pub struct Wal {
+    vfs: Arc<dyn Vfs>,
     dir: PathBuf,
-    file: File,
+    file: Box<dyn VFile>,
     /// Sequence number of the open segment.
     seq: u64,
     /// Bytes written to the open segment, and how many of them are known durable.
@@ -130,30 +130,34 @@ fn segment_name(seq: u64) -> String {
 impl Wal {
     /// Opens the log of `data_dir`, replaying every segment; creates an empty log
     /// (after index 0) if there is none. Returns whether the log was just created.
-    pub fn open(data_dir: &Path) -> Result<(Wal, Replayed, bool), StorageError> {
+    pub fn open(
+        vfs: &Arc<dyn Vfs>,
+        data_dir: &Path,
+    ) -> Result<(Wal, Replayed, bool), StorageError> {
         let dir = data_dir.join(WAL_DIR);
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| StorageError::Io { path, source }
         };
-        let created = !dir.exists();
+        let created = !vfs.exists(&dir);
         if created {
             // Build the first segment aside and rename the directory into place, so a
             // crash never leaves a log directory without a complete first segment.
             let tmp = data_dir.join(format!("{WAL_DIR}.tmp"));
-            if tmp.exists() {
-                std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+            if vfs.exists(&tmp) {
+                vfs.remove_dir_all(&tmp).map_err(io(&tmp))?;
             }
-            std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-            write_segment(&tmp, 1, (0, 0), &HardState::default())?;
-            std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
-            sync_dir(data_dir)?;
+            vfs.create_dir_all(&tmp).map_err(io(&tmp))?;
+            write_segment(&**vfs, &tmp, 1, (0, 0), &HardState::default())?;
+            // The segment's name must be durable inside the directory before the
+            // directory takes its final name: otherwise a power cut can leave `wal/`
+            // durable but empty, and the member could not start.
+            sync_dir(&**vfs, &tmp)?;
+            vfs.rename(&tmp, &dir).map_err(io(&dir))?;
+            sync_dir(&**vfs, data_dir)?;
         }
         let mut seqs = Vec::new();
-        for item in std::fs::read_dir(&dir).map_err(io(&dir))? {
-            let item = item.map_err(io(&dir))?;
-            let name = item.file_name();
-            let name = name.to_string_lossy();
+        for name in vfs.list(&dir).map_err(io(&dir))? {
             if let Some(stem) = name.strip_suffix(".wal") {
                 match u64::from_str_radix(stem, 16) {
                     Ok(seq) if stem.len() == 16 => seqs.push(seq),
@@ -166,7 +170,7 @@ impl Wal {
                 }
             } else if name.ends_with(".tmp") {
                 // A segment whose head never became durable: it never held anything.
-                let _ = std::fs::remove_file(item.path());
+                let _ = vfs.remove_file(&dir.join(&name));
             }
         }
         seqs.sort_unstable();
@@ -190,7 +194,7 @@ impl Wal {
         for (i, &seq) in seqs.iter().enumerate() {
             let path = dir.join(segment_name(seq));
             let is_last = i + 1 == seqs.len();
-            let bytes = std::fs::read(&path).map_err(io(&path))?;
+            let bytes = vfs.read(&path).map_err(io(&path))?;
             let (base, min_entry, good_len) =
                 replay_segment(data_dir, seq, &bytes, is_last, &mut state)?;
             zeroed = bytes.len() as u64;
@@ -204,10 +208,7 @@ impl Wal {
                     dropped = bytes.len() - good_len,
                     "raft log: an incomplete record at the end (a write cut short) was dropped"
                 );
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io(&path))?;
+                let f = vfs.open_write(&path).map_err(io(&path))?;
                 f.set_len(good_len as u64).map_err(io(&path))?;
                 f.sync_all().map_err(io(&path))?;
             }
@@ -222,11 +223,9 @@ impl Wal {
             state.ok_or_else(|| corrupt(data_dir, "no log segment holds a base record".into()))?;
         let seq = *seqs.last().expect("not empty");
         let path = dir.join(segment_name(seq));
-        let file = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(io(&path))?;
+        let file = vfs.open_write(&path).map_err(io(&path))?;
         let wal = Wal {
+            vfs: vfs.clone(),
             dir,
             file,
             seq,
@@ -314,7 +313,7 @@ impl Wal {
             Ok(()) => self.zeroed += ZERO_CHUNK,
             Err(e) => {
                 // Part of the chunk may have been written: zeros either way.
-                self.zeroed = self.file.metadata().map_or(self.zeroed, |m| m.len());
+                self.zeroed = self.file.size().unwrap_or(self.zeroed);
                 debug!("raft log: no zeros ahead of the records: {e}");
             }
         }
@@ -326,11 +325,12 @@ impl Wal {
             self.cut_open_segment(self.len)?;
         }
         let seq = self.seq + 1;
-        let (path, head_len) = write_segment(&self.dir, seq, self.last, &self.hard_state)?;
-        sync_dir(&self.dir)?;
-        self.file = OpenOptions::new()
-            .write(true)
-            .open(&path)
+        let (path, head_len) =
+            write_segment(&*self.vfs, &self.dir, seq, self.last, &self.hard_state)?;
+        sync_dir(&*self.vfs, &self.dir)?;
+        self.file = self
+            .vfs
+            .open_write(&path)
             .map_err(|source| StorageError::Io { path, source })?;
         self.seq = seq;
         self.len = head_len;
@@ -366,11 +366,13 @@ impl Wal {
         for _ in 0..cut {
             let seq = self.segments.pop_front().expect("cut < len").seq;
             let path = self.dir.join(segment_name(seq));
-            std::fs::remove_file(&path).map_err(|source| StorageError::Io { path, source })?;
+            self.vfs
+                .remove_file(&path)
+                .map_err(|source| StorageError::Io { path, source })?;
             removed = true;
         }
         if removed {
-            sync_dir(&self.dir)?;
+            sync_dir(&*self.vfs, &self.dir)?;
         }
         Ok(())
     }
@@ -407,7 +409,9 @@ impl Wal {
                 if s.seq == self.seq {
                     self.len
                 } else {
-                    std::fs::metadata(self.dir.join(segment_name(s.seq))).map_or(0, |m| m.len())
+                    self.vfs
+                        .file_len(&self.dir.join(segment_name(s.seq)))
+                        .unwrap_or(0)
                 }
             })
             .sum();
@@ -453,6 +457,7 @@ fn segment_head(last: (u64, u64), hs: &HardState) -> Vec<u8> {
 /// Writes segment `seq` starting after `last` with hard state `hs`, durable, under a
 /// temporary name renamed into place. Returns its path and length.
 fn write_segment(
+    vfs: &dyn Vfs,
     dir: &Path,
     seq: u64,
     last: (u64, u64),
@@ -465,20 +470,18 @@ fn write_segment(
         move |source| StorageError::Io { path: p, source }
     };
     let head = segment_head(last, hs);
-    let mut f = File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(&head).map_err(io(&tmp))?;
+    let f = vfs.create(&tmp).map_err(io(&tmp))?;
+    f.write_all_at(&head, 0).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    vfs.rename(&tmp, &path).map_err(io(&path))?;
     Ok((path, head.len() as u64))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StorageError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| StorageError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })
+fn sync_dir(vfs: &dyn Vfs, dir: &Path) -> Result<(), StorageError> {
+    vfs.sync_dir(dir).map_err(|source| StorageError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Replays one segment into `state`. Returns the index its `BASE` names, the lowest
@@ -673,7 +676,7 @@ mod tests {
     #[test]
     fn replays_appends_overwrites_and_resets() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, r, created) = Wal::open(dir.path()).unwrap();
+        let (mut wal, r, created) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
         assert!(created);
         assert_eq!(r, Replayed::default());
         wal.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]);
@@ -684,7 +687,7 @@ mod tests {
         wal.set_hard_state(&hs(2, 3));
         wal.sync().unwrap();
         drop(wal);
-        let (mut wal, r, created) = Wal::open(dir.path()).unwrap();
+        let (mut wal, r, created) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
         assert!(!created);
         assert_eq!(indexes(&r), vec![(1, 1), (2, 1), (3, 2), (4, 2)]);
         assert_eq!(r.hard_state, hs(2, 3));
@@ -692,7 +695,7 @@ mod tests {
         wal.append(&[entry(11, 3)]);
         wal.sync().unwrap();
         drop(wal);
-        let (_, r, _) = Wal::open(dir.path()).unwrap();
+        let (_, r, _) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
         assert_eq!((r.base_index, r.base_term), (10, 3));
         assert_eq!(indexes(&r), vec![(11, 3)]);
     }
@@ -700,7 +703,7 @@ mod tests {
     #[test]
     fn segments_rotate_and_compaction_deletes_whole_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _, _) = Wal::open(dir.path()).unwrap();
+        let (mut wal, _, _) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
         for i in 1..=5 {
             wal.append(&[entry(i, 1)]);
             wal.set_hard_state(&hs(1, i));
@@ -717,7 +720,7 @@ mod tests {
         wal.append(&[entry(6, 1)]);
         wal.sync().unwrap();
         drop(wal);
-        let (_, r, _) = Wal::open(dir.path()).unwrap();
+        let (_, r, _) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
         assert_eq!((r.base_index, r.base_term), (3, 1));
         assert_eq!(indexes(&r), vec![(4, 1), (5, 1), (6, 1)]);
         assert_eq!(r.hard_state, hs(1, 5));
@@ -729,7 +732,7 @@ mod tests {
     #[test]
     fn an_overwrite_across_a_boundary_keeps_the_segment_it_reaches_into() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _, _) = Wal::open(dir.path()).unwrap();
+        let (mut wal, _, _) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
         wal.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]);
         wal.sync().unwrap();
         wal.rotate().unwrap(); // segment 2 starts after 3
@@ -746,7 +749,7 @@ mod tests {
             vec![3]
         );
         drop(wal);
-        let (_, r, _) = Wal::open(dir.path()).unwrap();
+        let (_, r, _) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
         assert_eq!((r.base_index, r.base_term), (4, 2));
         assert_eq!(indexes(&r), vec![(5, 2)]);
     }
@@ -756,7 +759,7 @@ mod tests {
     #[test]
     fn a_torn_last_record_is_dropped_at_every_offset() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _, _) = Wal::open(dir.path()).unwrap();
+        let (mut wal, _, _) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
         wal.append(&[entry(1, 1), entry(2, 1)]);
         wal.set_hard_state(&hs(1, 2));
         wal.sync().unwrap();
@@ -780,7 +783,7 @@ mod tests {
                     bytes.resize(whole.len() + 100, 0);
                 }
                 std::fs::write(&seg, &bytes).unwrap();
-                let (mut wal, r, _) = Wal::open(dir.path()).unwrap();
+                let (mut wal, r, _) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
                 assert_eq!(
                     indexes(&r),
                     vec![(1, 1), (2, 1)],
@@ -797,12 +800,12 @@ mod tests {
                 wal.append(&[entry(3, 2)]);
                 wal.sync().unwrap();
                 drop(wal);
-                let (_, r, _) = Wal::open(dir.path()).unwrap();
+                let (_, r, _) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
                 assert_eq!(indexes(&r), vec![(1, 1), (2, 1), (3, 2)]);
             }
         }
         std::fs::write(&seg, &whole).unwrap();
-        let (_, r, _) = Wal::open(dir.path()).unwrap();
+        let (_, r, _) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
         assert_eq!(r.entries.len(), 3);
     }
 
@@ -811,13 +814,16 @@ mod tests {
     #[test]
     fn a_segment_cut_inside_its_head_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
-        drop(Wal::open(dir.path()).unwrap());
+        drop(Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap());
         let seg = dir.path().join(WAL_DIR).join(segment_name(1));
         let whole = std::fs::read(&seg).unwrap();
         for cut in 0..whole.len() {
             std::fs::write(&seg, &whole[..cut]).unwrap();
             assert!(
-                matches!(Wal::open(dir.path()), Err(StorageError::Corrupt { .. })),
+                matches!(
+                    Wal::open(&crate::storage::vfs::real(), dir.path()),
+                    Err(StorageError::Corrupt { .. })
+                ),
                 "cut at {cut}"
             );
         }
@@ -827,7 +833,7 @@ mod tests {
     #[test]
     fn a_flipped_byte_anywhere_is_reported_as_corrupt() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _, _) = Wal::open(dir.path()).unwrap();
+        let (mut wal, _, _) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
         for i in 1..=3 {
             wal.append(&[entry(i, 1)]);
             wal.set_hard_state(&hs(1, i));
@@ -845,7 +851,7 @@ mod tests {
             let mut bytes = whole.clone();
             bytes[at] ^= 0x10;
             std::fs::write(&seg, &bytes).unwrap();
-            match Wal::open(dir.path()) {
+            match Wal::open(&crate::storage::vfs::real(), dir.path()) {
                 Err(StorageError::Corrupt { detail, .. }) => {
                     assert!(detail.starts_with("raft log: "), "{detail}")
                 }
@@ -858,7 +864,7 @@ mod tests {
     #[test]
     fn discarding_unsynced_bytes_restores_the_durable_log() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _, _) = Wal::open(dir.path()).unwrap();
+        let (mut wal, _, _) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
         wal.append(&[entry(1, 1)]);
         wal.sync().unwrap();
         // A write that reached the file but whose fdatasync is not known to succeed.
@@ -867,7 +873,7 @@ mod tests {
         wal.file.write_all_at(&pending, wal.len).unwrap();
         wal.discard_unsynced().unwrap();
         drop(wal);
-        let (_, r, _) = Wal::open(dir.path()).unwrap();
+        let (_, r, _) = Wal::open(&crate::storage::vfs::real(), dir.path()).unwrap();
         assert_eq!(indexes(&r), vec![(1, 1)]);
     }
 }

@@ -130,7 +130,11 @@ impl Driver {
         let reads = self
             .reads_new
             .drain(..)
-            .chain(self.reads_inflight.drain().flat_map(|(_, (w, _))| w))
+            .chain(
+                std::mem::take(&mut self.reads_inflight)
+                    .into_values()
+                    .flat_map(|(w, _)| w),
+            )
             .chain(self.reads_ready.drain(..).flat_map(|(_, w)| w));
         for tx in reads {
             let _ = tx.send(Err(ProposeError::Stopped));

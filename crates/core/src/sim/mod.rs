@@ -1,0 +1,1231 @@
+//! Deterministic simulation: a whole cluster in one thread, on a simulated clock,
+//! network and disk, with faults chosen by a seeded generator, so that a run is a pure
+//! function of its seed and any failure replays exactly.
+//!
+//! What runs is meshd's own code: the Raft driver (`raft::Driver`, stepped turn by
+//! turn instead of on its thread), the write-ahead log and the redb keyspace (on
+//! [`disk::SimDisk`] instead of files), the state machine and its apply path. Only the
+//! edges are replaced: the clock, the transport (messages go through a queue with
+//! per-link delay, loss, duplication and cuts) and the disk.
+//!
+//! A run has a fault phase (power cuts with torn writes, process kills, EIO on fsync,
+//! partitions and one-way partial connectivity, slow and lossy links), then a heal
+//! phase in which every member is up and every link whole, and ends with checks that
+//! the caller completes: the client history (returned for the linearizability
+//! checker), a final read of every key, applied indexes and HashKV equal on every
+//! member, and liveness (a write acknowledged after healing).
+//!
+//! Not simulated yet (see the notes in BENCHMARKS.md and issue 19): the gossip mesh's
+//! own routing (messages go member to member), snapshot transfer (the log is never
+//! compacted within a run), membership changes, keep-alives, watches and locks.
+
+pub mod disk;
+
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raft::prelude::Message;
+use tokio::sync::oneshot;
+
+use crate::kv::{Applied, AppliedKind, KvStore};
+use crate::lease::Lessor;
+use crate::proto::etcdserverpb as pb;
+use crate::proto::meshpb::internal_request::Request;
+use crate::raft::transport::Transport;
+use crate::raft::{
+    Driver, DriverConfig, DriverMsg, DriverParts, NodeStatus, ProposeError, RaftLog, Seeds,
+};
+use crate::storage::{self, vfs::Vfs, Db};
+use disk::{DiskPlants, SimDisk};
+
+/// A bug planted on purpose, to show the checks catch it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plant {
+    /// The Raft log's fdatasync is skipped: appends are acknowledged before they are
+    /// durable.
+    AckBeforeFsync,
+    /// Linearizable reads are served from local state without a ReadIndex round.
+    SkipReadIndex,
+    /// After a restart, entries already applied are applied again.
+    DoubleApply,
+    /// Directory fsyncs are skipped: created and renamed files may vanish in a crash.
+    NoDirFsync,
+    /// The lessor's clock runs at twice the rate: leases expire at half their TTL.
+    EarlyLeaseExpiry,
+}
+
+impl Plant {
+    pub const ALL: [(&'static str, Plant); 5] = [
+        ("ack-before-fsync", Plant::AckBeforeFsync),
+        ("skip-read-index", Plant::SkipReadIndex),
+        ("double-apply", Plant::DoubleApply),
+        ("early-lease-expiry", Plant::EarlyLeaseExpiry),
+        ("no-dir-fsync", Plant::NoDirFsync),
+    ];
+
+    pub fn parse(s: &str) -> Option<Plant> {
+        Plant::ALL.iter().find(|(n, _)| *n == s).map(|(_, p)| *p)
+    }
+}
+
+/// What one run does.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    /// Voting members (3 to 7).
+    pub members: usize,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Keys the clients share (each a register for the checker).
+    pub keys: usize,
+    /// Simulated milliseconds with faults, then without.
+    pub fault_ms: u64,
+    pub heal_ms: u64,
+    pub plant: Option<Plant>,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64) -> SimConfig {
+        SimConfig {
+            seed,
+            members: 3,
+            clients: 4,
+            keys: 3,
+            fault_ms: 8_000,
+            heal_ms: 6_000,
+            plant: None,
+        }
+    }
+}
+
+/// What a client asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpInput {
+    Get,
+    Put(u64),
+    Cas { expect: u64, new: u64 },
+}
+
+/// What a client was told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpOutput {
+    Get(Option<u64>),
+    Put,
+    Cas(bool),
+    /// No answer: maybe applied, maybe not.
+    Unknown,
+}
+
+/// One operation of the client history; times in simulated nanoseconds.
+#[derive(Clone, Debug)]
+pub struct SimOp {
+    pub client: usize,
+    pub key: String,
+    pub input: OpInput,
+    pub output: OpOutput,
+    pub invoke: u64,
+    pub ret: Option<u64>,
+}
+
+/// The outcome of one run.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub seed: u64,
+    /// Faults injected.
+    pub faults: u64,
+    /// Client operations completed (answered or timed out).
+    pub ops: u64,
+    /// The client history, for the linearizability checker.
+    pub history: Vec<SimOp>,
+    /// Checks that failed in the run itself.
+    pub failures: Vec<String>,
+    /// Hash of every event of the run, in order.
+    pub trace_hash: u64,
+}
+
+/// SplitMix64: small, fast, and the same on every platform and version.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x6a09_e667_f3bc_c909)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    /// True with probability `per_mille` / 1000.
+    pub fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+/// FNV-1a over the run's events.
+struct Trace(u64);
+
+impl Trace {
+    fn add(&mut self, words: &[u64]) {
+        for w in words {
+            for b in w.to_le_bytes() {
+                self.0 ^= u64::from(b);
+                self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+}
+
+/// Milliseconds of one Raft tick, and the election and heartbeat in ticks.
+const TICK_MS: u64 = 10;
+const ELECTION_TICKS: usize = 10;
+const HEARTBEAT_TICKS: usize = 1;
+/// A client gives up on an answer after this long.
+const OP_TIMEOUT_MS: u64 = 2_000;
+const CLUSTER_ID: u64 = 0x51_3d;
+
+/// The transport a simulated member's driver sends through: messages wait here until
+/// the world takes them.
+#[derive(Default)]
+struct Outbox {
+    msgs: Mutex<Vec<Message>>,
+}
+
+impl Transport for Outbox {
+    fn send(&self, msgs: Vec<Message>) {
+        self.msgs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(msgs);
+    }
+    fn set_peers(&self, _peers: Vec<(u64, String)>) {}
+}
+
+/// A running member.
+struct Node {
+    driver: Driver,
+    outbox: Arc<Outbox>,
+    kv: Arc<KvStore>,
+    status: Arc<NodeStatus>,
+    lessor: Arc<Lessor>,
+    _db: Arc<Db>,
+}
+
+struct Member {
+    id: u64,
+    disk: SimDisk,
+    node: Option<Node>,
+    /// When a stopped member starts again.
+    restart_at: Option<u64>,
+    /// Clock rate error in parts per thousand and phase of its ticks.
+    drift: i64,
+    phase: u64,
+    next_tick: u64,
+}
+
+enum Waiting {
+    Write(oneshot::Receiver<Result<Applied, ProposeError>>),
+    Read(oneshot::Receiver<Result<(), ProposeError>>),
+}
+
+struct InFlight {
+    key: String,
+    input: OpInput,
+    invoke: u64,
+    member: usize,
+    waiting: Waiting,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct InTransit {
+    at: std::cmp::Reverse<(u64, u64)>,
+    to: usize,
+    from: usize,
+    bytes: Vec<u8>,
+}
+
+/// The simulated world: members, network, clients, faults.
+pub struct World {
+    cfg: SimConfig,
+    rng: Rng,
+    now: u64,
+    clock_ms: Arc<AtomicU64>,
+    base: Instant,
+    members: Vec<Member>,
+    net: BinaryHeap<InTransit>,
+    net_seq: u64,
+    /// Directed links that deliver nothing.
+    cut: BTreeSet<(usize, usize)>,
+    /// Extra delay on links to or from a member (a slow link).
+    slow: BTreeMap<usize, u64>,
+    loss_per_mille: u64,
+    dup_per_mille: u64,
+    clients: Vec<Option<InFlight>>,
+    next_value: u64,
+    report: Report,
+    trace: Trace,
+    /// Values acknowledged as written, per key, for the final check.
+    acked: BTreeMap<String, BTreeSet<u64>>,
+    /// No new client operations (the end of a run).
+    quiet: bool,
+    /// The lease client's progress.
+    lease: LeaseStage,
+    next_lease: i64,
+}
+
+/// The lease client: grants a lease, attaches a key to it, and reads the key
+/// (linearizably) until the lease expires, which must not be before its TTL.
+enum LeaseStage {
+    Idle,
+    Granting {
+        rx: oneshot::Receiver<Result<Applied, ProposeError>>,
+        id: i64,
+        invoke: u64,
+    },
+    Putting {
+        rx: oneshot::Receiver<Result<Applied, ProposeError>>,
+        id: i64,
+        ttl_ms: u64,
+        granted_at: u64,
+    },
+    Reading {
+        id: i64,
+        ttl_ms: u64,
+        granted_at: u64,
+        read: Option<(oneshot::Receiver<Result<(), ProposeError>>, usize)>,
+    },
+}
+
+fn lease_key(id: i64) -> String {
+    format!("lease-{id}")
+}
+
+fn key_name(k: usize) -> String {
+    format!("k{k}")
+}
+
+fn data_dir(i: usize) -> PathBuf {
+    PathBuf::from(format!("/m{}", i + 1))
+}
+
+impl World {
+    pub fn new(cfg: SimConfig) -> World {
+        let mut rng = Rng::new(cfg.seed);
+        let members = (0..cfg.members)
+            .map(|i| {
+                let disk = SimDisk::new();
+                disk.create_dir_all(&data_dir(i)).expect("a fresh disk");
+                disk.sync_dir(std::path::Path::new("/"))
+                    .expect("a fresh disk");
+                let plants = DiskPlants {
+                    skip_log_fsync: cfg.plant == Some(Plant::AckBeforeFsync),
+                    skip_dir_fsync: cfg.plant == Some(Plant::NoDirFsync),
+                };
+                disk.set_plants(plants);
+                Member {
+                    id: i as u64 + 1,
+                    disk,
+                    node: None,
+                    restart_at: Some(0),
+                    drift: rng.below(11) as i64 - 5,
+                    phase: rng.below(TICK_MS),
+                    next_tick: 0,
+                }
+            })
+            .collect();
+        World {
+            clients: (0..cfg.clients).map(|_| None).collect(),
+            rng,
+            now: 0,
+            clock_ms: Arc::new(AtomicU64::new(0)),
+            base: Instant::now(),
+            members,
+            net: BinaryHeap::new(),
+            net_seq: 0,
+            cut: BTreeSet::new(),
+            slow: BTreeMap::new(),
+            loss_per_mille: 0,
+            dup_per_mille: 0,
+            next_value: 1,
+            report: Report {
+                seed: cfg.seed,
+                ..Default::default()
+            },
+            trace: Trace(0xcbf2_9ce4_8422_2325),
+            acked: BTreeMap::new(),
+            quiet: false,
+            lease: LeaseStage::Idle,
+            next_lease: 0x1000,
+            cfg,
+        }
+    }
+
+    fn fail(&mut self, what: String) {
+        self.trace.add(&[0xfa11]);
+        self.report
+            .failures
+            .push(format!("t={}ms: {what}", self.now));
+    }
+
+    /// The clock every member's code reads: simulated milliseconds (member `i`'s runs
+    /// at its own rate).
+    fn clock_for(&self, drift: i64) -> crate::Clock {
+        let ms = self.clock_ms.clone();
+        let base = self.base;
+        Arc::new(move || {
+            let now = ms.load(Ordering::Relaxed) as i64;
+            base + Duration::from_millis((now + now * drift / 1000).max(0) as u64)
+        })
+    }
+
+    fn start(&mut self, i: usize) {
+        let m = &self.members[i];
+        let vfs: Arc<dyn Vfs> = Arc::new(m.disk.clone());
+        let (id, drift) = (m.id, m.drift);
+        let clock = self.clock_for(drift);
+        let plant = self.cfg.plant;
+        let (clock_ms, base) = (self.clock_ms.clone(), self.base);
+        // raft-rs draws the election timeout from its own random source; each member
+        // gets a fixed one drawn from the seed instead.
+        let election = ELECTION_TICKS + self.rng.below(ELECTION_TICKS as u64) as usize;
+        let n = self.cfg.members;
+        let seeds = Seeds {
+            clock: clock.clone(),
+            first_id: self.rng.next_u64(),
+            read_seq: self.rng.next_u64(),
+            replay_applied: plant == Some(Plant::DoubleApply),
+        };
+        let opened = (|| -> Result<Node, String> {
+            let dir = data_dir(i);
+            let db = storage::open_database_on(vfs, &dir).map_err(|e| e.to_string())?;
+            let kv = Arc::new(KvStore::open_for_raft(db.clone()).map_err(|e| e.to_string())?);
+            let log = RaftLog::load(&db, kv.clone()).map_err(|e| e.to_string())?;
+            let fresh = storage::Identity::load(&db)
+                .map_err(|e| e.to_string())?
+                .is_none();
+            if fresh {
+                let members: Vec<_> = (1..=n as u64)
+                    .map(|id| crate::server::voter(id, &format!("m{id}"), &format!("sim:{id}")))
+                    .collect();
+                let identity = storage::Identity {
+                    name: format!("m{id}"),
+                    member_id: id,
+                    cluster_id: CLUSTER_ID,
+                    cluster_token: "sim".into(),
+                };
+                let mut batch = kv.begin().map_err(|e| e.to_string())?;
+                crate::server::write_bootstrap(&mut batch, &log, &identity, &members)
+                    .map_err(|e| e.to_string())?;
+                batch.commit(true).map_err(|e| e.to_string())?;
+                log.sync().map_err(|e| e.to_string())?;
+            }
+            let status = Arc::new(NodeStatus::new(id, CLUSTER_ID));
+            let lessor_clock = if plant == Some(Plant::EarlyLeaseExpiry) {
+                let (ms, base) = (clock_ms.clone(), base);
+                Arc::new(move || base + Duration::from_millis(2 * ms.load(Ordering::Relaxed)))
+            } else {
+                clock
+            };
+            let lessor = Lessor::with_clock(
+                Lessor::min_ttl_for(Duration::from_millis(TICK_MS), ELECTION_TICKS),
+                Duration::from_millis(TICK_MS * ELECTION_TICKS as u64),
+                lessor_clock,
+            );
+            crate::lease::load(&lessor, &kv).map_err(|e| e.to_string())?;
+            let outbox = Arc::new(Outbox::default());
+            let cfg = DriverConfig {
+                member_id: id,
+                member_name: format!("m{id}"),
+                tick: Duration::from_millis(TICK_MS),
+                election_ticks: ELECTION_TICKS,
+                heartbeat_ticks: HEARTBEAT_TICKS,
+                snapshot_count: u64::MAX / 4,
+                catch_up_entries: 1_000,
+                max_size_per_msg: 1 << 20,
+                max_inflight_msgs: 256,
+                snapshot_dir: storage::snapshot_dir(&dir),
+                corrupt_at_start: kv.corrupt_at_open(),
+                fixed_election_ticks: Some(election),
+            };
+            let parts = DriverParts {
+                cfg,
+                log,
+                kv: kv.clone(),
+                db: db.clone(),
+                transport: outbox.clone(),
+                status: status.clone(),
+                lessor: lessor.clone(),
+            };
+            let driver = Driver::new(parts, &seeds).map_err(|e| e.to_string())?;
+            Ok(Node {
+                driver,
+                outbox,
+                kv,
+                status,
+                lessor,
+                _db: db,
+            })
+        })();
+        self.trace.add(&[0x57a7, i as u64, opened.is_ok() as u64]);
+        match opened {
+            Ok(node) => {
+                let m = &mut self.members[i];
+                m.node = Some(node);
+                m.restart_at = None;
+                m.next_tick = self.now + m.phase;
+            }
+            // An I/O error (an armed EIO, a full disk): the service manager starts the
+            // member again a little later.
+            Err(e) if e.contains("(os error ") => {
+                self.members[i].restart_at = Some(self.now + 100);
+            }
+            Err(e) => {
+                self.fail(format!("m{} does not start from its data dir: {e}", i + 1));
+                self.members[i].restart_at = None;
+            }
+        }
+    }
+
+    /// Stops member `i`: a process kill (the page cache survives) or a power cut (only
+    /// what was synced survives; the last write may be torn).
+    fn stop(&mut self, i: usize, power_cut: bool, restart_in: u64) {
+        let Some(node) = self.members[i].node.take() else {
+            return;
+        };
+        drop(node);
+        if power_cut {
+            let r = self.rng.next_u64();
+            self.members[i].disk.crash(|len| {
+                if r.is_multiple_of(3) {
+                    0
+                } else {
+                    (r >> 8) as usize % (len + 1)
+                }
+            });
+        }
+        self.members[i].restart_at = Some(self.now + restart_in);
+        self.trace.add(&[0xdead, i as u64, power_cut as u64]);
+    }
+
+    fn up(&self) -> Vec<usize> {
+        (0..self.members.len())
+            .filter(|&i| self.members[i].node.is_some())
+            .collect()
+    }
+
+    fn send(&mut self, from: usize, msgs: Vec<Message>) {
+        for m in msgs {
+            let Some(to) = (m.to as usize)
+                .checked_sub(1)
+                .filter(|&t| t < self.members.len())
+            else {
+                continue;
+            };
+            if self.cut.contains(&(from, to)) || self.rng.chance(self.loss_per_mille) {
+                continue;
+            }
+            let bytes = prost011::Message::encode_to_vec(&m);
+            let copies = if self.rng.chance(self.dup_per_mille) {
+                2
+            } else {
+                1
+            };
+            for _ in 0..copies {
+                let slow = self.slow.get(&from).copied().unwrap_or(0)
+                    + self.slow.get(&to).copied().unwrap_or(0);
+                let at = self.now + 1 + self.rng.below(3) + slow;
+                self.net_seq += 1;
+                self.net.push(InTransit {
+                    at: std::cmp::Reverse((at, self.net_seq)),
+                    to,
+                    from,
+                    bytes: bytes.clone(),
+                });
+            }
+        }
+    }
+
+    /// One simulated millisecond.
+    fn step(&mut self) {
+        self.clock_ms.store(self.now, Ordering::Relaxed);
+        for i in 0..self.members.len() {
+            if self.members[i].restart_at.is_some_and(|t| t <= self.now) {
+                self.start(i);
+            }
+        }
+        // Deliveries due now.
+        let mut inbox: Vec<Vec<Message>> = vec![Vec::new(); self.members.len()];
+        while self.net.peek().is_some_and(|m| m.at.0 .0 <= self.now) {
+            let m = self.net.pop().expect("peeked");
+            // A cut made while the message was in flight loses it too.
+            if self.cut.contains(&(m.from, m.to)) || self.members[m.to].node.is_none() {
+                continue;
+            }
+            match <Message as prost011::Message>::decode(m.bytes.as_slice()) {
+                Ok(msg) => {
+                    self.trace.add(&[
+                        m.from as u64,
+                        m.to as u64,
+                        msg.msg_type as u64,
+                        msg.term,
+                        msg.index,
+                    ]);
+                    inbox[m.to].push(msg);
+                }
+                Err(e) => self.fail(format!("a message did not decode: {e}")),
+            }
+        }
+        for (i, msgs) in inbox.into_iter().enumerate() {
+            let tick = {
+                let m = &mut self.members[i];
+                if m.node.is_none() {
+                    continue;
+                }
+                let local = self.now as i64 + self.now as i64 * m.drift / 1000;
+                let due = local as u64 >= m.next_tick;
+                if due {
+                    m.next_tick += TICK_MS;
+                }
+                due
+            };
+            let node = self.members[i].node.as_mut().expect("up");
+            let mut result = Ok(true);
+            for msg in msgs {
+                result = node.driver.handle(DriverMsg::Raft(Box::new(msg)));
+                if !matches!(result, Ok(true)) {
+                    break;
+                }
+            }
+            if matches!(result, Ok(true)) {
+                result = node.driver.turn(tick);
+            }
+            let out =
+                std::mem::take(&mut *node.outbox.msgs.lock().unwrap_or_else(|p| p.into_inner()));
+            match result {
+                Ok(true) => self.send(i, out),
+                Ok(false) => {
+                    self.fail(format!("m{} stopped on its own", i + 1));
+                    self.stop(i, false, u64::MAX / 2);
+                }
+                Err(e) => {
+                    // A failed write: the member restarts from what its disk holds
+                    // (meshd's own recovery reopens the database the same way).
+                    self.trace.add(&[0xe770, i as u64]);
+                    let why = e.to_string();
+                    if !why.contains("Input/output error") && !why.contains("no space") {
+                        self.fail(format!("m{} driver failed: {why}", i + 1));
+                    }
+                    self.stop(i, false, 50);
+                }
+            }
+        }
+        self.clients_step();
+        if !self.quiet {
+            self.lease_step();
+        }
+        if self.now.is_multiple_of(50) {
+            self.expire_leases();
+        }
+        self.now += 1;
+    }
+
+    /// What meshd's expiry task does on every member: the leader revokes expired
+    /// leases through Raft.
+    fn expire_leases(&mut self) {
+        for i in self.up() {
+            let node = self.members[i].node.as_mut().expect("up");
+            if node.status.leader() != node.status.member_id {
+                node.lessor.demote();
+                continue;
+            }
+            node.lessor.promote(node.status.term());
+            let mut expired = node.lessor.take_expired();
+            expired.sort_unstable();
+            for id in expired {
+                self.trace.add(&[0x1ea5e, id as u64]);
+                let (tx, _rx) = oneshot::channel();
+                let request = Request::LeaseRevoke(pb::LeaseRevokeRequest { id });
+                let _ = node.driver.handle(DriverMsg::Propose {
+                    request,
+                    auth: None,
+                    reply: tx,
+                });
+            }
+        }
+    }
+
+    fn propose_on(
+        &mut self,
+        member: usize,
+        request: Request,
+    ) -> oneshot::Receiver<Result<Applied, ProposeError>> {
+        let (tx, rx) = oneshot::channel();
+        if let Some(node) = self.members[member].node.as_mut() {
+            let _ = node.driver.handle(DriverMsg::Propose {
+                request,
+                auth: None,
+                reply: tx,
+            });
+        }
+        rx
+    }
+
+    fn random_up(&mut self) -> Option<usize> {
+        let up = self.up();
+        (!up.is_empty()).then(|| up[self.rng.below(up.len() as u64) as usize])
+    }
+
+    fn lease_step(&mut self) {
+        use oneshot::error::TryRecvError::Empty;
+        let stage = std::mem::replace(&mut self.lease, LeaseStage::Idle);
+        self.lease = match stage {
+            LeaseStage::Idle => match self.random_up() {
+                Some(m) if self.rng.chance(20) => {
+                    self.next_lease += 1;
+                    let id = self.next_lease;
+                    let ttl = 1 + self.rng.below(3) as i64;
+                    let request = Request::LeaseGrant(pb::LeaseGrantRequest { id, ttl });
+                    let rx = self.propose_on(m, request);
+                    LeaseStage::Granting {
+                        rx,
+                        id,
+                        invoke: self.now,
+                    }
+                }
+                _ => LeaseStage::Idle,
+            },
+            LeaseStage::Granting { mut rx, id, invoke } => match rx.try_recv() {
+                Err(Empty) if self.now < invoke + OP_TIMEOUT_MS => {
+                    LeaseStage::Granting { rx, id, invoke }
+                }
+                Ok(Ok(Applied {
+                    kind: AppliedKind::LeaseGrant { ttl, .. },
+                    ..
+                })) => match self.random_up() {
+                    Some(m) => {
+                        let request = Request::Put(pb::PutRequest {
+                            key: lease_key(id).into_bytes(),
+                            value: b"1".to_vec(),
+                            lease: id,
+                            ..Default::default()
+                        });
+                        LeaseStage::Putting {
+                            rx: self.propose_on(m, request),
+                            id,
+                            ttl_ms: ttl as u64 * 1000,
+                            granted_at: invoke,
+                        }
+                    }
+                    None => LeaseStage::Idle,
+                },
+                _ => LeaseStage::Idle,
+            },
+            LeaseStage::Putting {
+                mut rx,
+                id,
+                ttl_ms,
+                granted_at,
+            } => match rx.try_recv() {
+                Err(Empty) if self.now < granted_at + ttl_ms => LeaseStage::Putting {
+                    rx,
+                    id,
+                    ttl_ms,
+                    granted_at,
+                },
+                Ok(Ok(_)) => LeaseStage::Reading {
+                    id,
+                    ttl_ms,
+                    granted_at,
+                    read: None,
+                },
+                _ => LeaseStage::Idle,
+            },
+            LeaseStage::Reading {
+                id,
+                ttl_ms,
+                granted_at,
+                read,
+            } => self.lease_read(id, ttl_ms, granted_at, read),
+        };
+    }
+
+    fn lease_read(
+        &mut self,
+        id: i64,
+        ttl_ms: u64,
+        granted_at: u64,
+        read: Option<(oneshot::Receiver<Result<(), ProposeError>>, usize)>,
+    ) -> LeaseStage {
+        use oneshot::error::TryRecvError::Empty;
+        let give_up = granted_at + ttl_ms + 5_000;
+        let keep = |read| LeaseStage::Reading {
+            id,
+            ttl_ms,
+            granted_at,
+            read,
+        };
+        match read {
+            None if self.now >= give_up => LeaseStage::Idle,
+            None => match self.random_up() {
+                Some(m) if self.rng.chance(50) => {
+                    let (tx, rx) = oneshot::channel();
+                    let node = self.members[m].node.as_mut().expect("up");
+                    if self.cfg.plant == Some(Plant::SkipReadIndex) {
+                        let _ = tx.send(Ok(()));
+                    } else {
+                        let _ = node.driver.handle(DriverMsg::ReadIndex { reply: tx });
+                    }
+                    keep(Some((rx, m)))
+                }
+                _ => keep(None),
+            },
+            Some((mut rx, m)) => match rx.try_recv() {
+                Err(Empty) => keep(Some((rx, m))),
+                Ok(Ok(())) => {
+                    let gone = self.members[m]
+                        .node
+                        .as_ref()
+                        .and_then(|n| {
+                            n.kv.range(&pb::RangeRequest {
+                                key: lease_key(id).into_bytes(),
+                                ..Default::default()
+                            })
+                            .ok()
+                        })
+                        .map(|r| r.kvs.is_empty());
+                    match gone {
+                        // Clocks may run 5 per mille fast: allow 1 % of the TTL.
+                        Some(true) if self.now < granted_at + ttl_ms * 99 / 100 => {
+                            self.fail(format!(
+                                "lease {id:x} (TTL {} s, granted at {granted_at} ms) expired \
+                                 early: its key was gone at {} ms",
+                                ttl_ms / 1000,
+                                self.now
+                            ));
+                            LeaseStage::Idle
+                        }
+                        Some(true) => LeaseStage::Idle,
+                        _ => keep(None),
+                    }
+                }
+                _ => keep(None),
+            },
+        }
+    }
+
+    fn leader(&self) -> Option<usize> {
+        self.up().into_iter().find(|&i| {
+            let s = &self.members[i].node.as_ref().expect("up").status;
+            s.leader() == self.members[i].id
+        })
+    }
+
+    fn clients_step(&mut self) {
+        for c in 0..self.clients.len() {
+            self.poll_client(c);
+            if !self.quiet && self.clients[c].is_none() && self.rng.chance(100) {
+                self.invoke(c);
+            }
+        }
+    }
+
+    fn invoke(&mut self, c: usize) {
+        let up = self.up();
+        if up.is_empty() {
+            return;
+        }
+        let member = up[self.rng.below(up.len() as u64) as usize];
+        let key = key_name(self.rng.below(self.cfg.keys as u64) as usize);
+        let input = match self.rng.below(10) {
+            0..=3 => OpInput::Get,
+            4..=7 => {
+                self.next_value += 1;
+                OpInput::Put(self.next_value)
+            }
+            _ => {
+                self.next_value += 1;
+                let expect = self.rng.below(self.next_value) + 1;
+                OpInput::Cas {
+                    expect,
+                    new: self.next_value,
+                }
+            }
+        };
+        let node = self.members[member].node.as_mut().expect("up");
+        let waiting = match input {
+            OpInput::Get => {
+                let (tx, rx) = oneshot::channel();
+                if self.cfg.plant == Some(Plant::SkipReadIndex) {
+                    let _ = tx.send(Ok(()));
+                } else {
+                    let _ = node.driver.handle(DriverMsg::ReadIndex { reply: tx });
+                }
+                Waiting::Read(rx)
+            }
+            OpInput::Put(v) => {
+                let (tx, rx) = oneshot::channel();
+                let req = Request::Put(pb::PutRequest {
+                    key: key.clone().into_bytes(),
+                    value: v.to_string().into_bytes(),
+                    ..Default::default()
+                });
+                let _ = node.driver.handle(DriverMsg::Propose {
+                    request: req,
+                    auth: None,
+                    reply: tx,
+                });
+                Waiting::Write(rx)
+            }
+            OpInput::Cas { expect, new } => {
+                let (tx, rx) = oneshot::channel();
+                let req = Request::Txn(pb::TxnRequest {
+                    compare: vec![pb::Compare {
+                        result: pb::compare::CompareResult::Equal as i32,
+                        target: pb::compare::CompareTarget::Value as i32,
+                        key: key.clone().into_bytes(),
+                        target_union: Some(pb::compare::TargetUnion::Value(
+                            expect.to_string().into_bytes(),
+                        )),
+                        ..Default::default()
+                    }],
+                    success: vec![pb::RequestOp {
+                        request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                            key: key.clone().into_bytes(),
+                            value: new.to_string().into_bytes(),
+                            ..Default::default()
+                        })),
+                    }],
+                    failure: vec![],
+                });
+                let _ = node.driver.handle(DriverMsg::Propose {
+                    request: req,
+                    auth: None,
+                    reply: tx,
+                });
+                Waiting::Write(rx)
+            }
+        };
+        self.trace.add(&[0x1b, c as u64, member as u64]);
+        self.clients[c] = Some(InFlight {
+            key,
+            input,
+            invoke: self.now,
+            member,
+            waiting,
+        });
+    }
+
+    fn read_value(&self, member: usize, key: &str) -> Result<Option<u64>, String> {
+        let node = self.members[member]
+            .node
+            .as_ref()
+            .ok_or_else(|| "member down".to_string())?;
+        let resp = node
+            .kv
+            .range(&pb::RangeRequest {
+                key: key.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+        match resp.kvs.first() {
+            None => Ok(None),
+            Some(kv) => std::str::from_utf8(&kv.value)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Some)
+                .ok_or_else(|| format!("{key} holds a value no client wrote: {:?}", kv.value)),
+        }
+    }
+
+    fn poll_client(&mut self, c: usize) {
+        let Some(op) = self.clients[c].as_mut() else {
+            return;
+        };
+        let timed_out = self.now >= op.invoke + OP_TIMEOUT_MS;
+        enum Done {
+            Not,
+            Out(OpOutput),
+            /// A read that failed: it had no effect and is left out of the history.
+            Dropped,
+        }
+        let done = match &mut op.waiting {
+            Waiting::Write(rx) => match rx.try_recv() {
+                Ok(Ok(applied)) => match (op.input, applied.kind) {
+                    (OpInput::Put(_), _) => Done::Out(OpOutput::Put),
+                    (OpInput::Cas { .. }, AppliedKind::Txn(t)) => {
+                        Done::Out(OpOutput::Cas(t.succeeded))
+                    }
+                    _ => Done::Out(OpOutput::Unknown),
+                },
+                Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => {
+                    Done::Out(OpOutput::Unknown)
+                }
+                Err(oneshot::error::TryRecvError::Empty) if timed_out => {
+                    Done::Out(OpOutput::Unknown)
+                }
+                Err(oneshot::error::TryRecvError::Empty) => Done::Not,
+            },
+            Waiting::Read(rx) => match rx.try_recv() {
+                Ok(Ok(())) => Done::Out(OpOutput::Get(None)),
+                Ok(Err(_)) | Err(oneshot::error::TryRecvError::Closed) => Done::Dropped,
+                Err(oneshot::error::TryRecvError::Empty) if timed_out => Done::Dropped,
+                Err(oneshot::error::TryRecvError::Empty) => Done::Not,
+            },
+        };
+        let op = match done {
+            Done::Not => return,
+            _ => self.clients[c].take().expect("in flight"),
+        };
+        let output = match done {
+            Done::Out(OpOutput::Get(_)) => match self.read_value(op.member, &op.key) {
+                Ok(v) => OpOutput::Get(v),
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            },
+            Done::Out(o) => o,
+            _ => {
+                self.trace.add(&[0x2b, c as u64, 0]);
+                return;
+            }
+        };
+        let unknown = output == OpOutput::Unknown;
+        if let (OpInput::Put(v), OpOutput::Put) = (op.input, output) {
+            self.acked.entry(op.key.clone()).or_default().insert(v);
+        }
+        self.trace.add(&[0x2b, c as u64, 1, op_word(output)]);
+        self.report.ops += 1;
+        self.report.history.push(SimOp {
+            client: c,
+            key: op.key,
+            input: op.input,
+            output,
+            invoke: op.invoke * 1_000_000,
+            ret: (!unknown).then_some(self.now * 1_000_000),
+        });
+    }
+
+    /// One fault, chosen by the seed.
+    fn inject_fault(&mut self) {
+        let n = self.members.len();
+        let i = self.rng.below(n as u64) as usize;
+        self.report.faults += 1;
+        let kind = self.rng.below(9);
+        self.trace.add(&[0xfa, kind, i as u64]);
+        match kind {
+            // Power cut, back after a while.
+            0 | 1 => {
+                let back = 100 + self.rng.below(1_500);
+                self.stop(i, true, back);
+            }
+            // Process kill (page cache kept).
+            2 => {
+                let back = 50 + self.rng.below(800);
+                self.stop(i, false, back);
+            }
+            // The leader's next fsync fails.
+            3 => {
+                let target = self.leader().unwrap_or(i);
+                self.members[target].disk.fail_next_syncs(1);
+            }
+            // Isolate one member both ways.
+            4 => {
+                self.cut.clear();
+                for j in 0..n {
+                    if j != i {
+                        self.cut.insert((i, j));
+                        self.cut.insert((j, i));
+                    }
+                }
+            }
+            // Partial connectivity: one pair cannot talk, everyone else can.
+            5 => {
+                let j = (i + 1 + self.rng.below(n as u64 - 1) as usize) % n;
+                self.cut.clear();
+                self.cut.insert((i, j));
+                self.cut.insert((j, i));
+            }
+            // A one-way cut: i hears the others, they do not hear i.
+            6 => {
+                self.cut.clear();
+                for j in 0..n {
+                    if j != i {
+                        self.cut.insert((i, j));
+                    }
+                }
+            }
+            // A slow, lossy, duplicating network.
+            7 => {
+                self.slow.insert(i, 20 + self.rng.below(200));
+                self.loss_per_mille = self.rng.below(100);
+                self.dup_per_mille = self.rng.below(50);
+            }
+            // Heal the network.
+            _ => self.heal_network(),
+        }
+    }
+
+    fn heal_network(&mut self) {
+        self.cut.clear();
+        self.slow.clear();
+        self.loss_per_mille = 0;
+        self.dup_per_mille = 0;
+    }
+
+    /// Runs the whole schedule and the end-of-run checks.
+    pub fn run(mut self) -> Report {
+        let mut next_fault = 500;
+        while self.now < self.cfg.fault_ms {
+            if self.now >= next_fault {
+                self.inject_fault();
+                next_fault = self.now + 200 + self.rng.below(1_000);
+            }
+            self.step();
+        }
+        // Heal: every link whole, every member up.
+        self.heal_network();
+        for i in 0..self.members.len() {
+            self.members[i].disk.fail_next_syncs(0);
+            if self.members[i].node.is_none() && self.members[i].restart_at.is_none() {
+                // Failed to start earlier: already reported.
+                continue;
+            }
+            if self.members[i].node.is_none() {
+                self.members[i].restart_at = Some(self.now);
+            }
+        }
+        let heal_start = self.now;
+        let mut acked_after_heal = false;
+        let ops_before = self.report.history.len();
+        while self.now < heal_start + self.cfg.heal_ms {
+            self.step();
+            acked_after_heal |= self.report.history[ops_before..]
+                .iter()
+                .any(|op| matches!(op.output, OpOutput::Put | OpOutput::Cas(_)));
+        }
+        if !acked_after_heal {
+            self.fail(format!(
+                "liveness: no write was acknowledged within {} ms after healing",
+                self.cfg.heal_ms
+            ));
+        }
+        // Let the clients finish, then the members converge.
+        let end = self.now + OP_TIMEOUT_MS + 2_000;
+        self.quiet = true;
+        while self.now < end {
+            self.step();
+        }
+        self.final_checks();
+        self.report.trace_hash = self.trace.0;
+        self.report
+    }
+
+    /// After the run: every member applied the same index and holds the same keyspace
+    /// (HashKV), every acknowledged write's key is readable, and every key's value is
+    /// one a client wrote.
+    fn final_checks(&mut self) {
+        let up = self.up();
+        if up.len() < self.members.len() {
+            let down: Vec<_> = (0..self.members.len())
+                .filter(|i| !up.contains(i))
+                .map(|i| format!("m{}", i + 1))
+                .collect();
+            self.fail(format!("members down at the end: {}", down.join(", ")));
+        }
+        let mut seen: Option<(usize, u64, i64, u32)> = None;
+        for &i in &up {
+            let node = self.members[i].node.as_ref().expect("up");
+            let applied = node.kv.applied_index();
+            let rev = node.kv.current_revision();
+            let hash = match node.kv.hash_kv(rev) {
+                Ok((h, _, _)) => h,
+                Err(e) => {
+                    self.fail(format!("m{}: HashKV failed: {e}", i + 1));
+                    continue;
+                }
+            };
+            self.trace.add(&[applied, rev as u64, u64::from(hash)]);
+            match seen {
+                None => seen = Some((i, applied, rev, hash)),
+                Some((j, a, r, h)) => {
+                    if a == applied && (r, h) != (rev, hash) {
+                        self.fail(format!(
+                            "replicas diverged at applied index {a}: m{} has revision {r} \
+                             hash {h:08x}, m{} has revision {rev} hash {hash:08x}",
+                            j + 1,
+                            i + 1
+                        ));
+                    } else if a != applied {
+                        self.fail(format!(
+                            "replicas did not converge: m{} applied {a}, m{} applied {applied}",
+                            j + 1,
+                            i + 1
+                        ));
+                    }
+                }
+            }
+        }
+        // A final linearizable read of every key through the leader is part of the
+        // history: it must see the last write.
+        if let Some(l) = self.leader() {
+            for k in 0..self.cfg.keys {
+                let key = key_name(k);
+                match self.read_value(l, &key) {
+                    Ok(v) => self.report.history.push(SimOp {
+                        client: usize::MAX,
+                        key,
+                        input: OpInput::Get,
+                        output: OpOutput::Get(v),
+                        invoke: self.now * 1_000_000,
+                        ret: Some(self.now * 1_000_000 + 1),
+                    }),
+                    Err(e) => self.fail(e),
+                }
+            }
+        } else {
+            self.fail("no leader at the end".into());
+        }
+    }
+}
+
+fn op_word(o: OpOutput) -> u64 {
+    match o {
+        OpOutput::Get(None) => 1,
+        OpOutput::Get(Some(v)) => 2 + (v << 8),
+        OpOutput::Put => 3,
+        OpOutput::Cas(b) => 4 + u64::from(b),
+        OpOutput::Unknown => 7,
+    }
+}
+
+/// Runs one seed.
+pub fn run(cfg: SimConfig) -> Report {
+    World::new(cfg).run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_is_a_function_of_its_seed() {
+        let mut cfg = SimConfig::new(7);
+        cfg.fault_ms = 2_000;
+        cfg.heal_ms = 2_000;
+        let a = run(cfg.clone());
+        let b = run(cfg);
+        assert_eq!(a.trace_hash, b.trace_hash);
+        assert_eq!(a.history.len(), b.history.len());
+        assert!(a.ops > 0, "{a:?}");
+    }
+}

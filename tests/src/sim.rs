@@ -1,0 +1,66 @@
+//! The deterministic simulator's runs checked end to end: [`mesh_core::sim`] runs a
+//! cluster for one seed; this adds the linearizability check of its client history and
+//! sums runs over a range of seeds (used by `meshd-sim` and `tests/sim.rs`).
+
+use mesh_core::sim::{self, OpInput, OpOutput, Plant, SimConfig};
+
+use crate::linearizability::{self, Input, Op, Output, Verdict};
+
+/// Steps the linearizability search may take per run before it calls a history
+/// inconclusive.
+const CHECK_BUDGET: u64 = 2_000_000;
+
+/// One seed's outcome after every check.
+#[derive(Debug)]
+pub struct Checked {
+    pub seed: u64,
+    pub faults: u64,
+    pub ops: u64,
+    pub trace_hash: u64,
+    /// Every failed check, each a readable paragraph.
+    pub failures: Vec<String>,
+}
+
+/// Runs `seed` with `members` members (and a planted bug, if any) and checks it.
+pub fn run_seed(seed: u64, members: usize, plant: Option<Plant>) -> Checked {
+    let mut cfg = SimConfig::new(seed);
+    cfg.members = members;
+    cfg.plant = plant;
+    let report = sim::run(cfg);
+    let mut failures = report.failures;
+    let ops: Vec<Op> = report.history.iter().map(to_checker).collect();
+    match linearizability::check(&ops, CHECK_BUDGET) {
+        Verdict::Linearizable => {}
+        Verdict::Violation(w) => failures.push(w.to_string()),
+        Verdict::Inconclusive { key } => failures.push(format!(
+            "the history of {key:?} is too concurrent to check within the budget"
+        )),
+    }
+    Checked {
+        seed,
+        faults: report.faults,
+        ops: report.ops,
+        trace_hash: report.trace_hash,
+        failures,
+    }
+}
+
+fn to_checker(op: &sim::SimOp) -> Op {
+    Op {
+        client: op.client,
+        key: op.key.clone(),
+        input: match op.input {
+            OpInput::Get => Input::Get,
+            OpInput::Put(v) => Input::Put(v),
+            OpInput::Cas { expect, new } => Input::Cas { expect, new },
+        },
+        output: match op.output {
+            OpOutput::Get(v) => Output::Get(v),
+            OpOutput::Put => Output::Put,
+            OpOutput::Cas(b) => Output::Cas(b),
+            OpOutput::Unknown => Output::Unknown,
+        },
+        invoke: op.invoke,
+        ret: op.ret,
+    }
+}

@@ -17,6 +17,8 @@ pub struct Checked {
     pub faults: u64,
     pub ops: u64,
     pub trace_hash: u64,
+    pub flips: u64,
+    pub flips_detected: u64,
     /// Every failed check, each a readable paragraph.
     pub failures: Vec<String>,
 }
@@ -41,6 +43,8 @@ pub fn run_seed(seed: u64, members: usize, plant: Option<Plant>) -> Checked {
         faults: report.faults,
         ops: report.ops,
         trace_hash: report.trace_hash,
+        flips: report.flips,
+        flips_detected: report.flips_detected,
         failures,
     }
 }

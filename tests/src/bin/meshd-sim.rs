@@ -76,11 +76,14 @@ fn main() -> ExitCode {
         (None, None) => (0, 100),
     };
     let (mut runs, mut faults, mut ops, mut failed) = (0u64, 0u64, 0u64, 0u64);
+    let (mut flips, mut detected) = (0u64, 0u64);
     for seed in from..to {
         let r = run_seed(seed, members, args.plant);
         runs += 1;
         faults += r.faults;
         ops += r.ops;
+        flips += r.flips;
+        detected += r.flips_detected;
         if !r.failures.is_empty() {
             failed += 1;
             println!("seed {seed} FAILED (replay: meshd-sim --seed {seed}):");
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
             }
         }
     }
+    println!("bits_flipped={flips} refused_or_quarantined={detected}");
     println!("runs={runs} faults={faults} ops={ops} failures={failed}");
     if failed == 0 {
         ExitCode::SUCCESS

@@ -8,12 +8,15 @@
 //! edges are replaced: the clock, the transport (messages go through a queue with
 //! per-link delay, loss, duplication and cuts) and the disk.
 //!
-//! A run has a fault phase (power cuts with torn writes, process kills, EIO on fsync,
-//! partitions and one-way partial connectivity, slow and lossy links), then a heal
+//! A run has a fault phase (power cuts with torn writes, process kills and pauses,
+//! EIO on fsync, full disks, bits flipped at rest, partitions and one-way partial
+//! connectivity, slow, lossy and duplicating links, clock drift), then a heal
 //! phase in which every member is up and every link whole, and ends with checks that
 //! the caller completes: the client history (returned for the linearizability
 //! checker), a final read of every key, applied indexes and HashKV equal on every
-//! member, and liveness (a write acknowledged after healing).
+//! member, each member's watch history (ordered, replaying to its keyspace, the same
+//! when resumed from any revision), leases never expiring before their TTL, and
+//! liveness (a write acknowledged after healing).
 //!
 //! Not simulated yet (see the notes in BENCHMARKS.md and issue 19): the gossip mesh's
 //! own routing (messages go member to member), snapshot transfer (the log is never
@@ -144,6 +147,10 @@ pub struct Report {
     pub failures: Vec<String>,
     /// Hash of every event of the run, in order.
     pub trace_hash: u64,
+    /// Bits flipped at rest, and how many of those members then refused to start or
+    /// quarantined themselves (the rest hit bytes nothing reads, or were repaired).
+    pub flips: u64,
+    pub flips_detected: u64,
 }
 
 /// SplitMix64: small, fast, and the same on every platform and version.
@@ -230,6 +237,11 @@ struct Member {
     drift: i64,
     phase: u64,
     next_tick: u64,
+    /// Not scheduled until then (a paused process: messages wait for it).
+    paused_until: u64,
+    /// A bit of its disk was flipped at rest: refusing to start, or quarantining
+    /// itself, is then the right answer.
+    flipped: bool,
 }
 
 enum Waiting {
@@ -277,6 +289,8 @@ pub struct World {
     acked: BTreeMap<String, BTreeSet<u64>>,
     /// No new client operations (the end of a run).
     quiet: bool,
+    /// When each full disk gets its space back.
+    full_until: Vec<(u64, usize)>,
     /// The lease client's progress.
     lease: LeaseStage,
     next_lease: i64,
@@ -339,6 +353,8 @@ impl World {
                     drift: rng.below(11) as i64 - 5,
                     phase: rng.below(TICK_MS),
                     next_tick: 0,
+                    paused_until: 0,
+                    flipped: false,
                 }
             })
             .collect();
@@ -363,6 +379,7 @@ impl World {
             trace: Trace(0xcbf2_9ce4_8422_2325),
             acked: BTreeMap::new(),
             quiet: false,
+            full_until: Vec::new(),
             lease: LeaseStage::Idle,
             next_lease: 0x1000,
             cfg,
@@ -488,6 +505,11 @@ impl World {
             Err(e) if e.contains("(os error ") => {
                 self.members[i].restart_at = Some(self.now + 100);
             }
+            Err(e) if self.members[i].flipped && e.contains("corrupt") => {
+                self.trace.add(&[0xf11b, i as u64]);
+                self.report.flips_detected += 1;
+                self.members[i].restart_at = None;
+            }
             Err(e) => {
                 self.fail(format!("m{} does not start from its data dir: {e}", i + 1));
                 self.members[i].restart_at = None;
@@ -570,6 +592,15 @@ impl World {
             if self.cut.contains(&(m.from, m.to)) || self.members[m.to].node.is_none() {
                 continue;
             }
+            if self.members[m.to].paused_until > self.now {
+                // Waits in the socket buffer until the process runs again.
+                let at = self.members[m.to].paused_until;
+                self.net.push(InTransit {
+                    at: std::cmp::Reverse((at, m.at.0 .1)),
+                    ..m
+                });
+                continue;
+            }
             match <Message as prost011::Message>::decode(m.bytes.as_slice()) {
                 Ok(msg) => {
                     self.trace.add(&[
@@ -587,7 +618,7 @@ impl World {
         for (i, msgs) in inbox.into_iter().enumerate() {
             let tick = {
                 let m = &mut self.members[i];
-                if m.node.is_none() {
+                if m.node.is_none() || m.paused_until > self.now {
                     continue;
                 }
                 let local = self.now as i64 + self.now as i64 * m.drift / 1000;
@@ -627,6 +658,13 @@ impl World {
                     self.stop(i, false, 50);
                 }
             }
+        }
+        let now = self.now;
+        let (lift, keep): (Vec<_>, Vec<_>) =
+            self.full_until.drain(..).partition(|(t, _)| *t <= now);
+        self.full_until = keep;
+        for (_, i) in lift {
+            self.members[i].disk.set_capacity(None);
         }
         self.clients_step();
         if !self.quiet {
@@ -1020,7 +1058,7 @@ impl World {
         let n = self.members.len();
         let i = self.rng.below(n as u64) as usize;
         self.report.faults += 1;
-        let kind = self.rng.below(9);
+        let kind = self.rng.below(12);
         self.trace.add(&[0xfa, kind, i as u64]);
         match kind {
             // Power cut, back after a while.
@@ -1070,6 +1108,37 @@ impl World {
                 self.loss_per_mille = self.rng.below(100);
                 self.dup_per_mille = self.rng.below(50);
             }
+            // A pause (a stalled process, a long GC-like stop).
+            9 => {
+                self.members[i].paused_until = self.now + 100 + self.rng.below(1_500);
+            }
+            // A full disk for a while: writes fail until space is back.
+            10 => {
+                let used = self.members[i].disk.used();
+                self.members[i]
+                    .disk
+                    .set_capacity(Some(used + self.rng.below(64 * 1024)));
+                self.full_until
+                    .push((self.now + 200 + self.rng.below(1_000), i));
+            }
+            // A bit flipped at rest in one of a stopped member's files: at most a
+            // minority of members, so the rest keep a quorum.
+            11 if self.members.iter().filter(|m| m.flipped).count()
+                < (self.members.len() - 1) / 2 =>
+            {
+                let back = 100 + self.rng.below(500);
+                self.stop(i, false, back);
+                let files = self.members[i].disk.files();
+                let (path, len) = &files[self.rng.below(files.len() as u64) as usize];
+                if *len > 0 {
+                    let bit = self.rng.below(*len as u64 * 8);
+                    self.members[i]
+                        .disk
+                        .flip_bit(std::path::Path::new(path), bit);
+                    self.members[i].flipped = true;
+                    self.report.flips += 1;
+                }
+            }
             // Heal the network.
             _ => self.heal_network(),
         }
@@ -1092,10 +1161,12 @@ impl World {
             }
             self.step();
         }
-        // Heal: every link whole, every member up.
+        // Heal: every link whole, every disk working, every member up.
         self.heal_network();
         for i in 0..self.members.len() {
             self.members[i].disk.fail_next_syncs(0);
+            self.members[i].disk.set_capacity(None);
+            self.members[i].paused_until = 0;
             if self.members[i].node.is_none() && self.members[i].restart_at.is_none() {
                 // Failed to start earlier: already reported.
                 continue;
@@ -1134,13 +1205,22 @@ impl World {
     /// (HashKV), every acknowledged write's key is readable, and every key's value is
     /// one a client wrote.
     fn final_checks(&mut self) {
-        let up = self.up();
-        if up.len() < self.members.len() {
-            let down: Vec<_> = (0..self.members.len())
-                .filter(|i| !up.contains(i))
-                .map(|i| format!("m{}", i + 1))
-                .collect();
-            self.fail(format!("members down at the end: {}", down.join(", ")));
+        // A member with a flipped bit may have refused to start or quarantined itself;
+        // any other member must be up and serving.
+        let mut up = Vec::new();
+        for i in 0..self.members.len() {
+            let m = &self.members[i];
+            let corrupt = m.node.as_ref().map(|n| n.status.is_corrupt());
+            match (corrupt, m.flipped) {
+                (Some(false), _) => up.push(i),
+                (Some(true), true) => self.report.flips_detected += 1,
+                (None, true) => {}
+                (Some(true), false) => self.fail(format!(
+                    "m{} quarantined itself with no corruption injected",
+                    i + 1
+                )),
+                (None, false) => self.fail(format!("m{} is down at the end", i + 1)),
+            }
         }
         let mut seen: Option<(usize, u64, i64, u32)> = None;
         for &i in &up {
@@ -1175,6 +1255,11 @@ impl World {
                 }
             }
         }
+        for &i in &up {
+            if let Err(e) = self.check_watch_history(i) {
+                self.fail(format!("m{}: watch history: {e}", i + 1));
+            }
+        }
         // A final linearizable read of every key through the leader is part of the
         // history: it must see the last write.
         if let Some(l) = self.leader() {
@@ -1195,6 +1280,78 @@ impl World {
         } else {
             self.fail("no leader at the end".into());
         }
+    }
+}
+
+impl World {
+    /// What a watch from revision 1 would replay on member `i`: events in revision
+    /// order with no (revision, key) twice, replaying to exactly what a range reads
+    /// now, and the same from any later start revision (a resumed watch).
+    fn check_watch_history(&mut self, i: usize) -> Result<(), String> {
+        let node = self.members[i].node.as_ref().ok_or("member down")?;
+        let kv = node.kv.clone();
+        let cur = kv.current_revision();
+        let all = kv
+            .events(1, cur, b"\0", b"\0", false, 0)
+            .map_err(|e| e.to_string())?;
+        let mut last = (0i64, Vec::new());
+        let mut state: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for e in &all {
+            let k = e.kv.as_ref().ok_or("an event without a key")?;
+            let at = (k.mod_revision, k.key.clone());
+            if at <= last && !(at.0 == last.0 && at.1 > last.1) {
+                return Err(format!(
+                    "event at revision {} for {:?} follows revision {} for {:?}",
+                    at.0,
+                    String::from_utf8_lossy(&at.1),
+                    last.0,
+                    String::from_utf8_lossy(&last.1)
+                ));
+            }
+            last = at;
+            if e.r#type == crate::proto::mvccpb::event::EventType::Delete as i32 {
+                state.remove(&k.key);
+            } else {
+                state.insert(k.key.clone(), k.value.clone());
+            }
+        }
+        let now = kv
+            .range(&pb::RangeRequest {
+                key: b"\0".to_vec(),
+                range_end: b"\0".to_vec(),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+        let read: BTreeMap<Vec<u8>, Vec<u8>> =
+            now.kvs.into_iter().map(|k| (k.key, k.value)).collect();
+        if read != state {
+            return Err(format!(
+                "replaying {} events gives {} keys, a range reads {}",
+                all.len(),
+                state.len(),
+                read.len()
+            ));
+        }
+        for _ in 0..3 {
+            let from = 1 + self.rng.below(cur.max(1) as u64) as i64;
+            let resumed = kv
+                .events(from, cur, b"\0", b"\0", false, 0)
+                .map_err(|e| e.to_string())?;
+            let expect: Vec<_> = all
+                .iter()
+                .filter(|e| e.kv.as_ref().is_some_and(|k| k.mod_revision >= from))
+                .cloned()
+                .collect();
+            if resumed != expect {
+                return Err(format!(
+                    "resumed from revision {from}: {} events, where the full history has {}",
+                    resumed.len(),
+                    expect.len()
+                ));
+            }
+        }
+        self.trace.add(&[all.len() as u64]);
+        Ok(())
     }
 }
 

@@ -6,6 +6,7 @@
 //! A message's protobuf encoding is the concatenation of its fields' encodings, so the
 //! file decodes as one `StoreSnapshot` too (the tests check that).
 
+use crate::storage::vfs::{SeqWriter, Vfs};
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
@@ -94,10 +95,14 @@ impl KvStore {
     }
 }
 
-/// Writes the state `txn` holds to `path` (created, fsync'ed) as a `StoreSnapshot`
-/// encoding, one element at a time.
-pub fn write_snapshot(txn: &redb::ReadTransaction, path: &Path) -> Result<SnapshotFile, KvError> {
-    let file = std::fs::File::create(path).map_err(io)?;
+/// Writes the state `txn` holds to `path` on `vfs` (created, fsync'ed) as a
+/// `StoreSnapshot` encoding, one element at a time.
+pub fn write_snapshot(
+    vfs: &dyn Vfs,
+    txn: &redb::ReadTransaction,
+    path: &Path,
+) -> Result<SnapshotFile, KvError> {
+    let file = SeqWriter::new(vfs.create(path).map_err(io)?);
     let mut s = Sink {
         w: BufWriter::with_capacity(1 << 20, file),
         hash: Sha256::new(),
@@ -144,7 +149,7 @@ pub fn write_snapshot(txn: &redb::ReadTransaction, path: &Path) -> Result<Snapsh
     let auth = auth::load(&txn.open_table(auth::AUTH)?)?;
     s.bytes_field(AUTH, &auth.encode_to_vec()).map_err(io)?;
     let file = s.w.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_data().map_err(io)?;
+    file.sync().map_err(io)?;
     Ok(SnapshotFile {
         applied_index: meta.applied_index,
         len: s.len,
@@ -251,6 +256,7 @@ impl ApplyBatch<'_> {
     /// (the streaming twin of [`ApplyBatch::restore`]).
     pub fn restore_file(&mut self, path: &Path) -> Result<(), KvError> {
         self.store.clear_event_cache();
+        let vfs = self.store.db.vfs().clone();
         let epoch = self.meta.index_epoch + 1;
         let txn = self.write_txn()?;
         let mut w = super::history::WriteTables::open(txn)?;
@@ -265,7 +271,7 @@ impl ApplyBatch<'_> {
         alarms.retain(|_, _| false)?;
         let mut index = super::index::KeyIndex::empty(epoch);
         let (mut revision, mut compact, mut auth) = (0, 0, AuthSnapshot::default());
-        let file = std::fs::File::open(path).map_err(io)?;
+        let file = vfs.open_read(path).map_err(io)?;
         read_snapshot(file, |el| {
             match el {
                 Element::Revision(r) => revision = r,

@@ -1499,7 +1499,8 @@ fn a_snapshot_file_restores_what_the_in_memory_snapshot_restores() {
     assert_eq!(index, 42);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("snap");
-    let written = super::snapfile::write_snapshot(&txn, &path).unwrap();
+    let written =
+        super::snapfile::write_snapshot(&crate::storage::vfs::RealFs, &txn, &path).unwrap();
     drop(txn);
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(written.len, bytes.len() as u64);

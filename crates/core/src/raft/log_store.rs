@@ -81,8 +81,11 @@ pub struct RaftLog {
 /// One is kept and offered for as long as the log still continues from it, so a
 /// follower that needs a snapshot again does not make the leader build one again.
 struct Snapshots {
+    vfs: Arc<dyn Vfs>,
     dir: PathBuf,
     state: Mutex<SnapState>,
+    /// Build on the caller's thread (the simulator, where nothing may run beside it).
+    inline: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -93,7 +96,7 @@ struct SnapState {
 
 impl Snapshots {
     /// Opens `dir`, removing what an earlier run left there.
-    fn open(vfs: &dyn Vfs, dir: PathBuf) -> Result<Snapshots, StorageError> {
+    fn open(vfs: &Arc<dyn Vfs>, dir: PathBuf) -> Result<Snapshots, StorageError> {
         let io = |source| StorageError::Io {
             path: dir.clone(),
             source,
@@ -103,8 +106,10 @@ impl Snapshots {
         }
         vfs.create_dir_all(&dir).map_err(io)?;
         Ok(Snapshots {
+            vfs: vfs.clone(),
             dir,
             state: Mutex::new(SnapState::default()),
+            inline: Default::default(),
         })
     }
 
@@ -116,7 +121,7 @@ impl Snapshots {
     fn build(&self, txn: redb::ReadTransaction, meta: SnapshotMetadata) {
         let path = self.dir.join(format!("{:020}.snap", meta.index));
         let started = std::time::Instant::now();
-        let written = crate::kv::snapfile::write_snapshot(&txn, &path);
+        let written = crate::kv::snapfile::write_snapshot(&*self.vfs, &txn, &path);
         drop(txn);
         let mut st = self.lock();
         st.building = false;
@@ -130,7 +135,7 @@ impl Snapshots {
                 );
                 if let Some((_, old)) = st.built.take() {
                     if old.path != path.to_string_lossy() {
-                        let _ = std::fs::remove_file(&old.path);
+                        let _ = self.vfs.remove_file(std::path::Path::new(&old.path));
                     }
                 }
                 let r = SnapshotRef {
@@ -142,17 +147,25 @@ impl Snapshots {
             }
             Err(e) => {
                 tracing::warn!(index = meta.index, "building a snapshot failed: {e}");
-                let _ = std::fs::remove_file(&path);
+                let _ = self.vfs.remove_file(&path);
             }
         }
     }
 }
 
 impl RaftLog {
+    /// Builds snapshots for followers on the calling thread instead of one of their
+    /// own (the simulator, which runs everything on one thread in a fixed order).
+    pub fn build_snapshots_inline(&self) {
+        self.snapshots
+            .inline
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Loads the log of `db`'s data dir. A fresh data dir yields an empty log.
     pub fn load(db: &Db, kv: Arc<KvStore>) -> Result<RaftLog, StorageError> {
         let (wal, core) = read_core(db, &kv)?;
-        let snapshots = Snapshots::open(&**db.vfs(), snapshot_dir(&db.dir()))?;
+        let snapshots = Snapshots::open(db.vfs(), snapshot_dir(&db.dir()))?;
         Ok(RaftLog {
             core: Arc::new(RwLock::new(core)),
             wal: Arc::new(Mutex::new(wal)),
@@ -535,6 +548,21 @@ impl raft::Storage for RaftLog {
         };
         st.building = true;
         drop(st);
+        if self
+            .snapshots
+            .inline
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.snapshots.build(txn, meta);
+            let st = self.snapshots.lock();
+            return match &st.built {
+                Some((meta, r)) => Ok(Snapshot {
+                    data: prost::Message::encode_to_vec(r),
+                    metadata: Some(meta.clone()),
+                }),
+                None => Err(unavailable()),
+            };
+        }
         let snapshots = self.snapshots.clone();
         let spawned = std::thread::Builder::new()
             .name("snapshot".into())

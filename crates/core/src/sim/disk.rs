@@ -380,6 +380,10 @@ impl Vfs for SimDisk {
         }
     }
 
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn io::Read + Send>> {
+        Ok(Box::new(io::Cursor::new(self.read(path)?)))
+    }
+
     fn file_len(&self, path: &Path) -> io::Result<u64> {
         let st = self.lock();
         match st.lookup(path).map(|i| &st.nodes[i]) {

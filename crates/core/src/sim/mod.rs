@@ -18,9 +18,13 @@
 //! when resumed from any revision), leases never expiring before their TTL, and
 //! liveness (a write acknowledged after healing).
 //!
-//! Not simulated yet (see the notes in BENCHMARKS.md and issue 19): the gossip mesh's
-//! own routing (messages go member to member), snapshot transfer (the log is never
-//! compacted within a run), membership changes, keep-alives, watches and locks.
+//! Around a cut link, messages take a relay any two members both reach, as the mesh
+//! routes them (a model of its routing, not `mesh::topology` itself). The log is
+//! compacted every 20, 100 or 1,000 entries (by seed), so members back from a stop
+//! catch up by snapshot: the file travels with its message, as the mesh streams it.
+//!
+//! Not simulated yet (see issue 19): the gossip mesh's own code, membership changes,
+//! keep-alives and locks.
 
 pub mod disk;
 
@@ -37,6 +41,7 @@ use crate::kv::{Applied, AppliedKind, KvStore};
 use crate::lease::Lessor;
 use crate::proto::etcdserverpb as pb;
 use crate::proto::meshpb::internal_request::Request;
+use crate::proto::meshpb::SnapshotRef;
 use crate::raft::transport::Transport;
 use crate::raft::{
     Driver, DriverConfig, DriverMsg, DriverParts, NodeStatus, ProposeError, RaftLog, Seeds,
@@ -262,7 +267,13 @@ struct InTransit {
     at: std::cmp::Reverse<(u64, u64)>,
     to: usize,
     from: usize,
+    /// The member relaying it when the direct link is cut (the mesh routes around a
+    /// cut through any member both ends reach).
+    via: Option<usize>,
     bytes: Vec<u8>,
+    /// A snapshot's file travels with its message (the mesh streams it beside the
+    /// message): its name and bytes, read from the sender's disk when sent.
+    file: Option<(String, Vec<u8>)>,
 }
 
 /// The simulated world: members, network, clients, faults.
@@ -291,6 +302,10 @@ pub struct World {
     quiet: bool,
     /// When each full disk gets its space back.
     full_until: Vec<(u64, usize)>,
+    /// Snapshot deliveries to report to their senders: (sender, receiver's ID, ok).
+    snapshot_reports: Vec<(usize, u64, bool)>,
+    /// Log compaction settings of this run (small, so snapshots are sent).
+    snapshot_count: u64,
     /// The lease client's progress.
     lease: LeaseStage,
     next_lease: i64,
@@ -334,6 +349,9 @@ fn data_dir(i: usize) -> PathBuf {
 impl World {
     pub fn new(cfg: SimConfig) -> World {
         let mut rng = Rng::new(cfg.seed);
+        // The log is compacted after this many applied entries: small enough that a
+        // member back from a long stop needs a snapshot.
+        let snapshot_count = [20, 100, 1_000][rng.below(3) as usize];
         let members = (0..cfg.members)
             .map(|i| {
                 let disk = SimDisk::new();
@@ -380,6 +398,8 @@ impl World {
             acked: BTreeMap::new(),
             quiet: false,
             full_until: Vec::new(),
+            snapshot_reports: Vec::new(),
+            snapshot_count,
             lease: LeaseStage::Idle,
             next_lease: 0x1000,
             cfg,
@@ -410,6 +430,7 @@ impl World {
         let (id, drift) = (m.id, m.drift);
         let clock = self.clock_for(drift);
         let plant = self.cfg.plant;
+        let snapshot_count = self.snapshot_count;
         let (clock_ms, base) = (self.clock_ms.clone(), self.base);
         // raft-rs draws the election timeout from its own random source; each member
         // gets a fixed one drawn from the seed instead.
@@ -426,6 +447,7 @@ impl World {
             let db = storage::open_database_on(vfs, &dir).map_err(|e| e.to_string())?;
             let kv = Arc::new(KvStore::open_for_raft(db.clone()).map_err(|e| e.to_string())?);
             let log = RaftLog::load(&db, kv.clone()).map_err(|e| e.to_string())?;
+            log.build_snapshots_inline();
             let fresh = storage::Identity::load(&db)
                 .map_err(|e| e.to_string())?
                 .is_none();
@@ -465,8 +487,8 @@ impl World {
                 tick: Duration::from_millis(TICK_MS),
                 election_ticks: ELECTION_TICKS,
                 heartbeat_ticks: HEARTBEAT_TICKS,
-                snapshot_count: u64::MAX / 4,
-                catch_up_entries: 1_000,
+                snapshot_count,
+                catch_up_entries: 10,
                 max_size_per_msg: 1 << 20,
                 max_inflight_msgs: 256,
                 snapshot_dir: storage::snapshot_dir(&dir),
@@ -544,6 +566,24 @@ impl World {
             .collect()
     }
 
+    /// The path a message from `from` to `to` takes now: direct, through a relay, or
+    /// none.
+    fn path(&self, from: usize, to: usize) -> Option<Option<usize>> {
+        if !self.cut.contains(&(from, to)) {
+            return Some(None);
+        }
+        (0..self.members.len())
+            .find(|&k| {
+                k != from
+                    && k != to
+                    && self.members[k].node.is_some()
+                    && self.members[k].paused_until <= self.now
+                    && !self.cut.contains(&(from, k))
+                    && !self.cut.contains(&(k, to))
+            })
+            .map(Some)
+    }
+
     fn send(&mut self, from: usize, msgs: Vec<Message>) {
         for m in msgs {
             let Some(to) = (m.to as usize)
@@ -552,9 +592,29 @@ impl World {
             else {
                 continue;
             };
-            if self.cut.contains(&(from, to)) || self.rng.chance(self.loss_per_mille) {
+            let is_snapshot = m.msg_type == raft::prelude::MessageType::MsgSnapshot as i32;
+            let path = self.path(from, to);
+            let lost = self.rng.chance(self.loss_per_mille);
+            let Some(via) = path.filter(|_| !lost) else {
+                if is_snapshot {
+                    self.snapshot_reports.push((from, m.to, false));
+                }
                 continue;
-            }
+            };
+            let file = if is_snapshot {
+                match self.snapshot_file(from, &m) {
+                    Some(f) => Some(f),
+                    None => {
+                        self.fail(format!(
+                            "m{} sent a snapshot whose file it cannot read",
+                            from + 1
+                        ));
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
             let bytes = prost011::Message::encode_to_vec(&m);
             let copies = if self.rng.chance(self.dup_per_mille) {
                 2
@@ -564,16 +624,55 @@ impl World {
             for _ in 0..copies {
                 let slow = self.slow.get(&from).copied().unwrap_or(0)
                     + self.slow.get(&to).copied().unwrap_or(0);
-                let at = self.now + 1 + self.rng.below(3) + slow;
+                let hops = if via.is_some() { 2 } else { 1 };
+                let at = self.now + hops * (1 + self.rng.below(3)) + slow;
                 self.net_seq += 1;
                 self.net.push(InTransit {
                     at: std::cmp::Reverse((at, self.net_seq)),
                     to,
                     from,
+                    via,
                     bytes: bytes.clone(),
+                    file: file.clone(),
                 });
             }
         }
+    }
+
+    /// The snapshot file a MsgSnapshot from member `from` names: its file name and
+    /// bytes, read from the sender's disk.
+    fn snapshot_file(&self, from: usize, m: &Message) -> Option<(String, Vec<u8>)> {
+        let snap = m.snapshot.as_ref()?;
+        let r: SnapshotRef = prost::Message::decode(snap.data.as_slice()).ok()?;
+        let path = PathBuf::from(&r.path);
+        let name = path.file_name()?.to_string_lossy().into_owned();
+        let bytes = self.members[from].disk.read(&path).ok()?;
+        Some((name, bytes))
+    }
+
+    /// Puts a snapshot's file in the receiver's snapshot dir, durably, and points the
+    /// message at it (what the mesh's snapshot stream does on arrival).
+    fn receive_snapshot_file(
+        &mut self,
+        to: usize,
+        name: &str,
+        bytes: &[u8],
+        msg: &mut Message,
+    ) -> std::io::Result<()> {
+        let disk = &self.members[to].disk;
+        let dir = storage::snapshot_dir(&data_dir(to));
+        let path = dir.join(name);
+        let f = disk.create(&path)?;
+        f.write_all_at(bytes, 0)?;
+        f.sync_all()?;
+        disk.sync_dir(&dir)?;
+        if let Some(snap) = msg.snapshot.as_mut() {
+            let mut r: SnapshotRef =
+                prost::Message::decode(snap.data.as_slice()).map_err(std::io::Error::other)?;
+            r.path = path.to_string_lossy().into_owned();
+            snap.data = prost::Message::encode_to_vec(&r);
+        }
+        Ok(())
     }
 
     /// One simulated millisecond.
@@ -589,7 +688,19 @@ impl World {
         while self.net.peek().is_some_and(|m| m.at.0 .0 <= self.now) {
             let m = self.net.pop().expect("peeked");
             // A cut made while the message was in flight loses it too.
-            if self.cut.contains(&(m.from, m.to)) || self.members[m.to].node.is_none() {
+            let path_cut = match m.via {
+                None => self.cut.contains(&(m.from, m.to)),
+                Some(k) => {
+                    self.cut.contains(&(m.from, k))
+                        || self.cut.contains(&(k, m.to))
+                        || self.members[k].node.is_none()
+                }
+            };
+            if path_cut || self.members[m.to].node.is_none() {
+                if m.file.is_some() {
+                    self.snapshot_reports
+                        .push((m.from, self.members[m.to].id, false));
+                }
                 continue;
             }
             if self.members[m.to].paused_until > self.now {
@@ -602,7 +713,23 @@ impl World {
                 continue;
             }
             match <Message as prost011::Message>::decode(m.bytes.as_slice()) {
-                Ok(msg) => {
+                Ok(mut msg) => {
+                    if let Some((name, bytes)) = &m.file {
+                        match self.receive_snapshot_file(m.to, name, bytes, &mut msg) {
+                            Ok(()) => {
+                                self.snapshot_reports
+                                    .push((m.from, self.members[m.to].id, true))
+                            }
+                            Err(e) => {
+                                // The receiver's disk refused it (full, EIO): lost.
+                                self.trace.add(&[0x5ea1, m.to as u64]);
+                                let _ = e;
+                                self.snapshot_reports
+                                    .push((m.from, self.members[m.to].id, false));
+                                continue;
+                            }
+                        }
+                    }
                     self.trace.add(&[
                         m.from as u64,
                         m.to as u64,
@@ -613,6 +740,11 @@ impl World {
                     inbox[m.to].push(msg);
                 }
                 Err(e) => self.fail(format!("a message did not decode: {e}")),
+            }
+        }
+        for (from, to_id, ok) in std::mem::take(&mut self.snapshot_reports) {
+            if let Some(node) = self.members[from].node.as_mut() {
+                let _ = node.driver.handle(DriverMsg::SnapshotStatus(to_id, ok));
             }
         }
         for (i, msgs) in inbox.into_iter().enumerate() {
@@ -1129,8 +1261,8 @@ impl World {
                 let back = 100 + self.rng.below(500);
                 self.stop(i, false, back);
                 let files = self.members[i].disk.files();
-                let (path, len) = &files[self.rng.below(files.len() as u64) as usize];
-                if *len > 0 {
+                let pick = self.rng.below(files.len() as u64) as usize;
+                if let Some((path, len)) = files.get(pick).filter(|(_, len)| *len > 0) {
                     let bit = self.rng.below(*len as u64 * 8);
                     self.members[i]
                         .disk

@@ -34,6 +34,9 @@ pub trait Vfs: Send + Sync + 'static {
     /// Names of the entries of a directory.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Opens a file to read it front to back (a snapshot file may be larger than
+    /// memory should hold at once).
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn io::Read + Send>>;
     fn file_len(&self, path: &Path) -> io::Result<u64>;
     /// Creates (or truncates) a file.
     fn create(&self, path: &Path) -> io::Result<Box<dyn VFile>>;
@@ -97,6 +100,9 @@ impl Vfs for RealFs {
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         std::fs::read(path)
     }
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn io::Read + Send>> {
+        Ok(Box::new(std::fs::File::open(path)?))
+    }
     fn file_len(&self, path: &Path) -> io::Result<u64> {
         Ok(std::fs::metadata(path)?.len())
     }
@@ -131,5 +137,33 @@ impl Vfs for RealFs {
                 libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
             }
         }
+    }
+}
+
+/// Writes a [`VFile`] front to back, as `std::io::Write`.
+pub struct SeqWriter {
+    file: Box<dyn VFile>,
+    at: u64,
+}
+
+impl SeqWriter {
+    pub fn new(file: Box<dyn VFile>) -> SeqWriter {
+        SeqWriter { file, at: 0 }
+    }
+
+    /// Makes what was written durable.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+}
+
+impl io::Write for SeqWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.file.write_all_at(buf, self.at)?;
+        self.at += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }

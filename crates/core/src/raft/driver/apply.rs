@@ -158,7 +158,7 @@ impl Driver {
         // Only now that the state machine is durable at the snapshot may the log
         // forget what came before it.
         self.log.sync()?;
-        let _ = std::fs::remove_file(&path);
+        let _ = self.db.vfs().remove_file(&path);
         crate::lease::load(&self.lessor, &self.kv)?;
         self.refresh_peers();
         Ok(())

@@ -19,6 +19,8 @@ pub struct Checked {
     pub trace_hash: u64,
     pub flips: u64,
     pub flips_detected: u64,
+    pub removed: u64,
+    pub promoted: u64,
     /// Every failed check, each a readable paragraph.
     pub failures: Vec<String>,
 }
@@ -28,7 +30,29 @@ pub fn run_seed(seed: u64, members: usize, plant: Option<Plant>) -> Checked {
     let mut cfg = SimConfig::new(seed);
     cfg.members = members;
     cfg.plant = plant;
-    let report = sim::run(cfg);
+    // A panic anywhere in meshd's code under simulation is a failure of this seed,
+    // reported like any other (the other seeds still run).
+    let report = match std::panic::catch_unwind(|| sim::run(cfg)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a panic".into());
+            return Checked {
+                seed,
+                faults: 0,
+                ops: 0,
+                trace_hash: 0,
+                flips: 0,
+                flips_detected: 0,
+                removed: 0,
+                promoted: 0,
+                failures: vec![format!("panicked: {what}")],
+            };
+        }
+    };
     let mut failures = report.failures;
     let ops: Vec<Op> = report.history.iter().map(to_checker).collect();
     match linearizability::check(&ops, CHECK_BUDGET) {
@@ -45,6 +69,8 @@ pub fn run_seed(seed: u64, members: usize, plant: Option<Plant>) -> Checked {
         trace_hash: report.trace_hash,
         flips: report.flips,
         flips_detected: report.flips_detected,
+        removed: report.removed,
+        promoted: report.promoted,
         failures,
     }
 }

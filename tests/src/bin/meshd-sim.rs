@@ -76,7 +76,7 @@ fn main() -> ExitCode {
         (None, None) => (0, 100),
     };
     let (mut runs, mut faults, mut ops, mut failed) = (0u64, 0u64, 0u64, 0u64);
-    let (mut flips, mut detected) = (0u64, 0u64);
+    let (mut flips, mut detected, mut removed, mut promoted) = (0u64, 0u64, 0u64, 0u64);
     for seed in from..to {
         let r = run_seed(seed, members, args.plant);
         runs += 1;
@@ -84,6 +84,8 @@ fn main() -> ExitCode {
         ops += r.ops;
         flips += r.flips;
         detected += r.flips_detected;
+        removed += r.removed;
+        promoted += r.promoted;
         if !r.failures.is_empty() {
             failed += 1;
             println!("seed {seed} FAILED (replay: meshd-sim --seed {seed}):");
@@ -94,7 +96,10 @@ fn main() -> ExitCode {
             }
         }
     }
-    println!("bits_flipped={flips} refused_or_quarantined={detected}");
+    println!(
+        "bits_flipped={flips} refused_or_quarantined={detected} \
+         members_removed={removed} members_added_and_promoted={promoted}"
+    );
     println!("runs={runs} faults={faults} ops={ops} failures={failed}");
     if failed == 0 {
         ExitCode::SUCCESS

@@ -208,6 +208,10 @@ impl SimDisk {
         self.lock().plants = plants;
     }
 
+    pub fn plants(&self) -> DiskPlants {
+        self.lock().plants
+    }
+
     /// The next `n` syncs fail with EIO.
     pub fn fail_next_syncs(&self, n: u32) {
         self.lock().fail_syncs = n;

@@ -44,7 +44,8 @@ use crate::proto::meshpb::internal_request::Request;
 use crate::proto::meshpb::SnapshotRef;
 use crate::raft::transport::Transport;
 use crate::raft::{
-    Driver, DriverConfig, DriverMsg, DriverParts, NodeStatus, ProposeError, RaftLog, Seeds,
+    Driver, DriverConfig, DriverMsg, DriverParts, MemberChange, NodeStatus, ProposeError, RaftLog,
+    Seeds,
 };
 use crate::storage::{self, vfs::Vfs, Db};
 use disk::{DiskPlants, SimDisk};
@@ -156,6 +157,9 @@ pub struct Report {
     /// quarantined themselves (the rest hit bytes nothing reads, or were repaired).
     pub flips: u64,
     pub flips_detected: u64,
+    /// Members removed, and new members added and promoted to voter.
+    pub removed: u64,
+    pub promoted: u64,
 }
 
 /// SplitMix64: small, fast, and the same on every platform and version.
@@ -247,6 +251,8 @@ struct Member {
     /// A bit of its disk was flipped at rest: refusing to start, or quarantining
     /// itself, is then the right answer.
     flipped: bool,
+    /// Removed from the cluster (or never added): no longer run or checked.
+    retired: bool,
 }
 
 enum Waiting {
@@ -300,6 +306,10 @@ pub struct World {
     acked: BTreeMap<String, BTreeSet<u64>>,
     /// No new client operations (the end of a run).
     quiet: bool,
+    /// The membership change in progress (one at a time).
+    reconfig: Reconfig,
+    /// Members whose removal was proposed.
+    removal_asked: BTreeSet<usize>,
     /// When each full disk gets its space back.
     full_until: Vec<(u64, usize)>,
     /// Snapshot deliveries to report to their senders: (sender, receiver's ID, ok).
@@ -310,6 +320,17 @@ pub struct World {
     lease: LeaseStage,
     next_lease: i64,
 }
+
+/// Replacing a member under load: remove a voter, add a new member as a learner, and
+/// promote it once it has caught up (as an operator, or autopilot, would).
+enum Reconfig {
+    Idle,
+    Removing(usize, Waiter),
+    Adding(usize, Waiter),
+    Promoting(usize, Waiter, u64),
+}
+
+type Waiter = (oneshot::Receiver<Result<Applied, ProposeError>>, u64);
 
 /// The lease client: grants a lease, attaches a key to it, and reads the key
 /// (linearizably) until the lease expires, which must not be before its TTL.
@@ -373,6 +394,7 @@ impl World {
                     next_tick: 0,
                     paused_until: 0,
                     flipped: false,
+                    retired: false,
                 }
             })
             .collect();
@@ -397,6 +419,8 @@ impl World {
             trace: Trace(0xcbf2_9ce4_8422_2325),
             acked: BTreeMap::new(),
             quiet: false,
+            reconfig: Reconfig::Idle,
+            removal_asked: BTreeSet::new(),
             full_until: Vec::new(),
             snapshot_reports: Vec::new(),
             snapshot_count,
@@ -451,7 +475,23 @@ impl World {
             let fresh = storage::Identity::load(&db)
                 .map_err(|e| e.to_string())?
                 .is_none();
-            if fresh {
+            if fresh && i >= n {
+                // Added to a running cluster: an identity only; the leader sends the
+                // rest as a snapshot.
+                let identity = storage::Identity {
+                    name: format!("m{id}"),
+                    member_id: id,
+                    cluster_id: CLUSTER_ID,
+                    cluster_token: "sim".into(),
+                };
+                let mut batch = kv.begin().map_err(|e| e.to_string())?;
+                batch
+                    .side()
+                    .map_err(|e| e.to_string())?
+                    .put_identity(&identity)
+                    .map_err(|e| e.to_string())?;
+                batch.commit(true).map_err(|e| e.to_string())?;
+            } else if fresh {
                 let members: Vec<_> = (1..=n as u64)
                     .map(|id| crate::server::voter(id, &format!("m{id}"), &format!("sim:{id}")))
                     .collect();
@@ -562,7 +602,7 @@ impl World {
 
     fn up(&self) -> Vec<usize> {
         (0..self.members.len())
-            .filter(|&i| self.members[i].node.is_some())
+            .filter(|&i| self.members[i].node.is_some() && !self.members[i].retired)
             .collect()
     }
 
@@ -776,8 +816,11 @@ impl World {
             match result {
                 Ok(true) => self.send(i, out),
                 Ok(false) => {
-                    self.fail(format!("m{} stopped on its own", i + 1));
-                    self.stop(i, false, u64::MAX / 2);
+                    // Only a member whose removal was asked for may leave.
+                    if !self.removal_asked.contains(&i) {
+                        self.fail(format!("m{} stopped on its own", i + 1));
+                    }
+                    self.retire(i);
                 }
                 Err(e) => {
                     // A failed write: the member restarts from what its disk holds
@@ -802,10 +845,113 @@ impl World {
         if !self.quiet {
             self.lease_step();
         }
+        self.reconfig_step();
         if self.now.is_multiple_of(50) {
             self.expire_leases();
         }
         self.now += 1;
+    }
+
+    /// Takes member `i` out of the run for good (removed from the cluster).
+    fn retire(&mut self, i: usize) {
+        self.members[i].node = None;
+        self.members[i].restart_at = None;
+        self.members[i].retired = true;
+        self.trace.add(&[0x7e71, i as u64]);
+    }
+
+    fn change_on(&mut self, member: usize, change: MemberChange) -> Waiter {
+        let (tx, rx) = oneshot::channel();
+        if let Some(node) = self.members[member].node.as_mut() {
+            let _ = node
+                .driver
+                .handle(DriverMsg::ChangeMembers { change, reply: tx });
+        }
+        (rx, self.now)
+    }
+
+    /// Moves the membership change along: each step waits for its answer, then the
+    /// next is proposed to whoever leads then. A refused or lost step ends the change
+    /// (a learner added but never promoted stays a learner, which Raft allows).
+    fn reconfig_step(&mut self) {
+        use oneshot::error::TryRecvError::Empty;
+        let state = std::mem::replace(&mut self.reconfig, Reconfig::Idle);
+        self.reconfig = match state {
+            Reconfig::Idle => Reconfig::Idle,
+            Reconfig::Removing(i, (mut rx, at)) => match rx.try_recv() {
+                Err(Empty) if self.now < at + OP_TIMEOUT_MS => Reconfig::Removing(i, (rx, at)),
+                Ok(Ok(_)) => {
+                    self.retire(i);
+                    self.report.removed += 1;
+                    // A new member with a fresh disk takes the next slot.
+                    let slot = self.members.len();
+                    let disk = SimDisk::new();
+                    let ok = disk.create_dir_all(&data_dir(slot)).is_ok()
+                        && disk.sync_dir(std::path::Path::new("/")).is_ok();
+                    disk.set_plants(self.members[0].disk.plants());
+                    self.members.push(Member {
+                        id: slot as u64 + 1,
+                        disk,
+                        node: None,
+                        restart_at: None,
+                        drift: self.rng.below(11) as i64 - 5,
+                        phase: self.rng.below(TICK_MS),
+                        next_tick: 0,
+                        paused_until: 0,
+                        flipped: false,
+                        retired: true,
+                    });
+                    match self.leader() {
+                        Some(l) if ok => {
+                            let id = slot as u64 + 1;
+                            let member =
+                                crate::server::voter(id, &format!("m{id}"), &format!("sim:{id}"));
+                            let w = self.change_on(
+                                l,
+                                MemberChange::Add {
+                                    member,
+                                    learner: true,
+                                },
+                            );
+                            Reconfig::Adding(slot, w)
+                        }
+                        _ => Reconfig::Idle,
+                    }
+                }
+                // Refused (not enough started members, another change in progress) or
+                // unknown: if it applied, the member sees itself removed and leaves.
+                _ => Reconfig::Idle,
+            },
+            Reconfig::Adding(slot, (mut rx, at)) => match rx.try_recv() {
+                Err(Empty) if self.now < at + OP_TIMEOUT_MS => Reconfig::Adding(slot, (rx, at)),
+                Ok(Ok(_)) => {
+                    self.members[slot].retired = false;
+                    self.members[slot].restart_at = Some(self.now);
+                    // Nothing asked yet: the first promotion goes out in 300 ms.
+                    let (_, rx) = oneshot::channel::<Result<Applied, ProposeError>>();
+                    Reconfig::Promoting(slot, (rx, self.now), self.now + 300)
+                }
+                _ => Reconfig::Idle,
+            },
+            Reconfig::Promoting(slot, (mut rx, at), next_try) => match rx.try_recv() {
+                Ok(Ok(_)) => {
+                    self.report.promoted += 1;
+                    Reconfig::Idle
+                }
+                _ if self.now > at + 10_000 => Reconfig::Idle,
+                Err(Empty) if self.now < next_try => Reconfig::Promoting(slot, (rx, at), next_try),
+                // Not answered yet, refused (not caught up) or not sent: ask the
+                // leader again.
+                _ => match self.leader() {
+                    Some(l) => {
+                        let id = self.members[slot].id;
+                        let (rx, _) = self.change_on(l, MemberChange::Promote(id));
+                        Reconfig::Promoting(slot, (rx, at), self.now + 300)
+                    }
+                    None => Reconfig::Promoting(slot, (rx, at), self.now + 300),
+                },
+            },
+        };
     }
 
     /// What meshd's expiry task does on every member: the leader revokes expired
@@ -1188,9 +1334,10 @@ impl World {
     /// One fault, chosen by the seed.
     fn inject_fault(&mut self) {
         let n = self.members.len();
-        let i = self.rng.below(n as u64) as usize;
+        let active: Vec<usize> = (0..n).filter(|&j| !self.members[j].retired).collect();
+        let i = active[self.rng.below(active.len() as u64) as usize];
         self.report.faults += 1;
-        let kind = self.rng.below(12);
+        let kind = self.rng.below(13);
         self.trace.add(&[0xfa, kind, i as u64]);
         match kind {
             // Power cut, back after a while.
@@ -1255,8 +1402,8 @@ impl World {
             }
             // A bit flipped at rest in one of a stopped member's files: at most a
             // minority of members, so the rest keep a quorum.
-            11 if self.members.iter().filter(|m| m.flipped).count()
-                < (self.members.len() - 1) / 2 =>
+            11 if active.iter().filter(|&&j| self.members[j].flipped).count()
+                < (active.len() - 1) / 2 =>
             {
                 let back = 100 + self.rng.below(500);
                 self.stop(i, false, back);
@@ -1269,6 +1416,15 @@ impl World {
                         .flip_bit(std::path::Path::new(path), bit);
                     self.members[i].flipped = true;
                     self.report.flips += 1;
+                }
+            }
+            // Replace a member: remove it, add a new one, promote it.
+            12 if matches!(self.reconfig, Reconfig::Idle) && !self.members[i].retired => {
+                if let Some(l) = self.leader() {
+                    let id = self.members[i].id;
+                    let w = self.change_on(l, MemberChange::Remove(id));
+                    self.removal_asked.insert(i);
+                    self.reconfig = Reconfig::Removing(i, w);
                 }
             }
             // Heal the network.
@@ -1342,6 +1498,9 @@ impl World {
         let mut up = Vec::new();
         for i in 0..self.members.len() {
             let m = &self.members[i];
+            if m.retired {
+                continue;
+            }
             let corrupt = m.node.as_ref().map(|n| n.status.is_corrupt());
             match (corrupt, m.flipped) {
                 (Some(false), _) => up.push(i),
@@ -1505,6 +1664,59 @@ pub fn run(cfg: SimConfig) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A leader asked to remove itself while writes keep coming: the Ready that
+    /// applies its removal also persists new entries, and raft-rs panicked looking up
+    /// the leader's own progress (found by seeds 36, 40 and 99 of `meshd-sim`).
+    #[test]
+    fn a_leader_removing_itself_under_load_steps_down_and_the_rest_go_on() {
+        let mut cfg = SimConfig::new(1);
+        cfg.clients = 0;
+        let mut w = World::new(cfg);
+        w.quiet = true;
+        while w.leader().is_none() && w.now < 5_000 {
+            w.step();
+        }
+        // Followers count as started once the leader has heard from them lately.
+        for _ in 0..1_000 {
+            w.step();
+        }
+        let l = w.leader().expect("a leader within 5 s");
+        let id = w.members[l].id;
+        w.removal_asked.insert(l);
+        let put = |v: u64| {
+            Request::Put(pb::PutRequest {
+                key: b"k".to_vec(),
+                value: v.to_string().into_bytes(),
+                ..Default::default()
+            })
+        };
+        let mut waiting = Vec::new();
+        for v in 0..20 {
+            waiting.push(w.propose_on(l, put(v)));
+        }
+        let (mut removal, _) = w.change_on(l, MemberChange::Remove(id));
+        for v in 20..200 {
+            waiting.push(w.propose_on(l, put(v)));
+            w.step();
+            if w.members[l].retired {
+                break;
+            }
+        }
+        let answer = removal.try_recv();
+        assert!(
+            matches!(answer, Ok(Ok(_))),
+            "the removal applied: {answer:?}"
+        );
+        assert!(w.members[l].retired, "the removed leader left");
+        let deadline = w.now + 5_000;
+        while w.leader().is_none() && w.now < deadline {
+            w.step();
+        }
+        let next = w.leader().expect("the other two elect a leader");
+        assert_ne!(next, l);
+        assert!(w.report.failures.is_empty(), "{:?}", w.report.failures);
+    }
 
     #[test]
     fn a_run_is_a_function_of_its_seed() {

@@ -234,6 +234,14 @@ impl Driver {
             self.status
                 .removed
                 .store(true, std::sync::atomic::Ordering::Release);
+            // A leader that removed itself steps down now: raft-rs would otherwise
+            // look up its own progress, which the change just deleted, when this
+            // Ready's appends are marked persisted, and panic. The entry is committed,
+            // so the next leader keeps it.
+            if self.raw.raft.state == StateRole::Leader {
+                let term = self.raw.raft.term;
+                self.raw.raft.become_follower(term, raft::INVALID_ID);
+            }
         }
         Ok(Ok(()))
     }

@@ -229,6 +229,7 @@ impl Driver {
             reads_ready: Vec::new(),
             read_seq: seeds.read_seq,
             transfers: Vec::new(),
+            self_removal: None,
             ticks: 0,
             heard_at: HashMap::new(),
             removed: Default::default(),
@@ -315,6 +316,10 @@ pub(crate) struct Driver {
     read_seq: u64,
     /// Leader transfers in progress: target, caller, tick started.
     transfers: Vec<(u64, Reply<()>, u64)>,
+    /// This member's own removal, asked of it as leader: it hands leadership over
+    /// first and proposes the change as a follower (see `proposals.rs`). The change,
+    /// its proposal ID, the caller, the tick it started.
+    self_removal: Option<(ConfChange, u64, Reply<Applied>, u64)>,
     ticks: u64,
     /// The tick each peer's last Raft message arrived at. raft-rs's own
     /// `recent_active` is cleared at every check-quorum round, so right after one it
@@ -399,19 +404,23 @@ impl Driver {
         self.raise_corrupt_alarm();
         // A leader that no longer applies would answer no reads: hand leadership to
         // the most caught-up other voter.
-        let r = &self.raw.raft;
-        if r.state == StateRole::Leader {
-            let me = self.cfg.member_id;
-            let target = r
-                .prs()
-                .iter()
-                .filter(|(id, _)| **id != me && r.prs().conf().voters().contains(**id))
-                .max_by_key(|(_, p)| p.matched)
-                .map(|(id, _)| *id);
-            if let Some(t) = target {
-                self.raw.transfer_leader(t);
-            }
+        if let Some(t) = self.best_transferee() {
+            self.raw.transfer_leader(t);
         }
+    }
+
+    /// On a leader, the most caught-up other voter.
+    fn best_transferee(&self) -> Option<u64> {
+        let r = &self.raw.raft;
+        if r.state != StateRole::Leader {
+            return None;
+        }
+        let me = self.cfg.member_id;
+        r.prs()
+            .iter()
+            .filter(|(id, _)| **id != me && r.prs().conf().voters().contains(**id))
+            .max_by_key(|(id, p)| (p.matched, std::cmp::Reverse(**id)))
+            .map(|(id, _)| *id)
     }
 
     /// Proposes the CORRUPT alarm for this member (again, until it is seen committed:
@@ -530,7 +539,13 @@ impl Driver {
             return Ok(false);
         }
         self.check_transfers();
+        self.continue_self_removal();
         Ok(true)
+    }
+
+    /// The Raft node (the simulator reports its state).
+    pub(crate) fn raft(&self) -> &RawNode<RaftLog> {
+        &self.raw
     }
 
     /// Returns false when asked to stop.

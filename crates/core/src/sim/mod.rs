@@ -3,28 +3,30 @@
 //! function of its seed and any failure replays exactly.
 //!
 //! What runs is meshd's own code: the Raft driver (`raft::Driver`, stepped turn by
-//! turn instead of on its thread), the write-ahead log and the redb keyspace (on
-//! [`disk::SimDisk`] instead of files), the state machine and its apply path. Only the
-//! edges are replaced: the clock, the transport (messages go through a queue with
-//! per-link delay, loss, duplication and cuts) and the disk.
+//! turn instead of on its thread), the write-ahead log, the redb keyspace and snapshot
+//! files (on [`disk::SimDisk`] instead of files), the state machine, its apply path
+//! and the lessor. Only the edges are replaced: the clock, the transport (messages go
+//! through a queue with per-link delay, loss, duplication and cuts) and the disk.
 //!
 //! A run has a fault phase (power cuts with torn writes, process kills and pauses,
-//! EIO on fsync, full disks, bits flipped at rest, partitions and one-way partial
-//! connectivity, slow, lossy and duplicating links, clock drift), then a heal
-//! phase in which every member is up and every link whole, and ends with checks that
-//! the caller completes: the client history (returned for the linearizability
-//! checker), a final read of every key, applied indexes and HashKV equal on every
-//! member, each member's watch history (ordered, replaying to its keyspace, the same
-//! when resumed from any revision), leases never expiring before their TTL, and
-//! liveness (a write acknowledged after healing).
+//! EIO on fsync, full disks, bits flipped at rest, partitions, one-way and partial
+//! connectivity, slow, lossy and duplicating links, clock drift, a member replaced
+//! under load), then a heal phase in which every member is up and every link whole,
+//! and ends with checks that the caller completes: the client history (returned for
+//! the linearizability checker), a final read of every key, applied indexes and
+//! HashKV equal on every member, each member's watch history (ordered, replaying to
+//! its keyspace, the same when resumed from any revision), leases (kept alive or not)
+//! never expiring before their TTL, and liveness (a write acknowledged after healing).
 //!
 //! Around a cut link, messages take a relay any two members both reach, as the mesh
 //! routes them (a model of its routing, not `mesh::topology` itself). The log is
 //! compacted every 20, 100 or 1,000 entries (by seed), so members back from a stop
 //! catch up by snapshot: the file travels with its message, as the mesh streams it.
+//! A member is replaced as an operator would: removed, a fresh member added as a
+//! learner, promoted once caught up.
 //!
-//! Not simulated yet (see issue 19): the gossip mesh's own code, membership changes,
-//! keep-alives and locks.
+//! Not simulated yet (see issue 19): the gossip mesh's own code (`mesh::topology`,
+//! `mesh::sync`) and locks.
 
 pub mod disk;
 
@@ -256,7 +258,7 @@ struct Member {
 }
 
 enum Waiting {
-    Write(oneshot::Receiver<Result<Applied, ProposeError>>),
+    Write(Answer),
     Read(oneshot::Receiver<Result<(), ProposeError>>),
 }
 
@@ -318,6 +320,11 @@ pub struct World {
     snapshot_count: u64,
     /// The lease client's progress.
     lease: LeaseStage,
+    /// A keep-alive in flight: the lease, when it was sent, the answer.
+    keepalive: Option<(i64, u64, Answer)>,
+    /// For each lease, when the TTL last started again for certain: the send time of
+    /// a keep-alive answered while the lease could not yet have expired.
+    renewed: BTreeMap<i64, u64>,
     next_lease: i64,
 }
 
@@ -330,19 +337,22 @@ enum Reconfig {
     Promoting(usize, Waiter, u64),
 }
 
-type Waiter = (oneshot::Receiver<Result<Applied, ProposeError>>, u64);
+/// The answer a proposal's caller waits for.
+type Answer = oneshot::Receiver<Result<Applied, ProposeError>>;
+
+type Waiter = (Answer, u64);
 
 /// The lease client: grants a lease, attaches a key to it, and reads the key
 /// (linearizably) until the lease expires, which must not be before its TTL.
 enum LeaseStage {
     Idle,
     Granting {
-        rx: oneshot::Receiver<Result<Applied, ProposeError>>,
+        rx: Answer,
         id: i64,
         invoke: u64,
     },
     Putting {
-        rx: oneshot::Receiver<Result<Applied, ProposeError>>,
+        rx: Answer,
         id: i64,
         ttl_ms: u64,
         granted_at: u64,
@@ -425,6 +435,8 @@ impl World {
             snapshot_reports: Vec::new(),
             snapshot_count,
             lease: LeaseStage::Idle,
+            keepalive: None,
+            renewed: BTreeMap::new(),
             next_lease: 0x1000,
             cfg,
         }
@@ -852,6 +864,53 @@ impl World {
         self.now += 1;
     }
 
+    /// Each member's state, for a failure report.
+    fn describe(&self) -> String {
+        let mut out = Vec::new();
+        for (i, m) in self.members.iter().enumerate() {
+            let state = match &m.node {
+                _ if m.retired => "retired".to_string(),
+                None => "down".to_string(),
+                Some(n) => {
+                    let r = &n.driver.raft().raft;
+                    let conf = r.prs().conf().to_conf_state();
+                    format!(
+                        "{:?} term {} applied {} voters {:?} learners {:?}",
+                        r.state,
+                        r.term,
+                        n.kv.applied_index(),
+                        conf.voters,
+                        conf.learners
+                    )
+                }
+            };
+            let flipped = if m.flipped { " (bit flipped)" } else { "" };
+            out.push(format!("m{}: {state}{flipped}", i + 1));
+        }
+        out.join("; ")
+    }
+
+    /// Whether a bit may be flipped on one more member: the voters whose disks were
+    /// never touched must stay a quorum even if every flipped one stays down, and no
+    /// membership change may be under way (a flip and a removal together could leave
+    /// fewer voters than a quorum, which no system survives).
+    fn may_flip(&self) -> bool {
+        let Some(l) = self.leader() else {
+            return false;
+        };
+        if !matches!(self.reconfig, Reconfig::Idle) {
+            return false;
+        }
+        let node = self.members[l].node.as_ref().expect("up");
+        let voters = node.driver.raft().raft.prs().conf().to_conf_state().voters;
+        let flipped = voters
+            .iter()
+            .filter(|&&id| self.members.get(id as usize - 1).is_some_and(|m| m.flipped))
+            .count();
+        let intact = voters.len() - flipped;
+        intact > voters.len() / 2 + 1
+    }
+
     /// Takes member `i` out of the run for good (removed from the cluster).
     fn retire(&mut self, i: usize) {
         self.members[i].node = None;
@@ -983,7 +1042,7 @@ impl World {
         &mut self,
         member: usize,
         request: Request,
-    ) -> oneshot::Receiver<Result<Applied, ProposeError>> {
+    ) -> Answer {
         let (tx, rx) = oneshot::channel();
         if let Some(node) = self.members[member].node.as_mut() {
             let _ = node.driver.handle(DriverMsg::Propose {
@@ -1074,6 +1133,28 @@ impl World {
         };
     }
 
+    /// Takes the answer to a keep-alive. One answered before the lease could have
+    /// expired (its TTL, less 1 % for clock drift, from `granted_at`) renewed it: the
+    /// TTL then runs again from when it was sent, or later.
+    fn poll_keepalive(&mut self, granted_at: u64, ttl_ms: u64) {
+        let Some((id, sent, mut rx)) = self.keepalive.take() else {
+            return;
+        };
+        match rx.try_recv() {
+            Err(oneshot::error::TryRecvError::Empty) if self.now < sent + OP_TIMEOUT_MS => {
+                self.keepalive = Some((id, sent, rx));
+            }
+            Ok(Ok(Applied {
+                kind: AppliedKind::LeaseKeepAlive { .. },
+                ..
+            })) if self.now < granted_at + ttl_ms * 99 / 100 => {
+                self.trace.add(&[0x4ee9, id as u64, sent]);
+                self.renewed.insert(id, sent);
+            }
+            _ => {}
+        }
+    }
+
     fn lease_read(
         &mut self,
         id: i64,
@@ -1082,6 +1163,9 @@ impl World {
         read: Option<(oneshot::Receiver<Result<(), ProposeError>>, usize)>,
     ) -> LeaseStage {
         use oneshot::error::TryRecvError::Empty;
+        // The TTL runs from the grant, or from the last keep-alive that surely renewed.
+        let granted_at = self.renewed.get(&id).copied().unwrap_or(0).max(granted_at);
+        self.poll_keepalive(granted_at, ttl_ms);
         let give_up = granted_at + ttl_ms + 5_000;
         let keep = |read| LeaseStage::Reading {
             id,
@@ -1091,6 +1175,14 @@ impl World {
         };
         match read {
             None if self.now >= give_up => LeaseStage::Idle,
+            None if self.keepalive.is_none() && self.rng.chance(2) => {
+                if let Some(m) = self.random_up() {
+                    let request = Request::LeaseKeepAlive(pb::LeaseKeepAliveRequest { id });
+                    let rx = self.propose_on(m, request);
+                    self.keepalive = Some((id, self.now, rx));
+                }
+                keep(None)
+            }
             None => match self.random_up() {
                 Some(m) if self.rng.chance(50) => {
                     let (tx, rx) = oneshot::channel();
@@ -1302,6 +1394,12 @@ impl World {
             _ => self.clients[c].take().expect("in flight"),
         };
         let output = match done {
+            // The member went down after confirming the read and before answering it:
+            // the client sees a lost connection, and the read had no effect.
+            Done::Out(OpOutput::Get(_)) if self.members[op.member].node.is_none() => {
+                self.trace.add(&[0x2b, c as u64, 0]);
+                return;
+            }
             Done::Out(OpOutput::Get(_)) => match self.read_value(op.member, &op.key) {
                 Ok(v) => OpOutput::Get(v),
                 Err(e) => {
@@ -1402,9 +1500,7 @@ impl World {
             }
             // A bit flipped at rest in one of a stopped member's files: at most a
             // minority of members, so the rest keep a quorum.
-            11 if active.iter().filter(|&&j| self.members[j].flipped).count()
-                < (active.len() - 1) / 2 =>
-            {
+            11 if self.may_flip() => {
                 let back = 100 + self.rng.below(500);
                 self.stop(i, false, back);
                 let files = self.members[i].disk.files();
@@ -1419,7 +1515,10 @@ impl World {
                 }
             }
             // Replace a member: remove it, add a new one, promote it.
-            12 if matches!(self.reconfig, Reconfig::Idle) && !self.members[i].retired => {
+            12 if matches!(self.reconfig, Reconfig::Idle)
+                && !self.members[i].retired
+                && !self.members.iter().any(|m| m.flipped && !m.retired) =>
+            {
                 if let Some(l) = self.leader() {
                     let id = self.members[i].id;
                     let w = self.change_on(l, MemberChange::Remove(id));
@@ -1496,9 +1595,17 @@ impl World {
         // A member with a flipped bit may have refused to start or quarantined itself;
         // any other member must be up and serving.
         let mut up = Vec::new();
+        // A member removed while its answer was lost never hears of it (meshd's
+        // members refuse a removed member's messages): it is out of the cluster, as
+        // the leader's configuration says.
+        let members_now: Option<Vec<u64>> = self.leader().map(|l| {
+            let node = self.members[l].node.as_ref().expect("up");
+            let cs = node.driver.raft().raft.prs().conf().to_conf_state();
+            cs.voters.into_iter().chain(cs.learners).collect()
+        });
         for i in 0..self.members.len() {
             let m = &self.members[i];
-            if m.retired {
+            if m.retired || members_now.as_ref().is_some_and(|ids| !ids.contains(&m.id)) {
                 continue;
             }
             let corrupt = m.node.as_ref().map(|n| n.status.is_corrupt());
@@ -1569,7 +1676,8 @@ impl World {
                 }
             }
         } else {
-            self.fail("no leader at the end".into());
+            let members = self.describe();
+            self.fail(format!("no leader at the end: {members}"));
         }
     }
 }

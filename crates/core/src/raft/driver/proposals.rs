@@ -74,6 +74,21 @@ impl Driver {
             context: prost::Message::encode_to_vec(&ctx),
             ..Default::default()
         };
+        if change_type == ConfChangeType::RemoveNode && node_id == self.cfg.member_id {
+            // A leader that committed its own removal and left could leave the others
+            // never learning that it committed: they would wait for its vote forever.
+            // It hands leadership to the most caught-up voter first, and proposes the
+            // change as a follower; the new leader commits it and tells the others.
+            if let Some(target) = self.best_transferee() {
+                info!(
+                    target = format_args!("{target:x}"),
+                    "removing this member: transferring leadership first"
+                );
+                self.raw.transfer_leader(target);
+                self.self_removal = Some((cc, id, reply, self.ticks));
+                return;
+            }
+        }
         match self.raw.propose_conf_change(vec![], cc) {
             Ok(()) => {
                 self.pending.insert(id, reply);
@@ -120,5 +135,31 @@ impl Driver {
             matched,
         };
         super::super::conf_rules::check(&view, change)
+    }
+
+    /// Proposes this member's own removal once leadership has moved (raft-rs forwards
+    /// it to the new leader), or gives up after two election timeouts.
+    pub(super) fn continue_self_removal(&mut self) {
+        let Some((cc, id, reply, started)) = self.self_removal.take() else {
+            return;
+        };
+        let r = &self.raw.raft;
+        if r.state != StateRole::Leader && r.leader_id != raft::INVALID_ID {
+            match self.raw.propose_conf_change(vec![], cc) {
+                Ok(()) => {
+                    self.pending.insert(id, reply);
+                }
+                Err(e) => {
+                    warn!("membership change refused: {e}");
+                    let _ = reply.send(Err(ProposeError::ChangeInProgress));
+                }
+            }
+        } else if self.ticks.saturating_sub(started) > 2 * self.cfg.election_ticks as u64
+            || reply.is_closed()
+        {
+            let _ = reply.send(Err(ProposeError::LeaderTransferTimeout));
+        } else {
+            self.self_removal = Some((cc, id, reply, started));
+        }
     }
 }

@@ -81,9 +81,9 @@
 mod conn;
 mod gossip;
 mod key;
-mod sync;
+pub(crate) mod sync;
 mod tasks;
-mod topology;
+pub(crate) mod topology;
 pub mod wire;
 
 pub use gossip::{GossipChannel, GossipData, GossipError, Gossiper};

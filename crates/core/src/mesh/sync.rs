@@ -20,7 +20,7 @@ type Stamp = (u64, u64);
 
 /// The sync state of one connection.
 #[derive(Debug, Default)]
-pub(super) struct NeighbourSync {
+pub(crate) struct NeighbourSync {
     /// Entries to send at the writer's next turn.
     pending: HashSet<PeerName>,
     /// Entries the neighbour is known to hold, at these stamps or newer.
@@ -29,7 +29,7 @@ pub(super) struct NeighbourSync {
 
 /// What to send the neighbour after it sent a summary or a digest.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Answer {
+pub(crate) enum Answer {
     /// Nothing beyond what is now queued.
     Nothing,
     /// Our full digest (its summary differs from ours).
@@ -40,21 +40,21 @@ pub(super) enum Answer {
 
 impl NeighbourSync {
     /// The neighbour sent us these entries: it holds them.
-    pub(super) fn received(&mut self, entries: &[Received]) {
+    pub(crate) fn received(&mut self, entries: &[Received]) {
         for e in entries {
             self.learn(e.name, (e.version, e.uid));
         }
     }
 
     /// Queues entries to send. True if any are queued (the writer must be woken).
-    pub(super) fn queue(&mut self, names: impl IntoIterator<Item = PeerName>) -> bool {
+    pub(crate) fn queue(&mut self, names: impl IntoIterator<Item = PeerName>) -> bool {
         self.pending.extend(names);
         !self.pending.is_empty()
     }
 
     /// The neighbour's summary arrived. The same as ours: it holds exactly what we
     /// hold. Different: it gets our full digest.
-    pub(super) fn on_summary(&mut self, topology: &Topology, summary: u64) -> Answer {
+    pub(crate) fn on_summary(&mut self, topology: &Topology, summary: u64) -> Answer {
         if summary != topology.summary() {
             return Answer::Digest;
         }
@@ -68,7 +68,7 @@ impl NeighbourSync {
     /// The neighbour's full digest arrived (`is_reply`: the answer to ours). It holds
     /// exactly what it lists; what it lacks is queued; if it has news for us and this
     /// is not already a reply, it gets our digest as one.
-    pub(super) fn on_digest(
+    pub(crate) fn on_digest(
         &mut self,
         topology: &Topology,
         items: &[MeshDigestItem],
@@ -87,7 +87,7 @@ impl NeighbourSync {
 
     /// The writer's turn: the queued entries the neighbour does not hold yet, now
     /// counted as held (they are about to be sent).
-    pub(super) fn take_due(&mut self, topology: &Topology) -> Vec<PeerName> {
+    pub(crate) fn take_due(&mut self, topology: &Topology) -> Vec<PeerName> {
         let mut due = Vec::new();
         for n in std::mem::take(&mut self.pending) {
             let Some(e) = topology.get(n) else {

@@ -25,10 +25,12 @@
 //! A member is replaced as an operator would: removed, a fresh member added as a
 //! learner, promoted once caught up.
 //!
-//! Not simulated yet (see issue 19): the gossip mesh's own code (`mesh::topology`,
-//! `mesh::sync`) and locks.
+//! The gossip mesh has its own simulation ([`mesh`]): many peers running the
+//! topology CRDT and its sync, without Raft. Not simulated yet (see issue 19): the
+//! mesh's code inside a cluster run, and locks.
 
 pub mod disk;
+pub mod mesh;
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::path::PathBuf;
@@ -1038,11 +1040,7 @@ impl World {
         }
     }
 
-    fn propose_on(
-        &mut self,
-        member: usize,
-        request: Request,
-    ) -> Answer {
+    fn propose_on(&mut self, member: usize, request: Request) -> Answer {
         let (tx, rx) = oneshot::channel();
         if let Some(node) = self.members[member].node.as_mut() {
             let _ = node.driver.handle(DriverMsg::Propose {

@@ -317,9 +317,8 @@ pub(crate) struct Driver {
     /// Leader transfers in progress: target, caller, tick started.
     transfers: Vec<(u64, Reply<()>, u64)>,
     /// This member's own removal, asked of it as leader: it hands leadership over
-    /// first and proposes the change as a follower (see `proposals.rs`). The change,
-    /// its proposal ID, the caller, the tick it started.
-    self_removal: Option<(ConfChange, u64, Reply<Applied>, u64)>,
+    /// first and proposes the change as a follower (see `proposals.rs`).
+    self_removal: Option<proposals::SelfRemoval>,
     ticks: u64,
     /// The tick each peer's last Raft message arrived at. raft-rs's own
     /// `recent_active` is cleared at every check-quorum round, so right after one it

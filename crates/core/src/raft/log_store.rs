@@ -553,14 +553,17 @@ impl raft::Storage for RaftLog {
             .inline
             .load(std::sync::atomic::Ordering::Relaxed)
         {
+            let index = meta.index;
             self.snapshots.build(txn, meta);
             let st = self.snapshots.lock();
             return match &st.built {
-                Some((meta, r)) => Ok(Snapshot {
+                // Only the snapshot just built: if building failed, an older one may
+                // not serve this request.
+                Some((meta, r)) if meta.index == index => Ok(Snapshot {
                     data: prost::Message::encode_to_vec(r),
                     metadata: Some(meta.clone()),
                 }),
-                None => Err(unavailable()),
+                _ => Err(unavailable()),
             };
         }
         let snapshots = self.snapshots.clone();

@@ -123,14 +123,18 @@ impl State {
         }
     }
 
+    /// Bytes held by the files reachable from the root (a removed file frees its
+    /// space).
     fn used(&self) -> u64 {
-        self.nodes
-            .iter()
-            .map(|n| match n {
-                Node::File { live, .. } => live.len() as u64,
-                Node::Dir { .. } => 0,
-            })
-            .sum()
+        let mut total = 0;
+        let mut stack = vec![0usize];
+        while let Some(ino) = stack.pop() {
+            match &self.nodes[ino] {
+                Node::Dir { live, .. } => stack.extend(live.values().copied()),
+                Node::File { live, .. } => total += live.len() as u64,
+            }
+        }
+        total
     }
 
     fn file(&mut self, ino: usize) -> io::Result<(&mut Vec<u8>, &mut Vec<u8>)> {

@@ -574,6 +574,9 @@ impl World {
                 let m = &mut self.members[i];
                 m.node = Some(node);
                 m.restart_at = None;
+                // It opened cleanly: whatever a flipped bit hit, every check applies to
+                // it again.
+                m.flipped = false;
                 m.next_tick = self.now + m.phase;
             }
             // An I/O error (an armed EIO, a full disk): the service manager starts the
@@ -830,10 +833,12 @@ impl World {
             match result {
                 Ok(true) => self.send(i, out),
                 Ok(false) => {
-                    // Only a member whose removal was asked for may leave.
+                    // Only a member whose removal was asked for may leave; what it
+                    // sent on its way out still goes.
                     if !self.removal_asked.contains(&i) {
                         self.fail(format!("m{} stopped on its own", i + 1));
                     }
+                    self.send(i, out);
                     self.retire(i);
                 }
                 Err(e) => {

@@ -137,7 +137,7 @@ fn open_redb(vfs: &dyn vfs::Vfs, path: &Path) -> Result<redb::Database, StorageE
     let path = path.to_path_buf();
     // redb can panic on a damaged file (e.g. an index out of range while it walks the
     // allocator state): that is a corrupt data dir to report, not a crash.
-    // The filesystem is only read through here; a panic leaves nothing half-changed.
+    // A panic inside redb leaves none of our own state half-changed.
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut db = vfs.open_redb(&path)?;
         Ok((verify(&mut db), db))

@@ -3,6 +3,21 @@
 
 use super::*;
 
+/// A leader's own removal in progress: leadership is handed over first, then the
+/// change is forwarded to the new leader, again every election timeout until it
+/// applies (a new leader drops conf changes until it has applied its first entry) or
+/// the caller stops waiting.
+pub(crate) struct SelfRemoval {
+    cc: ConfChange,
+    id: u64,
+    /// The caller, until the change is first forwarded; then it waits in `pending`.
+    reply: Option<Reply<Applied>>,
+    /// When leadership was last handed over.
+    transferred: u64,
+    /// When the change was last forwarded.
+    forwarded: Option<u64>,
+}
+
 impl Driver {
     pub(super) fn take_proposal_id(&mut self) -> u64 {
         let id = self.next_id;
@@ -79,13 +94,23 @@ impl Driver {
             // never learning that it committed: they would wait for its vote forever.
             // It hands leadership to the most caught-up voter first, and proposes the
             // change as a follower; the new leader commits it and tells the others.
+            if self.self_removal.is_some() {
+                let _ = reply.send(Err(ProposeError::ChangeInProgress));
+                return;
+            }
             if let Some(target) = self.best_transferee() {
                 info!(
                     target = format_args!("{target:x}"),
                     "removing this member: transferring leadership first"
                 );
                 self.raw.transfer_leader(target);
-                self.self_removal = Some((cc, id, reply, self.ticks));
+                self.self_removal = Some(SelfRemoval {
+                    cc,
+                    id,
+                    reply: Some(reply),
+                    transferred: self.ticks,
+                    forwarded: None,
+                });
                 return;
             }
         }
@@ -137,29 +162,61 @@ impl Driver {
         super::super::conf_rules::check(&view, change)
     }
 
-    /// Proposes this member's own removal once leadership has moved (raft-rs forwards
-    /// it to the new leader), or gives up after two election timeouts.
+    /// Moves this member's own removal along: once another member leads, forwards the
+    /// change to it (raft-rs does), again every election timeout until it applies or
+    /// the caller stops waiting. Leader again (the transfer failed or leadership came
+    /// back), it hands over again; if the first hand-over never completes, the caller
+    /// hears so after two election timeouts.
     pub(super) fn continue_self_removal(&mut self) {
-        let Some((cc, id, reply, started)) = self.self_removal.take() else {
+        let Some(mut sr) = self.self_removal.take() else {
             return;
         };
+        let waiting = match &sr.reply {
+            Some(r) => !r.is_closed(),
+            None => self.pending.contains_key(&sr.id),
+        };
+        if !waiting {
+            return;
+        }
+        let timeout = 2 * self.cfg.election_ticks as u64;
         let r = &self.raw.raft;
-        if r.state != StateRole::Leader && r.leader_id != raft::INVALID_ID {
-            match self.raw.propose_conf_change(vec![], cc) {
-                Ok(()) => {
-                    self.pending.insert(id, reply);
+        if r.state == StateRole::Leader {
+            if self.ticks.saturating_sub(sr.transferred) > timeout {
+                if let Some(reply) = sr.reply.take() {
+                    let _ = reply.send(Err(ProposeError::LeaderTransferTimeout));
+                    return;
                 }
-                Err(e) => {
-                    warn!("membership change refused: {e}");
+                if let Some(target) = self.best_transferee() {
+                    self.raw.transfer_leader(target);
+                }
+                sr.transferred = self.ticks;
+            }
+        } else if r.leader_id != raft::INVALID_ID
+            && sr
+                .forwarded
+                .is_none_or(|t| self.ticks.saturating_sub(t) >= self.cfg.election_ticks as u64)
+        {
+            if let Err(e) = self.raw.propose_conf_change(vec![], sr.cc.clone()) {
+                warn!("membership change refused: {e}");
+                let reply = sr.reply.take().or_else(|| self.pending.remove(&sr.id));
+                if let Some(reply) = reply {
                     let _ = reply.send(Err(ProposeError::ChangeInProgress));
                 }
+                return;
             }
-        } else if self.ticks.saturating_sub(started) > 2 * self.cfg.election_ticks as u64
-            || reply.is_closed()
-        {
-            let _ = reply.send(Err(ProposeError::LeaderTransferTimeout));
-        } else {
-            self.self_removal = Some((cc, id, reply, started));
+            if let Some(reply) = sr.reply.take() {
+                self.pending.insert(sr.id, reply);
+            }
+            sr.forwarded = Some(self.ticks);
+        }
+        self.self_removal = Some(sr);
+    }
+
+    /// Answers a removal of this member still in progress (the member leaves Raft
+    /// after a failed write).
+    pub(super) fn abandon_self_removal(&mut self) {
+        if let Some(reply) = self.self_removal.take().and_then(|sr| sr.reply) {
+            let _ = reply.send(Err(ProposeError::Stopped));
         }
     }
 }

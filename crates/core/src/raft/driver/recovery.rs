@@ -127,6 +127,7 @@ impl Driver {
         }
         self.parked.clear();
         self.by_index.clear();
+        self.abandon_self_removal();
         let reads = self
             .reads_new
             .drain(..)

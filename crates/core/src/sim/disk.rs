@@ -11,6 +11,9 @@
 //!   too (Linux marks the failed pages clean), so what a reopen reads is the disk.
 //! - A capacity may be set: a write that would take the files past it fails with
 //!   ENOSPC.
+//! - A power cut may be planned a number of operations ahead, so that it falls
+//!   between a write and its fsync, or a rename and its directory's fsync; from then on
+//!   every operation fails until the crash is applied.
 //!
 //! Paths are resolved component by component through directory inodes, so renaming a
 //! directory moves what is in it, as on a real filesystem.
@@ -57,6 +60,10 @@ struct State {
     /// Counters for the trace: writes, syncs.
     writes: u64,
     syncs: u64,
+    /// Operations left before the power goes (None: no cut planned).
+    cut_in: Option<u64>,
+    /// The power went: every operation fails until the crash is applied.
+    cut: bool,
 }
 
 /// One member's disk, shared by the handles open on it.
@@ -144,7 +151,25 @@ impl State {
         }
     }
 
+    /// Counts one operation against a planned power cut; once the power is gone,
+    /// nothing reaches the disk (the process is about to die with it).
+    fn op(&mut self) -> io::Result<()> {
+        if let Some(n) = self.cut_in {
+            if n == 0 {
+                self.cut = true;
+                self.cut_in = None;
+            } else {
+                self.cut_in = Some(n - 1);
+            }
+        }
+        if self.cut {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+
     fn write(&mut self, ino: usize, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.op()?;
         let end = offset as usize + buf.len();
         let cur = self.file(ino)?.0.len();
         if let Some(cap) = self.capacity {
@@ -166,6 +191,7 @@ impl State {
     }
 
     fn sync(&mut self, ino: usize, is_log: bool) -> io::Result<()> {
+        self.op()?;
         self.syncs += 1;
         if self.fail_syncs > 0 {
             self.fail_syncs -= 1;
@@ -237,10 +263,23 @@ impl SimDisk {
         (st.writes, st.syncs)
     }
 
+    /// The power goes after `ops` more writes, syncs or directory changes: between a
+    /// write and its fsync, a rename and its directory's fsync, anywhere.
+    pub fn cut_after(&self, ops: u64) {
+        self.lock().cut_in = Some(ops);
+    }
+
+    /// Whether a planned power cut happened (the caller then applies [`Self::crash`]).
+    pub fn was_cut(&self) -> bool {
+        self.lock().cut
+    }
+
     /// A power cut: everything becomes what it durably was. `tear` chooses how much of
     /// the last unsynced write survives: given its length, a byte count up to it.
     pub fn crash(&self, tear: impl FnOnce(usize) -> usize) {
         let mut st = self.lock();
+        st.cut = false;
+        st.cut_in = None;
         let torn = st.last_unsynced.take();
         for n in st.nodes.iter_mut() {
             match n {
@@ -439,6 +478,7 @@ impl Vfs for SimDisk {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut st = self.lock();
+        st.op()?;
         let (fdir, fname) = st.parent(from)?;
         let (tdir, tname) = st.parent(to)?;
         let ino = st
@@ -451,6 +491,7 @@ impl Vfs for SimDisk {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         let mut st = self.lock();
+        st.op()?;
         let (dir, name) = st.parent(path)?;
         st.dir_live(dir)
             .and_then(|d| d.remove(&name))
@@ -460,6 +501,7 @@ impl Vfs for SimDisk {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut st = self.lock();
+        st.op()?;
         st.syncs += 1;
         if st.plants.skip_dir_fsync {
             return Ok(());
@@ -573,6 +615,23 @@ mod tests {
         assert_eq!(d.read(Path::new("/x")).unwrap(), b"ab");
         d.set_capacity(Some(3));
         assert!(f.write_all_at(b"cd", 2).is_err());
+    }
+
+    #[test]
+    fn a_planned_power_cut_falls_between_a_write_and_its_fsync() {
+        let d = SimDisk::new();
+        let f = d.create(Path::new("/x")).unwrap();
+        d.sync_dir(Path::new("/")).unwrap();
+        f.write_all_at(b"ab", 0).unwrap();
+        f.sync_data().unwrap();
+        d.cut_after(1);
+        f.write_all_at(b"cd", 2).unwrap();
+        assert_eq!(f.sync_data().unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert!(d.was_cut());
+        assert!(f.write_all_at(b"ef", 4).is_err(), "nothing after the cut");
+        d.crash(|_| 0);
+        assert!(!d.was_cut());
+        assert_eq!(d.read(Path::new("/x")).unwrap(), b"ab");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! and the lessor. Only the edges are replaced: the clock, the transport (messages go
 //! through a queue with per-link delay, loss, duplication and cuts) and the disk.
 //!
-//! A run has a fault phase (power cuts with torn writes, process kills and pauses,
+//! A run has a fault phase (power cuts with torn writes, between steps or in the
+//! middle of a member's disk operations, process kills and pauses,
 //! EIO on fsync, full disks, bits flipped at rest, partitions, one-way and partial
 //! connectivity, slow, lossy and duplicating links, clock drift, a member replaced
 //! under load), then a heal phase in which every member is up and every link whole,
@@ -853,6 +854,19 @@ impl World {
                 }
             }
         }
+        // Members whose power went during this step die with it.
+        for i in 0..self.members.len() {
+            if self.members[i].disk.was_cut() && !self.members[i].retired {
+                let back = 100 + self.rng.below(1_000);
+                if self.members[i].node.is_some() {
+                    self.stop(i, true, back);
+                } else {
+                    let r = self.rng.next_u64();
+                    self.members[i].disk.crash(|len| (r as usize) % (len + 1));
+                    self.members[i].restart_at = Some(self.now + back);
+                }
+            }
+        }
         let now = self.now;
         let (lift, keep): (Vec<_>, Vec<_>) =
             self.full_until.drain(..).partition(|(t, _)| *t <= now);
@@ -1438,7 +1452,7 @@ impl World {
         let active: Vec<usize> = (0..n).filter(|&j| !self.members[j].retired).collect();
         let i = active[self.rng.below(active.len() as u64) as usize];
         self.report.faults += 1;
-        let kind = self.rng.below(13);
+        let kind = self.rng.below(14);
         self.trace.add(&[0xfa, kind, i as u64]);
         match kind {
             // Power cut, back after a while.
@@ -1528,6 +1542,13 @@ impl World {
                     self.removal_asked.insert(i);
                     self.reconfig = Reconfig::Removing(i, w);
                 }
+            }
+            // A power cut in the middle of what the member is doing: after a few
+            // more disk operations (between a write and its fsync, a rename and its
+            // directory's fsync).
+            13 => {
+                let ops = self.rng.below(12);
+                self.members[i].disk.cut_after(ops);
             }
             // Heal the network.
             _ => self.heal_network(),

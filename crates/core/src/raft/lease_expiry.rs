@@ -10,22 +10,30 @@ use crate::kv::KvError;
 use crate::lease::Lessor;
 use crate::proto::etcdserverpb::LeaseRevokeRequest;
 use crate::proto::meshpb::internal_request::Request as Internal;
-use crate::raft::{NodeHandle, ProposeError};
+use crate::raft::{NodeHandle, NodeStatus, ProposeError};
+
+/// One pass of the expiry rule: on the leader, the expired leases whose revoke is
+/// not already in flight, in ID order (marked in flight now); elsewhere none, and the
+/// lessor is told it does not lead.
+pub(crate) fn to_revoke(lessor: &Lessor, status: &NodeStatus) -> Vec<i64> {
+    if status.leader() != status.member_id {
+        lessor.demote();
+        return Vec::new();
+    }
+    lessor.promote(status.term());
+    let mut expired = lessor.take_expired();
+    expired.sort_unstable();
+    expired
+}
 
 /// The expiry task: every `interval`, while this member leads, revoke expired leases
 /// through Raft. Runs until aborted.
 pub async fn run(lessor: Arc<Lessor>, node: NodeHandle, interval: Duration) {
-    let me = node.status.member_id;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        if node.status.leader() != me {
-            lessor.demote();
-            continue;
-        }
-        lessor.promote(node.status.term());
-        for id in lessor.take_expired() {
+        for id in to_revoke(&lessor, &node.status) {
             debug!(lease = format_args!("{id:x}"), "lease expired");
             let node = node.clone();
             tokio::spawn(async move {

@@ -376,6 +376,12 @@ fn key_name(k: usize) -> String {
     format!("k{k}")
 }
 
+/// The member table's record of member `id` (its name and peer URL are the
+/// simulator's own).
+fn member_record(id: u64) -> crate::proto::meshpb::MemberRecord {
+    crate::server::voter(id, &format!("m{id}"), &format!("sim:{id}"))
+}
+
 fn data_dir(i: usize) -> PathBuf {
     PathBuf::from(format!("/m{}", i + 1))
 }
@@ -490,15 +496,15 @@ impl World {
             let fresh = storage::Identity::load(&db)
                 .map_err(|e| e.to_string())?
                 .is_none();
+            let identity = storage::Identity {
+                name: format!("m{id}"),
+                member_id: id,
+                cluster_id: CLUSTER_ID,
+                cluster_token: "sim".into(),
+            };
             if fresh && i >= n {
                 // Added to a running cluster: an identity only; the leader sends the
                 // rest as a snapshot.
-                let identity = storage::Identity {
-                    name: format!("m{id}"),
-                    member_id: id,
-                    cluster_id: CLUSTER_ID,
-                    cluster_token: "sim".into(),
-                };
                 let mut batch = kv.begin().map_err(|e| e.to_string())?;
                 batch
                     .side()
@@ -507,15 +513,7 @@ impl World {
                     .map_err(|e| e.to_string())?;
                 batch.commit(true).map_err(|e| e.to_string())?;
             } else if fresh {
-                let members: Vec<_> = (1..=n as u64)
-                    .map(|id| crate::server::voter(id, &format!("m{id}"), &format!("sim:{id}")))
-                    .collect();
-                let identity = storage::Identity {
-                    name: format!("m{id}"),
-                    member_id: id,
-                    cluster_id: CLUSTER_ID,
-                    cluster_token: "sim".into(),
-                };
+                let members: Vec<_> = (1..=n as u64).map(member_record).collect();
                 let mut batch = kv.begin().map_err(|e| e.to_string())?;
                 crate::server::write_bootstrap(&mut batch, &log, &identity, &members)
                     .map_err(|e| e.to_string())?;
@@ -984,8 +982,7 @@ impl World {
                     match self.leader() {
                         Some(l) if ok => {
                             let id = slot as u64 + 1;
-                            let member =
-                                crate::server::voter(id, &format!("m{id}"), &format!("sim:{id}"));
+                            let member = member_record(id);
                             let w = self.change_on(
                                 l,
                                 MemberChange::Add {
@@ -1038,25 +1035,26 @@ impl World {
     /// leases through Raft.
     fn expire_leases(&mut self) {
         for i in self.up() {
-            let node = self.members[i].node.as_mut().expect("up");
-            if node.status.leader() != node.status.member_id {
-                node.lessor.demote();
-                continue;
-            }
-            node.lessor.promote(node.status.term());
-            let mut expired = node.lessor.take_expired();
-            expired.sort_unstable();
-            for id in expired {
+            let node = self.members[i].node.as_ref().expect("up");
+            for id in crate::raft::lease_expiry::to_revoke(&node.lessor, &node.status) {
                 self.trace.add(&[0x1ea5e, id as u64]);
-                let (tx, _rx) = oneshot::channel();
                 let request = Request::LeaseRevoke(pb::LeaseRevokeRequest { id });
-                let _ = node.driver.handle(DriverMsg::Propose {
-                    request,
-                    auth: None,
-                    reply: tx,
-                });
+                // Nobody waits for the answer, as the expiry task does not.
+                drop(self.propose_on(i, request));
             }
         }
+    }
+
+    /// A linearizable read's first half on `member`: its ReadIndex (answered at once
+    /// when the skip-read-index bug is planted).
+    fn read_index(&mut self, member: usize) -> oneshot::Receiver<Result<(), ProposeError>> {
+        let (tx, rx) = oneshot::channel();
+        if self.cfg.plant == Some(Plant::SkipReadIndex) {
+            let _ = tx.send(Ok(()));
+        } else if let Some(node) = self.members[member].node.as_mut() {
+            let _ = node.driver.handle(DriverMsg::ReadIndex { reply: tx });
+        }
+        rx
     }
 
     fn propose_on(&mut self, member: usize, request: Request) -> Answer {
@@ -1201,16 +1199,7 @@ impl World {
                 keep(None)
             }
             None => match self.random_up() {
-                Some(m) if self.rng.chance(50) => {
-                    let (tx, rx) = oneshot::channel();
-                    let node = self.members[m].node.as_mut().expect("up");
-                    if self.cfg.plant == Some(Plant::SkipReadIndex) {
-                        let _ = tx.send(Ok(()));
-                    } else {
-                        let _ = node.driver.handle(DriverMsg::ReadIndex { reply: tx });
-                    }
-                    keep(Some((rx, m)))
-                }
+                Some(m) if self.rng.chance(50) => keep(Some((self.read_index(m), m))),
                 _ => keep(None),
             },
             Some((mut rx, m)) => match rx.try_recv() {
@@ -1285,33 +1274,17 @@ impl World {
                 }
             }
         };
-        let node = self.members[member].node.as_mut().expect("up");
         let waiting = match input {
-            OpInput::Get => {
-                let (tx, rx) = oneshot::channel();
-                if self.cfg.plant == Some(Plant::SkipReadIndex) {
-                    let _ = tx.send(Ok(()));
-                } else {
-                    let _ = node.driver.handle(DriverMsg::ReadIndex { reply: tx });
-                }
-                Waiting::Read(rx)
-            }
+            OpInput::Get => Waiting::Read(self.read_index(member)),
             OpInput::Put(v) => {
-                let (tx, rx) = oneshot::channel();
                 let req = Request::Put(pb::PutRequest {
                     key: key.clone().into_bytes(),
                     value: v.to_string().into_bytes(),
                     ..Default::default()
                 });
-                let _ = node.driver.handle(DriverMsg::Propose {
-                    request: req,
-                    auth: None,
-                    reply: tx,
-                });
-                Waiting::Write(rx)
+                Waiting::Write(self.propose_on(member, req))
             }
             OpInput::Cas { expect, new } => {
-                let (tx, rx) = oneshot::channel();
                 let req = Request::Txn(pb::TxnRequest {
                     compare: vec![pb::Compare {
                         result: pb::compare::CompareResult::Equal as i32,
@@ -1331,12 +1304,7 @@ impl World {
                     }],
                     failure: vec![],
                 });
-                let _ = node.driver.handle(DriverMsg::Propose {
-                    request: req,
-                    auth: None,
-                    reply: tx,
-                });
-                Waiting::Write(rx)
+                Waiting::Write(self.propose_on(member, req))
             }
         };
         self.trace.add(&[0x1b, c as u64, member as u64]);

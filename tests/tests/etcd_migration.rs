@@ -288,7 +288,12 @@ async fn make_mirror_copies_a_live_etcd_into_meshd() {
                 .iter()
                 .map(|kv| format!("{}={}", kv.key_str().unwrap(), kv.value_str().unwrap()))
                 .collect();
-            (keys.len() == 20).then_some(keys)
+            // 20 keys are there before the last put and the delete arrive too: wait
+            // for the mirror's end state, which the assertions below then spell out.
+            let done = keys.len() == 20
+                && keys.iter().any(|k| k == "live/19=19")
+                && !keys.iter().any(|k| k.starts_with("live/0="));
+            done.then_some(keys)
         }
     })
     .await;

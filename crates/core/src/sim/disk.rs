@@ -41,6 +41,9 @@ enum Node {
     File {
         live: Vec<u8>,
         durable: Vec<u8>,
+        /// The byte ranges written since the last sync, disjoint, by start (a sync
+        /// copies only them).
+        dirty: BTreeMap<usize, usize>,
     },
     Dir {
         live: BTreeMap<String, usize>,
@@ -146,9 +149,64 @@ impl State {
 
     fn file(&mut self, ino: usize) -> io::Result<(&mut Vec<u8>, &mut Vec<u8>)> {
         match self.nodes.get_mut(ino) {
-            Some(Node::File { live, durable }) => Ok((live, durable)),
+            Some(Node::File { live, durable, .. }) => Ok((live, durable)),
             _ => Err(io::Error::other("not a file")),
         }
+    }
+
+    /// Bytes `from..to` of file `ino` differ from the disk until the next sync.
+    fn mark_dirty(&mut self, ino: usize, from: usize, to: usize) {
+        if let Some(Node::File { dirty, .. }) = self.nodes.get_mut(ino) {
+            // Merge with every range it touches.
+            let (mut from, mut to) = (from, to);
+            while let Some((&a, &b)) = dirty.range(..=to).next_back() {
+                if b < from {
+                    break;
+                }
+                dirty.remove(&a);
+                from = from.min(a);
+                to = to.max(b);
+            }
+            dirty.insert(from, to);
+        }
+    }
+
+    /// File `ino`'s cache is what its disk holds: its dirty range copied one way or
+    /// the other (`to_disk`: a sync; otherwise a dropped cache).
+    fn settle(&mut self, ino: usize, to_disk: bool) {
+        if let Some(Node::File {
+            live,
+            durable,
+            dirty,
+        }) = self.nodes.get_mut(ino)
+        {
+            if dirty.is_empty() {
+                return;
+            }
+            let (src, dst) = if to_disk {
+                (&*live, durable)
+            } else {
+                (&*durable, live)
+            };
+            dst.resize(src.len(), 0);
+            for (from, to) in std::mem::take(dirty) {
+                let to = to.min(src.len());
+                if from < to {
+                    dst[from..to].copy_from_slice(&src[from..to]);
+                }
+            }
+        }
+    }
+
+    /// Sets file `ino`'s cached length (a truncation or an extension).
+    fn resize(&mut self, ino: usize, len: usize) -> io::Result<()> {
+        let (live, _) = self.file(ino)?;
+        let old = live.len();
+        live.resize(len, 0);
+        // The length itself is what differs from the disk: a range covering both
+        // ends copies it at the next sync.
+        self.mark_dirty(ino, old.min(len), old.max(len));
+        Ok(())
     }
 
     /// Counts one operation against a planned power cut; once the power is gone,
@@ -185,6 +243,7 @@ impl State {
             live.resize(end, 0);
         }
         live[offset as usize..end].copy_from_slice(buf);
+        self.mark_dirty(ino, offset as usize, end);
         self.last_unsynced = Some((ino, offset, buf.to_vec()));
         self.writes += 1;
         Ok(())
@@ -197,8 +256,8 @@ impl State {
             self.fail_syncs -= 1;
             // The failed pages are dropped from the cache: the file is what the disk
             // holds.
-            let (live, durable) = self.file(ino)?;
-            *live = durable.clone();
+            self.file(ino)?;
+            self.settle(ino, false);
             if matches!(self.last_unsynced, Some((i, _, _)) if i == ino) {
                 self.last_unsynced = None;
             }
@@ -207,8 +266,8 @@ impl State {
         if is_log && self.plants.skip_log_fsync {
             return Ok(());
         }
-        let (live, durable) = self.file(ino)?;
-        *durable = live.clone();
+        self.file(ino)?;
+        self.settle(ino, true);
         if matches!(self.last_unsynced, Some((i, _, _)) if i == ino) {
             self.last_unsynced = None;
         }
@@ -281,10 +340,11 @@ impl SimDisk {
         st.cut = false;
         st.cut_in = None;
         let torn = st.last_unsynced.take();
-        for n in st.nodes.iter_mut() {
-            match n {
-                Node::File { live, durable } => *live = durable.clone(),
-                Node::Dir { live, durable } => *live = durable.clone(),
+        for ino in 0..st.nodes.len() {
+            if let Node::Dir { live, durable } = &mut st.nodes[ino] {
+                *live = durable.clone();
+            } else {
+                st.settle(ino, false);
             }
         }
         if let Some((ino, offset, bytes)) = torn {
@@ -296,7 +356,7 @@ impl SimDisk {
                         live.resize(end, 0);
                     }
                     live[offset as usize..end].copy_from_slice(&bytes[..keep]);
-                    *durable = live.clone();
+                    durable.clone_from(live);
                 }
             }
         }
@@ -311,7 +371,7 @@ impl SimDisk {
             return false;
         };
         match st.nodes.get_mut(ino) {
-            Some(Node::File { live, durable }) if !durable.is_empty() => {
+            Some(Node::File { live, durable, .. }) if !durable.is_empty() => {
                 let i = (at / 8) as usize % durable.len();
                 durable[i] ^= 1 << (at % 8);
                 if i < live.len() {
@@ -356,10 +416,7 @@ impl VFile for SimFile {
         self.disk.lock().write(self.ino, buf, offset)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        let mut st = self.disk.lock();
-        let (live, _) = st.file(self.ino)?;
-        live.resize(len as usize, 0);
-        Ok(())
+        self.disk.lock().resize(self.ino, len as usize)
     }
     fn sync_data(&self) -> io::Result<()> {
         self.disk.lock().sync(self.ino, self.is_log)
@@ -446,13 +503,14 @@ impl Vfs for SimDisk {
             let existing = st.dir_live(dir).and_then(|d| d.get(&name).copied());
             match existing {
                 Some(i) => {
-                    st.file(i)?.0.clear();
+                    st.resize(i, 0)?;
                     i
                 }
                 None => {
                     st.nodes.push(Node::File {
                         live: Vec::new(),
                         durable: Vec::new(),
+                        dirty: BTreeMap::new(),
                     });
                     let i = st.nodes.len() - 1;
                     st.dir_live(dir).expect("a directory").insert(name, i);
@@ -567,8 +625,7 @@ impl redb::StorageBackend for RedbFile {
                 ));
             }
         }
-        st.file(self.ino)?.0.resize(len as usize, 0);
-        Ok(())
+        st.resize(self.ino, len as usize)
     }
     fn sync_data(&self) -> io::Result<()> {
         self.disk.lock().sync(self.ino, false)

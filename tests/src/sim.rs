@@ -11,7 +11,7 @@ use crate::linearizability::{self, Input, Op, Output, Verdict};
 const CHECK_BUDGET: u64 = 2_000_000;
 
 /// One seed's outcome after every check.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Checked {
     pub seed: u64,
     pub faults: u64,
@@ -21,6 +21,8 @@ pub struct Checked {
     pub flips_detected: u64,
     pub removed: u64,
     pub promoted: u64,
+    /// Locks acquired.
+    pub locks: u64,
     /// Every failed check, each a readable paragraph.
     pub failures: Vec<String>,
 }
@@ -42,14 +44,8 @@ pub fn run_seed(seed: u64, members: usize, plant: Option<Plant>) -> Checked {
                 .unwrap_or_else(|| "a panic".into());
             return Checked {
                 seed,
-                faults: 0,
-                ops: 0,
-                trace_hash: 0,
-                flips: 0,
-                flips_detected: 0,
-                removed: 0,
-                promoted: 0,
                 failures: vec![format!("panicked: {what}")],
+                ..Default::default()
             };
         }
     };
@@ -71,6 +67,7 @@ pub fn run_seed(seed: u64, members: usize, plant: Option<Plant>) -> Checked {
         flips_detected: report.flips_detected,
         removed: report.removed,
         promoted: report.promoted,
+        locks: report.locks,
         failures,
     }
 }

@@ -9,23 +9,33 @@ use mesh_tests::sim::run_seed;
 /// seconds in a debug one); `meshd-sim --seeds A..B` runs thousands.
 const SEEDS: std::ops::Range<u64> = 0..12;
 
-fn failures(seeds: std::ops::Range<u64>, members: usize, plant: Option<Plant>) -> Vec<String> {
-    seeds
-        .map(|seed| run_seed(seed, members, plant))
+/// Runs the seeds; returns every failure, and the locks acquired in all.
+fn failures(
+    seeds: std::ops::Range<u64>,
+    members: usize,
+    plant: Option<Plant>,
+) -> (Vec<String>, u64) {
+    let runs: Vec<_> = seeds.map(|seed| run_seed(seed, members, plant)).collect();
+    let locks = runs.iter().map(|r| r.locks).sum();
+    let failed = runs
+        .into_iter()
         .filter(|r| !r.failures.is_empty())
         .map(|r| format!("seed {}:\n{}", r.seed, r.failures.join("\n")))
-        .collect()
+        .collect();
+    (failed, locks)
 }
 
 #[test]
 fn clusters_of_three_pass_every_check_under_faults() {
-    let failed = failures(SEEDS, 3, None);
+    let (failed, locks) = failures(SEEDS, 3, None);
     assert!(failed.is_empty(), "{}", failed.join("\n\n"));
+    // The lock clients took the lock, so the one-holder check had holds to compare.
+    assert!(locks >= SEEDS.end, "only {locks} locks acquired");
 }
 
 #[test]
 fn clusters_of_five_pass_every_check_under_faults() {
-    let failed = failures(100..104, 5, None);
+    let (failed, _) = failures(100..104, 5, None);
     assert!(failed.is_empty(), "{}", failed.join("\n\n"));
 }
 

@@ -76,15 +76,9 @@ pub(crate) async fn txn(
     }
 }
 
-/// Creates `key` with `value` attached to `lease` unless it exists (etcd's
-/// `If(CreateRevision(key) == 0).Then(Put).Else(Get)`). Returns the key as stored,
-/// whether this call created it, and the revision after the txn.
-pub(crate) async fn create_or_get(
-    ctx: &ApiContext,
-    key: &[u8],
-    value: &[u8],
-    lease: i64,
-) -> Result<(KeyValue, bool, i64), Status> {
+/// The txn that creates `key` (with `lease`) if it does not exist, and reads it
+/// otherwise: a contender's first step.
+pub(crate) fn create_or_get_request(key: &[u8], value: &[u8], lease: i64) -> pb::TxnRequest {
     let put = pb::PutRequest {
         key: key.to_vec(),
         value: value.to_vec(),
@@ -95,19 +89,58 @@ pub(crate) async fn create_or_get(
         key: key.to_vec(),
         ..Default::default()
     };
-    let (resp, rev) = txn(
-        ctx,
-        pb::TxnRequest {
-            compare: vec![created_at(key, 0)],
-            success: vec![pb::RequestOp {
-                request: Some(Op::RequestPut(put)),
-            }],
-            failure: vec![pb::RequestOp {
-                request: Some(Op::RequestRange(get)),
-            }],
-        },
-    )
-    .await?;
+    pb::TxnRequest {
+        compare: vec![created_at(key, 0)],
+        success: vec![pb::RequestOp {
+            request: Some(Op::RequestPut(put)),
+        }],
+        failure: vec![pb::RequestOp {
+            request: Some(Op::RequestRange(get)),
+        }],
+    }
+}
+
+/// The newest key under `<name>/` created before `rev`, if any (keys only): the one a
+/// contender created at `rev` waits for.
+pub(crate) fn older_contender_request(name: &[u8], rev: i64) -> RangeRequest {
+    let p = prefix(name);
+    RangeRequest {
+        range_end: prefix_range_end(&p),
+        key: p,
+        limit: 1,
+        max_create_revision: rev - 1,
+        sort_order: SortOrder::Descend as i32,
+        sort_target: SortTarget::Create as i32,
+        keys_only: true,
+        ..Default::default()
+    }
+}
+
+/// A read of a contender's own key (keys only).
+pub(crate) fn held_request(key: &[u8]) -> RangeRequest {
+    RangeRequest {
+        key: key.to_vec(),
+        keys_only: true,
+        ..Default::default()
+    }
+}
+
+/// Whether a read of a contender's key (keys only) shows it still the one created at
+/// `rev`.
+pub(crate) fn still_created_at(resp: &pb::RangeResponse, rev: i64) -> bool {
+    resp.kvs.first().is_some_and(|kv| kv.create_revision == rev)
+}
+
+/// Creates `key` with `value` attached to `lease` unless it exists (etcd's
+/// `If(CreateRevision(key) == 0).Then(Put).Else(Get)`). Returns the key as stored,
+/// whether this call created it, and the revision after the txn.
+pub(crate) async fn create_or_get(
+    ctx: &ApiContext,
+    key: &[u8],
+    value: &[u8],
+    lease: i64,
+) -> Result<(KeyValue, bool, i64), Status> {
+    let (resp, rev) = txn(ctx, create_or_get_request(key, value, lease)).await?;
     if resp.succeeded {
         let kv = KeyValue {
             key: key.to_vec(),
@@ -157,20 +190,10 @@ pub(crate) async fn wait_older_deleted(
     name: &[u8],
     rev: i64,
 ) -> Result<i64, Status> {
-    let p = prefix(name);
     let mut revisions = ctx.kv.subscribe();
     loop {
         // Any key created before ours; the newest of them is the one to wait for.
-        let newer_first = RangeRequest {
-            key: p.clone(),
-            range_end: prefix_range_end(&p),
-            limit: 1,
-            max_create_revision: rev - 1,
-            sort_order: SortOrder::Descend as i32,
-            sort_target: SortTarget::Create as i32,
-            keys_only: true,
-            ..Default::default()
-        };
+        let newer_first = older_contender_request(name, rev);
         let resp = ctx.kv.range(&newer_first).map_err(kv_status)?;
         if resp.kvs.is_empty() {
             return Ok(ctx.kv.current_revision());
@@ -187,17 +210,11 @@ pub(crate) async fn wait_older_deleted(
 /// lease expired meanwhile, the key is gone and so is the place in line (etcd's
 /// `ErrSessionExpired`).
 pub(crate) fn still_held(ctx: &ApiContext, key: &[u8], rev: i64) -> Result<(), Status> {
-    let resp = ctx
-        .kv
-        .range(&RangeRequest {
-            key: key.to_vec(),
-            keys_only: true,
-            ..Default::default()
-        })
-        .map_err(kv_status)?;
-    match resp.kvs.first() {
-        Some(kv) if kv.create_revision == rev => Ok(()),
-        _ => Err(Status::unknown(SESSION_EXPIRED)),
+    let resp = ctx.kv.range(&held_request(key)).map_err(kv_status)?;
+    if still_created_at(&resp, rev) {
+        Ok(())
+    } else {
+        Err(Status::unknown(SESSION_EXPIRED))
     }
 }
 

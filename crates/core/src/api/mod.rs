@@ -8,7 +8,7 @@
 
 mod auth;
 mod cluster;
-mod concurrency;
+pub(crate) mod concurrency;
 mod election;
 mod fault;
 mod gate;

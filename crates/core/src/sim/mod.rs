@@ -31,6 +31,7 @@
 //! mesh's code inside a cluster run, and locks.
 
 pub mod disk;
+mod lock;
 pub mod mesh;
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -165,6 +166,8 @@ pub struct Report {
     /// Members removed, and new members added and promoted to voter.
     pub removed: u64,
     pub promoted: u64,
+    /// Locks acquired (and released, or lost with their lease).
+    pub locks: u64,
 }
 
 /// SplitMix64: small, fast, and the same on every platform and version.
@@ -329,6 +332,9 @@ pub struct World {
     /// a keep-alive answered while the lease could not yet have expired.
     renewed: BTreeMap<i64, u64>,
     next_lease: i64,
+    /// The lock clients, and every hold of the lock so far.
+    lockers: Vec<lock::LockClient>,
+    holds: Vec<lock::Hold>,
 }
 
 /// Replacing a member under load: remove a voter, add a new member as a learner, and
@@ -447,6 +453,8 @@ impl World {
             keepalive: None,
             renewed: BTreeMap::new(),
             next_lease: 0x1000,
+            lockers: (0..3).map(|_| lock::LockClient::default()).collect(),
+            holds: Vec::new(),
             cfg,
         }
     }
@@ -876,6 +884,7 @@ impl World {
         if !self.quiet {
             self.lease_step();
         }
+        self.locks_step();
         self.reconfig_step();
         if self.now.is_multiple_of(50) {
             self.expire_leases();

@@ -321,7 +321,7 @@ impl Mesh {
             uid,
             psk,
             state: Mutex::new(State {
-                topology: Topology::new(own, cfg.gossip_interval / 10),
+                topology: Topology::new(own, cfg.gossip_interval / 10, crate::system_clock()),
                 conns: HashMap::new(),
                 handshaking: HashMap::new(),
                 channels: HashMap::new(),

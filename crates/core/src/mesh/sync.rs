@@ -8,6 +8,11 @@
 //! repairs what flooding missed: a summary (one hash of every (name, version, uid))
 //! goes to a random neighbour each round; a neighbour whose summary differs gets our
 //! full digest, and the side that finds the other has news replies with its own, once.
+//!
+//! What the neighbour holds is kept compactly, as it must be for thousands of peers:
+//! a window of the topology's change counter in which it holds our version of every
+//! entry that changed (everything we flooded to it, or it sent us, since it last
+//! matched us), plus the exceptions it is known to hold at other versions.
 
 use std::collections::{HashMap, HashSet};
 
@@ -19,12 +24,18 @@ use crate::proto::meshpb::MeshDigestItem;
 type Stamp = (u64, u64);
 
 /// The sync state of one connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct NeighbourSync {
     /// Entries to send at the writer's next turn.
     pending: HashSet<PeerName>,
-    /// Entries the neighbour is known to hold, at these stamps or newer.
+    /// The neighbour holds our version (or a newer one) of every entry whose last
+    /// change here ([`Topology::seq`]) is in `covered.0 < changed <= covered.1`.
+    covered: (u64, u64),
+    /// Entries the neighbour is known to hold at these stamps or newer, whatever
+    /// `covered` says.
     knows: HashMap<PeerName, Stamp>,
+    /// Names added to `knows` since the writer's last turn, to be pruned then.
+    learned: Vec<PeerName>,
 }
 
 /// What to send the neighbour after it sent a summary or a digest.
@@ -39,10 +50,73 @@ pub(crate) enum Answer {
 }
 
 impl NeighbourSync {
-    /// The neighbour sent us these entries: it holds them.
-    pub(crate) fn received(&mut self, entries: &[Received]) {
+    /// A new connection: nothing is known of what the neighbour holds.
+    pub(crate) fn new(topology: &Topology) -> NeighbourSync {
+        NeighbourSync {
+            pending: HashSet::new(),
+            covered: (topology.seq(), topology.seq()),
+            knows: HashMap::new(),
+            learned: Vec::new(),
+        }
+    }
+
+    /// The stamp the neighbour is known to hold `name` at (or newer), if any.
+    fn holds(&self, topology: &Topology, name: PeerName) -> Option<Stamp> {
+        if let Some(&k) = self.knows.get(&name) {
+            return Some(k);
+        }
+        let (e, changed) = topology.get_with_change(name)?;
+        (self.covered.0 < changed && changed <= self.covered.1).then_some((e.version, e.uid))
+    }
+
+    /// Whether the window alone says the neighbour holds our version of `name`.
+    fn in_window(&self, topology: &Topology, name: PeerName) -> bool {
+        topology
+            .get_with_change(name)
+            .is_some_and(|(_, changed)| self.covered.0 < changed && changed <= self.covered.1)
+    }
+
+    /// What the neighbour held at a known moment: exactly what we hold (`theirs`
+    /// None: its summary matched ours), or what its digest listed.
+    fn reset(&mut self, topology: &Topology, theirs: Option<&[MeshDigestItem]>) {
+        self.covered = (0, topology.seq());
+        self.knows.clear();
+        self.learned.clear();
+        let Some(items) = theirs else {
+            return;
+        };
+        // Only what differs from ours is kept.
+        let mut listed = HashSet::with_capacity(items.len());
+        for i in items {
+            listed.insert(i.name);
+            let stamp = (i.version, i.uid);
+            if topology
+                .get(i.name)
+                .is_none_or(|e| (e.version, e.uid) != stamp)
+            {
+                self.knows.insert(i.name, stamp);
+            }
+        }
+        for e in topology.entries() {
+            if !listed.contains(&e.name) {
+                self.knows.insert(e.name, (0, 0));
+            }
+        }
+    }
+
+    /// The neighbour sent us these entries (before they are merged into
+    /// `topology`): it holds them. Only what the window will not say is kept: an
+    /// entry queued for it (not to be echoed), or one older than ours.
+    pub(crate) fn received(&mut self, topology: &Topology, entries: &[Received]) {
         for e in entries {
-            self.learn(e.name, (e.version, e.uid));
+            let stamp = (e.version, e.uid);
+            if self.pending.contains(&e.name)
+                || topology
+                    .get(e.name)
+                    .is_some_and(|o| (o.version, o.uid) > stamp)
+            {
+                self.learn(e.name, stamp);
+            }
         }
     }
 
@@ -58,10 +132,7 @@ impl NeighbourSync {
         if summary != topology.summary() {
             return Answer::Digest;
         }
-        self.knows = topology
-            .entries()
-            .map(|e| (e.name, (e.version, e.uid)))
-            .collect();
+        self.reset(topology, None);
         Answer::Nothing
     }
 
@@ -74,7 +145,7 @@ impl NeighbourSync {
         items: &[MeshDigestItem],
         is_reply: bool,
     ) -> (bool, Answer) {
-        self.knows = items.iter().map(|i| (i.name, (i.version, i.uid))).collect();
+        self.reset(topology, Some(items));
         let (send, they_have_news) = topology.diff(items);
         let wake = !send.is_empty() && self.queue(send);
         let answer = if they_have_news && !is_reply {
@@ -87,25 +158,58 @@ impl NeighbourSync {
 
     /// The writer's turn: the queued entries the neighbour does not hold yet, now
     /// counted as held (they are about to be sent).
+    ///
+    /// Every change since the last turn was queued here, or came from this neighbour,
+    /// so once the queue is sent the neighbour holds our version of everything that
+    /// changed up to now: the window extends to the present, and what it now covers
+    /// is dropped from the known stamps.
     pub(crate) fn take_due(&mut self, topology: &Topology) -> Vec<PeerName> {
         let mut due = Vec::new();
-        for n in std::mem::take(&mut self.pending) {
+        let pending = std::mem::take(&mut self.pending);
+        for &n in &pending {
             let Some(e) = topology.get(n) else {
                 continue;
             };
             let stamp = (e.version, e.uid);
-            if self.knows.get(&n).is_none_or(|&k| stamp > k) {
-                self.knows.insert(n, stamp);
+            if self.holds(topology, n).is_none_or(|k| stamp > k) {
                 due.push(n);
             }
         }
         due.sort_unstable();
+        self.covered.1 = topology.seq();
+        for n in pending.into_iter().chain(std::mem::take(&mut self.learned)) {
+            let Some(e) = topology.get(n) else {
+                self.knows.remove(&n);
+                continue;
+            };
+            let stamp = (e.version, e.uid);
+            let known = if due.binary_search(&n).is_ok() {
+                Some(stamp)
+            } else {
+                self.knows.get(&n).copied()
+            };
+            match known {
+                Some(k) if k >= stamp && self.in_window(topology, n) => {
+                    self.knows.remove(&n);
+                }
+                Some(k) => {
+                    self.knows.insert(n, k);
+                }
+                None => {}
+            }
+        }
+        // A burst of entries leaves a large table behind: give the memory back once
+        // the window has absorbed most of it.
+        if self.knows.len() * 4 < self.knows.capacity() {
+            self.knows.shrink_to_fit();
+        }
         due
     }
 
     fn learn(&mut self, name: PeerName, stamp: Stamp) {
         let k = self.knows.entry(name).or_insert(stamp);
         *k = (*k).max(stamp);
+        self.learned.push(name);
     }
 }
 
@@ -158,22 +262,24 @@ mod tests {
     #[test]
     fn what_the_neighbour_sent_is_not_sent_back() {
         let two = entry(2, 2);
-        let t = topology_with(1, std::slice::from_ref(&two));
-        let mut s = NeighbourSync::default();
-        s.received(&[received(&two)]);
+        let mut t = topology_with(1, std::slice::from_ref(&two));
+        let mut s = NeighbourSync::new(&t);
+        s.queue([2]);
+        s.received(&t, &[received(&two)]);
         assert!(s.queue([1, 2]));
         assert_eq!(s.take_due(&t), vec![1], "it holds 2 already");
         assert!(s.take_due(&t).is_empty(), "nothing twice");
         // A newer version of 2 is owed again.
-        let t = topology_with(1, &[bump(two)]);
-        s.queue([2]);
+        let changed = t.merge(vec![received(&bump(two))]);
+        assert_eq!(changed, vec![2]);
+        s.queue(changed);
         assert_eq!(s.take_due(&t), vec![2]);
     }
 
     #[test]
     fn an_equal_summary_means_it_holds_everything() {
         let t = topology_with(1, &[entry(2, 3), entry(3, 2)]);
-        let mut s = NeighbourSync::default();
+        let mut s = NeighbourSync::new(&t);
         assert_eq!(s.on_summary(&t, t.summary()), Answer::Nothing);
         s.queue([1, 2, 3]);
         assert!(s.take_due(&t).is_empty());
@@ -185,7 +291,7 @@ mod tests {
         let ours = topology_with(1, &[entry(2, 3)]);
         // The neighbour has 3 (news for us) and an older 2 (news for it).
         let theirs = topology_with(3, &[entry(2, 2), entry(1, 2)]);
-        let mut s = NeighbourSync::default();
+        let mut s = NeighbourSync::new(&ours);
         let (wake, answer) = s.on_digest(&ours, &theirs.digest(), false);
         assert!(wake);
         assert_eq!(answer, Answer::DigestReply);
@@ -193,5 +299,31 @@ mod tests {
         // Its reply to our reply would loop: a reply is never answered.
         let (_, answer) = s.on_digest(&ours, &theirs.digest(), true);
         assert_eq!(answer, Answer::Nothing);
+    }
+
+    #[test]
+    fn what_was_flooded_counts_as_held_and_a_new_connection_knows_nothing() {
+        let mut t = topology_with(1, &[entry(2, 2)]);
+        // A connection made now: its neighbour may hold nothing yet.
+        let mut s = NeighbourSync::new(&t);
+        s.queue([1, 2]);
+        assert_eq!(s.take_due(&t), vec![1, 2]);
+        // 3 arrives from another neighbour and is flooded to this one.
+        let changed = t.merge(vec![received(&entry(3, 2))]);
+        s.queue(changed);
+        assert_eq!(s.take_due(&t), vec![3]);
+        // Queued again, nothing is owed; 3 is covered by the window, not a stamp.
+        s.queue([1, 2, 3]);
+        assert!(s.take_due(&t).is_empty());
+        assert!(!s.knows.contains_key(&3), "{:?}", s.knows);
+        // A second connection made now knows nothing of its neighbour.
+        let mut s2 = NeighbourSync::new(&t);
+        s2.queue([2, 3]);
+        assert_eq!(s2.take_due(&t), vec![2, 3]);
+        // Its matching summary says it holds everything, in the window alone.
+        assert_eq!(s2.on_summary(&t, t.summary()), Answer::Nothing);
+        assert!(s2.knows.is_empty());
+        s2.queue([1, 2, 3]);
+        assert!(s2.take_due(&t).is_empty());
     }
 }

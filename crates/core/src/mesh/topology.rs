@@ -8,6 +8,7 @@ use prost::Message;
 use std::cell::{Cell, Ref, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Maps and sets keyed by peer name. The default SipHash dominated route computation
@@ -149,6 +150,10 @@ pub struct Received {
     pub uid: u64,
     pub version: u64,
     pub bytes: Bytes,
+    /// The entry already decoded from these bytes, if the caller has it (the mesh
+    /// simulator hands every receiver the sender's copy, so that thousands of peers
+    /// share one decoded entry each).
+    pub decoded: Option<Arc<Entry>>,
 }
 
 impl Received {
@@ -159,8 +164,30 @@ impl Received {
             uid: h.uid,
             version: h.version,
             bytes,
+            decoded: None,
         })
     }
+
+    /// An entry as received, decoded already: the fields are the entry's own.
+    pub fn decoded(e: Arc<Entry>) -> Received {
+        Received {
+            name: e.name,
+            uid: e.uid,
+            version: e.version,
+            bytes: e.encoded.clone(),
+            decoded: Some(e),
+        }
+    }
+}
+
+/// An entry as held: shared (entries are immutable once sealed), with the point in
+/// this topology's history at which it last changed.
+#[derive(Debug, Clone)]
+struct Slot {
+    entry: Arc<Entry>,
+    /// The topology's change counter when this entry last changed and was queued for
+    /// every neighbour ([`Topology::seq`]); 0 for an entry held back from forwarding.
+    changed: u64,
 }
 
 /// Most peers a topology holds: an entry for a new name beyond it is refused.
@@ -171,10 +198,14 @@ pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
 pub const MAX_ENTRY_CONNECTIONS: usize = 1024;
 
 /// Everything a peer knows about the mesh, and the routes computed from it.
-#[derive(Debug)]
 pub struct Topology {
     own: PeerName,
-    entries: NameMap<Entry>,
+    entries: NameMap<Slot>,
+    /// Counts changes that are forwarded (published or merged entries); see
+    /// [`Slot::changed`].
+    seq: u64,
+    /// The clock the lazy route rebuilds are timed by.
+    clock: crate::Clock,
     /// Routes computed on first use after a change (a burst of merges costs one BFS).
     routes: RefCell<Option<Routes>>,
     /// The routes no longer match the entries (kept for [`Topology::routes_lazy`]).
@@ -200,28 +231,47 @@ pub struct Topology {
     held: NameSet,
 }
 
-/// What the entries imply; rebuilt from scratch after any change.
+/// What the entries imply; rebuilt from scratch after any change. Edges are the
+/// symmetric ones (both ends list each other), read from the entries themselves.
 #[derive(Debug)]
 struct Routes {
-    /// Symmetric adjacency (an edge counts only when both ends list it), sorted.
-    adjacency: NameMap<Vec<PeerName>>,
     /// dst → (next hop, hop count) for every reachable peer but ourselves.
     next_hops: NameMap<(PeerName, u32)>,
     /// src → our children in the broadcast tree rooted at src; filled lazily.
     broadcast_children: RefCell<NameMap<Vec<PeerName>>>,
 }
 
+impl std::fmt::Debug for Topology {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Topology")
+            .field("own", &self.own)
+            .field("entries", &self.entries.len())
+            .field("seq", &self.seq)
+            .field("refused", &self.refused)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Topology {
     /// `lazy_min`: the least time between two rebuilds of routes for forwarding and
-    /// gossip (see [`Topology::routes_lazy`]).
-    pub fn new(own: Entry, lazy_min: Duration) -> Self {
+    /// gossip, on `clock` (see [`Topology::routes_lazy`]).
+    pub fn new(own: Entry, lazy_min: Duration, clock: crate::Clock) -> Self {
         let name = own.name;
+        let now = clock();
         Topology {
             own: name,
-            entries: NameMap::from_iter([(name, own)]),
+            entries: NameMap::from_iter([(
+                name,
+                Slot {
+                    entry: Arc::new(own),
+                    changed: 1,
+                },
+            )]),
+            seq: 1,
+            clock,
             routes: RefCell::new(None),
             routes_stale: Cell::new(false),
-            routes_at: Cell::new((Instant::now(), Duration::ZERO)),
+            routes_at: Cell::new((now, Duration::ZERO)),
             own_dirty: false,
             lazy_min,
             summary: Cell::new(None),
@@ -234,20 +284,35 @@ impl Topology {
 
     #[cfg(test)]
     pub(super) fn new_for_test(own: Entry) -> Self {
-        Topology::new(own, Duration::ZERO)
+        Topology::new(own, Duration::ZERO, crate::system_clock())
     }
 
     #[cfg(test)]
     pub fn own(&self) -> &Entry {
-        &self.entries[&self.own]
+        &self.entries[&self.own].entry
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.entries.values()
+        self.entries.values().map(|s| &*s.entry)
     }
 
     pub fn get(&self, name: PeerName) -> Option<&Entry> {
-        self.entries.get(&name)
+        self.entries.get(&name).map(|s| &*s.entry)
+    }
+
+    /// The entry held for `name`, shared.
+    pub fn get_shared(&self, name: PeerName) -> Option<Arc<Entry>> {
+        self.entries.get(&name).map(|s| s.entry.clone())
+    }
+
+    /// The change counter: raised by every change that is forwarded to neighbours.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The entry for `name` and the change counter when it last changed here.
+    pub(super) fn get_with_change(&self, name: PeerName) -> Option<(&Entry, u64)> {
+        self.entries.get(&name).map(|s| (&*s.entry, s.changed))
     }
 
     pub fn len(&self) -> usize {
@@ -256,8 +321,7 @@ impl Topology {
 
     /// (name, uid, version) of every entry, for anti-entropy.
     pub fn digest(&self) -> Vec<MeshDigestItem> {
-        self.entries
-            .values()
+        self.entries()
             .map(|e| MeshDigestItem {
                 name: e.name,
                 uid: e.uid,
@@ -273,7 +337,7 @@ impl Topology {
         if let Some(s) = self.summary.get() {
             return s;
         }
-        let s = self.entries.values().fold(0u64, |acc, e| {
+        let s = self.entries().fold(0u64, |acc, e| {
             acc.wrapping_add(mix(mix(mix(e.name) ^ e.uid) ^ e.version))
         });
         self.summary.set(Some(s));
@@ -290,14 +354,13 @@ impl Topology {
             .collect();
         let routes = self.routes_lazy();
         let send: Vec<PeerName> = self
-            .entries
-            .values()
+            .entries()
             .filter(|e| theirs.get(&e.name).is_none_or(|&t| (e.version, e.uid) > t))
             .filter(|e| e.name == self.own || routes.next_hops.contains_key(&e.name))
             .map(|e| e.name)
             .collect();
         drop(routes);
-        let they_have_news = digest.iter().any(|d| match self.entries.get(&d.name) {
+        let they_have_news = digest.iter().any(|d| match self.get(d.name) {
             Some(e) => (d.version, d.uid) > (e.version, e.uid),
             None => self.collected.get(&d.name) != Some(&(d.version, d.uid)),
         });
@@ -308,7 +371,7 @@ impl Topology {
     /// once it is published ([`Topology::publish_own`]), so a burst of changes (a peer
     /// connecting to several others) travels as one version.
     pub fn update_own(&mut self, f: impl FnOnce(&mut Entry)) {
-        let own = self.entries.get_mut(&self.own).expect("own entry");
+        let own = Arc::make_mut(&mut self.entries.get_mut(&self.own).expect("own entry").entry);
         f(own);
         own.connections.sort_by_key(|c| c.peer);
         self.own_dirty = true;
@@ -320,7 +383,10 @@ impl Topology {
         if !self.own_dirty {
             return false;
         }
-        let own = self.entries.get_mut(&self.own).expect("own entry");
+        self.seq += 1;
+        let slot = self.entries.get_mut(&self.own).expect("own entry");
+        slot.changed = self.seq;
+        let own = Arc::make_mut(&mut slot.entry);
         own.version += 1;
         own.seal();
         self.own_dirty = false;
@@ -347,12 +413,16 @@ impl Topology {
     pub fn merge(&mut self, received: Vec<Received>) -> Vec<PeerName> {
         let mut changed = Vec::new();
         let mut inserted = false;
+        // Every change of this merge counts as one step of the change counter.
+        let seq = self.seq + 1;
         for r in received {
             if r.name == self.own {
                 // A copy of ours we did not publish (from an earlier incarnation, or a
                 // forgery): outdate it at once.
-                let own = self.entries.get_mut(&self.own).expect("own entry");
-                if r.bytes != own.encoded && r.version >= own.version {
+                let slot = self.entries.get_mut(&self.own).expect("own entry");
+                if r.bytes != slot.entry.encoded && r.version >= slot.entry.version {
+                    slot.changed = seq;
+                    let own = Arc::make_mut(&mut slot.entry);
                     own.version = r.version + 1;
                     own.seal();
                     self.own_dirty = false;
@@ -363,7 +433,7 @@ impl Topology {
             }
             // The CRDT order: higher version wins, and on a tie the higher uid (so two
             // incarnations of one name settle the same way everywhere).
-            if let Some(cur) = self.entries.get(&r.name) {
+            if let Some(cur) = self.get(r.name) {
                 if (r.version, r.uid) <= (cur.version, cur.uid) {
                     continue;
                 }
@@ -373,24 +443,32 @@ impl Topology {
                 self.refuse(r.name, "over the size or peer-count cap");
                 continue;
             }
-            let e = match Entry::decode(r.bytes) {
-                Ok(e) => e,
-                Err(err) => {
-                    tracing::debug!("mesh: undecodable topology entry dropped: {err}");
-                    continue;
-                }
+            let e = match r.decoded {
+                Some(e) => e,
+                None => match Entry::decode(r.bytes) {
+                    Ok(e) => Arc::new(e),
+                    Err(err) => {
+                        tracing::debug!("mesh: undecodable topology entry dropped: {err}");
+                        continue;
+                    }
+                },
             };
             if e.connections.len() > MAX_ENTRY_CONNECTIONS {
                 self.refuse(e.name, "too many connections");
                 continue;
             }
-            if self.collected.get(&e.name) == Some(&(e.version, e.uid)) {
+            let held = self.collected.get(&e.name) == Some(&(e.version, e.uid));
+            if held {
                 self.held.insert(e.name);
             } else {
                 self.held.remove(&e.name);
                 changed.push(e.name);
             }
-            self.entries.insert(e.name, e);
+            let slot = Slot {
+                changed: if held { 0 } else { seq },
+                entry: e,
+            };
+            self.entries.insert(slot.entry.name, slot);
             inserted = true;
         }
         if inserted {
@@ -404,10 +482,16 @@ impl Topology {
             .collect();
         for n in released {
             self.held.remove(&n);
+            if let Some(slot) = self.entries.get_mut(&n) {
+                slot.changed = seq;
+            }
             changed.push(n);
         }
         for n in &changed {
             self.collected.remove(n);
+        }
+        if !changed.is_empty() {
+            self.seq = seq;
         }
         changed
     }
@@ -434,8 +518,9 @@ impl Topology {
     /// ([`Topology::routes`]) still rebuild at once.
     fn routes_lazy(&self) -> Ref<'_, Routes> {
         let (at, cost) = self.routes_at.get();
+        let since = (self.clock)().saturating_duration_since(at);
         if self.routes.borrow().is_none()
-            || (self.routes_stale.get() && at.elapsed() >= (cost * 20).max(self.lazy_min))
+            || (self.routes_stale.get() && since >= (cost * 20).max(self.lazy_min))
         {
             self.rebuild_routes();
         }
@@ -443,26 +528,44 @@ impl Topology {
     }
 
     fn rebuild_routes(&self) {
-        let started = Instant::now();
+        let started = (self.clock)();
         let routes = self.compute_routes();
         *self.routes.borrow_mut() = Some(routes);
         self.routes_stale.set(false);
-        self.routes_at.set((started, started.elapsed()));
+        let cost = (self.clock)().saturating_duration_since(started);
+        self.routes_at.set((started, cost));
+    }
+
+    /// The peers `name` has a symmetric edge with (both list the other), in name
+    /// order (connections are sorted).
+    fn neighbours(&self, name: PeerName) -> impl Iterator<Item = PeerName> + '_ {
+        self.get(name).into_iter().flat_map(move |e| {
+            e.connections
+                .iter()
+                .filter(move |c| self.get(c.peer).is_some_and(|o| o.lists(name)))
+                .map(|c| c.peer)
+        })
+    }
+
+    /// BFS over the symmetric edges from `root`: node → (parent, hops); the root maps
+    /// to itself.
+    fn bfs(&self, root: PeerName) -> NameMap<(PeerName, u32)> {
+        let mut seen = NameMap::from_iter([(root, (root, 0))]);
+        let mut queue = VecDeque::from([root]);
+        while let Some(n) = queue.pop_front() {
+            let hops = seen[&n].1;
+            for m in self.neighbours(n) {
+                if let std::collections::hash_map::Entry::Vacant(v) = seen.entry(m) {
+                    v.insert((n, hops + 1));
+                    queue.push_back(m);
+                }
+            }
+        }
+        seen
     }
 
     fn compute_routes(&self) -> Routes {
-        let mut adjacency: NameMap<Vec<PeerName>> = NameMap::default();
-        for e in self.entries.values() {
-            let mut n: Vec<PeerName> = e
-                .connections
-                .iter()
-                .filter(|c| self.entries.get(&c.peer).is_some_and(|o| o.lists(e.name)))
-                .map(|c| c.peer)
-                .collect();
-            n.sort_unstable();
-            adjacency.insert(e.name, n);
-        }
-        let parents = bfs(&adjacency, self.own);
+        let parents = self.bfs(self.own);
         // First hop of each destination, filled in BFS order so a parent's is known first.
         let mut order: Vec<(&PeerName, &(PeerName, u32))> = parents.iter().collect();
         order.sort_by_key(|(_, &(_, hops))| hops);
@@ -479,7 +582,6 @@ impl Topology {
             next_hops.insert(dst, (first, hops));
         }
         Routes {
-            adjacency,
             next_hops,
             broadcast_children: RefCell::new(NameMap::default()),
         }
@@ -512,18 +614,12 @@ impl Topology {
         if let Some(c) = routes.broadcast_children.borrow().get(&src) {
             return c.clone();
         }
-        let parents = bfs(&routes.adjacency, src);
+        let parents = self.bfs(src);
         let own = self.own;
-        let children: Vec<PeerName> = routes
-            .adjacency
-            .get(&own)
-            .map(|n| {
-                n.iter()
-                    .copied()
-                    .filter(|c| parents.get(c).map(|&(p, _)| p) == Some(own))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let children: Vec<PeerName> = self
+            .neighbours(own)
+            .filter(|c| parents.get(c).map(|&(p, _)| p) == Some(own))
+            .collect();
         routes
             .broadcast_children
             .borrow_mut()
@@ -552,8 +648,9 @@ impl Topology {
             *ticks += 1;
             if *ticks >= 2 {
                 self.held.remove(&n);
-                if let Some(e) = self.entries.remove(&n) {
-                    self.collected.insert(n, (e.version, e.uid));
+                if let Some(slot) = self.entries.remove(&n) {
+                    self.collected
+                        .insert(n, (slot.entry.version, slot.entry.uid));
                 }
                 self.unreachable_ticks.remove(&n);
                 removed.push(n);
@@ -572,22 +669,6 @@ fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-/// BFS over `adjacency` from `root`: node → (parent, hops); the root maps to itself.
-fn bfs(adjacency: &NameMap<Vec<PeerName>>, root: PeerName) -> NameMap<(PeerName, u32)> {
-    let mut seen = NameMap::from_iter([(root, (root, 0))]);
-    let mut queue = VecDeque::from([root]);
-    while let Some(n) = queue.pop_front() {
-        let hops = seen[&n].1;
-        for &m in adjacency.get(&n).into_iter().flatten() {
-            if let std::collections::hash_map::Entry::Vacant(v) = seen.entry(m) {
-                v.insert((n, hops + 1));
-                queue.push_back(m);
-            }
-        }
-    }
-    seen
 }
 
 #[cfg(test)]

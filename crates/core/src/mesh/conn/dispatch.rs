@@ -34,8 +34,9 @@ pub(in crate::mesh) fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFr
                 .filter_map(|p| Received::parse(p).ok())
                 .collect();
             let mut st = inner.lock();
-            if let Some(c) = st.conns.get_mut(&from) {
-                c.sync.received(&entries);
+            let state = &mut *st;
+            if let Some(c) = state.conns.get_mut(&from) {
+                c.sync.received(&state.topology, &entries);
             }
             let changed = st.topology.merge(entries);
             if changed.is_empty() {

@@ -235,6 +235,7 @@ fn register(
     // that differs starts the digest exchange, so only missing entries cross.
     let _ = tx.try_send(super::summary_frame(&st));
     let notify = Arc::new(Notify::new());
+    let sync = super::sync::NeighbourSync::new(&st.topology);
     st.conns.insert(
         remote,
         ConnHandle {
@@ -244,7 +245,7 @@ fn register(
             outbound,
             tx,
             outbox,
-            sync: Default::default(),
+            sync,
             topology_notify: notify.clone(),
         },
     );

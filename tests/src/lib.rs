@@ -22,6 +22,21 @@ use mesh_core::server::{Server, ServerConfig};
 pub use cluster::Cluster;
 
 /// A loopback address with a port that was free a moment ago.
+/// A duration as the long-running tools take it: `90s`, `10m`, `2h` (a bare number is
+/// seconds).
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("bad duration {s:?}: use e.g. 90s, 10m, 2h"))?;
+    Ok(match unit {
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => anyhow::bail!("bad duration {s:?}: use e.g. 90s, 10m, 2h"),
+    })
+}
+
 pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }

@@ -10,17 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use mesh_tests::chaos::{run, ChaosConfig};
-
-fn parse_duration(s: &str) -> anyhow::Result<Duration> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
-    Ok(match unit {
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => bail!("bad duration {s:?}: use e.g. 90s, 10m, 2h"),
-    })
-}
+use mesh_tests::parse_duration;
 
 fn main() -> anyhow::Result<()> {
     let mut total = Duration::from_secs(300);

@@ -1,7 +1,8 @@
 //! Growth and healing, run by the leader: welcome empty server nodes as learners,
 //! promote a learner once it has been caught up and reachable for a stabilization
-//! time (up to the target voter count), and remove a voter only after it has been
-//! unreachable for the dead-voter timeout, never below a quorum of the target.
+//! time (up to the target voter count), and remove a member only after it has been
+//! unreachable for the dead-voter timeout (a voter never below a quorum of the
+//! target).
 //!
 //! It only ever proposes ordinary membership changes, one at a time, through the same
 //! checks as the Cluster API; mesh reachability alone changes nothing.
@@ -192,27 +193,31 @@ impl Planner {
         actions
     }
 
-    /// One voter unreachable for the dead-voter timeout, if the remaining voters are
-    /// still a quorum of the target.
+    /// One member unreachable for the dead-voter timeout: a voter if the remaining
+    /// voters are still a quorum of the target, a learner always (it holds no vote,
+    /// and a dead one would otherwise stay in the member table for good, as Consul's
+    /// dead-server cleanup also removes non-voters).
     fn heal(&mut self, now: Instant, view: &View<'_>) -> Option<u64> {
-        let voters: Vec<&PeerProgress> = view.progress.iter().filter(|p| !p.learner).collect();
+        let voters = view.progress.iter().filter(|p| !p.learner).count();
         self.dead_since
-            .retain(|id, _| voters.iter().any(|p| p.id == *id));
-        for p in &voters {
+            .retain(|id, _| view.progress.iter().any(|p| p.id == *id));
+        for p in view.progress {
             if p.id == view.me || p.recent_active || reachable(view, p.id) {
                 self.dead_since.remove(&p.id);
                 continue;
             }
             let since = *self.dead_since.entry(p.id).or_insert(now);
             let dead_for = now.saturating_duration_since(since);
-            if dead_for < self.cfg.dead_voter_timeout || voters.len() - 1 < quorum(self.cfg.voters)
+            if dead_for < self.cfg.dead_voter_timeout
+                || (!p.learner && voters - 1 < quorum(self.cfg.voters))
             {
                 continue;
             }
+            let what = if p.learner { "a learner" } else { "a voter" };
             warn!(
                 member = format_args!("{:x}", p.id),
                 ?dead_for,
-                "removing a voter unreachable for longer than the dead-voter timeout"
+                "removing {what} unreachable for longer than the dead-voter timeout"
             );
             return Some(p.id);
         }
@@ -545,6 +550,20 @@ mod tests {
         plan(&mut p, t0, &seen, &members, &two);
         let never = t0 + Duration::from_secs(3600);
         assert!(plan(&mut p, never, &seen, &members, &two).is_empty());
+
+        // A dead learner is removed after the same timeout, whatever the voter count.
+        let mut p = Planner::new(cfg());
+        let learner_gone = [
+            progress(1, false, 100, true),
+            progress(2, false, 100, true),
+            progress(4, true, 100, false),
+        ];
+        plan(&mut p, t0, &seen, &members, &learner_gone);
+        assert!(plan(&mut p, almost, &seen, &members, &learner_gone).is_empty());
+        assert_eq!(
+            plan(&mut p, late, &seen, &members, &learner_gone),
+            [Action::Remove(4)]
+        );
     }
 
     #[test]

@@ -730,6 +730,17 @@ impl Driver {
         Ok(())
     }
 
+    /// Whether member `id` was heard from within an election timeout: raft-rs's own
+    /// flag, or any message this driver received from it (raft-rs clears its flag at
+    /// every quorum check, so alone it misses members that are answering).
+    pub(super) fn heard_recently(&self, id: u64) -> bool {
+        self.raw.raft.prs().get(id).is_some_and(|p| p.recent_active)
+            || self
+                .heard_at
+                .get(&id)
+                .is_some_and(|&at| self.ticks.saturating_sub(at) <= self.cfg.election_ticks as u64)
+    }
+
     fn progress(&self) -> Vec<super::PeerProgress> {
         let r = &self.raw.raft;
         if r.state != StateRole::Leader {
@@ -747,11 +758,7 @@ impl Driver {
                 } else {
                     p.matched
                 },
-                recent_active: *id == self.cfg.member_id
-                    || p.recent_active
-                    || self.heard_at.get(id).is_some_and(|&at| {
-                        self.ticks.saturating_sub(at) <= self.cfg.election_ticks as u64
-                    }),
+                recent_active: *id == self.cfg.member_id || self.heard_recently(*id),
                 leader_last_index: last,
             })
             .collect()

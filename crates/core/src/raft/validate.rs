@@ -144,13 +144,15 @@ pub fn check<S: Storage>(
     if raft.prs().get(m.from).is_none() {
         // A member that has not applied the change adding the sender still hears from
         // a leader or candidate of the newer configuration, once it has lost touch with
-        // the leader it knows (as check-quorum's lease does for votes); a member not
-        // yet initialized (joining) hears only from a leader.
+        // the leader it knows (as check-quorum's lease does for votes), and then goes
+        // on hearing from that leader (whose heartbeats renew the lease); a member
+        // not yet initialized (joining) hears only from a leader.
         let in_lease = raft.leader_id != 0 && raft.election_elapsed < raft.election_timeout();
+        let from_leader = matches!(kind, MsgAppend | MsgHeartbeat | MsgSnapshot);
         let allowed = if uninitialized {
-            matches!(kind, MsgAppend | MsgHeartbeat | MsgSnapshot)
+            from_leader
         } else {
-            from_leader_or_candidate && !in_lease
+            (from_leader_or_candidate && !in_lease) || (from_leader && raft.leader_id == m.from)
         };
         if !allowed {
             return Err(Refusal::NonMember);
@@ -365,6 +367,15 @@ mod tests {
         led.step(msg(MsgHeartbeat, 2, |m| m.commit = 3)).unwrap();
         assert_eq!(led.raft.leader_id, 2);
         assert_eq!(check_on(&led, &append), Err(Refusal::NonMember));
+        // Once it follows that newer leader, it keeps hearing from it: each heartbeat
+        // renews the lease that would otherwise shut it out (found by the simulator:
+        // a learner behind a conf change heard one message per election timeout).
+        let mut follows_new = follower();
+        follows_new.step(append.clone()).unwrap();
+        assert_eq!(follows_new.raft.leader_id, 9);
+        assert_eq!(check_on(&follows_new, &append), Ok(()));
+        let vote = msg(MsgRequestVote, 4, |m| m.from = 9);
+        assert_eq!(check_on(&follows_new, &vote), Err(Refusal::NonMember));
         let ack = msg(MsgAppendResponse, 3, |m| m.from = 9);
         assert_eq!(check_on(&node, &ack), Err(Refusal::NonMember));
         // Addressing and terms.

@@ -144,9 +144,7 @@ impl Driver {
             .chain(&learners)
             .copied()
             .filter(|id| {
-                *id == me
-                    || (r.prs().get(*id).is_some_and(|p| p.recent_active)
-                        && self.transport.is_reachable(*id))
+                *id == me || (self.heard_recently(*id) && self.transport.is_reachable(*id))
             })
             .collect();
         let matched = r.prs().iter().map(|(id, p)| (*id, p.matched)).collect();

@@ -23,6 +23,12 @@ pub struct Checked {
     pub promoted: u64,
     /// Locks acquired.
     pub locks: u64,
+    /// Raft messages relayed by the mesh around a cut link.
+    pub relayed: u64,
+    /// Machines that died for good; voters autopilot removed, learners it added and
+    /// promoted.
+    pub machines_died: u64,
+    pub autopilot: (u64, u64, u64),
     /// Every failed check, each a readable paragraph.
     pub failures: Vec<String>,
 }
@@ -68,6 +74,13 @@ pub fn run_seed(seed: u64, members: usize, plant: Option<Plant>) -> Checked {
         removed: report.removed,
         promoted: report.promoted,
         locks: report.locks,
+        relayed: report.relayed,
+        machines_died: report.machines_died,
+        autopilot: (
+            report.autopilot_removed,
+            report.autopilot_added,
+            report.autopilot_promoted,
+        ),
         failures,
     }
 }

@@ -177,6 +177,9 @@ struct Totals {
     removed: u64,
     promoted: u64,
     locks: u64,
+    relayed: u64,
+    died: u64,
+    autopilot: (u64, u64, u64),
 }
 
 /// Runs seeds `from..to` (or from `from` until `until`) on `jobs` threads, and prints
@@ -225,6 +228,11 @@ fn run_seeds(
                 t.removed += r.removed;
                 t.promoted += r.promoted;
                 t.locks += r.locks;
+                t.relayed += r.relayed;
+                t.died += r.machines_died;
+                t.autopilot.0 += r.autopilot.0;
+                t.autopilot.1 += r.autopilot.1;
+                t.autopilot.2 += r.autopilot.2;
                 if !r.failures.is_empty() {
                     t.failed += 1;
                     let seed = r.seed;
@@ -295,13 +303,20 @@ fn main() -> ExitCode {
     let _ = writeln!(
         out,
         "bits_flipped={} refused_or_quarantined={} members_removed={} \
-         members_added_and_promoted={} locks_acquired={} seeds_per_hour={:.0} jobs={jobs}",
+         members_added_and_promoted={} locks_acquired={} messages_relayed={} \
+         seeds_per_hour={:.0} jobs={jobs}",
         t.flips,
         t.detected,
         t.removed,
         t.promoted,
         t.locks,
+        t.relayed,
         t.runs as f64 * 3600.0 / secs.max(1e-9)
+    );
+    let _ = writeln!(
+        out,
+        "machines_died={} autopilot_removed={} autopilot_added={} autopilot_promoted={}",
+        t.died, t.autopilot.0, t.autopilot.1, t.autopilot.2
     );
     let _ = writeln!(
         out,

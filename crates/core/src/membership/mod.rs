@@ -59,7 +59,13 @@ pub(crate) fn test_node(peer: PeerName, meta: NodeMeta, is_self: bool) -> Node {
 
 /// Every reachable peer (and this node) that publishes meshd metadata.
 pub fn nodes(mesh: &Mesh) -> Vec<Node> {
-    mesh.peers()
+    nodes_of(mesh.peers())
+}
+
+/// The peers of a mesh view that are reachable (or this node) and publish meshd
+/// metadata.
+pub fn nodes_of(peers: Vec<crate::mesh::PeerInfo>) -> Vec<Node> {
+    peers
         .into_iter()
         .filter(|p| p.is_self || p.reachable)
         .filter_map(|peer| {

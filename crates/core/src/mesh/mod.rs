@@ -387,55 +387,19 @@ impl Mesh {
     pub fn peers(&self) -> Vec<PeerInfo> {
         let st = self.inner.lock();
         let own = self.inner.cfg.name;
-        let mut out: Vec<PeerInfo> = st
-            .topology
-            .entries()
-            .map(|e| {
-                let route = st.topology.route_exact(e.name);
-                let mut connections: Vec<ConnectionInfo> = e
-                    .connections
-                    .iter()
-                    .map(|c| ConnectionInfo {
-                        peer: c.peer,
-                        address: st
-                            .topology
-                            .get(c.peer)
-                            .map(|p| p.address.clone())
-                            .unwrap_or_default(),
-                        outbound: c.outbound,
-                        established: true,
-                    })
-                    .collect();
-                if e.name == own {
-                    connections.extend(st.handshaking.values().map(|(addr, outbound)| {
-                        ConnectionInfo {
-                            peer: 0,
-                            address: addr.clone(),
-                            outbound: *outbound,
-                            established: false,
-                        }
-                    }));
-                }
-                PeerInfo {
-                    name: e.name,
-                    nickname: e.nickname.clone(),
-                    uid: e.uid,
-                    version: e.version,
-                    address: e.address.clone(),
-                    connections,
-                    reachable: st.topology.is_reachable(e.name),
-                    next_hop: route.map(|r| r.0),
-                    hops: if e.name == own {
-                        Some(0)
-                    } else {
-                        route.map(|r| r.1)
-                    },
-                    meta: e.meta.clone(),
-                    is_self: e.name == own,
-                }
-            })
-            .collect();
-        out.sort_by_key(|p| p.name);
+        let mut out = peer_infos(&st.topology, own);
+        if let Some(me) = out.iter_mut().find(|p| p.name == own) {
+            me.connections.extend(
+                st.handshaking
+                    .values()
+                    .map(|(addr, outbound)| ConnectionInfo {
+                        peer: 0,
+                        address: addr.clone(),
+                        outbound: *outbound,
+                        established: false,
+                    }),
+            );
+        }
         out
     }
 
@@ -679,6 +643,49 @@ impl Inner {
             self.send_channel_state(&ch, &targets);
         }
     }
+}
+
+/// Every peer a topology holds, as [`Mesh::peers`] reports it (`own` is this peer),
+/// sorted by name.
+pub fn peer_infos(topology: &Topology, own: PeerName) -> Vec<PeerInfo> {
+    let mut out: Vec<PeerInfo> = topology
+        .entries()
+        .map(|e| {
+            let route = topology.route_exact(e.name);
+            let connections: Vec<ConnectionInfo> = e
+                .connections
+                .iter()
+                .map(|c| ConnectionInfo {
+                    peer: c.peer,
+                    address: topology
+                        .get(c.peer)
+                        .map(|p| p.address.clone())
+                        .unwrap_or_default(),
+                    outbound: c.outbound,
+                    established: true,
+                })
+                .collect();
+            PeerInfo {
+                name: e.name,
+                nickname: e.nickname.clone(),
+                uid: e.uid,
+                version: e.version,
+                address: e.address.clone(),
+                connections,
+                reachable: topology.is_reachable(e.name),
+                next_hop: route.map(|r| r.0),
+                hops: if e.name == own {
+                    Some(0)
+                } else {
+                    route.map(|r| r.1)
+                },
+                meta: e.meta.clone(),
+                is_self: e.name == own,
+            }
+        })
+        .collect();
+    out.sort_by_key(|p| p.name);
+    out
 }
 
 /// Marks `names` for sending on every connection except the one to `except`.

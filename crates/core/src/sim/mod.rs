@@ -19,20 +19,24 @@
 //! its keyspace, the same when resumed from any revision), leases (kept alive or not)
 //! never expiring before their TTL, and liveness (a write acknowledged after healing).
 //!
-//! Around a cut link, messages take a relay any two members both reach, as the mesh
-//! routes them (a model of its routing, not `mesh::topology` itself). The log is
+//! Every member also runs the mesh's topology CRDT and routes (`routing`): around a
+//! cut link, Raft messages travel hop by hop along the relays' own routes. The log is
 //! compacted every 20, 100 or 1,000 entries (by seed), so members back from a stop
 //! catch up by snapshot: the file travels with its message, as the mesh streams it.
 //! A member is replaced as an operator would: removed, a fresh member added as a
 //! learner, promoted once caught up.
 //!
-//! The gossip mesh has its own simulation ([`mesh`]): many peers running the
-//! topology CRDT and its sync, without Raft. Not simulated yet (see issue 19): the
-//! mesh's code inside a cluster run, and locks.
+//! Three lock clients take one lock with etcd's recipe as meshd's Lock service runs
+//! it (`lock`), and no two may hold it at once.
+//!
+//! The gossip mesh has its own simulation ([`mesh`]): up to 10,000 peers running the
+//! topology CRDT and its sync, without Raft.
 
+mod autopilot;
 pub mod disk;
 mod lock;
 pub mod mesh;
+mod routing;
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::path::PathBuf;
@@ -168,6 +172,14 @@ pub struct Report {
     pub promoted: u64,
     /// Locks acquired (and released, or lost with their lease).
     pub locks: u64,
+    /// Raft messages delivered through mesh relays around a cut link.
+    pub relayed: u64,
+    /// Machines that died for good, and what autopilot did about it: voters removed,
+    /// learners added, learners promoted.
+    pub machines_died: u64,
+    pub autopilot_removed: u64,
+    pub autopilot_added: u64,
+    pub autopilot_promoted: u64,
 }
 
 /// SplitMix64: small, fast, and the same on every platform and version.
@@ -261,6 +273,10 @@ struct Member {
     flipped: bool,
     /// Removed from the cluster (or never added): no longer run or checked.
     retired: bool,
+    /// Its machine died for good: never started again.
+    dead: bool,
+    /// An empty server node in the mesh, waiting for autopilot to add it.
+    spare: bool,
 }
 
 enum Waiting {
@@ -281,9 +297,9 @@ struct InTransit {
     at: std::cmp::Reverse<(u64, u64)>,
     to: usize,
     from: usize,
-    /// The member relaying it when the direct link is cut (the mesh routes around a
-    /// cut through any member both ends reach).
-    via: Option<usize>,
+    /// The members relaying it when the direct link is cut, in order (the mesh's
+    /// routes around the cut).
+    relays: Vec<usize>,
     bytes: Vec<u8>,
     /// A snapshot's file travels with its message (the mesh streams it beside the
     /// message): its name and bytes, read from the sender's disk when sent.
@@ -335,6 +351,10 @@ pub struct World {
     /// The lock clients, and every hold of the lock so far.
     lockers: Vec<lock::LockClient>,
     holds: Vec<lock::Hold>,
+    /// Every member's mesh topology and routes.
+    routes: routing::MeshRoutes,
+    /// The leader's autopilot.
+    autopilot: autopilot::Autopilot,
 }
 
 /// Replacing a member under load: remove a voter, add a new member as a learner, and
@@ -420,6 +440,8 @@ impl World {
                     paused_until: 0,
                     flipped: false,
                     retired: false,
+                    dead: false,
+                    spare: false,
                 }
             })
             .collect();
@@ -455,6 +477,8 @@ impl World {
             next_lease: 0x1000,
             lockers: (0..3).map(|_| lock::LockClient::default()).collect(),
             holds: Vec::new(),
+            routes: routing::MeshRoutes::default(),
+            autopilot: autopilot::Autopilot::new(cfg.members),
             cfg,
         }
     }
@@ -585,6 +609,8 @@ impl World {
                 // it again.
                 m.flipped = false;
                 m.next_tick = self.now + m.phase;
+                // A new mesh incarnation, publishing it is a member.
+                self.mesh_start(i);
             }
             // An I/O error (an armed EIO, a full disk): the service manager starts the
             // member again a little later.
@@ -610,6 +636,7 @@ impl World {
             return;
         };
         drop(node);
+        self.mesh_stop(i);
         if power_cut {
             let r = self.rng.next_u64();
             self.members[i].disk.crash(|len| {
@@ -630,24 +657,6 @@ impl World {
             .collect()
     }
 
-    /// The path a message from `from` to `to` takes now: direct, through a relay, or
-    /// none.
-    fn path(&self, from: usize, to: usize) -> Option<Option<usize>> {
-        if !self.cut.contains(&(from, to)) {
-            return Some(None);
-        }
-        (0..self.members.len())
-            .find(|&k| {
-                k != from
-                    && k != to
-                    && self.members[k].node.is_some()
-                    && self.members[k].paused_until <= self.now
-                    && !self.cut.contains(&(from, k))
-                    && !self.cut.contains(&(k, to))
-            })
-            .map(Some)
-    }
-
     fn send(&mut self, from: usize, msgs: Vec<Message>) {
         for m in msgs {
             let Some(to) = (m.to as usize)
@@ -657,9 +666,9 @@ impl World {
                 continue;
             };
             let is_snapshot = m.msg_type == raft::prelude::MessageType::MsgSnapshot as i32;
-            let path = self.path(from, to);
+            let path = self.mesh_route(from, to);
             let lost = self.rng.chance(self.loss_per_mille);
-            let Some(via) = path.filter(|_| !lost) else {
+            let Some(relays) = path.filter(|_| !lost) else {
                 if is_snapshot {
                     self.snapshot_reports.push((from, m.to, false));
                 }
@@ -688,14 +697,14 @@ impl World {
             for _ in 0..copies {
                 let slow = self.slow.get(&from).copied().unwrap_or(0)
                     + self.slow.get(&to).copied().unwrap_or(0);
-                let hops = if via.is_some() { 2 } else { 1 };
+                let hops = relays.len() as u64 + 1;
                 let at = self.now + hops * (1 + self.rng.below(3)) + slow;
                 self.net_seq += 1;
                 self.net.push(InTransit {
                     at: std::cmp::Reverse((at, self.net_seq)),
                     to,
                     from,
-                    via,
+                    relays: relays.clone(),
                     bytes: bytes.clone(),
                     file: file.clone(),
                 });
@@ -747,19 +756,18 @@ impl World {
                 self.start(i);
             }
         }
+        self.mesh_step();
         // Deliveries due now.
         let mut inbox: Vec<Vec<Message>> = vec![Vec::new(); self.members.len()];
         while self.net.peek().is_some_and(|m| m.at.0 .0 <= self.now) {
             let m = self.net.pop().expect("peeked");
             // A cut made while the message was in flight loses it too.
-            let path_cut = match m.via {
-                None => self.cut.contains(&(m.from, m.to)),
-                Some(k) => {
-                    self.cut.contains(&(m.from, k))
-                        || self.cut.contains(&(k, m.to))
-                        || self.members[k].node.is_none()
-                }
-            };
+            let hops: Vec<usize> = std::iter::once(m.from)
+                .chain(m.relays.iter().copied())
+                .chain(std::iter::once(m.to))
+                .collect();
+            let path_cut = hops.windows(2).any(|w| self.cut.contains(&(w[0], w[1])))
+                || m.relays.iter().any(|&k| !self.routes.running(k));
             if path_cut || self.members[m.to].node.is_none() {
                 if m.file.is_some() {
                     self.snapshot_reports
@@ -767,9 +775,17 @@ impl World {
                 }
                 continue;
             }
-            if self.members[m.to].paused_until > self.now {
-                // Waits in the socket buffer until the process runs again.
-                let at = self.members[m.to].paused_until;
+            let paused = m
+                .relays
+                .iter()
+                .chain(std::iter::once(&m.to))
+                .map(|&k| self.members[k].paused_until)
+                .max()
+                .unwrap_or(0);
+            if paused > self.now {
+                // Waits in a socket buffer until the paused process (a relay or the
+                // receiver) runs again.
+                let at = paused;
                 self.net.push(InTransit {
                     at: std::cmp::Reverse((at, m.at.0 .1)),
                     ..m
@@ -800,7 +816,11 @@ impl World {
                         msg.msg_type as u64,
                         msg.term,
                         msg.index,
+                        m.relays.len() as u64,
                     ]);
+                    if !m.relays.is_empty() {
+                        self.report.relayed += 1;
+                    }
                     inbox[m.to].push(msg);
                 }
                 Err(e) => self.fail(format!("a message did not decode: {e}")),
@@ -886,6 +906,7 @@ impl World {
         }
         self.locks_step();
         self.reconfig_step();
+        self.autopilot_step();
         if self.now.is_multiple_of(50) {
             self.expire_leases();
         }
@@ -931,9 +952,14 @@ impl World {
         }
         let node = self.members[l].node.as_ref().expect("up");
         let voters = node.driver.raft().raft.prs().conf().to_conf_state().voters;
+        // A dead machine counts as a flipped one: it may never answer again.
         let flipped = voters
             .iter()
-            .filter(|&&id| self.members.get(id as usize - 1).is_some_and(|m| m.flipped))
+            .filter(|&&id| {
+                self.members
+                    .get(id as usize - 1)
+                    .is_some_and(|m| m.flipped || m.dead)
+            })
             .count();
         let intact = voters.len() - flipped;
         intact > voters.len() / 2 + 1
@@ -942,6 +968,7 @@ impl World {
     /// Takes member `i` out of the run for good (removed from the cluster).
     fn retire(&mut self, i: usize) {
         self.members[i].node = None;
+        self.mesh_stop(i);
         self.members[i].restart_at = None;
         self.members[i].retired = true;
         self.trace.add(&[0x7e71, i as u64]);
@@ -971,25 +998,9 @@ impl World {
                     self.retire(i);
                     self.report.removed += 1;
                     // A new member with a fresh disk takes the next slot.
-                    let slot = self.members.len();
-                    let disk = SimDisk::new();
-                    let ok = disk.create_dir_all(&data_dir(slot)).is_ok()
-                        && disk.sync_dir(std::path::Path::new("/")).is_ok();
-                    disk.set_plants(self.members[0].disk.plants());
-                    self.members.push(Member {
-                        id: slot as u64 + 1,
-                        disk,
-                        node: None,
-                        restart_at: None,
-                        drift: self.rng.below(11) as i64 - 5,
-                        phase: self.rng.below(TICK_MS),
-                        next_tick: 0,
-                        paused_until: 0,
-                        flipped: false,
-                        retired: true,
-                    });
+                    let slot = self.new_slot();
                     match self.leader() {
-                        Some(l) if ok => {
+                        Some(l) => {
                             let id = slot as u64 + 1;
                             let member = member_record(id);
                             let w = self.change_on(
@@ -1479,6 +1490,20 @@ impl World {
                 self.loss_per_mille = self.rng.below(100);
                 self.dup_per_mille = self.rng.below(50);
             }
+            // A member's machine dies for good and an empty node joins the mesh:
+            // autopilot must replace it. One at a time, and only while the intact
+            // voters keep a quorum without it.
+            8 if matches!(self.reconfig, Reconfig::Idle)
+                && !self.members[i].retired
+                && self.may_flip()
+                && !self
+                    .members
+                    .iter()
+                    .any(|m| (m.dead || m.spare || m.flipped) && !m.retired) =>
+            {
+                self.report.machines_died += 1;
+                self.machine_dies(i);
+            }
             // A pause (a stalled process, a long GC-like stop).
             9 => {
                 self.members[i].paused_until = self.now + 100 + self.rng.below(1_500);
@@ -1511,6 +1536,7 @@ impl World {
             // Replace a member: remove it, add a new one, promote it.
             12 if matches!(self.reconfig, Reconfig::Idle)
                 && !self.members[i].retired
+                && !self.members[i].dead
                 && !self.members.iter().any(|m| m.flipped && !m.retired) =>
             {
                 if let Some(l) = self.leader() {
@@ -1609,6 +1635,17 @@ impl World {
             if m.retired || members_now.as_ref().is_some_and(|ids| !ids.contains(&m.id)) {
                 continue;
             }
+            if m.dead {
+                // Still a member: autopilot must have removed it within its timeout
+                // (and a few seconds to act) unless it died too late for that.
+                if let Some(late) = self.autopilot.overdue(i, self.now) {
+                    self.fail(format!(
+                        "autopilot did not remove m{}, dead for {late} ms",
+                        i + 1
+                    ));
+                }
+                continue;
+            }
             let corrupt = m.node.as_ref().map(|n| n.status.is_corrupt());
             match (corrupt, m.flipped) {
                 (Some(false), _) => up.push(i),
@@ -1645,8 +1682,10 @@ impl World {
                             i + 1
                         ));
                     } else if a != applied {
+                        let state = self.describe();
                         self.fail(format!(
-                            "replicas did not converge: m{} applied {a}, m{} applied {applied}",
+                            "replicas did not converge: m{} applied {a}, m{} applied \
+                             {applied}: {state}",
                             j + 1,
                             i + 1
                         ));

@@ -20,6 +20,9 @@ fn name(i: usize) -> PeerName {
     i as PeerName + 1
 }
 
+/// The cut links and which members' mesh processes run.
+type NetState = (BTreeSet<(usize, usize)>, Vec<bool>);
+
 /// Every member's view of the mesh.
 #[derive(Default)]
 pub(super) struct MeshRoutes {
@@ -27,6 +30,11 @@ pub(super) struct MeshRoutes {
     topologies: Vec<Option<Topology>>,
     /// The connections each running member's entry lists.
     links: Vec<BTreeSet<usize>>,
+    /// The cut links and running members the last step saw, and whether every
+    /// topology was settled then (nothing to publish or carry): a step that finds
+    /// both the same has nothing to do.
+    seen: Option<NetState>,
+    settled: bool,
 }
 
 impl MeshRoutes {
@@ -85,6 +93,18 @@ impl World {
     /// once a second, unreachable entries are collected.
     pub(super) fn mesh_step(&mut self) {
         let n = self.routes.topologies.len();
+        if self.now.is_multiple_of(1_000) {
+            for t in self.routes.topologies.iter_mut().flatten() {
+                t.gc_tick();
+            }
+            self.routes.settled = false;
+        }
+        let running: Vec<bool> = self.routes.topologies.iter().map(|t| t.is_some()).collect();
+        let seen = Some((self.cut.clone(), running));
+        if self.routes.settled && self.routes.seen == seen {
+            return;
+        }
+        self.routes.seen = seen;
         for i in 0..n {
             if self.routes.topologies[i].is_none() {
                 continue;
@@ -133,16 +153,12 @@ impl World {
                 }
             }
         }
+        self.routes.settled = deliveries.is_empty();
         for (j, news) in deliveries {
             if let Some(t) = self.routes.topologies[j].as_mut() {
                 t.merge(news);
                 // A stale entry of its own forced a new version: published at once.
                 t.publish_own();
-            }
-        }
-        if self.now.is_multiple_of(1_000) {
-            for t in self.routes.topologies.iter_mut().flatten() {
-                t.gc_tick();
             }
         }
     }

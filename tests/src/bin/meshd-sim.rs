@@ -46,7 +46,8 @@ struct Args {
     /// Voting members per cluster (3 to 7).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..=7))]
     members: u64,
-    /// Plant a bug: ack-before-fsync, skip-read-index, double-apply, no-dir-fsync.
+    /// Plant a bug: ack-before-fsync, skip-read-index, double-apply,
+    /// early-lease-expiry, no-dir-fsync.
     #[arg(long, value_parser = parse_plant)]
     plant: Option<Plant>,
     #[command(subcommand)]

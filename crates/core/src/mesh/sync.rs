@@ -60,20 +60,25 @@ impl NeighbourSync {
         }
     }
 
+    /// Whether the window covers a change made at `changed`.
+    fn covers(&self, changed: u64) -> bool {
+        self.covered.0 < changed && changed <= self.covered.1
+    }
+
     /// The stamp the neighbour is known to hold `name` at (or newer), if any.
     fn holds(&self, topology: &Topology, name: PeerName) -> Option<Stamp> {
         if let Some(&k) = self.knows.get(&name) {
             return Some(k);
         }
         let (e, changed) = topology.get_with_change(name)?;
-        (self.covered.0 < changed && changed <= self.covered.1).then_some((e.version, e.uid))
+        self.covers(changed).then_some((e.version, e.uid))
     }
 
     /// Whether the window alone says the neighbour holds our version of `name`.
     fn in_window(&self, topology: &Topology, name: PeerName) -> bool {
         topology
             .get_with_change(name)
-            .is_some_and(|(_, changed)| self.covered.0 < changed && changed <= self.covered.1)
+            .is_some_and(|(_, changed)| self.covers(changed))
     }
 
     /// What the neighbour held at a known moment: exactly what we hold (`theirs`

@@ -14,13 +14,12 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::{Answer, Member, World, OP_TIMEOUT_MS, TICK_MS};
+use super::{Answer, Member, World, OP_TIMEOUT_MS};
 use crate::membership::autopilot::{Action, AutopilotConfig, Planner, View};
 use crate::membership::{nodes_of, token_hash};
 use crate::mesh::peer_infos;
 use crate::proto::meshpb::{node_meta::State, NodeMeta};
 use crate::raft::{DriverMsg, MemberChange};
-use crate::storage::vfs::Vfs;
 
 /// How often the leader's autopilot looks, and its timers (short, for a run of
 /// seconds; meshd's defaults are 1 s, 300 s and 10 s).
@@ -28,11 +27,14 @@ pub(super) fn config(voters: usize) -> AutopilotConfig {
     AutopilotConfig {
         growth: true,
         voters,
-        dead_voter_timeout: Duration::from_millis(4_000),
+        dead_voter_timeout: DEAD_VOTER_TIMEOUT,
         stabilization: Duration::from_millis(300),
         interval: Duration::from_millis(100),
     }
 }
+
+/// The dead-voter timeout of a run.
+const DEAD_VOTER_TIMEOUT: Duration = Duration::from_millis(4_000);
 
 /// The cluster token every simulated node was given.
 pub(super) const TOKEN: &str = "sim";
@@ -52,15 +54,12 @@ pub(super) struct Autopilot {
     in_flight: Option<InFlight>,
     /// Machines that died, and when.
     deaths: Vec<(usize, u64)>,
-    dead_voter_timeout_ms: u64,
 }
 
 impl Autopilot {
     pub(super) fn new(voters: usize) -> Autopilot {
-        let cfg = config(voters);
         Autopilot {
-            dead_voter_timeout_ms: cfg.dead_voter_timeout.as_millis() as u64,
-            planner: Planner::new(cfg),
+            planner: Planner::new(config(voters)),
             leader: None,
             in_flight: None,
             deaths: Vec::new(),
@@ -72,7 +71,7 @@ impl Autopilot {
     pub(super) fn overdue(&self, i: usize, now: u64) -> Option<u64> {
         let (_, at) = self.deaths.iter().find(|(m, _)| *m == i)?;
         let dead_for = now - at;
-        (dead_for > self.dead_voter_timeout_ms + 4_000).then_some(dead_for)
+        (dead_for > DEAD_VOTER_TIMEOUT.as_millis() as u64 + 4_000).then_some(dead_for)
     }
 }
 
@@ -110,24 +109,9 @@ impl World {
     /// A fresh machine (empty disk) at the next slot, not running.
     pub(super) fn new_slot(&mut self) -> usize {
         let slot = self.members.len();
-        let disk = super::SimDisk::new();
-        let _ = disk.create_dir_all(&super::data_dir(slot));
-        let _ = disk.sync_dir(std::path::Path::new("/"));
-        disk.set_plants(self.members[0].disk.plants());
-        self.members.push(Member {
-            id: slot as u64 + 1,
-            disk,
-            node: None,
-            restart_at: None,
-            drift: self.rng.below(11) as i64 - 5,
-            phase: self.rng.below(TICK_MS),
-            next_tick: 0,
-            paused_until: 0,
-            flipped: false,
-            retired: true,
-            dead: false,
-            spare: false,
-        });
+        let plants = self.members[0].disk.plants();
+        let m = Member::fresh(slot, plants, &mut self.rng);
+        self.members.push(m);
         slot
     }
 

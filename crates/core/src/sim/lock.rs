@@ -12,7 +12,10 @@
 
 use tokio::sync::oneshot;
 
-use super::{Answer, World, OP_TIMEOUT_MS};
+use super::{
+    lease_deadline, poll_keepalive_answer, Answer, KeepAlive, KeepAliveOutcome, World,
+    OP_TIMEOUT_MS,
+};
 use crate::api::concurrency::{
     contender_key, create_or_get_request, held_request, older_contender_request, still_created_at,
 };
@@ -39,8 +42,7 @@ pub(super) struct LockClient {
     stage: Stage,
     /// The client's lease: its ID, TTL, and the time from which its TTL surely runs.
     lease: Option<(i64, u64, u64)>,
-    /// A keep-alive in flight: when it was sent, and its answer.
-    keepalive: Option<(u64, Answer)>,
+    keepalive: Option<KeepAlive>,
 }
 
 #[derive(Default)]
@@ -87,7 +89,7 @@ pub(super) fn overlap(a: &Hold, b: &Hold) -> bool {
 impl LockClient {
     /// Until when the client may believe its lease alive.
     fn deadline(&self) -> Option<u64> {
-        self.lease.map(|(_, ttl, from)| from + ttl * 99 / 100)
+        self.lease.map(|(_, ttl, from)| lease_deadline(from, ttl))
     }
 }
 
@@ -103,27 +105,19 @@ impl World {
 
     fn poll_lock_keepalive(&mut self, c: usize) {
         let l = &mut self.lockers[c];
-        let Some((sent, mut rx)) = l.keepalive.take() else {
+        let Some(ka) = l.keepalive.take() else {
             return;
         };
         let deadline = l.deadline().unwrap_or(0);
-        match rx.try_recv() {
-            Err(oneshot::error::TryRecvError::Empty) if self.now < sent + OP_TIMEOUT_MS => {
-                l.keepalive = Some((sent, rx));
-            }
-            // Answered before the lease could have expired: the TTL surely runs again
-            // from when it was sent (a later one could have followed a revocation
-            // already under way).
-            Ok(Ok(Applied {
-                kind: AppliedKind::LeaseKeepAlive { .. },
-                ..
-            })) if self.now < deadline => {
+        match poll_keepalive_answer(self.now, ka, deadline) {
+            KeepAliveOutcome::Waiting(ka) => l.keepalive = Some(ka),
+            KeepAliveOutcome::Renewed(sent) => {
                 if let Some((_, _, from)) = l.lease.as_mut() {
                     *from = (*from).max(sent);
                 }
                 self.trace.add(&[0x10c4, c as u64, sent]);
             }
-            _ => {}
+            KeepAliveOutcome::Gone => {}
         }
     }
 

@@ -133,8 +133,28 @@ struct Net {
     frames: (u64, u64, u64),
 }
 
-fn name(i: usize) -> PeerName {
+/// The mesh name of simulated peer (or member) `i`.
+pub(super) fn name(i: usize) -> PeerName {
     i as PeerName + 1
+}
+
+/// Peer `i` now has connections to `neighbours`: its entry lists them and is
+/// published as a new version.
+pub(super) fn publish_connections(
+    topology: &mut Topology,
+    i: usize,
+    neighbours: impl IntoIterator<Item = usize>,
+) {
+    topology.update_own(|e| {
+        e.connections = neighbours
+            .into_iter()
+            .map(|j| EntryConnection {
+                peer: name(j),
+                outbound: j > i,
+            })
+            .collect();
+    });
+    topology.publish_own();
 }
 
 impl Net {
@@ -200,17 +220,7 @@ impl Net {
     /// every neighbour (as the mesh's publishing task does).
     fn republish(&mut self, i: usize) {
         let p = &mut self.peers[i];
-        let neighbours = p.neighbours.clone();
-        p.topology.update_own(|e| {
-            e.connections = neighbours
-                .iter()
-                .map(|&j| EntryConnection {
-                    peer: name(j),
-                    outbound: j > i,
-                })
-                .collect();
-        });
-        p.topology.publish_own();
+        publish_connections(&mut p.topology, i, p.neighbours.iter().copied());
         for s in p.sync.values_mut() {
             s.queue([name(i)]);
         }

@@ -279,6 +279,32 @@ struct Member {
     spare: bool,
 }
 
+impl Member {
+    /// A machine at slot `i` with an empty disk (its data dir created), not running
+    /// and not a member yet.
+    fn fresh(i: usize, plants: DiskPlants, rng: &mut Rng) -> Member {
+        let disk = SimDisk::new();
+        disk.create_dir_all(&data_dir(i)).expect("a fresh disk");
+        disk.sync_dir(std::path::Path::new("/"))
+            .expect("a fresh disk");
+        disk.set_plants(plants);
+        Member {
+            id: i as u64 + 1,
+            disk,
+            node: None,
+            restart_at: None,
+            drift: rng.below(11) as i64 - 5,
+            phase: rng.below(TICK_MS),
+            next_tick: 0,
+            paused_until: 0,
+            flipped: false,
+            retired: true,
+            dead: false,
+            spare: false,
+        }
+    }
+}
+
 enum Waiting {
     Write(Answer),
     Read(oneshot::Receiver<Result<(), ProposeError>>),
@@ -342,8 +368,8 @@ pub struct World {
     snapshot_count: u64,
     /// The lease client's progress.
     lease: LeaseStage,
-    /// A keep-alive in flight: the lease, when it was sent, the answer.
-    keepalive: Option<(i64, u64, Answer)>,
+    /// A keep-alive in flight, and its lease.
+    keepalive: Option<(i64, KeepAlive)>,
     /// For each lease, when the TTL last started again for certain: the send time of
     /// a keep-alive answered while the lease could not yet have expired.
     renewed: BTreeMap<i64, u64>,
@@ -394,6 +420,40 @@ enum LeaseStage {
     },
 }
 
+/// Until when a lease whose TTL surely runs from `from` cannot have expired: clocks
+/// may run 5 per mille fast, so 1 % of the TTL is allowed.
+fn lease_deadline(from: u64, ttl_ms: u64) -> u64 {
+    from + ttl_ms * 99 / 100
+}
+
+/// A keep-alive in flight: when it was sent, and its answer.
+type KeepAlive = (u64, Answer);
+
+/// What became of a keep-alive by `now`, for a lease that cannot have expired before
+/// `deadline`.
+enum KeepAliveOutcome {
+    Waiting(KeepAlive),
+    /// Answered before the lease could have expired: its TTL surely runs again from
+    /// this send time (an answer after it could follow a revocation already under
+    /// way).
+    Renewed(u64),
+    /// Refused, unanswered in time, or answered too late to count.
+    Gone,
+}
+
+fn poll_keepalive_answer(now: u64, (sent, mut rx): KeepAlive, deadline: u64) -> KeepAliveOutcome {
+    match rx.try_recv() {
+        Err(oneshot::error::TryRecvError::Empty) if now < sent + OP_TIMEOUT_MS => {
+            KeepAliveOutcome::Waiting((sent, rx))
+        }
+        Ok(Ok(Applied {
+            kind: AppliedKind::LeaseKeepAlive { .. },
+            ..
+        })) if now < deadline => KeepAliveOutcome::Renewed(sent),
+        _ => KeepAliveOutcome::Gone,
+    }
+}
+
 fn lease_key(id: i64) -> String {
     format!("lease-{id}")
 }
@@ -418,31 +478,16 @@ impl World {
         // The log is compacted after this many applied entries: small enough that a
         // member back from a long stop needs a snapshot.
         let snapshot_count = [20, 100, 1_000][rng.below(3) as usize];
+        let plants = DiskPlants {
+            skip_log_fsync: cfg.plant == Some(Plant::AckBeforeFsync),
+            skip_dir_fsync: cfg.plant == Some(Plant::NoDirFsync),
+        };
         let members = (0..cfg.members)
             .map(|i| {
-                let disk = SimDisk::new();
-                disk.create_dir_all(&data_dir(i)).expect("a fresh disk");
-                disk.sync_dir(std::path::Path::new("/"))
-                    .expect("a fresh disk");
-                let plants = DiskPlants {
-                    skip_log_fsync: cfg.plant == Some(Plant::AckBeforeFsync),
-                    skip_dir_fsync: cfg.plant == Some(Plant::NoDirFsync),
-                };
-                disk.set_plants(plants);
-                Member {
-                    id: i as u64 + 1,
-                    disk,
-                    node: None,
-                    restart_at: Some(0),
-                    drift: rng.below(11) as i64 - 5,
-                    phase: rng.below(TICK_MS),
-                    next_tick: 0,
-                    paused_until: 0,
-                    flipped: false,
-                    retired: false,
-                    dead: false,
-                    spare: false,
-                }
+                let mut m = Member::fresh(i, plants, &mut rng);
+                m.restart_at = Some(0);
+                m.retired = false;
+                m
             })
             .collect();
         World {
@@ -1168,25 +1213,18 @@ impl World {
         };
     }
 
-    /// Takes the answer to a keep-alive. One answered before the lease could have
-    /// expired (its TTL, less 1 % for clock drift, from `granted_at`) renewed it: the
-    /// TTL then runs again from when it was sent, or later.
+    /// Takes the answer to a keep-alive: one answered in time renewed the lease.
     fn poll_keepalive(&mut self, granted_at: u64, ttl_ms: u64) {
-        let Some((id, sent, mut rx)) = self.keepalive.take() else {
+        let Some((id, ka)) = self.keepalive.take() else {
             return;
         };
-        match rx.try_recv() {
-            Err(oneshot::error::TryRecvError::Empty) if self.now < sent + OP_TIMEOUT_MS => {
-                self.keepalive = Some((id, sent, rx));
-            }
-            Ok(Ok(Applied {
-                kind: AppliedKind::LeaseKeepAlive { .. },
-                ..
-            })) if self.now < granted_at + ttl_ms * 99 / 100 => {
+        match poll_keepalive_answer(self.now, ka, lease_deadline(granted_at, ttl_ms)) {
+            KeepAliveOutcome::Waiting(ka) => self.keepalive = Some((id, ka)),
+            KeepAliveOutcome::Renewed(sent) => {
                 self.trace.add(&[0x4ee9, id as u64, sent]);
                 self.renewed.insert(id, sent);
             }
-            _ => {}
+            KeepAliveOutcome::Gone => {}
         }
     }
 
@@ -1214,7 +1252,7 @@ impl World {
                 if let Some(m) = self.random_up() {
                     let request = Request::LeaseKeepAlive(pb::LeaseKeepAliveRequest { id });
                     let rx = self.propose_on(m, request);
-                    self.keepalive = Some((id, self.now, rx));
+                    self.keepalive = Some((id, (self.now, rx)));
                 }
                 keep(None)
             }
@@ -1237,8 +1275,7 @@ impl World {
                         })
                         .map(|r| r.kvs.is_empty());
                     match gone {
-                        // Clocks may run 5 per mille fast: allow 1 % of the TTL.
-                        Some(true) if self.now < granted_at + ttl_ms * 99 / 100 => {
+                        Some(true) if self.now < lease_deadline(granted_at, ttl_ms) => {
                             self.fail(format!(
                                 "lease {id:x} (TTL {} s, granted at {granted_at} ms) expired \
                                  early: its key was gone at {} ms",

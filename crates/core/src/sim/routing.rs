@@ -9,16 +9,12 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use super::mesh::{name, publish_connections};
 use super::World;
-use crate::mesh::topology::{Entry, EntryConnection, Received, Topology};
-use crate::mesh::PeerName;
+use crate::mesh::topology::{Entry, Received, Topology};
 
 /// Most hops a forwarded message takes (the members of a run, at most seven).
 const MAX_HOPS: usize = 8;
-
-fn name(i: usize) -> PeerName {
-    i as PeerName + 1
-}
 
 /// The cut links and which members' mesh processes run.
 type NetState = (BTreeSet<(usize, usize)>, Vec<bool>);
@@ -114,16 +110,7 @@ impl World {
                 continue;
             }
             let t = self.routes.topologies[i].as_mut().expect("running");
-            t.update_own(|e| {
-                e.connections = links
-                    .iter()
-                    .map(|&j| EntryConnection {
-                        peer: name(j),
-                        outbound: j > i,
-                    })
-                    .collect();
-            });
-            t.publish_own();
+            publish_connections(t, i, links.iter().copied());
             self.routes.links[i] = links;
         }
         // What each connection carries this step, from the state before it.

@@ -688,10 +688,10 @@ pub fn peer_infos(topology: &Topology, own: PeerName) -> Vec<PeerInfo> {
     out
 }
 
-/// Marks `names` for sending on every connection except the one to `except`.
-fn queue_topology(st: &mut State, names: &[PeerName], except: Option<PeerName>) {
-    for (peer, c) in st.conns.iter_mut() {
-        if Some(*peer) != except && c.sync.queue(names.iter().copied()) {
+/// Marks `names` for sending on every connection.
+fn queue_topology(st: &mut State, names: &[PeerName]) {
+    for c in st.conns.values_mut() {
+        if c.sync.queue(names.iter().copied()) {
             c.topology_notify.notify_one();
         }
     }

@@ -90,14 +90,16 @@ impl NeighbourSync {
         let Some(items) = theirs else {
             return;
         };
-        // Only what differs from ours is kept.
+        // Only what differs from ours is kept, for entries we hold: a stamp of one we
+        // lack would only spare us sending it back should it reach us by another
+        // neighbour, and after a partition heals that is half the mesh per connection.
         let mut listed = HashSet::with_capacity(items.len());
         for i in items {
             listed.insert(i.name);
             let stamp = (i.version, i.uid);
             if topology
                 .get(i.name)
-                .is_none_or(|e| (e.version, e.uid) != stamp)
+                .is_some_and(|e| (e.version, e.uid) != stamp)
             {
                 self.knows.insert(i.name, stamp);
             }
@@ -129,6 +131,22 @@ impl NeighbourSync {
     pub(crate) fn queue(&mut self, names: impl IntoIterator<Item = PeerName>) -> bool {
         self.pending.extend(names);
         !self.pending.is_empty()
+    }
+
+    /// Entries `changed` by merging what neighbour `sender` sent are owed to this
+    /// neighbour: all of them unless it is the sender, which holds them already, and
+    /// for the sender only our own entry if the merge outdated a stale copy of it.
+    /// True if any are queued (the writer must be woken).
+    pub(crate) fn queue_merged(
+        &mut self,
+        changed: &[PeerName],
+        is_sender: bool,
+        own: PeerName,
+    ) -> bool {
+        if !is_sender {
+            return self.queue(changed.iter().copied());
+        }
+        changed.contains(&own) && self.queue([own])
     }
 
     /// The neighbour's summary arrived. The same as ours: it holds exactly what we
@@ -279,6 +297,20 @@ mod tests {
         assert_eq!(changed, vec![2]);
         s.queue(changed);
         assert_eq!(s.take_due(&t), vec![2]);
+    }
+
+    #[test]
+    fn what_a_merge_changed_is_owed_to_every_neighbour_but_its_sender() {
+        let t = topology_with(1, &[]);
+        let mut sender = NeighbourSync::new(&t);
+        let mut other = NeighbourSync::new(&t);
+        assert!(!sender.queue_merged(&[2, 3], true, 1));
+        assert!(sender.pending.is_empty());
+        assert!(other.queue_merged(&[2, 3], false, 1));
+        assert_eq!(other.pending, HashSet::from([2, 3]));
+        // The merge outdated a stale copy of our own entry: the sender needs ours.
+        assert!(sender.queue_merged(&[1, 2], true, 1));
+        assert_eq!(sender.pending, HashSet::from([1]));
     }
 
     #[test]

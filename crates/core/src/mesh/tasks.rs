@@ -174,7 +174,7 @@ pub(super) async fn announce_loop(inner: Arc<Inner>) {
             let mut st = inner.lock();
             let published = st.topology.publish_own();
             if published {
-                queue_topology(&mut st, &[inner.cfg.name], None);
+                queue_topology(&mut st, &[inner.cfg.name]);
             }
             published
         };

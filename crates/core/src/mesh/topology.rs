@@ -564,22 +564,25 @@ impl Topology {
         seen
     }
 
+    /// BFS from us, as [`Topology::bfs`] visits, recording each destination's first
+    /// hop (its parent's, or itself next to us) as it is reached: one pass and one
+    /// table, sized once, as routes are rebuilt often while a large mesh converges.
     fn compute_routes(&self) -> Routes {
-        let parents = self.bfs(self.own);
-        // First hop of each destination, filled in BFS order so a parent's is known first.
-        let mut order: Vec<(&PeerName, &(PeerName, u32))> = parents.iter().collect();
-        order.sort_by_key(|(_, &(_, hops))| hops);
-        let mut next_hops: NameMap<(PeerName, u32)> = NameMap::default();
-        for (&dst, &(parent, hops)) in order {
-            if dst == self.own {
-                continue;
+        let own = self.own;
+        let mut next_hops: NameMap<(PeerName, u32)> =
+            NameMap::with_capacity_and_hasher(self.entries.len(), Default::default());
+        let mut queue = VecDeque::from([(own, own, 0u32)]);
+        while let Some((n, first, hops)) = queue.pop_front() {
+            for m in self.neighbours(n) {
+                if m == own {
+                    continue;
+                }
+                if let std::collections::hash_map::Entry::Vacant(v) = next_hops.entry(m) {
+                    let first = if n == own { m } else { first };
+                    v.insert((first, hops + 1));
+                    queue.push_back((m, first, hops + 1));
+                }
             }
-            let first = if parent == self.own {
-                dst
-            } else {
-                next_hops[&parent].0
-            };
-            next_hops.insert(dst, (first, hops));
         }
         Routes {
             next_hops,

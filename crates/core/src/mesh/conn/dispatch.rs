@@ -42,11 +42,8 @@ pub(in crate::mesh) fn handle_frame(inner: &Inner, from: PeerName, frame: MeshFr
             if changed.is_empty() {
                 return;
             }
-            queue_topology(&mut st, &changed, Some(from));
-            // A stale entry of ours forced a new version: the sender needs it too.
-            if changed.contains(&own) {
-                if let Some(c) = st.conns.get_mut(&from) {
-                    c.sync.queue([own]);
+            for (&peer, c) in st.conns.iter_mut() {
+                if c.sync.queue_merged(&changed, peer == from, own) {
                     c.topology_notify.notify_one();
                 }
             }

@@ -10,8 +10,7 @@ mod io;
 use super::topology::{EntryConnection, Received};
 use super::wire::{self, WireError};
 use super::{
-    dial_finished, queue_topology, topology_frame, ConnHandle, Inner, MeshMessageKind, PeerName,
-    QUEUE_FRAMES,
+    dial_finished, topology_frame, ConnHandle, Inner, MeshMessageKind, PeerName, QUEUE_FRAMES,
 };
 use crate::proto::meshpb::{
     mesh_frame, mesh_frame_in, MeshFrame, MeshFrameIn, MeshHandshake, MeshHeartbeat,

@@ -80,7 +80,7 @@ enum Command {
 }
 
 /// Most memory a mesh run may plan to use (this machine has 24 GiB).
-const MESH_MEMORY_LIMIT: u64 = 16 << 30;
+const MESH_MEMORY_LIMIT: u64 = 20 << 30;
 
 fn mesh(
     peers: usize,

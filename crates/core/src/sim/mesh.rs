@@ -51,16 +51,15 @@ impl MeshSimConfig {
 
     /// Memory the run needs, roughly: every peer holds a table slot per peer for its
     /// entries and one for its routes (the entries themselves are shared), and what
-    /// its neighbours are known to hold beyond their windows; measured at 125 MB for
-    /// 1,000 peers, 0.9 GB for 3,000 and 12 GB for 10,000, of degree 3, without the
-    /// split.
+    /// its neighbours are known to hold beyond their windows; measured at 137 MB for
+    /// 1,000 peers and 0.9 GB for 3,000, of degree 3, without the split.
     pub fn estimated_bytes(&self) -> u64 {
         let n = self.peers as u64;
         let neighbours = 2 * self.degree as u64;
         let converge = n * n * (80 + 5 * neighbours);
         // Healing a split floods half the mesh across every cut link at once, while
         // each peer still holds the stamps of the half it collected: 1.5 GB for
-        // 3,000 peers.
+        // 3,000 peers, 18.9 GB for 10,000.
         if self.partition_rounds > 0 {
             converge * 5 / 3
         } else {

@@ -267,18 +267,24 @@ pub struct KvStore {
     corrupt_at_open: std::sync::Mutex<Option<String>>,
 }
 
-/// Spans of revisions whose events (every key, with previous values) were read for
-/// one watcher and are kept for the next: a put watched by a thousand watchers is
-/// read from the store once, not a thousand times. Applied revisions never change, so
-/// an entry stays right until compaction removes its revisions or the store is
+/// The newest revisions' events (every key, with previous values), read from the
+/// store once and kept for the watchers that follow: a put watched by thousands of
+/// watchers, each at its own position, is read once, not once per watcher. The
+/// window is contiguous: every event of revisions `first..=last` is here, oldest
+/// first (a revision with none has none here). Applied revisions never change, so
+/// the window stays right until compaction removes its revisions or the store is
 /// replaced (a snapshot, a reopen), which clear it.
 #[derive(Default)]
 struct EventCache {
-    /// `((first, last) revision, events)`, oldest first.
-    spans: std::collections::VecDeque<((i64, i64), SharedEvents)>,
+    /// `(first, last)` revision held.
+    window: Option<(i64, i64)>,
+    events: std::collections::VecDeque<mvccpb::Event>,
 }
 
-type SharedEvents = Arc<Vec<mvccpb::Event>>;
+/// The revision an event belongs to.
+fn event_revision(e: &mvccpb::Event) -> i64 {
+    e.kv.as_ref().map_or(0, |kv| kv.mod_revision)
+}
 
 /// Removes from the index, and from the pending records, what a dropped batch added.
 struct Rollback<'a> {
@@ -308,9 +314,12 @@ enum IndexEffect {
 /// window it waits out is one commit's index update.
 const STALE_RETRIES: u32 = 10_000;
 
-/// Only spans this short are cached (live delivery, not replay of history).
+/// Only spans this short start a new cache window (live delivery, not replay of
+/// history).
 const EVENT_CACHE_SPAN: i64 = 64;
-const EVENT_CACHE_SPANS: usize = 8;
+/// Most revisions, and events beyond the reader's own, the cache keeps.
+const EVENT_CACHE_REVISIONS: i64 = 4096;
+const EVENT_CACHE_EVENTS: usize = 65_536;
 
 /// What the Raft driver applies at once, committed or published together. Dropping
 /// it aborts.
@@ -647,15 +656,19 @@ impl KvStore {
     ) -> Result<Vec<mvccpb::Event>, KvError> {
         let interval = Interval::new(key, range_end);
         // Only applied revisions are cached: later ones may still come.
-        if start <= end
-            && end - start < EVENT_CACHE_SPAN
-            && start >= self.compact_revision()
-            && end <= self.current_revision()
-        {
-            let all = self.all_events(start, end)?;
+        if start <= end && start >= self.compact_revision() && end <= self.current_revision() {
+            let mut cache = self.recent_events.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.cache_events(&mut cache, start, end)? {
+                drop(cache);
+                return self.events_from_store(start, end, &interval, prev_kv, limit);
+            }
+            let from = cache.events.partition_point(|e| event_revision(e) < start);
             let mut out = Vec::new();
             let mut last_main = None;
-            for e in all.iter() {
+            for e in cache.events.range(from..) {
+                if event_revision(e) > end {
+                    break;
+                }
                 let Some(kv) = &e.kv else { continue };
                 // Whole revisions only, as the store read below.
                 if limit > 0 && out.len() >= limit && last_main != Some(kv.mod_revision) {
@@ -676,30 +689,57 @@ impl KvStore {
         self.events_from_store(start, end, &interval, prev_kv, limit)
     }
 
-    /// Every event of revisions `start..=end`, with previous values, from the cache
-    /// or read once into it.
-    fn all_events(&self, start: i64, end: i64) -> Result<SharedEvents, KvError> {
-        // Held while reading: the watchers that wake together for the same revisions
-        // wait for one read instead of each doing it.
-        let mut cache = self.recent_events.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, hit)) = cache.spans.iter().find(|(span, _)| *span == (start, end)) {
-            return Ok(hit.clone());
+    /// Makes the cache hold every event of revisions `start..=end` (applied, not
+    /// compacted), reading from the store only the revisions it lacks: a reader whose
+    /// span starts in the window, however far behind the head, is served from it,
+    /// as a watcher that fell behind under load must not fall further by reading
+    /// the store. False if the span is older than the window, or a long one outside
+    /// it (a replay of history): such a reader reads the store itself rather than
+    /// pull the window away from the watchers at the head.
+    ///
+    /// Called with the cache locked: the watchers that wake together for the same
+    /// revisions wait for one read instead of each doing it.
+    fn cache_events(&self, cache: &mut EventCache, start: i64, end: i64) -> Result<bool, KvError> {
+        let all = Interval::From(Vec::new());
+        match cache.window {
+            Some((first, _)) if start < first => return Ok(false),
+            Some((first, last)) if start <= last + 1 => {
+                if end > last {
+                    let more = self.events_from_store(last + 1, end, &all, true, 0)?;
+                    cache.events.extend(more);
+                    cache.window = Some((first, end));
+                }
+            }
+            _ if end - start >= EVENT_CACHE_SPAN => return Ok(false),
+            _ => {
+                cache.events = self.events_from_store(start, end, &all, true, 0)?.into();
+                cache.window = Some((start, end));
+            }
         }
-        let all =
-            Arc::new(self.events_from_store(start, end, &Interval::From(Vec::new()), true, 0)?);
-        if cache.spans.len() >= EVENT_CACHE_SPANS {
-            cache.spans.pop_front();
+        // Trim the oldest revisions, never those this reader asked for.
+        let Some((mut first, last)) = cache.window else {
+            return Ok(true);
+        };
+        while first < start
+            && (last - first >= EVENT_CACHE_REVISIONS || cache.events.len() > EVENT_CACHE_EVENTS)
+        {
+            first += 1;
+            while cache
+                .events
+                .front()
+                .is_some_and(|e| event_revision(e) < first)
+            {
+                cache.events.pop_front();
+            }
         }
-        cache.spans.push_back(((start, end), all.clone()));
-        Ok(all)
+        cache.window = Some((first, last));
+        Ok(true)
     }
 
     fn clear_event_cache(&self) {
-        self.recent_events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .spans
-            .clear();
+        let mut cache = self.recent_events.lock().unwrap_or_else(|p| p.into_inner());
+        cache.window = None;
+        cache.events.clear();
     }
 
     fn events_from_store(

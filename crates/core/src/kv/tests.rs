@@ -1649,3 +1649,51 @@ fn count_and_keys_only_from_the_index_equal_the_full_read() {
     };
     assert_eq!(r.count, 5, "a, b, c, d and the txn's own e");
 }
+
+#[test]
+fn events_from_the_cache_match_the_store_for_any_span() {
+    let f = fixture();
+    let base = f.kv.current_revision();
+    for i in 0..200 {
+        put(&f.kv, &format!("k{}", i % 7), &i.to_string());
+    }
+    let head = f.kv.current_revision();
+    let from_store = |start: i64, end: i64, key: &[u8], range_end: &[u8], prev: bool, limit| {
+        f.kv.events_from_store(start, end, &Interval::new(key, range_end), prev, limit)
+            .unwrap()
+    };
+    // Watchers at the head read short spans: the window grows with them.
+    let mut at = base + 1;
+    while at <= head {
+        let end = (at + 40).min(head);
+        assert_eq!(
+            f.kv.events(at, end, b"k3", b"", true, 0).unwrap(),
+            from_store(at, end, b"k3", b"", true, 0)
+        );
+        at = end + 1;
+    }
+    let window = f.kv.recent_events.lock().unwrap().window;
+    assert_eq!(window, Some((base + 1, head)));
+    // A watcher far behind, within the window, is served from it: every key or one,
+    // with or without previous values, and a limit that never splits a revision.
+    for (start, key, range_end, prev, limit) in [
+        (base + 1, &b"\0"[..], &b"\0"[..], true, 0),
+        (base + 5, b"k", b"l", false, 0),
+        (base + 20, b"k5", b"", true, 3),
+        (base + 100, b"\0", b"\0", false, 1000),
+    ] {
+        assert_eq!(
+            f.kv.events(start, head, key, range_end, prev, limit)
+                .unwrap(),
+            from_store(start, head, key, range_end, prev, limit),
+            "from {start}"
+        );
+    }
+    assert_eq!(f.kv.recent_events.lock().unwrap().window, window);
+    // Older than the window: read from the store, the window left to the head.
+    assert_eq!(
+        f.kv.events(base, head, b"\0", b"\0", true, 0).unwrap(),
+        from_store(base, head, b"\0", b"\0", true, 0)
+    );
+    assert_eq!(f.kv.recent_events.lock().unwrap().window, window);
+}

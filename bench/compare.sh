@@ -12,6 +12,15 @@
 #   ETCD35=0 bench/compare.sh        # without etcd 3.5.1 (no download)
 #   CLIENT=etcd-load bench/compare.sh  # the put workloads through bench/etcd-load, a client
 #                                      # built only on the etcd-client crate, not meshctl
+#   LEASES=100000 EXPIRING=10000 bench/compare.sh  # the lease storm's size
+#
+# lease-storm and watch-10k-watchers always run through bench/etcd-load (meshctl bench
+# has no such workload): the first grants LEASES leases, each on a key, EXPIRING of them
+# expiring within one second while 100 clients put, and reports put latency during the
+# expiry (the table) and before it, and how long until the expired keys were gone; the
+# second puts with 100 clients while 10,000 watchers on 1,000 keys (10 per key, over 100
+# watch streams) receive every event, and reports the events delivered and their
+# delivery latency. Those details are printed after the table.
 #
 # Multi-connection workloads spread their connections over all three members (connection
 # i to member i mod 3, as etcd's benchmark does; 12 connections, so each member gets as
@@ -33,7 +42,9 @@ ETCD35=${ETCD35:-1}  # ETCD35=0: only Debian's etcd 3.4 as the anchor
 CLIENT=${CLIENT:-meshctl}  # or etcd-load (put workloads only)
 command -v etcd >/dev/null || { echo "needs etcd: apt-get install etcd-server" >&2; exit 1; }
 [ "$BUILD" = 0 ] || cargo build --release --bins -q
-[ "$BUILD" = 0 ] || [ "$CLIENT" != etcd-load ] || cargo build --release -p etcd-load -q
+[ "$BUILD" = 0 ] || cargo build --release -p etcd-load -q
+LEASES=${LEASES:-100000}
+EXPIRING=${EXPIRING:-10000}
 ETCDLOAD=target/release/etcd-load
 MESHCTL=target/release/meshctl
 MESHD=target/release/meshd
@@ -88,6 +99,7 @@ rss() { local m=0; for p in $(pgrep -f "$1"); do r=$(awk '/VmHWM/{print $2}' /pr
 
 printf '%-6s %-22s %10s %9s %9s %9s\n' system workload req/s p50_ms p99_ms max_ms
 results="$work/results"
+details="$work/details"
 leader_of() { # eps -> the client endpoint of the member that is the Raft leader now
   $MESHCTL --endpoints "$1" -w json endpoint status 2>/dev/null | python3 -c '
 import json, sys
@@ -111,7 +123,12 @@ run() { # system eps label args...   (eps LEADER / FOLLOWER: a member of $all_ep
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $label "* ]]; then return; fi
   [ "$eps" = LEADER ] && eps=$(leader_of "$all_eps")
   [ "$eps" = FOLLOWER ] && eps=$(follower_of "$all_eps")
-  if [ "$CLIENT" = etcd-load ]; then
+  if [ "$label" = lease-storm ] || [ "$label" = watch-10k-watchers ]; then
+    if ! j=$($ETCDLOAD --endpoints "$eps" "$@"); then
+      echo "# $sys $label: etcd-load failed (its error above)" >&2
+      return 0
+    fi
+  elif [ "$CLIENT" = etcd-load ]; then
     # Plain puts only: etcd-load has no rate limit, sequential keys, reads or leases.
     [ "$1" = put ] || return 0
     case " $* " in *" --rate "*|*" --sequential-keys "*) return 0 ;; esac
@@ -119,13 +136,29 @@ run() { # system eps label args...   (eps LEADER / FOLLOWER: a member of $all_ep
   else
     j=$($MESHCTL --endpoints "$eps" -w json bench "$@" 2>/dev/null)
   fi
-  python3 - "$sys" "$label" "$j" >>"$results" <<'PY'
+  python3 - "$sys" "$label" "$j" "$details" >>"$results" <<'PY'
 import json, sys
 sysname, label, j = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 l = j["latency_ms"]
 if j["errors"]:
     print(f"# {sysname} {label}: {j['errors']} errors, first: {j['first_error']}", file=sys.stderr)
 print(f"{sysname} {label} {j['throughput_rps']} {l['p50']} {l['p99']} {l['max']}")
+detail = None
+if j.get("operation") == "lease-storm":
+    b, d = j["before_ms"], j["during_ms"]
+    gone = j["expired_keys_gone_after_secs"]
+    gone = "never (timed out)" if gone is None else f"{gone:.2f} s"
+    detail = (f"{sysname} lease-storm: {j['leases']} leases granted and attached in "
+              f"{j['setup_secs']:.1f} s; put p99 before {b['p99']:.2f} ms, during {d['p99']:.2f} ms "
+              f"(max {b['max']:.1f} / {d['max']:.1f} ms); {j['expiring']} expired keys gone after {gone}")
+elif "events_delivered" in j:
+    d = j["delivery_ms"]
+    detail = (f"{sysname} watch-10k-watchers: {j['events_delivered']} of {j['events_expected']} "
+              f"events delivered, delivery p50 {d['p50']:.2f} ms p99 {d['p99']:.2f} ms max {d['max']:.1f} ms"
+              + (f"; watch error: {j['watch_error']}" if j.get("watch_error") else ""))
+if detail:
+    with open(sys.argv[4], "a") as f:
+        print(detail, file=f)
 PY
   tail -1 "$results" | awk '{printf "%-6s %-22s %10.0f %9.2f %9.2f %9.2f\n", $1, $2, $3, $4, $5, $6}'
 }
@@ -144,11 +177,14 @@ for r in $(seq "$ROUNDS"); do
     run $sys FOLLOWER get-l-1client-follower get --clients 1 --conns 1 --total "$TOTAL1" --consistency l
     run $sys "$eps" lease-keepalive-100 lease-keepalive --clients 100 --conns "$CONNS" --total "$TOTAL"
     run $sys "$leader" watch-1000watchers watch --watchers 1000 --conns 10 --total "$WTOTAL"
+    run $sys "$eps" watch-10k-watchers watch --clients 100 --conns "$CONNS" --watchers 10000 --keys 1000 --watch-streams 100 --total "$TOTAL" --val-size "$VAL"
+    run $sys "$eps" lease-storm lease-storm --clients 100 --conns "$CONNS" --leases "$LEASES" --expiring "$EXPIRING" --val-size "$VAL"
   done
 done
 echo
 echo "CPU seconds (servers, whole run): etcd $(cpu 'etcd --name e') meshd $(cpu 'meshd --name m')$([ "$ETCD35" = 1 ] && echo " etcd35 $(cpu 'etcd --name f')")"
 echo "peak RSS (largest member): etcd $(rss 'etcd --name e') meshd $(rss 'meshd --name m')$([ "$ETCD35" = 1 ] && echo " etcd35 $(rss 'etcd --name f')")"
+if [ -s "$details" ]; then echo; cat "$details"; fi
 echo
 echo "median over rounds (req/s, p99 ms), ratio meshd/etcd (3.4, and 3.5.1 as etcd35):"
 python3 - "$results" <<'PY'

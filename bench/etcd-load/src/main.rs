@@ -61,42 +61,48 @@ enum Command {
     /// while the clients put. The others live `--ttl` seconds and are revoked at the end.
     /// Reports put latency before the expiry and from it until every expired lease's
     /// key is gone, and how long that took.
-    LeaseStorm {
-        #[command(flatten)]
-        load: Load,
-        #[arg(long, default_value_t = 100_000)]
-        leases: u64,
-        #[arg(long, default_value_t = 10_000)]
-        expiring: u64,
-        /// Seconds from granting the expiring leases to their expiry.
-        #[arg(long, default_value_t = 20)]
-        storm_in: u64,
-        /// TTL of the leases that do not expire during the run.
-        #[arg(long, default_value_t = 600)]
-        ttl: i64,
-        /// Most seconds to wait for the expired leases' keys to go.
-        #[arg(long, default_value_t = 120)]
-        timeout: u64,
-    },
+    LeaseStorm(Storm),
     /// `watchers` watches, spread over `watch-streams` streams, on `keys` keys (each key
     /// watched `watchers / keys` times); then the clients put `total` times to random
     /// keys among them, each value carrying its send time. Reports put latency, events
     /// delivered against expected, and delivery latency (put sent to event received).
-    Watch {
-        #[command(flatten)]
-        load: Load,
-        #[arg(long, default_value_t = 10_000)]
-        watchers: u64,
-        #[arg(long, default_value_t = 1_000)]
-        keys: u64,
-        #[arg(long, default_value_t = 100)]
-        watch_streams: u64,
-        #[arg(long, default_value_t = 20_000)]
-        total: u64,
-        /// Most seconds to wait for the last events after the last put.
-        #[arg(long, default_value_t = 60)]
-        timeout: u64,
-    },
+    Watch(Watchers),
+}
+
+#[derive(clap::Args)]
+struct Storm {
+    #[command(flatten)]
+    load: Load,
+    #[arg(long, default_value_t = 100_000)]
+    leases: u64,
+    #[arg(long, default_value_t = 10_000)]
+    expiring: u64,
+    /// Seconds from granting the expiring leases to their expiry.
+    #[arg(long, default_value_t = 20)]
+    storm_in: u64,
+    /// TTL of the leases that do not expire during the run.
+    #[arg(long, default_value_t = 600)]
+    ttl: i64,
+    /// Most seconds to wait for the expired leases' keys to go.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+}
+
+#[derive(clap::Args)]
+struct Watchers {
+    #[command(flatten)]
+    load: Load,
+    #[arg(long, default_value_t = 10_000)]
+    watchers: u64,
+    #[arg(long, default_value_t = 1_000)]
+    keys: u64,
+    #[arg(long, default_value_t = 100)]
+    watch_streams: u64,
+    #[arg(long, default_value_t = 20_000)]
+    total: u64,
+    /// Most seconds to wait for the last events after the last put.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
 }
 
 fn histogram() -> Histogram<u64> {
@@ -180,29 +186,31 @@ struct Pace {
     next: Arc<AtomicU64>,
     total: u64,
     stop: Arc<AtomicBool>,
+    /// The current phase, of `phases`, each with its own latency histogram.
     phase: Arc<AtomicU8>,
+    phases: usize,
 }
 
 impl Pace {
-    fn new(total: u64) -> Pace {
+    fn new(total: u64, phases: usize) -> Pace {
         Pace {
             next: Arc::new(AtomicU64::new(0)),
             total,
             stop: Arc::new(AtomicBool::new(false)),
             phase: Arc::new(AtomicU8::new(0)),
+            phases,
         }
     }
 }
 
-/// Starts `load.clients` clients putting random keys of `prefix`; `value` makes each
-/// put's value from its send time (since `t0`).
+/// Starts `load.clients` clients putting random keys of `prefix`, each value starting
+/// with its send time in µs since `t0`.
 fn spawn_putters(
     connections: &[Client],
     load: Load,
     prefix: &'static str,
     key_space: u64,
     pace: &Pace,
-    phases: usize,
     t0: Instant,
 ) -> Vec<tokio::task::JoinHandle<Tally>> {
     (0..load.clients)
@@ -212,6 +220,7 @@ fn spawn_putters(
             let key_size = load.key_size;
             let val_size = load.val_size.max(8);
             tokio::spawn(async move {
+                let phases = pace.phases;
                 let mut t = Tally::new(phases);
                 loop {
                     let n = pace.next.fetch_add(1, Ordering::Relaxed);
@@ -235,8 +244,8 @@ fn spawn_putters(
         .collect()
 }
 
-async fn collect(workers: Vec<tokio::task::JoinHandle<Tally>>, phases: usize) -> Result<Tally> {
-    let mut all = Tally::new(phases);
+async fn collect(workers: Vec<tokio::task::JoinHandle<Tally>>, pace: &Pace) -> Result<Tally> {
+    let mut all = Tally::new(pace.phases);
     for w in workers {
         all.add(w.await?)?;
     }
@@ -248,44 +257,8 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let report = match cli.command {
         Command::Put { load, total } => put(&cli.endpoints, load, total).await?,
-        Command::LeaseStorm {
-            load,
-            leases,
-            expiring,
-            storm_in,
-            ttl,
-            timeout,
-        } => {
-            lease_storm(
-                &cli.endpoints,
-                load,
-                leases,
-                expiring.min(leases),
-                storm_in,
-                ttl,
-                timeout,
-            )
-            .await?
-        }
-        Command::Watch {
-            load,
-            watchers,
-            keys,
-            watch_streams,
-            total,
-            timeout,
-        } => {
-            watch(
-                &cli.endpoints,
-                load,
-                watchers,
-                keys,
-                watch_streams,
-                total,
-                timeout,
-            )
-            .await?
-        }
+        Command::LeaseStorm(storm) => lease_storm(&cli.endpoints, &storm).await?,
+        Command::Watch(w) => watch(&cli.endpoints, &w).await?,
     };
     println!("{report}");
     Ok(())
@@ -293,10 +266,10 @@ async fn main() -> Result<()> {
 
 async fn put(endpoints: &[String], load: Load, total: u64) -> Result<Value> {
     let connections = connect(endpoints, load.conns).await?;
-    let pace = Pace::new(total);
+    let pace = Pace::new(total, 1);
     let t0 = Instant::now();
-    let workers = spawn_putters(&connections, load, "", load.key_space_size, &pace, 1, t0);
-    let all = collect(workers, 1).await?;
+    let workers = spawn_putters(&connections, load, "", load.key_space_size, &pace, t0);
+    let all = collect(workers, &pace).await?;
     let secs = t0.elapsed().as_secs_f64().max(f64::EPSILON);
     let h = &all.phases[0];
     Ok(json!({
@@ -393,15 +366,16 @@ async fn count_prefix(c: &mut Client, prefix: &str) -> Result<i64> {
     Ok(r.count())
 }
 
-async fn lease_storm(
-    endpoints: &[String],
-    load: Load,
-    leases: u64,
-    expiring: u64,
-    storm_in: u64,
-    ttl: i64,
-    timeout: u64,
-) -> Result<Value> {
+async fn lease_storm(endpoints: &[String], storm: &Storm) -> Result<Value> {
+    let &Storm {
+        load,
+        leases,
+        expiring,
+        storm_in,
+        ttl,
+        timeout,
+    } = storm;
+    let expiring = expiring.min(leases);
     let connections = connect(endpoints, load.conns).await?;
     let mut probe = connections[0].clone();
     if count_prefix(&mut probe, "storm/").await? > 0 {
@@ -429,17 +403,9 @@ async fn lease_storm(
         );
     }
     // Phases: 0 before the expiry, 1 from it until the expired keys are gone, 2 after.
-    let pace = Pace::new(u64::MAX);
+    let pace = Pace::new(u64::MAX, 3);
     let t0 = Instant::now();
-    let workers = spawn_putters(
-        &connections,
-        load,
-        "load/",
-        load.key_space_size,
-        &pace,
-        3,
-        t0,
-    );
+    let workers = spawn_putters(&connections, load, "load/", load.key_space_size, &pace, t0);
     tokio::time::sleep_until(target.into()).await;
     pace.phase.store(1, Ordering::Relaxed);
     let deadline = target + Duration::from_secs(timeout);
@@ -456,7 +422,7 @@ async fn lease_storm(
     pace.phase.store(2, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(2)).await;
     pace.stop.store(true, Ordering::Relaxed);
-    let all = collect(workers, 3).await?;
+    let all = collect(workers, &pace).await?;
     let puts_secs = t0.elapsed().as_secs_f64();
     // Leave nothing behind for the next workload.
     fan_out(&connections, long.len() as u64, 100, {
@@ -496,15 +462,15 @@ async fn lease_storm(
     }))
 }
 
-async fn watch(
-    endpoints: &[String],
-    load: Load,
-    watchers: u64,
-    keys: u64,
-    streams: u64,
-    total: u64,
-    timeout: u64,
-) -> Result<Value> {
+async fn watch(endpoints: &[String], w: &Watchers) -> Result<Value> {
+    let &Watchers {
+        load,
+        watchers,
+        keys,
+        watch_streams: streams,
+        total,
+        timeout,
+    } = w;
     let keys = keys.max(1);
     if !watchers.is_multiple_of(keys) {
         bail!("--watchers must be a multiple of --keys, so that every key is watched as often");
@@ -577,10 +543,10 @@ async fn watch(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let pace = Pace::new(total);
+    let pace = Pace::new(total, 1);
     let started = Instant::now();
-    let workers = spawn_putters(&connections, load, "watch/", keys, &pace, 1, t0);
-    let puts = collect(workers, 1).await?;
+    let workers = spawn_putters(&connections, load, "watch/", keys, &pace, t0);
+    let puts = collect(workers, &pace).await?;
     let secs = started.elapsed().as_secs_f64().max(f64::EPSILON);
     let h = &puts.phases[0];
     // Every key is watched watchers/keys times: each put is as many events.

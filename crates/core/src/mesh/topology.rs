@@ -547,16 +547,22 @@ impl Topology {
         })
     }
 
-    /// BFS over the symmetric edges from `root`: node → (parent, hops); the root maps
-    /// to itself.
-    fn bfs(&self, root: PeerName) -> NameMap<(PeerName, u32)> {
-        let mut seen = NameMap::from_iter([(root, (root, 0))]);
+    /// BFS over the symmetric edges from `root`: node → (label, hops), where a node's
+    /// label is `label(parent, parent's label, node)` and the root's is itself. The
+    /// table is sized once: routes are rebuilt often while a large mesh converges.
+    fn bfs(
+        &self,
+        root: PeerName,
+        label: impl Fn(PeerName, PeerName, PeerName) -> PeerName,
+    ) -> NameMap<(PeerName, u32)> {
+        let mut seen = NameMap::with_capacity_and_hasher(self.entries.len(), Default::default());
+        seen.insert(root, (root, 0));
         let mut queue = VecDeque::from([root]);
         while let Some(n) = queue.pop_front() {
-            let hops = seen[&n].1;
+            let (l, hops) = seen[&n];
             for m in self.neighbours(n) {
                 if let std::collections::hash_map::Entry::Vacant(v) = seen.entry(m) {
-                    v.insert((n, hops + 1));
+                    v.insert((label(n, l, m), hops + 1));
                     queue.push_back(m);
                 }
             }
@@ -564,26 +570,21 @@ impl Topology {
         seen
     }
 
-    /// BFS from us, as [`Topology::bfs`] visits, recording each destination's first
-    /// hop (its parent's, or itself next to us) as it is reached: one pass and one
-    /// table, sized once, as routes are rebuilt often while a large mesh converges.
+    /// BFS from us, labelling each destination with its first hop: its parent's, or
+    /// itself next to us.
     fn compute_routes(&self) -> Routes {
         let own = self.own;
-        let mut next_hops: NameMap<(PeerName, u32)> =
-            NameMap::with_capacity_and_hasher(self.entries.len(), Default::default());
-        let mut queue = VecDeque::from([(own, own, 0u32)]);
-        while let Some((n, first, hops)) = queue.pop_front() {
-            for m in self.neighbours(n) {
-                if m == own {
-                    continue;
+        let mut next_hops = self.bfs(
+            own,
+            |parent, first, node| {
+                if parent == own {
+                    node
+                } else {
+                    first
                 }
-                if let std::collections::hash_map::Entry::Vacant(v) = next_hops.entry(m) {
-                    let first = if n == own { m } else { first };
-                    v.insert((first, hops + 1));
-                    queue.push_back((m, first, hops + 1));
-                }
-            }
-        }
+            },
+        );
+        next_hops.remove(&own);
         Routes {
             next_hops,
             broadcast_children: RefCell::new(NameMap::default()),
@@ -617,7 +618,7 @@ impl Topology {
         if let Some(c) = routes.broadcast_children.borrow().get(&src) {
             return c.clone();
         }
-        let parents = self.bfs(src);
+        let parents = self.bfs(src, |parent, _, _| parent);
         let own = self.own;
         let children: Vec<PeerName> = self
             .neighbours(own)

@@ -200,8 +200,8 @@ impl Net {
             }
         }
         for (i, p) in self.peers.iter_mut().enumerate() {
-            for j in p.neighbours.clone() {
-                send_due(p, i, j, &mut out);
+            for (&j, s) in p.sync.iter_mut() {
+                send_due(s, &p.topology, i, j, &mut out);
             }
         }
         for (_, _, f) in &out {
@@ -396,17 +396,21 @@ pub fn run(cfg: &MeshSimConfig) -> MeshReport {
     report
 }
 
-/// Peer `i`'s writer to neighbour `j` takes its turn: what `j` is owed is sent.
-fn send_due(p: &mut Peer, i: usize, j: usize, out: &mut Vec<(usize, usize, Frame)>) {
-    let Some(s) = p.sync.get_mut(&j) else {
-        return;
-    };
-    let due = s.take_due(&p.topology);
+/// Peer `i`'s writer to neighbour `j` (its sync state `s`) takes its turn: what `j`
+/// is owed is sent.
+fn send_due(
+    s: &mut NeighbourSync,
+    topology: &Topology,
+    i: usize,
+    j: usize,
+    out: &mut Vec<(usize, usize, Frame)>,
+) {
+    let due = s.take_due(topology);
     if !due.is_empty() {
         // Sized exactly: while a large mesh converges, these frames are most of
         // the memory in use.
         let mut entries = Vec::with_capacity(due.len());
-        entries.extend(due.iter().filter_map(|&m| p.topology.get_shared(m)));
+        entries.extend(due.iter().filter_map(|&m| topology.get_shared(m)));
         out.push((i, j, Frame::Entries(entries)));
     }
 }
@@ -454,7 +458,9 @@ fn deliver(
             // The writer woken by the digest takes its turn at once: a digest leaves
             // what the neighbour lacks as exceptions until then, and thousands of
             // connections holding half the mesh each would outgrow the memory.
-            send_due(p, to, from, out);
+            if let Some(s) = p.sync.get_mut(&from) {
+                send_due(s, &p.topology, to, from, out);
+            }
         }
     }
 }

@@ -96,6 +96,28 @@ async fn lease_grant_keep_alive_expiry_revoke_and_errors() {
         );
     }
 
+    // A session's first keep-alive follows its grant at once, both through a follower
+    // (etcdctl lock and elect do this): the leader must find the lease even when the
+    // follower applied the grant first.
+    for _ in 0..20 {
+        let id = grant(&mut f, 60).await;
+        let (mut keeper, mut stream) = f.lease_keep_alive(id).await.unwrap();
+        keeper.keep_alive().await.unwrap();
+        let first = stream
+            .message()
+            .await
+            .unwrap()
+            .expect("a keep-alive answer");
+        assert_eq!(
+            (first.id(), first.ttl()),
+            (id, 60),
+            "keep-alive right after grant"
+        );
+        let ttl = f.lease_time_to_live(id, None).await.unwrap();
+        assert_eq!(ttl.granted_ttl(), 60, "time-to-live right after grant");
+        f.lease_revoke(id).await.unwrap();
+    }
+
     // Three leases granted together with the same TTL: one left alone, one kept alive
     // through a follower (replicated keep-alives), one through the leader.
     let idle = grant(&mut f, 2).await;

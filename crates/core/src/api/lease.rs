@@ -168,6 +168,8 @@ impl Lease for LeaseApi {
                 .map(Response::new);
         }
         let (id, with_keys) = (r.id, r.keys);
+        // A follower may have answered the grant before the leader applied it.
+        self.ctx.node.catch_up().await.map_err(propose_status)?;
         let Some(granted) = self.ctx.kv.lease(id).map_err(kv_status)? else {
             // etcd answers an unknown (or already expired and revoked) lease this way.
             return Ok(Response::new(LeaseTimeToLiveResponse {
@@ -313,6 +315,8 @@ async fn keep_alive(
     let ttl = if let Some(ttl) = forwarded {
         ttl
     } else if status.leader() == status.member_id {
+        // A follower may have answered the grant before the leader applied it.
+        ctx.node.catch_up().await.map_err(propose_status)?;
         match ctx.lessor.renew(id) {
             Some(ttl) if ctx.kv.lease(id).map_err(kv_status)?.is_some() => ttl,
             _ => 0,

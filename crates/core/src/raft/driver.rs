@@ -566,6 +566,14 @@ impl Driver {
                 self.parked.push((id, data));
             }
             DriverMsg::ReadIndex { reply } => self.reads_new.push(reply),
+            DriverMsg::CatchUp { reply } => {
+                let committed = self.raw.raft.raft_log.committed;
+                if committed <= self.kv.applied_index() {
+                    let _ = reply.send(Ok(()));
+                } else {
+                    self.reads_ready.push((committed, vec![reply]));
+                }
+            }
             DriverMsg::ChangeMembers { change, reply } => self.change_members(change, reply),
             DriverMsg::Progress { reply } => {
                 let _ = reply.send(Ok(self.progress()));

@@ -56,6 +56,13 @@ pub enum DriverMsg {
     ReadIndex {
         reply: oneshot::Sender<Result<(), ProposeError>>,
     },
+    /// Wait until this member applied every entry it knows to be committed, with no
+    /// network round (etcd's waitAppliedIndex): a leader answering from state kept
+    /// outside the log (its lessor) then reflects every write a follower may already
+    /// have acknowledged.
+    CatchUp {
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
     /// Change the voter/learner set (leader only; one change at a time).
     ChangeMembers {
         change: MemberChange,
@@ -412,6 +419,12 @@ impl NodeHandle {
     /// call (ReadIndex): a read served after it is linearizable.
     pub async fn read_index(&self) -> Result<(), ProposeError> {
         self.call(|reply| DriverMsg::ReadIndex { reply }).await
+    }
+
+    /// Returns once this member applied every entry it knew to be committed at the
+    /// call (see [`DriverMsg::CatchUp`]).
+    pub async fn catch_up(&self) -> Result<(), ProposeError> {
+        self.call(|reply| DriverMsg::CatchUp { reply }).await
     }
 
     /// Transfers leadership to `target`; only the leader may (etcd's MoveLeader).

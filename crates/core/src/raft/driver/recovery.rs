@@ -206,7 +206,7 @@ fn refuse_while_recovering(m: DriverMsg, refuse: RefuseAs) -> bool {
         DriverMsg::ChangeMembers { reply, .. } => {
             let _ = reply.send(Err(write_refusal()));
         }
-        DriverMsg::ReadIndex { reply } => {
+        DriverMsg::ReadIndex { reply } | DriverMsg::CatchUp { reply } => {
             let _ = reply.send(Err(ProposeError::Stopped));
         }
         DriverMsg::Progress { reply } => {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use redb::ReadableTable;
 
 use super::index::{Meta, View};
-use super::range::{header, shape_range, Interval};
+use super::range::{header, in_key_order, shape_range, Interval};
 use super::KvError;
 use crate::proto::etcdserverpb as pb;
 use crate::proto::mvccpb::KeyValue;
@@ -201,6 +201,21 @@ impl<'t> Exec<'t> {
         // other field, so no record is read (unless this txn wrote, or the keys are
         // sorted by value).
         let by_value = req.sort_target == pb::range_request::SortTarget::Value as i32;
+        // A limited range in key order reads only the records it returns (the count
+        // still comes from the index).
+        if self.overlay.is_empty() && req.limit > 0 && !req.count_only && in_key_order(req) {
+            let rev = self.read_revision(req.revision)?.unwrap_or(i64::MAX);
+            let limit = usize::try_from(req.limit).unwrap_or(usize::MAX);
+            let (kvs, count) = self
+                .view
+                .scan_first(&interval, rev, limit, !req.keys_only)?;
+            return Ok(pb::RangeResponse {
+                header: Some(header(self.revision())),
+                more: count > req.limit,
+                kvs,
+                count,
+            });
+        }
         if self.overlay.is_empty() && (req.count_only || (req.keys_only && !by_value)) {
             let rev = self.read_revision(req.revision)?.unwrap_or(i64::MAX);
             if req.count_only {

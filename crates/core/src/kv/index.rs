@@ -251,15 +251,28 @@ impl KeyIndex {
     /// the index holds without reading a record.
     fn live_keys(&self, interval: &Interval, rev: i64) -> Vec<KeyValue> {
         self.live_versions(interval, rev)
-            .map(|(key, v)| KeyValue {
-                key: key.to_vec(),
-                create_revision: v.meta.create_revision,
-                mod_revision: v.main,
-                version: v.meta.version,
-                lease: v.meta.lease,
-                value: Vec::new(),
-            })
+            .map(|(key, v)| key_only(key, v))
             .collect()
+    }
+
+    /// `f` of the first `limit` live keys in `interval` at `rev` and their versions,
+    /// and how many keys are live there in all.
+    fn live_first<T>(
+        &self,
+        interval: &Interval,
+        rev: i64,
+        limit: usize,
+        f: impl Fn(&[u8], Version) -> T,
+    ) -> (Vec<T>, i64) {
+        let mut first = Vec::with_capacity(limit.min(4096));
+        let mut count = 0;
+        for (key, v) in self.live_versions(interval, rev) {
+            if first.len() < limit {
+                first.push(f(key, v));
+            }
+            count += 1;
+        }
+        (first, count)
     }
 
     /// The version of `key` just before `(main, sub)`.
@@ -483,6 +496,24 @@ impl<'t> View<'t> {
         self.locate(|i| i.live_keys(interval, rev))
     }
 
+    /// The first `limit` keys of [`View::scan`] (with their values, or without them and
+    /// from the index alone), and how many keys it would have found: a limited range
+    /// reads only the records it returns.
+    pub(crate) fn scan_first(
+        &self,
+        interval: &Interval,
+        rev: i64,
+        limit: usize,
+        values: bool,
+    ) -> Result<(Vec<KeyValue>, i64), KvError> {
+        let rev = rev.min(self.visible);
+        if !values {
+            return self.locate(|i| i.live_first(interval, rev, limit, key_only));
+        }
+        let (revs, count) = self.locate(|i| i.live_first(interval, rev, limit, |_, v| v.rev()))?;
+        Ok((self.fetch_live(revs)?, count))
+    }
+
     /// What a put needs of the live version of `key`, without reading its record.
     pub(crate) fn meta(&self, key: &[u8]) -> Result<Option<Meta>, KvError> {
         Ok(self
@@ -502,6 +533,18 @@ impl<'t> View<'t> {
             Some(v) if !v.tombstone => Ok(Some(self.fetch(v.rev())?.kv)),
             _ => Ok(None),
         }
+    }
+}
+
+/// A key's fields at version `v` but its value, which only the record holds.
+fn key_only(key: &[u8], v: Version) -> KeyValue {
+    KeyValue {
+        key: key.to_vec(),
+        create_revision: v.meta.create_revision,
+        mod_revision: v.main,
+        version: v.meta.version,
+        lease: v.meta.lease,
+        value: Vec::new(),
     }
 }
 

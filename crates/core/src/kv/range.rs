@@ -94,6 +94,23 @@ pub(crate) fn shape_range(
     }
 }
 
+/// Whether `req`'s answer is the first keys in key order: sorted by key ascending, or
+/// not sorted, and filtered by no revision.
+pub(crate) fn in_key_order(req: &pb::RangeRequest) -> bool {
+    let target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
+    let order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
+    target == SortTarget::Key
+        && order != SortOrder::Descend
+        && [
+            req.min_mod_revision,
+            req.max_mod_revision,
+            req.min_create_revision,
+            req.max_create_revision,
+        ]
+        .iter()
+        .all(|&r| r == 0)
+}
+
 /// Sort ALL matches (before the limit), following etcd: a NONE order with a
 /// non-KEY target means ascending; ascending by key is the scan order already.
 fn sort(kvs: &mut [KeyValue], req: &pb::RangeRequest) {

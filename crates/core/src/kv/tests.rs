@@ -1613,6 +1613,26 @@ fn count_and_keys_only_from_the_index_equal_the_full_read() {
                 );
                 assert!(count_only.kvs.is_empty() && !count_only.more);
                 assert_eq!(count_only.header, full.header);
+                // A limited range is the full one cut short, with or without values.
+                for limit in [1, 2, 10] {
+                    for keys_only in [false, true] {
+                        let got =
+                            f.kv.range(&pb::RangeRequest {
+                                limit,
+                                keys_only,
+                                ..base.clone()
+                            })
+                            .unwrap();
+                        let mut want = if keys_only {
+                            stripped.clone()
+                        } else {
+                            full.clone()
+                        };
+                        want.more = want.kvs.len() > limit as usize;
+                        want.kvs.truncate(limit as usize);
+                        assert_eq!(got, want, "limit {limit} {k:?}..{end:?} at {rev}");
+                    }
+                }
             }
         }
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Compare, CompareOp, DeleteOptions, EventType, GetOptions, PutOptions, SortOrder, SortTarget,
-    Txn, TxnOp, WatchOptions,
+    Txn, TxnOp, WatchFilterType, WatchOptions,
 };
 use mesh_tests::*;
 
@@ -353,4 +353,158 @@ async fn a_watch_stream_holds_at_most_ten_thousand_watchers() {
     let r = next(&mut s).await;
     assert_eq!(r.watch_id(), 0);
     assert_eq!(r.events()[0].kv().unwrap().value(), b"still watched");
+}
+
+/// Many watchers of one stream, caught up with each other and read for together, each
+/// receive exactly the events they asked for, in revision order: same-key watchers with
+/// different options (previous values, no-put and no-delete filters), a prefix and a
+/// from-key watcher, one canceled halfway, and one replaying history while the others
+/// receive live events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_of_one_stream_each_receive_exactly_their_events() {
+    use std::collections::{HashMap, HashSet};
+    // (key, revision, is a delete, carries a previous value)
+    type Seen = (String, i64, bool, bool);
+    let c = InProcessCluster::start(1, ClusterOpts::default()).await;
+    wait_for_leader(&c.live_addrs()).await;
+    let mut kv = etcd_client(c.addr(0)).await;
+    let first = kv
+        .put("g/0", "start", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+
+    let mut s = kv.watch("g/0", None).await.unwrap();
+    assert!(next(&mut s).await.created());
+    let specs = [
+        ("g/1", WatchOptions::new()),
+        ("g/1", WatchOptions::new().with_prev_key()),
+        (
+            "g/1",
+            WatchOptions::new().with_filters([WatchFilterType::NoPut]),
+        ),
+        (
+            "g/1",
+            WatchOptions::new().with_filters([WatchFilterType::NoDelete]),
+        ),
+        ("g/2", WatchOptions::new()),
+        ("g/", WatchOptions::new().with_prefix()),
+        ("g/2", WatchOptions::new().with_from_key()),
+        ("g/3", WatchOptions::new()),
+    ];
+    let mut ids = vec![0];
+    for (key, opts) in specs {
+        let r = create(&mut s, key, opts).await;
+        assert!(r.created() && !r.canceled(), "{r:?}");
+        ids.push(r.watch_id());
+    }
+
+    // Puts and deletes over the watched keys (every fifth a delete); the watcher of
+    // g/3 is canceled halfway.
+    let mut ops: Vec<Seen> = Vec::new();
+    let mut exists = HashSet::from(["g/0".to_string()]);
+    for i in 0..60 {
+        let key = format!("g/{}", i % 4);
+        let del = i % 5 == 4;
+        let header = if del {
+            kv.delete(key.as_str(), None)
+                .await
+                .unwrap()
+                .header()
+                .cloned()
+        } else {
+            kv.put(key.as_str(), format!("v{i}"), None)
+                .await
+                .unwrap()
+                .header()
+                .cloned()
+        };
+        let had = if del {
+            exists.remove(&key)
+        } else {
+            !exists.insert(key.clone())
+        };
+        if del && !had {
+            continue; // deleting a missing key writes nothing
+        }
+        ops.push((key, header.unwrap().revision(), del, had));
+        if i == 30 {
+            s.cancel(ids[8]).await.unwrap();
+        }
+    }
+    // A watcher replaying everything since the first put, created after the others
+    // (its created response may follow events already on their way).
+    let replay_opts = WatchOptions::new().with_prefix().with_start_revision(first);
+    s.watch("g/", Some(replay_opts)).await.unwrap();
+    let replay = std::cell::Cell::new(None);
+
+    let pick = |keys: &dyn Fn(&str) -> bool, puts: bool, dels: bool| -> Vec<Seen> {
+        ops.iter()
+            .filter(|(k, _, del, _)| keys(k) && if *del { dels } else { puts })
+            .map(|(k, rev, del, _)| (k.clone(), *rev, *del, false))
+            .collect()
+    };
+    let g1 = |k: &str| k == "g/1";
+    let mut want: HashMap<i64, Vec<Seen>> = HashMap::from([
+        (ids[0], pick(&|k| k == "g/0", true, true)),
+        (ids[1], pick(&g1, true, true)),
+        (ids[3], pick(&g1, false, true)),
+        (ids[4], pick(&g1, true, false)),
+        (ids[5], pick(&|k| k == "g/2", true, true)),
+        (ids[6], pick(&|k| k.starts_with("g/"), true, true)),
+        (ids[7], pick(&|k| k >= "g/2", true, true)),
+    ]);
+    want.insert(
+        ids[2],
+        ops.iter().filter(|o| o.0 == "g/1").cloned().collect(),
+    );
+    let mut replayed = vec![("g/0".to_string(), first, false, false)];
+    replayed.extend(pick(&|k| k.starts_with("g/"), true, true));
+
+    let mut got: HashMap<i64, Vec<Seen>> = HashMap::new();
+    let canceled_after = std::cell::Cell::new(None);
+    let take = |r: etcd_client::WatchResponse, got: &mut HashMap<i64, Vec<Seen>>| {
+        if r.created() {
+            assert!(!r.canceled() && replay.get().is_none(), "{r:?}");
+            replay.set(Some(r.watch_id()));
+        } else if r.canceled() {
+            assert_eq!(r.watch_id(), ids[8], "{r:?}");
+            canceled_after.set(Some(got.get(&ids[8]).map_or(0, Vec::len)));
+        }
+        for e in r.events() {
+            let kv = e.kv().unwrap();
+            got.entry(r.watch_id()).or_default().push((
+                String::from_utf8(kv.key().to_vec()).unwrap(),
+                kv.mod_revision(),
+                e.event_type() == EventType::Delete,
+                e.prev_kv().is_some(),
+            ));
+        }
+    };
+    let behind = |got: &HashMap<i64, Vec<Seen>>, replay: Option<i64>| {
+        want.iter()
+            .any(|(id, w)| got.get(id).map_or(0, Vec::len) < w.len())
+            || replay.is_none_or(|id| got.get(&id).map_or(0, Vec::len) < replayed.len())
+    };
+    while behind(&got, replay.get()) {
+        take(next(&mut s).await, &mut got);
+    }
+    // Nothing more may come (a duplicate, or an event for the canceled watcher).
+    while let Ok(r) = tokio::time::timeout(Duration::from_millis(300), s.message()).await {
+        take(r.unwrap().unwrap(), &mut got);
+    }
+    want.insert(replay.get().expect("created"), replayed);
+    for (id, w) in &want {
+        assert_eq!(got.get(id).unwrap_or(&Vec::new()), w, "watcher {id}");
+    }
+    let g3 = pick(&|k| k == "g/3", true, true);
+    let got3 = got.get(&ids[8]).cloned().unwrap_or_default();
+    assert_eq!(got3[..], g3[..got3.len()], "the canceled watcher's events");
+    assert_eq!(
+        Some(got3.len()),
+        canceled_after.get(),
+        "nothing after the cancel"
+    );
 }

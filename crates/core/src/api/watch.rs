@@ -11,8 +11,14 @@
 //! connection flushed about four responses per write; etcd's writer joins many.)
 //! Requests from the client arrive on a task of their own and reach the stream as
 //! [`Control`] messages, so a watcher's created response always precedes its events.
+//!
+//! Watchers that have caught up with the applied revision share one read per stream
+//! (a [`Group`], as etcd's synced watcher group): the group reads each new span once,
+//! for every key, and hands each event to the watchers of its key (found by key for
+//! single-key watchers). A watcher replaying history, or one created while the group
+//! is behind, steps on its own until it reaches the group's revision.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -26,12 +32,12 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::ApiContext;
-use crate::kv::KvError;
+use crate::kv::{Interval, KvError};
 use crate::proto::etcdserverpb::{
     watch_create_request::FilterType, watch_request::RequestUnion, watch_server::Watch,
     WatchCreateRequest, WatchRequest, WatchResponse,
 };
-use crate::proto::mvccpb::event::EventType;
+use crate::proto::mvccpb::{event::EventType, Event};
 
 /// Events read from the store per step (whole revisions are never split).
 const EVENTS_PER_READ: usize = 1000;
@@ -75,6 +81,9 @@ impl Watch for WatchApi {
             ctx: self.ctx.clone(),
             control: rx,
             watchers: VecDeque::new(),
+            group: Group::default(),
+            ready: VecDeque::new(),
+            group_first: false,
             live,
             progress_timer: None,
         };
@@ -247,8 +256,16 @@ struct Outbound {
     /// Wakes the stream when the applied revision moves; polled only before sleeping.
     moved: RevisionStream<i64>,
     control: mpsc::Receiver<Control>,
-    /// Checked in turn; a watcher that answered goes to the back.
+    /// Watchers stepping on their own, checked in turn; one that answered goes to the
+    /// back.
     watchers: VecDeque<Box<Watcher>>,
+    /// Watchers caught up with each other, read for together.
+    group: Group,
+    /// The group's responses of its last read, sent before it reads again.
+    ready: VecDeque<WatchResponse>,
+    /// Whether the group or the watchers on their own get the next look (alternating,
+    /// so that steady live traffic does not hold up a replay, nor the reverse).
+    group_first: bool,
     live: LiveIds,
     /// Armed only while a watcher asked for progress notifications.
     progress_timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -268,19 +285,22 @@ impl Stream for Outbound {
                 Err(mpsc::error::TryRecvError::Empty) => {}
                 Err(mpsc::error::TryRecvError::Disconnected) => return Poll::Ready(None),
             }
+            if let Some(resp) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(resp)));
+            }
             let current = *this.applied.borrow_and_update();
-            for _ in 0..this.watchers.len() {
-                let mut w = this.watchers.pop_front().expect("counted");
-                match w.step(&this.ctx, current) {
-                    Step::Idle => this.watchers.push_back(w),
-                    Step::Send(resp) => {
-                        this.watchers.push_back(w);
-                        return Poll::Ready(Some(Ok(resp)));
-                    }
-                    Step::Ended(resp) => {
-                        lock(&this.live).remove(&w.id);
-                        return Poll::Ready(Some(Ok(resp)));
-                    }
+            this.group_first = !this.group_first;
+            if this.group_first {
+                if let Some(resp) = this.step_group(current) {
+                    return Poll::Ready(Some(Ok(resp)));
+                }
+            }
+            if let Some(resp) = this.step_watchers(current) {
+                return Poll::Ready(Some(Ok(resp)));
+            }
+            if !this.group_first {
+                if let Some(resp) = this.step_group(current) {
+                    return Poll::Ready(Some(Ok(resp)));
                 }
             }
             // Nothing to send: register for what can change that, then look again if
@@ -295,12 +315,14 @@ impl Stream for Outbound {
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => {}
             }
-            let Some(deadline) = this.watchers.iter().filter_map(|w| w.progress_at).min() else {
+            let all = || this.watchers.iter().chain(this.group.members.values());
+            let Some(deadline) = all().filter_map(|w| w.progress_at).min() else {
                 this.progress_timer = None;
                 return Poll::Pending;
             };
             let now = Instant::now();
-            for w in this.watchers.iter_mut() {
+            let group = this.group.members.values_mut();
+            for w in this.watchers.iter_mut().chain(group) {
                 if let Some(resp) = w.progress(&this.ctx, now) {
                     return Poll::Ready(Some(Ok(resp)));
                 }
@@ -329,9 +351,169 @@ impl Outbound {
             }
             Control::Cancel(id, resp) => {
                 self.watchers.retain(|w| w.id != id);
+                self.group.remove(id);
+                self.ready.retain(|r| r.watch_id != id);
                 resp
             }
         }
+    }
+
+    /// One response from the watchers stepping on their own, if any has one. One that
+    /// is idle at the group's revision joins the group.
+    fn step_watchers(&mut self, current: i64) -> Option<WatchResponse> {
+        for _ in 0..self.watchers.len() {
+            let mut w = self.watchers.pop_front().expect("counted");
+            match w.step(&self.ctx, current) {
+                Step::Idle if w.next == current + 1 && self.group.accepts(w.next) => {
+                    self.group.add(w);
+                }
+                Step::Idle => self.watchers.push_back(w),
+                Step::Send(resp) => {
+                    self.watchers.push_back(w);
+                    return Some(resp);
+                }
+                Step::Ended(resp) => {
+                    lock(&self.live).remove(&w.id);
+                    return Some(resp);
+                }
+            }
+        }
+        None
+    }
+
+    /// Reads the group's next span once and queues each member's events; the first
+    /// response, if there is one. A failed read (the span was compacted while the
+    /// client was slow) hands the members back to step on their own, each then
+    /// canceled with the reason.
+    fn step_group(&mut self, current: i64) -> Option<WatchResponse> {
+        while self.ready.is_empty() && !self.group.members.is_empty() {
+            if self.group.next > current {
+                return None;
+            }
+            match self.group.read(&self.ctx, current) {
+                Ok(responses) => self.ready.extend(responses),
+                Err(_) => {
+                    let next = self.group.next;
+                    for (_, mut w) in self.group.members.drain() {
+                        w.next = next;
+                        self.watchers.push_back(w);
+                    }
+                    self.group = Group::default();
+                    return None;
+                }
+            }
+        }
+        self.ready.pop_front()
+    }
+}
+
+/// A stream's watchers that have delivered every event before `next`: each span is
+/// read once for all of them.
+#[derive(Default)]
+struct Group {
+    next: i64,
+    members: HashMap<i64, Box<Watcher>>,
+    /// Single-key watchers by their key.
+    by_key: HashMap<Vec<u8>, Vec<i64>>,
+    /// Every other watcher, with the keys it watches.
+    ranges: Vec<(i64, Interval)>,
+    /// Members that asked for each event's previous value.
+    prev_kv: usize,
+}
+
+impl Group {
+    fn accepts(&self, next: i64) -> bool {
+        self.members.is_empty() || self.next == next
+    }
+
+    fn add(&mut self, w: Box<Watcher>) {
+        if self.members.is_empty() {
+            self.next = w.next;
+        }
+        if w.req.range_end.is_empty() {
+            self.by_key.entry(w.req.key.clone()).or_default().push(w.id);
+        } else {
+            self.ranges
+                .push((w.id, Interval::new(&w.req.key, &w.req.range_end)));
+        }
+        self.prev_kv += usize::from(w.req.prev_kv);
+        self.members.insert(w.id, w);
+    }
+
+    fn remove(&mut self, id: i64) {
+        let Some(w) = self.members.remove(&id) else {
+            return;
+        };
+        if let Some(ids) = self.by_key.get_mut(&w.req.key) {
+            ids.retain(|&i| i != id);
+            if ids.is_empty() {
+                self.by_key.remove(&w.req.key);
+            }
+        }
+        self.ranges.retain(|(i, _)| *i != id);
+        self.prev_kv -= usize::from(w.req.prev_kv);
+    }
+
+    /// The members' responses for the events from `next` (up to `current`, at most
+    /// [`EVENTS_PER_READ`] of them in whole revisions); `next` moves past them.
+    fn read(&mut self, ctx: &ApiContext, current: i64) -> Result<Vec<WatchResponse>, KvError> {
+        let events = ctx.kv.events(
+            self.next,
+            current,
+            &[0],
+            &[0],
+            self.prev_kv > 0,
+            EVENTS_PER_READ,
+        )?;
+        let more = events.len() >= EVENTS_PER_READ;
+        self.next = match events.last().and_then(|e| e.kv.as_ref()) {
+            Some(kv) if more => kv.mod_revision + 1,
+            _ => current + 1,
+        };
+        // Each member's events, in revision order; members in the order first reached.
+        let mut order = Vec::new();
+        let mut out: HashMap<i64, Vec<Event>> = HashMap::new();
+        for e in &events {
+            let Some(kv) = &e.kv else { continue };
+            let single = self.by_key.get(&kv.key).into_iter().flatten().copied();
+            let ranged = self
+                .ranges
+                .iter()
+                .filter(|(_, r)| r.contains(&kv.key))
+                .map(|(id, _)| *id);
+            for id in single.chain(ranged) {
+                let w = &self.members[&id];
+                if !w.wants(e) {
+                    continue;
+                }
+                let mut e = e.clone();
+                if !w.req.prev_kv {
+                    e.prev_kv = None;
+                }
+                out.entry(id)
+                    .or_insert_with(|| {
+                        order.push(id);
+                        Vec::new()
+                    })
+                    .push(e);
+            }
+        }
+        for w in self.members.values_mut() {
+            w.next = self.next;
+        }
+        Ok(order
+            .into_iter()
+            .map(|id| {
+                let w = self.members.get_mut(&id).expect("a member");
+                w.sent_since_progress = true;
+                WatchResponse {
+                    header: ctx.header(current),
+                    watch_id: id,
+                    events: out.remove(&id).unwrap_or_default(),
+                    ..Default::default()
+                }
+            })
+            .collect())
     }
 }
 
@@ -407,13 +589,7 @@ impl Watcher {
                 Some(kv) if more => kv.mod_revision + 1,
                 _ => current + 1,
             };
-            let events: Vec<_> = events
-                .into_iter()
-                .filter(|e| {
-                    let put = e.r#type == EventType::Put as i32;
-                    !(put && self.no_put || !put && self.no_delete)
-                })
-                .collect();
+            let events: Vec<_> = events.into_iter().filter(|e| self.wants(e)).collect();
             if !events.is_empty() {
                 self.sent_since_progress = true;
                 return Step::Send(WatchResponse {
@@ -425,6 +601,12 @@ impl Watcher {
             }
         }
         Step::Idle
+    }
+
+    /// Whether the watcher's filters let `e` through.
+    fn wants(&self, e: &Event) -> bool {
+        let put = e.r#type == EventType::Put as i32;
+        !(put && self.no_put || !put && self.no_delete)
     }
 
     /// The progress notification, if one is due.

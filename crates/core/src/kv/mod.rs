@@ -73,7 +73,7 @@ use exec::Exec;
 use history::WriteTables;
 use index::{KeyIndex, Shared, Version, View};
 use pending::{Pending, Revs};
-use range::Interval;
+pub(crate) use range::Interval;
 use tables::{Meta, ALARMS, MEMBERS, META, REVS};
 
 #[derive(Debug, thiserror::Error)]

@@ -9,6 +9,11 @@
 //!   same second, while clients put: put latency before and during the expiry.
 //! - `watch`: thousands of watchers spread over a set of keys while clients put: put
 //!   latency, and every event's delivery, counted and timed.
+//! - `range`: whole-keyspace reads of a loaded keyspace (count-only, keys-only, every
+//!   value in pages) and one prefix range, each timed.
+//! - `steady`: puts at a fixed rate for a long time, latency per time window, counted
+//!   from each put's scheduled time so that a stall delays (and counts) the puts
+//!   behind it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -45,6 +50,10 @@ struct Load {
     /// Digits of a key (zero-padded index), as meshctl bench's default.
     #[arg(long, default_value_t = 8)]
     key_size: usize,
+    /// Put keys 0, 1, 2, ... in order (wrapping at the key space) instead of at random:
+    /// loads a keyspace with each key written once.
+    #[arg(long)]
+    sequential_keys: bool,
 }
 
 #[derive(Subcommand)]
@@ -67,6 +76,40 @@ enum Command {
     /// keys among them, each value carrying its send time. Reports put latency, events
     /// delivered against expected, and delivery latency (put sent to event received).
     Watch(Watchers),
+    /// Times reads of a keyspace loaded with `put --sequential-keys`: a count-only and a
+    /// keys-only range over every key, every key and value read in pages of about
+    /// `--page-bytes`, and one range over the prefix shared by the first
+    /// `--prefix-keys` keys (10k by default: `0000` with 8-digit keys).
+    Range(Ranges),
+    /// Puts at `--rate` a second for `--duration` seconds (open loop: put `n` is due at
+    /// `n / rate` seconds), with latency percentiles per `--window` seconds. Latency runs
+    /// from when a put was due, not from when a client got to send it.
+    Steady(Steady),
+}
+
+#[derive(clap::Args)]
+struct Ranges {
+    /// Digits of a key, as the load used.
+    #[arg(long, default_value_t = 8)]
+    key_size: usize,
+    /// Keys under the timed prefix: a power of ten below the key space.
+    #[arg(long, default_value_t = 10_000)]
+    prefix_keys: u64,
+    /// About this many bytes of values per page of the full read.
+    #[arg(long, default_value_t = 64 << 20)]
+    page_bytes: u64,
+}
+
+#[derive(clap::Args)]
+struct Steady {
+    #[command(flatten)]
+    load: Load,
+    #[arg(long)]
+    rate: u64,
+    #[arg(long, default_value_t = 600)]
+    duration: u64,
+    #[arg(long, default_value_t = 60)]
+    window: u64,
 }
 
 #[derive(clap::Args)]
@@ -227,7 +270,11 @@ fn spawn_putters(
                     if n >= pace.total || pace.stop.load(Ordering::Relaxed) {
                         return t;
                     }
-                    let k = rand::rng().random_range(0..key_space);
+                    let k = if load.sequential_keys {
+                        n % key_space.max(1)
+                    } else {
+                        rand::rng().random_range(0..key_space)
+                    };
                     let key = key_of(prefix, k, key_size);
                     let sent = Instant::now();
                     let mut value = vec![b'v'; val_size];
@@ -259,6 +306,8 @@ async fn main() -> Result<()> {
         Command::Put { load, total } => put(&cli.endpoints, load, total).await?,
         Command::LeaseStorm(storm) => lease_storm(&cli.endpoints, &storm).await?,
         Command::Watch(w) => watch(&cli.endpoints, &w).await?,
+        Command::Range(r) => ranges(&cli.endpoints, &r).await?,
+        Command::Steady(st) => steady(&cli.endpoints, &st).await?,
     };
     println!("{report}");
     Ok(())
@@ -583,5 +632,168 @@ async fn watch(endpoints: &[String], w: &Watchers) -> Result<Value> {
         "events_expected": expected,
         "events_delivered": got,
         "delivery_ms": latency_json(&delivery),
+    }))
+}
+
+/// Seconds `f` took, with its result.
+async fn timed<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<(f64, T)> {
+    let t = Instant::now();
+    let v = f.await?;
+    Ok((t.elapsed().as_secs_f64(), v))
+}
+
+async fn ranges(endpoints: &[String], r: &Ranges) -> Result<Value> {
+    let c = connect(endpoints, 1).await?.remove(0);
+    // The same limit as etcd's own clients (math.MaxInt32).
+    let mut kv = c.kv_client().max_decoding_message_size(i32::MAX as usize);
+    let all = || GetOptions::new().with_from_key();
+    let (count_secs, count) = timed(async {
+        Ok(kv
+            .get(vec![0u8], Some(all().with_count_only()))
+            .await?
+            .count())
+    })
+    .await?;
+    let (keys_secs, keys) = timed(async {
+        Ok(kv
+            .get(vec![0u8], Some(all().with_keys_only()))
+            .await?
+            .kvs()
+            .len())
+    })
+    .await?;
+    // Every key and value, a page at a time, each page from the key after the last one.
+    let (full_secs, (full_keys, full_bytes, pages)) = timed(async {
+        let (mut n, mut bytes, mut pages) = (0u64, 0u64, 0u64);
+        let mut from = vec![0u8];
+        let mut page = 1_000i64;
+        loop {
+            let resp = kv.get(from.clone(), Some(all().with_limit(page))).await?;
+            pages += 1;
+            let kvs = resp.kvs();
+            let got: u64 = kvs
+                .iter()
+                .map(|kv| (kv.key().len() + kv.value().len()) as u64)
+                .sum();
+            n += kvs.len() as u64;
+            bytes += got;
+            match kvs.last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((n, bytes, pages)),
+            }
+            // Size the next page from what this one weighed.
+            let per_key = (got / kvs.len().max(1) as u64).max(1);
+            page = (r.page_bytes / per_key).clamp(1, 1_000_000) as i64;
+        }
+    })
+    .await?;
+    let digits = r.key_size;
+    let shared = digits.saturating_sub(r.prefix_keys.max(1).ilog10() as usize);
+    let prefix = key_of("", 0, digits)[..shared].to_string();
+    let (prefix_secs, prefix_count) = timed(async {
+        let resp = kv
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        Ok(resp.kvs().len())
+    })
+    .await?;
+    Ok(json!({
+        "operation": "range",
+        "client": "etcd-client",
+        "count": count,
+        "count_only_secs": count_secs,
+        "keys_only": keys,
+        "keys_only_secs": keys_secs,
+        "full_keys": full_keys,
+        "full_bytes": full_bytes,
+        "full_pages": pages,
+        "full_secs": full_secs,
+        "prefix": prefix,
+        "prefix_keys": prefix_count,
+        "prefix_secs": prefix_secs,
+    }))
+}
+
+async fn steady(endpoints: &[String], st: &Steady) -> Result<Value> {
+    let &Steady {
+        load,
+        rate,
+        duration,
+        window,
+    } = st;
+    if rate == 0 || window == 0 {
+        bail!("--rate and --window must be positive");
+    }
+    let connections = connect(endpoints, load.conns).await?;
+    let windows = duration.div_ceil(window) as usize;
+    let total = rate * duration;
+    let next = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now() + Duration::from_millis(100);
+    let workers: Vec<_> = (0..load.clients)
+        .map(|c| {
+            let mut kv = connections[c % connections.len()].kv_client();
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut t = Tally::new(windows);
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= total {
+                        return t;
+                    }
+                    let due = t0 + Duration::from_secs_f64(n as f64 / rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                    let k = rand::rng().random_range(0..load.key_space_size.max(1));
+                    let w = ((n / rate) / window) as usize;
+                    match kv
+                        .put(
+                            key_of("", k, load.key_size),
+                            vec![b'v'; load.val_size],
+                            None,
+                        )
+                        .await
+                    {
+                        Ok(_) => record(&mut t.phases[w.min(windows - 1)], due),
+                        Err(e) => t.error(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut all = Tally::new(windows);
+    for w in workers {
+        all.add(w.await?)?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let mut whole = histogram();
+    for h in &all.phases {
+        whole.add(h)?;
+    }
+    let per_window: Vec<Value> = all
+        .phases
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let mut v = latency_json(h);
+            v["from_secs"] = json!(i as u64 * window);
+            v
+        })
+        .collect();
+    Ok(json!({
+        "operation": "steady",
+        "client": "etcd-client",
+        "clients": load.clients,
+        "conns": load.conns,
+        "rate": rate,
+        "duration_secs": duration,
+        "elapsed_secs": secs,
+        "succeeded": whole.len(),
+        "errors": all.errors,
+        "first_error": all.first_error,
+        "throughput_rps": whole.len() as f64 / secs,
+        "latency_ms": latency_json(&whole),
+        "windows": per_window,
     }))
 }

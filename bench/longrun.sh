@@ -111,10 +111,11 @@ for sys in $SYSTEMS; do
   start_cluster_of "$sys"
   $LOAD --endpoints "$eps" steady "${PUT[@]}" --rate "$RATE" --duration "$DURATION" \
     --window "$WINDOW" >"$work/$sys.json"
-  # Compactions and snapshots, as each system logs them (member 0).
+  # Auto-compactions (meshd: logged by the leader; etcd: by every member, member 0
+  # counted) and snapshots (member 0).
   case "$sys" in
     meshd)
-      compactions=$(grep -c "auto-compacted history" "$work/$sys-m0.log" || true)
+      compactions=$(cat "$work/$sys"-m?.log | grep -c "auto-compacted history" || true)
       snapshots=$(grep -c "raft log compacted" "$work/$sys-m0.log" || true) ;;
     *)
       compactions=$(grep -c "finished scheduled compaction" "$work/$sys-m0.log" || true)

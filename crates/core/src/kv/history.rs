@@ -70,11 +70,23 @@ impl<'txn> WriteTables<'txn> {
         Ok(())
     }
 
-    /// Remove the records a compaction drops (`KeyIndex::compacted`).
+    /// Remove the records a compaction drops (`KeyIndex::compacted`, in revision
+    /// order). One pass over their span, which removes a leaf's entries together:
+    /// removing each record on its own walked the tree from the root every time, and a
+    /// minute of history (300k records) held the driver for over a second.
     pub(crate) fn compact(&mut self, dropped: &[(i64, i64)]) -> Result<(), KvError> {
-        for &rev in dropped {
-            self.revs.remove(rev)?;
-        }
+        debug_assert!(dropped.is_sorted());
+        let (Some(&first), Some(&last)) = (dropped.first(), dropped.last()) else {
+            return Ok(());
+        };
+        // The span's records come in order: a cursor into `dropped` follows them.
+        let mut next = 0;
+        self.revs.retain_in(first..=last, |rev, _| {
+            while dropped.get(next).is_some_and(|&d| d < rev) {
+                next += 1;
+            }
+            dropped.get(next) != Some(&rev)
+        })?;
         Ok(())
     }
 

@@ -175,14 +175,26 @@ fn key_of(prefix: &str, k: u64, digits: usize) -> String {
     format!("{prefix}{k:0digits$}")
 }
 
+/// Longest a request of the load may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// `conns` connections, connection `i` to endpoint `i mod n`.
 async fn connect(endpoints: &[String], conns: usize) -> Result<Vec<Client>> {
+    connect_with(endpoints, conns, REQUEST_TIMEOUT).await
+}
+
+/// [`connect`] with requests allowed `timeout` each.
+async fn connect_with(
+    endpoints: &[String],
+    conns: usize,
+    timeout: Duration,
+) -> Result<Vec<Client>> {
     let mut connections = Vec::with_capacity(conns.max(1));
     for i in 0..conns.max(1) {
         let ep = &endpoints[i % endpoints.len()];
         let opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(10));
+            .with_timeout(timeout);
         let c = Client::connect([ep.as_str()], Some(opts))
             .await
             .with_context(|| format!("connecting to {ep}"))?;
@@ -643,7 +655,10 @@ async fn timed<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<(f6
 }
 
 async fn ranges(endpoints: &[String], r: &Ranges) -> Result<Value> {
-    let c = connect(endpoints, 1).await?.remove(0);
+    // A whole-keyspace read of millions of keys takes more than a load request may.
+    let c = connect_with(endpoints, 1, Duration::from_secs(600))
+        .await?
+        .remove(0);
     // The same limit as etcd's own clients (math.MaxInt32).
     let mut kv = c.kv_client().max_decoding_message_size(i32::MAX as usize);
     let all = || GetOptions::new().with_from_key();

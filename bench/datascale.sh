@@ -31,65 +31,19 @@ BUILD=${BUILD:-1}
 case "$MEMBERS" in 1 | 3) ;; *) echo "MEMBERS is 1 or 3" >&2; exit 2 ;; esac
 command -v etcd >/dev/null || { echo "needs etcd: apt-get install etcd-server" >&2; exit 1; }
 [ "$BUILD" = 0 ] || cargo build --release -q -p meshd -p meshctl -p etcd-load
-E351="$(scripts/etcd-3.5.1)"
 MESHD=target/release/meshd
 source scripts/lib/cluster.sh
+source bench/members.sh
 LOAD=target/release/etcd-load
 ETCDCTL="$E351/etcdctl"
 # Room for the largest load on every system (etcd's default quota is 2 GiB).
-QUOTA=$((64 * 1024 * 1024 * 1024))
+FLAGS=(--quota-backend-bytes $((64 * 1024 * 1024 * 1024)))
 last_key=$(printf '%08d' $((KEYS - 1)))
 
 now() { date +%s.%N; }
 since() { echo "$(now) - $1" | bc; }
 rss_mib() { echo $(($(awk '/VmRSS/ {print $2}' "/proc/$1/status") / 1024)); }
 ctl() { ETCDCTL_API=3 "$ETCDCTL" --command-timeout=600s "$@"; }
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-
-# start SYSTEM I INITIAL-CLUSTER STATE: member I of SYSTEM (STATE new or existing);
-# its pid in mpid[I].
-declare -A mpid cport pport
-start() {
-  local sys=$1 i=$2 init=$3 state=$4 dir="$work/$1-m$2"
-  case "$sys" in
-    meshd)
-      local cluster=(--initial-cluster "$init")
-      [ "$state" = existing ] && cluster=(--peer "127.0.0.1:${pport[0]}")
-      [ "$MEMBERS" = 1 ] && cluster=()
-      "$MESHD" --name "m$i" --data-dir "$dir" --listen-client "127.0.0.1:${cport[$i]}" \
-        --listen-mesh "127.0.0.1:${pport[$i]}" --listen-metrics off \
-        --quota-backend-bytes "$QUOTA" "${cluster[@]}" >>"$dir.log" 2>&1 &
-      ;;
-    etcd-*)
-      local bin=etcd
-      [ "$sys" = etcd-3.5.1 ] && bin="$E351/etcd"
-      "$bin" --name "m$i" --data-dir "$dir" \
-        --listen-client-urls "http://127.0.0.1:${cport[$i]}" \
-        --advertise-client-urls "http://127.0.0.1:${cport[$i]}" \
-        --listen-peer-urls "http://127.0.0.1:${pport[$i]}" \
-        --initial-advertise-peer-urls "http://127.0.0.1:${pport[$i]}" \
-        --initial-cluster "$init" --initial-cluster-state "$state" \
-        --quota-backend-bytes "$QUOTA" >>"$dir.log" 2>&1 &
-      ;;
-  esac
-  mpid[$i]=$!
-  pids+=("${mpid[$i]}")
-}
-
-initial() { # SYSTEM N: the initial-cluster value naming members 0..N-1
-  local i out="" scheme=""
-  [ "$1" = meshd ] || scheme=http://
-  for ((i = 0; i < $2; i++)); do out+="${out:+,}m$i=${scheme}127.0.0.1:${pport[$i]}"; done
-  echo "$out"
-}
-
-stop_all() {
-  local i
-  for i in "${!mpid[@]}"; do kill "${mpid[$i]}" 2>/dev/null || true; done
-  for i in "${!mpid[@]}"; do
-    while kill -0 "${mpid[$i]}" 2>/dev/null; do sleep 0.1; done
-  done
-}
 
 until_ok() { # TIMEOUT-SECS COMMAND...: run COMMAND until it succeeds
   local end=$(($(date +%s) + $1)); shift
@@ -106,7 +60,9 @@ for round in $(seq 1 "$ROUNDS"); do
     mpid=()
     for i in 0 1 2 3; do cport[$i]=$(free_port); pport[$i]=$(free_port); done
     init=$(initial "$sys" "$MEMBERS")
-    for ((i = 0; i < MEMBERS; i++)); do start "$sys" "$i" "$init" new; done
+    # One meshd on its own takes no cluster flags.
+    [ "$sys" = meshd ] && [ "$MEMBERS" = 1 ] && init=""
+    for ((i = 0; i < MEMBERS; i++)); do start_member "$sys" "$i" "$init" new "${FLAGS[@]}"; done
     eps=$(for ((i = 0; i < MEMBERS; i++)); do printf '127.0.0.1:%s,' "${cport[$i]}"; done)
     eps=${eps%,}
     ep0=127.0.0.1:${cport[0]}
@@ -138,9 +94,9 @@ for round in $(seq 1 "$ROUNDS"); do
     rm -f "$work/snap.db"
 
     # Restart: all members down, all up, until member 0 answers a linearizable read.
-    stop_all
+    stop_members
     t=$(now)
-    for ((i = 0; i < MEMBERS; i++)); do start "$sys" "$i" "$init" new; done
+    for ((i = 0; i < MEMBERS; i++)); do start_member "$sys" "$i" "$init" new "${FLAGS[@]}"; done
     until_ok 600 ctl --endpoints "$ep0" get "$last_key" --print-value-only
     row+=" restart_s=$(printf '%.2f' "$(since "$t")") restart_rss_mib=$(rss_mib "${mpid[0]}")"
 
@@ -152,7 +108,7 @@ for round in $(seq 1 "$ROUNDS"); do
       until_ok 60 ctl --endpoints "$eps" member add m3 --peer-urls "http://127.0.0.1:${pport[3]}" --learner
       id=$(ctl --endpoints "$eps" member list | awk -F', ' '$3 == "m3" || $4 == "http://127.0.0.1:'"${pport[3]}"'" {print $1}')
       t=$(now)
-      start "$sys" 3 "$(initial "$sys" 4)" existing
+      start_member "$sys" 3 "$(initial "$sys" 4)" existing "${FLAGS[@]}"
       # Caught up: the new member itself (a meshd node forwards calls until it is a
       # member) reports the revision of the load.
       until_ok 1200 sh -c "ETCDCTL_API=3 '$ETCDCTL' --endpoints 127.0.0.1:${cport[3]} endpoint status -w json | python3 -c '
@@ -161,7 +117,7 @@ h = json.load(sys.stdin)[0][\"Status\"][\"header\"]
 sys.exit(not (h[\"member_id\"] == int(\"$id\", 16) and h[\"revision\"] >= $rev))'"
       row+=" catchup_s=$(printf '%.2f' "$(since "$t")") catchup_rss_mib=$(rss_mib "${mpid[3]}")"
     fi
-    stop_all
+    stop_members
     rm -rf "$work/$sys"-m*
     echo "$row" | tee -a "$results"
   done

@@ -23,41 +23,19 @@ SYSTEMS=${SYSTEMS:-"meshd etcd-3.4.23 etcd-3.5.1"}
 BUILD=${BUILD:-1}
 command -v etcd >/dev/null || { echo "needs etcd: apt-get install etcd-server" >&2; exit 1; }
 [ "$BUILD" = 0 ] || cargo build --release -q -p meshd -p meshctl -p etcd-load
-E351="$(scripts/etcd-3.5.1)"
 MESHD=target/release/meshd
 source scripts/lib/cluster.sh
+source bench/members.sh
 LOAD=target/release/etcd-load
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
 PUT=(--clients 100 --conns 12 --key-space-size 100000 --val-size 256)
 
-declare -a cport pport spid
 start_cluster_of() { # SYSTEM: three fresh members, auto-compaction every minute
-  local sys=$1 i init="" scheme=http://
-  [ "$sys" = meshd ] && scheme=""
-  spid=()
+  local sys=$1 i init
+  mpid=()
   for i in 0 1 2; do cport[$i]=$(free_port); pport[$i]=$(free_port); done
-  for i in 0 1 2; do init+="${init:+,}m$i=${scheme}127.0.0.1:${pport[$i]}"; done
+  init=$(initial "$sys" 3)
   for i in 0 1 2; do
-    local dir="$work/$sys-m$i"
-    case "$sys" in
-      meshd)
-        "$MESHD" --name "m$i" --data-dir "$dir" --listen-client "127.0.0.1:${cport[$i]}" \
-          --listen-mesh "127.0.0.1:${pport[$i]}" --listen-metrics off --initial-cluster "$init" \
-          --auto-compaction-mode periodic --auto-compaction-retention 1m >"$dir.log" 2>&1 &
-        ;;
-      etcd-*)
-        local bin=etcd
-        [ "$sys" = etcd-3.5.1 ] && bin="$E351/etcd"
-        "$bin" --name "m$i" --data-dir "$dir" \
-          --listen-client-urls "http://127.0.0.1:${cport[$i]}" \
-          --advertise-client-urls "http://127.0.0.1:${cport[$i]}" \
-          --listen-peer-urls "http://127.0.0.1:${pport[$i]}" \
-          --initial-advertise-peer-urls "http://127.0.0.1:${pport[$i]}" --initial-cluster "$init" \
-          --auto-compaction-mode periodic --auto-compaction-retention 1m >"$dir.log" 2>&1 &
-        ;;
-    esac
-    spid[$i]=$!
-    pids+=("${spid[$i]}")
+    start_member "$sys" "$i" "$init" new --auto-compaction-mode periodic --auto-compaction-retention 1m
   done
   eps="127.0.0.1:${cport[0]},127.0.0.1:${cport[1]},127.0.0.1:${cport[2]}"
   for _ in $(seq 1 600); do
@@ -65,11 +43,6 @@ start_cluster_of() { # SYSTEM: three fresh members, auto-compaction every minute
     sleep 0.1
   done
   echo "$sys did not become healthy" >&2; tail -n 20 "$work"/*.log >&2; exit 1
-}
-stop_cluster() {
-  local p
-  for p in "${spid[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${spid[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
 }
 
 # One system's report, from etcd-load steady's JSON on stdin.
@@ -100,7 +73,7 @@ if [ -z "$RATE" ]; then
     r=$($LOAD --endpoints "$eps" put "${PUT[@]}" --total 20000 | json '"%.0f" % d["throughput_rps"]')
     echo "$sys: $r puts/s with 100 clients"
     [ "$r" -gt "$best" ] && best=$r
-    stop_cluster
+    stop_members
     rm -rf "$work/$sys"-m*
   done
   RATE=$((best * 7 / 10))
@@ -121,7 +94,7 @@ for sys in $SYSTEMS; do
       compactions=$(grep -c "finished scheduled compaction" "$work/$sys-m0.log" || true)
       snapshots=$(grep -c "saved snapshot" "$work/$sys-m0.log" || true) ;;
   esac
-  stop_cluster
+  stop_members
   rm -rf "$work/$sys"-m*
   python3 -c "$REPORT" "$sys" "$compactions" "$snapshots" <"$work/$sys.json"
 done

@@ -11,13 +11,15 @@ use etcd_client::GetOptions;
 use mesh_tests::*;
 
 /// True when the error says the request was not applied: connection refused, no
-/// leader yet, not the leader, or a call the client never got to run because the
-/// stopping member's HTTP/2 GOAWAY closed the connection (hyper reports those as
-/// canceled; a graceful stop answers every call that reached a handler). The only
-/// errors the writer retries, on the next endpoint.
+/// leader yet, not the leader, or a call the stopping member refused unprocessed
+/// with its HTTP/2 GOAWAY (hyper reports a call it never got to send as canceled,
+/// and one the server refused with the GOAWAY itself in the error's chain; a
+/// graceful stop answers every call that reached a handler). The only errors the
+/// writer retries, on the next endpoint.
 fn retryable(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) if mesh_core::client::is_go_away_refusal(s) => true,
         etcd_client::Error::GRpcStatus(s) => match s.code() {
             tonic::Code::Unavailable => {
                 s.message().contains("no leader")
@@ -58,7 +60,11 @@ async fn writer(addrs: Vec<SocketAddr>, load: Arc<Load>) {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 Err(e) => {
-                    load.failures.lock().unwrap().push(format!("{key}: {e}"));
+                    let at = addrs[at];
+                    load.failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{key} via {at}: {e}"));
                     break;
                 }
             }
@@ -139,6 +145,11 @@ async fn rolling_restart_under_load_loses_nothing_and_elects_once_per_leader() {
     w.await.expect("writer");
 
     let failures = load.failures.lock().unwrap().clone();
+    if !failures.is_empty() {
+        for (i, a) in addrs.iter().enumerate() {
+            eprintln!("--- p{i} ({a}) log:\n{}", c.log(i));
+        }
+    }
     assert!(
         failures.is_empty(),
         "{} failed requests, first: {:?}",

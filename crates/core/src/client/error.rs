@@ -17,6 +17,16 @@ pub enum ClientError {
         /// Why the connection failed (the transport's error chain).
         reason: String,
     },
+    /// The server refused the request without processing it: it was closing the
+    /// connection (an HTTP/2 GOAWAY whose last processed stream is older than this
+    /// request's, as a member sends when it stops gracefully). Safe to send elsewhere.
+    #[error("{endpoint} is closing its connection and did not process the request: {reason}")]
+    Refused {
+        /// The endpoint that refused.
+        endpoint: String,
+        /// The transport's error chain.
+        reason: String,
+    },
     /// The server (or the transport) answered with a gRPC error status.
     #[error("{message}")]
     Rpc {
@@ -65,7 +75,9 @@ impl ClientError {
         match self {
             ClientError::Rpc { code, .. } => Some(*code),
             ClientError::Timeout { .. } => Some(tonic::Code::DeadlineExceeded),
-            ClientError::Connect { .. } => Some(tonic::Code::Unavailable),
+            ClientError::Connect { .. } | ClientError::Refused { .. } => {
+                Some(tonic::Code::Unavailable)
+            }
             _ => None,
         }
     }
@@ -76,7 +88,9 @@ impl ClientError {
     /// [`ClientError::was_not_sent`].
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Connect { .. } | ClientError::Timeout { .. } => true,
+            ClientError::Connect { .. }
+            | ClientError::Refused { .. }
+            | ClientError::Timeout { .. } => true,
             ClientError::Rpc { code, message, .. } => {
                 matches!(
                     code,
@@ -89,10 +103,14 @@ impl ClientError {
         }
     }
 
-    /// True only when the request certainly never reached a server (a connect
-    /// failure), so even a write can safely be sent elsewhere.
+    /// True only when the request certainly was not processed by any server (a
+    /// connect failure, or a refusal by a closing connection), so even a write can
+    /// safely be sent elsewhere.
     pub fn was_not_sent(&self) -> bool {
-        matches!(self, ClientError::Connect { .. })
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Refused { .. }
+        )
     }
 
     /// Whether the server refused because the requested revision was compacted.
@@ -135,6 +153,24 @@ pub(crate) fn is_connect_refusal(status: &tonic::Status) -> bool {
             ) {
                 return true;
             }
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// Whether a transport-level status says the server refused the request unprocessed:
+/// somewhere in its source chain is an HTTP/2 GOAWAY received from the server. The
+/// HTTP/2 client reports a received GOAWAY only on the streams the server did not
+/// process (numbered above the GOAWAY's last stream, or opened after it arrived;
+/// RFC 9113 section 6.8); a stream in flight when the connection then closes fails
+/// with a broken pipe instead, its fate unknown. Clients may resend a refused request
+/// anywhere, writes included, as gRPC's own transparent retry does.
+pub fn is_go_away_refusal(status: &tonic::Status) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote();
         }
         cur = e.source();
     }

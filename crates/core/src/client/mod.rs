@@ -40,7 +40,7 @@ use pb::maintenance_client::MaintenanceClient;
 use crate::proto::meshpb;
 use meshpb::mesh_client::MeshClient;
 
-pub use error::ClientError;
+pub use error::{is_go_away_refusal, ClientError};
 pub use keys::{from_key_range_end, prefix_range_end};
 pub use lease::{keep_lease_alive, KeepAlive};
 pub use watch::{WatchOptions, Watcher};
@@ -397,6 +397,12 @@ impl Client {
                         return Err(ClientError::Connect {
                             endpoint: ep.name.clone(),
                             reason: status.message().to_string(),
+                        });
+                    }
+                    if error::is_go_away_refusal(&status) {
+                        return Err(ClientError::Refused {
+                            endpoint: ep.name.clone(),
+                            reason: error::error_chain(&status),
                         });
                     }
                     // The connection broke mid-request (e.g. the member was killed):
@@ -798,6 +804,78 @@ mod tests {
         assert!(
             err.to_string().contains(&b.to_string()),
             "last endpoint tried reported: {err}"
+        );
+    }
+
+    /// An HTTP/2 server that answers every connection with its SETTINGS and a GOAWAY
+    /// naming stream 0 as the last it processed (so it processed none), then reads
+    /// and discards until the client hangs up. Returns its address and a count of
+    /// the connections it took.
+    async fn go_away_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    // Frame header: length (3 bytes), type, flags, stream id (4 bytes).
+                    let settings = [0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+                    let go_away = [
+                        0, 0, 8, 0x7, 0, 0, 0, 0, 0, // GOAWAY on stream 0, 8 bytes:
+                        0, 0, 0, 0, // last stream id 0,
+                        0, 0, 0, 0, // NO_ERROR.
+                    ];
+                    let _ = sock.write_all(&settings).await;
+                    let _ = sock.write_all(&go_away).await;
+                    let mut buf = [0u8; 4096];
+                    while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_request_refused_by_go_away_is_unsent_and_fails_over() {
+        let (closing, accepted) = go_away_server().await;
+        let put = pb::PutRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        };
+        let config = |endpoints: Vec<String>| ClientConfig {
+            endpoints,
+            dial_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let alone = Client::connect(config(vec![closing.to_string()])).unwrap();
+        let err = alone.put(put.clone()).await.unwrap_err();
+        assert!(
+            matches!(err, ClientError::Refused { .. }),
+            "a GOAWAY before the request is a refusal: {err:?}"
+        );
+        assert!(err.was_not_sent() && err.is_retryable(), "{err:?}");
+
+        // A write refused that way goes on to the next endpoint (which refuses the
+        // connection, so the error names it).
+        let refusing = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let before = accepted.load(Ordering::SeqCst);
+        let both =
+            Client::connect(config(vec![closing.to_string(), refusing.to_string()])).unwrap();
+        let err = both.put(put).await.unwrap_err();
+        assert!(
+            accepted.load(Ordering::SeqCst) > before,
+            "the closing endpoint was tried"
+        );
+        assert!(
+            err.to_string().contains(&refusing.to_string()),
+            "failed over to the next endpoint: {err}"
         );
     }
 }

@@ -26,6 +26,7 @@ mod transfer;
 
 use apply::*;
 
+use proposals::HeldProposals;
 use recovery::REOPEN_BACKOFF_MIN;
 
 use super::transport::Transport;
@@ -224,6 +225,7 @@ impl Driver {
             pending: HashMap::new(),
             by_index: HashMap::new(),
             parked: Vec::new(),
+            held: HeldProposals::default(),
             reads_new: Vec::new(),
             reads_inflight: BTreeMap::new(),
             reads_ready: Vec::new(),
@@ -307,6 +309,9 @@ pub(crate) struct Driver {
     by_index: HashMap<u64, u64>,
     /// Proposals waiting for a leader to be known.
     parked: Vec<(u64, Vec<u8>)>,
+    /// Proposals other members forwarded while this one could not take them: see
+    /// [`Driver::hold_forwarded`].
+    held: HeldProposals,
     /// Reads not yet sent as a ReadIndex request; all of them share the next one.
     reads_new: Vec<Reply<()>>,
     /// ReadIndex requests in flight, by context, with the tick they were (re)issued.
@@ -523,6 +528,7 @@ impl Driver {
             self.ticks += 1;
             self.on_tick();
         }
+        self.step_held();
         self.propose_parked();
         self.issue_reads();
         self.on_ready()?;
@@ -591,6 +597,12 @@ impl Driver {
                     return Ok(true);
                 }
                 self.heard_at.insert(msg.from, self.ticks);
+                if msg.msg_type == raft::prelude::MessageType::MsgPropose as i32
+                    && !self.takes_proposals()
+                {
+                    self.hold_forwarded(msg);
+                    return Ok(true);
+                }
                 if let Err(e) = self.raw.step(*msg) {
                     warn!("dropping raft message: {e}");
                 }

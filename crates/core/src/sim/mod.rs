@@ -227,6 +227,8 @@ const ELECTION_TICKS: usize = 10;
 const HEARTBEAT_TICKS: usize = 1;
 /// A client gives up on an answer after this long.
 const OP_TIMEOUT_MS: u64 = 2_000;
+/// The last part of a run, where nothing is proposed and the members converge.
+const SETTLE_MS: u64 = 500;
 const CLUSTER_ID: u64 = 0x51_3d;
 
 /// The transport a simulated member's driver sends through: messages wait here until
@@ -356,6 +358,8 @@ pub struct World {
     acked: BTreeMap<String, BTreeSet<u64>>,
     /// No new client operations (the end of a run).
     quiet: bool,
+    /// The end of a run: nothing proposes, only Raft runs ([`SETTLE_MS`]).
+    settling: bool,
     /// The membership change in progress (one at a time).
     reconfig: Reconfig,
     /// Members whose removal was proposed.
@@ -511,6 +515,7 @@ impl World {
             trace: Trace(0xcbf2_9ce4_8422_2325),
             acked: BTreeMap::new(),
             quiet: false,
+            settling: false,
             reconfig: Reconfig::Idle,
             removal_asked: BTreeSet::new(),
             full_until: Vec::new(),
@@ -945,15 +950,17 @@ impl World {
         for (_, i) in lift {
             self.members[i].disk.set_capacity(None);
         }
-        self.clients_step();
-        if !self.quiet {
-            self.lease_step();
-        }
-        self.locks_step();
-        self.reconfig_step();
-        self.autopilot_step();
-        if self.now.is_multiple_of(50) {
-            self.expire_leases();
+        if !self.settling {
+            self.clients_step();
+            if !self.quiet {
+                self.lease_step();
+            }
+            self.locks_step();
+            self.reconfig_step();
+            self.autopilot_step();
+            if self.now.is_multiple_of(50) {
+                self.expire_leases();
+            }
         }
         self.now += 1;
     }
@@ -1641,9 +1648,17 @@ impl World {
                 self.cfg.heal_ms
             ));
         }
-        // Let the clients finish, then the members converge.
+        // Let the clients finish, then the members converge. Idle lock clients keep
+        // their leases alive, so proposals go on; the members settle with nothing
+        // proposed for some heartbeats (a follower learns of the last commit from
+        // the next one).
         let end = self.now + OP_TIMEOUT_MS + 2_000;
         self.quiet = true;
+        while self.now < end {
+            self.step();
+        }
+        self.settling = true;
+        let end = self.now + SETTLE_MS;
         while self.now < end {
             self.step();
         }
@@ -1900,6 +1915,86 @@ mod tests {
         }
         let next = w.leader().expect("the other two elect a leader");
         assert_ne!(next, l);
+        assert!(w.report.failures.is_empty(), "{:?}", w.report.failures);
+    }
+
+    /// While the leader hands leadership over, raft-rs refuses proposals, and one a
+    /// follower forwarded then was lost: its client waited for its timeout. The
+    /// leader now holds such proposals until the transfer ends.
+    #[test]
+    fn a_write_forwarded_during_a_leader_transfer_is_not_lost() {
+        let mut cfg = SimConfig::new(3);
+        cfg.clients = 0;
+        let mut w = World::new(cfg);
+        w.quiet = true;
+        while w.leader().is_none() && w.now < 5_000 {
+            w.step();
+        }
+        let l = w.leader().expect("a leader within 5 s");
+        let (f, t) = match l {
+            0 => (1, 2),
+            1 => (0, 2),
+            _ => (0, 1),
+        };
+        // The transfer target hears nothing, so the transfer lasts until raft-rs
+        // gives it up, an election timeout later.
+        for j in [l, f] {
+            w.cut.insert((t, j));
+            w.cut.insert((j, t));
+        }
+        let (tx, mut transfer) = oneshot::channel();
+        let target = w.members[t].id;
+        w.members[l]
+            .node
+            .as_mut()
+            .expect("the leader runs")
+            .driver
+            .handle(DriverMsg::TransferLeader { target, reply: tx })
+            .expect("the driver takes the transfer");
+        let transferring = |w: &World| {
+            w.members[l]
+                .node
+                .as_ref()
+                .is_some_and(|n| n.driver.raft().raft.lead_transferee.is_some())
+        };
+        w.step();
+        assert!(transferring(&w), "the transfer is under way");
+        let put = |v: &[u8]| {
+            Request::Put(pb::PutRequest {
+                key: b"k".to_vec(),
+                value: v.to_vec(),
+                ..Default::default()
+            })
+        };
+        // One write through the follower, forwarded to the leader; one on the leader,
+        // which parks it rather than answer "no leader".
+        let mut forwarded = w.propose_on(f, put(b"f"));
+        let mut own = w.propose_on(l, put(b"l"));
+        w.step();
+        assert!(
+            transferring(&w),
+            "the transfer is still under way as the writes arrive"
+        );
+        let deadline = w.now + 5_000;
+        let (mut a, mut b) = (None, None);
+        while a.is_none() || b.is_none() {
+            a = a.or_else(|| forwarded.try_recv().ok());
+            b = b.or_else(|| own.try_recv().ok());
+            assert!(w.now < deadline, "a write was never answered: {a:?} {b:?}");
+            w.step();
+        }
+        assert!(
+            matches!(a, Some(Ok(_))),
+            "the forwarded write applied: {a:?}"
+        );
+        assert!(
+            matches!(b, Some(Ok(_))),
+            "the leader's write applied: {b:?}"
+        );
+        assert!(
+            matches!(transfer.try_recv(), Ok(Err(_)) | Err(_)),
+            "the transfer to a cut-off member did not succeed"
+        );
         assert!(w.report.failures.is_empty(), "{:?}", w.report.failures);
     }
 

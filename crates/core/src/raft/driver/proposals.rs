@@ -2,6 +2,7 @@
 //! with their safety rules.
 
 use super::*;
+use raft::prelude::Message;
 
 /// A leader's own removal in progress: leadership is handed over first, then the
 /// change is forwarded to the new leader, again every election timeout until it
@@ -18,7 +19,90 @@ pub(crate) struct SelfRemoval {
     forwarded: Option<u64>,
 }
 
+/// Bounds on [`HeldProposals`]: enough for every client write in flight during a
+/// leadership hand-over; beyond them a forwarded proposal is dropped, as raft-rs would
+/// have, and its proposer's caller hears of it by its timeout.
+const HELD_MAX_MESSAGES: usize = 4096;
+const HELD_MAX_BYTES: usize = 64 << 20;
+
+/// Proposals forwarded by other members, held while this member can take none, in
+/// arrival order, with the tick each arrived at.
+#[derive(Default)]
+pub(crate) struct HeldProposals {
+    queue: std::collections::VecDeque<(u64, Box<Message>)>,
+    bytes: usize,
+}
+
+fn proposal_bytes(m: &Message) -> usize {
+    m.entries
+        .iter()
+        .map(|e| e.data.len() + e.context.len())
+        .sum()
+}
+
 impl Driver {
+    /// Whether a proposal stepped now would be taken: appended by a leader that is
+    /// not handing leadership over, or forwarded by a follower that knows its leader.
+    /// raft-rs drops a proposal otherwise, without telling its proposer.
+    pub(super) fn takes_proposals(&self) -> bool {
+        let r = &self.raw.raft;
+        match r.state {
+            StateRole::Leader => r.lead_transferee.is_none(),
+            _ => r.leader_id != raft::INVALID_ID,
+        }
+    }
+
+    /// Keeps a proposal another member forwarded while this member can take none:
+    /// while it hands leadership over (raft-rs refuses proposals until the transfer
+    /// ends), or between leaders. A member stopping gracefully hands leadership over,
+    /// and the writes its followers forwarded meanwhile would otherwise be lost and
+    /// their clients left to time out. Held within bounds, and for at most two
+    /// election timeouts: raft-rs gives a transfer up after one, and an election
+    /// needs about one more.
+    pub(super) fn hold_forwarded(&mut self, msg: Box<Message>) {
+        let bytes = proposal_bytes(&msg);
+        let held = &mut self.held;
+        if held.queue.len() >= HELD_MAX_MESSAGES || held.bytes + bytes > HELD_MAX_BYTES {
+            warn!(
+                from = format_args!("{:x}", msg.from),
+                "dropping a forwarded proposal: too many held while no leader takes them"
+            );
+            return;
+        }
+        held.bytes += bytes;
+        held.queue.push_back((self.ticks, msg));
+    }
+
+    /// Steps the held proposals once this member takes proposals again, dropping
+    /// those held too long.
+    pub(super) fn step_held(&mut self) {
+        if self.held.queue.is_empty() {
+            return;
+        }
+        let limit = 2 * self.cfg.election_ticks as u64;
+        let now = self.ticks;
+        while let Some((at, _)) = self.held.queue.front() {
+            if now.saturating_sub(*at) <= limit {
+                break;
+            }
+            let (_, msg) = self.held.queue.pop_front().expect("front exists");
+            self.held.bytes -= proposal_bytes(&msg);
+            warn!(
+                from = format_args!("{:x}", msg.from),
+                "dropping a forwarded proposal held for two election timeouts without a leader"
+            );
+        }
+        if !self.takes_proposals() {
+            return;
+        }
+        self.held.bytes = 0;
+        for (_, msg) in std::mem::take(&mut self.held.queue) {
+            if let Err(e) = self.raw.step(*msg) {
+                warn!("dropping a held forwarded proposal: {e}");
+            }
+        }
+    }
+
     pub(super) fn take_proposal_id(&mut self) -> u64 {
         let id = self.next_id;
         // 0 means "no caller waits" in a conf change context.
@@ -30,7 +114,7 @@ impl Driver {
     }
 
     pub(super) fn propose_parked(&mut self) {
-        if self.parked.is_empty() || !self.leader_known() {
+        if self.parked.is_empty() || !self.takes_proposals() {
             return;
         }
         for (id, data) in std::mem::take(&mut self.parked) {

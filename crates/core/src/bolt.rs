@@ -874,10 +874,26 @@ where
 pub fn write_streaming<W, F>(
     out: W,
     page_size: u32,
+    feed: F,
+) -> Result<(W, WriteSummary), BoltError>
+where
+    W: Write,
+    F: FnMut(&mut Writer<W>) -> Result<(), BoltError>,
+{
+    write_streaming_sized(out, page_size, |_, _| Ok(()), feed)
+}
+
+/// [`write_streaming`], telling `size` the file's length in bytes between the two
+/// passes, before the first byte is written (a stream announces what remains).
+pub fn write_streaming_sized<W, S, F>(
+    mut out: W,
+    page_size: u32,
+    size: S,
     mut feed: F,
 ) -> Result<(W, WriteSummary), BoltError>
 where
     W: Write,
+    S: FnOnce(&mut W, u64) -> io::Result<()>,
     F: FnMut(&mut Writer<W>) -> Result<(), BoltError>,
 {
     if !valid_page_size(page_size) {
@@ -887,6 +903,7 @@ where
     dry.next_pgid = WRITER_FIRST_DATA_PAGE;
     feed(&mut dry)?;
     let plan = dry.close_all()?;
+    size(&mut out, plan.pages * u64::from(page_size))?;
 
     let mut w = Writer::blank(
         Some(out),
@@ -1820,6 +1837,11 @@ impl<W: Write> TrailerWriter<W> {
             inner,
             hasher: Sha256::new(),
         }
+    }
+
+    /// The output, to write around the hash (what goes through it unhashed).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
     }
 
     /// Writes the SHA-256 of everything written so far and returns the output.

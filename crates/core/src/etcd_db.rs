@@ -113,9 +113,14 @@ fn layout(bucket: &'static str, what: impl Into<String>) -> EtcdDbError {
     }
 }
 
-/// Writes `snap` as an etcd backend database (no trailer).
-pub fn write(snap: &StoreSnapshot) -> Result<Vec<u8>, BoltError> {
-    let mut buckets: Vec<(&[u8], Entries)> = Vec::new();
+/// Buckets named and filled, in name order.
+type Buckets = Vec<(&'static [u8], Entries)>;
+
+/// The buckets of `snap`'s database other than `key`: those whose names sort before
+/// it, and those after it. They hold members, leases, alarms and auth: small next to
+/// the history.
+fn buckets_around_key(snap: &StoreSnapshot) -> (Buckets, Buckets) {
+    let mut buckets: Buckets = Vec::new();
 
     let mut alarm: Entries = snap
         .alarms
@@ -161,20 +166,7 @@ pub fn write(snap: &StoreSnapshot) -> Result<Vec<u8>, BoltError> {
         )],
     ));
 
-    let mut keys: Vec<_> = snap
-        .history
-        .iter()
-        .map(|h| {
-            key_bucket_entry(
-                h.main,
-                h.sub,
-                h.tombstone,
-                &h.kv.clone().unwrap_or_default(),
-            )
-        })
-        .collect();
-    keys.sort_by(|a, b| a.0.cmp(&b.0));
-    buckets.push((b"key", keys));
+    let before = std::mem::take(&mut buckets);
 
     let mut leases: Vec<_> = snap
         .leases
@@ -232,9 +224,100 @@ pub fn write(snap: &StoreSnapshot) -> Result<Vec<u8>, BoltError> {
     }
     meta.sort();
     buckets.push((b"meta", meta));
+    (before, buckets)
+}
 
+/// Writes `snap` as an etcd backend database (no trailer).
+pub fn write(snap: &StoreSnapshot) -> Result<Vec<u8>, BoltError> {
+    let (before, after) = buckets_around_key(snap);
+    let mut keys: Entries = snap
+        .history
+        .iter()
+        .map(|h| {
+            key_bucket_entry(
+                h.main,
+                h.sub,
+                h.tombstone,
+                &h.kv.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut buckets = before;
+    buckets.push((KEY_BUCKET, keys));
+    buckets.extend(after);
     let (out, _) = bolt::write_buckets(Cursor::new(Vec::new()), buckets)?;
     Ok(out.into_inner())
+}
+
+/// The bucket of history records.
+const KEY_BUCKET: &[u8] = b"key";
+
+/// One history record for [`write_streaming`]: its revision, whether it is a
+/// deletion, and its `mvccpb.KeyValue` encoding.
+pub struct RecordRef<'a> {
+    pub main: i64,
+    pub sub: i64,
+    pub tombstone: bool,
+    pub kv: &'a [u8],
+}
+
+/// Writes the database of `snap` front to back to `out`, which need not seek, taking
+/// the history from `records` rather than from `snap` (whose history is ignored).
+/// `records` is called twice (the first pass lays the file out) and must hand over
+/// the same records both times, in revision order, passing on the first error of the
+/// function it is given (an error of its own it may keep for the caller). `size` is
+/// told the file's length before its first byte is written. Memory stays small
+/// whatever the history's size.
+pub fn write_streaming<W, R, S>(
+    out: W,
+    snap: &StoreSnapshot,
+    mut records: R,
+    size: S,
+) -> Result<W, BoltError>
+where
+    W: std::io::Write,
+    R: FnMut(&mut dyn FnMut(RecordRef<'_>) -> Result<(), BoltError>) -> Result<(), BoltError>,
+    S: FnOnce(&mut W, u64) -> std::io::Result<()>,
+{
+    let (before, after) = buckets_around_key(snap);
+    let fill = |w: &mut bolt::Writer<W>, buckets: &Buckets| -> Result<(), BoltError> {
+        for (name, kvs) in buckets {
+            w.create_bucket(name)?;
+            for (k, v) in kvs {
+                w.put(k, v)?;
+            }
+            w.end_bucket()?;
+        }
+        Ok(())
+    };
+    let mut tombstone_value = Vec::new();
+    let feed = |w: &mut bolt::Writer<W>| {
+        fill(w, &before)?;
+        w.create_bucket(KEY_BUCKET)?;
+        records(&mut |r: RecordRef<'_>| {
+            let value = if r.tombstone {
+                // etcd's deletion record carries the key alone.
+                let kv = KeyValue::decode(r.kv)
+                    .map_err(|e| BoltError::Invalid(format!("deletion record: {e}")))?;
+                tombstone_value.clear();
+                KeyValue {
+                    key: kv.key,
+                    ..Default::default()
+                }
+                .encode(&mut tombstone_value)
+                .expect("a Vec grows to fit");
+                tombstone_value.as_slice()
+            } else {
+                r.kv
+            };
+            w.put(&revision_key(r.main, r.sub, r.tombstone), value)
+        })?;
+        w.end_bucket()?;
+        fill(w, &after)
+    };
+    let (out, _) = bolt::write_streaming_sized(out, bolt::DEFAULT_PAGE_SIZE, size, feed)?;
+    Ok(out)
 }
 
 /// Reads an etcd backend database (no trailer) as meshd state.

@@ -37,23 +37,59 @@ pub fn alarm_text(a: &AlarmMember) -> String {
     format!("memberID:{} alarm:{name}", a.member_id)
 }
 
-/// Splits snapshot bytes into responses with `remaining_bytes` counting down to 0.
-pub fn snapshot_chunks(
-    bytes: &[u8],
+/// Snapshot chunks written ahead of the client.
+const SNAPSHOT_CHUNKS_QUEUED: usize = 16;
+
+/// Sends what is written to it as snapshot responses of [`SNAPSHOT_CHUNK`] bytes, each
+/// saying how many bytes remain after it. Writing blocks while the client is behind.
+struct ChunkSender {
+    tx: tokio::sync::mpsc::Sender<Result<SnapshotResponse, Status>>,
     header: Option<crate::proto::etcdserverpb::ResponseHeader>,
-) -> Vec<SnapshotResponse> {
-    let mut remaining = bytes.len();
-    bytes
-        .chunks(SNAPSHOT_CHUNK)
-        .map(|blob| {
-            remaining -= blob.len();
-            SnapshotResponse {
-                header,
-                remaining_bytes: remaining as u64,
-                blob: blob.to_vec(),
-            }
+    buf: Vec<u8>,
+    /// Bytes not yet sent: the file's length until the first chunk goes.
+    remaining: u64,
+}
+
+impl ChunkSender {
+    fn send(&mut self, blob: Vec<u8>) -> std::io::Result<()> {
+        self.remaining = self.remaining.saturating_sub(blob.len() as u64);
+        let chunk = SnapshotResponse {
+            header: self.header,
+            remaining_bytes: self.remaining,
+            blob,
+        };
+        self.tx.blocking_send(Ok(chunk)).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away")
         })
-        .collect()
+    }
+
+    /// Sends the last, partial chunk.
+    fn send_rest(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let blob = std::mem::take(&mut self.buf);
+        self.send(blob)
+    }
+}
+
+impl std::io::Write for ChunkSender {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(SNAPSHOT_CHUNK);
+        }
+        let n = bytes.len().min(SNAPSHOT_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&bytes[..n]);
+        if self.buf.len() == SNAPSHOT_CHUNK {
+            let blob = std::mem::take(&mut self.buf);
+            self.send(blob)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
@@ -187,19 +223,40 @@ impl Maintenance for MaintenanceApi {
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         self.ctx.require_admin(req.metadata())?;
         let kv = self.ctx.kv.clone();
-        // Reading and encoding the whole store is blocking work.
-        let (revision, bytes) = tokio::task::spawn_blocking(move || {
-            let (_, snap) = kv.snapshot().map_err(kv_status)?;
-            let bytes = crate::snapshot::encode(&snap)
-                .map_err(|e| Status::internal(format!("snapshot: {e}")))?;
-            Ok::<_, Status>((snap.revision, bytes))
-        })
-        .await
-        .map_err(|e| Status::internal(format!("snapshot task: {e}")))??;
-        let chunks = snapshot_chunks(&bytes, self.ctx.header(revision));
-        Ok(Response::new(Box::pin(tokio_stream::iter(
-            chunks.into_iter().map(Ok),
-        ))))
+        let header = self.ctx.header(0);
+        // The file is written as it is sent, from one read transaction, on a blocking
+        // thread; the channel holds a few chunks, so a slow client slows the writer
+        // and memory stays small whatever the store's size.
+        let (tx, rx) = tokio::sync::mpsc::channel(SNAPSHOT_CHUNKS_QUEUED);
+        tokio::task::spawn_blocking(move || {
+            let mut out = ChunkSender {
+                tx: tx.clone(),
+                header,
+                buf: Vec::new(),
+                remaining: 0,
+            };
+            let told = |out: &mut ChunkSender, len: u64, revision: i64| {
+                out.remaining = len;
+                if let Some(h) = out.header.as_mut() {
+                    h.revision = revision;
+                }
+                Ok(())
+            };
+            let sent = kv
+                .write_etcd_snapshot(&mut out, told)
+                .map_err(kv_status)
+                .and_then(|_| {
+                    out.send_rest()
+                        .map_err(|e| Status::unavailable(format!("snapshot: {e}")))
+                });
+            if let Err(status) = sent {
+                // The client may have gone: then nobody is told.
+                let _ = tx.blocking_send(Err(status));
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn move_leader(
@@ -224,8 +281,24 @@ mod tests {
 
     #[test]
     fn snapshot_chunks_count_down_to_zero() {
-        let bytes = vec![7u8; SNAPSHOT_CHUNK * 2 + 5];
-        let chunks = snapshot_chunks(&bytes, None);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(SNAPSHOT_CHUNKS_QUEUED);
+        let bytes: Vec<u8> = (0..SNAPSHOT_CHUNK * 2 + 5).map(|i| i as u8).collect();
+        let mut out = ChunkSender {
+            tx,
+            header: None,
+            buf: Vec::new(),
+            remaining: bytes.len() as u64,
+        };
+        // Writes of odd sizes: chunks are cut at SNAPSHOT_CHUNK whatever they are.
+        for part in bytes.chunks(1000) {
+            std::io::Write::write_all(&mut out, part).unwrap();
+        }
+        out.send_rest().unwrap();
+        drop(out);
+        let mut chunks = Vec::new();
+        while let Ok(c) = rx.try_recv() {
+            chunks.push(c.unwrap());
+        }
         let remaining: Vec<u64> = chunks.iter().map(|c| c.remaining_bytes).collect();
         assert_eq!(remaining, [SNAPSHOT_CHUNK as u64 + 5, 5, 0]);
         let joined: Vec<u8> = chunks.into_iter().flat_map(|c| c.blob).collect();

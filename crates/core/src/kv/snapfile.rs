@@ -15,10 +15,13 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 
 use super::tables::{
-    self, decode_record, encode_record, Meta, Record, ALARMS, MEMBERS, META, REVS,
+    self, decode_record, encode_record, record_payload, Meta, Record, ALARMS, MEMBERS, META, REVS,
 };
 use super::{auth, ApplyBatch, IndexEffect, KvError, KvStore, StoreError};
+use crate::bolt::{BoltError, TrailerWriter};
+use crate::etcd_db::RecordRef;
 use crate::proto::etcdserverpb as pb;
+use crate::proto::meshpb::StoreSnapshot;
 use crate::proto::meshpb::{AuthSnapshot, HistoryRecord, LeaseRecord, MemberRecord};
 
 /// Field numbers of `meshpb.StoreSnapshot`.
@@ -92,6 +95,88 @@ impl KvStore {
         let txn = self.db.begin_read()?;
         let meta = Meta::load(&txn.open_table(META)?)?;
         Ok((meta.applied_index, txn))
+    }
+}
+
+impl KvStore {
+    /// Streams the state, from one consistent read, as a snapshot file
+    /// ([`crate::snapshot`]: etcd's backend database, then its SHA-256) to `out`,
+    /// without holding the history in memory. `size` is told the file's length and
+    /// the revision it holds before its first byte. Returns that revision.
+    pub fn write_etcd_snapshot<W: Write>(
+        &self,
+        out: &mut W,
+        size: impl FnOnce(&mut W, u64, i64) -> std::io::Result<()>,
+    ) -> Result<i64, KvError> {
+        let size = std::cell::RefCell::new(Some(size));
+        let out = std::cell::RefCell::new(out);
+        self.snapshot_read(|view, meta, txn| {
+            // A read may start over (`Stale`), but not once bytes went out.
+            if size.borrow().is_none() {
+                return Err(KvError::Store(StoreError::Inconsistent(
+                    "the store was compacted while the snapshot was being sent".into(),
+                )));
+            }
+            let snap = StoreSnapshot {
+                revision: meta.current_revision,
+                compact_revision: meta.compact_revision,
+                history: Vec::new(),
+                members: super::read_members(&txn.open_table(MEMBERS)?)?,
+                alarms: super::read_alarms(&txn.open_table(ALARMS)?)?,
+                leases: super::lease::export(&txn.open_table(tables::LEASES)?)?,
+                auth: Some(auth::load(&txn.open_table(auth::AUTH)?)?),
+            };
+            let mut read_error = None;
+            let records = |put: &mut dyn FnMut(RecordRef<'_>) -> Result<(), BoltError>| {
+                let mut put_error = None;
+                let read = view.each_record(i64::MIN, i64::MAX, |(main, sub), raw| {
+                    let (tombstone, kv) = record_payload(raw)?;
+                    let record = RecordRef {
+                        main,
+                        sub,
+                        tombstone,
+                        kv,
+                    };
+                    match put(record) {
+                        Ok(()) => Ok(true),
+                        Err(e) => {
+                            put_error = Some(e);
+                            Ok(false)
+                        }
+                    }
+                });
+                if let Some(e) = put_error {
+                    return Err(e);
+                }
+                read.map_err(|e| {
+                    let what = BoltError::Invalid(format!("reading the history: {e}"));
+                    read_error = Some(e);
+                    what
+                })
+            };
+            let mut out = out.borrow_mut();
+            let told = |w: &mut TrailerWriter<&mut W>, len: u64| {
+                let size = size.borrow_mut().take().expect("told once");
+                let len = len + crate::snapshot::TRAILER_LEN as u64;
+                size(w.get_mut(), len, meta.current_revision)
+            };
+            let written = crate::etcd_db::write_streaming(
+                TrailerWriter::new(&mut **out),
+                &snap,
+                records,
+                told,
+            );
+            match written {
+                Ok(w) => {
+                    w.finish().map_err(io)?;
+                    Ok(meta.current_revision)
+                }
+                Err(e) => Err(read_error.unwrap_or_else(|| match e {
+                    BoltError::Io(e) => io(e),
+                    e => KvError::Store(StoreError::Inconsistent(format!("snapshot: {e}"))),
+                })),
+            }
+        })
     }
 }
 

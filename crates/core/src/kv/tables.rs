@@ -138,12 +138,19 @@ pub(crate) fn encode_record(tombstone: bool, kv: &KeyValue) -> Vec<u8> {
 }
 
 pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, KvError> {
+    let (tombstone, kv) = record_payload(bytes)?;
+    Ok(Record {
+        tombstone,
+        kv: KeyValue::decode(kv)?,
+    })
+}
+
+/// A stored record, checked against its checksum but not decoded: whether it is a
+/// deletion, and its `KeyValue` encoding.
+pub(crate) fn record_payload(bytes: &[u8]) -> Result<(bool, &[u8]), KvError> {
     let bytes = unseal("kv_revs", bytes)?;
     let (flag, rest) = bytes
         .split_first()
         .ok_or_else(|| KvError::Store(StoreError::Inconsistent("empty kv_revs record".into())))?;
-    Ok(Record {
-        tombstone: *flag == FLAG_TOMBSTONE,
-        kv: KeyValue::decode(rest)?,
-    })
+    Ok((*flag == FLAG_TOMBSTONE, rest))
 }

@@ -175,6 +175,11 @@ pub struct Args {
     /// refuses writes that add data (etcd's default 2 GiB; 0 means the default).
     #[arg(long)]
     pub quota_backend_bytes: Option<u64>,
+    /// Most memory, in bytes, the database keeps of its file's pages (default 256 MiB;
+    /// the kernel's page cache holds them too). Larger helps reads of a keyspace
+    /// bigger than the kernel keeps cached.
+    #[arg(long)]
+    pub backend_cache_bytes: Option<usize>,
     /// Free bytes the data dir's filesystem must keep; below it, writes that add data
     /// are refused with NOSPACE until space returns (default 64 MiB).
     #[arg(long)]
@@ -579,6 +584,9 @@ pub fn resolve(args: Args, matches: &ArgMatches) -> Result<Resolved> {
         Some(0) | None => {}
         Some(n) => cfg.quota_backend_bytes = n,
     }
+    if let Some(n) = args.backend_cache_bytes {
+        cfg.backend_cache_bytes = n;
+    }
     let log_format = args.log_format.unwrap_or_else(|| "text".into());
     if !["text", "json"].contains(&log_format.as_str()) {
         bail!(
@@ -742,6 +750,7 @@ fn default_yaml(key: &str) -> Option<String> {
         "max-request-bytes" => d.limits.max_request_bytes.to_string(),
         "max-txn-ops" => d.limits.max_txn_ops.to_string(),
         "quota-backend-bytes" => d.quota_backend_bytes.to_string(),
+        "backend-cache-bytes" => d.backend_cache_bytes.to_string(),
         "log-format" => quoted("text".into()),
         "client-cert-auth" => "false".into(),
         "insecure-mesh" => "false".into(),
@@ -908,6 +917,13 @@ mod tests {
         let cfg =
             resolve_argv(&["meshd", "--config", fs, "--quota-backend-bytes=5000000"]).unwrap();
         assert_eq!(cfg.quota_backend_bytes, 5_000_000);
+        assert_eq!(
+            cfg.backend_cache_bytes,
+            mesh_core::storage::DEFAULT_CACHE_BYTES
+        );
+        std::fs::write(&f, "name: c\nbackend-cache-bytes: 1073741824\n").unwrap();
+        let cfg = resolve_argv(&["meshd", "--config", fs]).unwrap();
+        assert_eq!(cfg.backend_cache_bytes, 1 << 30);
 
         std::fs::write(&f, "name: x\nbogus-key: 1\n").unwrap();
         let text = format!(

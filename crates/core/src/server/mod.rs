@@ -86,6 +86,8 @@ pub struct ServerConfig {
     /// Database file size above which this member raises a NOSPACE alarm (etcd's
     /// `--quota-backend-bytes`).
     pub quota_backend_bytes: u64,
+    /// Bound of the database's page cache in this process (`--backend-cache-bytes`).
+    pub backend_cache_bytes: usize,
     /// TLS on the client API (`--cert-file`, `--key-file`, ...); `None`: plaintext.
     pub client_tls: Option<crate::tls::ServerTls>,
     /// How long a simple auth token lives after its last use (`--auth-token-ttl`).
@@ -150,6 +152,7 @@ impl ServerConfig {
             request_timeout: Duration::from_secs(7),
             limits: Limits::default(),
             quota_backend_bytes: DEFAULT_QUOTA_BACKEND_BYTES,
+            backend_cache_bytes: crate::storage::DEFAULT_CACHE_BYTES,
             client_tls: None,
             auth_token_ttl: crate::kv::DEFAULT_TOKEN_TTL,
             min_free_disk_bytes: DEFAULT_MIN_FREE_DISK_BYTES,

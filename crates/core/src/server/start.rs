@@ -50,7 +50,8 @@ pub(super) struct Store {
 }
 
 pub(super) fn open_storage(cfg: &ServerConfig) -> Result<Store, ServerError> {
-    let db = storage::open_database(&cfg.data_dir)?;
+    let db =
+        storage::open_database_on(storage::vfs::real(), &cfg.data_dir, cfg.backend_cache_bytes)?;
     let kv = Arc::new(KvStore::open_for_raft(db.clone())?);
     kv.set_token_ttl(cfg.auth_token_ttl);
     let log = RaftLog::load(&db, kv.clone())?;

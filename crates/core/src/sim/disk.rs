@@ -574,7 +574,11 @@ impl Vfs for SimDisk {
         }
     }
 
-    fn open_redb(&self, path: &Path) -> Result<redb::Database, redb::DatabaseError> {
+    fn open_redb(
+        &self,
+        path: &Path,
+        cache_bytes: usize,
+    ) -> Result<redb::Database, redb::DatabaseError> {
         if !self.exists(path) {
             self.create(path).map_err(redb::StorageError::from)?;
         }
@@ -586,7 +590,9 @@ impl Vfs for SimDisk {
             disk: self.clone(),
             ino,
         };
-        redb::Builder::new().create_with_backend(backend)
+        redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create_with_backend(backend)
     }
 }
 

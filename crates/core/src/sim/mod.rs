@@ -571,7 +571,8 @@ impl World {
         };
         let opened = (|| -> Result<Node, String> {
             let dir = data_dir(i);
-            let db = storage::open_database_on(vfs, &dir).map_err(|e| e.to_string())?;
+            let db = storage::open_database_on(vfs, &dir, storage::DEFAULT_CACHE_BYTES)
+                .map_err(|e| e.to_string())?;
             let kv = Arc::new(KvStore::open_for_raft(db.clone()).map_err(|e| e.to_string())?);
             let log = RaftLog::load(&db, kv.clone()).map_err(|e| e.to_string())?;
             log.build_snapshots_inline();

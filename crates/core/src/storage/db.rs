@@ -20,19 +20,23 @@ pub struct Db {
     path: PathBuf,
     /// The filesystem the data dir is on.
     vfs: Arc<dyn Vfs>,
+    /// The page cache's bound, for a reopen.
+    cache_bytes: usize,
 }
 
 impl Db {
     pub fn new(db: redb::Database, path: PathBuf) -> Db {
-        Db::on(super::vfs::real(), db, path)
+        Db::on(super::vfs::real(), db, path, super::DEFAULT_CACHE_BYTES)
     }
 
-    /// A database on `vfs` (the simulator's disk, or the real one).
-    pub fn on(vfs: Arc<dyn Vfs>, db: redb::Database, path: PathBuf) -> Db {
+    /// A database on `vfs` (the simulator's disk, or the real one), reopened with a
+    /// page cache of `cache_bytes`.
+    pub fn on(vfs: Arc<dyn Vfs>, db: redb::Database, path: PathBuf, cache_bytes: usize) -> Db {
         Db {
             inner: RwLock::new(Some(db)),
             path,
             vfs,
+            cache_bytes,
         }
     }
 
@@ -94,7 +98,7 @@ impl Db {
             }
         }
         self.vfs.drop_cache(&self.path);
-        *db = Some(super::open_redb(&*self.vfs, &self.path)?);
+        *db = Some(super::open_redb(&*self.vfs, &self.path, self.cache_bytes)?);
         Ok(())
     }
 

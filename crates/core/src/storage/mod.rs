@@ -105,13 +105,23 @@ pub(crate) fn db_err<E: Into<redb::Error>>(e: E) -> StorageError {
     StorageError::Db(e.into())
 }
 
+/// The database's page cache unless configured (`--backend-cache-bytes`). It is
+/// memory of the process (the file's pages are in the kernel's page cache as well),
+/// and most of what a member reads comes from its key index and recent pages.
+pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
+
 /// Opens (creating if needed) the database of a data dir.
 pub fn open_database(dir: &Path) -> Result<Arc<Db>, StorageError> {
-    open_database_on(vfs::real(), dir)
+    open_database_on(vfs::real(), dir, DEFAULT_CACHE_BYTES)
 }
 
-/// Opens (creating if needed) the database of a data dir on `vfs`.
-pub fn open_database_on(vfs: Arc<dyn vfs::Vfs>, dir: &Path) -> Result<Arc<Db>, StorageError> {
+/// Opens (creating if needed) the database of a data dir on `vfs`, with a page cache
+/// of at most `cache_bytes`.
+pub fn open_database_on(
+    vfs: Arc<dyn vfs::Vfs>,
+    dir: &Path,
+    cache_bytes: usize,
+) -> Result<Arc<Db>, StorageError> {
     let io = |source| StorageError::Io {
         path: dir.to_path_buf(),
         source,
@@ -124,22 +134,26 @@ pub fn open_database_on(vfs: Arc<dyn vfs::Vfs>, dir: &Path) -> Result<Arc<Db>, S
     }
     let path = dir.join(DB_FILE);
     let created = !vfs.exists(&path);
-    let db = open_redb(&*vfs, &path)?;
+    let db = open_redb(&*vfs, &path, cache_bytes)?;
     if created {
         // A new file's name is durable only once its directory is synced.
         vfs.sync_dir(dir).map_err(io)?;
     }
-    Ok(Arc::new(Db::on(vfs, db, path)))
+    Ok(Arc::new(Db::on(vfs, db, path, cache_bytes)))
 }
 
 /// Opens (creating if needed) the database file and verifies it.
-fn open_redb(vfs: &dyn vfs::Vfs, path: &Path) -> Result<redb::Database, StorageError> {
+fn open_redb(
+    vfs: &dyn vfs::Vfs,
+    path: &Path,
+    cache_bytes: usize,
+) -> Result<redb::Database, StorageError> {
     let path = path.to_path_buf();
     // redb can panic on a damaged file (e.g. an index out of range while it walks the
     // allocator state): that is a corrupt data dir to report, not a crash.
     // A panic inside redb leaves none of our own state half-changed.
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut db = vfs.open_redb(&path)?;
+        let mut db = vfs.open_redb(&path, cache_bytes)?;
         Ok((verify(&mut db), db))
     }));
     let result = match opened {

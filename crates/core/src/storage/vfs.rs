@@ -46,8 +46,13 @@ pub trait Vfs: Send + Sync + 'static {
     fn remove_file(&self, path: &Path) -> io::Result<()>;
     /// Makes the entries of a directory (creations, renames, removals) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
-    /// Opens the database file at `path`, creating it if it does not exist.
-    fn open_redb(&self, path: &Path) -> Result<redb::Database, redb::DatabaseError>;
+    /// Opens the database file at `path`, creating it if it does not exist, with a
+    /// page cache of at most `cache_bytes`.
+    fn open_redb(
+        &self,
+        path: &Path,
+        cache_bytes: usize,
+    ) -> Result<redb::Database, redb::DatabaseError>;
     /// Drops what a cache holds of `path`, so the next open reads what the disk holds
     /// (after a failed write).
     fn drop_cache(&self, _path: &Path) {}
@@ -122,11 +127,17 @@ impl Vfs for RealFs {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         std::fs::File::open(dir)?.sync_all()
     }
-    fn open_redb(&self, path: &Path) -> Result<redb::Database, redb::DatabaseError> {
+    fn open_redb(
+        &self,
+        path: &Path,
+        cache_bytes: usize,
+    ) -> Result<redb::Database, redb::DatabaseError> {
+        let mut builder = redb::Builder::new();
+        builder.set_cache_size(cache_bytes);
         if path.exists() {
-            redb::Database::open(path)
+            builder.open(path)
         } else {
-            redb::Database::create(path)
+            builder.create(path)
         }
     }
     fn drop_cache(&self, path: &Path) {

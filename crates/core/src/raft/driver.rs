@@ -54,6 +54,9 @@ pub struct DriverConfig {
     /// Entries kept behind the applied index after compaction, so a slightly slow
     /// follower catches up from the log rather than by snapshot.
     pub catch_up_entries: u64,
+    /// Memory the log's entries may take before it is compacted whatever
+    /// `snapshot_count` says; it then keeps half of this in applied entries.
+    pub log_max_bytes: u64,
     pub max_size_per_msg: u64,
     pub max_inflight_msgs: usize,
     /// Where snapshot files received from the leader are (the only place an installed
@@ -358,6 +361,9 @@ pub(crate) struct Driver {
 /// (BENCHMARKS.md has the A/B).
 const KV_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 const KV_SYNC_BYTES: usize = 1 << 20;
+/// Memory the Raft log's entries may take before it is compacted whatever
+/// `--snapshot-count` says (10,000 entries of 1.5 MiB would be 15 GiB).
+pub const LOG_MAX_BYTES: u64 = 1 << 30;
 /// Records of plain writes wait in memory (`kv::pending`) until this many, then go to
 /// the keyspace in one commit, not fsync'ed. Left for the durable commit, a second's
 /// records make that commit a stall that shows in the tail latency; small batches
@@ -787,13 +793,19 @@ impl Driver {
     /// Compacts the Raft log once it holds `snapshot_count` applied entries, or with
     /// `now` whenever anything is behind the catch-up window (before a defragment, so
     /// the space the log held is given back too).
+    /// Large entries also bound it: past `log_max_bytes` in memory it keeps at most
+    /// half of that in applied entries, whatever the counts say.
     fn maybe_compact(&mut self, now: bool) -> Result<(), DriverError> {
         let applied = self.kv.applied_index();
         let first = self.log.first_index();
-        if applied < first || (!now && applied - first < self.cfg.snapshot_count) {
+        let full = self.log.held_bytes() > self.cfg.log_max_bytes;
+        if applied < first || (!now && !full && applied - first < self.cfg.snapshot_count) {
             return Ok(());
         }
-        let to = applied.saturating_sub(self.cfg.catch_up_entries);
+        let mut to = applied.saturating_sub(self.cfg.catch_up_entries);
+        if full {
+            to = to.max(self.log.index_keeping(self.cfg.log_max_bytes / 2, applied));
+        }
         if to < first {
             return Ok(());
         }

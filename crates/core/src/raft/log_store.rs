@@ -45,6 +45,13 @@ struct Core {
     compacted_term: u64,
     /// Entries `compacted_index + 1 ..= last_index`, contiguous.
     entries: VecDeque<Entry>,
+    /// What `entries` hold in memory, by [`entry_bytes`].
+    bytes: u64,
+}
+
+/// Memory an entry takes in the log: its payload and a fixed overhead.
+fn entry_bytes(e: &Entry) -> u64 {
+    (e.data.len() + e.context.len() + std::mem::size_of::<Entry>()) as u64
 }
 
 impl Core {
@@ -210,6 +217,29 @@ impl RaftLog {
         self.rl().last_index()
     }
 
+    /// Memory the entries take.
+    pub fn held_bytes(&self) -> u64 {
+        self.rl().bytes
+    }
+
+    /// The highest index at or below `upto` whose following entries up to `upto` take
+    /// at most `budget` bytes: compacting to it keeps that much of the log's tail.
+    pub fn index_keeping(&self, budget: u64, upto: u64) -> u64 {
+        let core = self.rl();
+        let upto = upto.min(core.last_index());
+        let mut kept = 0;
+        let mut at = upto;
+        while at > core.compacted_index {
+            let e = &core.entries[(at - core.first_index()) as usize];
+            kept += entry_bytes(e);
+            if kept > budget {
+                return at;
+            }
+            at -= 1;
+        }
+        core.compacted_index
+    }
+
     /// Appends entries, first discarding any conflicting suffix (entries at or after the
     /// first new index), as Raft requires when a new leader overwrites an uncommitted
     /// tail. Durable after [`RaftLog::sync`].
@@ -232,8 +262,11 @@ impl RaftLog {
         );
         if first.index <= core.last_index() {
             let keep = (first.index - core.first_index()) as usize;
+            let dropped: u64 = core.entries.range(keep..).map(entry_bytes).sum();
+            core.bytes -= dropped;
             core.entries.truncate(keep);
         }
+        core.bytes += ents.iter().map(entry_bytes).sum::<u64>();
         core.entries.extend(ents.iter().cloned());
         drop(core);
         self.wal().append(ents);
@@ -295,6 +328,7 @@ impl RaftLog {
         let mut core = self.wl();
         core.hard_state = hs;
         core.entries.clear();
+        core.bytes = 0;
         core.compacted_index = meta.index;
         core.compacted_term = meta.term;
         Ok(())
@@ -310,6 +344,8 @@ impl RaftLog {
         assert!(index <= core.last_index(), "compact beyond the log");
         let term = core.term(index).expect("index is in the log");
         let gone = (index - core.compacted_index) as usize;
+        let dropped: u64 = core.entries.range(..gone).map(entry_bytes).sum();
+        core.bytes -= dropped;
         core.entries.drain(..gone);
         core.compacted_index = index;
         core.compacted_term = term;
@@ -413,6 +449,7 @@ fn read_core(db: &Db, kv: &KvStore) -> Result<(Wal, Core), StorageError> {
     core.compacted_index = log.base_index;
     core.compacted_term = log.base_term;
     core.entries = log.entries;
+    core.bytes = core.entries.iter().map(entry_bytes).sum();
     core.hard_state = log.hard_state;
 
     // Only the commit index may lag on disk (it is written lazily), and an applied
@@ -630,6 +667,43 @@ mod tests {
         log.append(&[entry(3)]);
         log.sync().unwrap();
         assert_eq!(log.last_index(), 3);
+    }
+
+    /// The log counts the memory its entries take through appends, overwrites,
+    /// compaction and a reload, and names the compaction point that keeps a budget.
+    #[test]
+    fn the_log_counts_the_bytes_it_holds() {
+        let (_dir, db, kv) = fresh();
+        let log = RaftLog::load(&db, kv.clone()).unwrap();
+        let big = |index: u64, len: usize| Entry {
+            data: vec![7; len],
+            ..entry(index)
+        };
+        let each = entry_bytes(&big(1, 1000));
+        log.append(&(1..=10).map(|i| big(i, 1000)).collect::<Vec<_>>());
+        assert_eq!(log.held_bytes(), 10 * each);
+        // A new leader overwrites 9 and 10 with one entry.
+        log.append(&[big(9, 1000)]);
+        assert_eq!(log.held_bytes(), 9 * each);
+        // Entries 7..=9 fit in three entries' bytes: compacting to 6 keeps them.
+        assert_eq!(log.index_keeping(3 * each, 9), 6);
+        assert_eq!(log.index_keeping(3 * each + 1, 9), 6);
+        assert_eq!(log.index_keeping(100 * each, 9), 0);
+        log.set_hard_state(&HardState {
+            term: 1,
+            vote: 0,
+            commit: 9,
+        });
+        log.sync().unwrap();
+        log.compact(6).unwrap();
+        assert_eq!(log.held_bytes(), 3 * each);
+        db.reopen().unwrap();
+        kv.reload().unwrap();
+        log.reload(&db).unwrap();
+        // The log on disk may keep entries before the compaction point (segments go
+        // whole); the count follows what was loaded.
+        let held = log.last_index() - log.first_index() + 1;
+        assert_eq!(log.held_bytes(), held * each);
     }
 
     /// A data dir whose log lives in redb tables (before the write-ahead log) opens

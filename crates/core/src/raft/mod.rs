@@ -23,7 +23,7 @@ use std::time::Duration;
 use raft::prelude::Message;
 use tokio::sync::oneshot;
 
-pub use driver::{spawn_driver, DriverConfig, DriverError};
+pub use driver::{spawn_driver, DriverConfig, DriverError, LOG_MAX_BYTES};
 pub(crate) use driver::{Driver, DriverParts, Seeds};
 
 use crate::kv::KvError;

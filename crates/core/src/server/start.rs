@@ -279,6 +279,7 @@ pub(super) fn start_raft(
             heartbeat_ticks: cfg.heartbeat_ticks,
             snapshot_count: cfg.snapshot_count,
             catch_up_entries: cfg.catch_up_entries,
+            log_max_bytes: crate::raft::LOG_MAX_BYTES,
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
             snapshot_dir: storage::snapshot_dir(&cfg.data_dir),

@@ -370,6 +370,7 @@ pub struct World {
     snapshot_reports: Vec<(usize, u64, bool)>,
     /// Log compaction settings of this run (small, so snapshots are sent).
     snapshot_count: u64,
+    log_max_bytes: u64,
     /// The lease client's progress.
     lease: LeaseStage,
     /// A keep-alive in flight, and its lease.
@@ -482,6 +483,8 @@ impl World {
         // The log is compacted after this many applied entries: small enough that a
         // member back from a long stop needs a snapshot.
         let snapshot_count = [20, 100, 1_000][rng.below(3) as usize];
+        // Or after this many bytes of entries: some seeds compact by size first.
+        let log_max_bytes = [1 << 30, 32 << 10][rng.below(2) as usize];
         let plants = DiskPlants {
             skip_log_fsync: cfg.plant == Some(Plant::AckBeforeFsync),
             skip_dir_fsync: cfg.plant == Some(Plant::NoDirFsync),
@@ -521,6 +524,7 @@ impl World {
             full_until: Vec::new(),
             snapshot_reports: Vec::new(),
             snapshot_count,
+            log_max_bytes,
             lease: LeaseStage::Idle,
             keepalive: None,
             renewed: BTreeMap::new(),
@@ -558,6 +562,7 @@ impl World {
         let clock = self.clock_for(drift);
         let plant = self.cfg.plant;
         let snapshot_count = self.snapshot_count;
+        let log_max_bytes = self.log_max_bytes;
         let (clock_ms, base) = (self.clock_ms.clone(), self.base);
         // raft-rs draws the election timeout from its own random source; each member
         // gets a fixed one drawn from the seed instead.
@@ -625,6 +630,7 @@ impl World {
                 heartbeat_ticks: HEARTBEAT_TICKS,
                 snapshot_count,
                 catch_up_entries: 10,
+                log_max_bytes,
                 max_size_per_msg: 1 << 20,
                 max_inflight_msgs: 256,
                 snapshot_dir: storage::snapshot_dir(&dir),

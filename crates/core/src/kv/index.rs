@@ -15,7 +15,7 @@ use redb::ReadableTable;
 
 use super::pending::{self, Pending, Revs};
 use super::range::Interval;
-use super::tables::{decode_record, Meta as Counters, Record, META, REVS};
+use super::tables::{decode_record, record_payload, Meta as Counters, Record, META, REVS};
 use super::{KvError, ReadRevs, StoreError};
 use crate::proto::meshpb::HistoryRecord;
 use crate::proto::mvccpb::KeyValue;
@@ -50,6 +50,38 @@ impl Meta {
             lease: kv.lease,
         }
     }
+}
+
+/// The key and the fields the index keeps of a `KeyValue` encoding, read without
+/// decoding (or copying) its value: the index is rebuilt from every record at each
+/// start. Fields are taken as prost takes them (the last occurrence wins; unknown
+/// fields are skipped).
+fn index_fields(mut bytes: &[u8]) -> Result<(&[u8], Meta), KvError> {
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    let mut key: &[u8] = &[];
+    let mut meta = Meta::default();
+    while !bytes.is_empty() {
+        let (tag, wire) = decode_key(&mut bytes)?;
+        match (tag, wire) {
+            (1, WireType::LengthDelimited) => {
+                let len = decode_varint(&mut bytes)?;
+                let len = usize::try_from(len)
+                    .ok()
+                    .filter(|len| *len <= bytes.len())
+                    .ok_or_else(|| {
+                        KvError::Store(StoreError::Inconsistent(
+                            "a stored key runs past the end of its record".into(),
+                        ))
+                    })?;
+                (key, bytes) = bytes.split_at(len);
+            }
+            (2, WireType::Varint) => meta.create_revision = decode_varint(&mut bytes)? as i64,
+            (4, WireType::Varint) => meta.version = decode_varint(&mut bytes)? as i64,
+            (6, WireType::Varint) => meta.lease = decode_varint(&mut bytes)? as i64,
+            _ => skip_field(wire, tag, &mut bytes, DecodeContext::default())?,
+        }
+    }
+    Ok((key, meta))
 }
 
 impl Version {
@@ -100,18 +132,35 @@ impl KeyIndex {
     where
         R: ReadableTable<(i64, i64), &'static [u8]>,
     {
-        let mut index = KeyIndex {
-            epoch,
-            ..KeyIndex::default()
-        };
+        use std::collections::hash_map::Entry;
+        let mut versions: HashMap<Arc<[u8]>, Vec<Version>> = HashMap::new();
+        // Ordered once at the end: a sort of the keys and a bulk build of the set
+        // cost less than an insertion per key.
+        let mut keys = Vec::new();
         for entry in revs.range::<(i64, i64)>(..)? {
             let (rev, raw) = entry?;
             let (main, sub) = rev.value();
-            let Record { tombstone, kv } = decode_record(raw.value())?;
-            let version = Version::new(main, sub, tombstone, &kv);
-            index.add(kv.key, version);
+            let (tombstone, kv) = record_payload(raw.value())?;
+            let (key, meta) = index_fields(kv)?;
+            let version = Version {
+                main,
+                sub,
+                tombstone,
+                meta: if tombstone { Meta::default() } else { meta },
+            };
+            match versions.entry(Arc::from(key)) {
+                Entry::Occupied(mut e) => e.get_mut().push(version),
+                Entry::Vacant(e) => {
+                    keys.push(e.key().clone());
+                    e.insert(vec![version]);
+                }
+            }
         }
-        Ok(index)
+        Ok(KeyIndex {
+            versions,
+            order: keys.into_iter().collect(),
+            epoch,
+        })
     }
 
     /// An index without keys, at `epoch` (filled with [`KeyIndex::add`]).
@@ -294,7 +343,6 @@ impl KeyIndex {
     }
 
     /// Number of keys with at least one kept version.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         debug_assert_eq!(self.versions.len(), self.order.len());
         self.versions.len()
@@ -606,5 +654,46 @@ mod tests {
         index.rollback(2);
         assert_eq!(index.len(), 1);
         assert_eq!(index.at(b"a", i64::MAX), Some(v(2, false)));
+    }
+
+    /// The index's reader of a stored `KeyValue` agrees with prost's decoder on every
+    /// field it keeps, and refuses what prost refuses.
+    #[test]
+    fn index_fields_read_what_prost_decodes() {
+        use prost::Message;
+        let cases = [
+            KeyValue::default(),
+            KeyValue {
+                key: b"k".to_vec(),
+                create_revision: 3,
+                mod_revision: 9,
+                version: 4,
+                value: vec![1; 100_000],
+                lease: -7,
+            },
+            KeyValue {
+                key: vec![0xff; 300],
+                lease: i64::MAX,
+                ..Default::default()
+            },
+        ];
+        for kv in cases {
+            let mut bytes = kv.encode_to_vec();
+            // An unknown field is skipped, as prost skips it.
+            prost::encoding::encode_key(15, prost::encoding::WireType::Varint, &mut bytes);
+            prost::encoding::encode_varint(5, &mut bytes);
+            let decoded = KeyValue::decode(bytes.as_slice()).unwrap();
+            let (key, meta) = index_fields(&bytes).unwrap();
+            assert_eq!(key, decoded.key);
+            assert_eq!(meta, Meta::of(&decoded));
+            for cut in [1, bytes.len() / 2, bytes.len() - 1] {
+                let partial = &bytes[..cut];
+                assert_eq!(
+                    index_fields(partial).is_ok(),
+                    KeyValue::decode(partial).is_ok(),
+                    "{kv:?} cut at {cut}"
+                );
+            }
+        }
     }
 }

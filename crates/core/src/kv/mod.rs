@@ -424,7 +424,15 @@ impl KvStore {
         let meta = Meta::load(&txn.open_table(META)?)?;
         let nospace = nospace_active(&txn.open_table(ALARMS)?)?;
         let auth = AuthState::from_snapshot(&auth::load(&txn.open_table(auth::AUTH)?)?);
+        let started = std::time::Instant::now();
         let loaded = KeyIndex::load(&txn.open_table(REVS)?, meta.index_epoch);
+        if let Ok(index) = &loaded {
+            tracing::info!(
+                keys = index.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "key index rebuilt from every record"
+            );
+        }
         let loaded = match (loaded, lenient) {
             (Ok(index), _) => index,
             // Opening for Raft: the member starts quarantined instead of not at all,

@@ -152,10 +152,15 @@ fn open_redb(
     // redb can panic on a damaged file (e.g. an index out of range while it walks the
     // allocator state): that is a corrupt data dir to report, not a crash.
     // A panic inside redb leaves none of our own state half-changed.
+    let started = std::time::Instant::now();
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut db = vfs.open_redb(&path, cache_bytes)?;
         Ok((verify(&mut db), db))
     }));
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "database opened and its page checksums verified"
+    );
     let result = match opened {
         Ok(r) => r,
         Err(panic) => {

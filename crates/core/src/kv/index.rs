@@ -78,6 +78,15 @@ fn index_fields(mut bytes: &[u8]) -> Result<(&[u8], Meta), KvError> {
             (2, WireType::Varint) => meta.create_revision = decode_varint(&mut bytes)? as i64,
             (4, WireType::Varint) => meta.version = decode_varint(&mut bytes)? as i64,
             (6, WireType::Varint) => meta.lease = decode_varint(&mut bytes)? as i64,
+            (3, WireType::Varint) | (5, WireType::LengthDelimited) => {
+                skip_field(wire, tag, &mut bytes, DecodeContext::default())?
+            }
+            // A field of `KeyValue` with another wire type: prost refuses it too.
+            (1..=6, _) => {
+                return Err(KvError::Store(StoreError::Inconsistent(format!(
+                    "a stored record's field {tag} has wire type {wire:?}"
+                ))))
+            }
             _ => skip_field(wire, tag, &mut bytes, DecodeContext::default())?,
         }
     }
@@ -686,6 +695,12 @@ mod tests {
             let (key, meta) = index_fields(&bytes).unwrap();
             assert_eq!(key, decoded.key);
             assert_eq!(meta, Meta::of(&decoded));
+            // Field 1 (the key) as a varint: a wire type prost refuses.
+            let mut wrong = bytes.clone();
+            prost::encoding::encode_key(1, prost::encoding::WireType::Varint, &mut wrong);
+            prost::encoding::encode_varint(1, &mut wrong);
+            assert!(KeyValue::decode(wrong.as_slice()).is_err());
+            assert!(index_fields(&wrong).is_err());
             for cut in [1, bytes.len() / 2, bytes.len() - 1] {
                 let partial = &bytes[..cut];
                 assert_eq!(

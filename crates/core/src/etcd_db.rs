@@ -86,15 +86,20 @@ pub(crate) fn key_bucket_entry(
     kv: &KeyValue,
 ) -> (Vec<u8>, Vec<u8>) {
     let value = if tombstone {
-        KeyValue {
-            key: kv.key.clone(),
-            ..Default::default()
-        }
-        .encode_to_vec()
+        deletion_value(&kv.key)
     } else {
         kv.encode_to_vec()
     };
     (revision_key(main, sub, tombstone), value)
+}
+
+/// The value etcd stores for a deletion of `key`: a `KeyValue` carrying the key alone.
+fn deletion_value(key: &[u8]) -> Vec<u8> {
+    KeyValue {
+        key: key.to_vec(),
+        ..Default::default()
+    }
+    .encode_to_vec()
 }
 
 /// Why an etcd database could not be read as meshd state.
@@ -291,27 +296,17 @@ where
         }
         Ok(())
     };
-    let mut tombstone_value = Vec::new();
     let feed = |w: &mut bolt::Writer<W>| {
         fill(w, &before)?;
         w.create_bucket(KEY_BUCKET)?;
         records(&mut |r: RecordRef<'_>| {
-            let value = if r.tombstone {
-                // etcd's deletion record carries the key alone.
-                let kv = KeyValue::decode(r.kv)
-                    .map_err(|e| BoltError::Invalid(format!("deletion record: {e}")))?;
-                tombstone_value.clear();
-                KeyValue {
-                    key: kv.key,
-                    ..Default::default()
-                }
-                .encode(&mut tombstone_value)
-                .expect("a Vec grows to fit");
-                tombstone_value.as_slice()
-            } else {
-                r.kv
-            };
-            w.put(&revision_key(r.main, r.sub, r.tombstone), value)
+            let key = revision_key(r.main, r.sub, r.tombstone);
+            if !r.tombstone {
+                return w.put(&key, r.kv);
+            }
+            let kv = KeyValue::decode(r.kv)
+                .map_err(|e| BoltError::Invalid(format!("deletion record: {e}")))?;
+            w.put(&key, &deletion_value(&kv.key))
         })?;
         w.end_bucket()?;
         fill(w, &after)

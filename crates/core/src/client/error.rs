@@ -144,19 +144,19 @@ pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 /// Whether a transport-level status proves the request never left this process:
 /// somewhere in its source chain the TCP connect itself was refused.
 pub(crate) fn is_connect_refusal(status: &tonic::Status) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if matches!(
+    sources(status)
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
                 io.kind(),
                 std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable
-            ) {
-                return true;
-            }
-        }
-        cur = e.source();
-    }
-    false
+            )
+        })
+}
+
+/// The errors behind a status (what the transport reported), outermost first.
+fn sources(status: &tonic::Status) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(std::error::Error::source(status), |e| e.source())
 }
 
 /// Whether a transport-level status says the server refused the request unprocessed:
@@ -167,14 +167,9 @@ pub(crate) fn is_connect_refusal(status: &tonic::Status) -> bool {
 /// with a broken pipe instead, its fate unknown. Clients may resend a refused request
 /// anywhere, writes included, as gRPC's own transparent retry does.
 pub fn is_go_away_refusal(status: &tonic::Status) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(e) = cur {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.is_go_away() && h2.is_remote();
-        }
-        cur = e.source();
-    }
-    false
+    sources(status)
+        .find_map(|e| e.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| h2.is_go_away() && h2.is_remote())
 }
 
 #[cfg(test)]

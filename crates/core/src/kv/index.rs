@@ -96,15 +96,17 @@ fn index_fields(mut bytes: &[u8]) -> Result<(&[u8], Meta), KvError> {
 impl Version {
     /// The version stored at `(main, sub)` for a record of `kv`.
     pub(crate) fn new(main: i64, sub: i64, tombstone: bool, kv: &KeyValue) -> Version {
+        Version::with_meta(main, sub, tombstone, Meta::of(kv))
+    }
+
+    /// The version stored at `(main, sub)` for a record whose key fields are `meta`
+    /// (ignored for a deletion, whose fields are all 0).
+    fn with_meta(main: i64, sub: i64, tombstone: bool, meta: Meta) -> Version {
         Version {
             main,
             sub,
             tombstone,
-            meta: if tombstone {
-                Meta::default()
-            } else {
-                Meta::of(kv)
-            },
+            meta: if tombstone { Meta::default() } else { meta },
         }
     }
 
@@ -151,12 +153,7 @@ impl KeyIndex {
             let (main, sub) = rev.value();
             let (tombstone, kv) = record_payload(raw.value())?;
             let (key, meta) = index_fields(kv)?;
-            let version = Version {
-                main,
-                sub,
-                tombstone,
-                meta: if tombstone { Meta::default() } else { meta },
-            };
+            let version = Version::with_meta(main, sub, tombstone, meta);
             match versions.entry(Arc::from(key)) {
                 Entry::Occupied(mut e) => e.get_mut().push(version),
                 Entry::Vacant(e) => {

@@ -777,13 +777,8 @@ impl KvStore {
     pub fn snapshot(&self) -> Result<(u64, StoreSnapshot), KvError> {
         self.snapshot_read(|view, meta, txn| {
             let snap = StoreSnapshot {
-                revision: meta.current_revision,
-                compact_revision: meta.compact_revision,
                 history: history::export(&view)?,
-                members: read_members(&txn.open_table(MEMBERS)?)?,
-                alarms: read_alarms(&txn.open_table(ALARMS)?)?,
-                leases: lease::export(&txn.open_table(tables::LEASES)?)?,
-                auth: Some(auth::load(&txn.open_table(auth::AUTH)?)?),
+                ..snapshot_without_history(meta, txn)?
             };
             Ok((meta.applied_index, snap))
         })
@@ -838,6 +833,23 @@ impl KvStore {
 }
 
 pub(crate) type ReadRevs = redb::ReadOnlyTable<(i64, i64), &'static [u8]>;
+
+/// Everything a snapshot holds but the history: counters, members, alarms, leases,
+/// auth.
+fn snapshot_without_history(
+    meta: &Meta,
+    txn: &redb::ReadTransaction,
+) -> Result<StoreSnapshot, KvError> {
+    Ok(StoreSnapshot {
+        revision: meta.current_revision,
+        compact_revision: meta.compact_revision,
+        history: Vec::new(),
+        members: read_members(&txn.open_table(MEMBERS)?)?,
+        alarms: read_alarms(&txn.open_table(ALARMS)?)?,
+        leases: lease::export(&txn.open_table(tables::LEASES)?)?,
+        auth: Some(auth::load(&txn.open_table(auth::AUTH)?)?),
+    })
+}
 
 fn read_members<T: ReadableTable<u64, &'static [u8]>>(
     table: &T,

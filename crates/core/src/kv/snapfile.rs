@@ -21,7 +21,6 @@ use super::{auth, ApplyBatch, IndexEffect, KvError, KvStore, StoreError};
 use crate::bolt::{BoltError, TrailerWriter};
 use crate::etcd_db::RecordRef;
 use crate::proto::etcdserverpb as pb;
-use crate::proto::meshpb::StoreSnapshot;
 use crate::proto::meshpb::{AuthSnapshot, HistoryRecord, LeaseRecord, MemberRecord};
 
 /// Field numbers of `meshpb.StoreSnapshot`.
@@ -117,15 +116,7 @@ impl KvStore {
                     "the store was compacted while the snapshot was being sent".into(),
                 )));
             }
-            let snap = StoreSnapshot {
-                revision: meta.current_revision,
-                compact_revision: meta.compact_revision,
-                history: Vec::new(),
-                members: super::read_members(&txn.open_table(MEMBERS)?)?,
-                alarms: super::read_alarms(&txn.open_table(ALARMS)?)?,
-                leases: super::lease::export(&txn.open_table(tables::LEASES)?)?,
-                auth: Some(auth::load(&txn.open_table(auth::AUTH)?)?),
-            };
+            let snap = super::snapshot_without_history(meta, txn)?;
             let mut read_error = None;
             let records = |put: &mut dyn FnMut(RecordRef<'_>) -> Result<(), BoltError>| {
                 let mut put_error = None;

@@ -1465,21 +1465,25 @@ fn a_batch_that_opens_its_transaction_midway_keeps_its_earlier_writes() {
 /// A snapshot written to a file element by element decodes as the same StoreSnapshot
 /// the in-memory path builds, and restoring it element by element gives the same store
 /// (keys at every revision, leases and their keys, members, alarms, auth, hashes).
-#[test]
-fn a_snapshot_file_restores_what_the_in_memory_snapshot_restores() {
-    let f = fixture();
-    seed(&f.kv);
-    del(&f.kv, "ab", "");
-    apply(&f.kv, |b| b.lease_grant(5, 100)).unwrap();
-    apply(&f.kv, |b| {
+/// The state both snapshot paths are checked on: the seed keys, a deletion, a lease
+/// with a key attached, `bulk` more puts (over 1,000 keys), a compaction at revision
+/// 4, a member, an alarm, and applied index 42.
+fn snapshot_state(kv: &KvStore, bulk: usize) {
+    seed(kv);
+    del(kv, "ab", "");
+    apply(kv, |b| b.lease_grant(5, 100)).unwrap();
+    apply(kv, |b| {
         b.put(&pb::PutRequest {
             lease: 5,
             ..put_req("leased", "v")
         })
     })
     .unwrap();
-    apply(&f.kv, |b| b.compact(4)).unwrap();
-    apply(&f.kv, |b| {
+    for i in 0..bulk {
+        put(kv, &format!("bulk/{:05}", i % 1_000), &"x".repeat(300));
+    }
+    apply(kv, |b| b.compact(4)).unwrap();
+    apply(kv, |b| {
         b.put_member(&MemberRecord {
             id: 7,
             name: "n7".into(),
@@ -1494,6 +1498,12 @@ fn a_snapshot_file_restores_what_the_in_memory_snapshot_restores() {
         Ok(())
     })
     .unwrap();
+}
+
+#[test]
+fn a_snapshot_file_restores_what_the_in_memory_snapshot_restores() {
+    let f = fixture();
+    snapshot_state(&f.kv, 0);
     let (_, in_memory) = f.kv.snapshot().unwrap();
     let (index, txn) = f.kv.snapshot_txn().unwrap();
     assert_eq!(index, 42);
@@ -1561,33 +1571,7 @@ fn a_snapshot_file_restores_what_the_in_memory_snapshot_restores() {
 #[test]
 fn a_streamed_etcd_snapshot_equals_the_one_built_in_memory() {
     let f = fixture();
-    seed(&f.kv);
-    del(&f.kv, "ab", "");
-    apply(&f.kv, |b| b.lease_grant(5, 100)).unwrap();
-    apply(&f.kv, |b| {
-        b.put(&pb::PutRequest {
-            lease: 5,
-            ..put_req("leased", "v")
-        })
-    })
-    .unwrap();
-    for i in 0..3_000 {
-        put(&f.kv, &format!("bulk/{:05}", i % 1_000), &"x".repeat(300));
-    }
-    apply(&f.kv, |b| b.compact(6)).unwrap();
-    apply(&f.kv, |b| {
-        b.put_member(&MemberRecord {
-            id: 7,
-            name: "n7".into(),
-            ..Default::default()
-        })?;
-        b.alarm(&pb::AlarmRequest {
-            action: pb::alarm_request::AlarmAction::Activate as i32,
-            member_id: 7,
-            alarm: pb::AlarmType::Corrupt as i32,
-        })
-    })
-    .unwrap();
+    snapshot_state(&f.kv, 3_000);
     put(&f.kv, "late", "in memory");
     del(&f.kv, "late", "");
     assert!(!pending::read(&f.kv.pending).rows().is_empty());

@@ -1874,18 +1874,25 @@ pub fn run(cfg: SimConfig) -> Report {
 mod tests {
     use super::*;
 
-    /// A leader asked to remove itself while writes keep coming: the Ready that
-    /// applies its removal also persists new entries, and raft-rs panicked looking up
-    /// the leader's own progress (found by seeds 36, 40 and 99 of `meshd-sim`).
-    #[test]
-    fn a_leader_removing_itself_under_load_steps_down_and_the_rest_go_on() {
-        let mut cfg = SimConfig::new(1);
+    /// A world of seed `seed` without clients or faults, stepped until a leader is
+    /// elected (at most 5 simulated seconds).
+    fn quiet_world_until_a_leader(seed: u64) -> World {
+        let mut cfg = SimConfig::new(seed);
         cfg.clients = 0;
         let mut w = World::new(cfg);
         w.quiet = true;
         while w.leader().is_none() && w.now < 5_000 {
             w.step();
         }
+        w
+    }
+
+    /// A leader asked to remove itself while writes keep coming: the Ready that
+    /// applies its removal also persists new entries, and raft-rs panicked looking up
+    /// the leader's own progress (found by seeds 36, 40 and 99 of `meshd-sim`).
+    #[test]
+    fn a_leader_removing_itself_under_load_steps_down_and_the_rest_go_on() {
+        let mut w = quiet_world_until_a_leader(1);
         // Followers count as started once the leader has heard from them lately.
         for _ in 0..1_000 {
             w.step();
@@ -1932,13 +1939,7 @@ mod tests {
     /// leader now holds such proposals until the transfer ends.
     #[test]
     fn a_write_forwarded_during_a_leader_transfer_is_not_lost() {
-        let mut cfg = SimConfig::new(3);
-        cfg.clients = 0;
-        let mut w = World::new(cfg);
-        w.quiet = true;
-        while w.leader().is_none() && w.now < 5_000 {
-            w.step();
-        }
+        let mut w = quiet_world_until_a_leader(3);
         let l = w.leader().expect("a leader within 5 s");
         let (f, t) = match l {
             0 => (1, 2),

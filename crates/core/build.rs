@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .file_descriptor_set_path(&descriptors)
+        // Reserves a message's encoded length before writing it (src/codec.rs).
+        .codec_path("crate::codec::PresizedCodec")
         // Topology entries are kept as the bytes they arrived as (see mesh.proto).
         .bytes(".meshpb.MeshTopologyIn.peers")
         .compile_protos(

@@ -45,6 +45,7 @@ pub const ETCD_CLUSTER_VERSION: &str = "3.5.0";
 pub mod api;
 pub mod bolt;
 pub mod client;
+pub mod codec;
 pub mod compactor;
 pub mod corruption;
 pub mod crc32c;

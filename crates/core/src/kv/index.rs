@@ -321,18 +321,36 @@ impl KeyIndex {
         interval: &'a Interval,
         rev: i64,
     ) -> impl Iterator<Item = (&'a Arc<[u8]>, Version)> + 'a {
+        self.live_among(self.keys_in(interval), rev)
+    }
+
+    /// Those of `keys` live at `rev`, with that version.
+    fn live_among<'a, I>(
+        &'a self,
+        keys: I,
+        rev: i64,
+    ) -> impl Iterator<Item = (&'a Arc<[u8]>, Version)>
+    where
+        I: Iterator<Item = (&'a Arc<[u8]>, &'a bool)>,
+    {
+        keys.filter_map(move |(key, &put)| {
+            // At the head a key whose newest version is a tombstone is not live.
+            if !put && rev >= self.head {
+                return None;
+            }
+            Some((key, self.live_at(key, rev)?))
+        })
+    }
+
+    /// The keys in `interval` with their live flags, in key order.
+    fn keys_in<'a>(
+        &'a self,
+        interval: &'a Interval,
+    ) -> impl Iterator<Item = (&'a Arc<[u8]>, &'a bool)> + 'a {
         interval
             .bounds()
             .into_iter()
-            .flat_map(move |bounds| self.order.range::<[u8], _>(bounds))
-            .filter_map(move |(key, &put)| {
-                // At the head a key whose newest version is a tombstone is not live.
-                if !put && rev >= self.head {
-                    return None;
-                }
-                let v = self.live_at(key, rev)?;
-                Some((key, v))
-            })
+            .flat_map(|bounds| self.order.range::<[u8], _>(bounds))
     }
 
     /// `key`'s newest version at or before `rev`, unless it is a tombstone.
@@ -343,8 +361,8 @@ impl KeyIndex {
         (!v.tombstone).then_some(v)
     }
 
-    /// How many keys in `bounds` are live at `rev`: at the head (no version newer
-    /// than `rev`) from the ordered map's flags alone.
+    /// How many of `keys` are live at `rev`: at the head (no version newer than
+    /// `rev`) from the ordered map's flags alone.
     fn count_in<'a>(
         &'a self,
         keys: impl Iterator<Item = (&'a Arc<[u8]>, &'a bool)>,
@@ -367,11 +385,7 @@ impl KeyIndex {
 
     /// How many keys in `interval` are live at `rev`.
     fn count_live(&self, interval: &Interval, rev: i64) -> i64 {
-        let keys = interval
-            .bounds()
-            .into_iter()
-            .flat_map(|bounds| self.order.range::<[u8], _>(bounds));
-        self.count_in(keys, rev)
+        self.count_in(self.keys_in(interval), rev)
     }
 
     /// The live keys in `interval` at `rev` with every field but the value, which
@@ -391,22 +405,12 @@ impl KeyIndex {
         limit: usize,
         f: impl Fn(&[u8], Version) -> T,
     ) -> (Vec<T>, i64) {
-        let mut first = Vec::with_capacity(limit.min(4096));
-        let mut keys = interval
-            .bounds()
-            .into_iter()
-            .flat_map(|bounds| self.order.range::<[u8], _>(bounds));
-        while first.len() < limit {
-            let Some((key, &put)) = keys.next() else {
-                break;
-            };
-            if !put && rev >= self.head {
-                continue;
-            }
-            if let Some(v) = self.live_at(key, rev) {
-                first.push(f(key, v));
-            }
-        }
+        let mut keys = self.keys_in(interval);
+        let first: Vec<T> = self
+            .live_among(keys.by_ref(), rev)
+            .take(limit)
+            .map(|(key, v)| f(key, v))
+            .collect();
         let count = first.len() as i64 + self.count_in(keys, rev);
         (first, count)
     }

@@ -2,9 +2,9 @@
 //! that a message's whole encoded length is reserved before it is written.
 //!
 //! tonic encodes into a growing buffer and prost does not reserve, so a large answer
-//! (a range of 10,000 values of 100 KiB is 1 GB) was copied at every doubling of the
-//! buffer and faulted in each new one: about half of that range's server time. The
-//! length is one more walk of the message, which prost takes anyway to encode it.
+//! (a range of 10,000 values of 100 KiB is 1 GB) would be copied at every doubling of
+//! the buffer, and every new buffer faulted in. The length costs one more walk of the
+//! message, which prost takes anyway to encode it.
 use std::marker::PhantomData;
 
 use prost::Message;

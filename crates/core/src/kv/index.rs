@@ -442,8 +442,8 @@ impl KeyIndex {
 fn file_versions(batches: Receiver<Vec<(Arc<[u8]>, Version)>>, records: usize) -> KeyIndex {
     use std::collections::hash_map::Entry;
     // Sized for one key per record up front: growing rehashes every key so far, and
-    // each rehash reads the key's bytes from wherever they are in memory (a fifth of
-    // a 5M-key restart). Keys with long histories leave room unused, given back below.
+    // each rehash reads the key's bytes from wherever they are in memory. Keys with
+    // long histories leave room unused, given back below.
     let mut versions: HashMap<Arc<[u8]>, Vec<Version>> =
         HashMap::with_capacity(records.min(MAX_RESERVED_KEYS));
     let mut keys = Vec::with_capacity(records.min(MAX_RESERVED_KEYS));

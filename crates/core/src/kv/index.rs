@@ -371,8 +371,7 @@ impl KeyIndex {
         if rev >= self.head {
             keys.filter(|(_, &put)| put).count() as i64
         } else {
-            keys.filter(|(key, _)| self.live_at(key, rev).is_some())
-                .count() as i64
+            self.live_among(keys, rev).count() as i64
         }
     }
 

@@ -157,10 +157,6 @@ fn open_redb(
         let mut db = vfs.open_redb(&path, cache_bytes)?;
         Ok((verify(&mut db), db))
     }));
-    tracing::info!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "database opened and its page checksums verified"
-    );
     let result = match opened {
         Ok(r) => r,
         Err(panic) => {
@@ -176,7 +172,13 @@ fn open_redb(
         }
     };
     match result {
-        Ok((Ok(()), db)) => Ok(db),
+        Ok((Ok(()), db)) => {
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "database opened and its page checksums verified"
+            );
+            Ok(db)
+        }
         Ok((Err(detail), _)) => Err(StorageError::Corrupt { path, detail }),
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(StorageError::InUse { path }),
         // A file shorter than its own header says is truncated, not unreadable.

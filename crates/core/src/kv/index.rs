@@ -9,7 +9,7 @@
 //! the index applies them only after the commit and bumps an epoch that is also
 //! stored in `kv_meta`, and a reader whose snapshot has another epoch starts over.
 use std::collections::{BTreeMap, HashMap};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::ReadableTable;
@@ -57,7 +57,7 @@ impl Meta {
 /// decoding (or copying) its value: the index is rebuilt from every record at each
 /// start. Fields are taken as prost takes them (the last occurrence wins; unknown
 /// fields are skipped).
-fn index_fields(mut bytes: &[u8]) -> Result<(&[u8], Meta), KvError> {
+pub(crate) fn index_fields(mut bytes: &[u8]) -> Result<(&[u8], Meta), KvError> {
     use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
     let mut key: &[u8] = &[];
     let mut meta = Meta::default();
@@ -102,7 +102,7 @@ impl Version {
 
     /// The version stored at `(main, sub)` for a record whose key fields are `meta`
     /// (ignored for a deletion, whose fields are all 0).
-    fn with_meta(main: i64, sub: i64, tombstone: bool, meta: Meta) -> Version {
+    pub(crate) fn with_meta(main: i64, sub: i64, tombstone: bool, meta: Meta) -> Version {
         Version {
             main,
             sub,
@@ -147,55 +147,52 @@ pub(crate) struct KeyIndex {
 
 impl KeyIndex {
     /// Reads every record of `kv_revs` (verifying each one's checksum).
-    ///
-    /// Two threads share the work: this one reads and checks the records, a scoped
-    /// one files their versions (hashing every key), batch by batch in revision
-    /// order, so the result is the same as one thread's.
     pub(crate) fn load<R>(revs: &R, epoch: u64) -> Result<KeyIndex, KvError>
     where
         R: ReadableTable<(i64, i64), &'static [u8]>,
     {
         let records = usize::try_from(revs.len()?).unwrap_or(usize::MAX);
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(Arc<[u8]>, Version)>>(LOAD_QUEUE);
-        std::thread::scope(|scope| {
-            let filer = scope.spawn(move || file_versions(rx, records));
-            let read = (|| -> Result<(), KvError> {
-                let mut batch = Vec::with_capacity(LOAD_BATCH);
-                for entry in revs.range::<(i64, i64)>(..)? {
-                    let (rev, raw) = entry?;
-                    let (main, sub) = rev.value();
-                    let (tombstone, kv) = record_payload(raw.value())?;
-                    let (key, meta) = index_fields(kv)?;
-                    batch.push((
-                        Arc::from(key),
-                        Version::with_meta(main, sub, tombstone, meta),
-                    ));
-                    if batch.len() == LOAD_BATCH {
-                        let full = std::mem::replace(&mut batch, Vec::with_capacity(LOAD_BATCH));
-                        if tx.send(full).is_err() {
-                            break;
-                        }
-                    }
+        KeyIndex::build(epoch, records, |filer| {
+            for entry in revs.range::<(i64, i64)>(..)? {
+                let (rev, raw) = entry?;
+                let (main, sub) = rev.value();
+                let (tombstone, kv) = record_payload(raw.value())?;
+                let (key, meta) = index_fields(kv)?;
+                if !filer.push(key, Version::with_meta(main, sub, tombstone, meta)) {
+                    break;
                 }
-                // A closed channel means the filer is gone; its join says why.
-                let _ = tx.send(batch);
-                Ok(())
-            })();
-            drop(tx);
-            let index = filer
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            read?;
-            Ok(KeyIndex { epoch, ..index })
+            }
+            Ok(())
         })
     }
 
-    /// An index without keys, at `epoch` (filled with [`KeyIndex::add`]).
-    pub(crate) fn empty(epoch: u64) -> KeyIndex {
-        KeyIndex {
-            epoch,
-            ..KeyIndex::default()
-        }
+    /// Builds the index of the versions `produce` hands to its [`Filer`], in
+    /// revision order, about `records` of them (room is taken for that many keys).
+    ///
+    /// Two threads share the work: `produce` runs on this one (reading and checking
+    /// records), a scoped one files the versions (hashing every key), batch by batch
+    /// in the order given, so the result is the same as one thread's.
+    pub(crate) fn build<E>(
+        epoch: u64,
+        records: usize,
+        produce: impl FnOnce(&mut Filer) -> Result<(), E>,
+    ) -> Result<KeyIndex, E> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(LOAD_QUEUE);
+        std::thread::scope(|scope| {
+            let filer = scope.spawn(move || file_versions(rx, records));
+            let mut batches = Filer {
+                batch: Vec::with_capacity(LOAD_BATCH),
+                tx: Some(tx),
+            };
+            let produced = produce(&mut batches);
+            batches.flush();
+            drop(batches);
+            let index = filer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            produced?;
+            Ok(KeyIndex { epoch, ..index })
+        })
     }
 
     /// `(lease, key)` of every key whose newest version is a put with a lease.
@@ -438,7 +435,7 @@ impl KeyIndex {
 }
 
 /// Builds an index (at epoch 0) from batches of versions in revision order.
-fn file_versions(batches: Receiver<Vec<(Arc<[u8]>, Version)>>, records: usize) -> KeyIndex {
+fn file_versions(batches: Receiver<Batch>, records: usize) -> KeyIndex {
     use std::collections::hash_map::Entry;
     // Sized for one key per record up front: growing rehashes every key so far, and
     // each rehash reads the key's bytes from wherever they are in memory. Keys with
@@ -481,6 +478,37 @@ fn file_versions(batches: Receiver<Vec<(Arc<[u8]>, Version)>>, records: usize) -
         order,
         head,
         epoch: 0,
+    }
+}
+
+/// Versions on their way to the thread that files them.
+type Batch = Vec<(Arc<[u8]>, Version)>;
+
+/// Hands versions, in batches, to the thread that files them ([`KeyIndex::build`]).
+pub(crate) struct Filer {
+    batch: Batch,
+    /// `None` once the filing thread is gone (its join says why).
+    tx: Option<SyncSender<Batch>>,
+}
+
+impl Filer {
+    /// Files `version` as the newest of `key`; false once the filing thread is gone,
+    /// when there is no point in reading on.
+    pub(crate) fn push(&mut self, key: &[u8], version: Version) -> bool {
+        self.batch.push((Arc::from(key), version));
+        if self.batch.len() == LOAD_BATCH {
+            self.flush();
+        }
+        self.tx.is_some()
+    }
+
+    fn flush(&mut self) {
+        let full = std::mem::replace(&mut self.batch, Vec::with_capacity(LOAD_BATCH));
+        if let Some(tx) = &self.tx {
+            if tx.send(full).is_err() {
+                self.tx = None;
+            }
+        }
     }
 }
 

@@ -14,14 +14,12 @@ use prost::encoding::{decode_varint, encode_key, encode_varint, WireType};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use super::tables::{
-    self, decode_record, encode_record, record_payload, Meta, Record, ALARMS, MEMBERS, META, REVS,
-};
+use super::tables::{self, record_payload, Meta, ALARMS, MEMBERS, META, REVS};
 use super::{auth, ApplyBatch, IndexEffect, KvError, KvStore, StoreError};
 use crate::bolt::{BoltError, TrailerWriter};
 use crate::etcd_db::RecordRef;
 use crate::proto::etcdserverpb as pb;
-use crate::proto::meshpb::{AuthSnapshot, HistoryRecord, LeaseRecord, MemberRecord};
+use crate::proto::meshpb::{AuthSnapshot, LeaseRecord, MemberRecord};
 
 /// Field numbers of `meshpb.StoreSnapshot`.
 const REVISION: u32 = 1;
@@ -71,13 +69,111 @@ impl<W: Write> Sink<W> {
     }
 
     fn bytes_field(&mut self, field: u32, payload: &[u8]) -> std::io::Result<()> {
+        self.element(field, &[], payload)
+    }
+
+    /// A length-delimited field whose payload is `head` then `tail`.
+    fn element(&mut self, field: u32, head: &[u8], tail: &[u8]) -> std::io::Result<()> {
         self.buf.clear();
         encode_key(field, WireType::LengthDelimited, &mut self.buf);
-        encode_varint(payload.len() as u64, &mut self.buf);
+        encode_varint((head.len() + tail.len()) as u64, &mut self.buf);
         let b = std::mem::take(&mut self.buf);
-        let r = self.put(&b).and_then(|()| self.put(payload));
+        let r = self
+            .put(&b)
+            .and_then(|()| self.put(head))
+            .and_then(|()| self.put(tail));
         self.buf = b;
         r
+    }
+}
+
+/// Field numbers of `meshpb.HistoryRecord`.
+const H_MAIN: u32 = 1;
+const H_SUB: u32 = 2;
+const H_TOMBSTONE: u32 = 3;
+const H_KV: u32 = 4;
+
+/// Into `out`, a `HistoryRecord`'s encoding up to its `kv` field's bytes (`kv_len` of
+/// them, a stored `KeyValue` encoding), as prost encodes it: a record is copied into
+/// a snapshot file as it is stored, never decoded.
+fn history_head(main: i64, sub: i64, tombstone: bool, kv_len: usize, out: &mut Vec<u8>) {
+    out.clear();
+    for (field, v) in [
+        (H_MAIN, main as u64),
+        (H_SUB, sub as u64),
+        (H_TOMBSTONE, tombstone as u64),
+    ] {
+        if v != 0 {
+            encode_key(field, WireType::Varint, out);
+            encode_varint(v, out);
+        }
+    }
+    encode_key(H_KV, WireType::LengthDelimited, out);
+    encode_varint(kv_len as u64, out);
+}
+
+/// A `HistoryRecord` of a snapshot file, read in place: its `KeyValue` stays encoded,
+/// checked as prost would decode it, with the fields the key index keeps read out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HistoryRef<'a> {
+    pub main: i64,
+    pub sub: i64,
+    pub tombstone: bool,
+    /// The `KeyValue` encoding (empty when the record has none).
+    pub kv: &'a [u8],
+    pub key: &'a [u8],
+    pub(crate) meta: super::index::Meta,
+}
+
+impl<'a> HistoryRef<'a> {
+    /// Reads a `HistoryRecord` encoding. What prost refuses is refused (a known
+    /// field with another wire type, a truncated field), unknown fields are skipped,
+    /// and a second `kv` field (which prost would merge into the first) is refused:
+    /// no writer of snapshot files writes one.
+    fn parse(mut p: &'a [u8]) -> Result<Self, KvError> {
+        use prost::encoding::{decode_key, skip_field, DecodeContext};
+        let bad = |what: String| {
+            KvError::Store(StoreError::Inconsistent(format!("snapshot file: {what}")))
+        };
+        let (mut main, mut sub, mut tombstone, mut kv) = (0, 0, false, None);
+        while !p.is_empty() {
+            let (tag, wire) = decode_key(&mut p)?;
+            match (tag, wire) {
+                (H_MAIN, WireType::Varint) => main = decode_varint(&mut p)? as i64,
+                (H_SUB, WireType::Varint) => sub = decode_varint(&mut p)? as i64,
+                (H_TOMBSTONE, WireType::Varint) => tombstone = decode_varint(&mut p)? != 0,
+                (H_KV, WireType::LengthDelimited) if kv.is_none() => {
+                    let len = usize::try_from(decode_varint(&mut p)?)
+                        .ok()
+                        .filter(|len| *len <= p.len())
+                        .ok_or_else(|| {
+                            bad("a history record's key-value runs past its end".into())
+                        })?;
+                    let (this, rest) = p.split_at(len);
+                    kv = Some(this);
+                    p = rest;
+                }
+                (H_KV, WireType::LengthDelimited) => {
+                    return Err(bad("a history record with two key-values".into()))
+                }
+                (H_MAIN..=H_KV, _) => {
+                    return Err(bad(format!(
+                        "a history record's field {tag} has wire type {wire:?}"
+                    )))
+                }
+                _ => skip_field(wire, tag, &mut p, DecodeContext::default())?,
+            }
+        }
+        let kv = kv.unwrap_or_default();
+        let (key, meta) = super::index::index_fields(kv)?;
+        Ok(HistoryRef {
+            main,
+            sub,
+            tombstone,
+            kv,
+            key,
+            meta,
+        })
     }
 }
 
@@ -190,21 +286,13 @@ pub fn write_snapshot(
         .map_err(io)?;
     s.varint_field(COMPACT_REVISION, meta.compact_revision as u64)
         .map_err(io)?;
-    let mut element = Vec::new();
+    let mut head = Vec::new();
     for entry in txn.open_table(REVS)?.range::<(i64, i64)>(..)? {
         let (rev, raw) = entry?;
         let (main, sub) = rev.value();
-        let Record { tombstone, kv } = decode_record(raw.value())?;
-        element.clear();
-        HistoryRecord {
-            main,
-            sub,
-            tombstone,
-            kv: Some(kv),
-        }
-        .encode(&mut element)
-        .expect("a Vec grows to fit");
-        s.bytes_field(HISTORY, &element).map_err(io)?;
+        let (tombstone, kv) = record_payload(raw.value())?;
+        history_head(main, sub, tombstone, kv.len(), &mut head);
+        s.element(HISTORY, &head, kv).map_err(io)?;
     }
     for entry in txn.open_table(MEMBERS)?.range::<u64>(..)? {
         s.bytes_field(MEMBER, entry?.1.value()).map_err(io)?;
@@ -235,10 +323,10 @@ pub fn write_snapshot(
 
 /// One element of a snapshot file.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Element {
+pub enum Element<'a> {
     Revision(i64),
     CompactRevision(i64),
-    History(HistoryRecord),
+    History(HistoryRef<'a>),
     Member(MemberRecord),
     Lease(LeaseRecord),
     Alarm(pb::AlarmMember),
@@ -276,7 +364,7 @@ fn read_varint(r: &mut impl Read) -> Result<Option<u64>, KvError> {
 /// truncated one is an error.
 pub fn read_snapshot(
     r: impl Read,
-    mut on: impl FnMut(Element) -> Result<(), KvError>,
+    mut on: impl FnMut(Element<'_>) -> Result<(), KvError>,
 ) -> Result<(), KvError> {
     let mut r = BufReader::with_capacity(1 << 20, r);
     let bad =
@@ -303,7 +391,7 @@ pub fn read_snapshot(
                     .map_err(|_| bad("ends inside an element"))?;
                 let p = payload.as_slice();
                 match field {
-                    HISTORY => on(Element::History(HistoryRecord::decode(p)?))?,
+                    HISTORY => on(Element::History(HistoryRef::parse(p)?))?,
                     MEMBER => on(Element::Member(MemberRecord::decode(p)?))?,
                     LEASE => on(Element::Lease(LeaseRecord::decode(p)?))?,
                     ALARM => on(Element::Alarm(pb::AlarmMember::decode(p)?))?,
@@ -345,32 +433,44 @@ impl ApplyBatch<'_> {
         members.retain(|_, _| false)?;
         let mut alarms = txn.open_table(ALARMS)?;
         alarms.retain(|_, _| false)?;
-        let mut index = super::index::KeyIndex::empty(epoch);
         let (mut revision, mut compact, mut auth) = (0, 0, AuthSnapshot::default());
         let file = vfs.open_read(path).map_err(io)?;
-        read_snapshot(file, |el| {
-            match el {
-                Element::Revision(r) => revision = r,
-                Element::CompactRevision(c) => compact = c,
-                Element::History(r) => {
-                    let kv = r.kv.unwrap_or_default();
-                    w.revs
-                        .insert((r.main, r.sub), encode_record(r.tombstone, &kv).as_slice())?;
-                    let version = super::index::Version::new(r.main, r.sub, r.tombstone, &kv);
-                    index.add(kv.key, version);
+        // The records go into `kv_revs` on this thread while the index files their
+        // versions on another. They must come in revision order, as written, for the
+        // index to be the one their table gives.
+        let mut last = None;
+        let index = super::index::KeyIndex::build(epoch, 0, |filer| {
+            read_snapshot(file, |el| {
+                match el {
+                    Element::Revision(r) => revision = r,
+                    Element::CompactRevision(c) => compact = c,
+                    Element::History(h) => {
+                        let rev = (h.main, h.sub);
+                        if last.is_some_and(|last| last >= rev) {
+                            return Err(KvError::Store(StoreError::Inconsistent(format!(
+                                "snapshot file: history record {rev:?} out of revision order"
+                            ))));
+                        }
+                        last = Some(rev);
+                        w.revs
+                            .insert(rev, tables::seal_record(h.tombstone, h.kv).as_slice())?;
+                        let version =
+                            super::index::Version::with_meta(h.main, h.sub, h.tombstone, h.meta);
+                        filer.push(h.key, version);
+                    }
+                    Element::Member(m) => {
+                        members.insert(m.id, m.encode_to_vec().as_slice())?;
+                    }
+                    Element::Lease(l) => {
+                        leases.insert(l.id, l.ttl)?;
+                    }
+                    Element::Alarm(a) => {
+                        alarms.insert((a.member_id, a.alarm), ())?;
+                    }
+                    Element::Auth(a) => auth = a,
                 }
-                Element::Member(m) => {
-                    members.insert(m.id, m.encode_to_vec().as_slice())?;
-                }
-                Element::Lease(l) => {
-                    leases.insert(l.id, l.ttl)?;
-                }
-                Element::Alarm(a) => {
-                    alarms.insert((a.member_id, a.alarm), ())?;
-                }
-                Element::Auth(a) => auth = a,
-            }
-            Ok(())
+                Ok(())
+            })
         })?;
         // A key is attached to a lease if its newest record is a put with one.
         for (lease, key) in index.live_leases() {
@@ -388,5 +488,123 @@ impl ApplyBatch<'_> {
         self.meta.current_revision = revision.max(tables::INITIAL_REVISION);
         self.meta.compact_revision = compact;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::meshpb::HistoryRecord;
+    use crate::proto::mvccpb::KeyValue;
+
+    fn records() -> Vec<HistoryRecord> {
+        let kv = |key: &[u8], value_len: usize, lease| KeyValue {
+            key: key.to_vec(),
+            create_revision: 3,
+            mod_revision: 9,
+            version: 2,
+            value: vec![7; value_len],
+            lease,
+        };
+        vec![
+            HistoryRecord {
+                main: 9,
+                sub: 0,
+                tombstone: false,
+                kv: Some(kv(b"a", 300, 0)),
+            },
+            HistoryRecord {
+                main: 1 << 40,
+                sub: 3,
+                tombstone: true,
+                kv: Some(KeyValue {
+                    key: b"gone".to_vec(),
+                    mod_revision: 1 << 40,
+                    ..Default::default()
+                }),
+            },
+            HistoryRecord {
+                main: 0,
+                sub: 0,
+                tombstone: false,
+                kv: Some(KeyValue::default()),
+            },
+            HistoryRecord {
+                main: 5,
+                sub: 1,
+                tombstone: false,
+                kv: Some(kv(&[0xff; 200], 0, -4)),
+            },
+        ]
+    }
+
+    /// A stored record copied into a file is byte for byte prost's encoding of the
+    /// decoded record, and reads back as what prost decodes.
+    #[test]
+    fn a_history_element_is_written_and_read_as_prost_does() {
+        for r in records() {
+            let kv = r.kv.clone().unwrap().encode_to_vec();
+            let mut ours = Sink {
+                w: Vec::new(),
+                hash: Sha256::new(),
+                len: 0,
+                buf: Vec::new(),
+            };
+            let mut head = Vec::new();
+            history_head(r.main, r.sub, r.tombstone, kv.len(), &mut head);
+            ours.element(HISTORY, &head, &kv).unwrap();
+            let mut prosts = Sink {
+                w: Vec::new(),
+                hash: Sha256::new(),
+                len: 0,
+                buf: Vec::new(),
+            };
+            prosts.bytes_field(HISTORY, &r.encode_to_vec()).unwrap();
+            assert_eq!(ours.w, prosts.w, "{r:?}");
+
+            let encoded = r.encode_to_vec();
+            let h = HistoryRef::parse(&encoded).unwrap();
+            let want = r.kv.clone().unwrap();
+            assert_eq!((h.main, h.sub, h.tombstone), (r.main, r.sub, r.tombstone));
+            assert_eq!(KeyValue::decode(h.kv).unwrap(), want);
+            assert_eq!(h.key, want.key.as_slice());
+            assert_eq!(h.meta, super::super::index::Meta::of(&want));
+        }
+        // No kv field at all: an empty `KeyValue`, as prost's default.
+        let no_kv = HistoryRecord {
+            main: 4,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let h = HistoryRef::parse(&no_kv).unwrap();
+        assert_eq!((h.main, h.kv, h.key), (4, &[][..], &[][..]));
+    }
+
+    /// What prost refuses, and a second key-value, are refused; unknown fields are
+    /// skipped.
+    #[test]
+    fn a_malformed_history_element_is_refused() {
+        let good = records()[0].encode_to_vec();
+        let mut unknown = good.clone();
+        encode_key(15, WireType::Varint, &mut unknown);
+        encode_varint(1, &mut unknown);
+        assert_eq!(
+            HistoryRef::parse(&unknown).unwrap(),
+            HistoryRef::parse(&good).unwrap()
+        );
+
+        let mut twice = good.clone();
+        twice.extend_from_slice(&good);
+        let mut wrong_wire = Vec::new();
+        encode_key(H_MAIN, WireType::LengthDelimited, &mut wrong_wire);
+        encode_varint(0, &mut wrong_wire);
+        let mut bad_kv = Vec::new();
+        history_head(1, 0, false, 3, &mut bad_kv);
+        // A key of 9 bytes in a 3-byte key-value.
+        bad_kv.extend_from_slice(&[0x0a, 9, 1]);
+        for bad in [&good[..good.len() - 1], &twice, &wrong_wire, &bad_kv] {
+            assert!(HistoryRef::parse(bad).is_err(), "{bad:?}");
+            assert!(HistoryRecord::decode(bad).is_err() || bad == twice.as_slice());
+        }
     }
 }

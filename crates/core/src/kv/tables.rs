@@ -131,10 +131,26 @@ fn unseal<'a>(table: &'static str, bytes: &'a [u8]) -> Result<&'a [u8], KvError>
 
 pub(crate) fn encode_record(tombstone: bool, kv: &KeyValue) -> Vec<u8> {
     let mut buf = Vec::with_capacity(1 + kv.encoded_len() + CRC_LEN);
-    buf.push(if tombstone { FLAG_TOMBSTONE } else { FLAG_PUT });
+    buf.push(flag(tombstone));
     kv.encode(&mut buf)
         .expect("a Vec grows to fit, so encoding cannot run out of space");
     seal(buf)
+}
+
+/// The record [`encode_record`] makes of a `KeyValue` whose encoding is `kv`.
+pub(crate) fn seal_record(tombstone: bool, kv: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(1 + kv.len() + CRC_LEN);
+    buf.push(flag(tombstone));
+    buf.extend_from_slice(kv);
+    seal(buf)
+}
+
+fn flag(tombstone: bool) -> u8 {
+    if tombstone {
+        FLAG_TOMBSTONE
+    } else {
+        FLAG_PUT
+    }
 }
 
 pub(crate) fn decode_record(bytes: &[u8]) -> Result<Record, KvError> {

@@ -2,7 +2,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::proto::meshpb::MemberRecord;
+use crate::proto::meshpb::{HistoryRecord, MemberRecord};
 use crate::proto::mvccpb::{event::EventType, KeyValue};
 use pb::compare::{CompareResult as R, CompareTarget as T, TargetUnion as U};
 use pb::range_request::{SortOrder, SortTarget};
@@ -1562,6 +1562,32 @@ fn a_snapshot_file_restores_what_the_in_memory_snapshot_restores() {
     prost::encoding::encode_key(3, prost::encoding::WireType::LengthDelimited, &mut huge);
     prost::encoding::encode_varint(super::snapfile::MAX_ELEMENT_BYTES + 1, &mut huge);
     assert!(super::snapfile::read_snapshot(huge.as_slice(), |_| Ok(())).is_err());
+
+    // Records out of revision order (or twice) would file versions newest-first in
+    // the index: refused, and the member keeps what it had.
+    let record = |main| HistoryRecord {
+        main,
+        kv: Some(KeyValue {
+            key: b"k".to_vec(),
+            mod_revision: main,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    for history in [vec![record(5), record(3)], vec![record(3), record(3)]] {
+        let unordered = StoreSnapshot {
+            revision: 5,
+            history,
+            ..Default::default()
+        };
+        std::fs::write(&path, unordered.encode_to_vec()).unwrap();
+        // As the driver does: a failed install drops its batch uncommitted.
+        let mut batch = g.kv.begin().unwrap();
+        let err = batch.restore_file(&path).unwrap_err();
+        drop(batch);
+        assert!(err.to_string().contains("out of revision order"), "{err}");
+        assert_eq!(g.kv.hash().unwrap(), h.kv.hash().unwrap());
+    }
 }
 
 /// The snapshot the Maintenance API streams, written from one read as it goes, is

@@ -148,12 +148,20 @@ impl Driver {
             bytes = file.len,
             "installing snapshot from the leader"
         );
+        let started = std::time::Instant::now();
         let kv = self.kv.clone();
         let mut batch = kv.begin()?;
         batch.restore_file(&path)?;
+        let restored = started.elapsed();
         batch.set_applied_index(meta.index);
         self.log.apply_snapshot(&batch.side()?, &meta)?;
         batch.commit(true)?;
+        info!(
+            index = meta.index,
+            read_ms = restored.as_millis() as u64,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot installed"
+        );
         self.durable_applied = meta.index;
         // Only now that the state machine is durable at the snapshot may the log
         // forget what came before it.

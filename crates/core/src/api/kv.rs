@@ -196,7 +196,13 @@ impl Kv for KvApi {
         // etcd lets only root compact when auth is enabled.
         self.ctx.require_admin(req.metadata())?;
         let r = req.into_inner();
+        let (revision, physical) = (r.revision, r.physical);
         let applied = self.propose(Internal::Compaction(r)).await?;
+        if physical {
+            // As etcd: the answer waits until this member's store no longer holds
+            // what the compaction frees.
+            self.ctx.kv.physically_compacted(revision).await;
+        }
         Ok(Response::new(CompactionResponse {
             header: self.ctx.header(applied.revision),
         }))

@@ -121,12 +121,18 @@ impl<'txn> WriteTables<'txn> {
 }
 
 /// Watch replay: see [`super::KvStore::events`].
+///
+/// At or below the compact revision `compact`, only what compaction keeps is an event
+/// (a deletion there goes with its key's history), and it has no previous value: the
+/// version before it is one compaction removes. Until its removals are done (see
+/// `compaction`) the records are still there, and skipped.
 pub(crate) fn events(
     view: &View<'_>,
     (start, end): (i64, i64),
     interval: &Interval,
     prev_kv: bool,
     limit: usize,
+    compact: i64,
 ) -> Result<Vec<Event>, KvError> {
     let mut out = Vec::new();
     let mut last_main = None;
@@ -139,7 +145,10 @@ pub(crate) fn events(
         if !interval.contains(&record.kv.key) {
             return Ok(true);
         }
-        let prev_kv = if prev_kv {
+        if main <= compact && !view.kept(&record.kv.key, (main, sub), compact)? {
+            return Ok(true);
+        }
+        let prev_kv = if prev_kv && main > compact {
             view.previous(&record.kv.key, main, sub)?
         } else {
             None
@@ -200,18 +209,40 @@ impl HashKv {
         self.0.update(&v);
     }
 
-    /// Feeds every stored record with main ≤ `rev`, in revision order.
-    pub(crate) fn records(&mut self, view: &View<'_>, rev: i64) -> Result<(), KvError> {
-        view.each_record(i64::MIN, rev, |(main, sub), raw| {
-            let record = decode_record(raw)?;
-            self.record(main, sub, record.tombstone, &record.kv);
-            Ok(true)
+    /// Feeds every record with main ≤ `rev` that compaction at `compact` keeps, in
+    /// revision order.
+    pub(crate) fn records(
+        &mut self,
+        view: &View<'_>,
+        rev: i64,
+        compact: i64,
+    ) -> Result<(), KvError> {
+        kept_records(view, rev, compact, |main, sub, record| {
+            self.record(main, sub, record.tombstone, &record.kv)
         })
     }
 
     pub(crate) fn finish(self) -> u32 {
         self.0.finish()
     }
+}
+
+/// Calls `f` on every stored record with main ≤ `rev`, in revision order, but those
+/// compaction at `compact` removes and has not removed yet (see `compaction`): the
+/// hashes are the same on every member whatever its progress.
+fn kept_records(
+    view: &View<'_>,
+    rev: i64,
+    compact: i64,
+    mut f: impl FnMut(i64, i64, &Record),
+) -> Result<(), KvError> {
+    view.each_record(i64::MIN, rev, |(main, sub), raw| {
+        let record = decode_record(raw)?;
+        if main > compact || view.kept(&record.kv.key, (main, sub), compact)? {
+            f(main, sub, &record);
+        }
+        Ok(true)
+    })
 }
 
 /// The checksum of the whole replicated state (the Hash RPC): crc32 over history
@@ -239,18 +270,22 @@ impl KvHasher {
         h.update(value);
     }
 
-    /// Feeds every stored record with main ≤ `rev`, in revision order.
-    pub(crate) fn records(&mut self, view: &View<'_>, rev: i64) -> Result<(), KvError> {
-        view.each_record(i64::MIN, rev, |(main, sub), raw| {
-            let record = decode_record(raw)?;
+    /// Feeds every record with main ≤ `rev` that compaction at `compact` keeps, in
+    /// revision order.
+    pub(crate) fn records(
+        &mut self,
+        view: &View<'_>,
+        rev: i64,
+        compact: i64,
+    ) -> Result<(), KvError> {
+        kept_records(view, rev, compact, |main, sub, record| {
             self.record(
                 &record.kv.key,
                 main,
                 sub,
                 record.tombstone,
                 &record.kv.value,
-            );
-            Ok(true)
+            )
         })
     }
 
@@ -265,18 +300,17 @@ impl KvHasher {
     }
 }
 
-/// Every record the view sees, in revision order, for a snapshot.
-pub(crate) fn export(view: &View<'_>) -> Result<Vec<HistoryRecord>, KvError> {
+/// Every record the view sees that compaction at `compact` keeps, in revision order,
+/// for a snapshot.
+pub(crate) fn export(view: &View<'_>, compact: i64) -> Result<Vec<HistoryRecord>, KvError> {
     let mut out = Vec::new();
-    view.each_record(i64::MIN, i64::MAX, |(main, sub), raw| {
-        let Record { tombstone, kv } = decode_record(raw)?;
+    kept_records(view, i64::MAX, compact, |main, sub, record| {
         out.push(HistoryRecord {
             main,
             sub,
-            tombstone,
-            kv: Some(kv),
-        });
-        Ok(true)
+            tombstone: record.tombstone,
+            kv: Some(record.kv.clone()),
+        })
     })?;
     Ok(out)
 }

@@ -116,14 +116,6 @@ impl Version {
     }
 }
 
-/// What one compaction removes: the records (by revision), and per key how many of
-/// its oldest versions.
-#[derive(Default, Debug)]
-pub(crate) struct Compaction {
-    pub revs: Vec<(i64, i64)>,
-    pub drains: Vec<(Arc<[u8]>, usize)>,
-}
-
 /// Point lookups (every put, get and compare) go through a hash map; the ordered map
 /// of the same keys serves ranges and changes only when a key comes, goes, or turns
 /// from live to deleted and back. With a B-tree map alone, a follower spent an eighth
@@ -272,36 +264,45 @@ impl KeyIndex {
         self.head = self.head.min(main);
     }
 
-    /// What compaction at `rev` removes: of each key's versions at or before `rev`,
-    /// all but the newest, and that one too if it is a tombstone (the revisions
-    /// sorted). One walk of the index, under the read lock; [`Self::compact`] then
-    /// touches only those keys.
-    pub(crate) fn compacted(&self, rev: i64) -> Compaction {
-        let mut c = Compaction::default();
-        for (key, versions) in &self.versions {
-            let n = compacted_len(versions, rev);
-            if n > 0 {
-                c.revs.extend(versions[..n].iter().map(Version::rev));
-                c.drains.push((key.clone(), n));
-            }
-        }
-        c.revs.sort_unstable();
-        c
-    }
-
-    /// Forgets what [`Self::compacted`] listed. Versions added after it was listed are
-    /// newer than any it names, so the oldest `n` of each key are still the ones. A
-    /// key's newest version goes only with the key, so no live flag changes.
-    pub(crate) fn compact(&mut self, drains: &[(Arc<[u8]>, usize)]) {
-        for (key, n) in drains {
+    /// Compacts the next keys of a walk in key order (at most `max_keys`, those after
+    /// `after`, or from the first): of each key's versions at or before `rev`, all but
+    /// the newest go, and that one too if it is a tombstone. Their revisions are added
+    /// to `dead` (their records are still in `kv_revs`). Returns the last key walked,
+    /// or `None` once the walk has passed the last key.
+    ///
+    /// The walk may be spread over many calls with writes in between: a version
+    /// written after the compaction is newer than `rev` and changes nothing here, and
+    /// a key added behind the walk has nothing at or before `rev`. A key's newest
+    /// version goes only with the key, so no live flag changes.
+    pub(crate) fn compact_some(
+        &mut self,
+        rev: i64,
+        after: Option<&[u8]>,
+        max_keys: usize,
+        dead: &mut Vec<(i64, i64)>,
+    ) -> Option<Arc<[u8]>> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let from = after.map_or(Unbounded, Excluded);
+        let keys: Vec<Arc<[u8]>> = self
+            .order
+            .range::<[u8], _>((from, Unbounded))
+            .take(max_keys)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &keys {
             let Some(versions) = self.versions.get_mut(key) else {
                 continue;
             };
-            versions.drain(..(*n).min(versions.len()));
+            let n = compacted_len(versions, rev);
+            dead.extend(versions.drain(..n).map(|v| v.rev()));
             if versions.is_empty() {
                 self.remove(key);
             }
         }
+        if keys.len() < max_keys {
+            return None;
+        }
+        keys.last().cloned()
     }
 
     /// The newest version of `key` at or before `rev`.
@@ -691,6 +692,15 @@ impl<'t> View<'t> {
         Ok(())
     }
 
+    /// Whether `key`'s record at `rev` (at or below `compact`) survives compaction at
+    /// `compact`: it is the key's newest version there, and a put.
+    pub(crate) fn kept(&self, key: &[u8], rev: (i64, i64), compact: i64) -> Result<bool, KvError> {
+        self.locate(|i| {
+            i.at(key, compact)
+                .is_some_and(|v| v.rev() == rev && !v.tombstone)
+        })
+    }
+
     /// The live version of `key`.
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, KvError> {
         match self.locate(|i| i.at(key, self.visible))? {
@@ -800,11 +810,14 @@ mod tests {
         ] {
             index.add(key.into(), v(main, tomb));
         }
-        let c = index.compacted(5);
-        assert_eq!(c.revs, vec![(2, 0), (3, 0), (5, 0)]);
-        // A version added between listing and forgetting stays.
+        // In two steps, with a version added in between: it stays.
+        let mut dead = Vec::new();
+        let after = index.compact_some(5, None, 1, &mut dead);
+        assert_eq!(after.as_deref(), Some(&b"a"[..]));
         index.add(b"b".to_vec(), v(9, false));
-        index.compact(&c.drains);
+        assert_eq!(index.compact_some(5, after.as_deref(), 10, &mut dead), None);
+        dead.sort_unstable();
+        assert_eq!(dead, vec![(2, 0), (3, 0), (5, 0)]);
         assert_eq!(index.at(b"b", 9), Some(v(9, false)));
         index.rollback(8);
         assert_eq!(
@@ -867,8 +880,10 @@ mod tests {
                 index.rollback(main - 1 - next(5) as i64);
             }
             if step % 131 == 0 {
-                let c = index.compacted(main - next(20) as i64);
-                index.compact(&c.drains);
+                let (rev, mut after) = (main - next(20) as i64, None);
+                while let Some(last) = index.compact_some(rev, after.as_deref(), 3, &mut vec![]) {
+                    after = Some(last);
+                }
             }
             for interval in &intervals {
                 for rev in [i64::MAX, main, main - 1, main - 7] {

@@ -53,6 +53,7 @@ macro_rules! with_batch_table {
 mod apply;
 mod auth;
 mod check;
+mod compaction;
 mod exec;
 mod history;
 mod index;
@@ -265,6 +266,10 @@ pub struct KvStore {
     pending: RwLock<Pending>,
     /// A record failed its checksum when the store was opened for Raft.
     corrupt_at_open: std::sync::Mutex<Option<String>>,
+    /// What the compactions applied so far still have to remove (see `compaction`).
+    compaction: std::sync::Mutex<compaction::Job>,
+    /// The compact revision whose removals are all done.
+    physically_compacted: tokio::sync::watch::Sender<i64>,
 }
 
 /// The newest revisions' events (every key, with previous values), read from the
@@ -305,8 +310,8 @@ impl Drop for Rollback<'_> {
 }
 
 enum IndexEffect {
-    /// Per key, how many of its oldest versions go.
-    Compact(Vec<(Arc<[u8]>, usize)>),
+    /// A compaction to this revision: its removals start after the commit.
+    Compact(i64),
     Replace(KeyIndex),
 }
 
@@ -398,6 +403,8 @@ impl KvStore {
             index: RwLock::new(KeyIndex::default()),
             pending: RwLock::new(Pending::new(Meta::default())),
             corrupt_at_open: std::sync::Mutex::new(None),
+            compaction: Default::default(),
+            physically_compacted: tokio::sync::watch::channel(0).0,
         };
         Ok(store)
     }
@@ -447,6 +454,7 @@ impl KvStore {
             (Err(e), _) => return Err(e),
         };
         *index::write(&self.index) = loaded;
+        compaction::lock(&self.compaction).restart(meta.compact_revision);
         *pending::write(&self.pending) = Pending::new(meta);
         self.applied_index
             .store(meta.applied_index, Ordering::Release);
@@ -663,8 +671,10 @@ impl KvStore {
         limit: usize,
     ) -> Result<Vec<mvccpb::Event>, KvError> {
         let interval = Interval::new(key, range_end);
-        // Only applied revisions are cached: later ones may still come.
-        if start <= end && start >= self.compact_revision() && end <= self.current_revision() {
+        // Only applied revisions are cached: later ones may still come. The compact
+        // revision's own events are read from the store, which knows what the
+        // compaction removed (see `history::events`).
+        if start <= end && start > self.compact_revision() && end <= self.current_revision() {
             let mut cache = self.recent_events.lock().unwrap_or_else(|p| p.into_inner());
             if !self.cache_events(&mut cache, start, end)? {
                 drop(cache);
@@ -764,7 +774,14 @@ impl KvStore {
                     compact_revision: meta.compact_revision,
                 });
             }
-            history::events(&view, (start, end), interval, prev_kv, limit)
+            history::events(
+                &view,
+                (start, end),
+                interval,
+                prev_kv,
+                limit,
+                meta.compact_revision,
+            )
         })
     }
 
@@ -777,7 +794,7 @@ impl KvStore {
     pub fn snapshot(&self) -> Result<(u64, StoreSnapshot), KvError> {
         self.snapshot_read(|view, meta, txn| {
             let snap = StoreSnapshot {
-                history: history::export(&view)?,
+                history: history::export(&view, meta.compact_revision)?,
                 ..snapshot_without_history(meta, txn)?
             };
             Ok((meta.applied_index, snap))
@@ -797,7 +814,7 @@ impl KvStore {
                 });
             }
             let mut hasher = history::HashKv::default();
-            hasher.records(&view, rev)?;
+            hasher.records(&view, rev, meta.compact_revision)?;
             Ok((hasher.finish(), meta.compact_revision, rev))
         })
     }
@@ -818,7 +835,7 @@ impl KvStore {
     pub fn hash(&self) -> Result<u32, KvError> {
         self.snapshot_read(|view, meta, txn| {
             let mut hasher = history::KvHasher::default();
-            hasher.records(&view, i64::MAX)?;
+            hasher.records(&view, i64::MAX, meta.compact_revision)?;
             hasher.extra(&meta.current_revision.to_le_bytes());
             hasher.extra(&meta.compact_revision.to_le_bytes());
             for m in read_members(&txn.open_table(MEMBERS)?)? {
@@ -1057,10 +1074,10 @@ impl<'a> ApplyBatch<'a> {
             });
         }
         self.ensure_index_current()?;
-        let compaction = index::read(&self.store.index).compacted(rev);
-        WriteTables::open(self.write_txn()?)?.compact(&compaction.revs)?;
-        self.index_effects
-            .push(IndexEffect::Compact(compaction.drains));
+        // The new counters are committed with this batch's transaction; what the
+        // revision supersedes goes after the commit (see `compaction`).
+        self.write_txn()?;
+        self.index_effects.push(IndexEffect::Compact(rev));
         self.meta.compact_revision = rev;
         self.meta.index_epoch += 1;
         Ok(())
@@ -1196,25 +1213,26 @@ impl<'a> ApplyBatch<'a> {
         // Committed: the batch's versions stay, and what waited for the commit happens.
         self.added.pending = false;
         if !self.index_effects.is_empty() {
-            let mut index = index::write(&store.index);
-            // Every compaction of a batch was listed against the index as it was before
-            // the commit, and a later one's list includes an earlier one's: only the
-            // last is applied. (A restore ends a batch's compactions: see
-            // `ensure_index_current`.)
-            let last_compaction = self
-                .index_effects
-                .iter()
-                .rposition(|e| matches!(e, IndexEffect::Compact(_)));
-            for (i, effect) in self.index_effects.drain(..).enumerate() {
-                match effect {
-                    IndexEffect::Compact(drains) if Some(i) == last_compaction => {
-                        index.compact(&drains)
+            let (mut replaced, mut compacted) = (false, None);
+            {
+                let mut index = index::write(&store.index);
+                for effect in self.index_effects.drain(..) {
+                    match effect {
+                        IndexEffect::Compact(rev) => compacted = Some(rev),
+                        IndexEffect::Replace(new) => {
+                            *index = new;
+                            replaced = true;
+                        }
                     }
-                    IndexEffect::Compact(_) => {}
-                    IndexEffect::Replace(new) => *index = new,
                 }
+                index.epoch = self.meta.index_epoch;
             }
-            index.epoch = self.meta.index_epoch;
+            let mut job = compaction::lock(&store.compaction);
+            if replaced {
+                job.restart(self.meta.compact_revision);
+            } else if let Some(rev) = compacted {
+                job.start(rev);
+            }
         }
         {
             let mut p = pending::write(&store.pending);

@@ -216,8 +216,16 @@ impl KvStore {
             let mut read_error = None;
             let records = |put: &mut dyn FnMut(RecordRef<'_>) -> Result<(), BoltError>| {
                 let mut put_error = None;
+                let compact = meta.compact_revision;
                 let read = view.each_record(i64::MIN, i64::MAX, |(main, sub), raw| {
                     let (tombstone, kv) = record_payload(raw)?;
+                    // Not what the compaction has yet to remove (see `compaction`).
+                    if main <= compact {
+                        let (key, _) = super::index::index_fields(kv)?;
+                        if !view.kept(key, (main, sub), compact)? {
+                            return Ok(true);
+                        }
+                    }
                     let record = RecordRef {
                         main,
                         sub,

@@ -81,6 +81,12 @@ fn apply<T>(
     out
 }
 
+/// Runs what compactions left to remove to its end, as the driver does a step a tick.
+fn finish_compaction(kv: &KvStore) {
+    while kv.compact_step().unwrap() {}
+    assert!(!kv.compaction_pending());
+}
+
 /// The driver's durable commit: what was applied, pending records included, reaches redb.
 fn flush(kv: &KvStore) {
     kv.write_pending(true).unwrap();
@@ -398,7 +404,12 @@ fn compaction() {
     assert_eq!(at(6).unwrap().kvs, before.kvs);
     assert_eq!(f.kv.range(&range_req("\0", "\0")).unwrap().kvs, before.kvs);
 
-    // Only a@4 (latest ≤ 5) and a@6 remain; b's tombstone went with its history.
+    // Only a@4 (latest ≤ 5) and a@6 remain; b's tombstone went with its history. The
+    // records go after the compaction, and the hashes do not see them meanwhile.
+    let hashes = (f.kv.hash().unwrap(), f.kv.hash_kv(0).unwrap());
+    assert!(f.kv.compaction_pending());
+    finish_compaction(&f.kv);
+    assert_eq!((f.kv.hash().unwrap(), f.kv.hash_kv(0).unwrap()), hashes);
     let (_, snap) = f.kv.snapshot().unwrap();
     let kept: Vec<_> = snap.history.iter().map(|r| r.main).collect();
     assert_eq!(kept, [4, 6]);
@@ -861,9 +872,11 @@ fn compactions_in_one_batch_leave_the_index_a_reload_builds() {
     batch.compact(rev + 1).unwrap();
     batch.put(&put_req("d", "1")).unwrap();
     batch.commit(true).unwrap();
+    finish_compaction(&f.kv);
     let live = index::read(&f.kv.index).dump();
 
     let f = f.reopen();
+    finish_compaction(&f.kv);
     let reloaded = index::read(&f.kv.index).dump();
     assert_eq!(live, reloaded);
     // a and b: their puts in the batch only (b was deleted before it); c and d.
@@ -1378,9 +1391,10 @@ fn a_read_begun_before_a_flush_finds_the_records_it_moved() {
             flush(&f.kv);
             assert!(pending::read(&f.kv.pending).rows().is_empty());
             let value = view.get(b"b")?.map(|kv| kv.value);
-            let events = history::events(&view, (0, 100), &Interval::new(b"\0", b"\0"), true, 0)?;
+            let events =
+                history::events(&view, (0, 100), &Interval::new(b"\0", b"\0"), true, 0, 0)?;
             let mut hasher = history::HashKv::default();
-            hasher.records(&view, meta.current_revision)?;
+            hasher.records(&view, meta.current_revision, meta.compact_revision)?;
             Ok((value, events, hasher.finish()))
         })
         .unwrap();
@@ -1796,4 +1810,137 @@ fn events_from_the_cache_match_the_store_for_any_span() {
         from_store(base, head, b"\0", b"\0", true, 0)
     );
     assert_eq!(f.kv.recent_events.lock().unwrap().window, window);
+}
+
+/// Records in `kv_revs` (pending ones written first).
+fn records_in_redb(kv: &KvStore) -> u64 {
+    flush(kv);
+    let txn = kv.db.begin_read().unwrap();
+    use redb::ReadableTableMetadata;
+    txn.open_table(tables::REVS).unwrap().len().unwrap()
+}
+
+/// A compaction's removals, spread over steps (several walk steps and several removal
+/// commits here), never change what the member answers or hashes, whether it is
+/// reopened or its state snapshotted halfway; two members at different points of the
+/// job agree, and both end with the same records.
+#[test]
+fn compaction_removals_in_steps_change_no_answer_and_no_hash() {
+    use super::compaction::{STEP_KEYS, STEP_RECORDS};
+    let keys = STEP_KEYS + 1000;
+    let write = |kv: &KvStore| {
+        for round in 0..3 {
+            apply(kv, |b| {
+                for k in 0..keys {
+                    if round == 2 && k % 7 == 0 {
+                        b.delete_range(&pb::DeleteRangeRequest {
+                            key: format!("k{k:05}").into_bytes(),
+                            ..Default::default()
+                        })?;
+                    } else {
+                        b.put(&put_req(&format!("k{k:05}"), &format!("{round}")))?;
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        }
+    };
+    let (done, halfway) = (fixture(), fixture());
+    write(&done.kv);
+    write(&halfway.kv);
+    let compact = done.kv.current_revision() - 100;
+    let later = |kv: &KvStore| {
+        apply(kv, |b| b.compact(compact)).unwrap();
+        put(kv, "k00003", "after");
+    };
+    later(&done.kv);
+    later(&halfway.kv);
+    finish_compaction(&done.kv);
+    let rev = done.kv.current_revision();
+    let answers = |kv: &KvStore| {
+        let at = |r| {
+            kv.range(&pb::RangeRequest {
+                revision: r,
+                ..range_req("\0", "\0")
+            })
+            .unwrap()
+            .kvs
+        };
+        (
+            kv.hash().unwrap(),
+            kv.hash_kv(0).unwrap(),
+            kv.hash_kv(compact).unwrap(),
+            at(compact),
+            at(rev),
+            kv.events(compact, rev, b"\0", b"\0", true, 0).unwrap(),
+        )
+    };
+    let want = answers(&done.kv);
+    // Compared part by part: a difference names the part, not 15k records.
+    type Answers = (
+        u32,
+        (u32, i64, i64),
+        (u32, i64, i64),
+        Vec<mvccpb::KeyValue>,
+        Vec<mvccpb::KeyValue>,
+        Vec<mvccpb::Event>,
+    );
+    fn same(got: &Answers, want: &Answers, when: &str) {
+        assert_eq!(got.0, want.0, "{when}: hash");
+        assert_eq!(got.1, want.1, "{when}: hash_kv now");
+        assert_eq!(got.2, want.2, "{when}: hash_kv at the compaction");
+        assert!(got.3 == want.3, "{when}: range at the compaction");
+        assert!(got.4 == want.4, "{when}: range now");
+        if got.5 != want.5 {
+            let i = got.5.iter().zip(&want.5).position(|(a, b)| a != b);
+            panic!("{when}: events since the compaction: {} vs {}, first difference {:?}: {:?} vs {:?}", got.5.len(), want.5.len(), i, i.map(|i| &got.5[i]), i.map(|i| &want.5[i]));
+        }
+    }
+    let records = records_in_redb(&done.kv);
+    assert_eq!(*done.kv.physically_compacted.borrow(), compact);
+
+    // Halfway through the walk, then halfway through the removals.
+    assert!(halfway.kv.compact_step().unwrap());
+    same(&answers(&halfway.kv), &want, "halfway");
+    while compaction::lock(&halfway.kv.compaction).walking {
+        halfway.kv.compact_step().unwrap();
+    }
+    assert!(
+        halfway.kv.compact_step().unwrap(),
+        "more than one removal step"
+    );
+    same(&answers(&halfway.kv), &want, "halfway");
+    assert!(records_in_redb(&halfway.kv) > records);
+    assert!(records_in_redb(&halfway.kv) < records + STEP_RECORDS as u64 * 2);
+    assert_eq!(*halfway.kv.physically_compacted.borrow(), 0);
+
+    // Its state now, records not yet removed included (a Raft snapshot file copies
+    // `kv_revs`), installed elsewhere.
+    let (index, txn) = halfway.kv.snapshot_txn().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snap");
+    super::snapfile::write_snapshot(&crate::storage::vfs::RealFs, &txn, &path).unwrap();
+    drop(txn);
+    let installed = fixture();
+    apply(&installed.kv, |b| {
+        b.restore_file(&path)?;
+        b.set_applied_index(index);
+        Ok(())
+    })
+    .unwrap();
+    assert!(installed.kv.compaction_pending());
+    assert!(records_in_redb(&installed.kv) > records);
+    same(&answers(&installed.kv), &want, "installed");
+
+    // Reopened, the walk starts over and finds what was left.
+    let halfway = halfway.reopen();
+    assert!(halfway.kv.compaction_pending());
+    same(&answers(&halfway.kv), &want, "halfway");
+    for f in [&halfway, &installed] {
+        finish_compaction(&f.kv);
+        same(&answers(&f.kv), &want, "finished");
+        assert_eq!(records_in_redb(&f.kv), records);
+        assert_eq!(*f.kv.physically_compacted.borrow(), compact);
+    }
 }

@@ -544,6 +544,10 @@ impl Driver {
         } else {
             self.write_pending_kv()?;
         }
+        // What compactions free goes one bounded step a tick, between apply batches.
+        if tick && self.kv.compaction_pending() {
+            self.kv.compact_step()?;
+        }
         self.publish_status();
         if self.status.is_removed() {
             warn!("this member was removed from the cluster; its raft node stops");
@@ -625,6 +629,8 @@ impl Driver {
             DriverMsg::TransferLeader { target, reply } => self.transfer_leader(target, reply),
             DriverMsg::Defragment { reply } => {
                 self.maybe_compact(true)?;
+                // Every record compaction frees is gone first, so its space is returned.
+                while self.kv.compact_step()? {}
                 let result = self
                     .db
                     .compact(DEFRAG_WAIT_FOR_READERS)

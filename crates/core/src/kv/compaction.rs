@@ -1,0 +1,145 @@
+//! What a compaction frees, removed after the compaction itself.
+//!
+//! Applying a compaction moves the compact revision: from that commit on, reads below
+//! it are refused. The versions it supersedes (of each key's versions at or before it,
+//! all but the newest, and that one too if it is a deletion) then leave the key index
+//! and `kv_revs` a bounded step at a time ([`KvStore::compact_step`], called by the
+//! Raft driver between apply batches), as etcd's scheduled compaction removes in
+//! batches: removing them in the apply held every member's Raft thread at once, and
+//! every write behind it waited.
+//!
+//! A job walks the index in key order ([`KeyIndex::compact_some`], [`STEP_KEYS`] keys a
+//! step), collecting the revisions of the records it takes out, then removes those
+//! records in revision order ([`STEP_RECORDS`] a step, each step its own commit).
+//!
+//! Nothing of a job is stored. Each open and snapshot install starts one over the
+//! whole index at the compact revision: the index is then rebuilt from `kv_revs`,
+//! which still holds what an unfinished job had not removed, and the walk lists it
+//! again. Until they are gone, such records are invisible: a read at or above the
+//! compact revision never chooses them, and the hashes skip them
+//! ([`View::kept`](super::index::View::kept)), so members agree whatever their progress.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::history::WriteTables;
+use super::index;
+use super::{KvError, KvStore};
+
+/// Keys of the index one step of a job walks.
+pub(crate) const STEP_KEYS: usize = 2048;
+/// Records one step of a job removes from `kv_revs`.
+pub(crate) const STEP_RECORDS: usize = 4096;
+
+/// The removals left of the compactions applied so far.
+#[derive(Debug, Default)]
+pub(crate) struct Job {
+    /// The compact revision the walk compacts the index to (0: none yet).
+    rev: i64,
+    /// Whether the walk of the index is under way; it resumes after `after`.
+    pub(super) walking: bool,
+    after: Option<Arc<[u8]>>,
+    /// Revisions of records taken out of the index and still in `kv_revs`, sorted once
+    /// the walk is over; `dead[..removed]` are gone.
+    dead: Vec<(i64, i64)>,
+    removed: usize,
+}
+
+impl Job {
+    /// A walk to `rev` (from the first key again: a later compaction supersedes more
+    /// of the keys already walked).
+    pub(crate) fn start(&mut self, rev: i64) {
+        if rev <= 0 {
+            return;
+        }
+        self.rev = self.rev.max(rev);
+        self.walking = true;
+        self.after = None;
+        self.dead.drain(..self.removed);
+        self.removed = 0;
+    }
+
+    /// A job for a store whose records and index were replaced (an open, a snapshot):
+    /// what was listed before is no longer what `kv_revs` holds.
+    pub(crate) fn restart(&mut self, rev: i64) {
+        *self = Job::default();
+        self.start(rev);
+    }
+
+    fn pending(&self) -> bool {
+        self.walking || self.removed < self.dead.len()
+    }
+}
+
+pub(crate) fn lock(job: &Mutex<Job>) -> MutexGuard<'_, Job> {
+    job.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl KvStore {
+    /// Whether a compaction's removals are not finished.
+    pub fn compaction_pending(&self) -> bool {
+        lock(&self.compaction).pending()
+    }
+
+    /// One bounded step of the removals compactions left (a walk of [`STEP_KEYS`] keys
+    /// of the index, or a commit removing [`STEP_RECORDS`] records); true while more
+    /// remain. Call on the thread that applies, between apply batches.
+    pub fn compact_step(&self) -> Result<bool, KvError> {
+        let chunk = {
+            let mut job = lock(&self.compaction);
+            if job.walking {
+                let job = &mut *job;
+                let after = job.after.take();
+                let next = index::write(&self.index).compact_some(
+                    job.rev,
+                    after.as_deref(),
+                    STEP_KEYS,
+                    &mut job.dead,
+                );
+                match next {
+                    Some(key) => job.after = Some(key),
+                    None => {
+                        job.walking = false;
+                        job.dead.sort_unstable();
+                    }
+                }
+                None
+            } else {
+                let end = (job.removed + STEP_RECORDS).min(job.dead.len());
+                Some((job.rev, job.dead[job.removed..end].to_vec()))
+            }
+        };
+        if let Some((rev, revs)) = chunk {
+            if !revs.is_empty() {
+                let mut batch = self.begin()?;
+                WriteTables::open(batch.write_txn()?)?.compact(&revs)?;
+                batch.commit(false)?;
+            }
+            let mut job = lock(&self.compaction);
+            // Unless an open or a restore replaced the job meanwhile (not on this
+            // thread, but the job does not rely on it).
+            if job.rev == rev && !job.walking && job.dead.get(job.removed) == revs.first() {
+                job.removed += revs.len();
+                if job.removed == job.dead.len() {
+                    job.dead = Vec::new();
+                    job.removed = 0;
+                }
+            }
+        }
+        let job = lock(&self.compaction);
+        if !job.pending() {
+            self.physically_compacted.send_if_modified(|done| {
+                let moved = *done < job.rev;
+                *done = job.rev;
+                moved
+            });
+        }
+        Ok(job.pending())
+    }
+
+    /// Waits until every record compaction at `rev` frees is gone from this member's
+    /// `kv_revs` (etcd's `physical` compaction).
+    pub async fn physically_compacted(&self, rev: i64) {
+        let mut rx = self.physically_compacted.subscribe();
+        let _ = rx.wait_for(|done| *done >= rev).await;
+    }
+}

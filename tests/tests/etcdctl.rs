@@ -180,12 +180,13 @@ async fn etcdctl_3_4_drives_meshd() {
         "{health:?}"
     );
 
-    // Compaction, then etcd's error for a compacted revision.
+    // Compaction (answered once this member has removed what it frees), then etcd's
+    // error for a compacted revision.
     let j = ok(&one, &["get", "fruit/apple", "-w", "json"]).await;
     let v: serde_json::Value = serde_json::from_str(&j).unwrap();
     let rev = v["header"]["revision"].as_i64().unwrap();
     assert_eq!(
-        ok(&one, &["compaction", &rev.to_string()]).await,
+        ok(&one, &["compaction", "--physical", &rev.to_string()]).await,
         format!("compacted revision {rev}\n")
     );
     let (success, _, err) = etcdctl(

@@ -8,7 +8,8 @@
 //! batches: removing them in the apply held every member's Raft thread at once, and
 //! every write behind it waited.
 //!
-//! A job walks the index in key order ([`KeyIndex::compact_some`], [`STEP_KEYS`] keys a
+//! A job walks the index in key order
+//! ([`KeyIndex::compact_some`](index::KeyIndex::compact_some), [`STEP_KEYS`] keys a
 //! step), collecting the revisions of the records it takes out, then removes those
 //! records in revision order ([`STEP_RECORDS`] a step, each step its own commit).
 //!
@@ -115,8 +116,8 @@ impl KvStore {
                 batch.commit(false)?;
             }
             let mut job = lock(&self.compaction);
-            // Unless an open or a restore replaced the job meanwhile (not on this
-            // thread, but the job does not rely on it).
+            // Advanced only if it is still the job this step removed records for (a
+            // reload or a restore replaces it).
             if job.rev == rev && !job.walking && job.dead.get(job.removed) == revs.first() {
                 job.removed += revs.len();
                 if job.removed == job.dead.len() {

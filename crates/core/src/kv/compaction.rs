@@ -81,8 +81,8 @@ impl KvStore {
         lock(&self.compaction).pending()
     }
 
-    /// One bounded step of the removals compactions left (a walk of [`STEP_KEYS`] keys
-    /// of the index, or a commit removing [`STEP_RECORDS`] records); true while more
+    /// One bounded step of the removals compactions left (a walk of `STEP_KEYS` keys
+    /// of the index, or a commit removing `STEP_RECORDS` records); true while more
     /// remain. Call on the thread that applies, between apply batches.
     pub fn compact_step(&self) -> Result<bool, KvError> {
         let chunk = {

@@ -145,7 +145,7 @@ pub(crate) fn events(
         if !interval.contains(&record.kv.key) {
             return Ok(true);
         }
-        if main <= compact && !view.kept(&record.kv.key, (main, sub), compact)? {
+        if !view.kept(&record.kv.key, (main, sub), compact)? {
             return Ok(true);
         }
         let prev_kv = if prev_kv && main > compact {
@@ -238,7 +238,7 @@ fn kept_records(
 ) -> Result<(), KvError> {
     view.each_record(i64::MIN, rev, |(main, sub), raw| {
         let record = decode_record(raw)?;
-        if main > compact || view.kept(&record.kv.key, (main, sub), compact)? {
+        if view.kept(&record.kv.key, (main, sub), compact)? {
             f(main, sub, &record);
         }
         Ok(true)

@@ -692,9 +692,12 @@ impl<'t> View<'t> {
         Ok(())
     }
 
-    /// Whether `key`'s record at `rev` (at or below `compact`) survives compaction at
-    /// `compact`: it is the key's newest version there, and a put.
+    /// Whether `key`'s record at `rev` survives compaction at `compact`: it is newer,
+    /// or it is the key's newest version at `compact` and a put.
     pub(crate) fn kept(&self, key: &[u8], rev: (i64, i64), compact: i64) -> Result<bool, KvError> {
+        if rev.0 > compact {
+            return Ok(true);
+        }
         self.locate(|i| {
             i.at(key, compact)
                 .is_some_and(|v| v.rev() == rev && !v.tombstone)

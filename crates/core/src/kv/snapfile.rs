@@ -132,9 +132,6 @@ impl<'a> HistoryRef<'a> {
     /// no writer of snapshot files writes one.
     fn parse(mut p: &'a [u8]) -> Result<Self, KvError> {
         use prost::encoding::{decode_key, skip_field, DecodeContext};
-        let bad = |what: String| {
-            KvError::Store(StoreError::Inconsistent(format!("snapshot file: {what}")))
-        };
         let (mut main, mut sub, mut tombstone, mut kv) = (0, 0, false, None);
         while !p.is_empty() {
             let (tag, wire) = decode_key(&mut p)?;
@@ -147,17 +144,17 @@ impl<'a> HistoryRef<'a> {
                         .ok()
                         .filter(|len| *len <= p.len())
                         .ok_or_else(|| {
-                            bad("a history record's key-value runs past its end".into())
+                            bad_file("a history record's key-value runs past its end")
                         })?;
                     let (this, rest) = p.split_at(len);
                     kv = Some(this);
                     p = rest;
                 }
                 (H_KV, WireType::LengthDelimited) => {
-                    return Err(bad("a history record with two key-values".into()))
+                    return Err(bad_file("a history record with two key-values"))
                 }
                 (H_MAIN..=H_KV, _) => {
-                    return Err(bad(format!(
+                    return Err(bad_file(&format!(
                         "a history record's field {tag} has wire type {wire:?}"
                     )))
                 }
@@ -175,6 +172,11 @@ impl<'a> HistoryRef<'a> {
             meta,
         })
     }
+}
+
+/// A snapshot file that is not what this build writes.
+fn bad_file(what: &str) -> KvError {
+    KvError::Store(StoreError::Inconsistent(format!("snapshot file: {what}")))
 }
 
 fn io(e: std::io::Error) -> KvError {
@@ -219,7 +221,8 @@ impl KvStore {
                 let compact = meta.compact_revision;
                 let read = view.each_record(i64::MIN, i64::MAX, |(main, sub), raw| {
                     let (tombstone, kv) = record_payload(raw)?;
-                    // Not what the compaction has yet to remove (see `compaction`).
+                    // Not what the compaction has yet to remove (see `compaction`); the
+                    // key is read only where `kept` needs it.
                     if main <= compact {
                         let (key, _) = super::index::index_fields(kv)?;
                         if !view.kept(key, (main, sub), compact)? {
@@ -375,8 +378,7 @@ pub fn read_snapshot(
     mut on: impl FnMut(Element<'_>) -> Result<(), KvError>,
 ) -> Result<(), KvError> {
     let mut r = BufReader::with_capacity(1 << 20, r);
-    let bad =
-        |what: &str| KvError::Store(StoreError::Inconsistent(format!("snapshot file: {what}")));
+    let bad = bad_file;
     let mut payload = Vec::new();
     while let Some(key) = read_varint(&mut r)? {
         let (field, wire) = ((key >> 3) as u32, key & 7);
@@ -455,9 +457,9 @@ impl ApplyBatch<'_> {
                     Element::History(h) => {
                         let rev = (h.main, h.sub);
                         if last.is_some_and(|last| last >= rev) {
-                            return Err(KvError::Store(StoreError::Inconsistent(format!(
-                                "snapshot file: history record {rev:?} out of revision order"
-                            ))));
+                            return Err(bad_file(&format!(
+                                "history record {rev:?} out of revision order"
+                            )));
                         }
                         last = Some(rev);
                         w.revs

@@ -13,12 +13,16 @@
 //! step), collecting the revisions of the records it takes out, then removes those
 //! records in revision order ([`STEP_RECORDS`] a step, each step its own commit).
 //!
-//! Nothing of a job is stored. Each open and snapshot install starts one over the
-//! whole index at the compact revision: the index is then rebuilt from `kv_revs`,
-//! which still holds what an unfinished job had not removed, and the walk lists it
-//! again. Until they are gone, such records are invisible: a read at or above the
-//! compact revision never chooses them, and the hashes skip them
-//! ([`View::kept`](super::index::View::kept)), so members agree whatever their progress.
+//! A job's progress is not stored, only its end: the commit of its last removal (or a
+//! commit of its own, when it found nothing to remove) records the compact revision it
+//! finished (`removed_through` in `kv_meta`). An open whose compact revision is not
+//! recorded as finished, and every snapshot install (the file may hold records its
+//! member had not removed), starts a job over the whole index at the compact revision:
+//! the index is then rebuilt from `kv_revs`, which still holds what an unfinished job
+//! had not removed, and the walk lists it again. Until they are gone, such records are
+//! invisible: a read at or above the compact revision never chooses them, and the
+//! hashes skip them ([`View::kept`](super::index::View::kept)), so members agree
+//! whatever their progress.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -43,6 +47,8 @@ pub(crate) struct Job {
     /// the walk is over; `dead[..removed]` are gone.
     dead: Vec<(i64, i64)>,
     removed: usize,
+    /// The revision recorded in `kv_meta` as finished.
+    recorded: i64,
 }
 
 impl Job {
@@ -60,14 +66,25 @@ impl Job {
     }
 
     /// A job for a store whose records and index were replaced (an open, a snapshot):
-    /// what was listed before is no longer what `kv_revs` holds.
-    pub(crate) fn restart(&mut self, rev: i64) {
+    /// what was listed before is no longer what `kv_revs` holds. Nothing is left to do
+    /// if the store records the compact revision `rev` as finished (`removed_through`).
+    pub(crate) fn restart(&mut self, rev: i64, removed_through: i64) {
         *self = Job::default();
-        self.start(rev);
+        if rev > 0 && removed_through >= rev {
+            self.rev = rev;
+            self.recorded = rev;
+        } else {
+            self.start(rev);
+        }
     }
 
     fn pending(&self) -> bool {
-        self.walking || self.removed < self.dead.len()
+        self.walking || self.removed < self.dead.len() || self.recorded < self.rev
+    }
+
+    /// The compact revision whose removals are done, if nothing is pending.
+    pub(crate) fn finished(&self) -> Option<i64> {
+        (!self.pending() && self.rev > 0).then_some(self.rev)
     }
 }
 
@@ -106,13 +123,22 @@ impl KvStore {
                 None
             } else {
                 let end = (job.removed + STEP_RECORDS).min(job.dead.len());
-                Some((job.rev, job.dead[job.removed..end].to_vec()))
+                let last = end == job.dead.len();
+                Some((job.rev, job.dead[job.removed..end].to_vec(), last))
             }
         };
-        if let Some((rev, revs)) = chunk {
-            if !revs.is_empty() {
+        if let Some((rev, revs, last)) = chunk {
+            if !revs.is_empty() || last {
                 let mut batch = self.begin()?;
-                WriteTables::open(batch.write_txn()?)?.compact(&revs)?;
+                let txn = batch.write_txn()?;
+                if !revs.is_empty() {
+                    WriteTables::open(txn)?.compact(&revs)?;
+                }
+                if last {
+                    // In the same commit as the last removal: after a crash, either
+                    // both are there or the job runs again.
+                    batch.meta.removed_through = rev;
+                }
                 batch.commit(false)?;
             }
             let mut job = lock(&self.compaction);
@@ -124,13 +150,16 @@ impl KvStore {
                     job.dead = Vec::new();
                     job.removed = 0;
                 }
+                if last {
+                    job.recorded = rev;
+                }
             }
         }
         let job = lock(&self.compaction);
-        if !job.pending() {
+        if let Some(rev) = job.finished() {
             self.physically_compacted.send_if_modified(|done| {
-                let moved = *done < job.rev;
-                *done = job.rev;
+                let moved = *done < rev;
+                *done = (*done).max(rev);
                 moved
             });
         }

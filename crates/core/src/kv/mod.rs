@@ -454,7 +454,18 @@ impl KvStore {
             (Err(e), _) => return Err(e),
         };
         *index::write(&self.index) = loaded;
-        compaction::lock(&self.compaction).restart(meta.compact_revision);
+        let finished = {
+            let mut job = compaction::lock(&self.compaction);
+            job.restart(meta.compact_revision, meta.removed_through);
+            job.finished()
+        };
+        if let Some(rev) = finished {
+            self.physically_compacted.send_if_modified(|done| {
+                let moved = *done < rev;
+                *done = (*done).max(rev);
+                moved
+            });
+        }
         *pending::write(&self.pending) = Pending::new(meta);
         self.applied_index
             .store(meta.applied_index, Ordering::Release);
@@ -1173,6 +1184,7 @@ impl<'a> ApplyBatch<'a> {
         self.token_effects.push(auth::TokenEffect::Clear);
         self.meta.current_revision = snap.revision.max(tables::INITIAL_REVISION);
         self.meta.compact_revision = snap.compact_revision;
+        self.meta.removed_through = 0;
         Ok(())
     }
 
@@ -1229,7 +1241,7 @@ impl<'a> ApplyBatch<'a> {
             }
             let mut job = compaction::lock(&store.compaction);
             if replaced {
-                job.restart(self.meta.compact_revision);
+                job.restart(self.meta.compact_revision, self.meta.removed_through);
             } else if let Some(rev) = compacted {
                 job.start(rev);
             }

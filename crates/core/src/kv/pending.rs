@@ -142,6 +142,7 @@ mod tests {
             compact_revision: 0,
             applied_index: 0,
             index_epoch: 0,
+            removed_through: 0,
         }
     }
 

@@ -497,6 +497,8 @@ impl ApplyBatch<'_> {
         self.token_effects.push(auth::TokenEffect::Clear);
         self.meta.current_revision = revision.max(tables::INITIAL_REVISION);
         self.meta.compact_revision = compact;
+        // The file may hold records its member had not yet removed.
+        self.meta.removed_through = 0;
         Ok(())
     }
 }

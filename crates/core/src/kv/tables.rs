@@ -35,6 +35,7 @@ const META_CURRENT_REVISION: &str = "current_revision";
 const META_COMPACT_REVISION: &str = "compact_revision";
 const META_APPLIED_INDEX: &str = "applied_index";
 const META_INDEX_EPOCH: &str = "index_epoch";
+const META_REMOVED_THROUGH: &str = "compaction_removed_through";
 
 /// etcd's first revision: an empty store is at revision 1.
 pub(crate) const INITIAL_REVISION: i64 = 1;
@@ -47,6 +48,10 @@ pub(crate) struct Meta {
     pub applied_index: u64,
     /// Counts the compactions and restores (see `super::index`).
     pub index_epoch: u64,
+    /// The compact revision whose removals are finished: `kv_revs` holds no record a
+    /// compaction at or below it frees (0: not known, as after a restore). Written with
+    /// the job's last removal, so an open need not walk the index again.
+    pub removed_through: i64,
 }
 
 /// The counters of an empty store (what `load` reads from an empty table).
@@ -57,6 +62,7 @@ impl Default for Meta {
             compact_revision: 0,
             applied_index: 0,
             index_epoch: 0,
+            removed_through: 0,
         }
     }
 }
@@ -75,6 +81,7 @@ impl Meta {
                 .map_or(empty.compact_revision, |r| r as i64),
             applied_index: get(META_APPLIED_INDEX)?.unwrap_or(empty.applied_index),
             index_epoch: get(META_INDEX_EPOCH)?.unwrap_or(empty.index_epoch),
+            removed_through: get(META_REMOVED_THROUGH)?.map_or(empty.removed_through, |r| r as i64),
         })
     }
 
@@ -83,6 +90,7 @@ impl Meta {
         table.insert(META_COMPACT_REVISION, self.compact_revision.max(0) as u64)?;
         table.insert(META_APPLIED_INDEX, self.applied_index)?;
         table.insert(META_INDEX_EPOCH, self.index_epoch)?;
+        table.insert(META_REMOVED_THROUGH, self.removed_through.max(0) as u64)?;
         Ok(())
     }
 }

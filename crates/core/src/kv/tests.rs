@@ -1244,6 +1244,7 @@ fn a_legacy_layout_is_converted_on_open() {
                 compact_revision: 0,
                 applied_index: 9,
                 index_epoch: 0,
+                removed_through: 0,
             };
             meta.store(&mut txn.open_table(META).unwrap()).unwrap();
         }
@@ -1942,5 +1943,20 @@ fn compaction_removals_in_steps_change_no_answer_and_no_hash() {
         same(&answers(&f.kv), &want, "finished");
         assert_eq!(records_in_redb(&f.kv), records);
         assert_eq!(*f.kv.physically_compacted.borrow(), compact);
+    }
+
+    // A finished job is recorded: reopened, nothing is walked again.
+    for f in [done, halfway, installed] {
+        let f = f.reopen();
+        assert!(!f.kv.compaction_pending(), "a finished job runs again");
+        assert_eq!(*f.kv.physically_compacted.borrow(), compact);
+        same(&answers(&f.kv), &want, "reopened after the job");
+        // A later compaction still starts a job, recorded in turn.
+        apply(&f.kv, |b| b.compact(compact + 50)).unwrap();
+        assert!(f.kv.compaction_pending());
+        finish_compaction(&f.kv);
+        // The driver's next durable commit makes the record durable too.
+        flush(&f.kv);
+        assert!(!f.reopen().kv.compaction_pending());
     }
 }

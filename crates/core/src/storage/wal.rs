@@ -284,22 +284,28 @@ impl Wal {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let path = self.dir.join(segment_name(self.seq));
-        let io = |source| StorageError::Io {
-            path: path.clone(),
-            source,
-        };
-        self.file.write_all_at(&self.buf, self.len).map_err(io)?;
+        self.file
+            .write_all_at(&self.buf, self.len)
+            .map_err(|e| self.segment_error(e))?;
         self.len += self.buf.len() as u64;
         self.zeroed = self.zeroed.max(self.len);
         self.buf.clear();
         self.zero_ahead();
-        self.file.sync_data().map_err(io)?;
+        self.file.sync_data().map_err(|e| self.segment_error(e))?;
         self.synced = self.len;
         if self.len >= SEGMENT_BYTES {
             self.rotate()?;
         }
         Ok(())
+    }
+
+    /// An I/O error on the open segment, naming its file (the path is built only
+    /// here, not on every sync).
+    fn segment_error(&self, source: std::io::Error) -> StorageError {
+        StorageError::Io {
+            path: self.dir.join(segment_name(self.seq)),
+            source,
+        }
     }
 
     /// Keeps at least half a [`ZERO_CHUNK`] of zeros after the records, topping up a
@@ -387,13 +393,8 @@ impl Wal {
     /// Cuts the open segment to `len` bytes (records and zeros after them alike),
     /// durably.
     fn cut_open_segment(&mut self, len: u64) -> Result<(), StorageError> {
-        let path = self.dir.join(segment_name(self.seq));
-        let io = |source| StorageError::Io {
-            path: path.clone(),
-            source,
-        };
-        self.file.set_len(len).map_err(io)?;
-        self.file.sync_all().map_err(io)?;
+        self.file.set_len(len).map_err(|e| self.segment_error(e))?;
+        self.file.sync_all().map_err(|e| self.segment_error(e))?;
         self.len = len;
         self.zeroed = len;
         Ok(())

@@ -10,8 +10,18 @@
 //!
 //! A job walks the index in key order
 //! ([`KeyIndex::compact_some`](index::KeyIndex::compact_some), [`STEP_KEYS`] keys a
-//! step), collecting the revisions of the records it takes out, then removes those
-//! records in revision order ([`STEP_RECORDS`] a step, each step its own commit).
+//! step), and after each walk step removes the records that step took out, in
+//! revision order ([`STEP_RECORDS`] a step, each step its own commit), so removals
+//! keep pace with the walk whatever its length. A key's versions are thus removed
+//! oldest first (a later walk of the same key at a later compaction only finds newer
+//! versions): whichever prefix of commits survives a crash, a deletion is never gone
+//! while an older version of its key is still stored.
+//!
+//! A compaction applied during a walk does not send it back to the first key: the
+//! walk goes on from where it is at the new revision, to the last key, then from the
+//! first key to where the new revision began (the keys behind it were walked at the
+//! older one). So every key is walked within one pass of the index after each
+//! compaction, however often compactions come.
 //!
 //! A job's progress is not stored, only its end: the commit of its last removal (or a
 //! commit of its own, when it found nothing to remove) records the compact revision it
@@ -40,11 +50,18 @@ pub(crate) const STEP_RECORDS: usize = 4096;
 pub(crate) struct Job {
     /// The compact revision the walk compacts the index to (0: none yet).
     rev: i64,
-    /// Whether the walk of the index is under way; it resumes after `after`.
+    /// Whether the walk of the index is under way; it resumes after `after` (from the
+    /// first key if `None`).
     pub(super) walking: bool,
     after: Option<Arc<[u8]>>,
-    /// Revisions of records taken out of the index and still in `kv_revs`, sorted once
-    /// the walk is over; `dead[..removed]` are gone.
+    /// Where the walk at `rev` began, if not at the first key: after the last key it
+    /// goes on from the first, until it has passed this one.
+    began_after: Option<Arc<[u8]>>,
+    /// Whether the walk has gone from the last key to the first since it began.
+    wrapped: bool,
+    /// Revisions of records taken out of the index and still in `kv_revs`, in the
+    /// order to remove them (each walk step's, sorted, after the step before's);
+    /// `dead[..removed]` are gone.
     dead: Vec<(i64, i64)>,
     removed: usize,
     /// The revision recorded in `kv_meta` as finished.
@@ -52,17 +69,20 @@ pub(crate) struct Job {
 }
 
 impl Job {
-    /// A walk to `rev` (from the first key again: a later compaction supersedes more
-    /// of the keys already walked).
+    /// A walk to `rev`: from the first key if none is under way, or on from where the
+    /// walk is, around to there again (a later compaction supersedes more of the keys
+    /// already walked).
     pub(crate) fn start(&mut self, rev: i64) {
         if rev <= 0 {
             return;
         }
         self.rev = self.rev.max(rev);
+        if !self.walking {
+            self.after = None;
+        }
         self.walking = true;
-        self.after = None;
-        self.dead.drain(..self.removed);
-        self.removed = 0;
+        self.began_after = self.after.clone();
+        self.wrapped = false;
     }
 
     /// A job for a store whose records and index were replaced (an open, a snapshot):
@@ -86,6 +106,25 @@ impl Job {
     pub(crate) fn finished(&self) -> Option<i64> {
         (!self.pending() && self.rev > 0).then_some(self.rev)
     }
+
+    /// Moves the walk on past `last`, the last key its step walked (`None`: it passed
+    /// the last key of the index).
+    fn walked(&mut self, last: Option<Arc<[u8]>>) {
+        match (last, &self.began_after) {
+            (None, Some(_)) if !self.wrapped => {
+                self.after = None;
+                self.wrapped = true;
+            }
+            (None, _) => self.walking = false,
+            (Some(key), Some(began)) if self.wrapped && key >= *began => self.walking = false,
+            (Some(key), _) => self.after = Some(key),
+        }
+        if !self.walking {
+            self.after = None;
+            self.began_after = None;
+            self.wrapped = false;
+        }
+    }
 }
 
 pub(crate) fn lock(job: &Mutex<Job>) -> MutexGuard<'_, Job> {
@@ -104,53 +143,49 @@ impl KvStore {
     pub fn compact_step(&self) -> Result<bool, KvError> {
         let chunk = {
             let mut job = lock(&self.compaction);
-            if job.walking {
-                let job = &mut *job;
+            let job = &mut *job;
+            if job.removed < job.dead.len() {
+                let end = (job.removed + STEP_RECORDS).min(job.dead.len());
+                let last = end == job.dead.len() && !job.walking;
+                Some((job.rev, job.dead[job.removed..end].to_vec(), last))
+            } else if job.walking {
+                job.dead.clear();
+                job.removed = 0;
                 let after = job.after.take();
-                let next = index::write(&self.index).compact_some(
+                let last = index::write(&self.index).compact_some(
                     job.rev,
                     after.as_deref(),
                     STEP_KEYS,
                     &mut job.dead,
                 );
-                match next {
-                    Some(key) => job.after = Some(key),
-                    None => {
-                        job.walking = false;
-                        job.dead.sort_unstable();
-                    }
-                }
+                job.dead.sort_unstable();
+                job.walked(last);
                 None
+            } else if job.recorded < job.rev {
+                // The walk found nothing left to remove: its end is recorded alone.
+                Some((job.rev, Vec::new(), true))
             } else {
-                let end = (job.removed + STEP_RECORDS).min(job.dead.len());
-                let last = end == job.dead.len();
-                Some((job.rev, job.dead[job.removed..end].to_vec(), last))
+                None
             }
         };
         if let Some((rev, revs, last)) = chunk {
-            if !revs.is_empty() || last {
-                let mut batch = self.begin()?;
-                let txn = batch.write_txn()?;
-                if !revs.is_empty() {
-                    WriteTables::open(txn)?.compact(&revs)?;
-                }
-                if last {
-                    // In the same commit as the last removal: after a crash, either
-                    // both are there or the job runs again.
-                    batch.meta.removed_through = rev;
-                }
-                batch.commit(false)?;
+            let mut batch = self.begin()?;
+            let txn = batch.write_txn()?;
+            if !revs.is_empty() {
+                WriteTables::open(txn)?.compact(&revs)?;
             }
+            if last {
+                // In the same commit as the last removal: after a crash, either both
+                // are there or the job runs again.
+                batch.meta.removed_through = rev;
+            }
+            batch.commit(false)?;
             let mut job = lock(&self.compaction);
             // Advanced only if it is still the job this step removed records for (a
             // reload or a restore replaces it).
-            if job.rev == rev && !job.walking && job.dead.get(job.removed) == revs.first() {
+            if job.dead.get(job.removed) == revs.first() {
                 job.removed += revs.len();
-                if job.removed == job.dead.len() {
-                    job.dead = Vec::new();
-                    job.removed = 0;
-                }
-                if last {
+                if last && job.rev == rev && !job.walking && job.removed == job.dead.len() {
                     job.recorded = rev;
                 }
             }

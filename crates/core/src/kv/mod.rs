@@ -440,6 +440,7 @@ impl KvStore {
                 "key index rebuilt from every record"
             );
         }
+        let mut whole = true;
         let loaded = match (loaded, lenient) {
             (Ok(index), _) => index,
             // Opening for Raft: the member starts quarantined instead of not at all,
@@ -449,6 +450,7 @@ impl KvStore {
                     .corrupt_at_open
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                whole = false;
                 KeyIndex::default()
             }
             (Err(e), _) => return Err(e),
@@ -456,7 +458,10 @@ impl KvStore {
         *index::write(&self.index) = loaded;
         let finished = {
             let mut job = compaction::lock(&self.compaction);
-            job.restart(meta.compact_revision, meta.removed_through);
+            // A quarantined member's empty index lists nothing to remove, and must not
+            // record that as done.
+            let rev = if whole { meta.compact_revision } else { 0 };
+            job.restart(rev, meta.removed_through);
             job.finished()
         };
         if let Some(rev) = finished {

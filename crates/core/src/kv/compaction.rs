@@ -10,12 +10,13 @@
 //!
 //! A job walks the index in key order
 //! ([`KeyIndex::compact_some`](index::KeyIndex::compact_some), [`STEP_KEYS`] keys a
-//! step), and after each walk step removes the records that step took out, in
-//! revision order ([`STEP_RECORDS`] a step, each step its own commit), so removals
-//! keep pace with the walk whatever its length. A key's versions are thus removed
-//! oldest first (a later walk of the same key at a later compaction only finds newer
-//! versions): whichever prefix of commits survives a crash, a deletion is never gone
-//! while an older version of its key is still stored.
+//! step), collecting the revisions of the records it takes out; each time the walk
+//! passes the last key, ends, or has collected [`DRAIN_RECORDS`], it removes them all
+//! in revision order ([`STEP_RECORDS`] a step, each step its own commit) before it
+//! walks on. Revision order keeps each commit's deletions close together in
+//! `kv_revs` (deletions spread over the table would rewrite a page each), and removes
+//! a key's versions oldest first: whichever prefix of commits survives a crash, a
+//! deletion is never gone while an older version of its key is still stored.
 //!
 //! A compaction applied during a walk does not send it back to the first key: the
 //! walk goes on from where it is at the new revision, to the last key, then from the
@@ -44,6 +45,8 @@ use super::{KvError, KvStore};
 pub(crate) const STEP_KEYS: usize = 2048;
 /// Records one step of a job removes from `kv_revs`.
 pub(crate) const STEP_RECORDS: usize = 4096;
+/// Revisions a walk collects at most before it stops to remove them (16 MiB).
+pub(crate) const DRAIN_RECORDS: usize = 1 << 20;
 
 /// The removals left of the compactions applied so far.
 #[derive(Debug, Default)]
@@ -59,11 +62,12 @@ pub(crate) struct Job {
     began_after: Option<Arc<[u8]>>,
     /// Whether the walk has gone from the last key to the first since it began.
     wrapped: bool,
-    /// Revisions of records taken out of the index and still in `kv_revs`, in the
-    /// order to remove them (each walk step's, sorted, after the step before's);
-    /// `dead[..removed]` are gone.
+    /// Revisions of records taken out of the index and still in `kv_revs`, sorted once
+    /// their removal begins (`draining`); `dead[..removed]` are gone.
     dead: Vec<(i64, i64)>,
     removed: usize,
+    /// Whether `dead` is being removed; the walk waits until it is all gone.
+    draining: bool,
     /// The revision recorded in `kv_meta` as finished.
     recorded: i64,
 }
@@ -99,7 +103,7 @@ impl Job {
     }
 
     fn pending(&self) -> bool {
-        self.walking || self.removed < self.dead.len() || self.recorded < self.rev
+        self.walking || !self.dead.is_empty() || self.recorded < self.rev
     }
 
     /// The compact revision whose removals are done, if nothing is pending.
@@ -144,13 +148,11 @@ impl KvStore {
         let chunk = {
             let mut job = lock(&self.compaction);
             let job = &mut *job;
-            if job.removed < job.dead.len() {
+            if job.draining {
                 let end = (job.removed + STEP_RECORDS).min(job.dead.len());
                 let last = end == job.dead.len() && !job.walking;
                 Some((job.rev, job.dead[job.removed..end].to_vec(), last))
             } else if job.walking {
-                job.dead.clear();
-                job.removed = 0;
                 let after = job.after.take();
                 let last = index::write(&self.index).compact_some(
                     job.rev,
@@ -158,11 +160,15 @@ impl KvStore {
                     STEP_KEYS,
                     &mut job.dead,
                 );
-                job.dead.sort_unstable();
+                let passed_the_end = last.is_none();
                 job.walked(last);
+                if passed_the_end || !job.walking || job.dead.len() >= DRAIN_RECORDS {
+                    job.dead.sort_unstable();
+                    job.draining = true;
+                }
                 None
             } else if job.recorded < job.rev {
-                // The walk found nothing left to remove: its end is recorded alone.
+                // Nothing collected and nothing walking: the end is recorded alone.
                 Some((job.rev, Vec::new(), true))
             } else {
                 None
@@ -185,7 +191,12 @@ impl KvStore {
             // reload or a restore replaces it).
             if job.dead.get(job.removed) == revs.first() {
                 job.removed += revs.len();
-                if last && job.rev == rev && !job.walking && job.removed == job.dead.len() {
+            }
+            if job.removed == job.dead.len() {
+                job.dead = Vec::new();
+                job.removed = 0;
+                job.draining = false;
+                if last && job.rev == rev && !job.walking {
                     job.recorded = rev;
                 }
             }

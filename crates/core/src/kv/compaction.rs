@@ -66,10 +66,9 @@ pub(crate) struct Job {
     /// their removal begins (`draining`); `dead[..removed]` are gone.
     dead: Vec<(i64, i64)>,
     removed: usize,
-    /// Whether `dead` is being removed; the walk waits until it is all gone.
+    /// Whether `dead` is being removed; the walk waits until it is all gone. The
+    /// commit that removes the last of it after the walk ended records the job's end.
     draining: bool,
-    /// The revision recorded in `kv_meta` as finished.
-    recorded: i64,
 }
 
 impl Job {
@@ -96,18 +95,17 @@ impl Job {
         *self = Job::default();
         if rev > 0 && removed_through >= rev {
             self.rev = rev;
-            self.recorded = rev;
         } else {
             self.start(rev);
         }
     }
 
     fn pending(&self) -> bool {
-        self.walking || !self.dead.is_empty() || self.recorded < self.rev
+        self.walking || self.draining
     }
 
     /// The compact revision whose removals are done, if nothing is pending.
-    pub(crate) fn finished(&self) -> Option<i64> {
+    fn finished(&self) -> Option<i64> {
         (!self.pending() && self.rev > 0).then_some(self.rev)
     }
 
@@ -167,9 +165,6 @@ impl KvStore {
                     job.draining = true;
                 }
                 None
-            } else if job.recorded < job.rev {
-                // Nothing collected and nothing walking: the end is recorded alone.
-                Some((job.rev, Vec::new(), true))
             } else {
                 None
             }
@@ -181,8 +176,8 @@ impl KvStore {
                 WriteTables::open(txn)?.compact(&revs)?;
             }
             if last {
-                // In the same commit as the last removal: after a crash, either both
-                // are there or the job runs again.
+                // In the same commit as the last removal (alone if the walk collected
+                // nothing): after a crash, either both are there or the job runs again.
                 batch.meta.removed_through = rev;
             }
             batch.commit(false)?;
@@ -196,12 +191,15 @@ impl KvStore {
                 job.dead = Vec::new();
                 job.removed = 0;
                 job.draining = false;
-                if last && job.rev == rev && !job.walking {
-                    job.recorded = rev;
-                }
             }
         }
         let job = lock(&self.compaction);
+        self.publish_compacted(&job);
+        Ok(job.pending())
+    }
+
+    /// Tells those waiting for a physical compaction when `job` has nothing left.
+    pub(super) fn publish_compacted(&self, job: &Job) {
         if let Some(rev) = job.finished() {
             self.physically_compacted.send_if_modified(|done| {
                 let moved = *done < rev;
@@ -209,7 +207,6 @@ impl KvStore {
                 moved
             });
         }
-        Ok(job.pending())
     }
 
     /// Waits until every record compaction at `rev` frees is gone from this member's

@@ -456,20 +456,13 @@ impl KvStore {
             (Err(e), _) => return Err(e),
         };
         *index::write(&self.index) = loaded;
-        let finished = {
+        {
             let mut job = compaction::lock(&self.compaction);
             // A quarantined member's empty index lists nothing to remove, and must not
             // record that as done.
             let rev = if whole { meta.compact_revision } else { 0 };
             job.restart(rev, meta.removed_through);
-            job.finished()
-        };
-        if let Some(rev) = finished {
-            self.physically_compacted.send_if_modified(|done| {
-                let moved = *done < rev;
-                *done = (*done).max(rev);
-                moved
-            });
+            self.publish_compacted(&job);
         }
         *pending::write(&self.pending) = Pending::new(meta);
         self.applied_index

@@ -200,8 +200,17 @@ impl Kv for KvApi {
         let applied = self.propose(Internal::Compaction(r)).await?;
         if physical {
             // As etcd: the answer waits until this member's store no longer holds
-            // what the compaction frees.
-            self.ctx.kv.physically_compacted(revision).await;
+            // what the compaction frees, unless the member stops first (its Raft
+            // driver removes them; nothing would finish the wait).
+            let stopping = async {
+                tokio::select! {
+                    () = self.ctx.node.status.wait_stopped() => {}
+                    () = self.ctx.stopped() => {}
+                }
+            };
+            if !self.ctx.kv.physically_compacted(revision, stopping).await {
+                return Err(propose_status(ProposeError::Stopped));
+            }
         }
         Ok(Response::new(CompactionResponse {
             header: self.ctx.header(applied.revision),

@@ -53,15 +53,8 @@ pub(crate) const DRAIN_RECORDS: usize = 1 << 20;
 pub(crate) struct Job {
     /// The compact revision the walk compacts the index to (0: none yet).
     rev: i64,
-    /// Whether the walk of the index is under way; it resumes after `after` (from the
-    /// first key if `None`).
-    pub(super) walking: bool,
-    after: Option<Arc<[u8]>>,
-    /// Where the walk at `rev` began, if not at the first key: after the last key it
-    /// goes on from the first, until it has passed this one.
-    began_after: Option<Arc<[u8]>>,
-    /// Whether the walk has gone from the last key to the first since it began.
-    wrapped: bool,
+    /// Where the walk of the index is.
+    walk: Walk,
     /// Revisions of records taken out of the index and still in `kv_revs`, sorted once
     /// their removal begins (`draining`); `dead[..removed]` are gone.
     dead: Vec<(i64, i64)>,
@@ -69,6 +62,25 @@ pub(crate) struct Job {
     /// Whether `dead` is being removed; the walk waits until it is all gone. The
     /// commit that removes the last of it after the walk ended records the job's end.
     draining: bool,
+}
+
+/// A walk of the index in key order; each position resumes after the key named
+/// (from the first key if `None`).
+#[derive(Debug, Default)]
+enum Walk {
+    #[default]
+    Idle,
+    /// On toward the last key; there the walk ends, or, if it began after `then_to`,
+    /// goes on from the first key to that one.
+    ToLast {
+        after: Option<Arc<[u8]>>,
+        then_to: Option<Arc<[u8]>>,
+    },
+    /// From the first key on to `to`, where it began (past the last key already).
+    ToBegan {
+        after: Option<Arc<[u8]>>,
+        to: Arc<[u8]>,
+    },
 }
 
 impl Job {
@@ -80,12 +92,14 @@ impl Job {
             return;
         }
         self.rev = self.rev.max(rev);
-        if !self.walking {
-            self.after = None;
-        }
-        self.walking = true;
-        self.began_after = self.after.clone();
-        self.wrapped = false;
+        let at = match std::mem::take(&mut self.walk) {
+            Walk::Idle => None,
+            Walk::ToLast { after, .. } | Walk::ToBegan { after, .. } => after,
+        };
+        self.walk = Walk::ToLast {
+            after: at.clone(),
+            then_to: at,
+        };
     }
 
     /// A job for a store whose records and index were replaced (an open, a snapshot):
@@ -100,8 +114,12 @@ impl Job {
         }
     }
 
+    pub(super) fn walking(&self) -> bool {
+        !matches!(self.walk, Walk::Idle)
+    }
+
     fn pending(&self) -> bool {
-        self.walking || self.draining
+        self.walking() || self.draining
     }
 
     /// The compact revision whose removals are done, if nothing is pending.
@@ -109,23 +127,37 @@ impl Job {
         (!self.pending() && self.rev > 0).then_some(self.rev)
     }
 
+    /// Where the next step of the walk begins (after this key; `None`: the first).
+    fn position(&self) -> Option<Arc<[u8]>> {
+        match &self.walk {
+            Walk::Idle => None,
+            Walk::ToLast { after, .. } | Walk::ToBegan { after, .. } => after.clone(),
+        }
+    }
+
     /// Moves the walk on past `last`, the last key its step walked (`None`: it passed
     /// the last key of the index).
     fn walked(&mut self, last: Option<Arc<[u8]>>) {
-        match (last, &self.began_after) {
-            (None, Some(_)) if !self.wrapped => {
-                self.after = None;
-                self.wrapped = true;
-            }
-            (None, _) => self.walking = false,
-            (Some(key), Some(began)) if self.wrapped && key >= *began => self.walking = false,
-            (Some(key), _) => self.after = Some(key),
-        }
-        if !self.walking {
-            self.after = None;
-            self.began_after = None;
-            self.wrapped = false;
-        }
+        self.walk = match (std::mem::take(&mut self.walk), last) {
+            (Walk::Idle, _) => Walk::Idle,
+            (Walk::ToLast { then_to: None, .. }, None) => Walk::Idle,
+            (
+                Walk::ToLast {
+                    then_to: Some(to), ..
+                },
+                None,
+            ) => Walk::ToBegan { after: None, to },
+            (Walk::ToLast { then_to, .. }, Some(key)) => Walk::ToLast {
+                after: Some(key),
+                then_to,
+            },
+            (Walk::ToBegan { .. }, None) => Walk::Idle,
+            (Walk::ToBegan { to, .. }, Some(key)) if key >= to => Walk::Idle,
+            (Walk::ToBegan { to, .. }, Some(key)) => Walk::ToBegan {
+                after: Some(key),
+                to,
+            },
+        };
     }
 }
 
@@ -148,10 +180,10 @@ impl KvStore {
             let job = &mut *job;
             if job.draining {
                 let end = (job.removed + STEP_RECORDS).min(job.dead.len());
-                let last = end == job.dead.len() && !job.walking;
+                let last = end == job.dead.len() && !job.walking();
                 Some((job.rev, job.dead[job.removed..end].to_vec(), last))
-            } else if job.walking {
-                let after = job.after.take();
+            } else if job.walking() {
+                let after = job.position();
                 let last = index::write(&self.index).compact_some(
                     job.rev,
                     after.as_deref(),
@@ -160,7 +192,7 @@ impl KvStore {
                 );
                 let passed_the_end = last.is_none();
                 job.walked(last);
-                if passed_the_end || !job.walking || job.dead.len() >= DRAIN_RECORDS {
+                if passed_the_end || !job.walking() || job.dead.len() >= DRAIN_RECORDS {
                     job.dead.sort_unstable();
                     job.draining = true;
                 }
@@ -210,9 +242,18 @@ impl KvStore {
     }
 
     /// Waits until every record compaction at `rev` frees is gone from this member's
-    /// `kv_revs` (etcd's `physical` compaction).
-    pub async fn physically_compacted(&self, rev: i64) {
+    /// `kv_revs` (etcd's `physical` compaction), or until `stop` resolves (the member
+    /// stopping: its removals would not go on); true if they are gone.
+    pub async fn physically_compacted(
+        &self,
+        rev: i64,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> bool {
         let mut rx = self.physically_compacted.subscribe();
-        let _ = rx.wait_for(|done| *done >= rev).await;
+        tokio::select! {
+            biased;
+            done = rx.wait_for(|done| *done >= rev) => done.is_ok(),
+            () = stop => false,
+        }
     }
 }

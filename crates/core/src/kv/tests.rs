@@ -1904,7 +1904,7 @@ fn compaction_removals_in_steps_change_no_answer_and_no_hash() {
     // Halfway through the walk, then halfway through the removals.
     assert!(halfway.kv.compact_step().unwrap());
     same(&answers(&halfway.kv), &want, "halfway through the walk");
-    while compaction::lock(&halfway.kv.compaction).walking {
+    while compaction::lock(&halfway.kv.compaction).walking() {
         halfway.kv.compact_step().unwrap();
     }
     assert!(
@@ -1915,6 +1915,15 @@ fn compaction_removals_in_steps_change_no_answer_and_no_hash() {
     assert!(records_in_redb(&halfway.kv) > records);
     assert!(records_in_redb(&halfway.kv) < records + STEP_RECORDS as u64 * 2);
     assert_eq!(*halfway.kv.physically_compacted.borrow(), 0);
+    // A physical compaction's wait ends when the member stops before the removals do;
+    // once they are done it answers at once.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let stop = std::future::ready(());
+    assert!(!rt.block_on(halfway.kv.physically_compacted(compact, stop)));
+    let never = std::future::pending();
+    assert!(rt.block_on(done.kv.physically_compacted(compact, never)));
 
     // Its state now, records not yet removed included (a Raft snapshot file copies
     // `kv_revs`), installed elsewhere.

@@ -13,10 +13,10 @@ use mesh_core::proto::meshpb::{
     MeshPeerEntry, MeshTopology, RaftEnvelope,
 };
 use prost::Message as _;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, Mutex};
 
 struct Writer {
     wr: OwnedWriteHalf,
@@ -36,8 +36,9 @@ impl Writer {
     }
 }
 
-/// A connected hostile peer. It sends a heartbeat every 50 ms and discards what it
-/// receives, so the member keeps the connection until it refuses something.
+/// A connected hostile peer. It sends a heartbeat every 50 ms and keeps the channel
+/// messages it receives for [`HostilePeer::received`], so the member keeps the
+/// connection until it refuses something.
 pub struct HostilePeer {
     /// The mesh name this peer claims.
     pub name: u64,
@@ -45,14 +46,15 @@ pub struct HostilePeer {
     pub remote: MeshHandshake,
     writer: Arc<Mutex<Writer>>,
     closed: Arc<AtomicBool>,
+    received: Mutex<mpsc::UnboundedReceiver<MeshChannelMessage>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-async fn read_record(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+async fn read_record(s: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > 1 << 20 {
+    if len > 16 << 20 {
         return Err(std::io::Error::other("record too large"));
     }
     let mut buf = vec![0u8; len];
@@ -119,13 +121,29 @@ impl HostilePeer {
                 .write_all(&wire::with_length_prefix(&confirm))
                 .await?;
         }
+        let cipher = writer.cipher.clone();
         let writer = Arc::new(Mutex::new(writer));
         let closed = Arc::new(AtomicBool::new(false));
+        let (received_tx, received) = mpsc::unbounded_channel();
         let reader = {
             let closed = closed.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                while matches!(rd.read(&mut buf).await, Ok(n) if n > 0) {}
+                let mut nonce = 0;
+                while let Ok(record) = read_record(&mut rd).await {
+                    let plain = match &cipher {
+                        Some(c) => match wire::open(c, &mut nonce, &record) {
+                            Ok(p) => p,
+                            Err(_) => break,
+                        },
+                        None => record,
+                    };
+                    if let Ok(MeshFrame {
+                        body: Some(mesh_frame::Body::Channel(m)),
+                    }) = MeshFrame::decode(plain.as_slice())
+                    {
+                        let _ = received_tx.send(m);
+                    }
+                }
                 closed.store(true, Ordering::Release);
             })
         };
@@ -149,6 +167,7 @@ impl HostilePeer {
             remote,
             writer,
             closed,
+            received: Mutex::new(received),
             tasks: vec![reader, beat],
         })
     }
@@ -156,6 +175,23 @@ impl HostilePeer {
     /// Whether the member closed the connection.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// The payload of the next message the member sent this peer on `channel`
+    /// (messages on other channels are dropped), if one comes within `within`.
+    pub async fn received(&self, channel: &str, within: Duration) -> Option<Vec<u8>> {
+        let mut rx = self.received.lock().await;
+        tokio::time::timeout(within, async {
+            loop {
+                let m = rx.recv().await?;
+                if m.channel == channel {
+                    return Some(m.payload);
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     pub async fn send(&self, frame: MeshFrame) -> std::io::Result<()> {

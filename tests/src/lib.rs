@@ -291,6 +291,14 @@ impl InProcessCluster {
         dir: tempfile::TempDir,
         configs: Vec<ServerConfig>,
     ) -> InProcessCluster {
+        // MESHD_TEST_LOG=<filter> (e.g. `info`, `mesh_core::raft=debug`): the members'
+        // logs, captured per test as its output.
+        if let Ok(filter) = std::env::var("MESHD_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let mut servers = Vec::new();
         for c in &configs {
             servers.push(Some(Server::start(c.clone()).await.expect("member starts")));

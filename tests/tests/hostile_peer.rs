@@ -1,8 +1,8 @@
 //! A hostile peer against a three-member cluster with a mesh key: it joins without the
 //! key and with a wrong one, then, holding the key, forges its source and senders, poses
 //! as a member and as the leader, sends Raft messages raft-rs would panic on, removal
-//! notices, endless chunk streams, snapshot transfers that do not fit or do not match
-//! their hash, and oversized topology. Each attack is refused and
+//! notices, endless chunk streams, snapshot transfers that do not fit, do not match
+//! their hash or arrive out of order, and oversized topology. Each attack is refused and
 //! counted, no member process dies, and every member keeps applying and serving.
 
 use std::net::SocketAddr;
@@ -322,6 +322,65 @@ async fn a_hostile_peer_is_refused_and_the_cluster_keeps_serving() {
         .unwrap();
     })
     .await;
+
+    // A chunk of a transfer the member is not receiving, or one out of order, is
+    // refused at once (a real sender then gives up and raft-rs sends the snapshot
+    // again, instead of waiting for a stall); a first chunk is acknowledged at once.
+    let answer = |stream: u64| {
+        let p = &p;
+        async move {
+            loop {
+                let bytes = p
+                    .received("raft-snapshot", Duration::from_secs(10))
+                    .await
+                    .expect("the member answers the chunk");
+                let c = SnapshotChunk::decode(bytes.as_slice()).unwrap();
+                if c.stream == stream {
+                    return c;
+                }
+            }
+        }
+    };
+    let send_chunk = |c: SnapshotChunk| {
+        let p = &p;
+        async move {
+            p.unicast("raft-snapshot", p.name, c.encode_to_vec())
+                .await
+                .unwrap()
+        }
+    };
+    let stream = rand_stream();
+    send_chunk(chunk(stream, vec![], 0, vec![1, 2])).await;
+    let a = answer(stream).await;
+    assert!(a.ack && a.error.contains("no transfer"), "{a:?}");
+    let stream = rand_stream();
+    send_chunk(chunk(stream, small.clone(), 0, vec![])).await;
+    let a = answer(stream).await;
+    assert!(a.ack && a.offset == 0 && a.error.is_empty(), "{a:?}");
+    send_chunk(chunk(stream, vec![], 2, vec![3, 4])).await;
+    let a = answer(stream).await;
+    assert!(
+        a.error.contains("byte 2 came where byte 0 was due"),
+        "{a:?}"
+    );
+    // A transfer of the same file asking to resume goes on where the member's file
+    // ends; bytes it already has are skipped, and the whole file is still checked.
+    send_chunk(chunk(stream, vec![], 0, vec![1, 2])).await;
+    let a = answer(stream).await;
+    assert!(a.ack && a.offset == 2 && a.error.is_empty(), "{a:?}");
+    let resumed = rand_stream();
+    let mut first = chunk(resumed, small.clone(), 0, vec![]);
+    first.resume = true;
+    send_chunk(first).await;
+    let a = answer(resumed).await;
+    assert!(a.ack && a.resume && a.offset == 2, "{a:?}");
+    let bad = metric(metrics, &refused("bad_snapshot")).await;
+    send_chunk(chunk(resumed, vec![], 0, vec![1, 2, 3, 4])).await;
+    let a = answer(resumed).await;
+    assert!(a.ack && a.offset == 4 && a.error.is_empty(), "{a:?}");
+    let a = answer(resumed).await;
+    assert!(a.error.contains("SHA-256 mismatch"), "{a:?}");
+    assert_eq!(metric(metrics, &refused("bad_snapshot")).await, bad + 1);
 
     // An oversized topology entry.
     counted(

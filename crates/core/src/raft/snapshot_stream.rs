@@ -2,11 +2,20 @@
 //! the `raft-snapshot` channel with at most [`WINDOW_BYTES`] unacknowledged, and the
 //! member writes it to its data dir as it arrives (memory: one chunk), checks its
 //! length, hash and contents, and only then hands the snapshot message to its driver.
-//! The leader reports the outcome to raft-rs when the member confirms or the transfer
-//! stalls.
+//! The leader reports the outcome to raft-rs when the member confirms or refuses the
+//! transfer (a chunk out of order is refused: one was lost), or when it stalls.
+//!
+//! A transfer that fails is resumed, not begun again: the member keeps what it wrote
+//! of the file, and when the same sender starts a transfer of the same file (same
+//! length and SHA-256: raft-rs asks for the snapshot again, and the leader reuses the
+//! file it built) it answers the first chunk with the offset to go on from. The
+//! whole file is still checked against its hash at the end. Within a transfer, a
+//! sender that hears nothing for a second asks where the member's file ends (an empty
+//! chunk) and goes on from there, so lost chunks or acknowledgements (a mesh
+//! connection replaced or cut on the way) cost about a second, not a stall.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::path::PathBuf;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,8 +38,19 @@ pub const SNAPSHOT_CHANNEL: &str = "raft-snapshot";
 pub const CHUNK_BYTES: usize = 1 << 20;
 /// Bytes the leader sends ahead of the member's acknowledgements.
 pub const WINDOW_BYTES: u64 = 8 << 20;
-/// A transfer without progress for this long is given up (raft-rs then retries).
-const STALL: Duration = Duration::from_secs(30);
+/// A transfer without progress for this long is given up (raft-rs then sends the
+/// snapshot again, and the transfer resumes where the member's file ends).
+const STALL: Duration = Duration::from_secs(10);
+/// A transfer the member has not answered at all after this long is given up: it
+/// acknowledges the first chunk at once, so the route is gone (a member just
+/// restarted, or moved to another hop) and the next transfer takes the new one.
+const FIRST_ANSWER: Duration = Duration::from_secs(5);
+/// Without an acknowledgement for this long, the sender asks the member where its file
+/// ends (an empty chunk), and goes on from there.
+const PROBE: Duration = Duration::from_secs(1);
+/// A partly received file from a sender that started nothing since is removed after
+/// this long (one from the same sender is replaced or resumed at its next transfer).
+const KEEP_PARTIAL: Duration = Duration::from_secs(600);
 
 /// Both ends of snapshot transfers on one member.
 pub struct SnapshotStreams {
@@ -179,8 +199,13 @@ impl SnapshotStreams {
         };
         let mut first = header(0, Vec::new());
         first.message = m.encode_to_vec();
+        first.resume = true;
         self.send_to(peer, &first).map_err(|e| e.to_string())?;
-        let (mut sent, mut acked) = (0u64, 0u64);
+        // Chunks go from the start until the member's first answer says where its
+        // file ends (a member that kept nothing, or predates resuming, says 0 or
+        // nothing; one that did skips the chunks it already has).
+        let (mut sent, mut acked, mut answered) = (0u64, 0u64, false);
+        let mut progress = Instant::now();
         let mut buf = vec![0u8; CHUNK_BYTES];
         loop {
             while sent < snap.len && sent - acked < WINDOW_BYTES {
@@ -200,13 +225,37 @@ impl SnapshotStreams {
                 }
                 sent += n as u64;
             }
-            let ack = match tokio::time::timeout(STALL, acks.recv()).await {
+            let limit = if answered { STALL } else { FIRST_ANSWER };
+            let ack = match tokio::time::timeout(PROBE, acks.recv()).await {
                 Ok(Some(a)) => a,
                 Ok(None) => return Err("stopped".into()),
-                Err(_) => return Err(format!("no progress for {STALL:?} at byte {acked}")),
+                Err(_) if progress.elapsed() >= limit && answered => {
+                    return Err(format!("no progress for {limit:?} at byte {acked}"))
+                }
+                Err(_) if progress.elapsed() >= limit => {
+                    return Err(format!("no answer in {limit:?}"))
+                }
+                Err(_) => {
+                    // Chunks or acknowledgements may have been lost (a connection on
+                    // the way replaced or cut): an empty chunk asks where the member's
+                    // file ends, and the answer says where to go on from.
+                    let _ = self.send_to(peer, &header(sent, Vec::new()));
+                    continue;
+                }
             };
             if !ack.error.is_empty() {
                 return Err(format!("the member refused it: {}", ack.error));
+            }
+            if ack.resume && ack.offset != sent && ack.offset < snap.len {
+                debug!(
+                    to = format_args!("{to:x}"),
+                    from = sent,
+                    offset = ack.offset,
+                    "snapshot transfer goes on where the member's file ends"
+                );
+                file.seek(std::io::SeekFrom::Start(ack.offset))
+                    .map_err(|e| e.to_string())?;
+                sent = ack.offset;
             }
             if ack.done {
                 info!(
@@ -217,7 +266,12 @@ impl SnapshotStreams {
                 );
                 return Ok(());
             }
-            acked = acked.max(ack.offset.min(sent));
+            let now_acked = acked.max(ack.offset.min(sent));
+            if !answered || now_acked > acked {
+                progress = Instant::now();
+            }
+            answered = true;
+            acked = now_acked;
         }
     }
 
@@ -246,7 +300,11 @@ impl SnapshotStreams {
         let reply = |offset: u64, error: String| self.ack(c.from, c.stream, offset, error);
         if !c.message.is_empty() {
             match self.begin(&c) {
-                Ok(()) => {}
+                Ok(kept) => {
+                    let mut ack = reply(kept, String::new());
+                    ack.resume = kept > 0;
+                    let _ = self.send_to(src, &ack);
+                }
                 Err(e) => {
                     self.refuse(Refusal::BadSnapshot, src, &e);
                     let _ = self.send_to(src, &reply(0, e));
@@ -255,14 +313,51 @@ impl SnapshotStreams {
             return;
         }
         let mut incoming = lock(&self.incoming);
+        let expected = incoming
+            .get(&c.from)
+            .filter(|inc| inc.stream == c.stream)
+            .map(|inc| inc.written);
+        if c.data.is_empty() {
+            // The sender asks where the file ends: it goes on from there. A transfer
+            // not under way (lost at its start, or just finished: its last answer
+            // is on the way) is not answered.
+            drop(incoming);
+            if let Some(written) = expected {
+                let mut ack = reply(written, String::new());
+                ack.resume = true;
+                let _ = self.send_to(src, &ack);
+            }
+            return;
+        }
+        let Some(written) = expected.filter(|w| c.offset <= *w) else {
+            // A chunk lost before this one (its first, say, sent on a route that had
+            // just gone): the sender gives up at once, rather than after a stall, and
+            // raft-rs sends the snapshot again, resumed from what is written.
+            let e = match expected {
+                None => format!("no transfer {:x} under way", c.stream),
+                Some(at) => format!("byte {} came where byte {at} was due", c.offset),
+            };
+            drop(incoming);
+            debug!(
+                from = format_args!("{:x}", c.from),
+                "snapshot chunk out of order: {e}"
+            );
+            let _ = self.send_to(src, &reply(0, e));
+            return;
+        };
+        // Bytes this member already has (sent before the sender heard where a resumed
+        // transfer goes on) are skipped.
+        let Some(data) = c
+            .data
+            .get((written - c.offset) as usize..)
+            .filter(|d| !d.is_empty())
+        else {
+            return;
+        };
         let Some(inc) = incoming.get_mut(&c.from) else {
             return;
         };
-        if inc.stream != c.stream || c.offset != inc.written {
-            // Out of order (a route changed): the sender stalls and raft-rs retries.
-            return;
-        }
-        if inc.written + c.data.len() as u64 > inc.snap.len {
+        if inc.written + data.len() as u64 > inc.snap.len {
             let e = "more bytes than announced".to_string();
             self.refuse(Refusal::BadSnapshot, src, &e);
             if let Some(inc) = incoming.remove(&c.from) {
@@ -271,7 +366,7 @@ impl SnapshotStreams {
             let _ = self.send_to(src, &reply(0, e));
             return;
         }
-        if let Err(e) = inc.file.write_all(&c.data) {
+        if let Err(e) = inc.file.write_all(data) {
             let e = format!("writing {}: {e}", inc.path.display());
             warn!("{e}");
             if let Some(inc) = incoming.remove(&c.from) {
@@ -280,8 +375,8 @@ impl SnapshotStreams {
             let _ = self.send_to(src, &reply(0, e));
             return;
         }
-        inc.hash.update(&c.data);
-        inc.written += c.data.len() as u64;
+        inc.hash.update(data);
+        inc.written += data.len() as u64;
         inc.last = Instant::now();
         let _ = self.send_to(src, &reply(inc.written, String::new()));
         if inc.written < inc.snap.len {
@@ -314,8 +409,9 @@ impl SnapshotStreams {
     }
 
     /// Starts receiving the transfer whose first chunk is `c`: one per sender, a new
-    /// one replacing an older.
-    fn begin(&self, c: &SnapshotChunk) -> Result<(), String> {
+    /// one replacing an older, or resuming it if it asks to and the file is the same.
+    /// Returns the bytes of the file already written (where the sender goes on).
+    fn begin(&self, c: &SnapshotChunk) -> Result<u64, String> {
         let msg = Message::decode(c.message.as_slice()).map_err(|e| e.to_string())?;
         if msg.msg_type != MessageType::MsgSnapshot as i32
             || msg.from != c.from
@@ -331,6 +427,25 @@ impl SnapshotStreams {
         if snap.sha256.len() != 32 {
             return Err("the snapshot's hash is not a SHA-256".into());
         }
+        let mut incoming = lock(&self.incoming);
+        if let Some(inc) = incoming.get_mut(&c.from).filter(|inc| {
+            c.resume
+                && inc.written > 0
+                && inc.snap.len == snap.len
+                && inc.snap.sha256 == snap.sha256
+        }) {
+            debug!(
+                from = format_args!("{:x}", c.from),
+                bytes = snap.len,
+                kept = inc.written,
+                "resuming a snapshot transfer"
+            );
+            inc.stream = c.stream;
+            inc.msg = msg;
+            inc.last = Instant::now();
+            return Ok(inc.written);
+        }
+        drop(incoming);
         // The file, and the database it is restored into (about as large), must fit.
         if let Some(free) = crate::storage::disk_free_bytes(&self.dir) {
             if snap.len.saturating_mul(2) > free {
@@ -350,7 +465,7 @@ impl SnapshotStreams {
         }
         // Transfers from other senders that stopped long ago go too.
         incoming.retain(|_, i| {
-            let keep = i.last.elapsed() < STALL * 2;
+            let keep = i.last.elapsed() < KEEP_PARTIAL;
             if !keep {
                 let _ = std::fs::remove_file(&i.path);
             }
@@ -374,7 +489,7 @@ impl SnapshotStreams {
                 last: Instant::now(),
             },
         );
-        Ok(())
+        Ok(0)
     }
 }
 

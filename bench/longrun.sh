@@ -23,7 +23,7 @@ SYSTEMS=${SYSTEMS:-"meshd etcd-3.4.23 etcd-3.5.1"}
 BUILD=${BUILD:-1}
 command -v etcd >/dev/null || { echo "needs etcd: apt-get install etcd-server" >&2; exit 1; }
 [ "$BUILD" = 0 ] || cargo build --release -q -p meshd -p meshctl -p etcd-load
-MESHD=target/release/meshd
+MESHD=${MESHD:-target/release/meshd}
 source scripts/lib/cluster.sh
 source bench/members.sh
 LOAD=target/release/etcd-load

@@ -368,6 +368,14 @@ async fn a_hostile_peer_is_refused_and_the_cluster_keeps_serving() {
     send_chunk(chunk(stream, vec![], 0, vec![1, 2])).await;
     let a = answer(stream).await;
     assert!(a.ack && a.offset == 2 && a.error.is_empty(), "{a:?}");
+    // An empty chunk asks where the file ends; the same first chunk again changes
+    // nothing.
+    send_chunk(chunk(stream, vec![], 4, vec![])).await;
+    let a = answer(stream).await;
+    assert!(a.ack && a.resume && a.offset == 2, "{a:?}");
+    send_chunk(chunk(stream, small.clone(), 0, vec![])).await;
+    let a = answer(stream).await;
+    assert!(a.ack && a.offset == 2 && a.error.is_empty(), "{a:?}");
     let resumed = rand_stream();
     let mut first = chunk(resumed, small.clone(), 0, vec![]);
     first.resume = true;

@@ -63,9 +63,12 @@ pub struct SnapshotStreams {
     driver: std_mpsc::Sender<DriverMsg>,
     channel: std::sync::OnceLock<Arc<GossipChannel>>,
     /// Outgoing transfers waiting for acknowledgements, by stream number.
-    outgoing: Mutex<HashMap<u64, mpsc::UnboundedSender<SnapshotChunk>>>,
+    /// (The member it goes to, where its answers go.)
+    outgoing: Mutex<HashMap<u64, (u64, mpsc::UnboundedSender<SnapshotChunk>)>>,
     /// The transfer being received from each sender (one per sender).
     incoming: Mutex<HashMap<u64, Incoming>>,
+    /// Transfers whose file is complete and being checked, by sender: (stream, length).
+    finishing: Mutex<HashMap<u64, (u64, u64)>>,
     rt: tokio::runtime::Handle,
 }
 
@@ -115,6 +118,7 @@ impl SnapshotStreams {
             channel: std::sync::OnceLock::new(),
             outgoing: Mutex::new(HashMap::new()),
             incoming: Mutex::new(HashMap::new()),
+            finishing: Mutex::new(HashMap::new()),
             rt: tokio::runtime::Handle::current(),
         });
         let channel = mesh.register(SNAPSHOT_CHANNEL, Arc::new(Receiver(Arc::downgrade(&s))));
@@ -162,7 +166,7 @@ impl SnapshotStreams {
         };
         let stream: u64 = rand::random();
         let (tx, rx) = mpsc::unbounded_channel();
-        lock(&self.outgoing).insert(stream, tx);
+        lock(&self.outgoing).insert(stream, (to, tx));
         let this = self.clone();
         self.rt.spawn(async move {
             let ok = match this.stream_file(peer, stream, m, &snap, rx).await {
@@ -206,9 +210,12 @@ impl SnapshotStreams {
         // nothing; one that did skips the chunks it already has).
         let (mut sent, mut acked, mut answered) = (0u64, 0u64, false);
         let mut progress = Instant::now();
+        // Where the last probe asked from, while no chunk has gone since: an answer
+        // below it means chunks after that were lost.
+        let mut probed: Option<u64> = None;
         let mut buf = vec![0u8; CHUNK_BYTES];
         loop {
-            while sent < snap.len && sent - acked < WINDOW_BYTES {
+            while sent < snap.len && sent.saturating_sub(acked) < WINDOW_BYTES {
                 let n = (snap.len - sent).min(CHUNK_BYTES as u64) as usize;
                 file.read_exact(&mut buf[..n]).map_err(|e| e.to_string())?;
                 let chunk = header(sent, buf[..n].to_vec());
@@ -224,6 +231,7 @@ impl SnapshotStreams {
                     }
                 }
                 sent += n as u64;
+                probed = None;
             }
             let limit = if answered { STALL } else { FIRST_ANSWER };
             let ack = match tokio::time::timeout(PROBE, acks.recv()).await {
@@ -240,13 +248,19 @@ impl SnapshotStreams {
                     // the way replaced or cut): an empty chunk asks where the member's
                     // file ends, and the answer says where to go on from.
                     let _ = self.send_to(peer, &header(sent, Vec::new()));
+                    probed = Some(sent);
                     continue;
                 }
             };
             if !ack.error.is_empty() {
                 return Err(format!("the member refused it: {}", ack.error));
             }
-            if ack.resume && ack.offset != sent && ack.offset < snap.len {
+            // Forward: the member kept that much of an earlier transfer of this file.
+            // Back: only an answer to a probe at `sent` (chunks since were lost); an
+            // answer overtaken by later chunks says nothing about them.
+            let forward = ack.offset > sent;
+            let back = ack.offset < sent && probed == Some(sent);
+            if ack.resume && ack.offset < snap.len && (forward || back) {
                 debug!(
                     to = format_args!("{to:x}"),
                     from = sent,
@@ -256,6 +270,8 @@ impl SnapshotStreams {
                 file.seek(std::io::SeekFrom::Start(ack.offset))
                     .map_err(|e| e.to_string())?;
                 sent = ack.offset;
+                acked = acked.min(sent);
+                probed = None;
             }
             if ack.done {
                 info!(
@@ -267,7 +283,9 @@ impl SnapshotStreams {
                 return Ok(());
             }
             let now_acked = acked.max(ack.offset.min(sent));
-            if !answered || now_acked > acked {
+            // With every byte acknowledged the member checks the file (fsync, hash,
+            // parse: long for a large one), and answers each probe meanwhile.
+            if !answered || now_acked > acked || now_acked == snap.len {
                 progress = Instant::now();
             }
             answered = true;
@@ -292,12 +310,24 @@ impl SnapshotStreams {
             return;
         }
         if c.ack || c.done || !c.error.is_empty() {
-            if let Some(tx) = lock(&self.outgoing).get(&c.stream) {
+            if let Some((_, tx)) = lock(&self.outgoing)
+                .get(&c.stream)
+                .filter(|(to, _)| *to == c.from)
+            {
                 let _ = tx.send(c);
             }
             return;
         }
         let reply = |offset: u64, error: String| self.ack(c.from, c.stream, offset, error);
+        let finishing = lock(&self.finishing).get(&c.from).copied();
+        if let Some((_, len)) = finishing.filter(|(stream, _)| *stream == c.stream) {
+            // Complete and being checked: a probe hears that every byte is here, and
+            // chunks sent again meanwhile are not needed.
+            if c.data.is_empty() && c.message.is_empty() {
+                let _ = self.send_to(src, &reply(len, String::new()));
+            }
+            return;
+        }
         if !c.message.is_empty() {
             match self.begin(&c) {
                 Ok(kept) => {
@@ -382,7 +412,10 @@ impl SnapshotStreams {
         if inc.written < inc.snap.len {
             return;
         }
-        let inc = incoming.remove(&c.from).expect("present");
+        let Some(inc) = incoming.remove(&c.from) else {
+            return;
+        };
+        lock(&self.finishing).insert(c.from, (c.stream, inc.snap.len));
         drop(incoming);
         let this = self.clone();
         let (from, stream) = (c.from, c.stream);
@@ -405,6 +438,10 @@ impl SnapshotStreams {
                 }
             }
             let _ = this.send_to(src, &done);
+            let mut finishing = lock(&this.finishing);
+            if finishing.get(&from).is_some_and(|(s, _)| *s == stream) {
+                finishing.remove(&from);
+            }
         });
     }
 
@@ -428,6 +465,11 @@ impl SnapshotStreams {
             return Err("the snapshot's hash is not a SHA-256".into());
         }
         let mut incoming = lock(&self.incoming);
+        if let Some(inc) = incoming.get(&c.from).filter(|inc| inc.stream == c.stream) {
+            // The same first chunk again: that transfer is under way (a new file at its
+            // path would replace the one being written).
+            return Ok(inc.written);
+        }
         if let Some(inc) = incoming.get_mut(&c.from).filter(|inc| {
             c.resume
                 && inc.written > 0

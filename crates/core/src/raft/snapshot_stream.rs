@@ -213,6 +213,10 @@ impl SnapshotStreams {
         // Where the last probe asked from, while no chunk has gone since: an answer
         // below it means chunks after that were lost.
         let mut probed: Option<u64> = None;
+        // Since when every byte is acknowledged, and how long the member's check of the
+        // file may take (a minute, and a second for each 10 MiB).
+        let mut checking: Option<Instant> = None;
+        let check_limit = Duration::from_secs(60 + snap.len / (10 << 20));
         let mut buf = vec![0u8; CHUNK_BYTES];
         loop {
             while sent < snap.len && sent.saturating_sub(acked) < WINDOW_BYTES {
@@ -234,15 +238,18 @@ impl SnapshotStreams {
                 probed = None;
             }
             let limit = if answered { STALL } else { FIRST_ANSWER };
+            if progress.elapsed() >= limit {
+                return Err(match checking {
+                    Some(_) if acked == snap.len => {
+                        format!("the member's check of the file took over {check_limit:?}")
+                    }
+                    _ if answered => format!("no progress for {limit:?} at byte {acked}"),
+                    _ => format!("no answer in {limit:?}"),
+                });
+            }
             let ack = match tokio::time::timeout(PROBE, acks.recv()).await {
                 Ok(Some(a)) => a,
                 Ok(None) => return Err("stopped".into()),
-                Err(_) if progress.elapsed() >= limit && answered => {
-                    return Err(format!("no progress for {limit:?} at byte {acked}"))
-                }
-                Err(_) if progress.elapsed() >= limit => {
-                    return Err(format!("no answer in {limit:?}"))
-                }
                 Err(_) => {
                     // Chunks or acknowledgements may have been lost (a connection on
                     // the way replaced or cut): an empty chunk asks where the member's
@@ -259,7 +266,7 @@ impl SnapshotStreams {
             // Back: only an answer to a probe at `sent` (chunks since were lost); an
             // answer overtaken by later chunks says nothing about them.
             let forward = ack.offset > sent;
-            let back = ack.offset < sent && probed == Some(sent);
+            let back = answered && ack.offset < sent && probed == Some(sent);
             if ack.resume && ack.offset < snap.len && (forward || back) {
                 debug!(
                     to = format_args!("{to:x}"),
@@ -284,8 +291,13 @@ impl SnapshotStreams {
             }
             let now_acked = acked.max(ack.offset.min(sent));
             // With every byte acknowledged the member checks the file (fsync, hash,
-            // parse: long for a large one), and answers each probe meanwhile.
-            if !answered || now_acked > acked || now_acked == snap.len {
+            // parse: long for a large one), and answers each probe meanwhile, for at
+            // most `check_limit`.
+            if now_acked == snap.len && checking.is_none() {
+                checking = Some(Instant::now());
+            }
+            let checked_too_long = checking.is_some_and(|t| t.elapsed() >= check_limit);
+            if (!answered || now_acked > acked || now_acked == snap.len) && !checked_too_long {
                 progress = Instant::now();
             }
             answered = true;
@@ -347,6 +359,15 @@ impl SnapshotStreams {
             .get(&c.from)
             .filter(|inc| inc.stream == c.stream)
             .map(|inc| inc.written);
+        // Checked again under `incoming`: another connection's chunk may have just
+        // completed the file.
+        if expected.is_none()
+            && lock(&self.finishing)
+                .get(&c.from)
+                .is_some_and(|(stream, _)| *stream == c.stream)
+        {
+            return;
+        }
         if c.data.is_empty() {
             // The sender asks where the file ends: it goes on from there. A transfer
             // not under way (lost at its start, or just finished: its last answer
@@ -500,7 +521,13 @@ impl SnapshotStreams {
         let path = self
             .dir
             .join(format!("incoming-{:x}-{:x}.snap", c.from, c.stream));
-        let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Never over an existing file: one with this name is this transfer's, being
+        // written, checked or installed.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         let mut incoming = lock(&self.incoming);
         if let Some(old) = incoming.remove(&c.from) {
             let _ = std::fs::remove_file(&old.path);

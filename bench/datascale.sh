@@ -17,6 +17,7 @@
 #   KEYS=5000000 MEMBERS=3 bench/datascale.sh
 #   KEYS=100000 VAL=102400 bench/datascale.sh       # 100k values of 100 KiB (~10 GB)
 #   SYSTEMS="meshd etcd-3.5.1" ROUNDS=2 BUILD=0 bench/datascale.sh
+#   MESHD=/tmp/old/meshd SYSTEMS=meshd BUILD=0 bench/datascale.sh   # another build
 #   SNAPSHOT_COUNT=10000 ...        # --snapshot-count for every system (meshd's default;
 #                                   # etcd's 100,000 entries of 100 KiB do not fit in memory)
 #
@@ -33,7 +34,7 @@ BUILD=${BUILD:-1}
 case "$MEMBERS" in 1 | 3) ;; *) echo "MEMBERS is 1 or 3" >&2; exit 2 ;; esac
 command -v etcd >/dev/null || { echo "needs etcd: apt-get install etcd-server" >&2; exit 1; }
 [ "$BUILD" = 0 ] || cargo build --release -q -p meshd -p meshctl -p etcd-load
-MESHD=target/release/meshd
+MESHD=${MESHD:-target/release/meshd}
 source scripts/lib/cluster.sh
 source bench/members.sh
 LOAD=target/release/etcd-load

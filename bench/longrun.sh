@@ -14,6 +14,7 @@
 #   bench/longrun.sh                              # 10 minutes per system
 #   DURATION=120 WINDOW=20 bench/longrun.sh       # a short look
 #   RATE=4000 SYSTEMS="meshd etcd-3.5.1" BUILD=0 bench/longrun.sh
+#   MESHD=/tmp/old/meshd RATE=4937 SYSTEMS=meshd BUILD=0 bench/longrun.sh   # another build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-600}

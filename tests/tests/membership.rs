@@ -478,6 +478,56 @@ async fn a_node_waiting_to_be_added_forwards_clients_and_is_listed_as_mesh_only(
     pending.abort();
 }
 
+/// A member added to a cluster whose log is compacted needs a snapshot: the leader
+/// builds the file when the addition is applied, before the new node has started (it
+/// never does here), not when raft-rs first asks for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_builds_a_snapshot_when_a_member_is_added() {
+    let mut opts = ClusterOpts {
+        snapshot_count: 20,
+        catch_up_entries: 5,
+        ..Default::default()
+    };
+    opts.autopilot.growth = false;
+    let c = InProcessCluster::start(3, opts.clone()).await;
+    let leader = wait_for_leader(&c.live_addrs()).await;
+    let li = c.index_of(leader);
+    let mut cl = etcd_client(c.addr(li)).await;
+    for i in 0..60 {
+        cl.put(format!("k{i:02}"), "v", None).await.unwrap();
+    }
+    let built = |i: usize| -> Vec<String> {
+        let dir = mesh_core::storage::snapshot_dir(&c.configs[i].data_dir);
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".snap") && !n.starts_with("incoming"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    eventually(
+        "the leader compacted its log",
+        Duration::from_secs(20),
+        || async { (c.servers[li].as_ref().unwrap().node().log.first_index() > 1).then_some(()) },
+    )
+    .await;
+    assert!(built(li).is_empty(), "no follower needed a snapshot yet");
+    let cfg = opts.config("m3", c.dir.path());
+    cl.member_add(
+        [cfg.listen_mesh.to_string()],
+        Some(etcd_client::MemberAddOptions::new().with_is_learner()),
+    )
+    .await
+    .expect("member add");
+    eventually(
+        "the leader built a snapshot file",
+        Duration::from_secs(20),
+        || async { (!built(li).is_empty()).then_some(()) },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_larger_than_a_mesh_chunk_reaches_a_member_across_hops() {
     let opts = ClusterOpts {

@@ -23,6 +23,7 @@ impl Driver {
         let mut batch = kv.begin()?;
         let mut replies: Vec<(u64, Result<Applied, ProposeError>)> = Vec::new();
         let mut peers_changed = false;
+        let mut member_added = false;
         for e in entries {
             self.unsynced_bytes += e.data.len();
             let mut ours = None;
@@ -60,6 +61,15 @@ impl Driver {
                     let ctx: ConfChangeContext =
                         prost::Message::decode(cc.context.as_slice()).unwrap_or_default();
                     let outcome = self.apply_conf_change(&mut batch, &cc, &ctx)?;
+                    member_added |= outcome.is_ok()
+                        && !ctx.promote
+                        && matches!(
+                            raft::prelude::ConfChangeType::from_i32(cc.change_type),
+                            Some(
+                                raft::prelude::ConfChangeType::AddNode
+                                    | raft::prelude::ConfChangeType::AddLearnerNode
+                            )
+                        );
                     if ctx.proposer == self.cfg.member_id && ctx.id != 0 {
                         ours = Some(ctx.id);
                         let applied = outcome.map(|()| Applied {
@@ -98,6 +108,13 @@ impl Driver {
             metrics.backend_commit.observe(commit_started.elapsed());
         }
         metrics.apply.observe(apply_started.elapsed());
+        // A member just added starts empty, and with the log compacted it needs a
+        // snapshot: the leader starts building the file now, while that member starts
+        // and joins, not when raft-rs first asks for it. Built after the commit, so
+        // the file is at an index that already holds the new configuration.
+        if member_added && self.raw.raft.state == StateRole::Leader && self.log.first_index() > 1 {
+            let _ = raft::Storage::snapshot(&self.log, 0, 0);
+        }
         for (id, result) in replies {
             if let Some(tx) = self.pending.remove(&id) {
                 let _ = tx.send(result);

@@ -331,8 +331,12 @@ impl SnapshotStreams {
             return;
         }
         let reply = |offset: u64, error: String| self.ack(c.from, c.stream, offset, error);
+        // Under `incoming`, which a completed file leaves in the same step as it joins
+        // `finishing`: a transfer is in exactly one of them.
+        let mut incoming = lock(&self.incoming);
         let finishing = lock(&self.finishing).get(&c.from).copied();
         if let Some((_, len)) = finishing.filter(|(stream, _)| *stream == c.stream) {
+            drop(incoming);
             // Complete and being checked: a probe hears that every byte is here, and
             // chunks sent again meanwhile are not needed.
             if c.data.is_empty() && c.message.is_empty() {
@@ -341,6 +345,7 @@ impl SnapshotStreams {
             return;
         }
         if !c.message.is_empty() {
+            drop(incoming);
             match self.begin(&c) {
                 Ok(kept) => {
                     let mut ack = reply(kept, String::new());
@@ -354,20 +359,10 @@ impl SnapshotStreams {
             }
             return;
         }
-        let mut incoming = lock(&self.incoming);
         let expected = incoming
             .get(&c.from)
             .filter(|inc| inc.stream == c.stream)
             .map(|inc| inc.written);
-        // Checked again under `incoming`: another connection's chunk may have just
-        // completed the file.
-        if expected.is_none()
-            && lock(&self.finishing)
-                .get(&c.from)
-                .is_some_and(|(stream, _)| *stream == c.stream)
-        {
-            return;
-        }
         if c.data.is_empty() {
             // The sender asks where the file ends: it goes on from there. A transfer
             // not under way (lost at its start, or just finished: its last answer

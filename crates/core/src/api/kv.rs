@@ -130,7 +130,7 @@ impl Kv for KvApi {
         self.ctx.check_size(&r)?;
         check_put(&r)?;
         let auth = self.ctx.require_write(&md, |a, u| a.check_put(u, &r))?;
-        self.ctx.check_disk_space()?;
+        self.ctx.check_disk_space(&r)?;
         let applied = self.propose_write(&md, Internal::Put(r), auth).await?;
         match applied.kind {
             AppliedKind::Put(mut resp) => {
@@ -177,7 +177,7 @@ impl Kv for KvApi {
                 .stamp(&mut resp.header, self.ctx.kv.current_revision());
             return Ok(Response::new(resp));
         }
-        self.ctx.check_disk_space()?;
+        self.ctx.check_disk_space(&r)?;
         let applied = self.propose_write(&md, Internal::Txn(r), auth).await?;
         match applied.kind {
             AppliedKind::Txn(mut resp) => {

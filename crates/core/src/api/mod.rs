@@ -87,10 +87,8 @@ pub struct ApiContext {
     pub db: Arc<crate::storage::Db>,
     /// `--quota-backend-bytes`: above this file size the member raises NOSPACE.
     pub quota_backend_bytes: u64,
-    /// Whether the last write found less than `min_free_disk_bytes` free on the data
-    /// dir's filesystem (to log only the changes).
-    pub disk_low: Arc<std::sync::atomic::AtomicBool>,
-    pub min_free_disk_bytes: u64,
+    /// `--min-free-disk-bytes` on the data dir's filesystem.
+    pub disk_reserve: Arc<crate::storage::DiskReserve>,
     /// Becomes true when the member starts stopping: requests that wait indefinitely
     /// (Lock, Campaign, Observe, keep-alive streams) end so shutdown need not wait.
     pub stopping: tokio::sync::watch::Receiver<bool>,
@@ -123,23 +121,24 @@ impl ApiContext {
 
     /// Refuses a write that adds data while the disk is nearly full, with etcd's
     /// NOSPACE error; it succeeds again by itself once space returns.
-    /// Checked on every such write (one statvfs, far cheaper than the fsync that
-    /// follows), so a burst of writes cannot run past the reserve between checks.
+    /// The filesystem's answer is reused only while the writes admitted since could
+    /// not have used a quarter of the room it left above the reserve (and for at most
+    /// 100 ms), so a burst of writes cannot run past the reserve between checks.
     /// The reserve keeps the disk from filling under the Raft log's own commits: a
     /// failed commit takes the member out of Raft until it has reopened its database
     /// (a failed fsync is never retried on the same handle).
-    pub fn check_disk_space(&self) -> Result<(), Status> {
-        let dir = self.db_path.parent().unwrap_or(std::path::Path::new("."));
-        let low =
-            crate::storage::disk_free_bytes(dir).is_some_and(|f| f < self.min_free_disk_bytes);
-        if self.disk_low.swap(low, std::sync::atomic::Ordering::AcqRel) != low {
-            if low {
-                tracing::warn!(dir = %dir.display(), reserve = self.min_free_disk_bytes, "disk nearly full: refusing writes that add data");
+    pub fn check_disk_space(&self, request: &impl prost::Message) -> Result<(), Status> {
+        let reserve = &self.disk_reserve;
+        let check = reserve.admit(request.encoded_len());
+        if check.changed {
+            let dir = reserve.dir().display();
+            if check.low {
+                tracing::warn!(%dir, reserve = reserve.min_free(), "disk nearly full: refusing writes that add data");
             } else {
-                tracing::info!(dir = %dir.display(), "disk space is back: accepting writes again");
+                tracing::info!(%dir, "disk space is back: accepting writes again");
             }
         }
-        if low {
+        if check.low {
             return Err(kv_status(KvError::NoSpace));
         }
         Ok(())

@@ -311,8 +311,10 @@ impl Server {
             quota_backend_bytes: cfg.quota_backend_bytes,
             watchers: Default::default(),
             dialer: checked.dialer.clone(),
-            disk_low: Default::default(),
-            min_free_disk_bytes: cfg.min_free_disk_bytes,
+            disk_reserve: Arc::new(storage::DiskReserve::new(
+                cfg.data_dir.clone(),
+                cfg.min_free_disk_bytes,
+            )),
             peer_scheme: if cfg.password.is_some() {
                 "https"
             } else {

@@ -278,8 +278,13 @@ impl KvStore {
     }
 }
 
-/// Writes the state `txn` holds to `path` on `vfs` (created, fsync'ed) as a
-/// `StoreSnapshot` encoding, one element at a time.
+/// Writes the state `txn` holds to `path` on `vfs` (created) as a `StoreSnapshot`
+/// encoding, one element at a time.
+///
+/// The file is not fsync'ed: it is a copy for followers that lives only as long as
+/// this process (the snap directory is emptied at start) and is read back through the
+/// page cache, and a receiver checks every byte against its SHA-256. An fsync made the
+/// build wait for the whole file to reach the disk (BENCHMARKS.md, session 21).
 pub fn write_snapshot(
     vfs: &dyn Vfs,
     txn: &redb::ReadTransaction,
@@ -323,8 +328,7 @@ pub fn write_snapshot(
     }
     let auth = auth::load(&txn.open_table(auth::AUTH)?)?;
     s.bytes_field(AUTH, &auth.encode_to_vec()).map_err(io)?;
-    let file = s.w.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync().map_err(io)?;
+    s.w.into_inner().map_err(|e| io(e.into_error()))?;
     Ok(SnapshotFile {
         applied_index: meta.applied_index,
         len: s.len,

@@ -161,11 +161,6 @@ impl SeqWriter {
     pub fn new(file: Box<dyn VFile>) -> SeqWriter {
         SeqWriter { file, at: 0 }
     }
-
-    /// Makes what was written durable.
-    pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_all()
-    }
 }
 
 impl io::Write for SeqWriter {

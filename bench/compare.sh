@@ -50,7 +50,14 @@ MESHCTL=target/release/meshctl
 MESHD=target/release/meshd
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+cleanup() {
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  # The ports are fixed: a run started right after this one must find them free.
+  for p in "${pids[@]}"; do
+    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+  done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 start_etcd() { # binary name-prefix client-port-prefix peer-port-prefix
@@ -83,7 +90,16 @@ MESHD_EPS=127.0.0.1:20379,127.0.0.1:21379,127.0.0.1:22379
 all_systems_eps=$ETCD_EPS; [ "$ETCD35" = 1 ] && all_systems_eps+=" $ETCD35_EPS"
 for eps in $all_systems_eps $MESHD_EPS; do
   # Nine members start at once on two cores: allow a minute.
-  for _ in $(seq 300); do $MESHCTL --endpoints "$eps" endpoint health >/dev/null 2>&1 && break; sleep 0.2; done
+  for _ in $(seq 300); do
+    $MESHCTL --endpoints "$eps" endpoint health >/dev/null 2>&1 && break
+    for p in "${pids[@]}"; do
+      kill -0 "$p" 2>/dev/null && continue
+      echo "a server exited while starting (a port in use?):" >&2
+      tail -n 3 "$work"/*.log >&2
+      exit 1
+    done
+    sleep 0.2
+  done
   $MESHCTL --endpoints "$eps" endpoint health >/dev/null
 done
 

@@ -382,13 +382,12 @@ pub fn read_snapshot(
     mut on: impl FnMut(Element<'_>) -> Result<(), KvError>,
 ) -> Result<(), KvError> {
     let mut r = BufReader::with_capacity(1 << 20, r);
-    let bad = bad_file;
     let mut payload = Vec::new();
     while let Some(key) = read_varint(&mut r)? {
         let (field, wire) = ((key >> 3) as u32, key & 7);
         match wire {
             0 => {
-                let v = read_varint(&mut r)?.ok_or_else(|| bad("ends inside a field"))?;
+                let v = read_varint(&mut r)?.ok_or_else(|| bad_file("ends inside a field"))?;
                 match field {
                     REVISION => on(Element::Revision(v as i64))?,
                     COMPACT_REVISION => on(Element::CompactRevision(v as i64))?,
@@ -396,13 +395,13 @@ pub fn read_snapshot(
                 }
             }
             2 => {
-                let len = read_varint(&mut r)?.ok_or_else(|| bad("ends inside a field"))?;
+                let len = read_varint(&mut r)?.ok_or_else(|| bad_file("ends inside a field"))?;
                 if len > MAX_ELEMENT_BYTES {
-                    return Err(bad(&format!("element of {len} bytes")));
+                    return Err(bad_file(&format!("element of {len} bytes")));
                 }
                 payload.resize(len as usize, 0);
                 r.read_exact(&mut payload)
-                    .map_err(|_| bad("ends inside an element"))?;
+                    .map_err(|_| bad_file("ends inside an element"))?;
                 let p = payload.as_slice();
                 match field {
                     HISTORY => on(Element::History(HistoryRef::parse(p)?))?,
@@ -416,14 +415,14 @@ pub fn read_snapshot(
             1 => {
                 let mut skip = [0u8; 8];
                 r.read_exact(&mut skip)
-                    .map_err(|_| bad("ends inside a field"))?;
+                    .map_err(|_| bad_file("ends inside a field"))?;
             }
             5 => {
                 let mut skip = [0u8; 4];
                 r.read_exact(&mut skip)
-                    .map_err(|_| bad("ends inside a field"))?;
+                    .map_err(|_| bad_file("ends inside a field"))?;
             }
-            other => return Err(bad(&format!("wire type {other}"))),
+            other => return Err(bad_file(&format!("wire type {other}"))),
         }
     }
     Ok(())

@@ -283,8 +283,9 @@ impl KvStore {
 ///
 /// The file is not fsync'ed: it is a copy for followers that lives only as long as
 /// this process (the snap directory is emptied at start) and is read back through the
-/// page cache, and a receiver checks every byte against its SHA-256. An fsync made the
-/// build wait for the whole file to reach the disk (BENCHMARKS.md, session 21).
+/// page cache; a receiver checks the bytes it receives against the SHA-256, and the
+/// install checks what it reads back. An fsync made the build wait for the whole file
+/// to reach the disk (BENCHMARKS.md, session 21).
 pub fn write_snapshot(
     vfs: &dyn Vfs,
     txn: &redb::ReadTransaction,
@@ -428,10 +429,27 @@ pub fn read_snapshot(
     Ok(())
 }
 
+/// A reader that hashes what it reads.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 impl ApplyBatch<'_> {
     /// Replaces every kv table's contents with a snapshot file's, element by element
-    /// (the streaming twin of [`ApplyBatch::restore`]).
-    pub fn restore_file(&mut self, path: &Path) -> Result<(), KvError> {
+    /// (the streaming twin of [`ApplyBatch::restore`]). The bytes read must hash to
+    /// `sha256`, the file's announced SHA-256: what the receiver checked is the bytes
+    /// as they arrived, and the file is not fsync'ed, so what is read back here is
+    /// checked again before anything is committed.
+    pub fn restore_file(&mut self, path: &Path, sha256: &[u8]) -> Result<(), KvError> {
         self.store.clear_event_cache();
         let vfs = self.store.db.vfs().clone();
         let epoch = self.meta.index_epoch + 1;
@@ -447,13 +465,16 @@ impl ApplyBatch<'_> {
         let mut alarms = txn.open_table(ALARMS)?;
         alarms.retain(|_, _| false)?;
         let (mut revision, mut compact, mut auth) = (0, 0, AuthSnapshot::default());
-        let file = vfs.open_read(path).map_err(io)?;
+        let mut file = Hashing {
+            inner: vfs.open_read(path).map_err(io)?,
+            hash: Sha256::new(),
+        };
         // The records go into `kv_revs` on this thread while the index files their
         // versions on another. They must come in revision order, as written, for the
         // index to be the one their table gives.
         let mut last = None;
         let index = super::index::KeyIndex::build(epoch, 0, |filer| {
-            read_snapshot(file, |el| {
+            read_snapshot(&mut file, |el| {
                 match el {
                     Element::Revision(r) => revision = r,
                     Element::CompactRevision(c) => compact = c,
@@ -483,7 +504,14 @@ impl ApplyBatch<'_> {
                     Element::Auth(a) => auth = a,
                 }
                 Ok(())
-            })
+            })?;
+            let read = std::mem::take(&mut file.hash).finalize();
+            if read.as_slice() != sha256 {
+                return Err(bad_file(
+                    "its bytes on disk do not match its SHA-256 (not installed)",
+                ));
+            }
+            Ok(())
         })?;
         // A key is attached to a lease if its newest record is a put with one.
         for (lease, key) in index.live_leases() {

@@ -1540,7 +1540,7 @@ fn a_snapshot_file_restores_what_the_in_memory_snapshot_restores() {
     let g = fixture();
     put(&g.kv, "junk", "x");
     apply(&g.kv, |b| {
-        b.restore_file(&path)?;
+        b.restore_file(&path, &written.sha256)?;
         b.set_applied_index(index);
         Ok(())
     })
@@ -1565,14 +1565,24 @@ fn a_snapshot_file_restores_what_the_in_memory_snapshot_restores() {
     assert_eq!(g.kv.alarms().unwrap(), f.kv.alarms().unwrap());
     assert_eq!(g.kv.applied_index(), 42);
     // Restored twice over itself, the same.
-    apply(&g.kv, |b| b.restore_file(&path)).unwrap();
+    apply(&g.kv, |b| b.restore_file(&path, &written.sha256)).unwrap();
+    assert_eq!(g.kv.hash().unwrap(), h.kv.hash().unwrap());
+
+    // Bytes read back that are not the ones announced (the file is not fsync'ed, so a
+    // failed writeback could change them) are refused, and nothing changes.
+    let mut other = written.sha256;
+    other[0] ^= 1;
+    let err = apply(&g.kv, |b| b.restore_file(&path, &other)).unwrap_err();
+    assert!(err.to_string().contains("SHA-256"), "{err}");
     assert_eq!(g.kv.hash().unwrap(), h.kv.hash().unwrap());
 
     // A file cut inside an element, or one with an oversized element, is refused (a
     // cut between elements is caught by the length and hash the sender announces).
-    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let cut = &bytes[..bytes.len() / 2];
+    std::fs::write(&path, cut).unwrap();
     let k = fixture();
-    assert!(apply(&k.kv, |b| b.restore_file(&path)).is_err());
+    let cut_sha = sha2::Sha256::digest(cut);
+    assert!(apply(&k.kv, |b| b.restore_file(&path, &cut_sha)).is_err());
     let mut huge = Vec::new();
     prost::encoding::encode_key(3, prost::encoding::WireType::LengthDelimited, &mut huge);
     prost::encoding::encode_varint(super::snapfile::MAX_ELEMENT_BYTES + 1, &mut huge);
@@ -1595,10 +1605,13 @@ fn a_snapshot_file_restores_what_the_in_memory_snapshot_restores() {
             history,
             ..Default::default()
         };
-        std::fs::write(&path, unordered.encode_to_vec()).unwrap();
+        let unordered = unordered.encode_to_vec();
+        std::fs::write(&path, &unordered).unwrap();
         // As the driver does: a failed install drops its batch uncommitted.
         let mut batch = g.kv.begin().unwrap();
-        let err = batch.restore_file(&path).unwrap_err();
+        let err = batch
+            .restore_file(&path, &sha2::Sha256::digest(&unordered))
+            .unwrap_err();
         drop(batch);
         assert!(err.to_string().contains("out of revision order"), "{err}");
         assert_eq!(g.kv.hash().unwrap(), h.kv.hash().unwrap());
@@ -1930,11 +1943,12 @@ fn compaction_removals_in_steps_change_no_answer_and_no_hash() {
     let (index, txn) = halfway.kv.snapshot_txn().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("snap");
-    super::snapfile::write_snapshot(&crate::storage::vfs::RealFs, &txn, &path).unwrap();
+    let written =
+        super::snapfile::write_snapshot(&crate::storage::vfs::RealFs, &txn, &path).unwrap();
     drop(txn);
     let installed = fixture();
     apply(&installed.kv, |b| {
-        b.restore_file(&path)?;
+        b.restore_file(&path, &written.sha256)?;
         b.set_applied_index(index);
         Ok(())
     })

@@ -290,8 +290,8 @@ impl SnapshotStreams {
                 return Ok(());
             }
             let now_acked = acked.max(ack.offset.min(sent));
-            // With every byte acknowledged the member checks the file (fsync, hash,
-            // parse: long for a large one), and answers each probe meanwhile, for at
+            // With every byte acknowledged the member checks the file (hash, parse:
+            // long for a large one), and answers each probe meanwhile, for at
             // most `check_limit`.
             if now_acked == snap.len && checking.is_none() {
                 checking = Some(Instant::now());
@@ -560,8 +560,8 @@ impl SnapshotStreams {
 /// Checks a fully received file (hash, then every element decodes) and returns the
 /// snapshot message for the driver, its data naming the local file.
 ///
-/// The file is not fsync'ed: the driver reads it back through the page cache and
-/// makes the state durable in its own commit, and a file not yet installed when the
+/// The file is not fsync'ed: the driver reads it back (through the page cache,
+/// checking its SHA-256 again) and makes the state durable in its own commit, and a file not yet installed when the
 /// process ends is gone anyway (the snap directory is emptied at start). An fsync
 /// here waited for the whole file to reach the disk before the install could begin.
 fn finish(inc: Incoming) -> Result<Message, String> {

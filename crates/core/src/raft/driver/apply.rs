@@ -168,7 +168,7 @@ impl Driver {
         let started = std::time::Instant::now();
         let kv = self.kv.clone();
         let mut batch = kv.begin()?;
-        batch.restore_file(&path)?;
+        batch.restore_file(&path, &file.sha256)?;
         let restored = started.elapsed();
         batch.set_applied_index(meta.index);
         self.log.apply_snapshot(&batch.side()?, &meta)?;

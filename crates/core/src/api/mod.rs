@@ -121,9 +121,7 @@ impl ApiContext {
 
     /// Refuses a write that adds data while the disk is nearly full, with etcd's
     /// NOSPACE error; it succeeds again by itself once space returns.
-    /// The filesystem's answer is reused for at most 100 ms, and only while the writes
-    /// admitted since are estimated to use less than a quarter of the room it left
-    /// above the reserve (see [`crate::storage::DiskReserve`]).
+    /// [`crate::storage::DiskReserve`] decides when the filesystem is asked again.
     /// The reserve keeps the disk from filling under the Raft log's own commits: a
     /// failed commit takes the member out of Raft until it has reopened its database
     /// (a failed fsync is never retried on the same handle).

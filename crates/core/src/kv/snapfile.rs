@@ -281,11 +281,10 @@ impl KvStore {
 /// Writes the state `txn` holds to `path` on `vfs` (created) as a `StoreSnapshot`
 /// encoding, one element at a time.
 ///
-/// The file is not fsync'ed: it is a copy for followers that lives only as long as
-/// this process (the snap directory is emptied at start) and is read back through the
-/// page cache; a receiver checks the bytes it receives against the SHA-256, and the
-/// install checks what it reads back. An fsync made the build wait for the whole file
-/// to reach the disk (BENCHMARKS.md, session 21).
+/// The file is not fsync'ed, so building it never waits for the disk: it is a copy
+/// for followers that lives only as long as this process (the snap directory is
+/// emptied at start) and is read back through the page cache; a receiver checks the
+/// bytes it receives against the SHA-256, and the install checks what it reads back.
 pub fn write_snapshot(
     vfs: &dyn Vfs,
     txn: &redb::ReadTransaction,

@@ -560,10 +560,10 @@ impl SnapshotStreams {
 /// Checks a fully received file (hash, then every element decodes) and returns the
 /// snapshot message for the driver, its data naming the local file.
 ///
-/// The file is not fsync'ed: the driver reads it back (through the page cache,
-/// checking its SHA-256 again) and makes the state durable in its own commit, and a file not yet installed when the
-/// process ends is gone anyway (the snap directory is emptied at start). An fsync
-/// here waited for the whole file to reach the disk before the install could begin.
+/// The file is not fsync'ed, so the install need not wait for the disk: the driver
+/// reads it back (through the page cache, checking its SHA-256 again) and makes the
+/// state durable in its own commit, and a file not yet installed when the process
+/// ends is gone anyway (the snap directory is emptied at start).
 fn finish(inc: Incoming) -> Result<Message, String> {
     let Incoming {
         mut msg,

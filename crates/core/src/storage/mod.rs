@@ -225,11 +225,11 @@ fn verify(db: &mut redb::Database) -> Result<(), String> {
 /// `statvfs`) is reused for at most [`DiskReserve::RECHECK`], and only while the
 /// writes admitted since are estimated (from their request bytes) to use less than a
 /// quarter of the room it left above the reserve; below the reserve every write asks
-/// again (so space coming back is seen at once). Asking on every write cost about 1 %
-/// of a member's CPU under 100 clients. Like the per-write check before it, this is a
-/// guard, not a guarantee: other members' replicated writes, snapshots, and a write
-/// whose effect exceeds its request (a Put with `ignore_value`) are not counted, and
-/// the reserve is what absorbs them.
+/// again (so space coming back is seen at once). A statvfs per write would be a
+/// syscall on the put path for an answer that rarely changes. This is a guard, not a
+/// guarantee: other members' replicated writes, snapshots, and a write whose effect
+/// exceeds its request (a Put with `ignore_value`) are not counted, and the reserve is
+/// what absorbs them.
 pub struct DiskReserve {
     dir: PathBuf,
     min_free: u64,
